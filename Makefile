@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh machine:
+#   make quickstart   runs the main job (an example DAG end to end, no API key)
+#   make test         lint, types and the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
+export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/example_dags
+
+.PHONY: venv vllm-venv quickstart test lint unit bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,cortex,azure]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# vLLM cannot share Airflow's environment (it pins setuptools): it gets its own interpreter.
+$(VLLM_STAMP): scripts/install_vllm.sh
+	bash scripts/install_vllm.sh $(VLLM_VENV)
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check airflow_provider_synth tests example_dags bench
+	$(VENV)/bin/mypy
+
+quickstart: $(STAMP)
+	$(PY) scripts/quickstart.py
+
+test: $(STAMP)
+	$(MAKE) lint
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/bench_core.py
+
+clean:
+	rm -rf $(VENV) $(VLLM_VENV) .airflow .synth-output

@@ -1,0 +1,33 @@
+"""Typed errors raised by the provider's Airflow layers (hooks, operators, triggers, sensors)."""
+
+from __future__ import annotations
+
+from airflow.exceptions import AirflowException
+
+
+class SynthError(AirflowException):
+    """Base class for every error this provider raises from its Airflow layers."""
+
+
+class BatchFailedError(SynthError):
+    """A batch (or a Cortex statement, or a vLLM run) ended failed, or over ``max_failed_ratio``."""
+
+
+class BatchExpiredError(SynthError):
+    """A batch expired and the unfinished requests could not be completed in the retry rounds."""
+
+
+class BatchTimeoutError(SynthError):
+    """The operator's ``timeout`` passed before every batch reached a terminal status."""
+
+
+class TriggerEventError(SynthError):
+    """A trigger event was missing, malformed or reported an error."""
+
+
+class ConnectionConfigError(SynthError):
+    """An Airflow connection lacks a field this provider needs, or has contradictory fields."""
+
+
+class BudgetExceededError(SynthError):
+    """The estimated cost of a run is over ``max_cost_usd``; nothing was submitted."""
