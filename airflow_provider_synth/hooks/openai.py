@@ -1,0 +1,489 @@
+"""Hooks for the OpenAI and Azure OpenAI Batch API.
+
+One connection turns into one SDK client through :meth:`OpenAIBatchHook._client_kwargs`, shared by the sync
+hook (operators, sensors in poke mode) and :class:`OpenAIBatchAsyncHook` (triggers). The client class follows
+the connection's type: ``synth_openai`` and the official provider's ``openai`` type build ``OpenAI``;
+``synth_azure_openai`` builds ``AzureOpenAI`` (API key, or a Microsoft Entra ID token from ``azure-identity``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Iterator, Mapping
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
+
+from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
+from airflow.sdk import BaseHook
+
+from airflow_provider_synth.batch.jsonl import open_path
+from airflow_provider_synth.exceptions import ConnectionConfigError
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection
+    from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
+    from openai.types import Batch, FileDeleted, FileObject
+
+#: Statuses after which a batch never changes again.
+TERMINAL_STATUSES = frozenset({"completed", "expired", "failed", "cancelled"})
+#: Statuses of a batch still running; ``cancelling`` is one of them (it still finalizes partial output).
+IN_PROGRESS_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
+
+CompletionWindow = Literal["24h"]
+BatchEndpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"]
+
+OPENAI_CONN_TYPES = frozenset({"synth_openai", "openai"})
+AZURE_CONN_TYPES = frozenset({"synth_azure_openai"})
+#: The Entra ID scope Azure OpenAI accepts tokens for.
+AZURE_TOKEN_SCOPE = "https://cognitiveservices.azure.com/.default"
+#: Extras whose values are secrets: redacted from every message this module builds.
+_SECRET_EXTRAS = ("client_secret", "api_key")
+_DOWNLOAD_CHUNK = 1 << 20
+
+
+def batch_summary(batch: Batch) -> dict[str, Any]:
+    """Reduce a ``Batch`` to the JSON-primitive state that triggers, sensors and XCom carry.
+
+    ``output_file_id`` is ``None`` for a batch whose every request failed: callers must read ``error_file_id``.
+
+    :param batch: the SDK's ``Batch``.
+    :return: ``{"status", "request_counts": {"total", "completed", "failed"}, "output_file_id",
+        "error_file_id", "errors"}`` where ``errors`` lists the batch-level errors (e.g. validation) as strings.
+    """
+    counts = batch.request_counts
+    errors = [
+        f"{e.code or 'error'}: {e.message or ''}" + (f" (line {e.line})" if e.line is not None else "")
+        for e in ((batch.errors.data or []) if batch.errors else [])
+    ]
+    return {
+        "status": batch.status,
+        "request_counts": {
+            "total": counts.total if counts else 0,
+            "completed": counts.completed if counts else 0,
+            "failed": counts.failed if counts else 0,
+        },
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "errors": errors[:20],
+    }
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """Replace every occurrence of each secret in ``text`` with ``***``."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _import_callable(path: str, conn_id: str) -> Callable[..., Any]:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConnectionConfigError(f"Connection {conn_id!r}: cannot import {path!r}: {e}") from None
+    if not callable(obj):
+        raise ConnectionConfigError(f"Connection {conn_id!r}: {path!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _number(extras: Mapping[str, Any], key: str, kind: type[int] | type[float], conn_id: str) -> Any:
+    value = extras.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConnectionConfigError(
+            f"Connection {conn_id!r}: extra {key!r} must be a number, got {value!r}"
+        ) from None
+
+
+class OpenAIBatchHook(BaseHook):
+    """Interact with the OpenAI (or Azure OpenAI) Files and Batches API.
+
+    The connection's type picks the client: ``synth_openai``/``openai`` build ``openai.OpenAI``,
+    ``synth_azure_openai`` builds ``openai.AzureOpenAI``. Every method wraps one API call and returns the
+    SDK's types; SDK errors (``openai.APIStatusError``...) propagate after the SDK's own retries
+    (``max_retries`` extra).
+
+    .. seealso:: :doc:`/connections` for every connection field.
+
+    :param conn_id: id of a ``synth_openai``, ``synth_azure_openai`` or ``openai`` connection.
+    :param client_options: extra keyword arguments for the SDK client constructor (``http_client``,
+        ``default_headers``...), applied over the connection's settings. Never put secrets here.
+    """
+
+    conn_name_attr = "conn_id"
+    default_conn_name = "synth_openai_default"
+    conn_type = "synth_openai"
+    hook_name = "OpenAI Batch (synth)"
+    #: where the Entra ID credentials come from; the async hook takes ``azure.identity.aio``'s
+    _azure_identity_module = "azure.identity"
+
+    def __init__(
+        self,
+        conn_id: str = default_conn_name,
+        *,
+        client_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.conn_id = conn_id
+        self.client_options = dict(client_options or {})
+        self._secrets: list[str] = []
+        self._is_azure: bool | None = None
+        self._credential: Any = None
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Connection form for Airflow versions that do not read ``conn-fields`` from the provider info."""
+        return {
+            "hidden_fields": ["schema", "port", "login"],
+            "relabeling": {"password": "API Key", "host": "Base URL"},
+            "placeholders": {
+                "host": "https://api.openai.com/v1 (leave empty for OpenAI)",
+                "extra": '{"organization": "org-...", "project": "proj_...", "timeout": 600, "max_retries": 5}',
+            },
+        }
+
+    # -- connection -> client ---------------------------------------------------------------------------------
+
+    def _client_kwargs(self, conn: Connection, extras: Mapping[str, Any]) -> dict[str, Any]:
+        """Turn a connection and its extras into the SDK client's keyword arguments.
+
+        The one place connection fields are read; the sync and async clients both come from it.
+        Also records which secrets to redact and whether the connection is Azure.
+        """
+        conn_type = (conn.conn_type or "").replace("-", "_")
+        if conn_type in AZURE_CONN_TYPES:
+            self._is_azure = True
+            kwargs = self._azure_kwargs(conn, extras)
+        elif conn_type in OPENAI_CONN_TYPES:
+            self._is_azure = False
+            kwargs = self._openai_kwargs(conn, extras)
+        else:
+            raise ConnectionConfigError(
+                f"Connection {self.conn_id!r} has type {conn.conn_type!r}; expected one of "
+                f"{sorted(OPENAI_CONN_TYPES | AZURE_CONN_TYPES)}"
+            )
+        timeout = _number(extras, "timeout", float, self.conn_id)
+        max_retries = _number(extras, "max_retries", int, self.conn_id)
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        if max_retries is not None:
+            kwargs["max_retries"] = max_retries
+        self._secrets = [s for s in [conn.password, *(str(extras.get(k) or "") for k in _SECRET_EXTRAS)] if s]
+        if isinstance(kwargs.get("api_key"), str):
+            self._secrets.append(kwargs["api_key"])
+        kwargs.update(self.client_options)
+        return kwargs
+
+    def _openai_kwargs(self, conn: Connection, extras: Mapping[str, Any]) -> dict[str, Any]:
+        if extras.get("auth_type", "api_key") != "api_key":
+            raise ConnectionConfigError(
+                f"Connection {self.conn_id!r}: auth_type {extras['auth_type']!r} is not supported; use an API key"
+            )
+        # the official provider's ``openai`` type keeps client settings in ``openai_client_kwargs``
+        kwargs = dict(extras.get("openai_client_kwargs") or {})
+        api_key = kwargs.pop("api_key", None) or conn.password
+        base_url = kwargs.pop("base_url", None) or extras.get("base_url") or conn.host or None
+        if not api_key:
+            raise ConnectionConfigError(f"Connection {self.conn_id!r} has no API key (the password field)")
+        kwargs["api_key"] = api_key
+        if base_url:
+            kwargs["base_url"] = base_url if "://" in base_url else f"https://{base_url}"
+        for key in ("organization", "project"):
+            if extras.get(key):
+                kwargs[key] = extras[key]
+        return kwargs
+
+    def _azure_kwargs(self, conn: Connection, extras: Mapping[str, Any]) -> dict[str, Any]:
+        endpoint = extras.get("azure_endpoint") or conn.host
+        api_version = extras.get("api_version")
+        if not endpoint:
+            raise ConnectionConfigError(f"Connection {self.conn_id!r} has no Azure endpoint (the host field)")
+        if not api_version:
+            raise ConnectionConfigError(f"Connection {self.conn_id!r} has no 'api_version' extra")
+        kwargs: dict[str, Any] = {
+            "azure_endpoint": endpoint if "://" in endpoint else f"https://{endpoint}",
+            "api_version": api_version,
+        }
+        if conn.password:
+            kwargs["api_key"] = conn.password
+        else:
+            kwargs["azure_ad_token_provider"] = self._entra_token_provider(extras)
+        return kwargs
+
+    def _azure_credential_args(self, extras: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Pick the ``azure-identity`` credential class name and its arguments from the extras."""
+        tenant_id, client_id, secret = (extras.get(k) for k in ("tenant_id", "client_id", "client_secret"))
+        if tenant_id and client_id and secret:
+            return "ClientSecretCredential", {"tenant_id": tenant_id, "client_id": client_id, "client_secret": secret}
+        if secret:
+            raise ConnectionConfigError(
+                f"Connection {self.conn_id!r}: client_secret needs both tenant_id and client_id"
+            )
+        options = {}
+        if extras.get("managed_identity_client_id") or client_id:
+            options["managed_identity_client_id"] = extras.get("managed_identity_client_id") or client_id
+        return "DefaultAzureCredential", options
+
+    def _entra_token_provider(self, extras: Mapping[str, Any]) -> Callable[[], Any]:
+        """A bearer-token provider for ``azure_ad_token_provider``: a custom callable or ``azure-identity``."""
+        if extras.get("azure_ad_token_provider"):
+            return _import_callable(str(extras["azure_ad_token_provider"]), self.conn_id)
+        cls_name, args = self._azure_credential_args(extras)
+        try:
+            identity = importlib.import_module(self._azure_identity_module)
+        except ImportError:
+            raise ConnectionConfigError(
+                "Microsoft Entra ID authentication needs azure-identity: "
+                "pip install 'airflow-provider-synth[azure]'"
+            ) from None
+        self._credential = getattr(identity, cls_name)(**args)
+        provider: Callable[[], Any] = identity.get_bearer_token_provider(
+            self._credential, extras.get("token_scope") or AZURE_TOKEN_SCOPE
+        )
+        return provider
+
+    def get_conn(self) -> OpenAI | AzureOpenAI:
+        """Build the sync SDK client from the connection (one lookup, no network call)."""
+        from openai import AzureOpenAI, OpenAI
+
+        conn = self.get_connection(self.conn_id)
+        kwargs = self._client_kwargs(conn, conn.extra_dejson)
+        return AzureOpenAI(**kwargs) if self._is_azure else OpenAI(**kwargs)
+
+    @cached_property
+    def client(self) -> OpenAI | AzureOpenAI:
+        """The sync SDK client, built on first use."""
+        return self.get_conn()
+
+    @property
+    def is_azure(self) -> bool:
+        """Whether the connection is an Azure OpenAI one (looks the connection up on first use)."""
+        if self._is_azure is None:
+            conn = self.get_connection(self.conn_id)
+            self._is_azure = (conn.conn_type or "").replace("-", "_") in AZURE_CONN_TYPES
+        return self._is_azure
+
+    def redact(self, text: str) -> str:
+        """Remove this connection's secrets from ``text`` (for messages built from SDK errors)."""
+        return redact(text, self._secrets)
+
+    # -- files -----------------------------------------------------------------------------------------------
+
+    def upload_file(self, path: Any, purpose: Literal["batch"] = "batch", *, filename: str | None = None) -> FileObject:
+        """Upload a file, streamed in chunks from a local path, URL or ``ObjectStoragePath``.
+
+        :param path: local path, fsspec URL (``s3://...``) or ``ObjectStoragePath``.
+        :param purpose: the file's purpose; ``batch`` for batch input.
+        :param filename: name the API records; defaults to the path's last component.
+        :return: the SDK's ``FileObject`` (its ``id`` is the ``input_file_id`` of a batch).
+        """
+        name = filename or os.path.basename(str(getattr(path, "path", path)).rstrip("/")) or "requests.jsonl"
+        with open_path(path, "rb") as fp:
+            # a (name, file object) tuple is streamed by the multipart encoder, and rewound on SDK retries;
+            # a PathLike would be read whole into memory by the SDK
+            return self.client.files.create(file=(name, fp, "application/jsonl"), purpose=purpose)
+
+    def download_file(self, file_id: str, dest: Any) -> int:
+        """Stream a file's content into ``dest`` (local path, URL or ``ObjectStoragePath``).
+
+        :param file_id: the API file id (a batch's ``output_file_id`` or ``error_file_id``).
+        :param dest: where to write; parent folders are created.
+        :return: the number of bytes written.
+        """
+        written = 0
+        with self.client.files.with_streaming_response.content(file_id) as response, open_path(dest, "wb") as out:
+            for chunk in response.iter_bytes(_DOWNLOAD_CHUNK):
+                out.write(chunk)
+                written += len(chunk)
+        return written
+
+    def delete_file(self, file_id: str) -> FileDeleted:
+        """Delete an uploaded or output file.
+
+        :param file_id: the API file id.
+        """
+        return self.client.files.delete(file_id)
+
+    def list_files(self, purpose: str | None = None) -> Iterator[FileObject]:
+        """Iterate over the account's files, every page.
+
+        :param purpose: only files with this purpose (``batch``, ``batch_output``...).
+        """
+        if purpose:
+            yield from self.client.files.list(purpose=purpose)
+        else:
+            yield from self.client.files.list()
+
+    # -- batches ---------------------------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: BatchEndpoint,
+        completion_window: CompletionWindow = "24h",
+        metadata: Mapping[str, str] | None = None,
+    ) -> Batch:
+        """Create a batch over an uploaded JSONL file.
+
+        :param input_file_id: id of a file uploaded with purpose ``batch``.
+        :param endpoint: the endpoint every request line targets (``/v1/chat/completions``...).
+        :param completion_window: ``24h``, the only window the API offers.
+        :param metadata: up to 16 string pairs; :meth:`find_batches` matches on them to re-attach.
+        """
+        return self.client.batches.create(
+            input_file_id=input_file_id,
+            endpoint=endpoint,
+            completion_window=completion_window,
+            metadata=dict(metadata) if metadata else None,
+        )
+
+    def get_batch(self, batch_id: str) -> Batch:
+        """Retrieve a batch.
+
+        :param batch_id: the batch id.
+        """
+        return self.client.batches.retrieve(batch_id)
+
+    def cancel_batch(self, batch_id: str) -> Batch:
+        """Ask the API to cancel a batch; it passes through ``cancelling`` to ``cancelled``.
+
+        :param batch_id: the batch id.
+        """
+        return self.client.batches.cancel(batch_id)
+
+    def list_batches(self, *, page_size: int = 100) -> Iterator[Batch]:
+        """Iterate over the account's batches, newest first, every page.
+
+        :param page_size: batches fetched per API call.
+        """
+        yield from self.client.batches.list(limit=page_size)
+
+    def find_batches(self, metadata: Mapping[str, str], *, created_after: float | None = None) -> list[Batch]:
+        """Batches whose metadata contains every pair of ``metadata``: the way to re-attach after a retry.
+
+        :param metadata: pairs that must all match (e.g. an idempotency key).
+        :param created_after: epoch seconds; stop scanning at older batches (the list is newest first).
+        :return: matching batches, newest first.
+        """
+        found = []
+        for batch in self.list_batches():
+            if created_after is not None and batch.created_at < created_after:
+                break
+            if batch.metadata and all(batch.metadata.get(k) == v for k, v in metadata.items()):
+                found.append(batch)
+        return found
+
+    def test_connection(self) -> tuple[bool, str]:
+        """List the models: checks the credentials and spends nothing. The message never holds a secret."""
+        try:
+            self.client.models.list()
+        except Exception as e:
+            return False, self.redact(f"{type(e).__name__}: {e}")
+        return True, "Connection successfully tested"
+
+
+class AzureOpenAIBatchHook(OpenAIBatchHook):
+    """:class:`OpenAIBatchHook` for ``synth_azure_openai`` connections (the connection form and default id).
+
+    Batch request lines name the Azure *deployment* as their ``model``.
+
+    :param conn_id: id of a ``synth_azure_openai`` connection.
+    :param client_options: extra keyword arguments for the SDK client constructor.
+    """
+
+    default_conn_name = "synth_azure_openai_default"
+    conn_type = "synth_azure_openai"
+    hook_name = "Azure OpenAI Batch (synth)"
+
+    def __init__(
+        self,
+        conn_id: str = default_conn_name,
+        *,
+        client_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(conn_id, client_options=client_options, **kwargs)
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Connection form for Airflow versions that do not read ``conn-fields`` from the provider info."""
+        return {
+            "hidden_fields": ["schema", "port", "login"],
+            "relabeling": {"password": "API Key (empty for Entra ID)", "host": "Azure endpoint"},
+            "placeholders": {
+                "host": "https://<resource>.openai.azure.com",
+                "extra": '{"api_version": "2025-04-01-preview", "tenant_id": "...", "client_id": "...", '
+                '"client_secret": "..."}',
+            },
+        }
+
+
+class OpenAIBatchAsyncHook(OpenAIBatchHook):
+    """The async side of :class:`OpenAIBatchHook`, for triggers: never blocks the event loop.
+
+    The connection comes from the async lookup; the hook owns one ``AsyncOpenAI``/``AsyncAzureOpenAI``
+    (and, for Entra ID, one async credential) until :meth:`close`. Use it as ``async with``.
+
+    :param conn_id: id of a ``synth_openai``, ``synth_azure_openai`` or ``openai`` connection.
+    :param client_options: extra keyword arguments for the async SDK client constructor.
+    """
+
+    # async credentials fetch tokens without blocking the loop; close() releases them
+    _azure_identity_module = "azure.identity.aio"
+
+    def __init__(
+        self,
+        conn_id: str = OpenAIBatchHook.default_conn_name,
+        *,
+        client_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(conn_id, client_options=client_options, **kwargs)
+        self._async_client: AsyncOpenAI | AsyncAzureOpenAI | None = None
+
+    async def get_async_client(self) -> AsyncOpenAI | AsyncAzureOpenAI:
+        """The async SDK client, built once from the async connection lookup."""
+        if self._async_client is None:
+            from openai import AsyncAzureOpenAI, AsyncOpenAI
+
+            conn = await get_async_connection(self.conn_id, hook=self)
+            kwargs = self._client_kwargs(conn, await get_async_extra_dejson(conn))
+            self._async_client = AsyncAzureOpenAI(**kwargs) if self._is_azure else AsyncOpenAI(**kwargs)
+        return self._async_client
+
+    async def aget_batch(self, batch_id: str) -> Batch:
+        """Retrieve a batch without blocking the loop.
+
+        :param batch_id: the batch id.
+        """
+        client = await self.get_async_client()
+        return await client.batches.retrieve(batch_id)
+
+    async def acancel_batch(self, batch_id: str) -> Batch:
+        """Cancel a batch without blocking the loop.
+
+        :param batch_id: the batch id.
+        """
+        client = await self.get_async_client()
+        return await client.batches.cancel(batch_id)
+
+    async def close(self) -> None:
+        """Close the async client and credential (idempotent)."""
+        client, self._async_client = self._async_client, None
+        credential, self._credential = self._credential, None
+        if client is not None:
+            await client.close()
+        if credential is not None:
+            await credential.close()
+
+    async def __aenter__(self) -> OpenAIBatchAsyncHook:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

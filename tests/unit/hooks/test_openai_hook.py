@@ -1,0 +1,396 @@
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx2
+import openai
+import pytest
+from airflow.sdk import Connection, ObjectStoragePath
+
+from airflow_provider_synth.exceptions import ConnectionConfigError
+from airflow_provider_synth.hooks.openai import (
+    AZURE_TOKEN_SCOPE,
+    AzureOpenAIBatchHook,
+    OpenAIBatchAsyncHook,
+    OpenAIBatchHook,
+    batch_summary,
+)
+from airflow_provider_synth.testing.mock_transport import FakeBatchAPI
+
+API_KEY = "sk-test-SECRET-0123456789"
+
+
+def set_conn(monkeypatch: pytest.MonkeyPatch, conn_id: str, **fields) -> None:
+    extra = fields.pop("extra", None)
+    conn = Connection(conn_id=conn_id, extra=json.dumps(extra) if extra is not None else None, **fields)
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", conn.as_json())
+
+
+@pytest.fixture
+def api() -> FakeBatchAPI:
+    return FakeBatchAPI()
+
+
+@pytest.fixture
+def openai_conn(monkeypatch):
+    set_conn(
+        monkeypatch,
+        "synth_openai_default",
+        conn_type="synth_openai",
+        password=API_KEY,
+        host="http://fake.local/v1",
+        extra={"organization": "org-1", "project": "proj-1", "timeout": "12.5", "max_retries": "0"},
+    )
+    return "synth_openai_default"
+
+
+@pytest.fixture
+def azure_conn(monkeypatch):
+    set_conn(
+        monkeypatch,
+        "synth_azure_openai_default",
+        conn_type="synth_azure_openai",
+        password=API_KEY,
+        host="https://res.openai.azure.com",
+        extra={"api_version": "2025-04-01-preview", "max_retries": 0},
+    )
+    return "synth_azure_openai_default"
+
+
+@pytest.fixture
+def hook(api, openai_conn) -> OpenAIBatchHook:
+    return OpenAIBatchHook(openai_conn, client_options={"http_client": api.sync_client()})
+
+
+# -- connection -> client kwargs ------------------------------------------------------------------------------
+
+
+def test_init_does_no_io(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("connection looked up in __init__")
+
+    monkeypatch.setattr(OpenAIBatchHook, "get_connection", boom)
+    OpenAIBatchHook("anything")
+    OpenAIBatchAsyncHook("anything")
+    AzureOpenAIBatchHook()
+
+
+def test_openai_client_kwargs(openai_conn):
+    client = OpenAIBatchHook(openai_conn).client
+    assert isinstance(client, openai.OpenAI) and not isinstance(client, openai.AzureOpenAI)
+    assert client.api_key == API_KEY
+    assert str(client.base_url) == "http://fake.local/v1/"
+    assert (client.organization, client.project) == ("org-1", "proj-1")
+    assert client.timeout == 12.5 and client.max_retries == 0
+
+
+def test_official_openai_conn_type_works(monkeypatch):
+    set_conn(
+        monkeypatch,
+        "openai_default",
+        conn_type="openai",
+        password=API_KEY,
+        extra={"openai_client_kwargs": {"base_url": "http://other.local/v1", "max_retries": 7}},
+    )
+    client = OpenAIBatchHook("openai_default").client
+    assert str(client.base_url) == "http://other.local/v1/"
+    assert client.max_retries == 7 and client.api_key == API_KEY
+
+
+def test_host_without_scheme_gets_https(monkeypatch):
+    set_conn(monkeypatch, "c", conn_type="synth_openai", password=API_KEY, host="gateway.example.com/v1")
+    assert str(OpenAIBatchHook("c").client.base_url) == "https://gateway.example.com/v1/"
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"conn_type": "http", "password": API_KEY}, "has type 'http'"),
+        ({"conn_type": "synth_openai"}, "no API key"),
+        ({"conn_type": "synth_openai", "password": API_KEY, "extra": {"timeout": "soon"}}, "'timeout' must be"),
+        ({"conn_type": "synth_azure_openai", "password": API_KEY}, "no Azure endpoint"),
+        ({"conn_type": "synth_azure_openai", "host": "https://r.openai.azure.com"}, "no 'api_version'"),
+        (
+            {"conn_type": "synth_azure_openai", "host": "r", "extra": {"api_version": "v", "client_secret": "abcdef"}},
+            "needs both tenant_id and client_id",
+        ),
+        (
+            {"conn_type": "synth_azure_openai", "host": "r",
+             "extra": {"api_version": "v", "azure_ad_token_provider": "nowhere.at_all"}},
+            "cannot import 'nowhere.at_all'",
+        ),
+    ],
+)
+def test_bad_connections_raise_clear_errors(monkeypatch, fields, match):
+    set_conn(monkeypatch, "bad", **fields)
+    with pytest.raises(ConnectionConfigError, match=match) as err:
+        OpenAIBatchHook("bad").get_conn()
+    assert API_KEY not in str(err.value) and "abcdef" not in str(err.value)
+
+
+def test_azure_api_key_client(azure_conn):
+    hook = AzureOpenAIBatchHook()
+    client = hook.client
+    assert isinstance(client, openai.AzureOpenAI)
+    assert hook.is_azure
+    assert client.api_key == API_KEY
+    assert str(client.base_url) == "https://res.openai.azure.com/openai/"
+    assert client._api_version == "2025-04-01-preview"
+
+
+def fake_token() -> str:
+    return "entra-token-123"
+
+
+def test_azure_entra_custom_token_provider_sends_bearer(monkeypatch, api):
+    set_conn(
+        monkeypatch,
+        "az",
+        conn_type="synth_azure_openai",
+        host="https://res.openai.azure.com",
+        extra={"api_version": "2025-04-01-preview", "azure_ad_token_provider": f"{__name__}.fake_token"},
+    )
+    hook = OpenAIBatchHook("az", client_options={"http_client": api.sync_client()})
+    batch_id = api.add_batch(["in_progress"])
+    assert hook.get_batch(batch_id).status == "in_progress"
+    seen = api.seen[-1]
+    assert seen.headers["authorization"] == "Bearer entra-token-123"
+    assert seen.path == f"/openai/batches/{batch_id}"
+    assert seen.query["api-version"] == "2025-04-01-preview"
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected_cls", "expected_args"),
+    [
+        ({"tenant_id": "t", "client_id": "c", "client_secret": "s3cr3t!"}, "ClientSecretCredential",
+         {"tenant_id": "t", "client_id": "c", "client_secret": "s3cr3t!"}),
+        ({"managed_identity_client_id": "mi"}, "DefaultAzureCredential", {"managed_identity_client_id": "mi"}),
+        ({}, "DefaultAzureCredential", {}),
+    ],
+)
+@pytest.mark.parametrize("hook_cls", [OpenAIBatchHook, OpenAIBatchAsyncHook])
+def test_azure_entra_credentials(monkeypatch, extra, expected_cls, expected_args, hook_cls):
+    import azure.identity
+    import azure.identity.aio
+
+    module = azure.identity.aio if hook_cls is OpenAIBatchAsyncHook else azure.identity
+    made = {}
+
+    class FakeCredential:
+        def __init__(self, **kwargs):
+            made["args"] = kwargs
+
+    def fake_provider(credential, scope):
+        made["scope"] = scope
+        return fake_token
+
+    monkeypatch.setattr(module, expected_cls, FakeCredential)
+    monkeypatch.setattr(module, "get_bearer_token_provider", fake_provider)
+    set_conn(monkeypatch, "az", conn_type="synth_azure_openai", host="r.openai.azure.com",
+             extra={"api_version": "2024-10-21", **extra})
+    conn = hook_cls.get_connection("az")
+    hook = hook_cls("az")
+    kwargs = hook._client_kwargs(conn, conn.extra_dejson)
+    assert kwargs["azure_ad_token_provider"] is fake_token
+    assert "api_key" not in kwargs
+    assert kwargs["azure_endpoint"] == "https://r.openai.azure.com"
+    assert made == {"args": expected_args, "scope": AZURE_TOKEN_SCOPE}
+    assert isinstance(hook._credential, FakeCredential)
+
+
+# -- API calls through the SDK over the fake transport ----------------------------------------------------------
+
+
+def test_upload_streams_from_object_storage_and_create_batch(hook, api, tmp_path):
+    payload = b"".join(b'{"custom_id": "r%d", "method": "POST"}\n' % i for i in range(2000))
+    src = ObjectStoragePath(f"file://{tmp_path}/in/requests.jsonl")
+    src.parent.mkdir(parents=True)
+    src.write_bytes(payload)
+
+    file = hook.upload_file(src)
+    assert file.filename == "requests.jsonl" and file.purpose == "batch"
+    assert api.files[file.id]["content"] == payload
+
+    batch = hook.create_batch(file.id, "/v1/chat/completions", metadata={"synth_key": "k1"})
+    assert batch.input_file_id == file.id and batch.metadata == {"synth_key": "k1"}
+    assert api.counters == {"files_created": 1, "batches_created": 1}
+    seen = api.seen[-1]
+    assert seen.headers["authorization"] == f"Bearer {API_KEY}"
+    assert seen.headers["openai-organization"] == "org-1"
+
+
+def test_upload_does_not_read_whole_file(hook, api, tmp_path, monkeypatch):
+    """The file object goes to the multipart encoder, which reads it in 64 KiB chunks."""
+    src = tmp_path / "big.jsonl"
+    src.write_bytes(b"x" * (1 << 20))
+    sizes = []
+    real_open = open
+
+    class Spy:
+        def __init__(self, fp):
+            self.fp = fp
+
+        def read(self, n=-1):
+            sizes.append(n)
+            return self.fp.read(n)
+
+        def __getattr__(self, name):
+            return getattr(self.fp, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.fp.close()
+
+    import airflow_provider_synth.hooks.openai as mod
+
+    monkeypatch.setattr(mod, "open_path", lambda p, mode: Spy(real_open(p, mode)))
+    hook.upload_file(str(src), filename="big.jsonl")
+    assert sizes and all(0 < n <= 1 << 16 for n in sizes)
+    assert api.files["file_000000"]["bytes"] == 1 << 20
+
+
+def test_download_streams_into_object_storage(hook, api, tmp_path):
+    api.files["file-out"] = {"id": "file-out", "object": "file", "bytes": 6, "created_at": 0,
+                             "filename": "out.jsonl", "purpose": "batch_output", "content": b"a\nb\nc\n"}
+    dest = ObjectStoragePath(f"file://{tmp_path}/deep/folder/out.jsonl")
+    assert hook.download_file("file-out", dest) == 6
+    assert dest.read_bytes() == b"a\nb\nc\n"
+    local = tmp_path / "local.jsonl"
+    hook.download_file("file-out", local)
+    assert local.read_bytes() == b"a\nb\nc\n"
+
+
+def test_get_cancel_delete_list(hook, api):
+    batch_id = api.add_batch(["validating", "in_progress"])
+    assert hook.get_batch(batch_id).status == "validating"
+    assert hook.get_batch(batch_id).status == "in_progress"
+    assert hook.cancel_batch(batch_id).status == "cancelling"
+    assert hook.get_batch(batch_id).status == "cancelled"
+    api.files["f1"] = {"id": "f1", "object": "file", "bytes": 1, "created_at": 0, "filename": "a",
+                       "purpose": "batch", "content": b"x"}
+    api.files["f2"] = {"id": "f2", "object": "file", "bytes": 1, "created_at": 0, "filename": "b",
+                       "purpose": "batch_output", "content": b"x"}
+    assert [f.id for f in hook.list_files(purpose="batch")] == ["f1"]
+    assert hook.delete_file("f1").deleted
+    assert [f.id for f in hook.list_files()] == ["f2"]
+
+
+def test_list_and_find_batches_walk_every_page(hook, api):
+    now = 1_700_000_000
+    for i in range(250):
+        api.add_batch(["completed"], created_at=now + i, metadata={"synth_key": f"k{i % 3}", "n": str(i)})
+    assert len(list(hook.list_batches(page_size=40))) == 250
+    found = hook.find_batches({"synth_key": "k1"})
+    assert [b.metadata["n"] for b in found] == [str(i) for i in range(249, -1, -1) if i % 3 == 1]
+    recent = hook.find_batches({"synth_key": "k1"}, created_after=now + 240)
+    assert [b.metadata["n"] for b in recent] == ["247", "244", "241"]
+
+
+def test_sdk_errors_propagate_after_sdk_retries(monkeypatch, api):
+    set_conn(monkeypatch, "r", conn_type="synth_openai", password=API_KEY, host="http://fake.local/v1",
+             extra={"max_retries": 2})
+    hook = OpenAIBatchHook("r", client_options={"http_client": api.sync_client()})
+    monkeypatch.setattr(openai._base_client.BaseClient, "_calculate_retry_timeout", lambda *a, **k: 0)
+    batch_id = api.add_batch(["in_progress"])
+    api.fail_next(500, 503)
+    assert hook.get_batch(batch_id).status == "in_progress"
+    api.fail_next(500, 500, 500)
+    with pytest.raises(openai.InternalServerError):
+        hook.get_batch(batch_id)
+
+
+def test_test_connection_lists_models_and_hides_secret(hook, api, monkeypatch):
+    assert hook.test_connection() == (True, "Connection successfully tested")
+    assert api.seen[-1].path == "/v1/models" and api.seen[-1].method == "GET"
+    assert api.counters == {}
+
+    def leaky(request):
+        return httpx2.Response(401, json={"error": {"message": f"Incorrect API key provided: {API_KEY}"}})
+
+    monkeypatch.setattr(api, "handle", leaky)
+    hook2 = OpenAIBatchHook(hook.conn_id, client_options={"http_client": api.sync_client()})
+    ok, message = hook2.test_connection()
+    assert not ok and "AuthenticationError" in message and "***" in message
+    assert API_KEY not in message
+
+
+def test_batch_summary_shapes():
+    from openai.types import Batch
+
+    batch = Batch.model_validate(
+        {"id": "b1", "object": "batch", "endpoint": "/v1/chat/completions", "input_file_id": "f",
+         "completion_window": "24h", "status": "completed", "created_at": 0,
+         "request_counts": {"total": 3, "completed": 0, "failed": 3},
+         "output_file_id": None, "error_file_id": "file-err",
+         "errors": {"object": "list", "data": [{"code": "invalid_json", "message": "bad", "line": 2}]}}
+    )
+    assert batch_summary(batch) == {
+        "status": "completed",
+        "request_counts": {"total": 3, "completed": 0, "failed": 3},
+        "output_file_id": None,
+        "error_file_id": "file-err",
+        "errors": ["invalid_json: bad (line 2)"],
+    }
+
+
+# -- async hook -------------------------------------------------------------------------------------------------
+
+
+async def test_async_hook_uses_async_lookup_and_closes(monkeypatch, api, openai_conn, caplog):
+    def no_sync(*a, **k):
+        raise AssertionError("sync connection lookup on the event loop")
+
+    monkeypatch.setattr(OpenAIBatchHook, "get_connection", classmethod(no_sync))
+    batch_id = api.add_batch(["in_progress", "completed"])
+    caplog.set_level(logging.DEBUG)
+    async with OpenAIBatchAsyncHook(openai_conn, client_options={"http_client": api.async_client()}) as hook:
+        assert (await hook.aget_batch(batch_id)).status == "in_progress"
+        client = hook._async_client
+        assert isinstance(client, openai.AsyncOpenAI)
+        assert (await hook.aget_batch(batch_id)).status == "completed"
+        assert hook._async_client is client  # one client for the hook's life
+        assert (await hook.acancel_batch(batch_id)).status == "cancelling"
+    assert hook._async_client is None and client.is_closed()
+    await hook.close()  # idempotent
+    assert API_KEY not in caplog.text
+
+
+async def test_async_hook_azure(api, azure_conn):
+    hook = OpenAIBatchAsyncHook(azure_conn, client_options={"http_client": api.async_client()})
+    batch_id = api.add_batch(["finalizing"])
+    try:
+        assert (await hook.aget_batch(batch_id)).status == "finalizing"
+        assert isinstance(hook._async_client, openai.AsyncAzureOpenAI)
+        assert api.seen[-1].headers["api-key"] == API_KEY
+    finally:
+        await hook.close()
+
+
+async def test_async_hook_closes_entra_credential(monkeypatch, api):
+    import azure.identity.aio
+
+    closed = []
+
+    class FakeCredential:
+        def __init__(self, **kwargs):
+            pass
+
+        async def close(self):
+            closed.append(True)
+
+    async def token():
+        return "async-token"
+
+    monkeypatch.setattr(azure.identity.aio, "DefaultAzureCredential", FakeCredential)
+    monkeypatch.setattr(azure.identity.aio, "get_bearer_token_provider", lambda cred, scope: token)
+    set_conn(monkeypatch, "az", conn_type="synth_azure_openai", host="https://r.openai.azure.com",
+             extra={"api_version": "2024-10-21"})
+    hook = OpenAIBatchAsyncHook("az", client_options={"http_client": api.async_client()})
+    batch_id = api.add_batch(["in_progress"])
+    await hook.aget_batch(batch_id)
+    assert api.seen[-1].headers["authorization"] == "Bearer async-token"
+    await hook.close()
+    assert closed == [True]
