@@ -1,0 +1,76 @@
+"""Streaming JSONL I/O through file objects, so local paths and ObjectStoragePath/fsspec URLs work alike."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
+
+import orjson
+
+#: Bytes read per chunk when streaming a file line by line.
+READ_CHUNK = 1 << 20
+
+
+def dumps(obj: Any) -> bytes:
+    """Serialize ``obj`` to compact JSON bytes (no trailing newline). Key order is kept, so output is stable."""
+    return orjson.dumps(obj)
+
+
+def loads(data: bytes | bytearray | memoryview | str) -> Any:
+    """Parse one JSON document."""
+    return orjson.loads(data)
+
+
+def iter_jsonl(fp: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(line_number, raw_line)`` for each non-blank line of a binary file object.
+
+    Line numbers are 1-based and count blank lines, so they match what an editor shows.
+    The trailing newline (and a CR before it) is stripped.
+    """
+    lineno = 0
+    for raw in fp:
+        lineno += 1
+        line = raw.rstrip(b"\r\n")
+        if line.strip():
+            yield lineno, line
+
+
+def write_jsonl(fp: IO[bytes], rows: Iterable[Any]) -> int:
+    """Write one JSON document per line; return the number of lines written."""
+    n = 0
+    write = fp.write
+    for row in rows:
+        write(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE))
+        n += 1
+    return n
+
+
+def open_path(path: Any, mode: str = "rb") -> IO[bytes]:
+    """Open a local path, an fsspec URL (``s3://``, ``memory://``...) or an ObjectStoragePath/UPath.
+
+    Writing creates parent folders on filesystems that have them.
+    """
+    writing = "w" in mode or "a" in mode
+    if not isinstance(path, str) and hasattr(path, "protocol") and hasattr(path, "open"):
+        # ObjectStoragePath / UPath: keep the object, it carries the connection's storage options
+        if writing:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fobj: IO[bytes] = path.open(mode)
+        return fobj
+    path = os.fspath(path)
+    if "://" not in path:
+        if writing:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return open(path, mode)  # noqa: SIM115 - the caller owns the file object
+    import fsspec
+
+    opened: IO[bytes] = fsspec.open(path, mode, auto_mkdir=True).open()
+    return opened
+
+
+def join_path(base: Any, name: str) -> Any:
+    """Join a file name onto a folder given as a local path, a URL string or a path object."""
+    if isinstance(base, str):
+        return base.rstrip("/") + "/" + name
+    return base / name

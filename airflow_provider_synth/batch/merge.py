@@ -1,0 +1,212 @@
+"""Merge the outputs of many shards and retry rounds into ``results.jsonl`` and ``failures.jsonl``.
+
+Shards are contiguous slices of the input, so each is merged on its own: memory is bounded by one shard
+(the service caps a shard at 50,000 requests), whatever the size of the whole run. Within a shard, output
+lines are matched by custom_id, never by position; results come out in input order.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import msgspec
+
+from airflow_provider_synth.batch.errors import AccountingError, OutputFormatError
+from airflow_provider_synth.batch.jsonl import dumps, iter_jsonl, open_path
+from airflow_provider_synth.batch.results import ParsedOutput, parse_output_line
+from airflow_provider_synth.batch.usage import Usage
+
+#: How many unknown/duplicate ids the accounting keeps as examples.
+MAX_EXAMPLES = 20
+
+Source = Any  # a path, URL, path object, or a callable returning a binary file object
+
+
+class _Id(msgspec.Struct):
+    custom_id: str
+
+
+_id_decoder = msgspec.json.Decoder(_Id)
+
+
+@contextmanager
+def _opened(src: Source) -> Iterator[IO[bytes]]:
+    fp = src() if callable(src) else open_path(src, "rb")
+    try:
+        yield fp
+    finally:
+        fp.close()
+
+
+@dataclass
+class ShardOutputs:
+    """One shard's request file and every output/error file that answered it, in round order.
+
+    :param requests: the shard's request JSONL.
+    :param outputs: output and error files of round 0, then of each retry round.
+    """
+
+    requests: Source
+    outputs: Sequence[Source] = ()
+
+
+@dataclass
+class Accounting:
+    """Counts of a merge; ``succeeded + failed + missing == total`` always (see :meth:`check`)."""
+
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    missing: int = 0
+    retryable: int = 0
+    duplicates: int = 0
+    unknown: int = 0
+    unknown_examples: list[str] = field(default_factory=list)
+    duplicate_examples: list[str] = field(default_factory=list)
+    error_codes: Counter[str] = field(default_factory=Counter)
+    usage: Usage = field(default_factory=Usage)
+    results_written: int = 0
+    failures_written: int = 0
+
+    def check(self) -> None:
+        """Enforce the accounting invariant: every input custom_id is in results or failures exactly once."""
+        if self.succeeded + self.failed + self.missing != self.total:
+            raise AccountingError(f"accounting broken: succeeded {self.succeeded} + failed {self.failed} + "
+                                  f"missing {self.missing} != total {self.total}")
+        if self.results_written != self.succeeded or self.failures_written != self.failed + self.missing:
+            raise AccountingError(f"accounting broken: wrote {self.results_written} results and "
+                                  f"{self.failures_written} failures for {self.succeeded} succeeded, "
+                                  f"{self.failed} failed and {self.missing} missing")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total, "succeeded": self.succeeded, "failed": self.failed, "missing": self.missing,
+            "retryable": self.retryable, "duplicates": self.duplicates, "unknown": self.unknown,
+            "unknown_examples": self.unknown_examples, "duplicate_examples": self.duplicate_examples,
+            "error_codes": dict(self.error_codes), "usage": self.usage.as_dict(),
+        }
+
+
+@dataclass
+class _Best:
+    out: ParsedOutput
+    attempts: int
+
+
+def _index_outputs(outputs: Sequence[Source], acct: Accounting | None) -> dict[str, _Best]:
+    """custom_id -> best answer over all rounds. A success is never replaced; a later answer replaces an
+    earlier failure (the retry round's word is the latest)."""
+    best: dict[str, _Best] = {}
+    for src in outputs:
+        with _opened(src) as fp:
+            for lineno, raw in iter_jsonl(fp):
+                try:
+                    out = parse_output_line(raw)
+                except OutputFormatError as exc:
+                    raise OutputFormatError(f"{getattr(src, 'name', src)}:{lineno}: {exc}") from None
+                prev = best.get(out.custom_id)
+                if prev is None:
+                    best[out.custom_id] = _Best(out, 1)
+                    continue
+                prev.attempts += 1
+                if prev.out.ok:
+                    if out.ok and acct is not None:
+                        acct.duplicates += 1
+                        if len(acct.duplicate_examples) < MAX_EXAMPLES:
+                            acct.duplicate_examples.append(out.custom_id)
+                    continue
+                prev.out = out
+    return best
+
+
+def _failure_row(cid: str, best: _Best | None) -> dict[str, Any]:
+    if best is None:
+        return {"custom_id": cid, "error": {"code": "missing", "message": "no output or error line came back "
+                "for this request"}, "status_code": None, "retryable": True, "attempts": 0}
+    out = best.out
+    return {"custom_id": cid, "error": {"code": out.error_code, "message": out.error_message},
+            "status_code": out.status_code, "retryable": out.retryable, "attempts": best.attempts}
+
+
+def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[bytes],
+                acct: Accounting | None = None) -> Accounting:
+    """Merge one shard into the open results and failures files, in the shard's input order."""
+    acct = acct if acct is not None else Accounting()
+    best = _index_outputs(shard.outputs, acct)
+    write_result, write_failure = results_fp.write, failures_fp.write
+    with _opened(shard.requests) as fp:
+        for _, raw in iter_jsonl(fp):
+            cid = _id_decoder.decode(raw).custom_id
+            acct.total += 1
+            entry = best.pop(cid, None)
+            if entry is not None and entry.out.ok:
+                acct.succeeded += 1
+                acct.usage.add_usage(entry.out.usage)
+                write_result(entry.out.raw)
+                write_result(b"\n")
+                acct.results_written += 1
+                continue
+            if entry is None:
+                acct.missing += 1
+                acct.error_codes["missing"] += 1
+            else:
+                acct.failed += 1
+                acct.error_codes[entry.out.error_code or "unknown_error"] += 1
+            row = _failure_row(cid, entry)
+            acct.retryable += bool(row["retryable"])
+            write_failure(dumps(row))
+            write_failure(b"\n")
+            acct.failures_written += 1
+    for cid in best:  # answers for ids this shard never asked: report, never hide
+        acct.unknown += 1
+        if len(acct.unknown_examples) < MAX_EXAMPLES:
+            acct.unknown_examples.append(cid)
+    return acct
+
+
+def merge_shards(shards: Sequence[ShardOutputs], results_fp: IO[bytes], failures_fp: IO[bytes]) -> Accounting:
+    """Merge every shard, in order, into ``results.jsonl`` and ``failures.jsonl`` (open binary files).
+
+    :returns: the accounting, already checked.
+    :raises AccountingError: if the invariant does not hold.
+    """
+    acct = Accounting()
+    for shard in shards:
+        merge_shard(shard, results_fp, failures_fp, acct)
+    acct.check()
+    return acct
+
+
+def pending_requests(requests: Source, outputs: Sequence[Source], out_fp: IO[bytes], *,
+                     retryable_only: bool = True, include_missing: bool = True,
+                     keep: Callable[[ParsedOutput], bool] | None = None) -> int:
+    """Write the requests of a shard that still need a round: no success yet, and (by default) a failure a
+    retry can fix, or no answer at all. Finished work is never resubmitted. Returns how many were written.
+
+    :param requests: the shard's request JSONL.
+    :param outputs: every output and error file of the shard so far.
+    :param out_fp: where the retry round's request lines go (copied byte for byte).
+    :param retryable_only: skip failures a retry cannot fix (4xx validation errors, cancelled requests).
+    :param include_missing: include requests with no answer at all.
+    :param keep: an extra predicate on the last failure.
+    """
+    best = _index_outputs(outputs, None)
+    written = 0
+    with _opened(requests) as fp:
+        for _, raw in iter_jsonl(fp):
+            entry = best.get(_id_decoder.decode(raw).custom_id)
+            if entry is None:
+                wanted = include_missing
+            elif entry.out.ok:
+                wanted = False
+            else:
+                wanted = (entry.out.retryable or not retryable_only) and (keep is None or keep(entry.out))
+            if wanted:
+                out_fp.write(raw)
+                out_fp.write(b"\n")
+                written += 1
+    return written

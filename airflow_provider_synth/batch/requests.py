@@ -1,0 +1,207 @@
+"""Build OpenAI batch request lines from records.
+
+A request line is ``{"custom_id", "method": "POST", "url", "body"}``. Custom ids are deterministic (taken from
+a key field the user names, or from the record's stable index), and the JSON is serialized with a fixed key
+order, so the same records always build a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any, Literal, get_args
+
+from airflow_provider_synth.batch.jsonl import write_jsonl
+
+Endpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"]
+ENDPOINTS: tuple[str, ...] = get_args(Endpoint)
+CHAT: Endpoint = "/v1/chat/completions"
+EMBEDDINGS: Endpoint = "/v1/embeddings"
+RESPONSES: Endpoint = "/v1/responses"
+COMPLETIONS: Endpoint = "/v1/completions"
+
+#: The body field that carries a record's text, per endpoint.
+INPUT_FIELD: dict[str, str] = {CHAT: "messages", EMBEDDINGS: "input", RESPONSES: "input", COMPLETIONS: "prompt"}
+
+Builder = Callable[[Mapping[str, Any]], Any]
+
+
+def make_request(custom_id: str, url: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Return one batch request line as a dict.
+
+    :param custom_id: the request's id, unique in the batch; results are matched by it.
+    :param url: one of :data:`ENDPOINTS`.
+    :param body: the request body, as the endpoint takes it.
+    """
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": dict(body)}
+
+
+def user_message(text: str, *, images: Sequence[str] = (), detail: str | None = None) -> dict[str, Any]:
+    """A user message; with ``images`` (URLs or ``data:`` URIs) the content becomes text and image parts."""
+    if not images:
+        return {"role": "user", "content": text}
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    for url in images:
+        image: dict[str, Any] = {"url": url}
+        if detail:
+            image["detail"] = detail
+        parts.append({"type": "image_url", "image_url": image})
+    return {"role": "user", "content": parts}
+
+
+def response_format_for(schema: Any, *, name: str | None = None, strict: bool = True) -> dict[str, Any]:
+    """Turn a pydantic model class or a JSON-schema dict into a chat ``response_format``.
+
+    A model class is converted with its own JSON schema, made strict the way OpenAI's structured outputs
+    require (every property required, no additional properties).
+
+    :param schema: a pydantic ``BaseModel`` subclass, a JSON schema dict, or a ready ``response_format`` dict.
+    :param name: the schema name; defaults to the model class name.
+    :param strict: ask the service to enforce the schema.
+    """
+    if isinstance(schema, Mapping):
+        if schema.get("type") in ("json_schema", "json_object", "text"):
+            return dict(schema)
+        json_schema = copy.deepcopy(dict(schema))
+        schema_name = name or str(json_schema.get("title") or "response")
+    else:
+        json_schema = schema.model_json_schema()
+        schema_name = name or schema.__name__
+    if strict:
+        _make_strict(json_schema)
+    return {"type": "json_schema", "json_schema": {"name": schema_name, "schema": json_schema, "strict": strict}}
+
+
+def _make_strict(node: Any) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "object" and "properties" in node:
+            node["additionalProperties"] = False
+            node["required"] = list(node["properties"])
+        node.pop("default", None)
+        for value in node.values():
+            _make_strict(value)
+    elif isinstance(node, list):
+        for item in node:
+            _make_strict(item)
+
+
+def chat_body(
+    model: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    response_format: Any = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """A ``/v1/chat/completions`` body.
+
+    :param model: the model (on Azure, the deployment name).
+    :param messages: system, developer, user, assistant and tool messages.
+    :param tools: function tools, passed through.
+    :param response_format: a pydantic model class, a JSON schema or a ``response_format`` dict.
+    :param params: any other body field (``temperature``, ``max_completion_tokens``, ``seed``...).
+    """
+    body: dict[str, Any] = {"model": model, "messages": [dict(m) for m in messages]}
+    if tools:
+        body["tools"] = [dict(t) for t in tools]
+    if response_format is not None:
+        body["response_format"] = response_format_for(response_format)
+    body.update(params)
+    return body
+
+
+def custom_id_for(record: Mapping[str, Any], index: int, *, id_field: str | None, prefix: str) -> str:
+    """The custom_id of a record: ``str(record[id_field])`` when a key field is named, else prefix + index."""
+    if id_field is None:
+        return f"{prefix}{index}"
+    try:
+        value = record[id_field]
+    except KeyError:
+        raise ValueError(f"record {index} has no id field {id_field!r}") from None
+    if value is None or value == "":
+        raise ValueError(f"record {index} has an empty id field {id_field!r}")
+    return str(value)
+
+
+def _body_from(value: Any, endpoint: str, model: str, system: str | None) -> dict[str, Any]:
+    """Normalize what a builder returned (a body, a list of messages/inputs, or a text) into a body."""
+    field = INPUT_FIELD[endpoint]
+    if isinstance(value, Mapping):
+        body = dict(value)
+    elif endpoint == CHAT and isinstance(value, str):
+        body = {"messages": [{"role": "user", "content": value}]}
+    else:
+        body = {field: value if not isinstance(value, tuple) else list(value)}
+    body.setdefault("model", model)
+    if system is not None and endpoint == CHAT and "messages" in body:
+        if not body["messages"] or body["messages"][0].get("role") not in ("system", "developer"):
+            body["messages"] = [{"role": "system", "content": system}, *body["messages"]]
+    if endpoint == RESPONSES and system is not None:
+        body.setdefault("instructions", system)
+    # model first: a stable, readable key order
+    return {"model": body.pop("model"), **body}
+
+
+def _default_value(record: Mapping[str, Any], endpoint: str, template: str | None) -> Any:
+    if template is not None:
+        return template.format_map(record)
+    for key in (INPUT_FIELD[endpoint], "messages", "prompt", "input", "text"):
+        if key in record:
+            return record[key]
+    raise ValueError(
+        f"cannot build a {endpoint} request from record keys {sorted(record)}: "
+        "give a prompt_template, a builder, or a 'prompt'/'messages'/'input' field"
+    )
+
+
+def build_requests(
+    records: Iterable[Mapping[str, Any]],
+    *,
+    model: str,
+    endpoint: Endpoint = CHAT,
+    builder: Builder | None = None,
+    prompt_template: str | None = None,
+    system: str | None = None,
+    id_field: str | None = None,
+    id_prefix: str = "request-",
+    response_format: Any = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Turn records into request lines, lazily.
+
+    Each record becomes a body by, in order: ``builder(record)`` (returning a body dict, a list of messages or
+    inputs, or a text), ``prompt_template.format_map(record)``, or the record's own
+    ``messages``/``prompt``/``input`` field. ``model``, ``system``, ``response_format``, ``tools`` and
+    ``params`` fill what the body does not set itself.
+
+    :param records: the records (dicts), e.g. rows of a seed list or an upstream task's XCom.
+    :param model: the model for every request (on Azure, the deployment name).
+    :param endpoint: one of :data:`ENDPOINTS`.
+    :param builder: a callable building one request body from one record.
+    :param prompt_template: a ``str.format`` template over the record's fields (the user message).
+    :param system: a system message (chat) or ``instructions`` (responses) added to every request.
+    :param id_field: the record field holding a unique id; default: ``id_prefix`` + the record's index.
+    :param id_prefix: prefix of index-based custom_ids.
+    :param response_format: a pydantic model class or JSON schema for structured output (chat).
+    :param tools: function tools for every chat request.
+    :param params: other body fields for every request (``temperature``, ``max_completion_tokens``...).
+    """
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"unsupported endpoint {endpoint!r}; expected one of {', '.join(ENDPOINTS)}")
+    shared: dict[str, Any] = dict(params or {})
+    if response_format is not None:
+        shared["response_format"] = response_format_for(response_format)
+    if tools:
+        shared["tools"] = [dict(t) for t in tools]
+    for index, record in enumerate(records):
+        value = builder(record) if builder is not None else _default_value(record, endpoint, prompt_template)
+        body = _body_from(value, endpoint, model, system)
+        for key, val in shared.items():
+            body.setdefault(key, val)
+        yield make_request(custom_id_for(record, index, id_field=id_field, prefix=id_prefix), endpoint, body)
+
+
+def write_requests(requests: Iterable[Mapping[str, Any]], fp: IO[bytes]) -> int:
+    """Write request lines as JSONL; return how many were written."""
+    return write_jsonl(fp, requests)

@@ -1,0 +1,152 @@
+"""Parse Batch API output and error lines (OpenAI, Azure, vLLM ``run-batch``) and build them.
+
+An output line is ``{"id", "custom_id", "response": {"status_code", "request_id", "body"} | null,
+"error": {"code", "message"} | null}``. Error files come in two shapes: an HTTP error (``response.status_code``
+!= 200 with ``body.error``), or ``response: null`` with ``error.code`` (``batch_expired``,
+``batch_cancelled``, ``request_timeout``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from airflow_provider_synth.batch.errors import OutputFormatError
+from airflow_provider_synth.batch.jsonl import dumps
+
+#: Line-level error codes a new batch can fix.
+RETRYABLE_ERROR_CODES = frozenset({"batch_expired", "request_timeout", "missing", "rate_limit_exceeded",
+                                   "server_error", "timeout", "internal_error"})
+#: HTTP statuses a retry can fix.
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+def is_retryable(status_code: int | None, code: str | None) -> bool:
+    """Whether a retry round can turn this failure into a success: 408/409/429, any 5xx,
+    ``batch_expired``, ``request_timeout`` and missing lines. Never 4xx validation errors, never
+    ``batch_cancelled`` (somebody cancelled on purpose)."""
+    if status_code is not None and (status_code in RETRYABLE_STATUS or status_code >= 500):
+        return True
+    return code in RETRYABLE_ERROR_CODES
+
+
+class _Err(msgspec.Struct):
+    code: str | int | None = None
+    message: str | None = None
+    type: str | None = None
+
+
+class _BodyErr(msgspec.Struct):
+    error: _Err | str | None = None
+    usage: dict[str, Any] | None = None
+
+
+class _Response(msgspec.Struct):
+    status_code: int | None = None
+    request_id: str | None = None
+    body: msgspec.Raw = msgspec.Raw(b"null")
+    # vLLM/aphrodite run_batch before 0.5 wrote the body itself as "response"
+    object: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+class _Out(msgspec.Struct):
+    custom_id: str
+    response: _Response | None = None
+    error: _Err | None = None
+
+
+_out_decoder = msgspec.json.Decoder(_Out)
+_body_decoder = msgspec.json.Decoder(_BodyErr)
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    """One output or error line, classified.
+
+    :param ok: the request succeeded (HTTP 200 and no error).
+    :param usage: the body's ``usage`` (successes only).
+    :param raw: the line as read, written through unchanged to ``results.jsonl``.
+    """
+
+    custom_id: str
+    ok: bool
+    status_code: int | None
+    error_code: str | None
+    error_message: str | None
+    retryable: bool
+    usage: dict[str, Any] | None
+    raw: bytes
+
+
+def parse_output_line(raw: bytes) -> ParsedOutput:
+    """Classify one line of an output or error file.
+
+    :raises OutputFormatError: the line is not an output line (no custom_id, malformed JSON).
+    """
+    try:
+        out = _out_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise OutputFormatError(f"not a batch output line ({exc}): {raw[:200]!r}") from None
+    resp, err = out.response, out.error
+    if resp is not None and resp.status_code is None and resp.object is not None:
+        return _legacy_vllm(out.custom_id, raw, resp)
+    status = resp.status_code if resp is not None else None
+    body = _body_decoder.decode(resp.body) if resp is not None and len(resp.body) else None
+    body_err = body.error if body is not None else None
+    ok = resp is not None and status == 200 and err is None and body_err is None
+    if ok:
+        return ParsedOutput(out.custom_id, True, status, None, None, False, body.usage if body else None, raw)
+    if isinstance(body_err, str):
+        body_err = _Err(message=body_err)
+    e = err or body_err
+    code = None if e is None or e.code is None else str(e.code)
+    if code is None and e is not None and e.type:
+        code = e.type
+    if code is None:
+        code = f"http_{status}" if status is not None else "unknown_error"
+    message = (e.message if e is not None else None) or f"request failed with status {status}"
+    return ParsedOutput(out.custom_id, False, status, code, message, is_retryable(status, code), None, raw)
+
+
+def _legacy_vllm(custom_id: str, raw: bytes, resp: _Response) -> ParsedOutput:
+    """Normalize an old run_batch line (the body as ``response``) into the standard shape."""
+    from airflow_provider_synth.batch.jsonl import loads
+
+    line = loads(raw)
+    body = line["response"]
+    normalized = success_line(custom_id, body, request_id=body.get("id"), line_id=line.get("id"))
+    return ParsedOutput(custom_id, True, 200, None, None, False, resp.usage, normalized)
+
+
+def _line_id(custom_id: str, prefix: str) -> str:
+    return prefix + hashlib.sha1(custom_id.encode()).hexdigest()[:24]
+
+
+def success_line(custom_id: str, body: Any, *, request_id: str | None = None, line_id: str | None = None,
+                 status_code: int = 200) -> bytes:
+    """An output line for a succeeded request (no trailing newline)."""
+    return dumps({
+        "id": line_id or _line_id(custom_id, "batch_req_"),
+        "custom_id": custom_id,
+        "response": {"status_code": status_code, "request_id": request_id or _line_id(custom_id, "req_"),
+                     "body": body},
+        "error": None,
+    })
+
+
+def error_line(custom_id: str, code: str, message: str, *, status_code: int | None = None,
+               request_id: str | None = None, line_id: str | None = None) -> bytes:
+    """An error-file line: with ``status_code`` the HTTP shape (``body.error``), else ``response: null``."""
+    if status_code is None:
+        return dumps({"id": line_id or _line_id(custom_id, "batch_req_"), "custom_id": custom_id,
+                      "response": None, "error": {"code": code, "message": message}})
+    body = {"error": {"message": message, "type": "invalid_request_error" if status_code < 500 else
+                      "server_error", "param": None, "code": code}}
+    return dumps({"id": line_id or _line_id(custom_id, "batch_req_"), "custom_id": custom_id,
+                  "response": {"status_code": status_code, "request_id": request_id or _line_id(custom_id, "req_"),
+                               "body": body},
+                  "error": None})

@@ -1,0 +1,207 @@
+"""Validate and split requests into shards that respect the Batch API's limits, in one streaming pass."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+from airflow_provider_synth.batch.jsonl import loads
+from airflow_provider_synth.batch.usage import declared_output_tokens, estimate_request_tokens
+from airflow_provider_synth.batch.validate import (
+    DEFAULT_MAX_LINE_BYTES,
+    LineChecker,
+    Source,
+    locate_duplicates,
+)
+
+#: Requests per batch input file (OpenAI and Azure).
+MAX_REQUESTS = 50_000
+#: Bytes per batch input file: the service takes 200 MB; stay just under it.
+MAX_BYTES = 199 * 1000 * 1000
+#: Inputs across all embedding requests of one batch.
+MAX_EMBEDDING_INPUTS = 50_000
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    """Limits every shard respects.
+
+    :param max_requests: requests per shard.
+    :param max_bytes: bytes per shard file (lines plus newlines).
+    :param max_embedding_inputs: embedding inputs per shard.
+    :param max_tokens: estimated input tokens per shard (for per-model enqueued-token limits); off by default.
+    """
+
+    max_requests: int = MAX_REQUESTS
+    max_bytes: int = MAX_BYTES
+    max_embedding_inputs: int = MAX_EMBEDDING_INPUTS
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_requests", "max_bytes", "max_embedding_inputs", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass
+class ShardInfo:
+    """One shard written by :func:`split_requests`.
+
+    :param index: 0-based shard number, in input order.
+    :param requests: number of requests in the shard.
+    :param bytes: size of the shard file.
+    :param first_line: input line number of the shard's first request.
+    """
+
+    index: int
+    requests: int = 0
+    bytes: int = 0
+    embedding_inputs: int = 0
+    est_tokens: int = 0
+    first_line: int = 0
+    last_line: int = 0
+    first_custom_id: str = ""
+    last_custom_id: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SplitResult:
+    """What a split produced.
+
+    :param shards: the shards, in input order.
+    :param total: number of requests.
+    :param fingerprint: sha256 of the input's request lines (an idempotency key ingredient).
+    :param est_input_tokens: estimated input tokens (0 unless estimating).
+    :param est_output_tokens: the output tokens requests allow themselves (max_completion_tokens and alike).
+    """
+
+    shards: list[ShardInfo] = field(default_factory=list)
+    total: int = 0
+    bytes: int = 0
+    endpoint: str | None = None
+    model: str | None = None
+    embedding_inputs: int = 0
+    fingerprint: str = ""
+    est_input_tokens: int = 0
+    est_output_tokens: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shards"] = [s.as_dict() for s in self.shards]
+        return data
+
+
+class _ShardWriter:
+    def __init__(self, open_shard: Callable[[int], IO[bytes]], limits: ShardLimits) -> None:
+        self.open_shard, self.limits = open_shard, limits
+        self.shards: list[ShardInfo] = []
+        self.fp: IO[bytes] | None = None
+        self.cur: ShardInfo | None = None
+
+    def fits(self, size: int, inputs: int, tokens: int) -> bool:
+        cur, lim = self.cur, self.limits
+        if cur is None:
+            return False
+        if cur.requests + 1 > lim.max_requests or cur.bytes + size > lim.max_bytes:
+            return False
+        if inputs and cur.embedding_inputs + inputs > lim.max_embedding_inputs:
+            return False
+        return lim.max_tokens is None or cur.est_tokens + tokens <= lim.max_tokens
+
+    def write(self, lineno: int, cid: str, raw: bytes, inputs: int, tokens: int) -> None:
+        size = len(raw) + 1
+        if not self.fits(size, inputs, tokens):
+            self.close()
+            self.cur = ShardInfo(len(self.shards), first_line=lineno, first_custom_id=cid)
+            self.shards.append(self.cur)
+            self.fp = self.open_shard(self.cur.index)
+        assert self.fp is not None and self.cur is not None
+        self.fp.write(raw)
+        self.fp.write(b"\n")
+        cur = self.cur
+        cur.requests += 1
+        cur.bytes += size
+        cur.embedding_inputs += inputs
+        cur.est_tokens += tokens
+        cur.last_line, cur.last_custom_id = lineno, cid
+
+    def close(self) -> None:
+        if self.fp is not None:
+            self.fp.close()
+            self.fp = None
+
+
+def split_requests(
+    source: Any,
+    open_shard: Callable[[int], IO[bytes]],
+    *,
+    limits: ShardLimits | None = None,
+    name: str | None = None,
+    estimate_tokens: bool = False,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> SplitResult:
+    """Validate ``source`` and write it into shards, streaming; the lines are copied byte for byte.
+
+    Every problem in the input is reported at once and nothing is returned for upload: shards already written
+    are scratch files the caller discards.
+
+    :param source: a JSONL path/URL/path object, a binary file object, or an iterable of request dicts.
+    :param open_shard: returns a new writable binary file object for shard ``i``.
+    :param limits: shard limits; default: the OpenAI Batch API's.
+    :param name: the input's name in problem reports.
+    :param estimate_tokens: estimate input tokens (always on when ``limits.max_tokens`` is set).
+    :param max_line_bytes: the per-request size limit.
+    :raises InvalidRequestsError: listing every problem found, before anything can be uploaded.
+    """
+    limits = limits or ShardLimits()
+    estimate = estimate_tokens or limits.max_tokens is not None
+    src = Source(source, name)
+    checker = LineChecker(name=src.name, max_line_bytes=max_line_bytes)
+    writer = _ShardWriter(open_shard, limits)
+    result = SplitResult()
+    digest = hashlib.sha256()
+    try:
+        for lineno, raw in src.lines():
+            result.total += 1
+            checked = checker.check(lineno, raw)
+            if checked is None:
+                continue
+            digest.update(raw)
+            digest.update(b"\n")
+            tokens = 0
+            if estimate:
+                request = loads(raw)
+                tokens = estimate_request_tokens(request)
+                result.est_output_tokens += declared_output_tokens(request)
+                if limits.max_tokens is not None and tokens > limits.max_tokens:
+                    checker.problem(lineno, checked.custom_id, f"estimated {tokens} input tokens, over the "
+                                    f"per-shard token limit of {limits.max_tokens}")
+                    continue
+            result.est_input_tokens += tokens
+            result.embedding_inputs += checked.embedding_inputs
+            if checked.embedding_inputs > limits.max_embedding_inputs:
+                checker.problem(lineno, checked.custom_id, f"{checked.embedding_inputs} embedding inputs, over "
+                                f"the per-batch limit of {limits.max_embedding_inputs}")
+                continue
+            if len(raw) + 1 > limits.max_bytes:
+                checker.problem(lineno, checked.custom_id, f"line is {len(raw) + 1:,} bytes, over the per-shard "
+                                f"limit of {limits.max_bytes:,}")
+                continue
+            if checker.problem_count:
+                continue  # keep scanning for problems, stop writing
+            writer.write(lineno, checked.custom_id, raw, checked.embedding_inputs, tokens)
+    finally:
+        writer.close()
+    locate_duplicates(checker, src)
+    checker.raise_if_problems(result.total)
+    result.shards = writer.shards
+    result.bytes = sum(s.bytes for s in writer.shards)
+    result.endpoint, result.model = checker.endpoint, checker.model
+    result.fingerprint = digest.hexdigest()
+    return result

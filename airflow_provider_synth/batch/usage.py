@@ -1,0 +1,234 @@
+"""Token usage, prices and cost, and the pre-submission token estimate."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+#: The Batch API's discount on the direct price (OpenAI and Azure global batch: 50%).
+BATCH_DISCOUNT = 0.5
+
+
+@dataclass
+class Usage:
+    """Token totals over many responses. ``cached_tokens`` are part of ``prompt_tokens``, and
+    ``reasoning_tokens`` part of ``completion_tokens``, as the API reports them."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    requests: int = 0
+
+    def add(self, other: Usage) -> Usage:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    def add_usage(self, usage: Mapping[str, Any] | None) -> None:
+        """Add one response body's ``usage`` object (chat, completions, embeddings or responses shape)."""
+        self.requests += 1
+        if not usage:
+            return
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens")) or 0
+        completion = usage.get("completion_tokens", usage.get("output_tokens")) or 0
+        p_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        c_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.cached_tokens += p_details.get("cached_tokens") or 0
+        self.reasoning_tokens += c_details.get("reasoning_tokens") or 0
+        self.total_tokens += usage.get("total_tokens") or (prompt + completion)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Usage:
+        return cls(**{f.name: int(data.get(f.name, 0) or 0) for f in fields(cls)})
+
+
+def usage_from_body(body: Mapping[str, Any] | None) -> Usage:
+    """The usage of one response body."""
+    usage = Usage()
+    usage.add_usage((body or {}).get("usage"))
+    return usage
+
+
+class Price(NamedTuple):
+    """Direct (non-batch) prices in USD per 1M tokens."""
+
+    input: float
+    cached_input: float
+    output: float
+
+
+#: Direct prices, USD per 1M tokens, as published by OpenAI (checked 2026-11). Override per run with
+#: ``prices=`` for your contract, Azure's regional prices or a new model. Dated snapshots match by prefix.
+DEFAULT_PRICES: dict[str, Price] = {
+    "gpt-5": Price(1.25, 0.125, 10.00),
+    "gpt-5-mini": Price(0.25, 0.025, 2.00),
+    "gpt-5-nano": Price(0.05, 0.005, 0.40),
+    "gpt-4.1": Price(2.00, 0.50, 8.00),
+    "gpt-4.1-mini": Price(0.40, 0.10, 1.60),
+    "gpt-4.1-nano": Price(0.10, 0.025, 0.40),
+    "gpt-4o": Price(2.50, 1.25, 10.00),
+    "gpt-4o-mini": Price(0.15, 0.075, 0.60),
+    "o3": Price(2.00, 0.50, 8.00),
+    "o3-mini": Price(1.10, 0.55, 4.40),
+    "o4-mini": Price(1.10, 0.275, 4.40),
+    "text-embedding-3-small": Price(0.02, 0.02, 0.0),
+    "text-embedding-3-large": Price(0.13, 0.13, 0.0),
+    "text-embedding-ada-002": Price(0.10, 0.10, 0.0),
+}
+
+
+def price_for(model: str | None, prices: Mapping[str, Price | tuple[float, float, float]] | None = None
+              ) -> Price | None:
+    """The price of ``model``: an exact match first, then the longest known prefix (dated snapshots)."""
+    if not model:
+        return None
+    table: dict[str, Price] = dict(DEFAULT_PRICES)
+    if prices:
+        table.update({k: Price(*v) for k, v in prices.items()})
+    if model in table:
+        return table[model]
+    candidates = [name for name in table if model.startswith(name + "-")]
+    return table[max(candidates, key=len)] if candidates else None
+
+
+def cost_usd(
+    usage: Usage,
+    model: str | None,
+    prices: Mapping[str, Price | tuple[float, float, float]] | None = None,
+    *,
+    batch: bool = True,
+    discount: float = BATCH_DISCOUNT,
+) -> float | None:
+    """What ``usage`` cost: cached input at the cached price, the rest at the input price, output (reasoning
+    included) at the output price; with the batch discount when ``batch``. ``None`` for an unknown model."""
+    price = price_for(model, prices)
+    if price is None:
+        return None
+    uncached = max(usage.prompt_tokens - usage.cached_tokens, 0)
+    total = (uncached * price.input + usage.cached_tokens * price.cached_input
+             + usage.completion_tokens * price.output) / 1_000_000
+    return round(total * (discount if batch else 1.0), 6)
+
+
+def estimate_cost(
+    input_tokens: int,
+    output_tokens: int,
+    model: str | None,
+    prices: Mapping[str, Price | tuple[float, float, float]] | None = None,
+    *,
+    batch: bool = True,
+) -> float | None:
+    """Cost of a run estimated before submission (no cache hits assumed)."""
+    return cost_usd(Usage(prompt_tokens=input_tokens, completion_tokens=output_tokens), model, prices,
+                    batch=batch)
+
+
+# ---- token estimate ------------------------------------------------------------------------------------
+
+_ENCODING_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+#: Tokens the chat format adds per message and per reply (OpenAI's cookbook counting rule).
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_REPLY = 3
+#: An image part at low detail; high detail costs more, so this under-counts images by design.
+TOKENS_PER_IMAGE = 85
+#: Characters per token in the fallback estimate (English prose is about 4 for OpenAI's encodings).
+CHARS_PER_TOKEN = 4.0
+
+
+def _encoding_name(model: str | None) -> str:
+    legacy = ("gpt-3.5", "gpt-4-", "text-embedding", "gpt-4")
+    if model and model.startswith(legacy) and not model.startswith(("gpt-4o", "gpt-4.1", "gpt-4.5")):
+        return "cl100k_base"
+    return "o200k_base"
+
+
+@lru_cache(maxsize=4)
+def _tiktoken_encoding(name: str) -> Any:
+    """tiktoken's encoding, only if its BPE file is already cached: tiktoken downloads it otherwise, which
+    fails (or hangs) on locked-down workers. Seed ``TIKTOKEN_CACHE_DIR`` to enable exact counts."""
+    try:
+        import tiktoken  # noqa: TID253 - optional; light, and never needed at DAG parse time
+    except ImportError:
+        return None
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), "data-gym-cache")
+    key = hashlib.sha1(_ENCODING_URL.format(name).encode()).hexdigest()
+    if not os.path.exists(os.path.join(cache_dir, key)):
+        return None
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception:  # a corrupt cache must not break a run; fall back to the estimate
+        return None
+
+
+def count_text_tokens(text: str, model: str | None = None) -> int:
+    """Tokens in ``text``: exact with a cached tiktoken encoding, else ``ceil(len(text) / 4)``."""
+    if not text:
+        return 0
+    enc = _tiktoken_encoding(_encoding_name(model))
+    if enc is not None:
+        return len(enc.encode(text, disallowed_special=()))
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def _content_tokens(content: Any, model: str | None) -> int:
+    if isinstance(content, str):
+        return count_text_tokens(content, model)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            if isinstance(part, Mapping):
+                if part.get("type") in ("image_url", "input_image"):
+                    total += TOKENS_PER_IMAGE
+                else:
+                    total += count_text_tokens(str(part.get("text") or ""), model)
+            else:
+                total += _content_tokens(part, model)
+        return total
+    return 0
+
+
+def estimate_request_tokens(request: Mapping[str, Any]) -> int:
+    """Estimated input tokens of one request line (or body): message text, tool definitions, images.
+
+    Exact text counts need tiktoken's cached encoding files; otherwise about 4 characters per token.
+    """
+    body = request.get("body", request)
+    model = body.get("model")
+    total = 0
+    if "messages" in body:
+        for message in body.get("messages") or ():
+            total += TOKENS_PER_MESSAGE + _content_tokens(message.get("content"), model)
+        total += TOKENS_PER_REPLY
+    for key in ("input", "prompt", "instructions"):
+        if key in body:
+            total += _content_tokens(body[key], model)
+    if body.get("tools"):
+        from airflow_provider_synth.batch.jsonl import dumps
+
+        total += count_text_tokens(dumps(body["tools"]).decode(), model)
+    return total
+
+
+def declared_output_tokens(request: Mapping[str, Any]) -> int:
+    """The most output tokens a request allows itself (``max_completion_tokens``/``max_tokens``/
+    ``max_output_tokens``); 0 when it sets none."""
+    body = request.get("body", request)
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(key)
+        if isinstance(value, int):
+            return value * int(body.get("n") or 1)
+    return 0

@@ -1,0 +1,308 @@
+"""Streaming validation of batch request lines.
+
+Every problem in the input is collected (file, line number, custom_id, reason) and raised once, as
+:class:`~airflow_provider_synth.batch.errors.InvalidRequestsError`, before anything is uploaded or paid for.
+Memory stays flat: lines are decoded one at a time into small msgspec structs (unknown fields are skipped
+without being built), and duplicate detection keeps 8 bytes per request.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
+from airflow_provider_synth.batch.jsonl import dumps, iter_jsonl, open_path
+from airflow_provider_synth.batch.requests import CHAT, COMPLETIONS, EMBEDDINGS, ENDPOINTS, RESPONSES
+
+#: Default per-request size limit. The Batch API caps files (200 MB), not lines; one huge line is almost
+#: always a mistake (an image inlined many times over), so it is refused early. Raise it if you mean it.
+DEFAULT_MAX_LINE_BYTES = 10 * 1024 * 1024
+#: How many problems are kept for the report (all are counted).
+MAX_PROBLEMS_KEPT = 1000
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+class _Message(msgspec.Struct):
+    role: str
+    content: msgspec.Raw = msgspec.Raw(b"null")
+
+
+class _Body(msgspec.Struct):
+    model: str | None = None
+    messages: list[_Message] | None = None
+    input: msgspec.Raw = msgspec.Raw(b"null")
+    prompt: msgspec.Raw = msgspec.Raw(b"null")
+    stream: bool | None = None
+
+
+class _Line(msgspec.Struct):
+    custom_id: str
+    method: str
+    url: str
+    body: _Body
+
+
+_line_decoder = msgspec.json.Decoder(_Line)
+_any_decoder = msgspec.json.Decoder()
+
+
+@dataclass(frozen=True)
+class CheckedLine:
+    """What validation learned about one good line."""
+
+    custom_id: str
+    url: str
+    model: str | None
+    embedding_inputs: int
+
+
+@dataclass
+class ValidationSummary:
+    """The outcome of a clean validation pass.
+
+    :param total: number of requests.
+    :param endpoint: the one endpoint every request uses.
+    :param model: the one model every request uses (``None`` if a body omitted it).
+    :param embedding_inputs: total embedding inputs (for ``/v1/embeddings``).
+    """
+
+    total: int = 0
+    endpoint: str | None = None
+    model: str | None = None
+    embedding_inputs: int = 0
+
+
+@dataclass
+class LineChecker:
+    """Check request lines one at a time; collect problems instead of stopping at the first.
+
+    :param name: the file or source name used in problem reports.
+    :param max_line_bytes: the per-request size limit.
+    :param endpoint: the expected endpoint; by default the first line's endpoint is expected everywhere.
+    """
+
+    name: str = "<requests>"
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    endpoint: str | None = None
+    problems: list[Problem] = field(default_factory=list)
+    problem_count: int = 0
+    model: str | None = None
+    _hashes: array = field(default_factory=lambda: array("q"))  # type: ignore[type-arg]
+    _models_seen: bool = False
+
+    def problem(self, line: int, custom_id: str | None, reason: str) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_PROBLEMS_KEPT:
+            self.problems.append(Problem(self.name, line, custom_id, reason))
+
+    def check(self, lineno: int, raw: bytes) -> CheckedLine | None:
+        """Check one raw line; return what was learned, or ``None`` after recording the problem(s)."""
+        if len(raw) > self.max_line_bytes:
+            self.problem(lineno, _peek_custom_id(raw), f"line is {len(raw):,} bytes, over the per-request "
+                         f"limit of {self.max_line_bytes:,}")
+            return None
+        try:
+            line = _line_decoder.decode(raw)
+        except msgspec.DecodeError as exc:
+            self.problem(lineno, _peek_custom_id(raw), _decode_reason(exc))
+            return None
+        cid = line.custom_id
+        reasons = self._line_problems(line)
+        for reason in reasons:
+            self.problem(lineno, cid, reason)
+        self._hashes.append(hash(cid))
+        if reasons:
+            return None
+        return CheckedLine(cid, line.url, line.body.model, _embedding_inputs(line.body))
+
+    def _line_problems(self, line: _Line) -> list[str]:
+        reasons: list[str] = []
+        if not line.custom_id:
+            reasons.append("custom_id is empty")
+        if line.method != "POST":
+            reasons.append(f"method must be 'POST', got {line.method!r}")
+        if line.url not in ENDPOINTS:
+            reasons.append(f"unsupported url {line.url!r}; expected one of {', '.join(ENDPOINTS)}")
+        elif self.endpoint is None:
+            self.endpoint = line.url
+        elif line.url != self.endpoint:
+            reasons.append(f"url {line.url!r} differs from the batch's endpoint {self.endpoint!r}: "
+                           "one batch serves one endpoint")
+        reasons.extend(_body_problems(line.url, line.body))
+        if line.body.model is not None:
+            if not self._models_seen:
+                self.model, self._models_seen = line.body.model, True
+            elif line.body.model != self.model:
+                reasons.append(f"model {line.body.model!r} differs from the batch's model {self.model!r}: "
+                               "one batch file serves one model")
+        return reasons
+
+    def duplicate_hashes(self) -> set[int]:
+        """Hashes seen more than once (candidates: confirmed by comparing the ids themselves)."""
+        if len(self._hashes) < 2:
+            return set()
+        arr = np.frombuffer(self._hashes, dtype=np.int64).copy()
+        arr.sort()
+        dup = arr[1:][arr[1:] == arr[:-1]]
+        return set(dup.tolist())
+
+    def check_duplicates(self, lines: Iterable[tuple[int, bytes]]) -> None:
+        """Second pass, only when hashes collide: report every line whose custom_id was seen before."""
+        suspects = self.duplicate_hashes()
+        if not suspects:
+            return
+        first_seen: dict[str, int] = {}
+        for lineno, raw in lines:
+            cid = _peek_custom_id(raw)
+            if cid is None or hash(cid) not in suspects:
+                continue
+            if cid in first_seen:
+                self.problem(lineno, cid, f"duplicate custom_id (first used on line {first_seen[cid]})")
+            else:
+                first_seen[cid] = lineno
+
+    def raise_if_problems(self, total: int) -> None:
+        if total == 0 and not self.problem_count:
+            self.problem(0, None, "no requests: the input is empty")
+        if self.problem_count:
+            problems = sorted(self.problems, key=lambda p: p.line)
+            raise InvalidRequestsError(problems, self.problem_count)
+
+
+def _decode_reason(exc: msgspec.DecodeError) -> str:
+    msg = str(exc)
+    if msg.startswith("Object missing required field"):
+        return "missing required field " + msg.split("`")[1] if "`" in msg else msg
+    if "malformed" in msg or "truncated" in msg or "trailing characters" in msg:
+        return f"malformed JSON: {msg}"
+    return msg
+
+
+def _peek_custom_id(raw: bytes) -> str | None:
+    try:
+        obj = _any_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    cid = obj.get("custom_id") if isinstance(obj, dict) else None
+    return cid if isinstance(cid, str) else None
+
+
+def _raw_json(value: msgspec.Raw) -> Any:
+    return _any_decoder.decode(value) if len(value) else None
+
+
+def _body_problems(url: str, body: _Body) -> list[str]:
+    reasons: list[str] = []
+    if body.stream:
+        reasons.append("body.stream is true: the Batch API does not stream")
+    if not body.model:
+        reasons.append("body.model is missing")
+    if url == CHAT:
+        if not body.messages:
+            reasons.append("body.messages is missing or empty")
+        else:
+            bad = sorted({m.role for m in body.messages if m.role not in CHAT_ROLES})
+            if bad:
+                reasons.append(f"unknown message role(s) {bad}")
+    elif url in (EMBEDDINGS, RESPONSES):
+        value = _raw_json(body.input)
+        if value is None or value == "" or value == []:
+            reasons.append("body.input is missing or empty")
+        elif url == EMBEDDINGS and not _is_embedding_input(value):
+            reasons.append("body.input must be a string, a list of strings, or token ids")
+    elif url == COMPLETIONS and _raw_json(body.prompt) in (None, "", []):
+        reasons.append("body.prompt is missing or empty")
+    return reasons
+
+
+def _is_embedding_input(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    if not isinstance(value, list) or not value:
+        return False
+    first = value[0]
+    if isinstance(first, str):
+        return all(isinstance(v, str) and v for v in value)
+    if isinstance(first, int):
+        return all(isinstance(v, int) for v in value)
+    return all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value)
+
+
+def _embedding_inputs(body: _Body) -> int:
+    value = _raw_json(body.input)
+    if value is None:
+        return 0
+    if isinstance(value, list) and value and not isinstance(value[0], int):
+        return len(value)
+    return 1
+
+
+class Source:
+    """A request source that can be read again to locate duplicates: a path, a file object or dicts."""
+
+    def __init__(self, source: Any, name: str | None) -> None:
+        self.source = source
+        self.is_path = isinstance(source, str | os.PathLike) or hasattr(source, "protocol")
+        self.is_file = not self.is_path and hasattr(source, "read")
+        default = str(source) if self.is_path else str(getattr(source, "name", "<stream>"))
+        self.name = name or (default if (self.is_path or self.is_file) else "<requests>")
+        self._passes = 0
+
+    def rereadable(self) -> bool:
+        if self.is_path or isinstance(self.source, list | tuple):
+            return True
+        return bool(self.is_file and getattr(self.source, "seekable", lambda: False)())
+
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        self._passes += 1
+        if self.is_path:
+            with open_path(self.source, "rb") as fp:
+                yield from iter_jsonl(fp)
+        elif self.is_file:
+            if self._passes > 1:
+                self.source.seek(0)
+            yield from iter_jsonl(self.source)
+        else:
+            yield from ((i, dumps(d)) for i, d in enumerate(self.source, start=1))
+
+
+def validate_requests(
+    source: Any, *, name: str | None = None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> ValidationSummary:
+    """Validate a JSONL file (path, URL, path object or binary file object) or an iterable of request dicts.
+
+    :param source: the requests.
+    :param name: the name used in problem reports (default: the path).
+    :param max_line_bytes: the per-request size limit.
+    :raises InvalidRequestsError: listing every problem found.
+    """
+    src = Source(source, name)
+    checker = LineChecker(name=src.name, max_line_bytes=max_line_bytes)
+    summary = ValidationSummary()
+    for lineno, raw in src.lines():
+        summary.total += 1
+        checked = checker.check(lineno, raw)
+        if checked is not None:
+            summary.embedding_inputs += checked.embedding_inputs
+    locate_duplicates(checker, src)
+    checker.raise_if_problems(summary.total)
+    summary.endpoint, summary.model = checker.endpoint, checker.model
+    return summary
+
+
+def locate_duplicates(checker: LineChecker, src: Source) -> None:
+    """When hashes collided, read the source again to report each duplicate line exactly."""
+    if not checker.duplicate_hashes():
+        return
+    if src.rereadable():
+        checker.check_duplicates(src.lines())
+    else:
+        checker.problem(0, None, "duplicate custom_ids (pass a list or a file to locate them)")
