@@ -1,0 +1,293 @@
+"""Settings of the local Batch API server: schedule, per-request outcomes, HTTP faults.
+
+Everything here is plain data that round-trips through JSON, so the same settings can come from
+Python (``ServerConfig(...)``), from ``--config file.json`` or from ``POST /_synth/config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+OutcomeKind = Literal["success", "error", "batch_expired", "request_timeout"]
+FaultKind = Literal["status", "delay", "drop"]
+InvalidInputMode = Literal["reject", "fail"]
+
+_DEFAULT_ERROR_CODES = {
+    400: ("invalid_request_error", "invalid_request_error"),
+    401: ("invalid_api_key", "invalid_request_error"),
+    404: ("not_found", "invalid_request_error"),
+    429: ("rate_limit_exceeded", "rate_limit_error"),
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the server answers for one batch request.
+
+    Build one with :meth:`success`, :meth:`error`, :meth:`expired` or :meth:`timeout`.
+
+    :param kind: ``success``, ``error`` (an HTTP error line), ``batch_expired`` or ``request_timeout``.
+    :param status: HTTP status of an ``error`` line.
+    :param code: ``body.error.code`` of an ``error`` line.
+    :param message: the error message; for ``success``, unused.
+    :param content: for ``success``, a fixed answer text instead of the generated one.
+    """
+
+    kind: OutcomeKind = "success"
+    status: int = 200
+    code: str | None = None
+    message: str | None = None
+    content: str | None = None
+
+    @classmethod
+    def success(cls, content: str | None = None) -> Outcome:
+        """A 200 line with a generated (or the given) answer."""
+        return cls("success", 200, content=content)
+
+    @classmethod
+    def error(cls, status: int = 500, code: str | None = None, message: str | None = None) -> Outcome:
+        """An HTTP error line: ``response.status_code == status`` with ``body.error``."""
+        if status < 400:
+            raise ValueError(f"an error outcome needs a 4xx or 5xx status, got {status}")
+        return cls("error", status, code=code, message=message)
+
+    @classmethod
+    def expired(cls) -> Outcome:
+        """A ``response: null`` line with ``error.code == "batch_expired"``."""
+        return cls("batch_expired", 0)
+
+    @classmethod
+    def timeout(cls) -> Outcome:
+        """A ``response: null`` line with ``error.code == "request_timeout"``."""
+        return cls("request_timeout", 0)
+
+    def error_body(self) -> dict[str, Any]:
+        """The ``body`` of an HTTP error line, shaped like OpenAI's error objects."""
+        default_code, err_type = _DEFAULT_ERROR_CODES.get(
+            self.status, ("server_error", "server_error") if self.status >= 500 else ("error", "invalid_request_error")
+        )
+        message = self.message or f"The server had an error processing this request (status {self.status})."
+        return {"error": {"message": message, "type": err_type, "param": None, "code": self.code or default_code}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Outcome:
+        """Build from ``{"kind": "error", "status": 500, ...}``; unknown keys are an error."""
+        out = cls(**dict(data))
+        if out.kind not in ("success", "error", "batch_expired", "request_timeout"):
+            raise ValueError(f"unknown outcome kind {out.kind!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class OutcomeRule:
+    """Give ``outcome`` to the requests whose custom_id matches ``pattern`` (a glob).
+
+    :param pattern: ``fnmatch`` glob on the custom_id.
+    :param outcome: the outcome to give.
+    :param times: only the first ``times`` attempts of each matching custom_id get it; ``None`` = always.
+    """
+
+    pattern: str
+    outcome: Outcome
+    times: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OutcomeRule:
+        outcome = data["outcome"]
+        return cls(
+            pattern=str(data["pattern"]),
+            outcome=outcome if isinstance(outcome, Outcome) else Outcome.from_dict(outcome),
+            times=data.get("times"),
+        )
+
+
+@dataclass(frozen=True)
+class Fault:
+    """An HTTP fault injected on the routes matching ``route``.
+
+    :param route: glob on ``"METHOD /path"``, Azure paths normalised to ``/v1/...``, e.g.
+        ``"POST /v1/files"`` or ``"GET /v1/batches/*"``.
+    :param kind: ``status`` (answer ``status`` with an OpenAI error body), ``delay`` (sleep ``delay_s``,
+        then answer normally) or ``drop`` (close the connection without an answer).
+    :param status: the status of a ``status`` fault.
+    :param retry_after: value of the ``retry-after`` header of a ``status`` fault (seconds).
+    :param delay_s: the delay of a ``delay`` fault.
+    :param times: how many matching requests get the fault; ``None`` = all of them.
+    """
+
+    route: str
+    kind: FaultKind = "status"
+    status: int = 500
+    retry_after: float | None = None
+    delay_s: float = 0.0
+    times: int | None = 1
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Fault:
+        fault = cls(**dict(data))
+        if fault.kind not in ("status", "delay", "drop"):
+            raise ValueError(f"unknown fault kind {fault.kind!r}")
+        return fault
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the local Batch API server behaves. Times are in seconds.
+
+    :param host: interface to bind; the server is meant for 127.0.0.1.
+    :param port: port to bind; 0 picks a free one.
+    :param api_key: the key clients must send (``Authorization: Bearer`` or ``api-key``); ``None`` accepts
+        any non-empty key.
+    :param state_dir: folder for files and the SQLite state; ``None`` uses a temporary folder removed on stop.
+        With a folder, batches survive a restart and keep running.
+    :param validating_s: time a batch stays ``validating``.
+    :param in_progress_s: time a batch takes to run all its requests (``request_counts`` move in
+        ``progress_steps`` steps).
+    :param finalizing_s: time a batch stays ``finalizing``.
+    :param cancelling_s: time a batch stays ``cancelling``.
+    :param progress_steps: how many steps ``in_progress`` is cut into.
+    :param poll_delay_s: every ``GET /v1/batches/{id}`` is answered after this delay (without blocking others).
+    :param complete_after_first_poll_s: if set, a batch completes this long after its first poll,
+        whatever the schedule above says.
+    :param expire_after_requests: if set, new batches expire after this many requests were processed.
+    :param expire_times: how many batches expire (``None``: every batch while ``expire_after_requests`` is set).
+    :param fail_batches: how many of the next batches fail in ``validating`` (status ``failed``).
+    :param invalid_input: ``reject`` answers 400 to a batch whose input file is invalid; ``fail`` creates
+        it and moves it to ``failed`` with ``errors.data`` listing the bad lines, as OpenAI does.
+    :param max_requests: most requests in one batch input file.
+    :param max_file_bytes: largest upload accepted.
+    :param shuffle_output: write output lines in a shuffled order (OpenAI does not keep input order).
+    :param seed: seed of the shuffle.
+    :param outcomes: per custom_id outcomes, first match wins.
+    :param faults: HTTP faults, first match wins.
+    :param upstream_url: run each request against this OpenAI-compatible base URL (``.../v1``) instead of
+        generating an answer.
+    :param upstream_api_key: key sent to the upstream (never logged).
+    :param upstream_concurrency: most requests in flight to the upstream, per server.
+    :param upstream_timeout_s: timeout of one upstream request.
+    :param upstream_retries: attempts per request on 429, 5xx, timeouts and connection errors.
+    :param upstream_model: model name sent upstream instead of the request's own.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: str | None = None
+    state_dir: str | None = None
+    validating_s: float = 0.05
+    in_progress_s: float = 0.2
+    finalizing_s: float = 0.05
+    cancelling_s: float = 0.05
+    progress_steps: int = 4
+    poll_delay_s: float = 0.0
+    complete_after_first_poll_s: float | None = None
+    expire_after_requests: int | None = None
+    expire_times: int | None = None
+    fail_batches: int = 0
+    invalid_input: InvalidInputMode = "reject"
+    max_requests: int = 50_000
+    max_file_bytes: int = 200 * 1024 * 1024
+    shuffle_output: bool = True
+    seed: int = 0
+    outcomes: tuple[OutcomeRule, ...] = ()
+    faults: tuple[Fault, ...] = ()
+    upstream_url: str | None = None
+    upstream_api_key: str | None = field(default=None, repr=False)
+    upstream_concurrency: int = 8
+    upstream_timeout_s: float = 60.0
+    upstream_retries: int = 3
+    upstream_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.invalid_input not in ("reject", "fail"):
+            raise ValueError(f"invalid_input must be 'reject' or 'fail', got {self.invalid_input!r}")
+        if self.progress_steps < 1:
+            raise ValueError("progress_steps must be >= 1")
+        if self.upstream_concurrency < 1:
+            raise ValueError("upstream_concurrency must be >= 1")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ServerConfig:
+        """Build from a JSON-like mapping (the ``--config`` file); unknown keys raise ``TypeError``."""
+        return cls().replace(**data)
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        """A copy with ``changes``; ``outcomes``/``faults`` may be given as lists of dicts."""
+        if "outcomes" in changes:
+            changes["outcomes"] = tuple(
+                r if isinstance(r, OutcomeRule) else OutcomeRule.from_dict(r) for r in changes["outcomes"]
+            )
+        if "faults" in changes:
+            changes["faults"] = tuple(f if isinstance(f, Fault) else Fault.from_dict(f) for f in changes["faults"])
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings, without the keys."""
+        data = dataclasses.asdict(self)
+        data.pop("api_key")
+        data.pop("upstream_api_key")
+        return data
+
+
+class Rules:
+    """Thread-safe outcome and fault bookkeeping: which rule applies, and how many times it was used.
+
+    :param config: the settings holding the initial rules.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._lock = threading.Lock()
+        self.outcomes: list[OutcomeRule] = list(config.outcomes)
+        self.faults: list[Fault] = list(config.faults)
+        self._outcome_uses: dict[tuple[int, str], int] = {}
+        self._fault_uses: dict[int, int] = {}
+
+    def set_outcomes(self, rules: list[OutcomeRule]) -> None:
+        with self._lock:
+            self.outcomes = list(rules)
+            self._outcome_uses.clear()
+
+    def add_outcome(self, rule: OutcomeRule) -> None:
+        with self._lock:
+            self.outcomes.append(rule)
+
+    def set_faults(self, faults: list[Fault]) -> None:
+        with self._lock:
+            self.faults = list(faults)
+            self._fault_uses.clear()
+
+    def add_fault(self, fault: Fault) -> None:
+        with self._lock:
+            self.faults.append(fault)
+
+    def outcome_for(self, custom_id: str) -> Outcome:
+        """The outcome of this attempt of ``custom_id``, counting the attempt against ``times``."""
+        with self._lock:
+            for rule in self.outcomes:
+                if not fnmatch.fnmatchcase(custom_id, rule.pattern):
+                    continue
+                key = (id(rule), custom_id)
+                used = self._outcome_uses.get(key, 0)
+                if rule.times is not None and used >= rule.times:
+                    continue
+                self._outcome_uses[key] = used + 1
+                return rule.outcome
+        return Outcome.success()
+
+    def fault_for(self, method: str, path: str) -> Fault | None:
+        """The fault for this HTTP request, if any, counting it against ``times``."""
+        route = f"{method} {path}"
+        with self._lock:
+            for fault in self.faults:
+                if not fnmatch.fnmatchcase(route, fault.route):
+                    continue
+                used = self._fault_uses.get(id(fault), 0)
+                if fault.times is not None and used >= fault.times:
+                    continue
+                self._fault_uses[id(fault)] = used + 1
+                return fault
+        return None

@@ -1,0 +1,43 @@
+"""pytest fixtures for the local Batch API server.
+
+Enable them in a ``conftest.py`` with ``pytest_plugins = ["airflow_provider_synth.testing.pytest_plugin"]``.
+
+* ``batch_server``: a started :class:`~airflow_provider_synth.testing.server.BatchServer` with a fast schedule,
+  stopped after the test.
+* ``batch_server_factory``: ``batch_server_factory(**settings)`` starts one with your settings (all stopped after
+  the test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from airflow_provider_synth.testing.server import BatchServer, ServerConfig
+
+#: A schedule that runs a small batch through every status in about a third of a second.
+FAST = {"validating_s": 0.02, "in_progress_s": 0.1, "finalizing_s": 0.02, "cancelling_s": 0.02}
+
+
+@pytest.fixture
+def batch_server_factory() -> Iterator[Callable[..., BatchServer]]:
+    """Start local Batch API servers with the given :class:`ServerConfig` settings; stop them after the test."""
+    servers: list[BatchServer] = []
+
+    def start(config: ServerConfig | None = None, **settings: Any) -> BatchServer:
+        base = config or ServerConfig().replace(**FAST)
+        server = BatchServer(base, **settings).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def batch_server(batch_server_factory: Callable[..., BatchServer]) -> BatchServer:
+    """A started local Batch API server (fast schedule, any non-empty API key), stopped after the test."""
+    return batch_server_factory()
