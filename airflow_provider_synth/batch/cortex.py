@@ -247,6 +247,31 @@ def map_chat_body(custom_id: str, body: Mapping[str, Any]) -> CortexCall:
     return CortexCall(custom_id, None, conv, params, rf)
 
 
+def staging_row(seq: int, call: CortexCall) -> tuple[str, int, str | None, str | None, str, str | None]:
+    """The requests-table row of a call: ``(CUSTOM_ID, SEQ, PROMPT, CONVERSATION, MODEL_PARAMETERS,
+    RESPONSE_FORMAT)``, JSON as text. A conversation carries its ``response_format`` inside its options."""
+    if call.conversation is not None:
+        return (call.custom_id, seq, None, dumps(call.conversation).decode(), dumps(call.options()).decode(), None)
+    rf = dumps(call.response_format).decode() if call.response_format is not None else None
+    return (call.custom_id, seq, call.prompt, None, dumps(call.model_parameters).decode(), rf)
+
+
+def table_parameters(params: Mapping[str, Any], conversation: bool) -> tuple[str, str | None]:
+    """``(MODEL_PARAMETERS, RESPONSE_FORMAT)`` JSON for every row of a source table, from OpenAI chat parameters.
+
+    :param params: ``temperature``, ``top_p``, ``max_tokens``, ``response_format``... as in a request body.
+    :param conversation: the table holds conversations (the options then carry ``response_format``).
+    :raises CortexMappingError: if a parameter cannot map.
+    """
+    if "messages" in params:
+        raise CortexMappingError(["params must not hold messages: they come from the table"])
+    call = map_chat_body("<table>", {**params, "messages": [{"role": "user", "content": "-"}]})
+    if conversation:
+        return dumps(call.options()).decode(), None
+    rf = dumps(call.response_format).decode() if call.response_format is not None else None
+    return dumps(call.model_parameters).decode(), rf
+
+
 @dataclass
 class CortexCheck:
     """The outcome of a clean pass over a request file.

@@ -28,11 +28,9 @@ def iter_jsonl(fp: IO[bytes]) -> Iterator[tuple[int, bytes]]:
     Line numbers are 1-based and count blank lines, so they match what an editor shows.
     The trailing newline (and a CR before it) is stripped.
     """
-    lineno = 0
-    for raw in fp:
-        lineno += 1
+    for lineno, raw in enumerate(fp, start=1):
         line = raw.rstrip(b"\r\n")
-        if line.strip():
+        if line and not line.isspace():
             yield lineno, line
 
 

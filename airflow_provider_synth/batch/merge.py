@@ -91,16 +91,22 @@ class Accounting:
         }
 
 
-@dataclass
-class _Best:
-    out: ParsedOutput
-    attempts: int
+def request_custom_id(raw: bytes) -> str:
+    """The custom_id of a request line. Lines built by this package start with it, so most are read
+    without decoding the body."""
+    if raw.startswith(b'{"custom_id":"'):
+        end = raw.find(b'"', 14)
+        if end > 14 and raw.find(b"\\", 14, end) < 0:
+            return raw[14:end].decode()
+    return _id_decoder.decode(raw).custom_id
 
 
-def _index_outputs(outputs: Sequence[Source], acct: Accounting | None) -> dict[str, _Best]:
-    """custom_id -> best answer over all rounds. A success is never replaced; a later answer replaces an
-    earlier failure (the retry round's word is the latest)."""
-    best: dict[str, _Best] = {}
+def _index_outputs(outputs: Sequence[Source], acct: Accounting | None
+                   ) -> tuple[dict[str, ParsedOutput], dict[str, int]]:
+    """custom_id -> best answer over all rounds, and the attempt count of ids answered more than once.
+    A success is never replaced; a later answer replaces an earlier failure (the retry round's word)."""
+    best: dict[str, ParsedOutput] = {}
+    attempts: dict[str, int] = {}
     for src in outputs:
         with _opened(src) as fp:
             for lineno, raw in iter_jsonl(fp):
@@ -108,59 +114,60 @@ def _index_outputs(outputs: Sequence[Source], acct: Accounting | None) -> dict[s
                     out = parse_output_line(raw)
                 except OutputFormatError as exc:
                     raise OutputFormatError(f"{getattr(src, 'name', src)}:{lineno}: {exc}") from None
-                prev = best.get(out.custom_id)
-                if prev is None:
-                    best[out.custom_id] = _Best(out, 1)
+                cid = out.custom_id
+                prev = best.setdefault(cid, out)
+                if prev is out:
                     continue
-                prev.attempts += 1
-                if prev.out.ok:
-                    if out.ok and acct is not None:
-                        acct.duplicates += 1
-                        if len(acct.duplicate_examples) < MAX_EXAMPLES:
-                            acct.duplicate_examples.append(out.custom_id)
-                    continue
-                prev.out = out
-    return best
+                attempts[cid] = attempts.get(cid, 1) + 1
+                if not prev.ok:
+                    best[cid] = out
+                elif out.ok and acct is not None:
+                    acct.duplicates += 1
+                    if len(acct.duplicate_examples) < MAX_EXAMPLES:
+                        acct.duplicate_examples.append(cid)
+    return best, attempts
 
 
-def _failure_row(cid: str, best: _Best | None) -> dict[str, Any]:
-    if best is None:
+def _failure_row(cid: str, out: ParsedOutput | None, attempts: int) -> dict[str, Any]:
+    if out is None:
         return {"custom_id": cid, "error": {"code": "missing", "message": "no output or error line came back "
                 "for this request"}, "status_code": None, "retryable": True, "attempts": 0}
-    out = best.out
     return {"custom_id": cid, "error": {"code": out.error_code, "message": out.error_message},
-            "status_code": out.status_code, "retryable": out.retryable, "attempts": best.attempts}
+            "status_code": out.status_code, "retryable": out.retryable, "attempts": attempts}
 
 
 def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[bytes],
                 acct: Accounting | None = None) -> Accounting:
     """Merge one shard into the open results and failures files, in the shard's input order."""
     acct = acct if acct is not None else Accounting()
-    best = _index_outputs(shard.outputs, acct)
-    write_result, write_failure = results_fp.write, failures_fp.write
+    best, attempts = _index_outputs(shard.outputs, acct)
+    write_result, write_failure, pop, add_counts = results_fp.write, failures_fp.write, best.pop, acct.usage.add_counts
+    succeeded = total = 0
     with _opened(shard.requests) as fp:
         for _, raw in iter_jsonl(fp):
-            cid = _id_decoder.decode(raw).custom_id
-            acct.total += 1
-            entry = best.pop(cid, None)
-            if entry is not None and entry.out.ok:
-                acct.succeeded += 1
-                acct.usage.add_usage(entry.out.usage)
-                write_result(entry.out.raw)
+            cid = request_custom_id(raw)
+            total += 1
+            out = pop(cid, None)
+            if out is not None and out.ok:
+                succeeded += 1
+                add_counts(out.usage)
+                write_result(out.raw)
                 write_result(b"\n")
-                acct.results_written += 1
                 continue
-            if entry is None:
+            if out is None:
                 acct.missing += 1
                 acct.error_codes["missing"] += 1
             else:
                 acct.failed += 1
-                acct.error_codes[entry.out.error_code or "unknown_error"] += 1
-            row = _failure_row(cid, entry)
+                acct.error_codes[out.error_code or "unknown_error"] += 1
+            row = _failure_row(cid, out, attempts.get(cid, 1))
             acct.retryable += bool(row["retryable"])
             write_failure(dumps(row))
             write_failure(b"\n")
             acct.failures_written += 1
+    acct.total += total
+    acct.succeeded += succeeded
+    acct.results_written += succeeded
     for cid in best:  # answers for ids this shard never asked: report, never hide
         acct.unknown += 1
         if len(acct.unknown_examples) < MAX_EXAMPLES:
@@ -194,17 +201,17 @@ def pending_requests(requests: Source, outputs: Sequence[Source], out_fp: IO[byt
     :param include_missing: include requests with no answer at all.
     :param keep: an extra predicate on the last failure.
     """
-    best = _index_outputs(outputs, None)
+    best, _ = _index_outputs(outputs, None)
     written = 0
     with _opened(requests) as fp:
         for _, raw in iter_jsonl(fp):
-            entry = best.get(_id_decoder.decode(raw).custom_id)
-            if entry is None:
+            out = best.get(request_custom_id(raw))
+            if out is None:
                 wanted = include_missing
-            elif entry.out.ok:
+            elif out.ok:
                 wanted = False
             else:
-                wanted = (entry.out.retryable or not retryable_only) and (keep is None or keep(entry.out))
+                wanted = (out.retryable or not retryable_only) and (keep is None or keep(out))
             if wanted:
                 out_fp.write(raw)
                 out_fp.write(b"\n")

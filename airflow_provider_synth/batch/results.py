@@ -9,8 +9,7 @@ An output line is ``{"id", "custom_id", "response": {"status_code", "request_id"
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -39,18 +38,46 @@ class _Err(msgspec.Struct):
     type: str | None = None
 
 
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    prompt_tokens_details: _Details | None = None
+    completion_tokens_details: _Details | None = None
+    input_tokens_details: _Details | None = None
+    output_tokens_details: _Details | None = None
+
+    def counts(self) -> tuple[int, int, int, int, int]:
+        """(prompt, cached, completion, reasoning, total), whichever API shape reported them."""
+        prompt = self.prompt_tokens if self.prompt_tokens is not None else (self.input_tokens or 0)
+        completion = self.completion_tokens if self.completion_tokens is not None else (self.output_tokens or 0)
+        pd = self.prompt_tokens_details or self.input_tokens_details
+        cd = self.completion_tokens_details or self.output_tokens_details
+        cached = (pd.cached_tokens or 0) if pd is not None else 0
+        reasoning = (cd.reasoning_tokens or 0) if cd is not None else 0
+        total = self.total_tokens if self.total_tokens is not None else prompt + completion
+        return prompt, cached, completion, reasoning, total
+
+
 class _BodyErr(msgspec.Struct):
     error: _Err | str | None = None
-    usage: dict[str, Any] | None = None
+    usage: _Usage | None = None
 
 
 class _Response(msgspec.Struct):
     status_code: int | None = None
     request_id: str | None = None
-    body: msgspec.Raw = msgspec.Raw(b"null")
+    body: _BodyErr | None = None
     # vLLM/aphrodite run_batch before 0.5 wrote the body itself as "response"
     object: str | None = None
-    usage: dict[str, Any] | None = None
+    usage: _Usage | None = None
 
 
 class _Out(msgspec.Struct):
@@ -60,15 +87,13 @@ class _Out(msgspec.Struct):
 
 
 _out_decoder = msgspec.json.Decoder(_Out)
-_body_decoder = msgspec.json.Decoder(_BodyErr)
 
 
-@dataclass(frozen=True)
-class ParsedOutput:
+class ParsedOutput(NamedTuple):
     """One output or error line, classified.
 
     :param ok: the request succeeded (HTTP 200 and no error).
-    :param usage: the body's ``usage`` (successes only).
+    :param usage: (prompt, cached, completion, reasoning, total) tokens of a success, else ``None``.
     :param raw: the line as read, written through unchanged to ``results.jsonl``.
     """
 
@@ -78,7 +103,7 @@ class ParsedOutput:
     error_code: str | None
     error_message: str | None
     retryable: bool
-    usage: dict[str, Any] | None
+    usage: tuple[int, int, int, int, int] | None
     raw: bytes
 
 
@@ -95,11 +120,11 @@ def parse_output_line(raw: bytes) -> ParsedOutput:
     if resp is not None and resp.status_code is None and resp.object is not None:
         return _legacy_vllm(out.custom_id, raw, resp)
     status = resp.status_code if resp is not None else None
-    body = _body_decoder.decode(resp.body) if resp is not None and len(resp.body) else None
+    body = resp.body if resp is not None else None
     body_err = body.error if body is not None else None
-    ok = resp is not None and status == 200 and err is None and body_err is None
-    if ok:
-        return ParsedOutput(out.custom_id, True, status, None, None, False, body.usage if body else None, raw)
+    if status == 200 and err is None and body_err is None:
+        usage = body.usage.counts() if body is not None and body.usage is not None else None
+        return ParsedOutput(out.custom_id, True, status, None, None, False, usage, raw)
     if isinstance(body_err, str):
         body_err = _Err(message=body_err)
     e = err or body_err
@@ -119,7 +144,8 @@ def _legacy_vllm(custom_id: str, raw: bytes, resp: _Response) -> ParsedOutput:
     line = loads(raw)
     body = line["response"]
     normalized = success_line(custom_id, body, request_id=body.get("id"), line_id=line.get("id"))
-    return ParsedOutput(custom_id, True, 200, None, None, False, resp.usage, normalized)
+    usage = resp.usage.counts() if resp.usage is not None else None
+    return ParsedOutput(custom_id, True, 200, None, None, False, usage, normalized)
 
 
 def _line_id(custom_id: str, prefix: str) -> str:

@@ -47,6 +47,16 @@ class Usage:
         self.reasoning_tokens += c_details.get("reasoning_tokens") or 0
         self.total_tokens += usage.get("total_tokens") or (prompt + completion)
 
+    def add_counts(self, counts: tuple[int, int, int, int, int] | None) -> None:
+        """Add one response's (prompt, cached, completion, reasoning, total) counts."""
+        self.requests += 1
+        if counts is not None:
+            self.prompt_tokens += counts[0]
+            self.cached_tokens += counts[1]
+            self.completion_tokens += counts[2]
+            self.reasoning_tokens += counts[3]
+            self.total_tokens += counts[4]
+
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 

@@ -1,0 +1,264 @@
+"""The SQL of a Cortex batch run, as ``(text, params)`` pairs for the connector's ``qmark`` binding.
+
+Values (model names, ids, prompts, ranges, query ids) are always bind parameters, never spliced into the
+text. Identifiers (database, schema, table, column names) cannot be bound: :func:`quote_ident` accepts a plain
+Snowflake identifier (upper-cased, as Snowflake resolves it unquoted) or a double-quoted one (case kept), and
+always emits it double-quoted with inner quotes doubled, so no name can close the quote and inject SQL.
+No Airflow imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+_PLAIN_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$")
+
+Statement = tuple[str, tuple[Any, ...]]
+
+
+def quote_ident(name: str) -> str:
+    """Quote one identifier part.
+
+    :param name: ``my_table`` (resolved as ``MY_TABLE``, like Snowflake) or ``"My Table"`` (case kept).
+    :raises ValueError: for an empty name or an unquoted name with characters a plain identifier cannot have.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("an identifier must be a non-empty string")
+    if len(name) >= 2 and name[0] == '"' and name[-1] == '"':
+        inner = name[1:-1].replace('""', '"')
+        if not inner:
+            raise ValueError("an identifier must be a non-empty string")
+        return '"' + inner.replace('"', '""') + '"'
+    if not _PLAIN_IDENT.match(name):
+        raise ValueError(
+            f"{name!r} is not a plain Snowflake identifier (letters, digits, _ and $, not starting with a digit); "
+            'wrap it in double quotes, e.g. \'"My Table"\', to use it as a quoted identifier'
+        )
+    return '"' + name.upper() + '"'
+
+
+def split_name(name: str) -> list[str]:
+    """Split ``db.schema.table`` into parts, honouring double quotes (``"a.b".c`` has two parts)."""
+    parts, buf, quoted, i = [], "", False, 0
+    while i < len(name):
+        ch = name[i]
+        if ch == '"':
+            if quoted and name[i + 1 : i + 2] == '"':
+                buf += '""'
+                i += 2
+                continue
+            quoted = not quoted
+            buf += ch
+        elif ch == "." and not quoted:
+            parts.append(buf)
+            buf = ""
+        else:
+            buf += ch
+        i += 1
+    if quoted:
+        raise ValueError(f"unbalanced double quote in {name!r}")
+    parts.append(buf)
+    if len(parts) > 3 or any(not p for p in parts):
+        raise ValueError(f"{name!r} is not a valid [database.][schema.]name")
+    return parts
+
+
+def qualified(*parts: str | None) -> str:
+    """Join quoted parts, skipping ``None`` (an unset database or schema falls back to the session's)."""
+    return ".".join(quote_ident(p) for p in parts if p)
+
+
+def table_ref(name: str) -> str:
+    """Quote a user-given ``[db.][schema.]table`` name."""
+    return ".".join(quote_ident(p) for p in split_name(name))
+
+
+def run_key(*parts: Any) -> str:
+    """A short stable key (16 hex digits) for a run's staging tables."""
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:16].upper()
+
+
+@dataclass(frozen=True)
+class StagingTables:
+    """The three tables of one run: the requests (keyed by custom_id, with their input order ``SEQ``), the
+    answers, and the statements submitted (so a retried task re-attaches instead of paying twice).
+
+    :param database: staging database (``None``: the connection's).
+    :param schema: staging schema (``None``: the connection's).
+    :param prefix: table name prefix, e.g. ``SYNTH_CORTEX_<key>``.
+    """
+
+    database: str | None
+    schema: str | None
+    prefix: str
+
+    def _name(self, suffix: str) -> str:
+        return qualified(self.database, self.schema, f"{self.prefix}_{suffix}")
+
+    @property
+    def requests(self) -> str:
+        return self._name("REQUESTS")
+
+    @property
+    def results(self) -> str:
+        return self._name("RESULTS")
+
+    @property
+    def statements(self) -> str:
+        return self._name("STATEMENTS")
+
+    def plain_names(self) -> tuple[str | None, str | None, str]:
+        """``(database, schema, table)`` of the requests table as the connector's bulk writer takes them."""
+
+        def plain(p: str | None) -> str | None:
+            return None if p is None else quote_ident(p)[1:-1].replace('""', '"')
+
+        return plain(self.database), plain(self.schema), f"{self.prefix}_REQUESTS".upper()
+
+    def create(self) -> list[Statement]:
+        """``CREATE TRANSIENT TABLE IF NOT EXISTS`` for the three tables (transient: no fail-safe cost)."""
+        return [
+            (f"CREATE TRANSIENT TABLE IF NOT EXISTS {self.requests} (CUSTOM_ID VARCHAR NOT NULL, "
+             "SEQ NUMBER(38,0) NOT NULL, PROMPT VARCHAR, CONVERSATION VARCHAR, MODEL_PARAMETERS VARCHAR, "
+             "RESPONSE_FORMAT VARCHAR)", ()),
+            (f"CREATE TRANSIENT TABLE IF NOT EXISTS {self.results} (CUSTOM_ID VARCHAR NOT NULL, "
+             "SEQ NUMBER(38,0), RESPONSE VARCHAR, ERROR VARCHAR, ANSWERED_AT TIMESTAMP_NTZ)", ()),
+            (f"CREATE TRANSIENT TABLE IF NOT EXISTS {self.statements} (CHUNK NUMBER(38,0), "
+             "QUERY_ID VARCHAR, TRY_NUMBER NUMBER(38,0), SUBMITTED_AT NUMBER(20,3))", ()),
+        ]
+
+    def drop(self) -> list[Statement]:
+        return [(f"DROP TABLE IF EXISTS {t}", ()) for t in (self.requests, self.results, self.statements)]
+
+    def count_requests(self) -> Statement:
+        return (f"SELECT COUNT(*) FROM {self.requests}", ())
+
+    def truncate_requests(self) -> Statement:
+        return (f"TRUNCATE TABLE {self.requests}", ())
+
+    def pending_chunks(self, chunk_size: int) -> Statement:
+        """Chunks (``(SEQ - 1) / chunk_size``) that still hold requests without an answer, with their counts."""
+        return (
+            f"SELECT FLOOR((s.SEQ - 1) / ?) AS CHUNK, COUNT(*) AS N FROM {self.requests} s "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {self.results} r WHERE r.CUSTOM_ID = s.CUSTOM_ID) "
+            "GROUP BY 1 ORDER BY 1",
+            (chunk_size,),
+        )
+
+    def complete_chunk(self, model: str, chunk: int, chunk_size: int) -> Statement:
+        """The one set-based statement that answers a chunk: every request of the id range that has no answer
+        yet goes through Cortex, and its answer or per-row error is inserted. Rows already answered are skipped
+        by ``NOT EXISTS``, so re-running a chunk never pays twice."""
+        lo, hi = chunk * chunk_size + 1, (chunk + 1) * chunk_size
+        sql = (
+            f"INSERT INTO {self.results} (CUSTOM_ID, SEQ, RESPONSE, ERROR, ANSWERED_AT) "
+            "SELECT c.CUSTOM_ID, c.SEQ, TO_JSON(c.OUT:value), c.OUT:error::VARCHAR, CURRENT_TIMESTAMP() "
+            "FROM (SELECT s.CUSTOM_ID, s.SEQ, CASE "
+            "WHEN s.CONVERSATION IS NOT NULL THEN OBJECT_CONSTRUCT_KEEP_NULL('value', "
+            "TRY_PARSE_JSON(SNOWFLAKE.CORTEX.TRY_COMPLETE(?, PARSE_JSON(s.CONVERSATION), "
+            "PARSE_JSON(s.MODEL_PARAMETERS))), 'error', NULL) "
+            "WHEN s.RESPONSE_FORMAT IS NOT NULL THEN AI_COMPLETE(model => ?, prompt => s.PROMPT, "
+            "model_parameters => PARSE_JSON(s.MODEL_PARAMETERS), response_format => PARSE_JSON(s.RESPONSE_FORMAT), "
+            "show_details => TRUE, return_error_details => TRUE) "
+            "ELSE AI_COMPLETE(model => ?, prompt => s.PROMPT, model_parameters => PARSE_JSON(s.MODEL_PARAMETERS), "
+            "show_details => TRUE, return_error_details => TRUE) END AS OUT "
+            f"FROM {self.requests} s WHERE s.SEQ BETWEEN ? AND ? "
+            f"AND NOT EXISTS (SELECT 1 FROM {self.results} r WHERE r.CUSTOM_ID = s.CUSTOM_ID)) c"
+        )
+        return sql, (model, model, model, lo, hi)
+
+    def record_statement(self, chunk: int, query_id: str, try_number: int, submitted_at: float) -> Statement:
+        """Remember a submitted statement (``submitted_at`` in epoch seconds anchors the run's deadline)."""
+        return (
+            f"INSERT INTO {self.statements} (CHUNK, QUERY_ID, TRY_NUMBER, SUBMITTED_AT) SELECT ?, ?, ?, ?",
+            (chunk, query_id, try_number, round(submitted_at, 3)),
+        )
+
+    def recorded_statements(self) -> Statement:
+        """``(chunk, query_id, submitted_at)`` of every statement submitted so far, oldest first."""
+        return (f"SELECT CHUNK, QUERY_ID, SUBMITTED_AT FROM {self.statements} ORDER BY SUBMITTED_AT, CHUNK", ())
+
+    def read_back(self) -> Statement:
+        """Every request in input order with its answer (NULLs for a request not answered yet)."""
+        return (
+            f"SELECT s.CUSTOM_ID, r.CUSTOM_ID IS NOT NULL AS ANSWERED, r.RESPONSE, r.ERROR FROM {self.requests} s "
+            f"LEFT JOIN {self.results} r ON r.CUSTOM_ID = s.CUSTOM_ID ORDER BY s.SEQ",
+            (),
+        )
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """An existing table of prompts or conversations, staged server-side (no row leaves Snowflake).
+
+    :param table: ``[db.][schema.]table``.
+    :param id_column: a column whose values are unique; becomes the custom_id (as text).
+    :param prompt_column: a text column of single prompts (``AI_COMPLETE``), or
+    :param messages_column: an ARRAY/VARIANT column of ``[{role, content}]`` conversations.
+    :param params: OpenAI chat parameters applied to every row (``temperature``, ``top_p``, ``max_tokens``,
+        ``response_format``), mapped like a request body's.
+    """
+
+    table: str
+    id_column: str
+    prompt_column: str | None = None
+    messages_column: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.prompt_column is None) == (self.messages_column is None):
+            raise ValueError("set exactly one of prompt_column and messages_column")
+        for name in (self.id_column, self.prompt_column or self.messages_column or ""):
+            quote_ident(name)
+        table_ref(self.table)
+
+    @property
+    def _input(self) -> str:
+        return quote_ident(self.prompt_column or self.messages_column or "")
+
+    def checks(self) -> tuple[Statement, Statement]:
+        """Counts (rows, NULL ids, NULL/empty inputs) and a few duplicated ids: run before anything is paid for."""
+        src, idc, inp = table_ref(self.table), quote_ident(self.id_column), self._input
+        empty = f"{inp} IS NULL" + (f" OR TRIM({inp}) = ''" if self.prompt_column else "")
+        counts = (f"SELECT COUNT(*), COUNT(*) - COUNT({idc}), COUNT_IF({empty}) FROM {src}", ())
+        dups = (f"SELECT {idc}, COUNT(*) FROM {src} WHERE {idc} IS NOT NULL GROUP BY {idc} "
+                f"HAVING COUNT(*) > 1 ORDER BY {idc} LIMIT 20", ())
+        return counts, dups
+
+    def stage(self, tables: StagingTables, model_parameters: str, response_format: str | None) -> Statement:
+        """``INSERT ... SELECT`` of the source into the requests table, ordered by id."""
+        src, idc, inp = table_ref(self.table), quote_ident(self.id_column), self._input
+        if self.prompt_column:
+            prompt, conv = f"TO_VARCHAR(t.{inp})", "NULL"
+        else:
+            prompt, conv = "NULL", f"TO_JSON(t.{inp})"
+        return (
+            f"INSERT INTO {tables.requests} (CUSTOM_ID, SEQ, PROMPT, CONVERSATION, MODEL_PARAMETERS, "
+            f"RESPONSE_FORMAT) SELECT TO_VARCHAR(t.{idc}), ROW_NUMBER() OVER (ORDER BY t.{idc}), {prompt}, {conv}, "
+            f"?, ? FROM {src} t",
+            (model_parameters, response_format),
+        )
+
+
+def cancel_query(query_id: str) -> Statement:
+    return ("SELECT SYSTEM$CANCEL_QUERY(?)", (query_id,))
+
+
+def all_statements(tables: StagingTables, model: str, chunk_size: int) -> Sequence[Statement]:
+    """Every statement of a run (used by the syntax tests)."""
+    return [
+        *tables.create(),
+        tables.count_requests(),
+        tables.truncate_requests(),
+        tables.pending_chunks(chunk_size),
+        tables.complete_chunk(model, 0, chunk_size),
+        tables.record_statement(0, "01b2-q", 1, 1700000000.0),
+        tables.recorded_statements(),
+        tables.read_back(),
+        cancel_query("01b2-q"),
+        *tables.drop(),
+    ]
