@@ -340,6 +340,9 @@ class BatchRunner:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        close = getattr(self.processor, "close", None)
+        if close is not None:
+            await close()
 
     async def _sleep(self, batch: BatchRecord, seconds: float) -> None:
         """Sleep, but wake early when the batch is cancelled or polled."""
@@ -406,6 +409,10 @@ class BatchRunner:
                 await self._sleep(batch, batch.first_poll_at + cfg.complete_after_first_poll_s - time.time())
             steps, interval = 1, 0.0
         chunk = max(1, math.ceil(total / steps))
+        max_chunk = getattr(self.processor, "max_chunk", None)
+        if max_chunk and chunk > max_chunk:
+            chunk = max_chunk
+            interval = interval * steps / math.ceil(total / chunk)
         items = iter_items(self.store.file_path(batch.api["input_file_id"]), batch.processed)
         try:
             while batch.processed < limit and batch.status == "in_progress":

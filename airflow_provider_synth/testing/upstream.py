@@ -1,0 +1,155 @@
+"""Gateway mode of the local Batch API server: run each batch request against an OpenAI-compatible server.
+
+With ``--upstream http://host:port/v1`` the server gives any OpenAI-compatible endpoint (``vllm serve``, a
+llama.cpp server, Ollama) the OpenAI Batch API: a DAG written for OpenAI runs unchanged against it.
+Requests go out with bounded concurrency; 429, 5xx, timeouts and connection errors are retried (tenacity,
+honouring ``retry-after``); what still fails lands in the batch's error file as OpenAI would write it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from airflow_provider_synth.testing import answers
+from airflow_provider_synth.testing.config import Rules, ServerConfig
+from airflow_provider_synth.testing.runner import Item, Result, null_line, outcome_result, output_line
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+MAX_BACKOFF_S = 10.0
+
+
+class UpstreamRetryableError(Exception):
+    """A retryable answer from the upstream (429, 5xx...), kept to be reported if retries run out."""
+
+    def __init__(self, status: int, body: Any, retry_after: float | None) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+        self.body = body
+        self.retry_after = retry_after
+
+
+def _wait(state: RetryCallState) -> float:
+    """Exponential backoff from 0.1 s, or the upstream's ``retry-after`` when it sent one."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    if isinstance(exc, UpstreamRetryableError) and exc.retry_after is not None:
+        return min(exc.retry_after, MAX_BACKOFF_S)
+    return float(min(0.1 * 2 ** (state.attempt_number - 1), MAX_BACKOFF_S))
+
+
+def _error_body(status: int, message: str, code: str) -> dict[str, Any]:
+    err_type = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": err_type, "param": None, "code": code}}
+
+
+def _as_error_body(status: int, body: Any) -> dict[str, Any]:
+    """The upstream's error body if it is OpenAI-shaped, else one that wraps it."""
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return body
+    text = body if isinstance(body, str) else orjson.dumps(body).decode()
+    return _error_body(status, f"upstream answered {status}: {text[:500]}", "upstream_error")
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class UpstreamProcessor:
+    """Runs batch requests against ``config.upstream_url``; outcome rules still apply first.
+
+    :param rules: the outcome rules (a request given a non-success outcome never reaches the upstream).
+    :param config: returns the current settings.
+    """
+
+    def __init__(self, rules: Rules, config: Callable[[], ServerConfig]) -> None:
+        self.rules = rules
+        self.config = config
+        self._session: aiohttp.ClientSession | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    @property
+    def max_chunk(self) -> int:
+        """Commit progress at least every few rounds of the concurrency budget."""
+        return self.config().upstream_concurrency * 4
+
+    def _client(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
+        if self._session is None or self._semaphore is None:
+            cfg = self.config()
+            headers = {"Content-Type": "application/json"}
+            if cfg.upstream_api_key:
+                headers["Authorization"] = f"Bearer {cfg.upstream_api_key}"
+            self._session = aiohttp.ClientSession(
+                headers=headers, connector=aiohttp.TCPConnector(limit=cfg.upstream_concurrency)
+            )
+            self._semaphore = asyncio.Semaphore(cfg.upstream_concurrency)
+        return self._session, self._semaphore
+
+    async def run(self, items: list[Item]) -> list[Result]:
+        return list(await asyncio.gather(*(self._one(item) for item in items)))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _one(self, item: Item) -> Result:
+        outcome = self.rules.outcome_for(item.custom_id)
+        if outcome.kind != "success" or outcome.content is not None:
+            return outcome_result(item, outcome)
+        cfg = self.config()
+        session, semaphore = self._client()
+        body = dict(item.body)
+        if cfg.upstream_model:
+            body["model"] = cfg.upstream_model
+        url = cfg.upstream_url.rstrip("/") + item.url.removeprefix("/v1") if cfg.upstream_url else item.url
+        async with semaphore:
+            try:
+                status, answer = await self._call(session, url, body, cfg)
+            except UpstreamRetryableError as exc:
+                return Result(False, output_line(item.custom_id, exc.status, _as_error_body(exc.status, exc.body)))
+            except TimeoutError:
+                return Result(False, null_line(item.custom_id, "request_timeout"))
+            except aiohttp.ClientError as exc:
+                log.warning("upstream unreachable for %s: %s", item.custom_id, exc)
+                body502 = _error_body(502, f"upstream unreachable: {type(exc).__name__}", "upstream_unreachable")
+                return Result(False, output_line(item.custom_id, 502, body502))
+        if status == 200 and isinstance(answer, dict):
+            if cfg.upstream_model:
+                answer["model"] = item.body.get("model", answer.get("model"))
+            return Result(True, output_line(item.custom_id, 200, answer), answers.usage_of(answer))
+        return Result(False, output_line(item.custom_id, status, _as_error_body(status, answer)))
+
+    async def _call(
+        self, session: aiohttp.ClientSession, url: str, body: dict[str, Any], cfg: ServerConfig
+    ) -> tuple[int, Any]:
+        """POST one request; retry what can succeed on retry; return the final status and body."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(max(1, cfg.upstream_retries)),
+            wait=_wait,
+            retry=retry_if_exception_type((UpstreamRetryableError, TimeoutError, aiohttp.ClientConnectionError)),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                timeout = aiohttp.ClientTimeout(total=cfg.upstream_timeout_s)
+                async with session.post(url, data=orjson.dumps(body), timeout=timeout) as resp:
+                    raw = await resp.read()
+                    try:
+                        parsed: Any = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        parsed = raw.decode(errors="replace")
+                    if resp.status in RETRY_STATUSES:
+                        raise UpstreamRetryableError(resp.status, parsed, _parse_retry_after(resp.headers.get("retry-after")))
+                    return resp.status, parsed
+        raise AssertionError("unreachable: tenacity reraises the last error")
