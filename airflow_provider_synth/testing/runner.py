@@ -12,7 +12,6 @@ import asyncio
 import logging
 import math
 import random
-import secrets
 import threading
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from airflow_provider_synth.batch.results import error_line, success_line
 from airflow_provider_synth.testing import answers
 from airflow_provider_synth.testing.config import Outcome, Rules, ServerConfig
 from airflow_provider_synth.testing.state import BatchRecord, FileRecord, Store, new_id
@@ -154,29 +154,16 @@ def iter_items(path: Path, skip: int = 0) -> Generator[Item, None, None]:
 
 
 def output_line(custom_id: str, status_code: int, body: dict[str, Any]) -> bytes:
-    """An output-file line with an HTTP response (success or an HTTP error)."""
-    return orjson.dumps(
-        {
-            "id": new_id("batch_req_", 32),
-            "custom_id": custom_id,
-            "response": {"status_code": status_code, "request_id": secrets.token_hex(16), "body": body},
-            "error": None,
-        },
-        option=orjson.OPT_APPEND_NEWLINE,
-    )
+    """An output-file line with an HTTP response (a success, or an HTTP error with ``body.error``)."""
+    line = success_line(custom_id, body, status_code=status_code, request_id=new_id("req_", 32),
+                        line_id=new_id("batch_req_", 32))
+    return line + b"\n"
 
 
 def null_line(custom_id: str, code: str, message: str | None = None) -> bytes:
     """An error-file line without a response (``batch_expired``, ``batch_cancelled``, ``request_timeout``)."""
-    return orjson.dumps(
-        {
-            "id": new_id("batch_req_", 32),
-            "custom_id": custom_id,
-            "response": None,
-            "error": {"code": code, "message": message or _NULL_MESSAGES.get(code, code)},
-        },
-        option=orjson.OPT_APPEND_NEWLINE,
-    )
+    line = error_line(custom_id, code, message or _NULL_MESSAGES.get(code, code), line_id=new_id("batch_req_", 32))
+    return line + b"\n"
 
 
 def outcome_result(item: Item, outcome: Outcome) -> Result:

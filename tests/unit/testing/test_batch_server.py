@@ -492,3 +492,36 @@ def test_a_thousand_concurrent_pollers(batch_server_factory: Callable[..., Batch
     assert codes == {200}
     assert elapsed < 10, elapsed
     assert srv.counters["batch_polls"] == 1000
+
+
+def test_output_files_merge_with_the_core_and_classify_retryable_failures(
+    batch_server: BatchServer, tmp_path: Any
+) -> None:
+    import io
+
+    from airflow_provider_synth.batch.merge import ShardOutputs, merge_shards, pending_requests
+
+    batch_server.set_outcome("req-1", Outcome.error(429))
+    batch_server.set_outcome("req-2", Outcome.error(400))
+    batch_server.set_outcome("req-3", Outcome.timeout())
+    batch_server.configure(expire_after_requests=8, expire_times=1)
+    client = client_for(batch_server)
+    lines = chat_lines(10)
+    done = wait(client, submit(client, lines).id)
+    assert done.status == "expired"
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl(lines))
+    outputs = []
+    for file_id in (done.output_file_id, done.error_file_id):
+        path = tmp_path / f"{file_id}.jsonl"
+        path.write_bytes(client.files.content(file_id).content)  # type: ignore[arg-type]
+        outputs.append(str(path))
+    results, failures = io.BytesIO(), io.BytesIO()
+    acct = merge_shards([ShardOutputs(str(requests), outputs)], results, failures)
+    assert (acct.total, acct.succeeded, acct.failed, acct.missing) == (10, 5, 5, 0)
+    assert [json.loads(x)["custom_id"] for x in results.getvalue().splitlines()] == [
+        "req-0", "req-4", "req-5", "req-6", "req-7"], "merged back into input order"
+    assert acct.usage.as_dict()["prompt_tokens"] > 0
+    retry = io.BytesIO()
+    assert pending_requests(str(requests), outputs, retry) == 4  # 429, timeout, two expired; not the 400
+    assert {json.loads(x)["custom_id"] for x in retry.getvalue().splitlines()} == {"req-1", "req-3", "req-8", "req-9"}
