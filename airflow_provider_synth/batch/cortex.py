@@ -481,17 +481,28 @@ class Answer:
     missing: bool = False
 
 
-def classify_row(custom_id: str, answered: bool, response: str | None, error: str | None, model: str) -> Answer:
-    """Classify one ``(custom_id, answered, response JSON, error text)`` row read back from the results table."""
+def classify_row(custom_id: str, answered: bool, output: str | None, model: str) -> Answer:
+    """Classify one row read back from the results table.
+
+    :param custom_id: the request's id.
+    :param answered: the results table has a row for it.
+    :param output: that row's ``OUTPUT``: ``AI_COMPLETE``'s ``{"value", "error"}`` JSON, or ``TRY_COMPLETE``'s
+        answer JSON, or NULL (``TRY_COMPLETE`` failed).
+    :param model: the model asked for.
+    """
     if not answered:
         return Answer(custom_id, None, ("missing", "no answer: the Cortex statement for this row did not "
                                         "complete"), missing=True)
-    if error:
-        return Answer(custom_id, None, (CORTEX_ERROR, error))
-    details = loads(response) if response else None
-    if isinstance(details, str):  # COMPLETE returns a JSON string inside the VARIANT
+    details = loads(output) if output else None
+    if isinstance(details, str):  # COMPLETE answers JSON text inside a string
         details = loads(details)
+    if isinstance(details, dict) and ("error" in details or "value" in details) and "choices" not in details:
+        if details.get("error"):
+            return Answer(custom_id, None, (CORTEX_ERROR, str(details["error"])))
+        details = details.get("value")
+        if isinstance(details, str):
+            details = loads(details)
     if not isinstance(details, dict) or not details.get("choices"):
         return Answer(custom_id, None, (CORTEX_ERROR, "Cortex returned no completion for this row (the "
-                                        "conversation form gives no error details)"))
+                                        "conversation form, TRY_COMPLETE, gives no error details)"))
     return Answer(custom_id, completion_body(custom_id, details, model), None)

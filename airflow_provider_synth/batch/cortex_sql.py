@@ -126,7 +126,7 @@ class StagingTables:
              "SEQ NUMBER(38,0) NOT NULL, PROMPT VARCHAR, CONVERSATION VARCHAR, MODEL_PARAMETERS VARCHAR, "
              "RESPONSE_FORMAT VARCHAR)", ()),
             (f"CREATE TRANSIENT TABLE IF NOT EXISTS {self.results} (CUSTOM_ID VARCHAR NOT NULL, "
-             "SEQ NUMBER(38,0), RESPONSE VARCHAR, ERROR VARCHAR, ANSWERED_AT TIMESTAMP_NTZ)", ()),
+             "SEQ NUMBER(38,0), OUTPUT VARCHAR, ANSWERED_AT TIMESTAMP_NTZ)", ()),
             (f"CREATE TRANSIENT TABLE IF NOT EXISTS {self.statements} (CHUNK NUMBER(38,0), "
              "QUERY_ID VARCHAR, TRY_NUMBER NUMBER(38,0), SUBMITTED_AT NUMBER(20,3))", ()),
         ]
@@ -152,24 +152,29 @@ class StagingTables:
     def complete_chunk(self, model: str, chunk: int, chunk_size: int) -> Statement:
         """The one set-based statement that answers a chunk: every request of the id range that has no answer
         yet goes through Cortex, and its answer or per-row error is inserted. Rows already answered are skipped
-        by ``NOT EXISTS``, so re-running a chunk never pays twice."""
+        by ``NOT EXISTS``, so re-running a chunk never pays twice.
+
+        The three call shapes (conversation, prompt with a JSON schema, plain prompt) are three filtered
+        ``SELECT``s under one ``UNION ALL``, not branches of a ``CASE``: a filter is applied before the model is
+        called, while neither engine promises to skip the ``CASE`` branches a row does not take. ``OUTPUT``
+        holds each call's result as JSON text: ``AI_COMPLETE``'s ``{"value", "error"}`` object, or
+        ``TRY_COMPLETE``'s answer (NULL when the call failed)."""
         lo, hi = chunk * chunk_size + 1, (chunk + 1) * chunk_size
+        pending = (f"FROM {self.requests} s WHERE s.SEQ BETWEEN ? AND ? "
+                   f"AND NOT EXISTS (SELECT 1 FROM {self.results} r WHERE r.CUSTOM_ID = s.CUSTOM_ID)")
+        details = "show_details => TRUE, return_error_details => TRUE"
+        params = "model_parameters => PARSE_JSON(s.MODEL_PARAMETERS)"
         sql = (
-            f"INSERT INTO {self.results} (CUSTOM_ID, SEQ, RESPONSE, ERROR, ANSWERED_AT) "
-            "SELECT c.CUSTOM_ID, c.SEQ, TO_JSON(c.OUT:value), c.OUT:error::VARCHAR, CURRENT_TIMESTAMP() "
-            "FROM (SELECT s.CUSTOM_ID, s.SEQ, CASE "
-            "WHEN s.CONVERSATION IS NOT NULL THEN OBJECT_CONSTRUCT_KEEP_NULL('value', "
-            "TRY_PARSE_JSON(SNOWFLAKE.CORTEX.TRY_COMPLETE(?, PARSE_JSON(s.CONVERSATION), "
-            "PARSE_JSON(s.MODEL_PARAMETERS))), 'error', NULL) "
-            "WHEN s.RESPONSE_FORMAT IS NOT NULL THEN AI_COMPLETE(model => ?, prompt => s.PROMPT, "
-            "model_parameters => PARSE_JSON(s.MODEL_PARAMETERS), response_format => PARSE_JSON(s.RESPONSE_FORMAT), "
-            "show_details => TRUE, return_error_details => TRUE) "
-            "ELSE AI_COMPLETE(model => ?, prompt => s.PROMPT, model_parameters => PARSE_JSON(s.MODEL_PARAMETERS), "
-            "show_details => TRUE, return_error_details => TRUE) END AS OUT "
-            f"FROM {self.requests} s WHERE s.SEQ BETWEEN ? AND ? "
-            f"AND NOT EXISTS (SELECT 1 FROM {self.results} r WHERE r.CUSTOM_ID = s.CUSTOM_ID)) c"
+            f"INSERT INTO {self.results} (CUSTOM_ID, SEQ, OUTPUT, ANSWERED_AT) "
+            "SELECT s.CUSTOM_ID, s.SEQ, TO_VARCHAR(SNOWFLAKE.CORTEX.TRY_COMPLETE(?, PARSE_JSON(s.CONVERSATION), "
+            f"PARSE_JSON(s.MODEL_PARAMETERS))), CURRENT_TIMESTAMP() {pending} AND s.CONVERSATION IS NOT NULL "
+            f"UNION ALL SELECT s.CUSTOM_ID, s.SEQ, TO_JSON(AI_COMPLETE(model => ?, prompt => s.PROMPT, {params}, "
+            f"response_format => PARSE_JSON(s.RESPONSE_FORMAT), {details})), CURRENT_TIMESTAMP() {pending} "
+            "AND s.CONVERSATION IS NULL AND s.RESPONSE_FORMAT IS NOT NULL "
+            f"UNION ALL SELECT s.CUSTOM_ID, s.SEQ, TO_JSON(AI_COMPLETE(model => ?, prompt => s.PROMPT, {params}, "
+            f"{details})), CURRENT_TIMESTAMP() {pending} AND s.CONVERSATION IS NULL AND s.RESPONSE_FORMAT IS NULL"
         )
-        return sql, (model, model, model, lo, hi)
+        return sql, (model, lo, hi) * 3
 
     def record_statement(self, chunk: int, query_id: str, try_number: int, submitted_at: float) -> Statement:
         """Remember a submitted statement (``submitted_at`` in epoch seconds anchors the run's deadline)."""
@@ -185,7 +190,7 @@ class StagingTables:
     def read_back(self) -> Statement:
         """Every request in input order with its answer (NULLs for a request not answered yet)."""
         return (
-            f"SELECT s.CUSTOM_ID, r.CUSTOM_ID IS NOT NULL AS ANSWERED, r.RESPONSE, r.ERROR FROM {self.requests} s "
+            f"SELECT s.CUSTOM_ID, r.CUSTOM_ID IS NOT NULL AS ANSWERED, r.OUTPUT FROM {self.requests} s "
             f"LEFT JOIN {self.results} r ON r.CUSTOM_ID = s.CUSTOM_ID ORDER BY s.SEQ",
             (),
         )

@@ -1,0 +1,252 @@
+"""Snowflake Cortex batch hooks, on top of the snowflake provider's ``SnowflakeHook`` connection.
+
+:class:`CortexHook` (operators) runs the statements of a batch through the Snowflake connector: bulk staging
+(``write_pandas``: a Parquet PUT and one COPY per batch of rows, never one INSERT per row), asynchronous
+submission (``execute_async`` and the query id), status (``get_query_status``), streaming read-back
+(``fetchmany``) and cancellation (``SYSTEM$CANCEL_QUERY``). Values are always bound server-side (``qmark``).
+
+:class:`CortexAsyncHook` (triggers) asks the SQL API ``GET /api/v2/statements/{handle}`` with ``aiohttp``,
+authenticated like the snowflake provider's SQL API hook (key-pair JWT, OAuth or PAT), the connection fetched
+asynchronously: the triggerer's event loop never waits on a socket or a lock.
+
+No new place for secrets: both read the ``snowflake`` connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
+from airflow.providers.snowflake.hooks.snowflake import SnowflakeHook
+
+from airflow_provider_synth.batch.cortex import StatementStatus, status_from_connector, status_from_sql_api
+from airflow_provider_synth.batch.cortex_sql import StagingTables, Statement, cancel_query
+
+if TYPE_CHECKING:
+    import aiohttp
+    from airflow.sdk import Connection
+    from snowflake.connector import SnowflakeConnection
+
+#: Rows per bulk write when staging requests (one Parquet file and one COPY each).
+STAGE_BATCH_ROWS = 50_000
+#: Rows fetched per round trip when reading answers back.
+FETCH_ROWS = 10_000
+STAGING_COLUMNS = ("CUSTOM_ID", "SEQ", "PROMPT", "CONVERSATION", "MODEL_PARAMETERS", "RESPONSE_FORMAT")
+
+
+def sql_api_base_url(conn_config: Mapping[str, Any], extras: Mapping[str, Any]) -> str:
+    """The base URL of the account's REST APIs.
+
+    The extras ``host`` (with optional ``port`` and ``protocol``, the connector's own options) win, e.g. for a
+    private-link host; otherwise it is built from ``account`` and ``region`` like the provider's SQL API hook.
+    """
+    host = extras.get("host")
+    if host:
+        protocol = extras.get("protocol") or "https"
+        port = extras.get("port")
+        return f"{protocol}://{host}" + (f":{port}" if port else "")
+    from airflow.providers.snowflake.utils._rest_auth import get_cortex_base_url
+
+    return get_cortex_base_url(dict(conn_config))
+
+
+class CortexHook(SnowflakeHook):
+    """Run a Cortex batch's statements through the Snowflake connector.
+
+    :param snowflake_conn_id: the :ref:`Snowflake connection <howto/connection:snowflake>` (any auth the
+        snowflake provider supports: password, key pair, OAuth, PAT).
+    :param query_tag: set as the session's ``QUERY_TAG``, so every statement shows who ran it.
+    :param kwargs: passed to ``SnowflakeHook`` (``warehouse``, ``role``, ``database``, ``schema``...).
+    """
+
+    hook_name = "Snowflake Cortex (batch)"
+
+    def __init__(self, snowflake_conn_id: str = "snowflake_default", *, query_tag: str | None = None,
+                 **kwargs: Any) -> None:
+        session_parameters = dict(kwargs.pop("session_parameters", None) or {})
+        if query_tag:
+            session_parameters["QUERY_TAG"] = query_tag
+        super().__init__(snowflake_conn_id=snowflake_conn_id, session_parameters=session_parameters or None,
+                         **kwargs)
+        self.snowflake_conn_id = snowflake_conn_id
+
+    def get_conn(self) -> SnowflakeConnection:
+        """A new connector connection that binds values server-side (``paramstyle="qmark"``)."""
+        from snowflake.connector import connect
+
+        return connect(**self._get_conn_params(), paramstyle="qmark")
+
+    @cached_property
+    def client(self) -> SnowflakeConnection:
+        """The hook's one connector connection, opened on first use (closed by :meth:`close`)."""
+        return self.get_conn()
+
+    def close(self) -> None:
+        """Close the connection if it was opened. Asynchronous statements keep running server-side."""
+        if "client" in self.__dict__:
+            self.__dict__.pop("client").close()
+
+    def run_statements(self, statements: Iterable[Statement]) -> None:
+        """Run statements one after the other, waiting for each."""
+        with self.client.cursor() as cur:
+            for sql, params in statements:
+                cur.execute(sql, params or None)
+
+    def fetch_all(self, statement: Statement) -> list[tuple[Any, ...]]:
+        """Run a small query and return its rows."""
+        sql, params = statement
+        with self.client.cursor() as cur:
+            cur.execute(sql, params or None)
+            return list(cur.fetchall())
+
+    def iter_rows(self, statement: Statement, batch_rows: int = FETCH_ROWS) -> Iterator[tuple[Any, ...]]:
+        """Stream a query's rows, ``batch_rows`` per round trip: memory stays flat whatever the row count."""
+        sql, params = statement
+        with self.client.cursor() as cur:
+            cur.execute(sql, params or None)
+            while rows := cur.fetchmany(batch_rows):
+                yield from rows
+
+    def bulk_write(self, tables: StagingTables, rows: Iterable[Sequence[Any]],
+                   batch_rows: int = STAGE_BATCH_ROWS) -> int:
+        """Append rows of :data:`STAGING_COLUMNS` to the requests table with the connector's bulk writer.
+
+        :return: the number of rows written.
+        """
+        import pandas as pd
+        from snowflake.connector.pandas_tools import write_pandas
+
+        database, schema, table = tables.plain_names()
+        written, batch = 0, list[Sequence[Any]]()
+
+        def flush() -> int:
+            frame = pd.DataFrame(batch, columns=list(STAGING_COLUMNS))
+            ok, _, nrows, _ = write_pandas(self.client, frame, table, database=database, schema=schema,
+                                           quote_identifiers=True, auto_create_table=False)
+            if not ok:
+                raise RuntimeError(f"bulk write into {tables.requests} failed")
+            batch.clear()
+            return int(nrows)
+
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= batch_rows:
+                written += flush()
+        if batch:
+            written += flush()
+        return written
+
+    def submit(self, statement: Statement) -> str:
+        """Submit a statement asynchronously; return its query id at once. It runs on after the connection
+        closes (unless the account sets ``ABORT_DETACHED_QUERY``)."""
+        sql, params = statement
+        with self.client.cursor() as cur:
+            cur.execute_async(sql, params or None)
+            query_id = cur.sfqid
+        if not query_id:
+            raise RuntimeError("Snowflake returned no query id for an asynchronous statement")
+        return str(query_id)
+
+    def get_statement_status(self, query_id: str) -> StatementStatus:
+        """Ask the connector how a statement stands (no wait)."""
+        status = self.client.get_query_status(query_id)
+        result = status_from_connector(query_id, status.name)
+        if result.state == "error":
+            try:
+                self.client.get_query_status_throw_if_error(query_id)
+            except Exception as exc:  # the connector's ProgrammingError carries Snowflake's message
+                return StatementStatus(query_id, "error", f"{result.message}: {exc}")
+        return result
+
+    def cancel_statement(self, query_id: str) -> None:
+        """Cancel a running statement (``SYSTEM$CANCEL_QUERY``); a finished one is left as it is."""
+        self.run_statements([cancel_query(query_id)])
+
+    def test_connection(self) -> tuple[bool, str]:  # type: ignore[override]
+        """Open a session and run ``SELECT 1``: proves the credentials without calling any model."""
+        try:
+            self.fetch_all(("SELECT 1", ()))
+        except Exception as exc:
+            return False, f"Snowflake connection failed: {exc}"
+        finally:
+            self.close()
+        return True, "Snowflake connection works (no Cortex model was called)."
+
+
+class CortexAsyncHook(CortexHook):
+    """Poll and cancel statements through the SQL API without blocking the event loop.
+
+    The connection comes from the async lookup; auth headers (a key-pair JWT signed, an OAuth token
+    refreshed) are built in a worker thread, because the provider's token code is synchronous.
+    """
+
+    def __init__(self, snowflake_conn_id: str = "snowflake_default", **kwargs: Any) -> None:
+        super().__init__(snowflake_conn_id, **kwargs)
+        self._async_conn: Connection | None = None
+        self._extras: dict[str, Any] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._token_provider: Any = None
+
+    def get_connection(self, conn_id: str) -> Connection:  # type: ignore[override]
+        # The provider's token code asks for the connection synchronously; hand it the one fetched async.
+        if self._async_conn is not None and conn_id == self.snowflake_conn_id:
+            return self._async_conn
+        return super().get_connection(conn_id)
+
+    async def _prepare(self) -> None:
+        if self._async_conn is None:
+            conn = await get_async_connection(self.snowflake_conn_id, hook=self)
+            self._extras = await get_async_extra_dejson(conn)
+            self._async_conn = conn
+
+    def _auth_headers(self) -> dict[str, str]:
+        from airflow.providers.snowflake.utils._rest_auth import SnowflakeRestTokenProvider
+
+        if self._token_provider is None:
+            self._token_provider = SnowflakeRestTokenProvider(self)
+        headers: dict[str, str] = self._token_provider.build_auth_headers()
+        return headers
+
+    async def _request(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
+        import aiohttp
+
+        await self._prepare()
+        conn_config = await asyncio.to_thread(self._get_conn_params)
+        base = sql_api_base_url(conn_config, self._extras)
+        headers = {"Accept": "application/json", "Content-Type": "application/json",
+                   "User-Agent": "airflow-provider-synth", **await asyncio.to_thread(self._auth_headers)}
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        async with self._session.request(method, base + path, headers=headers) as resp:
+            text = await resp.text()
+            try:
+                payload = json.loads(text) if text else {}
+            except ValueError:
+                payload = {"message": text[:500]}
+            return resp.status, payload if isinstance(payload, dict) else {}
+
+    async def poll_statement(self, query_id: str) -> StatementStatus:
+        """``GET /api/v2/statements/{query_id}``, classified (429 and 5xx count as still running)."""
+        status, payload = await self._request("GET", f"/api/v2/statements/{query_id}")
+        return status_from_sql_api(query_id, status, payload)
+
+    async def acancel_statement(self, query_id: str) -> StatementStatus:
+        """``POST /api/v2/statements/{query_id}/cancel``."""
+        status, payload = await self._request("POST", f"/api/v2/statements/{query_id}/cancel")
+        return status_from_sql_api(query_id, status, payload)
+
+    async def aclose(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> CortexAsyncHook:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

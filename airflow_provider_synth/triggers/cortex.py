@@ -1,0 +1,169 @@
+"""Deferrable trigger that waits for Cortex batch statements, polling the SQL API without blocking the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_synth.batch.cortex import StatementStatus
+from airflow_provider_synth.hooks.cortex import CortexAsyncHook
+
+#: Seconds ``on_kill`` may spend cancelling statements (Airflow bounds it too; stay well inside that).
+_CANCEL_TIMEOUT_S = 30.0
+
+
+def _now() -> float:
+    return time.time()
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a polling error may go away by itself (connection reset, timeout)."""
+    import aiohttp
+
+    return isinstance(error, aiohttp.ClientConnectionError | asyncio.TimeoutError | ConnectionError)
+
+
+class CortexStatementTrigger(BaseTrigger):
+    """Wait until every statement of a Cortex batch has finished; yield ONE event with each one's final state.
+
+    Polls ``GET /api/v2/statements/{query_id}`` for all statements concurrently through
+    :class:`~airflow_provider_synth.hooks.cortex.CortexAsyncHook` (async connection lookup, ``aiohttp``).
+
+    The event is ``{"status": "success" | "error" | "timeout", "message": str, "statements": {query_id:
+    {"query_id", "state", "message"}}}``. ``success`` means every statement finished, some possibly failed
+    (their ``state`` is ``error``): the operator reads back what was answered and accounts for the rest.
+    ``error`` reports a polling failure; ``timeout`` that ``end_time`` passed (the operator cancels).
+
+    :param snowflake_conn_id: the Snowflake connection the statements ran under.
+    :param query_ids: the statements' query ids (SQL API statement handles).
+    :param poll_interval: seconds between polls.
+    :param end_time: absolute deadline in epoch seconds, fixed at the first submission, so a triggerer restart
+        or a task retry never extends it; ``None`` waits as long as the statements run.
+    :param max_consecutive_errors: transient polling errors in a row tolerated before giving up.
+    :param cancel_on_kill: cancel the statements still running when a user kills the task (Airflow 3.3+).
+    """
+
+    def __init__(
+        self,
+        snowflake_conn_id: str,
+        query_ids: Sequence[str],
+        poll_interval: float = 10.0,
+        end_time: float | None = None,
+        max_consecutive_errors: int = 5,
+        cancel_on_kill: bool = True,
+    ) -> None:
+        super().__init__()
+        self.snowflake_conn_id = snowflake_conn_id
+        self.query_ids = list(query_ids)
+        self.poll_interval = float(poll_interval)
+        self.end_time = float(end_time) if end_time is not None else None
+        self.max_consecutive_errors = int(max_consecutive_errors)
+        self.cancel_on_kill = bool(cancel_on_kill)
+        if not self.query_ids:
+            raise ValueError("CortexStatementTrigger needs at least one query id")
+        self._states: dict[str, StatementStatus] = {}
+        self._consecutive_errors = 0
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Class path and kwargs; the kwargs are a stored schema: add new ones with defaults only."""
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "snowflake_conn_id": self.snowflake_conn_id,
+                "query_ids": list(self.query_ids),
+                "poll_interval": self.poll_interval,
+                "end_time": self.end_time,
+                "max_consecutive_errors": self.max_consecutive_errors,
+                "cancel_on_kill": self.cancel_on_kill,
+            },
+        )
+
+    def _hook(self) -> CortexAsyncHook:
+        return CortexAsyncHook(self.snowflake_conn_id)
+
+    def _running(self) -> list[str]:
+        return [q for q in self.query_ids if q not in self._states or self._states[q].state == "running"]
+
+    def _event(self, status: str, message: str) -> TriggerEvent:
+        statements = {
+            q: (self._states.get(q) or StatementStatus(q, "running", "not polled yet")).as_dict()
+            for q in self.query_ids
+        }
+        return TriggerEvent({"status": status, "message": message, "statements": statements})
+
+    async def _poll(self, hook: CortexAsyncHook) -> list[tuple[str, BaseException]]:
+        pending = self._running()
+        results = await asyncio.gather(*(hook.poll_statement(q) for q in pending), return_exceptions=True)
+        errors: list[tuple[str, BaseException]] = []
+        for query_id, result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                errors.append((query_id, result))
+                continue
+            if result != self._states.get(query_id):
+                self.log.info("Statement %s: %s (%s)", query_id, result.state, result.message)
+            self._states[query_id] = result
+        return errors
+
+    def _verdict(self, errors: list[tuple[str, BaseException]]) -> TriggerEvent | None:
+        """The terminal event after one poll, if the wait is over; ``None`` to keep polling."""
+        for query_id, error in errors:
+            if not is_transient(error):
+                return self._event("error", f"Polling statement {query_id} failed: {type(error).__name__}: "
+                                   f"{error}")
+        if errors and self._consecutive_errors > self.max_consecutive_errors:
+            query_id, error = errors[0]
+            return self._event("error", f"Polling failed {self._consecutive_errors} times in a row "
+                               f"(max_consecutive_errors={self.max_consecutive_errors}); last, statement "
+                               f"{query_id}: {type(error).__name__}: {error}")
+        running = self._running()
+        if not running:
+            failed = [q for q in self.query_ids if self._states[q].state == "error"]
+            message = f"All {len(self.query_ids)} statements finished"
+            message += f"; {len(failed)} failed: {', '.join(failed)}." if failed else ", all succeeded."
+            return self._event("success", message)
+        if self.end_time is not None and _now() >= self.end_time:
+            return self._event("timeout", f"Deadline (end_time={self.end_time:.0f}) passed with {len(running)} of "
+                               f"{len(self.query_ids)} statements still running: {', '.join(running)}.")
+        return None
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Poll until every statement finished, the deadline passes, or polling fails; yield one event."""
+        self._consecutive_errors = 0
+        async with self._hook() as hook:
+            while True:
+                errors = await self._poll(hook)
+                self._consecutive_errors = self._consecutive_errors + 1 if errors else 0
+                for query_id, error in errors:
+                    self.log.warning("Polling statement %s failed: %s: %s", query_id, type(error).__name__, error)
+                event = self._verdict(errors)
+                if event is not None:
+                    yield event
+                    return
+                delay = self.poll_interval
+                if self.end_time is not None:
+                    delay = max(0.0, min(delay, self.end_time - _now()))
+                await asyncio.sleep(delay)
+
+    async def on_kill(self) -> None:
+        """Cancel the statements that may still be running, when a user kills the task (Airflow 3.3+)."""
+        if not self.cancel_on_kill:
+            return
+        running = self._running()
+        if not running:
+            return
+        async with self._hook() as hook:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(hook.acancel_statement(q) for q in running), return_exceptions=True),
+                timeout=_CANCEL_TIMEOUT_S,
+            )
+        for query_id, result in zip(running, results, strict=True):
+            if isinstance(result, BaseException):
+                self.log.warning("Cancelling statement %s failed: %s: %s", query_id, type(result).__name__, result)
+            else:
+                self.log.info("Cancel of statement %s: %s", query_id, result.message)
