@@ -34,6 +34,8 @@ MAX_EMBEDDING_INPUTS = 50_000
 MAX_PROBLEMS = 20
 #: Steps this small run inline on the event loop; larger ones go to a worker thread.
 INLINE_ITEMS = 64
+#: Output files this small are published inline too (1,000 batches finishing together stay quick).
+INLINE_BYTES = 1 << 16
 
 _NULL_MESSAGES = {
     "batch_expired": "This request could not be executed before the completion window expired.",
@@ -458,7 +460,10 @@ class BatchRunner:
             ("output_file_id", out_path, batch.out_bytes, f"{batch.id}_output.jsonl"),
             ("error_file_id", err_path, batch.err_bytes, f"{batch.id}_error.jsonl"),
         ):
-            record = await asyncio.to_thread(_publish, self.store, path, size, name, seed)
+            if size <= INLINE_BYTES:
+                record = _publish(self.store, path, size, name, seed)
+            else:
+                record = await asyncio.to_thread(_publish, self.store, path, size, name, seed)
             if record is not None:
                 self.store.add_file(record)
                 self.counters.inc("output_files_created")
