@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from airflow.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException
 
 
 class SynthError(AirflowException):
@@ -31,3 +31,7 @@ class ConnectionConfigError(SynthError):
 
 class BudgetExceededError(SynthError):
     """The estimated cost of a run is over ``max_cost_usd``; nothing was submitted."""
+
+
+class VLLMEngineError(SynthError):
+    """The vLLM engine could not start (no vLLM in the interpreter, the model did not load) or died mid-run."""

@@ -1,0 +1,380 @@
+"""Operators for the OpenAI and Azure OpenAI Batch API: records in, every answer landed in object storage."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from airflow.configuration import conf
+from airflow.sdk import BaseOperator
+
+from airflow_provider_synth.batch.jsonl import join_path, open_path
+from airflow_provider_synth.batch.manifest import build_manifest, write_manifest
+from airflow_provider_synth.batch.requests import CHAT, Endpoint, build_requests, write_requests
+from airflow_provider_synth.batch.split import ShardLimits, split_requests
+from airflow_provider_synth.batch.usage import Price, cost_usd, estimate_cost
+from airflow_provider_synth.exceptions import (
+    BatchFailedError,
+    BatchTimeoutError,
+    BudgetExceededError,
+    TriggerEventError,
+)
+from airflow_provider_synth.hooks.openai import OpenAIBatchHook
+from airflow_provider_synth.operators.openai_run import BatchRun, Plan, idempotency_key
+from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: the Batch API's window is 24 h; leave room for finalizing and one retry round
+DEFAULT_TIMEOUT = timedelta(hours=26)
+
+
+@dataclass(frozen=True)
+class RequestTemplate:
+    """How to turn records into requests (see :func:`airflow_provider_synth.batch.requests.build_requests`).
+
+    :param prompt_template: a ``str.format`` template over each record's fields (the user message).
+    :param system: a system message (chat) or ``instructions`` (responses) for every request.
+    :param builder: a callable building a body, a list of messages/inputs, or a text from one record.
+    :param id_field: the record field holding a unique id; default: ``request-<index>``.
+    :param params: body fields for every request (``temperature``, ``max_completion_tokens``...).
+    :param response_format: a pydantic model class or JSON schema for structured output.
+    :param tools: function tools for every chat request.
+    """
+
+    prompt_template: str | None = None
+    system: str | None = None
+    builder: Callable[[Mapping[str, Any]], Any] | None = None
+    id_field: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    response_format: Any = None
+    tools: Sequence[Mapping[str, Any]] | None = None
+
+
+def _as_path(path: Any) -> Any:
+    """Object-storage URLs become ObjectStoragePath (connection-aware); local paths stay strings."""
+    if isinstance(path, str) and "://" in path and not path.startswith("file://"):
+        from airflow.sdk import ObjectStoragePath
+
+        return ObjectStoragePath(path)
+    if isinstance(path, str) and path.startswith("file://"):
+        return path[len("file://"):]
+    return path
+
+
+def _is_request_line(item: Any) -> bool:
+    return isinstance(item, Mapping) and "custom_id" in item and "body" in item
+
+
+class OpenAIBatchOperator(BaseOperator):
+    """Run requests through the OpenAI or Azure OpenAI Batch API and land every answer in object storage.
+
+    Validates and splits the input to the service's limits (nothing is uploaded if any line is bad), refuses
+    a run estimated over ``max_cost_usd``, uploads and submits every shard, then waits in the triggerer
+    (``deferrable``) or in the worker. Finished batches are downloaded and merged into ``output_path``:
+    ``results.jsonl`` (input order), ``failures.jsonl`` and ``manifest.json``; the manifest is the return
+    value. Failures a retry can fix (429, 5xx, expired, timed out) are resubmitted alone, up to
+    ``retry_failed_requests`` rounds. A retried task re-attaches to the batches it already created.
+
+    The connection's type picks OpenAI or Azure: on Azure, ``model`` is the deployment name.
+
+    .. seealso:: :ref:`howto/operator:OpenAIBatchOperator`
+
+    :param conn_id: a ``synth_openai``, ``synth_azure_openai`` or ``openai`` connection.
+    :param output_path: the output folder (local path, ``s3://``..., or ``ObjectStoragePath``). Work files
+        (shards, downloads, the plan) go to ``<output_path>/_work``.
+    :param input_path: an OpenAI batch JSONL file (local, URL or ``ObjectStoragePath``).
+    :param requests: instead of ``input_path``: request lines, or records built with ``template``.
+    :param model: the model (or Azure deployment) for built requests.
+    :param endpoint: the endpoint of built requests.
+    :param template: how records become requests.
+    :param limits: shard limits (requests, bytes, embedding inputs, estimated tokens per batch).
+    :param completion_window: the batch window (``24h``).
+    :param poll_interval: seconds between status checks.
+    :param timeout: the whole run's budget, counted from the first submission (a retry never extends it);
+        on expiry the batches are cancelled.
+    :param deferrable: wait in the triggerer instead of a worker slot.
+    :param wait_for_completion: ``False`` submits and returns the manifest at once (use
+        :class:`~airflow_provider_synth.sensors.openai_batch.OpenAIBatchSensor` and
+        :class:`OpenAIBatchResultsOperator`).
+    :param max_failed_ratio: the largest share of failed requests the task accepts (0 = none).
+    :param retry_failed_requests: retry rounds for retryable failures.
+    :param max_cost_usd: refuse to submit when the estimated cost is above this.
+    :param cancel_on_kill: cancel the running batches when the task is killed or times out.
+    :param prices: ``{model: (input, cached_input, output)}`` USD per 1M tokens, over the built-in table.
+    """
+
+    template_fields: Sequence[str] = ("input_path", "output_path", "requests", "model")
+    template_fields_renderers = {"requests": "json"}
+    ui_color = "#d7f0e6"
+
+    def __init__(
+        self,
+        *,
+        conn_id: str = OpenAIBatchHook.default_conn_name,
+        output_path: Any,
+        input_path: Any = None,
+        requests: Any = None,
+        model: str | None = None,
+        endpoint: Endpoint = CHAT,
+        template: RequestTemplate | None = None,
+        limits: ShardLimits | None = None,
+        completion_window: str = "24h",
+        poll_interval: float = 60.0,
+        timeout: timedelta | float = DEFAULT_TIMEOUT,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        wait_for_completion: bool = True,
+        max_failed_ratio: float = 0.0,
+        retry_failed_requests: int = 2,
+        max_cost_usd: float | None = None,
+        cancel_on_kill: bool = True,
+        prices: Mapping[str, Price | tuple[float, float, float]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if (input_path is None) == (requests is None):
+            raise ValueError("give exactly one of input_path or requests")
+        if not 0.0 <= max_failed_ratio <= 1.0:
+            raise ValueError(f"max_failed_ratio must be within [0, 1], got {max_failed_ratio}")
+        if retry_failed_requests < 0 or poll_interval <= 0:
+            raise ValueError("retry_failed_requests must be >= 0 and poll_interval > 0")
+        self.conn_id, self.output_path, self.input_path, self.requests = conn_id, output_path, input_path, requests
+        self.model, self.endpoint, self.template = model, endpoint, template or RequestTemplate()
+        self.limits = limits or ShardLimits()
+        self.completion_window, self.poll_interval = completion_window, float(poll_interval)
+        self.timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+        self.deferrable, self.wait_for_completion = deferrable, wait_for_completion
+        self.max_failed_ratio, self.retry_failed_requests = max_failed_ratio, retry_failed_requests
+        self.max_cost_usd, self.cancel_on_kill, self.prices = max_cost_usd, cancel_on_kill, dict(prices or {})
+        self._run: BatchRun | None = None
+
+    @property
+    def hook(self) -> OpenAIBatchHook:
+        return OpenAIBatchHook(self.conn_id)
+
+    # -- planning ---------------------------------------------------------------------------------------------
+
+    def _source(self, work: Any) -> Any:
+        if self.input_path is not None:
+            return _as_path(self.input_path)
+        items = list(self.requests)
+        if not all(_is_request_line(i) for i in items):
+            if not self.model:
+                raise ValueError("building requests from records needs model=")
+            t = self.template
+            items = list(build_requests(items, model=self.model, endpoint=self.endpoint, builder=t.builder,
+                                        prompt_template=t.prompt_template, system=t.system, id_field=t.id_field,
+                                        params=t.params, response_format=t.response_format, tools=t.tools))
+        path = join_path(work, "requests.jsonl")
+        with open_path(path, "wb") as fp:
+            write_requests(items, fp)
+        return path
+
+    def _plan(self, context: Context) -> Plan:
+        """Validate and split (before anything is uploaded), check the budget, write the plan."""
+        output = _as_path(self.output_path)
+        work = join_path(output, "_work")
+        source = self._source(work)
+        split = split_requests(source, lambda i: open_path(join_path(work, f"shards/shard-{i:05d}-r0.jsonl"), "wb"),
+                               limits=self.limits, name=str(self.input_path or "requests"),
+                               estimate_tokens=self.max_cost_usd is not None)
+        ti = context["ti"]
+        map_index = ti.map_index if ti.map_index is not None else -1
+        key = idempotency_key(ti.dag_id, ti.task_id, ti.run_id, map_index, split.fingerprint, split.endpoint or "")
+        est = estimate_cost(split.est_input_tokens, split.est_output_tokens, split.model, self.prices)
+        if self.max_cost_usd is not None:
+            self._check_budget(est, split.model, split.est_input_tokens, split.est_output_tokens)
+        plan = Plan(key=key, conn_id=self.conn_id, endpoint=split.endpoint or self.endpoint, model=split.model,
+                    completion_window=self.completion_window, work_dir=str(work), output_dir=str(output),
+                    shards=[s.as_dict() for s in split.shards], total=split.total, fingerprint=split.fingerprint,
+                    est_input_tokens=split.est_input_tokens, est_output_tokens=split.est_output_tokens,
+                    est_cost_usd=est)
+        self.log.info("%d request(s) in %d shard(s) for %s %s; run key %s", split.total, len(split.shards),
+                      plan.endpoint, plan.model, key)
+        return plan
+
+    def _check_budget(self, est: float | None, model: str | None, tokens_in: int, tokens_out: int) -> None:
+        if est is None:
+            raise BudgetExceededError(f"max_cost_usd is set but model {model!r} has no known price: add it to "
+                                      "prices= to estimate the cost; nothing was submitted")
+        if est > float(self.max_cost_usd or 0):
+            raise BudgetExceededError(
+                f"estimated cost ${est:.4f} ({tokens_in:,} input tokens, up to {tokens_out:,} output tokens at "
+                f"batch prices for {model}) is over max_cost_usd=${self.max_cost_usd}; nothing was submitted")
+
+    # -- execution --------------------------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        plan = self._plan(context)
+        existing = _load_plan(plan.work_dir)
+        if existing is not None and existing.key == plan.key:
+            plan.created_at = existing.created_at  # a retry keeps the first try's clock
+        plan.save(plan.work_dir)
+        run = self._attach(plan)
+        run.submit(run.next_round(self.retry_failed_requests))
+        self._persist_links(context, run)
+        if not self.wait_for_completion:
+            return self._manifest(context, run, None, status="submitted")
+        return self._wait_or_finish(context, run)
+
+    def _attach(self, plan: Plan) -> BatchRun:
+        run = BatchRun(self.hook, plan, _as_path)
+        run.discover()
+        if run.batches:
+            self.log.info("re-attached to %d batch(es) of an earlier try: %s", len(run.batches), run.statuses())
+        self._run = run
+        return run
+
+    def _end_time(self, run: BatchRun) -> float:
+        start = run.first_created_at or time.time()
+        return start + self.timeout_s
+
+    def _wait_or_finish(self, context: Context, run: BatchRun) -> dict[str, Any]:
+        while True:
+            if not run.running_ids:
+                todo = run.next_round(self.retry_failed_requests)
+                if not todo:
+                    return self._finish(context, run)
+                run.submit(todo)
+                self._persist_links(context, run)
+            end_time = self._end_time(run)
+            if self.deferrable:
+                self.defer(
+                    trigger=OpenAIBatchTrigger(conn_id=self.conn_id, batch_ids=run.running_ids,
+                                               poll_interval=self.poll_interval, end_time=end_time,
+                                               cancel_on_kill=self.cancel_on_kill),
+                    method_name="execute_complete",
+                    kwargs={"plan_dir": run.plan.work_dir},
+                    timeout=timedelta(seconds=max(end_time - time.time(), 0) + 600),
+                )
+            self._wait_in_worker(run, end_time)
+
+    def _wait_in_worker(self, run: BatchRun, end_time: float) -> None:
+        last: dict[str, int] = {}
+        while run.running_ids:
+            if time.time() >= end_time:
+                self._on_timeout(run)
+            time.sleep(self.poll_interval)
+            run.poll()
+            if run.statuses() != last:
+                last = run.statuses()
+                self.log.info("batches: %s", last)
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None,
+                         plan_dir: str | None = None) -> dict[str, Any]:
+        """Resume after the trigger: collect, maybe start a retry round (and defer again), or merge."""
+        event = validate_trigger_event(event)
+        run = self._attach(Plan.load(_as_path(plan_dir) if plan_dir else join_path(
+            _as_path(self.output_path), "_work")))
+        run.refresh(event["batches"])
+        if event["status"] == "timeout":
+            self._on_timeout(run)
+        if event["status"] == "error":
+            raise BatchFailedError(f"waiting for batches failed: {event.get('message')}")
+        return self._wait_or_finish(context, run)
+
+    def _on_timeout(self, run: BatchRun) -> None:
+        running = run.running_ids
+        if self.cancel_on_kill:
+            for batch_id in running:
+                self.hook.cancel_batch(batch_id)
+        raise BatchTimeoutError(f"timeout of {self.timeout_s:.0f}s passed with {len(running)} batch(es) still "
+                                f"running{' (cancelled)' if self.cancel_on_kill else ''}: {running}. Retry the "
+                                "task to collect what finished; it re-attaches and pays for nothing twice.")
+
+    def _finish(self, context: Context, run: BatchRun) -> dict[str, Any]:
+        acct = run.merge()
+        manifest = self._manifest(context, run, acct.as_dict(), status="completed")
+        cost = cost_usd(acct.usage, run.plan.model, self.prices)
+        manifest["cost_usd"] = cost
+        write_manifest(_as_path(run.plan.output_dir), manifest)
+        failed = acct.failed + acct.missing
+        ratio = failed / acct.total if acct.total else 0.0
+        self.log.info("%d succeeded, %d failed, %d missing of %d; usage %s; cost $%s", acct.succeeded,
+                      acct.failed, acct.missing, acct.total, acct.usage.as_dict(), cost)
+        if ratio > self.max_failed_ratio:
+            codes = ", ".join(f"{c}: {n}" for c, n in acct.error_codes.most_common(5))
+            raise BatchFailedError(
+                f"{failed} of {acct.total} requests failed ({ratio:.1%} > max_failed_ratio "
+                f"{self.max_failed_ratio:.1%}); errors {codes}. Failed requests and their errors are in "
+                f"{manifest['failures_path']}, results of the rest in {manifest['results_path']}.")
+        return manifest
+
+    def _manifest(self, context: Context, run: BatchRun, accounting: dict[str, Any] | None,
+                  status: str) -> dict[str, Any]:
+        ti = context["ti"]
+        plan = run.plan
+        return build_manifest(
+            backend="azure_openai" if run.hook.is_azure else "openai",
+            accounting=accounting or {"total": plan.total},
+            output_dir=plan.output_dir, status=status, batch_ids=run.batch_ids, shards=len(plan.shards),
+            rounds=max((r for _, r in run.batches), default=0) + 1, idempotency_key=plan.key,
+            work_dir=plan.work_dir, conn_id=self.conn_id, endpoint=plan.endpoint, model=plan.model,
+            est_cost_usd=plan.est_cost_usd, est_input_tokens=plan.est_input_tokens,
+            try_number=ti.try_number, dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
+            map_index=ti.map_index,
+        )
+
+    def _persist_links(self, context: Context, run: BatchRun) -> None:
+        try:
+            from airflow_provider_synth.links import persist_batch_links
+        except ImportError:  # pragma: no cover - links are optional decoration
+            return
+        persist_batch_links(context, self, run.batch_ids, is_azure=run.hook.is_azure)
+
+    def on_kill(self) -> None:
+        """Cancel the batches of this run that are still running (worker-side wait)."""
+        run = self._run
+        if run is None or not self.cancel_on_kill:
+            return
+        for batch_id in run.running_ids:
+            try:
+                self.hook.cancel_batch(batch_id)
+                self.log.info("cancelled batch %s", batch_id)
+            except Exception as exc:  # best effort: the kill must go on
+                self.log.warning("could not cancel batch %s: %s", batch_id, type(exc).__name__)
+
+
+class OpenAIBatchResultsOperator(OpenAIBatchOperator):
+    """Collect the batches an ``OpenAIBatchOperator(wait_for_completion=False)`` submitted: wait (deferred or
+    not), run the retry rounds, merge into the output folder and return the manifest.
+
+    :param submitted: the submitting task's manifest (its XCom), or its output folder.
+    :param kwargs: the same policy arguments as :class:`OpenAIBatchOperator`.
+    """
+
+    template_fields: Sequence[str] = ("submitted",)
+
+    def __init__(self, *, submitted: Any, conn_id: str = OpenAIBatchHook.default_conn_name, **kwargs: Any) -> None:
+        kwargs.setdefault("output_path", "")
+        super().__init__(conn_id=conn_id, requests=[], **kwargs)
+        self.submitted = submitted
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        sub = self.submitted
+        work = sub.get("work_dir") if isinstance(sub, Mapping) else join_path(str(sub), "_work")
+        plan = Plan.load(_as_path(work))
+        self.conn_id, self.output_path = plan.conn_id, plan.output_dir
+        run = self._attach(plan)
+        self._persist_links(context, run)
+        return self._wait_or_finish(context, run)
+
+
+def _load_plan(work_dir: str) -> Plan | None:
+    try:
+        return Plan.load(_as_path(work_dir))
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def validate_trigger_event(event: dict[str, Any] | None) -> dict[str, Any]:
+    """Check a trigger event's shape; raise a typed error for a missing or malformed one."""
+    if not event or not isinstance(event, dict):
+        raise TriggerEventError("the trigger sent no event")
+    if event.get("status") not in ("success", "error", "timeout") or not isinstance(event.get("batches"), dict):
+        raise TriggerEventError(f"malformed trigger event: status={event.get('status')!r}")
+    return event

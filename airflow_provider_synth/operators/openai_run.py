@@ -1,0 +1,258 @@
+"""The state of one OpenAI/Azure batch run, rebuilt from the service on every step.
+
+A run is one task's input, split into shards. Round 0 submits every shard; each later round resubmits, per
+shard, only the requests that a retry can fix. The service is the source of truth: every batch carries the
+run's idempotency key, shard and round in its ``metadata``, and every upload a file name built from them, so a
+retried or restarted task re-attaches to what it already paid for instead of submitting again.
+
+This module orchestrates the hook and the core; it holds no Airflow context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_synth.batch.jsonl import join_path, loads, open_path
+from airflow_provider_synth.batch.manifest import output_paths
+from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
+from airflow_provider_synth.batch.results import ParsedOutput
+from airflow_provider_synth.hooks.openai import TERMINAL_STATUSES, batch_summary
+
+if TYPE_CHECKING:
+    from openai.types import Batch
+
+    from airflow_provider_synth.hooks.openai import OpenAIBatchHook
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+#: metadata keys on every batch this provider creates (the cleanup operator and the CLI match on them)
+KEY_META, SHARD_META, ROUND_META, CREATED_BY_META = "synth_key", "synth_shard", "synth_round", "created_by"
+CREATED_BY = "airflow-provider-synth"
+#: file names of uploads start with this, so cleanup never touches anybody else's files
+UPLOAD_PREFIX = "synth-"
+
+
+def idempotency_key(dag_id: str, task_id: str, run_id: str, map_index: int, fingerprint: str, endpoint: str) -> str:
+    """The run's key: the same task instance over the same input always gets the same key."""
+    raw = "|".join([dag_id, task_id, run_id, str(map_index), endpoint, fingerprint])
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def retry_worthy(out: ParsedOutput) -> bool:
+    """Failures a new round can fix; ``batch_cancelled`` too, since only this task (kill, timeout) cancels."""
+    return out.retryable or out.error_code == "batch_cancelled"
+
+
+@dataclass
+class Plan:
+    """What was submitted, written to ``<work_dir>/plan.json`` before the first upload."""
+
+    key: str
+    conn_id: str
+    endpoint: str
+    model: str | None
+    completion_window: str
+    work_dir: str
+    output_dir: str
+    shards: list[dict[str, Any]]
+    total: int
+    fingerprint: str
+    est_input_tokens: int = 0
+    est_output_tokens: int = 0
+    est_cost_usd: float | None = None
+    created_at: float = field(default_factory=time.time)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def save(self, work_dir: Any) -> str:
+        path = join_path(work_dir, PLAN_FILE)
+        with open_path(path, "wb") as fp:
+            import orjson
+
+            fp.write(orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2))
+        return str(path)
+
+    @classmethod
+    def load(cls, work_dir: Any) -> Plan:
+        with open_path(join_path(work_dir, PLAN_FILE), "rb") as fp:
+            return cls(**loads(fp.read()))
+
+
+@dataclass
+class BatchRef:
+    """One batch of the run: which shard and round it serves, and its last known state."""
+
+    shard: int
+    round: int
+    batch_id: str
+    state: dict[str, Any]
+    created_at: float
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.get("status") in TERMINAL_STATUSES
+
+
+class BatchRun:
+    """Submit, re-attach, collect and merge the batches of one run.
+
+    :param hook: the sync hook of the run's connection.
+    :param plan: the run's plan.
+    :param path_factory: turns a stored path string back into a path object (ObjectStoragePath for URLs).
+    """
+
+    def __init__(self, hook: OpenAIBatchHook, plan: Plan, path_factory: Any = None) -> None:
+        self.hook, self.plan = hook, plan
+        self._path = path_factory or (lambda p: p)
+        self.batches: dict[tuple[int, int], BatchRef] = {}
+
+    # -- paths ------------------------------------------------------------------------------------------------
+
+    def _work(self, *names: str) -> Any:
+        path = self._path(self.plan.work_dir)
+        for name in names:
+            path = join_path(path, name)
+        return path
+
+    def shard_input(self, shard: int, rnd: int) -> Any:
+        return self._work("shards", f"shard-{shard:05d}-r{rnd}.jsonl")
+
+    def _output(self, shard: int, rnd: int, kind: str) -> Any:
+        return self._work("outputs", f"shard-{shard:05d}-r{rnd}-{kind}.jsonl")
+
+    def upload_name(self, shard: int, rnd: int) -> str:
+        return f"{UPLOAD_PREFIX}{self.plan.key}-s{shard:05d}-r{rnd}.jsonl"
+
+    # -- discovery --------------------------------------------------------------------------------------------
+
+    def discover(self) -> None:
+        """Find every batch the run created (any try), newest state first."""
+        found = self.hook.find_batches({KEY_META: self.plan.key}, created_after=self.plan.created_at - 3600)
+        for batch in found:
+            meta = batch.metadata or {}
+            ref = (int(meta.get(SHARD_META, -1)), int(meta.get(ROUND_META, 0)))
+            if ref[0] < 0 or ref in self.batches:
+                continue  # keep the newest batch of a (shard, round)
+            self.batches[ref] = BatchRef(ref[0], ref[1], batch.id, batch_summary(batch), batch.created_at)
+
+    def refresh(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        """Take batch states from a trigger event or a poll."""
+        for ref in self.batches.values():
+            if ref.batch_id in states and states[ref.batch_id].get("status"):
+                ref.state = dict(states[ref.batch_id])
+
+    def poll(self) -> None:
+        """Retrieve every batch not yet terminal (the worker-side wait)."""
+        for ref in self.batches.values():
+            if not ref.terminal:
+                ref.state = batch_summary(self.hook.get_batch(ref.batch_id))
+
+    @property
+    def batch_ids(self) -> list[str]:
+        return [self.batches[k].batch_id for k in sorted(self.batches)]
+
+    @property
+    def running_ids(self) -> list[str]:
+        return [self.batches[k].batch_id for k in sorted(self.batches) if not self.batches[k].terminal]
+
+    @property
+    def first_created_at(self) -> float | None:
+        return min((b.created_at for b in self.batches.values()), default=None)
+
+    def last_round(self, shard: int) -> int:
+        return max((r for s, r in self.batches if s == shard), default=-1)
+
+    # -- submission -------------------------------------------------------------------------------------------
+
+    def _existing_uploads(self) -> dict[str, str]:
+        prefix = f"{UPLOAD_PREFIX}{self.plan.key}-"
+        return {f.filename: f.id for f in self.hook.list_files(purpose="batch") if f.filename.startswith(prefix)}
+
+    def submit(self, todo: Iterable[tuple[int, int]]) -> list[str]:
+        """Upload and create the batches of ``(shard, round)`` pairs not created yet; reuse uploads a
+        crashed try left behind. Returns the new batch ids."""
+        todo = [t for t in todo if t not in self.batches]
+        if not todo:
+            return []
+        uploads = self._existing_uploads()
+        created = []
+        for shard, rnd in todo:
+            name = self.upload_name(shard, rnd)
+            file_id = uploads.get(name) or self.hook.upload_file(self.shard_input(shard, rnd), filename=name).id
+            metadata = {KEY_META: self.plan.key, SHARD_META: str(shard), ROUND_META: str(rnd),
+                        CREATED_BY_META: CREATED_BY, **self.plan.labels}
+            batch: Batch = self.hook.create_batch(file_id, self.plan.endpoint,  # type: ignore[arg-type]
+                                                  self.plan.completion_window, metadata)  # type: ignore[arg-type]
+            self.batches[(shard, rnd)] = BatchRef(shard, rnd, batch.id, batch_summary(batch), batch.created_at)
+            created.append(batch.id)
+            log.info("shard %d round %d: submitted batch %s (%s)", shard, rnd, batch.id, name)
+        return created
+
+    # -- collection -------------------------------------------------------------------------------------------
+
+    def _outputs_of(self, shard: int) -> list[Any]:
+        files = []
+        for rnd in range(self.last_round(shard) + 1):
+            ref = self.batches.get((shard, rnd))
+            if ref is None or not ref.terminal:
+                continue
+            for kind in ("output", "error"):
+                file_id = ref.state.get(f"{kind}_file_id")
+                if not file_id:
+                    continue
+                dest = self._output(shard, rnd, kind)
+                if not _exists(dest):
+                    self.hook.download_file(file_id, dest)
+                files.append(dest)
+        return files
+
+    def next_round(self, max_rounds: int) -> list[tuple[int, int]]:
+        """Write, per shard whose batches are all terminal, the requests a new round should retry; return the
+        ``(shard, round)`` pairs to submit. A shard with no batch at all gets round 0 again."""
+        todo = []
+        for shard in range(len(self.plan.shards)):
+            last = self.last_round(shard)
+            if last < 0:
+                todo.append((shard, 0))
+                continue
+            if not self.batches[(shard, last)].terminal or last >= max_rounds:
+                continue
+            base = self.shard_input(shard, 0)
+            with open_path(self.shard_input(shard, last + 1), "wb") as out:
+                n = pending_requests(base, self._outputs_of(shard), out, retryable_only=False, keep=retry_worthy)
+            if n:
+                log.info("shard %d: %d request(s) to retry in round %d", shard, n, last + 1)
+                todo.append((shard, last + 1))
+        return todo
+
+    def merge(self) -> Accounting:
+        """Merge every shard's rounds into results.jsonl and failures.jsonl of the output folder."""
+        out = output_paths(self._path(self.plan.output_dir))
+        shards = [ShardOutputs(self.shard_input(i, 0), self._outputs_of(i)) for i in range(len(self.plan.shards))]
+        with open_path(out["results_path"], "wb") as rf, open_path(out["failures_path"], "wb") as ff:
+            return merge_shards(shards, rf, ff)
+
+    def statuses(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for ref in self.batches.values():
+            status = str(ref.state.get("status"))
+            counts[status] = counts.get(status, 0) + 1
+        return counts
+
+
+def _exists(path: Any) -> bool:
+    if isinstance(path, str) and "://" not in path:
+        import os
+
+        return os.path.exists(path)
+    if isinstance(path, str):
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        return bool(fs.exists(p))
+    return bool(path.exists())
