@@ -46,6 +46,18 @@ def _text_len(value: Any) -> int:
     return 0
 
 
+def input_tokens(body: dict[str, Any]) -> int:
+    """Estimated input tokens of a request body (characters / 4), as counted against enqueued-token limits."""
+    messages = body.get("messages") or []
+    chars = _text_len(messages) + 4 * len(messages) if isinstance(messages, list) else 0
+    for key in ("input", "prompt", "instructions"):
+        value = body.get(key)
+        if isinstance(value, list) and value and isinstance(value[0], int):
+            return len(value)
+        chars += _text_len(value)
+    return _tokens(chars)
+
+
 def answer_text(seed: bytes, min_words: int = 6, max_words: int = 40) -> str:
     """A sentence of ``min_words``..``max_words`` words picked by ``seed``."""
     rng = np.random.default_rng(int.from_bytes(seed[:8], "little"))

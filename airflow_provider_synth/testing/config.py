@@ -157,6 +157,8 @@ class ServerConfig:
     :param expire_after_requests: if set, new batches expire after this many requests were processed.
     :param expire_times: how many batches expire (``None``: every batch while ``expire_after_requests`` is set).
     :param fail_batches: how many of the next batches fail in ``validating`` (status ``failed``).
+    :param enqueued_token_limit: per model: a batch whose input tokens (characters / 4) would take the tokens of
+        the model's ``in_progress``/``finalizing`` batches over this fails with ``token_limit_exceeded``.
     :param invalid_input: ``reject`` answers 400 to a batch whose input file is invalid; ``fail`` creates
         it and moves it to ``failed`` with ``errors.data`` listing the bad lines, as OpenAI does.
     :param max_requests: most requests in one batch input file.
@@ -188,6 +190,7 @@ class ServerConfig:
     expire_after_requests: int | None = None
     expire_times: int | None = None
     fail_batches: int = 0
+    enqueued_token_limit: int | None = None
     invalid_input: InvalidInputMode = "reject"
     max_requests: int = 50_000
     max_file_bytes: int = 200 * 1024 * 1024

@@ -74,6 +74,7 @@ class InputCheck:
 
     total: int = 0
     model: str | None = None
+    tokens: int = 0
     problems: list[dict[str, Any]] = field(default_factory=list)
 
     def problem(self, code: str, message: str, line: int | None = None, param: str | None = None) -> None:
@@ -112,6 +113,7 @@ def _check_line(check: InputCheck, lineno: int, raw: bytes, endpoint: str, seen:
         check.problem(
             "mismatched_model", f"All requests must use the same model; expected {check.model!r}.", lineno, "body.model"
         )
+    check.tokens += answers.input_tokens(body)
     inputs = body.get("input")
     return len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
 
@@ -378,9 +380,27 @@ class BatchRunner:
                 return False
             batch.api["request_counts"]["total"] = check.total
             batch.api["model"] = check.model
+            batch.tokens = check.tokens
+        over = self._over_token_limit(batch, cfg.enqueued_token_limit)
+        if over:
+            self._fail(batch, [{"code": "token_limit_exceeded", "message": over, "line": None}])
+            return False
         batch.set_status("in_progress", "in_progress_at")
         self.store.save_batch(batch)
         return True
+
+    def _over_token_limit(self, batch: BatchRecord, limit: int | None) -> str | None:
+        """OpenAI's message when this batch's input tokens would exceed the model's enqueued-token limit."""
+        if limit is None:
+            return None
+        model = batch.api["model"]
+        queued = sum(b.tokens for b in self.store.batches.values()
+                     if b.status in ("in_progress", "finalizing") and b.api["model"] == model)
+        if queued + batch.tokens <= limit:
+            return None
+        return (f"Enqueued token limit reached for {model} in organization org-synth-local. Limit: {limit:,} "
+                f"enqueued tokens ({queued:,} queued, this batch {batch.tokens:,}). Please try again once some "
+                "in_progress batches have been completed.")
 
     def _limit(self, batch: BatchRecord) -> int:
         total = int(batch.api["request_counts"]["total"])

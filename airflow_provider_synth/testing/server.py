@@ -398,6 +398,7 @@ class SynthBatchApp:
                                f"{where}{first['message']}", first["code"], "input_file_id")
             batch.api["request_counts"]["total"] = check.total
             batch.api["model"] = check.model
+            batch.tokens = check.tokens
         batch.fail, batch.expire_after = self._take_batch_flags()
         return batch
 

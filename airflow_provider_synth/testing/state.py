@@ -61,6 +61,7 @@ class BatchRecord:
     :param out_bytes: committed size of the work file of successful lines.
     :param err_bytes: committed size of the work file of error lines.
     :param usage: ``[input, cached, output, reasoning]`` tokens so far.
+    :param tokens: estimated input tokens, counted against the enqueued-token limit.
     :param expire_after: expire once this many requests were processed.
     :param fail: fail in ``validating``.
     :param first_poll_at: epoch seconds of the first ``GET`` of this batch.
@@ -72,6 +73,7 @@ class BatchRecord:
     out_bytes: int = 0
     err_bytes: int = 0
     usage: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    tokens: int = 0
     expire_after: int | None = None
     fail: bool = False
     first_poll_at: float | None = None

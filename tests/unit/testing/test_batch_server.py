@@ -525,3 +525,21 @@ def test_output_files_merge_with_the_core_and_classify_retryable_failures(
     retry = io.BytesIO()
     assert pending_requests(str(requests), outputs, retry) == 4  # 429, timeout, two expired; not the 400
     assert {json.loads(x)["custom_id"] for x in retry.getvalue().splitlines()} == {"req-1", "req-3", "req-8", "req-9"}
+
+
+def test_enqueued_token_limit_fails_batches_over_the_model_budget(batch_server: BatchServer) -> None:
+    batch_server.configure(enqueued_token_limit=150, in_progress_s=1.0)
+    client = client_for(batch_server)
+    first = submit(client, chat_lines(10))  # 90 tokens: admitted
+    deadline = time.monotonic() + 5
+    while client.batches.retrieve(first.id).status != "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    second = wait(client, submit(client, chat_lines(10, prefix="more")).id)
+    assert second.status == "failed" and second.errors and second.errors.data
+    assert second.errors.data[0].code == "token_limit_exceeded"
+    assert "Limit: 150 enqueued tokens" in (second.errors.data[0].message or "")
+    other_model = wait(client, submit(client, chat_lines(10, prefix="o", model="gpt-4o")).id)
+    assert other_model.status == "completed", "the limit is per model"
+    assert wait(client, first.id).status == "completed"
+    assert wait(client, submit(client, chat_lines(10, prefix="later")).id).status == "completed"
