@@ -36,7 +36,7 @@ lint: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) scripts/quickstart.py
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(MAKE) lint
 	$(VENV)/bin/pytest -q
 

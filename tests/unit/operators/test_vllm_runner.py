@@ -1,0 +1,203 @@
+"""The vLLM runner's own logic (resume, chunking, error isolation, request mapping) with a fake engine."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from airflow_provider_synth import vllm_runner
+from airflow_provider_synth.batch.results import parse_output_line
+from airflow_provider_synth.testing.vllm import FakeLLM, FakePooling, fake_processor
+from airflow_provider_synth.vllm_runner import (
+    EXIT_BAD_CONFIG,
+    EXIT_ENGINE,
+    EXIT_NO_VLLM,
+    Processor,
+    Request,
+    RunnerConfig,
+    recover_output,
+    run,
+    sampling_kwargs,
+)
+
+
+def chat(cid: str, text: str, **params: object) -> dict:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": text}], **params}
+    return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def write_requests(path: Path, rows: list[dict]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return path
+
+
+def output_ids(path: Path) -> list[str]:
+    return [orjson.loads(line)["custom_id"] for line in path.read_bytes().splitlines()]
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> RunnerConfig:
+    rows = [chat(f"r{i}", f"item {i} says hello", max_tokens=3) for i in range(25)]
+    return RunnerConfig(input=str(write_requests(tmp_path / "in.jsonl", rows)), output=str(tmp_path / "out.jsonl"),
+                        model="tiny", chunk_size=4)
+
+
+def events(capsys: pytest.CaptureFixture[str]) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"synth_vllm"')]
+
+
+class TestRecoverOutput:
+    def test_missing_file_means_nothing_done(self, tmp_path: Path) -> None:
+        assert recover_output(str(tmp_path / "none.jsonl")) == set()
+
+    def test_torn_tail_is_cut_and_complete_lines_kept(self, tmp_path: Path) -> None:
+        out = tmp_path / "out.jsonl"
+        good = b'{"custom_id":"a","response":null}\n{"custom_id":"b","response":null}\n'
+        out.write_bytes(good + b'{"custom_id":"c","respo')
+        assert recover_output(str(out)) == {"a", "b"}
+        assert out.read_bytes() == good
+
+    def test_unparseable_complete_line_is_cut_with_what_follows(self, tmp_path: Path) -> None:
+        out = tmp_path / "out.jsonl"
+        out.write_bytes(b'{"custom_id":"a"}\n{not json}\n{"custom_id":"b"}\n')
+        assert recover_output(str(out)) == {"a"}
+        assert out.read_bytes() == b'{"custom_id":"a"}\n'
+
+
+class TestRun:
+    def test_every_request_answered_once_in_chunks(self, cfg: RunnerConfig, capsys) -> None:
+        llm = FakeLLM()
+        assert run(cfg, lambda c, url: fake_processor(c, url, llm)) == 0
+        assert output_ids(Path(cfg.output)) == [f"r{i}" for i in range(25)]
+        assert llm.calls == [4, 4, 4, 4, 4, 4, 1]
+        evs = events(capsys)
+        assert evs[0] == {"synth_vllm": "start", "total": 25, "already_done": 0, "pending": 25}
+        progress = [e for e in evs if e["synth_vllm"] == "progress"]
+        assert [e["done"] for e in progress] == [4, 8, 12, 16, 20, 24, 25]
+        assert progress[-1]["completion_tokens"] == 25 * 3 and progress[-1]["tokens_per_s"] > 0
+        assert evs[-1]["synth_vllm"] == "done" and evs[-1]["done"] == 25
+
+    def test_resume_after_a_torn_write_answers_each_id_exactly_once(self, cfg: RunnerConfig, capsys) -> None:
+        run(cfg, lambda c, url: fake_processor(c, url, FakeLLM()))
+        out = Path(cfg.output)
+        lines = out.read_bytes().splitlines(keepends=True)
+        out.write_bytes(b"".join(lines[:10]) + lines[10][:17])  # killed while writing line 11
+        capsys.readouterr()
+        llm = FakeLLM()
+        assert run(cfg, lambda c, url: fake_processor(c, url, llm)) == 0
+        assert output_ids(out) == [f"r{i}" for i in range(25)]
+        assert sum(llm.calls) == 15  # only what was missing went to the engine
+        start = events(capsys)[1]
+        assert start["synth_vllm"] == "start" and start["already_done"] == 10
+
+    def test_nothing_pending_never_loads_the_engine(self, cfg: RunnerConfig) -> None:
+        run(cfg, lambda c, url: fake_processor(c, url, FakeLLM()))
+
+        def must_not_load(c, url):
+            raise AssertionError("the engine was loaded with nothing to do")
+
+        assert run(cfg, must_not_load) == 0
+
+    def test_dead_engine_stops_the_run_and_keeps_finished_chunks(self, tmp_path: Path, capsys) -> None:
+        rows = [chat(f"r{i}", "DIE" if i == 9 else f"hello {i}") for i in range(12)]
+        cfg = RunnerConfig(input=str(write_requests(tmp_path / "in.jsonl", rows)),
+                           output=str(tmp_path / "out.jsonl"), model="tiny", chunk_size=4)
+        assert run(cfg, lambda c, url: fake_processor(c, url, FakeLLM())) == EXIT_ENGINE
+        assert output_ids(Path(cfg.output)) == [f"r{i}" for i in range(8)]
+        assert events(capsys)[-1]["kind"] == "engine"
+
+
+class TestProcessor:
+    def processor(self, llm: FakeLLM | None = None, **sampling: object) -> Processor:
+        cfg = RunnerConfig(input="-", output="-", model="/models/tiny", sampling=dict(sampling),
+                           served_model_name="tiny")
+        return fake_processor(cfg, "/v1/chat/completions", llm or FakeLLM())
+
+    def test_bad_requests_become_error_lines_and_the_rest_is_answered(self, capsys) -> None:
+        llm = FakeLLM(max_model_len=20)
+        chunk = [Request(f"r{i}", "/v1/chat/completions", chat(f"r{i}", f"hello {i}")["body"]) for i in range(16)]
+        chunk[3].body["temperature"] = -1                                # refused while building the params
+        chunk[5].body["messages"][0]["content"] = "RAISE"                 # refused by the engine call
+        chunk[11].body["messages"][0]["content"] = "word " * 30          # over the context length
+        outs = [parse_output_line(line.rstrip(b"\n")) for line in self.processor(llm).process(chunk)]
+        assert [o.custom_id for o in outs] == [f"r{i}" for i in range(16)]
+        bad = {o.custom_id: (o.status_code, o.error_code, o.retryable) for o in outs if not o.ok}
+        assert bad == {"r3": (400, "invalid_request", False), "r5": (400, "invalid_request", False),
+                       "r11": (400, "context_length_exceeded", False)}
+        assert "temperature must be non-negative" in outs[3].error_message
+        # bisection: one call for the whole chunk, then halves, never one call per request
+        assert len(llm.calls) < 16
+
+    def test_success_line_is_openai_shaped_with_usage(self) -> None:
+        line = self.processor().process([Request("a", "/v1/chat/completions",
+                                                 chat("a", "one two three", max_tokens=2, n=2)["body"])])[0]
+        body = orjson.loads(line)["response"]["body"]
+        assert body["object"] == "chat.completion" and body["model"] == "tiny"
+        assert [c["message"]["content"] for c in body["choices"]] == ["echo: one", "echo: one"]
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                                 "prompt_tokens_details": {"cached_tokens": 0}}
+
+    def test_body_overrides_defaults(self) -> None:
+        known = frozenset({"max_tokens", "temperature", "top_p", "seed"})
+        body = {"model": "x", "max_completion_tokens": 7, "temperature": 0.2, "user": "u", "top_k": 5}
+        assert sampling_kwargs(body, {"temperature": 1.0, "top_p": 0.9}, known) == {
+            "max_tokens": 7, "temperature": 0.2, "top_p": 0.9}
+        assert sampling_kwargs({}, {}, known) == {"max_tokens": None}
+
+    def test_response_format_maps_to_structured_outputs(self) -> None:
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        assert vllm_runner.structured_outputs_kwargs(
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+        ) == {"json": schema}
+        assert vllm_runner.structured_outputs_kwargs({"response_format": {"type": "json_object"}}) == {
+            "json_object": True}
+        assert vllm_runner.structured_outputs_kwargs({}) is None
+
+    def test_embeddings_regrouped_per_request_float_and_base64(self) -> None:
+        llm = FakeLLM()
+        cfg = RunnerConfig(input="-", output="-", model="emb")
+        proc = fake_processor(cfg, "/v1/embeddings", llm)
+        chunk = [Request("e1", "/v1/embeddings", {"model": "emb", "input": ["a b", "c"]}),
+                 Request("e2", "/v1/embeddings", {"model": "emb", "input": "x y z", "encoding_format": "base64",
+                                                  "dimensions": 2}),
+                 Request("e3", "/v1/embeddings", {"model": "emb", "input": [5, 6, 7, 8]})]
+        lines = [orjson.loads(x) for x in proc.process(chunk)]
+        assert llm.calls == [4]  # one engine call for all the inputs of the chunk
+        e1, e2, e3 = (x["response"]["body"] for x in lines)
+        assert [d["embedding"][0] for d in e1["data"]] == [2.0, 1.0] and e1["usage"]["prompt_tokens"] == 3
+        assert struct.unpack("<2f", base64.b64decode(e2["data"][0]["embedding"])) == pytest.approx((3.0, 3.1))
+        assert e3["usage"] == {"prompt_tokens": 4, "total_tokens": 4}
+        assert isinstance(proc.make_pooling(), FakePooling)
+
+    def test_unsupported_endpoint_is_an_error_line(self) -> None:
+        line = self.processor().process([Request("x", "/v1/responses", {"model": "m", "input": "hi"})])[0]
+        out = parse_output_line(line.rstrip(b"\n"))
+        assert not out.ok and out.status_code == 400 and "/v1/responses" in out.error_message
+
+
+class TestMain:
+    def run_main(self, tmp_path: Path, config: dict) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "cfg.json"
+        path.write_text(json.dumps(config))
+        return subprocess.run([sys.executable, "-m", "airflow_provider_synth.vllm_runner", "--config", str(path)],
+                              capture_output=True, text=True, timeout=120)
+
+    def test_interpreter_without_vllm_fails_before_any_request(self, tmp_path: Path, cfg: RunnerConfig) -> None:
+        pytest.importorskip("airflow")  # Airflow's interpreter, which has no vLLM
+        proc = self.run_main(tmp_path, {"input": cfg.input, "output": cfg.output, "model": "tiny"})
+        assert proc.returncode == EXIT_NO_VLLM
+        event = json.loads(proc.stdout.splitlines()[-1])
+        assert event["kind"] == "vllm_missing" and "scripts/install_vllm.sh" in event["message"]
+        assert not Path(cfg.output).exists() or Path(cfg.output).read_bytes() == b""
+
+    def test_missing_input_is_a_config_error(self, tmp_path: Path) -> None:
+        proc = self.run_main(tmp_path, {"input": str(tmp_path / "nope.jsonl"), "output": "o", "model": "m"})
+        assert proc.returncode == EXIT_BAD_CONFIG and "does not exist" in proc.stdout
