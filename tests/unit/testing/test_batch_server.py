@@ -543,3 +543,25 @@ def test_enqueued_token_limit_fails_batches_over_the_model_budget(batch_server: 
     assert other_model.status == "completed", "the limit is per model"
     assert wait(client, first.id).status == "completed"
     assert wait(client, submit(client, chat_lines(10, prefix="later")).id).status == "completed"
+
+
+def test_synchronous_endpoints_answer_like_batch_requests(batch_server: BatchServer) -> None:
+    client = client_for(batch_server)
+    chat = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
+    assert chat.choices[0].message.content and chat.usage is not None
+    emb = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"], dimensions=8)
+    assert [len(d.embedding) for d in emb.data] == [8, 8]
+    azure = AzureOpenAI(azure_endpoint=batch_server.azure_endpoint, api_version="2024-10-21", api_key="k")
+    answer = azure.chat.completions.create(model="my-deployment", messages=[{"role": "user", "content": "hi"}])
+    assert answer.model == "my-deployment" and answer.choices[0].message.content
+    assert batch_server.counters["http_requests"]["POST /openai/deployments/{deployment}/{endpoint}"] == 1
+
+
+def test_one_server_can_be_the_upstream_of_another(batch_server_factory: Callable[..., BatchServer]) -> None:
+    upstream = batch_server_factory()
+    upstream.add_fault("POST /v1/chat/completions", status=503, times=1)
+    gateway = batch_server_factory(upstream_url=upstream.base_url, upstream_api_key="sk-up", in_progress_s=0.0)
+    client = client_for(gateway)
+    done = wait(client, submit(client, chat_lines(5)).id)
+    assert done.status == "completed" and done.request_counts is not None and done.request_counts.completed == 5
+    assert upstream.counters["http_requests"]["POST /v1/chat/completions"] == 6, "5 requests + 1 retried 503"
