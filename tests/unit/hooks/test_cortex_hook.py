@@ -1,0 +1,131 @@
+"""CortexHook against fakesnow (the real connector API on DuckDB) and CortexAsyncHook against a local SQL API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from airflow_provider_synth.batch import cortex
+from airflow_provider_synth.batch.cortex_sql import StagingTables
+from airflow_provider_synth.hooks.cortex import CortexAsyncHook, CortexHook, sql_api_base_url
+from airflow_provider_synth.testing.cortex import FakeCortex, FakeSqlApi
+
+PAT = "pat-secret-0123456789"
+
+
+def snowflake_conn(monkeypatch: pytest.MonkeyPatch, conn_id: str = "sf_test", **extra: Any) -> str:
+    payload = {"conn_type": "snowflake", "login": "synth_user", "password": PAT, "schema": "PUBLIC",
+               "extra": {"account": "acct", "database": "SYNTH_DB", "warehouse": "WH", **extra}}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(payload))
+    return conn_id
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCortex]:
+    snowflake_conn(monkeypatch)
+    with FakeCortex() as fc:
+        yield fc
+
+
+def _calls(*prompts: str) -> list[tuple]:
+    rows = []
+    for seq, text in enumerate(prompts, start=1):
+        call = cortex.map_chat_body(f"id-{seq}", {"messages": [{"role": "user", "content": text}]})
+        rows.append(cortex.staging_row(seq, call))
+    return rows
+
+
+def test_query_tag_and_server_side_binding(fake: FakeCortex):
+    hook = CortexHook("sf_test", query_tag='{"dag_id": "d"}')
+    assert hook._get_conn_params()["session_parameters"] == {"QUERY_TAG": '{"dag_id": "d"}'}
+    assert hook.client._paramstyle == "qmark"
+    hook.close()
+
+
+def test_stage_submit_status_and_read_back(fake: FakeCortex):
+    hook = CortexHook("sf_test")
+    tables = StagingTables(None, None, "T_HOOK")
+    hook.run_statements(tables.create())
+    assert hook.bulk_write(tables, iter(_calls("a", "b", "c")), batch_rows=2) == 3
+    assert hook.fetch_all(tables.count_requests()) == [(3,)]
+    query_id = hook.submit(tables.complete_chunk("llama3.1-8b", 0, 10))
+    assert hook.get_statement_status(query_id).state == "success"
+    rows = list(hook.iter_rows(tables.read_back(), batch_rows=1))
+    assert [r[0] for r in rows] == ["id-1", "id-2", "id-3"] and all(r[1] for r in rows)
+    assert fake.calls == ["a", "b", "c"]
+    # the same chunk again pays nothing: every row is answered
+    hook.submit(tables.complete_chunk("llama3.1-8b", 0, 10))
+    assert len(fake.calls) == 3
+    hook.close()
+
+
+def test_values_cannot_inject_sql(fake: FakeCortex):
+    """A custom_id, a prompt and a model name made of SQL travel as bound values and arrive verbatim."""
+    evil = "x'); DROP TABLE \"T_EVIL_REQUESTS\"; --"
+    hook = CortexHook("sf_test")
+    tables = StagingTables(None, None, "T_EVIL")
+    hook.run_statements(tables.create())
+    call = cortex.map_chat_body(evil, {"messages": [{"role": "user", "content": evil}]})
+    hook.bulk_write(tables, [cortex.staging_row(1, call)])
+    hook.submit(tables.complete_chunk(evil, 0, 10))
+    assert fake.calls == [evil]
+    (cid, answered, output), = hook.iter_rows(tables.read_back())
+    assert cid == evil and answered and json.loads(output)["value"]["model"] == evil
+    assert hook.fetch_all(tables.count_requests()) == [(1,)]
+    hook.close()
+
+
+def test_status_of_failed_and_running_statements_and_cancel(fake: FakeCortex):
+    hook = CortexHook("sf_test")
+    fake.statuses["q-run"] = "RUNNING"
+    fake.statuses["q-bad"] = "FAILED_WITH_ERROR"
+    assert hook.get_statement_status("q-run").state == "running"
+    bad = hook.get_statement_status("q-bad")
+    assert bad.state == "error" and "statement q-bad failed" in bad.message
+    hook.cancel_statement("q-run")
+    assert fake.cancelled == ["q-run"]
+    hook.close()
+
+
+def test_test_connection_spends_no_tokens(fake: FakeCortex):
+    ok, message = CortexHook("sf_test").test_connection()
+    assert ok and "no Cortex model was called" in message
+    assert fake.calls == []
+
+
+def test_sql_api_base_url():
+    assert sql_api_base_url({"account": "xy123", "region": "us-east-2.aws"}, {}) == \
+        "https://xy123.us-east-2.aws.snowflakecomputing.com"
+    assert sql_api_base_url({}, {"host": "127.0.0.1", "port": 8080, "protocol": "http"}) == "http://127.0.0.1:8080"
+    assert sql_api_base_url({}, {"host": "acct.privatelink.snowflakecomputing.com"}) == \
+        "https://acct.privatelink.snowflakecomputing.com"
+
+
+@pytest.fixture
+def sql_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSqlApi]:
+    api = FakeSqlApi(running_polls=1, errors={"q-err": "Cortex function failed"})
+    with api.serve():
+        snowflake_conn(monkeypatch, "sf_api", host="127.0.0.1", port=api.port, protocol="http",
+                       authenticator="programmatic_access_token")
+        yield api
+
+
+async def test_async_hook_polls_the_sql_api_with_the_connection_auth(sql_api: FakeSqlApi,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    def no_sync_lookup(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the async hook must fetch the connection asynchronously")
+
+    async with CortexAsyncHook("sf_api") as hook:
+        monkeypatch.setattr("airflow.sdk.bases.hook.BaseHook.get_connection", classmethod(no_sync_lookup))
+        first = await hook.poll_statement("q-ok")
+        second = await hook.poll_statement("q-ok")
+        await hook.poll_statement("q-err")
+        failed = await hook.poll_statement("q-err")
+        cancelled = await hook.acancel_statement("q-run")
+    assert (first.state, second.state) == ("running", "success")
+    assert failed.state == "error" and "Cortex function failed" in failed.message
+    assert cancelled.state == "success" and sql_api.cancelled == ["q-run"]
+    assert set(sql_api.auth_headers) == {f"Bearer {PAT}"}

@@ -1,0 +1,137 @@
+"""CortexStatementTrigger against a local SQL API on 127.0.0.1: one terminal event, absolute deadline, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from airflow_provider_synth.testing.cortex import FakeSqlApi
+from airflow_provider_synth.triggers import cortex as trigger_module
+from airflow_provider_synth.triggers.cortex import CortexStatementTrigger
+
+PAT = "pat-trigger-secret"
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSqlApi]:
+    server = FakeSqlApi(running_polls=2, errors={"q-err": "Cortex statement failed"})
+    with server.serve():
+        payload = {"conn_type": "snowflake", "login": "u", "password": PAT, "schema": "PUBLIC",
+                   "extra": {"account": "acct", "host": "127.0.0.1", "port": server.port, "protocol": "http",
+                             "authenticator": "programmatic_access_token"}}
+        monkeypatch.setenv("AIRFLOW_CONN_SF_TRIG", json.dumps(payload))
+        yield server
+
+
+async def _events(trigger: CortexStatementTrigger) -> list[dict[str, Any]]:
+    return [event.payload async for event in trigger.run()]
+
+
+def test_serialize_round_trip_is_json_primitives():
+    trigger = CortexStatementTrigger("sf", ["q1", "q2"], poll_interval=3, end_time=1_900_000_000.5)
+    path, kwargs = trigger.serialize()
+    assert path == "airflow_provider_synth.triggers.cortex.CortexStatementTrigger"
+    assert json.loads(json.dumps(kwargs)) == kwargs
+    again = CortexStatementTrigger(**kwargs)
+    assert again.serialize() == (path, kwargs)
+    with pytest.raises(ValueError):
+        CortexStatementTrigger("sf", [])
+
+
+async def test_one_terminal_event_after_running_polls(api: FakeSqlApi):
+    events = await _events(CortexStatementTrigger("sf_trig", ["q-a", "q-b"], poll_interval=0.01))
+    assert len(events) == 1
+    event = events[0]
+    assert event["status"] == "success" and "all succeeded" in event["message"]
+    assert {q: s["state"] for q, s in event["statements"].items()} == {"q-a": "success", "q-b": "success"}
+    assert api.polls == {"q-a": 3, "q-b": 3}
+    assert set(api.auth_headers) == {f"Bearer {PAT}"} and PAT not in json.dumps(event)
+
+
+async def test_failed_statement_is_reported_per_statement(api: FakeSqlApi):
+    (event,) = await _events(CortexStatementTrigger("sf_trig", ["q-ok", "q-err"], poll_interval=0.01))
+    assert event["status"] == "success" and "1 failed: q-err" in event["message"]
+    assert event["statements"]["q-err"]["state"] == "error"
+    assert "Cortex statement failed" in event["statements"]["q-err"]["message"]
+
+
+async def test_deadline_is_absolute_and_survives_recreation(api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch):
+    api.running_polls = 10**6
+    clock = {"now": 1_000.0}
+    monkeypatch.setattr(trigger_module, "_now", lambda: clock["now"])
+    trigger = CortexStatementTrigger("sf_trig", ["q-slow"], poll_interval=0.01, end_time=1_000.5)
+    recreated = CortexStatementTrigger(**trigger.serialize()[1])
+    assert recreated.end_time == 1_000.5
+    clock["now"] = 1_001.0  # a triggerer restart later: the budget is not extended
+    (event,) = await _events(recreated)
+    assert event["status"] == "timeout" and "q-slow" in event["message"]
+    assert api.polls["q-slow"] == 1
+
+
+async def test_unknown_http_answer_is_an_error_state(api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch):
+    async def not_found(self: Any, query_id: str) -> Any:
+        from airflow_provider_synth.batch.cortex import status_from_sql_api
+
+        return status_from_sql_api(query_id, 404, {"message": "Statement not found"})
+
+    monkeypatch.setattr("airflow_provider_synth.hooks.cortex.CortexAsyncHook.poll_statement", not_found)
+    (event,) = await _events(CortexStatementTrigger("sf_trig", ["q-x"], poll_interval=0.01))
+    assert event["statements"]["q-x"] == {"query_id": "q-x", "state": "error",
+                                          "message": "HTTP 404: Statement not found"}
+
+
+async def test_transient_polling_errors_then_give_up(api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch):
+    async def broken(self: Any, query_id: str) -> Any:
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr("airflow_provider_synth.hooks.cortex.CortexAsyncHook.poll_statement", broken)
+    events = await _events(CortexStatementTrigger("sf_trig", ["q"], poll_interval=0.001, max_consecutive_errors=2))
+    assert len(events) == 1 and events[0]["status"] == "error" and "3 times in a row" in events[0]["message"]
+
+
+async def test_non_transient_polling_error_ends_at_once(api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch):
+    async def bad(self: Any, query_id: str) -> Any:
+        raise ValueError("Snowflake REST API authentication requires a private key")
+
+    monkeypatch.setattr("airflow_provider_synth.hooks.cortex.CortexAsyncHook.poll_statement", bad)
+    (event,) = await _events(CortexStatementTrigger("sf_trig", ["q"], poll_interval=0.001))
+    assert event["status"] == "error" and "ValueError" in event["message"]
+
+
+async def test_on_kill_cancels_what_still_runs(api: FakeSqlApi):
+    api.running_polls = 10**6
+    trigger = CortexStatementTrigger("sf_trig", ["q-1", "q-2"], poll_interval=0.01)
+    task = asyncio.create_task(_events(trigger))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    await trigger.on_kill()
+    assert sorted(api.cancelled) == ["q-1", "q-2"]
+
+
+async def test_the_event_loop_is_never_blocked(api: FakeSqlApi):
+    """Time every step of the loop while the trigger runs: nothing may hold it for long (asyncio debug)."""
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.05
+    slow: list[str] = []
+    handler = loop.get_exception_handler()
+    import logging
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "Executing" in record.getMessage():
+                slow.append(record.getMessage())
+
+    catcher = Catch()
+    logging.getLogger("asyncio").addHandler(catcher)
+    try:
+        await _events(CortexStatementTrigger("sf_trig", ["q-a", "q-b", "q-c"], poll_interval=0.01))
+    finally:
+        logging.getLogger("asyncio").removeHandler(catcher)
+        loop.set_exception_handler(handler)
+        loop.set_debug(False)
+    assert slow == []
