@@ -22,7 +22,9 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [],
-        "operators": [],
+        "operators": [
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.vllm"]},
+        ],
         "sensors": [],
         "triggers": [],
         "extra-links": [],

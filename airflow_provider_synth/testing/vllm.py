@@ -6,7 +6,8 @@ executable that runs ``python -m airflow_provider_synth.testing.vllm "$@"`` (see
 
 The fake engine: a prompt token is a whitespace-separated word; the answer is ``"echo: <last user words>"``
 cut to ``max_tokens`` words; a message containing ``RAISE`` makes the engine refuse the whole call (as vLLM
-does for an over-long prompt); ``DIE`` kills the engine. ``SYNTH_FAKE_VLLM_DELAY`` (seconds) slows each call.
+does for an over-long prompt); ``DIE`` kills the engine. ``SYNTH_FAKE_VLLM_DELAY`` (seconds) slows each call;
+``SYNTH_FAKE_VLLM_DIE_AFTER`` (a count) kills the engine after that many calls.
 """
 
 from __future__ import annotations
@@ -103,14 +104,18 @@ class FakeLLM:
 
     :param delay: seconds each call sleeps (to kill a run mid-way in tests).
     :param max_model_len: prompts longer than this (in words) are refused, like vLLM's context check.
+    :param die_after: the engine dies on the call after this many calls.
     """
 
-    def __init__(self, delay: float = 0.0, max_model_len: int = 256) -> None:
+    def __init__(self, delay: float = 0.0, max_model_len: int = 256, die_after: int | None = None) -> None:
         self.delay = delay
         self.max_model_len = max_model_len
+        self.die_after = die_after
         self.calls: list[int] = []
 
     def _check(self, prompts: list[list[str]]) -> None:
+        if self.die_after is not None and len(self.calls) >= self.die_after:
+            raise EngineDeadError("the engine core died")
         self.calls.append(len(prompts))
         if self.delay:
             time.sleep(self.delay)
@@ -156,8 +161,10 @@ class FakeLLM:
 def fake_processor(cfg: vllm_runner.RunnerConfig, url: str, llm: FakeLLM | None = None) -> vllm_runner.Processor:
     """A runner :class:`~airflow_provider_synth.vllm_runner.Processor` over a :class:`FakeLLM`."""
     if llm is None:
+        die_after = os.environ.get("SYNTH_FAKE_VLLM_DIE_AFTER")
         llm = FakeLLM(delay=float(os.environ.get("SYNTH_FAKE_VLLM_DELAY", "0")),
-                      max_model_len=int(cfg.llm_kwargs.get("max_model_len") or 256))
+                      max_model_len=int(cfg.llm_kwargs.get("max_model_len") or 256),
+                      die_after=int(die_after) if die_after else None)
     vllm_runner.emit("loaded", model=cfg.model, vllm_version="fake", load_s=0.0)
     return vllm_runner.Processor(llm, cfg, make_sampling, FakePooling, KNOWN_SAMPLING)
 

@@ -1,0 +1,396 @@
+"""Offline batch inference with vLLM on the worker's own GPUs, same JSONL in and out as every backend.
+
+vLLM cannot share Airflow's environment, so the engine runs in a subprocess of a separate interpreter
+(``python``), driven by :mod:`airflow_provider_synth.vllm_runner`. Nothing here imports vLLM or torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_provider_synth.batch.jsonl import dumps, join_path, loads, open_path
+from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
+from airflow_provider_synth.batch.merge import ShardOutputs, merge_shards
+from airflow_provider_synth.batch.requests import CHAT, COMPLETIONS, EMBEDDINGS
+from airflow_provider_synth.batch.validate import validate_requests
+from airflow_provider_synth.exceptions import BatchFailedError, VLLMEngineError
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: The engine's own state inside the output folder: its raw output lines (the resume state) and a stamp of
+#: the input they answer.
+STATE_DIR = "_vllm"
+ENGINE_OUTPUT = "engine-output.jsonl"
+STATE_FILE = "state.json"
+EVENT_PREFIX = b'{"synth_vllm":'
+SERVED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
+
+
+@dataclass(frozen=True)
+class VLLMEngineConfig:
+    """Settings for ``vllm.LLM``. ``None`` leaves vLLM's default.
+
+    :param tensor_parallel_size: GPUs one model replica spans (on one node).
+    :param dtype: weights' dtype (``"auto"``, ``"bfloat16"``, ``"float16"``, ``"float32"``).
+    :param max_model_len: context length; lower it to fit the KV cache on a small GPU.
+    :param gpu_memory_utilization: share of GPU memory vLLM may take (on CPU: of RAM).
+    :param enforce_eager: skip CUDA graphs / torch.compile (faster start-up, slower decoding).
+    :param seed: the engine's random seed.
+    :param extra: anything else ``vllm.LLM`` takes (``quantization``, ``kv_cache_memory_bytes``, ``runner``...).
+    """
+
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    enforce_eager: bool = False
+    seed: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``vllm.LLM`` (JSON-serializable; the runner receives them in a file)."""
+        kwargs = {k: v for k, v in asdict(self).items() if k != "extra" and v is not None}
+        kwargs.update(self.extra)
+        return kwargs
+
+
+def gpu_pod_override(gpus: int = 1, *, image: str | None = None, memory: str | None = None,
+                     node_selector: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """An ``executor_config`` for the KubernetesExecutor: run the task in a pod that asks for ``gpus``
+    ``nvidia.com/gpu``. Needs the ``kubernetes`` client (installed with the cncf.kubernetes provider).
+
+    :param gpus: GPUs the pod requests and is limited to.
+    :param image: a worker image with both Airflow and the vLLM interpreter (default: the executor's).
+    :param memory: a memory request and limit, e.g. ``"64Gi"``.
+    :param node_selector: labels of the GPU node pool.
+    """
+    from kubernetes.client import models as k8s
+
+    limits = {"nvidia.com/gpu": str(gpus), **({"memory": memory} if memory else {})}
+    container = k8s.V1Container(name="base", image=image,
+                                resources=k8s.V1ResourceRequirements(requests=limits, limits=limits))
+    spec = k8s.V1PodSpec(containers=[container], node_selector=dict(node_selector) if node_selector else None)
+    return {"pod_override": k8s.V1Pod(spec=spec)}
+
+
+class VLLMBatchOperator(BaseOperator):
+    """Answer an OpenAI-format batch JSONL with a vLLM engine on this worker, and write the output folder.
+
+    The input is validated first (every problem named by file, line and custom_id, before the engine starts).
+    The engine runs in a subprocess of ``python`` (an interpreter with vLLM); it streams the requests in
+    chunks and appends its answers to ``<output_path>/_vllm/engine-output.jsonl`` as it goes, so a retried
+    task (or a new node) resumes where the last one stopped and never answers a request twice. At the end the
+    answers are merged into ``results.jsonl`` (input order), ``failures.jsonl`` and ``manifest.json``
+    (``backend: "vllm"``, usage totals), and the manifest is returned.
+
+    Placement: send the task to GPU workers with ``queue=`` (CeleryExecutor) or
+    ``executor_config=gpu_pod_override(...)`` (KubernetesExecutor); for data parallelism split the input with
+    the core and ``.expand()`` this operator over the shards.
+
+    .. seealso::
+        :ref:`howto/operator:VLLMBatchOperator`
+
+    :param input_path: the request JSONL (local path, URL or ObjectStoragePath); chat completions,
+        completions or embeddings.
+    :param output_path: the output folder (local path, URL or ObjectStoragePath).
+    :param model: a local path or model id the worker can load (weights are never downloaded by the tests).
+    :param engine: ``vllm.LLM`` settings (:class:`VLLMEngineConfig`).
+    :param sampling: default sampling parameters in vLLM's names (``max_tokens``, ``temperature``...); each
+        request's body overrides them. Without ``max_tokens`` a request may generate up to the context length,
+        as in the OpenAI API.
+    :param python: the interpreter that has vLLM (vLLM cannot share Airflow's environment).
+    :param chunk_size: requests per engine call and per flush of the answers (the most a kill can lose).
+    :param env: extra environment variables for the engine process (``CUDA_VISIBLE_DEVICES``,
+        ``HF_HUB_OFFLINE``...). Never logged.
+    :param work_dir: local scratch folder for copies of remote input/output (default: a temporary folder).
+    :param max_failed_ratio: the share of failed requests tolerated before the task fails.
+    :param checkpoint_interval: seconds between uploads of the engine's answers when ``output_path`` is
+        remote, so that a lost node costs at most this much work.
+    """
+
+    template_fields: Sequence[str] = ("input_path", "output_path", "model", "python")
+    ui_color = "#fdb515"
+
+    def __init__(
+        self,
+        *,
+        input_path: Any,
+        output_path: Any,
+        model: str,
+        engine: VLLMEngineConfig | None = None,
+        sampling: Mapping[str, Any] | None = None,
+        python: str = "python",
+        chunk_size: int = 1024,
+        env: Mapping[str, str] | None = None,
+        work_dir: str | None = None,
+        max_failed_ratio: float = 0.0,
+        checkpoint_interval: float = 300.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if not 0.0 <= max_failed_ratio <= 1.0:
+            raise ValueError(f"max_failed_ratio must be between 0 and 1, got {max_failed_ratio}")
+        self.input_path = input_path
+        self.output_path = output_path
+        self.model = model
+        self.engine = engine or VLLMEngineConfig()
+        self.sampling = dict(sampling or {})
+        self.python = python
+        self.chunk_size = chunk_size
+        self.env = dict(env or {})
+        self.work_dir = work_dir
+        self.max_failed_ratio = max_failed_ratio
+        self.checkpoint_interval = checkpoint_interval
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # ------------------------------------------------------------------------------------------------ execute
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        summary = validate_requests(self.input_path, name=str(self.input_path))
+        if summary.endpoint not in SERVED_ENDPOINTS:
+            raise ValueError(f"{self.input_path}: the vLLM backend serves {', '.join(SERVED_ENDPOINTS)}; "
+                             f"these requests use {summary.endpoint!r}")
+        python = self._resolve_python()
+        self.log.info("Validated %d %s requests in %s", summary.total, summary.endpoint, self.input_path)
+        with tempfile.TemporaryDirectory(prefix="synth-vllm-", dir=self.work_dir) as scratch:
+            work = _Workspace.create(self.input_path, self.output_path, Path(scratch))
+            work.restore_state(self._fingerprint(), self.log)
+            started = time.monotonic()
+            self._run_engine(python, work)
+            work.checkpoint()
+            elapsed = time.monotonic() - started
+        return self._finish(context, work, elapsed)
+
+    def _resolve_python(self) -> str:
+        found = shutil.which(self.python) or (self.python if os.access(self.python, os.X_OK) else None)
+        if found is None:
+            raise VLLMEngineError(f"the vLLM interpreter {self.python!r} does not exist or is not executable; "
+                                  "build one with scripts/install_vllm.sh and pass its bin/python as `python`")
+        return found
+
+    def _fingerprint(self) -> str:
+        """What the engine's saved answers depend on: the input's bytes, the model and the sampling."""
+        digest = hashlib.sha256(dumps([self.model, self.sampling, self.engine.llm_kwargs()]))
+        with open_path(self.input_path, "rb") as fp:
+            for block in iter(lambda: fp.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def _run_engine(self, python: str, work: _Workspace) -> None:
+        config = {"input": str(work.local_input), "output": str(work.local_output), "model": self.model,
+                  "llm_kwargs": self.engine.llm_kwargs(), "sampling": self.sampling,
+                  "chunk_size": self.chunk_size}
+        config_path = work.scratch / "runner.json"
+        config_path.write_bytes(dumps(config))
+        cmd = [python, "-m", "airflow_provider_synth.vllm_runner", "--config", str(config_path)]
+        self.log.info("Starting the vLLM engine: %s (model %s)", " ".join(cmd), self.model)
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env=self._runner_env(work.scratch), start_new_session=True)
+        relay = _Relay(self.log)
+        last_checkpoint = time.monotonic()
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            relay.line(line)
+            if work.remote and time.monotonic() - last_checkpoint > self.checkpoint_interval:
+                work.checkpoint()
+                last_checkpoint = time.monotonic()
+        rc = self._proc.wait()
+        self._proc = None
+        if rc != 0:
+            raise VLLMEngineError(relay.failure_message(rc))
+
+    def _runner_env(self, scratch: Path) -> dict[str, str]:
+        """The engine's environment: this provider's package, and nothing else of Airflow's, on its path."""
+        shim = scratch / "pythonpath"
+        shim.mkdir(exist_ok=True)
+        package = Path(__file__).resolve().parents[1]
+        (shim / package.name).symlink_to(package, target_is_directory=True)
+        env = {**os.environ, **self.env}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), self.env.get("PYTHONPATH")) if p)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _finish(self, context: Context, work: _Workspace, elapsed: float) -> dict[str, Any]:
+        paths = output_paths(self.output_path)
+        with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
+            acct = merge_shards([ShardOutputs(requests=self.input_path, outputs=[work.remote_output])],
+                                results, failures)
+        ti = context["ti"]
+        manifest = build_manifest(
+            backend="vllm", accounting=acct.as_dict(), output_dir=self.output_path, model=self.model,
+            batch_ids=[], cost_usd=None, engine_output_path=str(work.remote_output),
+            engine=self.engine.llm_kwargs(), elapsed_s=round(elapsed, 2),
+            requests_per_s=round(acct.total / elapsed, 2) if elapsed > 0 else None,
+            try_number=ti.try_number, dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
+            map_index=ti.map_index,
+        )
+        write_manifest(self.output_path, manifest)
+        self.log.info("vLLM batch: %d succeeded, %d failed, %d missing of %d; usage %s", acct.succeeded,
+                      acct.failed, acct.missing, acct.total, manifest["usage"])
+        failed_ratio = (acct.failed + acct.missing) / acct.total if acct.total else 0.0
+        if failed_ratio > self.max_failed_ratio:
+            raise BatchFailedError(
+                f"{acct.failed + acct.missing} of {acct.total} requests failed ({failed_ratio:.1%} > "
+                f"max_failed_ratio {self.max_failed_ratio:.1%}); see {paths['failures_path']}"
+            )
+        return manifest
+
+    def on_kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            self.log.info("Stopping the vLLM engine (pid %d)", proc.pid)
+            _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM the engine's process group (vLLM starts engine-core children), then SIGKILL after ``grace``."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class _Relay:
+    """Relays the engine's output to the task log: progress events as one readable line each, vLLM's own
+    log lines at debug level; keeps the last lines to explain a failure."""
+
+    def __init__(self, log: Any, keep: int = 30) -> None:
+        self.log = log
+        self.tail: deque[str] = deque(maxlen=keep)
+        self.error: dict[str, Any] | None = None
+
+    def line(self, raw: bytes) -> None:
+        if raw.startswith(EVENT_PREFIX):
+            try:
+                event = loads(raw)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                self.event(event)
+                return
+        text = raw.decode("utf-8", "replace").rstrip()
+        if text:
+            self.tail.append(text)
+            self.log.debug("vllm: %s", text)
+
+    def event(self, event: dict[str, Any]) -> None:
+        kind = event.pop("synth_vllm", None)
+        if kind == "progress":
+            self.log.info("vLLM progress: %d/%d requests (%d failed), %.1f requests/s, %.0f tokens/s",
+                          event["done"], event["total"], event["failed"], event["requests_per_s"],
+                          event["tokens_per_s"])
+        elif kind == "error":
+            self.error = event
+            self.log.error("vLLM engine: %s", event.get("message"))
+        else:
+            self.log.info("vLLM %s: %s", kind, event)
+
+    def failure_message(self, rc: int) -> str:
+        if self.error is not None:
+            head = f"the vLLM engine failed ({self.error.get('kind')}, exit code {rc}): {self.error.get('message')}"
+        else:
+            head = f"the vLLM engine exited with code {rc}"
+        return head + "\nlast engine output:\n" + "\n".join(self.tail)
+
+
+@dataclass
+class _Workspace:
+    """Where the engine reads and writes. Local output folders are used in place; remote ones (s3://...) get
+    a local working copy of the input and of the engine's answers, uploaded at checkpoints and at the end."""
+
+    scratch: Path
+    local_input: Path
+    local_output: Path
+    remote_output: Any
+    remote_state: Any
+    remote: bool
+
+    @classmethod
+    def create(cls, input_path: Any, output_path: Any, scratch: Path) -> _Workspace:
+        state_dir = join_path(output_path, STATE_DIR)
+        remote_output = join_path(state_dir, ENGINE_OUTPUT)
+        remote = _local_path(output_path) is None
+        local_input = _local_path(input_path)
+        if local_input is None:
+            local_input = scratch / "input.jsonl"
+            _copy(input_path, local_input)
+        local_output = scratch / ENGINE_OUTPUT if remote else Path(_local_path(remote_output) or "")
+        return cls(scratch, local_input, local_output, remote_output, join_path(state_dir, STATE_FILE), remote)
+
+    def restore_state(self, fingerprint: str, log: Any) -> None:
+        """Keep the saved answers if they answer this very input, model and sampling; else start afresh."""
+        saved = _read_json(self.remote_state)
+        if (saved or {}).get("fingerprint") != fingerprint and _exists(self.remote_output):
+            log.warning("The saved vLLM answers in %s were not made for this input, model and sampling: "
+                        "starting afresh", self.remote_output)
+            with open_path(self.remote_output, "wb"):
+                pass
+        if self.remote and _exists(self.remote_output):
+            _copy(self.remote_output, self.local_output)
+        self.local_output.parent.mkdir(parents=True, exist_ok=True)
+        with open_path(self.remote_state, "wb") as fp:
+            fp.write(dumps({"fingerprint": fingerprint}))
+
+    def checkpoint(self) -> None:
+        """Upload the complete lines of the local answers (a remote output folder only)."""
+        if not self.remote or not self.local_output.exists():
+            return
+        data = self.local_output.read_bytes()
+        with open_path(self.remote_output, "wb") as fp:
+            fp.write(data[: data.rfind(b"\n") + 1])
+
+
+def _local_path(path: Any) -> Path | None:
+    """The local filesystem path of ``path``, or None when it lives in object storage."""
+    protocol = getattr(path, "protocol", None)
+    if protocol is not None:
+        protocol = protocol[0] if isinstance(protocol, tuple | list) else protocol
+        return Path(str(getattr(path, "path", path))) if protocol in ("file", "local", "") else None
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    return None if "://" in text else Path(text)
+
+
+def _copy(src: Any, dst: Any) -> None:
+    with open_path(src, "rb") as fin, open_path(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def _exists(path: Any) -> bool:
+    try:
+        with open_path(path, "rb"):
+            return True
+    except (FileNotFoundError, OSError):
+        return False
+
+
+def _read_json(path: Any) -> dict[str, Any] | None:
+    try:
+        with open_path(path, "rb") as fp:
+            data = loads(fp.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+__all__ = ["VLLMBatchOperator", "VLLMEngineConfig", "gpu_pod_override"]

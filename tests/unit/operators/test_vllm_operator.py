@@ -1,0 +1,202 @@
+"""VLLMBatchOperator's orchestration: validation, the engine subprocess, resume state, merge and manifest.
+
+The engine is the real runner in a real subprocess with a fake ``LLM`` (airflow_provider_synth.testing.vllm);
+the tests with the real vLLM engine are in tests/integration/test_vllm_engine.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import fsspec
+import orjson
+import pytest
+
+from airflow_provider_synth.batch.errors import InvalidRequestsError
+from airflow_provider_synth.exceptions import BatchFailedError, VLLMEngineError
+from airflow_provider_synth.operators.vllm import VLLMBatchOperator, VLLMEngineConfig, gpu_pod_override
+from airflow_provider_synth.testing.vllm import write_fake_python
+
+
+def chat(cid: str, text: str, **params: object) -> dict:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 4, **params}
+    return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return b"".join(orjson.dumps(r) + b"\n" for r in rows)
+
+
+def read_lines(path: str) -> list[dict]:
+    with fsspec.open(path, "rb") as fp:
+        return [orjson.loads(x) for x in fp.read().splitlines() if x.strip()]
+
+
+@pytest.fixture
+def context() -> dict:
+    ti = SimpleNamespace(try_number=1, dag_id="d", task_id="t", run_id="r", map_index=-1)
+    return {"ti": ti}
+
+
+@pytest.fixture
+def fake_python(tmp_path: Path) -> str:
+    return write_fake_python(tmp_path / "vllm-python")
+
+
+@pytest.fixture
+def requests_file(tmp_path: Path) -> Path:
+    rows = [chat(f"r{i:03d}", f"question {i}") for i in range(60)]
+    rows[7]["body"]["temperature"] = -1
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl(rows))
+    return path
+
+
+def operator(input_path, output_path, python, **kwargs) -> VLLMBatchOperator:
+    kwargs.setdefault("max_failed_ratio", 0.05)
+    return VLLMBatchOperator(task_id="vllm", input_path=input_path, output_path=output_path, model="tiny",
+                             python=python, chunk_size=8, **kwargs)
+
+
+def test_runs_the_engine_and_writes_the_output_folder(requests_file, tmp_path, fake_python, context,
+                                                       capsys) -> None:
+    out = tmp_path / "out"
+    manifest = operator(str(requests_file), str(out), fake_python).execute(context)
+    assert manifest["backend"] == "vllm" and manifest["model"] == "tiny"
+    assert (manifest["total"], manifest["succeeded"], manifest["failed"], manifest["missing"]) == (60, 59, 1, 0)
+    assert manifest["duplicates"] == 0 and manifest["usage"]["requests"] == 59
+    assert manifest["usage"]["completion_tokens"] == 59 * 3 and manifest["usage"]["prompt_tokens"] == 59 * 2
+    results = read_lines(manifest["results_path"])
+    assert [r["custom_id"] for r in results] == [f"r{i:03d}" for i in range(60) if i != 7]
+    assert results[0]["response"]["body"]["choices"][0]["message"]["content"] == "echo: question 0"
+    [failure] = read_lines(manifest["failures_path"])
+    assert failure["custom_id"] == "r007" and failure["status_code"] == 400 and not failure["retryable"]
+    assert orjson.loads((out / "manifest.json").read_bytes())["succeeded"] == 59
+    assert "vLLM progress: 60/60 requests (1 failed)" in capsys.readouterr().out
+
+
+def test_over_max_failed_ratio_fails_after_writing_the_manifest(requests_file, tmp_path, fake_python,
+                                                                 context) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(BatchFailedError, match="1 of 60 requests failed"):
+        operator(str(requests_file), str(out), fake_python, max_failed_ratio=0.0).execute(context)
+    assert orjson.loads((out / "manifest.json").read_bytes())["failed"] == 1
+
+
+def test_invalid_input_fails_before_the_engine_starts(tmp_path, context) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl([chat("a", "hi"), {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
+                                             "body": {"model": "tiny"}}, chat("a", "again")]))
+    op = operator(str(bad), str(tmp_path / "out"), "/nonexistent/python")
+    with pytest.raises(InvalidRequestsError) as err:
+        op.execute(context)
+    assert "bad.jsonl:2 custom_id='b': body.messages is missing" in str(err.value)
+    assert "duplicate custom_id" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unserved_endpoint_fails_before_the_engine_starts(tmp_path, fake_python, context) -> None:
+    path = tmp_path / "resp.jsonl"
+    path.write_bytes(jsonl([{"custom_id": "a", "method": "POST", "url": "/v1/responses",
+                             "body": {"model": "tiny", "input": "hi"}}]))
+    with pytest.raises(ValueError, match="vLLM backend serves"):
+        operator(str(path), str(tmp_path / "out"), fake_python).execute(context)
+
+
+def test_missing_interpreter_is_a_clear_error(requests_file, tmp_path, context) -> None:
+    with pytest.raises(VLLMEngineError, match="does not exist or is not executable"):
+        operator(str(requests_file), str(tmp_path / "out"), str(tmp_path / "no-python")).execute(context)
+
+
+def test_interpreter_without_vllm_fails_before_any_request(requests_file, tmp_path, context) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(VLLMEngineError, match="vllm_missing, exit code 3.*vLLM is not importable"):
+        operator(str(requests_file), str(out), sys.executable).execute(context)
+    assert not (out / "_vllm" / "engine-output.jsonl").exists()
+
+
+def test_retry_resumes_from_the_saved_answers(requests_file, tmp_path, fake_python, context, monkeypatch,
+                                              capsys) -> None:
+    out = tmp_path / "out"
+    monkeypatch.setenv("SYNTH_FAKE_VLLM_DIE_AFTER", "3")
+    with pytest.raises(VLLMEngineError, match="engine, exit code 5"):
+        operator(str(requests_file), str(out), fake_python).execute(context)
+    saved = read_lines(str(out / "_vllm" / "engine-output.jsonl"))
+    assert [r["custom_id"] for r in saved] == [f"r{i:03d}" for i in range(24)]
+    monkeypatch.delenv("SYNTH_FAKE_VLLM_DIE_AFTER")
+    capsys.readouterr()
+    manifest = operator(str(requests_file), str(out), fake_python).execute(context)
+    assert "'already_done': 24" in capsys.readouterr().out
+    assert (manifest["succeeded"], manifest["failed"], manifest["duplicates"]) == (59, 1, 0)
+    ids = [r["custom_id"] for r in read_lines(str(out / "_vllm" / "engine-output.jsonl"))]
+    assert sorted(ids) == [f"r{i:03d}" for i in range(60)]
+
+
+def test_saved_answers_for_another_input_are_discarded(requests_file, tmp_path, fake_python, context) -> None:
+    out = tmp_path / "out"
+    operator(str(requests_file), str(out), fake_python).execute(context)
+    requests_file.write_bytes(jsonl([chat(f"r{i:03d}", f"changed {i}") for i in range(5)]))
+    manifest = operator(str(requests_file), str(out), fake_python).execute(context)
+    assert manifest["total"] == 5 and manifest["unknown"] == 0
+    first = read_lines(manifest["results_path"])[0]
+    assert first["response"]["body"]["choices"][0]["message"]["content"] == "echo: changed 0"
+
+
+def test_object_storage_input_and_output(tmp_path, fake_python, context) -> None:
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/synth-test/in.jsonl", jsonl([chat(f"m{i}", f"hello {i}") for i in range(20)]))
+    manifest = operator("memory://synth-test/in.jsonl", "memory://synth-test/out", fake_python,
+                        work_dir=str(tmp_path)).execute(context)
+    assert manifest["succeeded"] == 20 and manifest["results_path"] == "memory://synth-test/out/results.jsonl"
+    assert len(read_lines("memory://synth-test/out/_vllm/engine-output.jsonl")) == 20
+    assert [r["custom_id"] for r in read_lines(manifest["results_path"])] == [f"m{i}" for i in range(20)]
+    assert list(tmp_path.glob("synth-vllm-*")) == []  # the local scratch copy is cleaned up
+
+
+def test_on_kill_stops_the_engine(requests_file, tmp_path, fake_python, context, monkeypatch) -> None:
+    monkeypatch.setenv("SYNTH_FAKE_VLLM_DELAY", "0.5")
+    op = operator(str(requests_file), str(tmp_path / "out"), fake_python)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            op.execute(context)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while op._proc is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc = op._proc
+    op.on_kill()
+    thread.join(30)
+    assert not thread.is_alive() and proc is not None and proc.poll() is not None
+    assert errors and isinstance(errors[0], VLLMEngineError)
+
+
+def test_engine_config_kwargs() -> None:
+    cfg = VLLMEngineConfig(dtype="float32", max_model_len=512, extra={"quantization": "awq", "seed": 3})
+    assert cfg.llm_kwargs() == {"tensor_parallel_size": 1, "dtype": "float32", "max_model_len": 512,
+                                "enforce_eager": False, "quantization": "awq", "seed": 3}
+
+
+def test_constructor_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        VLLMBatchOperator(task_id="x", input_path="i", output_path="o", model="m", chunk_size=0)
+    with pytest.raises(ValueError, match="max_failed_ratio"):
+        VLLMBatchOperator(task_id="x", input_path="i", output_path="o", model="m", max_failed_ratio=2)
+
+
+def test_gpu_pod_override_asks_for_gpus() -> None:
+    pytest.importorskip("kubernetes")
+    pod = gpu_pod_override(2, memory="32Gi", node_selector={"pool": "gpu"})["pod_override"]
+    container = pod.spec.containers[0]
+    assert container.name == "base" and container.resources.limits == {"nvidia.com/gpu": "2", "memory": "32Gi"}
+    assert pod.spec.node_selector == {"pool": "gpu"}
