@@ -565,3 +565,19 @@ def test_one_server_can_be_the_upstream_of_another(batch_server_factory: Callabl
     done = wait(client, submit(client, chat_lines(5)).id)
     assert done.status == "completed" and done.request_counts is not None and done.request_counts.completed == 5
     assert upstream.counters["http_requests"]["POST /v1/chat/completions"] == 6, "5 requests + 1 retried 503"
+
+
+def test_bodies_carry_exactly_the_sdk_models_fields(batch_server: BatchServer) -> None:
+    client = client_for(batch_server)
+    uploaded = client.files.with_raw_response.create(file=("in.jsonl", jsonl(chat_lines(1))), purpose="batch")
+    file_json = json.loads(uploaded.text)
+    assert set(file_json) == set(FileObject.model_fields)
+    created = client.batches.with_raw_response.create(
+        input_file_id=file_json["id"], endpoint=CHAT, completion_window="24h")
+    assert set(json.loads(created.text)) == set(Batch.model_fields)
+    wait(client, json.loads(created.text)["id"])
+    done = json.loads(client.batches.with_raw_response.retrieve(json.loads(created.text)["id"]).text)
+    assert set(done) == set(Batch.model_fields)
+    assert Batch.model_validate(done).model_dump(exclude_unset=False).keys() == set(Batch.model_fields)
+    deleted = client.files.with_raw_response.delete(file_json["id"])
+    assert set(json.loads(deleted.text)) == set(FileDeleted.model_fields)
