@@ -263,6 +263,7 @@ class SynthBatchApp:
         app.router.add_post("/_synth/config", self.post_config)
         app.router.add_get("/_synth/counters", self.get_counters)
         app.router.add_post("/_synth/reset", self.post_reset)
+        app.router.add_post("/_synth/age", self.post_age)
         return app
 
     async def list_models(self, request: web.Request) -> web.Response:
@@ -433,6 +434,32 @@ class SynthBatchApp:
 
     async def get_counters(self, request: web.Request) -> web.Response:
         return _json(self.counters.snapshot())
+
+    def age(self, ids: list[str], seconds: float) -> list[str]:
+        """Move the timestamps of these files and batches ``seconds`` into the past (to test clean-ups by age).
+
+        :returns: the ids that were found.
+        """
+        shift, found = int(seconds), []
+        for object_id in ids:
+            if (file := self.store.files.get(object_id)) is not None:
+                file.created_at -= shift
+                self.store.save_file(file)
+            elif (batch := self.store.batches.get(object_id)) is not None:
+                for key, value in batch.api.items():
+                    if key.endswith("_at") and isinstance(value, int):
+                        batch.api[key] = value - shift
+                self.store.save_batch(batch)
+            else:
+                continue
+            found.append(object_id)
+        return found
+
+    async def post_age(self, request: web.Request) -> web.Response:
+        data = await request.json(loads=orjson.loads)
+        if not isinstance(data, dict) or not isinstance(data.get("ids"), list):
+            raise APIError(400, 'Expected {"ids": [...], "seconds": N}.', "invalid_value")
+        return _json({"aged": self.age([str(i) for i in data["ids"]], float(data.get("seconds", 0)))})
 
     async def post_reset(self, request: web.Request) -> web.Response:
         self.counters.reset()

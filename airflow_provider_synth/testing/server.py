@@ -162,6 +162,21 @@ class BatchServer:
         self.app.rules.set_outcomes([])
         self.app.rules.set_faults([])
 
+    def age(self, ids: list[str], seconds: float) -> list[str]:
+        """Move the timestamps of these files and batches ``seconds`` into the past; returns the ids found.
+
+        :param ids: file and batch ids.
+        :param seconds: how far back, e.g. ``10 * 86400`` to test a clean-up of objects older than a week.
+        """
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the server is not started")
+
+        async def run() -> list[str]:
+            return self.app.age(list(ids), seconds)
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
+
     def batch(self, batch_id: str) -> dict[str, Any]:
         """A copy of a batch as the API shows it."""
         return json.loads(json.dumps(self.app.store.batches[batch_id].api))

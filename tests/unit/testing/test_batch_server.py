@@ -581,3 +581,18 @@ def test_bodies_carry_exactly_the_sdk_models_fields(batch_server: BatchServer) -
     assert Batch.model_validate(done).model_dump(exclude_unset=False).keys() == set(Batch.model_fields)
     deleted = client.files.with_raw_response.delete(file_json["id"])
     assert set(json.loads(deleted.text)) == set(FileDeleted.model_fields)
+
+
+def test_age_moves_objects_into_the_past(batch_server: BatchServer) -> None:
+    client = client_for(batch_server)
+    batch = wait(client, submit(client, chat_lines(1)).id)
+    week = 7 * 86400
+    assert batch_server.age([batch.input_file_id, batch.id, "file-unknown"], week) == [batch.input_file_id, batch.id]
+    old_file, old_batch = client.files.retrieve(batch.input_file_id), client.batches.retrieve(batch.id)
+    assert old_file.created_at <= time.time() - week + 5
+    assert old_batch.created_at == batch.created_at - week and old_batch.completed_at == batch.completed_at - week  # type: ignore[operator]
+    req = urllib.request.Request(batch_server.url + "/_synth/age", data=json.dumps(
+        {"ids": [batch.output_file_id], "seconds": week}).encode(), headers={"api-key": "k"})
+    with urllib.request.urlopen(req) as resp:
+        assert json.loads(resp.read()) == {"aged": [batch.output_file_id]}
+    assert client.files.retrieve(batch.output_file_id).created_at <= time.time() - week + 5  # type: ignore[arg-type]
