@@ -21,12 +21,17 @@ def get_provider_info() -> dict[str, Any]:
                 "tags": ["ai", "llm", "batch"],
             }
         ],
-        "hooks": [],
+        "hooks": [
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.hooks.cortex"]},
+        ],
         "operators": [
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.vllm"]},
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.cortex"]},
         ],
         "sensors": [],
-        "triggers": [],
+        "triggers": [
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.triggers.cortex"]},
+        ],
         "extra-links": [],
         "connection-types": [],
     }
