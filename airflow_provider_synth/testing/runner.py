@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import orjson
 
@@ -139,8 +139,15 @@ def check_input(path: Path, endpoint: str, max_requests: int) -> InputCheck:
 
 
 def iter_items(path: Path, skip: int = 0) -> Generator[Item, None, None]:
-    """The request lines of an input file, after the first ``skip`` requests."""
-    with path.open("rb") as fp:
+    """The request lines of an input file, after the first ``skip`` requests.
+
+    The file is opened now, not at the first item, so it stays readable if it is deleted meanwhile.
+    """
+    return _items(path.open("rb"), skip)
+
+
+def _items(fp: BinaryIO, skip: int) -> Generator[Item, None, None]:
+    with fp:
         index = 0
         for lineno, raw in enumerate(fp, start=1):
             if not raw.strip():
@@ -362,6 +369,7 @@ class BatchRunner:
         batch.api["errors"] = {"object": "list", "data": problems}
         batch.set_status("failed", "failed_at")
         self.store.save_batch(batch)
+        self.store.release_input(batch)
         self.counters.inc("batches_failed")
 
     async def _validate(self, batch: BatchRecord) -> bool:
@@ -373,7 +381,7 @@ class BatchRunner:
             self._fail(batch, [{"code": "batch_failed", "message": "Injected batch failure.", "line": None}])
             return False
         if batch.api["request_counts"]["total"] == 0:
-            path = self.store.file_path(batch.api["input_file_id"])
+            path = self.store.input_path(batch)
             check = await asyncio.to_thread(check_input, path, normalize_endpoint(batch.api["endpoint"]), cfg.max_requests)
             if check.problems:
                 self._fail(batch, check.problems)
@@ -422,7 +430,7 @@ class BatchRunner:
         if max_chunk and chunk > max_chunk:
             chunk = max_chunk
             interval = interval * steps / math.ceil(total / chunk)
-        items = iter_items(self.store.file_path(batch.api["input_file_id"]), batch.processed)
+        items = iter_items(self.store.input_path(batch), batch.processed)
         try:
             while batch.processed < limit and batch.status == "in_progress":
                 await self._sleep(batch, interval)
@@ -472,8 +480,8 @@ class BatchRunner:
             await self._sleep(batch, cfg.finalizing_s)
         out_path, err_path = self.store.work_paths(batch.id)
         if rest is not None and batch.processed < total:
-            rest_lines = [null_line(item.custom_id, rest) for item in iter_items(self.store.file_path(
-                batch.api["input_file_id"]), batch.processed)]
+            rest_lines = [null_line(item.custom_id, rest)
+                          for item in iter_items(self.store.input_path(batch), batch.processed)]
             batch.err_bytes = await _append_thread(err_path, rest_lines)
         seed = f"{cfg.seed}:{batch.id}" if cfg.shuffle_output else None
         for key, path, size, name in (
@@ -491,6 +499,7 @@ class BatchRunner:
         batch.api["usage"] = batch.usage_api()
         batch.set_status(final, stamp)
         self.store.save_batch(batch)
+        self.store.release_input(batch)
         self.counters.inc(f"batches_{final}")
 
 

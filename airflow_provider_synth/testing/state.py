@@ -188,12 +188,30 @@ class Store:
         self._put("file", record.id, asdict(record))
 
     def delete_file(self, file_id: str) -> FileRecord | None:
+        """Delete a file; the content of an input file that a running batch still reads is kept until it ends."""
         record = self.files.pop(file_id, None)
         if record is not None:
             with self._lock:
                 self._db.execute("DELETE FROM records WHERE kind = 'file' AND id = ?", (file_id,))
-            self.file_path(file_id).unlink(missing_ok=True)
+            if any(b.api["input_file_id"] == file_id and b.status in ACTIVE_STATUSES for b in self.batches.values()):
+                self.file_path(file_id).replace(self.kept_input_path(file_id))
+            else:
+                self.file_path(file_id).unlink(missing_ok=True)
         return record
+
+    def kept_input_path(self, file_id: str) -> Path:
+        return self.work_dir / f"{file_id}.input"
+
+    def input_path(self, batch: BatchRecord) -> Path:
+        """The input file of a batch, also after the file was deleted while the batch ran."""
+        path = self.file_path(batch.api["input_file_id"])
+        return path if path.exists() else self.kept_input_path(batch.api["input_file_id"])
+
+    def release_input(self, batch: BatchRecord) -> None:
+        """Drop a kept input file once no running batch reads it."""
+        file_id = batch.api["input_file_id"]
+        if not any(b.api["input_file_id"] == file_id and b.status in ACTIVE_STATUSES for b in self.batches.values()):
+            self.kept_input_path(file_id).unlink(missing_ok=True)
 
     def add_batch(self, record: BatchRecord) -> BatchRecord:
         record.seq = next(self._seq)

@@ -596,3 +596,15 @@ def test_age_moves_objects_into_the_past(batch_server: BatchServer) -> None:
     with urllib.request.urlopen(req) as resp:
         assert json.loads(resp.read()) == {"aged": [batch.output_file_id]}
     assert client.files.retrieve(batch.output_file_id).created_at <= time.time() - week + 5  # type: ignore[arg-type]
+
+
+def test_deleting_the_input_file_of_a_running_batch_does_not_break_it(batch_server: BatchServer) -> None:
+    batch_server.configure(in_progress_s=0.4)
+    client = client_for(batch_server)
+    batch = submit(client, chat_lines(8))
+    assert client.files.delete(batch.input_file_id).deleted
+    done = wait(client, batch.id)
+    assert done.status == "completed" and done.request_counts is not None and done.request_counts.completed == 8
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(batch.input_file_id)
+    assert not list((batch_server.app.store.work_dir).glob("*.input")), "the kept copy is dropped at the end"
