@@ -180,7 +180,7 @@ class OpenAIBatchOperator(BaseOperator):
         work = join_path(output, "_work")
         source = self._source(work)
         split = split_requests(source, lambda i: open_path(join_path(work, f"shards/shard-{i:05d}-r0.jsonl"), "wb"),
-                               limits=self.limits, name=str(self.input_path or "requests"),
+                               limits=self.limits, name=str(source),
                                estimate_tokens=self.max_cost_usd is not None)
         ti = context["ti"]
         map_index = ti.map_index if ti.map_index is not None else -1

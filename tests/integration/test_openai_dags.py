@@ -133,7 +133,7 @@ def test_task_dies_after_create_and_retry_reattaches(airflow_db, openai_conn, tm
 
 
 @pytest.mark.integration
-def test_bad_input_fails_before_any_upload(airflow_db, openai_conn, tmp_path, monkeypatch, capfd) -> None:
+def test_bad_input_fails_before_any_upload(airflow_db, openai_conn, tmp_path, monkeypatch) -> None:
     from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator
 
     bad = tmp_path / "bad.jsonl"
@@ -142,12 +142,25 @@ def test_bad_input_fails_before_any_upload(airflow_db, openai_conn, tmp_path, mo
     bad.write_bytes(orjson.dumps(good) + b"\n{not json\n" + orjson.dumps(good) + b"\n"
                     + orjson.dumps({**good, "custom_id": "b", "url": "/v1/images"}) + b"\n")
     monkeypatch.setattr(OpenAIBatchOperator, "_source", lambda self, work: str(bad))
+    raised: list[str] = []
+    plan = OpenAIBatchOperator._plan
+
+    def spy(self, context):
+        try:
+            return plan(self, context)
+        except Exception as exc:
+            raised.append(f"{type(exc).__name__}: {exc}")
+            raise
+
+    monkeypatch.setattr(OpenAIBatchOperator, "_plan", spy)
     dr, ti = run_chat_dag(tmp_path / "out", monkeypatch)
     assert dr.state == "failed"
     c = openai_conn.counters
     assert c["files_created"] == 0 and c["batches_created"] == 0
-    logs = "".join(capfd.readouterr())
-    assert "InvalidRequestsError" in logs and f"{bad}:2" in logs and "unsupported url '/v1/images'" in logs
+    (error,) = raised
+    assert error.startswith("InvalidRequestsError: 3 invalid request(s), nothing was submitted")
+    assert f"{bad}:2: malformed JSON" in error and "duplicate custom_id (first used on line 1)" in error
+    assert f"{bad}:4 custom_id='b': unsupported url '/v1/images'" in error
 
 
 def test_bad_input_error_names_file_line_and_custom_id(tmp_path) -> None:
