@@ -64,7 +64,7 @@ class BatchServer:
         errors: list[BaseException] = []
 
         def serve() -> None:
-            loop = asyncio.new_event_loop()
+            loop = (_loop_factory() or asyncio.new_event_loop)()
             self._loop = loop
             asyncio.set_event_loop(loop)
             try:
@@ -267,8 +267,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(_serve(config, args.port_file))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(config, args.port_file))
     return 0
+
+
+def _loop_factory() -> Any:
+    """uvloop's event loop when it is installed (it serves polls about twice as fast), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":
