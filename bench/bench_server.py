@@ -142,7 +142,9 @@ def main() -> None:
             batch_id = client.batches.create(
                 input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h").id
             figures: dict[str, Any] = {"server_rss_idle_mb": round(idle_rss / 1e6, 1)}
+            cpu0 = sum(server.cpu_times()[:2])
             figures.update(asyncio.run(pollers(base_url, batch_id, args.pollers)))
+            figures["server_cpu_ms_per_poll"] = round((sum(server.cpu_times()[:2]) - cpu0) * 1000 / args.pollers, 3)
             figures.update(big_batch(client, tmp, args.requests, server))
         finally:
             proc.terminate()
