@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import shutil
 import tempfile
@@ -226,7 +227,7 @@ class SynthBatchApp:
         if not key:
             raise APIError(401, "You didn't provide an API key (Authorization: Bearer or api-key header).",
                            "missing_api_key")
-        if self.config.api_key is not None and key != self.config.api_key:
+        if self.config.api_key is not None and not hmac.compare_digest(key.encode(), self.config.api_key.encode()):
             raise APIError(401, "Incorrect API key provided.", "invalid_api_key")
 
     async def _apply_fault(self, request: web.Request, fault: Fault) -> web.StreamResponse | None:
