@@ -8,12 +8,18 @@ the connection's type: ``synth_openai`` and the official provider's ``openai`` t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import importlib
 import os
+import ssl
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
+import httpx2
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.sdk import BaseHook
 
@@ -67,6 +73,58 @@ def batch_summary(batch: Batch) -> dict[str, Any]:
         "error_file_id": batch.error_file_id,
         "errors": errors[:20],
     }
+
+
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """One TLS context per process, built the way ``httpx2`` builds its default (``SSL_CERT_FILE`` honoured).
+
+    Loading the CA bundle costs about 50 ms of CPU; an async client per trigger would pay it on the
+    triggerer's event loop every time (5 s of lag for 100 triggers starting together).
+    """
+    return httpx2.create_ssl_context()
+
+
+#: Requests one event loop's shared HTTP pool has in flight; more wait on a semaphore. Bounding them before
+#: the pool matters: httpcore scans its whole request queue on every assignment (quadratic with 1,000 queued
+#: polls), and thousands of simultaneous connects overflow a server's accept backlog.
+ASYNC_POOL_MAX_CONNECTIONS = 100
+
+
+class _LoopPool:
+    """The HTTP client and in-flight limit shared by the async hooks of one event loop."""
+
+    def __init__(self) -> None:
+        # the SDK's aiohttp transport: about half the CPU per request of the httpx2 one under concurrency
+        from openai import DefaultAioHttpClient
+
+        limits = httpx2.Limits(
+            max_connections=ASYNC_POOL_MAX_CONNECTIONS, max_keepalive_connections=ASYNC_POOL_MAX_CONNECTIONS
+        )
+        self.http_client: httpx2.AsyncClient = DefaultAioHttpClient(verify=shared_ssl_context(), limits=limits)
+        self.slots = asyncio.Semaphore(ASYNC_POOL_MAX_CONNECTIONS)
+
+
+_loop_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool] = weakref.WeakKeyDictionary()
+
+
+def _loop_pool() -> _LoopPool:
+    """The running loop's shared pool: one set of kept-alive connections whatever the number of triggers.
+
+    It holds no credentials: each hook's SDK client adds its own auth headers per request.
+    """
+    loop = asyncio.get_running_loop()
+    pool = _loop_pools.get(loop)
+    if pool is None or pool.http_client.is_closed:
+        pool = _loop_pools[loop] = _LoopPool()
+    return pool
+
+
+async def close_loop_pool() -> None:
+    """Close the running loop's shared HTTP pool (before the loop ends: scripts, tests). Hooks reopen one."""
+    pool = _loop_pools.pop(asyncio.get_running_loop(), None)
+    if pool is not None:
+        await pool.http_client.aclose()
 
 
 def redact(text: str, secrets: list[str]) -> str:
@@ -428,7 +486,9 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
     """The async side of :class:`OpenAIBatchHook`, for triggers: never blocks the event loop.
 
     The connection comes from the async lookup; the hook owns one ``AsyncOpenAI``/``AsyncAzureOpenAI``
-    (and, for Entra ID, one async credential) until :meth:`close`. Use it as ``async with``.
+    (and, for Entra ID, one async credential) until :meth:`close`. Use it as ``async with``. Unless
+    ``client_options`` gives an ``http_client``, requests go through one pooled HTTP client per event loop,
+    at most :data:`ASYNC_POOL_MAX_CONNECTIONS` in flight, so a thousand triggers do not open a thousand sockets.
 
     :param conn_id: id of a ``synth_openai``, ``synth_azure_openai`` or ``openai`` connection.
     :param client_options: extra keyword arguments for the async SDK client constructor.
@@ -446,6 +506,7 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
     ) -> None:
         super().__init__(conn_id, client_options=client_options, **kwargs)
         self._async_client: AsyncOpenAI | AsyncAzureOpenAI | None = None
+        self._slots: asyncio.Semaphore | None = None
 
     async def get_async_client(self) -> AsyncOpenAI | AsyncAzureOpenAI:
         """The async SDK client, built once from the async connection lookup."""
@@ -454,6 +515,9 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
 
             conn = await get_async_connection(self.conn_id, hook=self)
             kwargs = self._client_kwargs(conn, await get_async_extra_dejson(conn))
+            if "http_client" not in kwargs:
+                pool = _loop_pool()
+                kwargs["http_client"], self._slots = pool.http_client, pool.slots
             self._async_client = AsyncAzureOpenAI(**kwargs) if self._is_azure else AsyncOpenAI(**kwargs)
         return self._async_client
 
@@ -463,7 +527,8 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         :param batch_id: the batch id.
         """
         client = await self.get_async_client()
-        return await client.batches.retrieve(batch_id)
+        async with self._slots or contextlib.nullcontext():
+            return await client.batches.retrieve(batch_id)
 
     async def acancel_batch(self, batch_id: str) -> Batch:
         """Cancel a batch without blocking the loop.
@@ -471,14 +536,16 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         :param batch_id: the batch id.
         """
         client = await self.get_async_client()
-        return await client.batches.cancel(batch_id)
+        async with self._slots or contextlib.nullcontext():
+            return await client.batches.cancel(batch_id)
 
     async def close(self) -> None:
-        """Close the async client and credential (idempotent)."""
+        """Close the async client and credential (idempotent); the loop's shared HTTP pool stays open."""
         client, self._async_client = self._async_client, None
         credential, self._credential = self._credential, None
-        if client is not None:
+        if client is not None and self._slots is None:  # its own HTTP client, not the loop's shared one
             await client.close()
+        self._slots = None
         if credential is not None:
             await credential.close()
 

@@ -394,3 +394,19 @@ async def test_async_hook_closes_entra_credential(monkeypatch, api):
     assert api.seen[-1].headers["authorization"] == "Bearer async-token"
     await hook.close()
     assert closed == [True]
+
+
+async def test_async_hooks_share_one_pool_per_loop(openai_conn):
+    from airflow_provider_synth.hooks.openai import ASYNC_POOL_MAX_CONNECTIONS, close_loop_pool
+
+    first, second = OpenAIBatchAsyncHook(openai_conn), OpenAIBatchAsyncHook(openai_conn)
+    try:
+        c1, c2 = await first.get_async_client(), await second.get_async_client()
+        assert c1 is not c2 and c1._client is c2._client  # one HTTP pool, two SDK clients
+        assert first._slots is second._slots and first._slots._value == ASYNC_POOL_MAX_CONNECTIONS
+        await first.close()
+        assert not c2._client.is_closed  # closing a hook leaves the shared pool to the others
+    finally:
+        await second.close()
+        await close_loop_pool()
+    assert c2._client.is_closed

@@ -8,7 +8,12 @@ import openai
 import pytest
 from airflow.sdk import Connection, ObjectStoragePath
 
-from airflow_provider_synth.hooks.openai import AzureOpenAIBatchHook, OpenAIBatchAsyncHook, OpenAIBatchHook
+from airflow_provider_synth.hooks.openai import (
+    AzureOpenAIBatchHook,
+    OpenAIBatchAsyncHook,
+    OpenAIBatchHook,
+    close_loop_pool,
+)
 from airflow_provider_synth.testing.server import Outcome
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
@@ -18,6 +23,13 @@ API_KEY = "sk-server-SECRET-1357924680"
 def request_line(i: int) -> bytes:
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"say {i}"}]}
     return json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}).encode()
+
+
+@pytest.fixture(autouse=True)
+async def _close_shared_pool():
+    """Async hooks share one HTTP pool per loop; close it before the test's loop ends."""
+    yield
+    await close_loop_pool()
 
 
 @pytest.fixture
