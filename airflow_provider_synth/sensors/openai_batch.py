@@ -1,0 +1,145 @@
+"""Sensor that waits for OpenAI / Azure OpenAI batches submitted by an earlier task (``wait_for_completion=False``)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import time
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import conf
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
+
+from airflow_provider_synth.exceptions import BatchTimeoutError, TriggerEventError
+from airflow_provider_synth.hooks.openai import TERMINAL_STATUSES, OpenAIBatchHook, batch_summary
+from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: Extra seconds the deferral's hard timeout leaves after the trigger's own deadline, so the trigger's
+#: "timeout" event (with each batch's state) arrives before Airflow gives up on the trigger.
+_DEFER_GRACE_S = 300
+
+
+def resolve_batch_ids(value: Any) -> list[str]:
+    """Batch ids from a list, one id, a JSON/Python-literal string of either, or a manifest with ``batch_ids``.
+
+    :param value: what the DAG passed (often ``submit_task.output``, the submitting operator's manifest).
+    :raises ValueError: naming what was received when no batch id can be found.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] in "[{":
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = ast.literal_eval(text)  # a rendered Python repr of an XCom value
+        else:
+            value = [part.strip() for part in text.split(",")]
+    if isinstance(value, Mapping):
+        value = value.get("batch_ids")
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        ids = [str(v) for v in value if v]
+        if ids:
+            return ids
+    raise ValueError(f"no batch ids in {value!r}: pass a list of ids or a manifest with 'batch_ids'")
+
+
+class OpenAIBatchSensor(BaseSensorOperator):
+    """Wait until every batch reaches a terminal status; return each batch's final state.
+
+    Pairs with a submitting task run with ``wait_for_completion=False``: pass its manifest (``batch_ids``
+    key) or a list of ids. The sensor does not judge the outcome (a ``failed`` or ``expired`` batch is a
+    terminal state like ``completed``): the results step downloads, merges and applies ``max_failed_ratio``.
+    Deferrable mode defers :class:`~airflow_provider_synth.triggers.openai_batch.OpenAIBatchTrigger`; poke
+    mode polls with the sync hook. The sensor never cancels the batches: it does not own them.
+
+    :param batch_ids: batch ids, or a manifest dict / XCom holding ``batch_ids`` (templated).
+    :param conn_id: the connection the batches were created with (``synth_openai``, ``synth_azure_openai``
+        or ``openai``).
+    :param poll_interval: seconds between polls (also the poke interval).
+    :param deferrable: defer to the triggerer instead of holding a worker slot; default from
+        ``[operators] default_deferrable``.
+    :param max_consecutive_errors: transient polling errors in a row tolerated in deferrable mode.
+    :return: ``{batch_id: {"status", "request_counts", "output_file_id", "error_file_id", "errors"}}``.
+    """
+
+    template_fields: Sequence[str] = ("batch_ids",)
+
+    def __init__(
+        self,
+        *,
+        batch_ids: Any,
+        conn_id: str = OpenAIBatchHook.default_conn_name,
+        poll_interval: float = 60.0,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        max_consecutive_errors: int = 5,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("poke_interval", poll_interval)
+        super().__init__(**kwargs)
+        self.batch_ids = batch_ids
+        self.conn_id = conn_id
+        self.poll_interval = float(poll_interval)
+        self.deferrable = deferrable
+        self.max_consecutive_errors = max_consecutive_errors
+        self._states: dict[str, dict[str, Any]] = {}
+
+    @cached_property
+    def hook(self) -> OpenAIBatchHook:
+        """The sync hook used in poke mode."""
+        return OpenAIBatchHook(self.conn_id)
+
+    def _timeout_s(self) -> float:
+        timeout = self.timeout
+        return timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+
+    def execute(self, context: Context) -> Any:
+        ids = resolve_batch_ids(self.batch_ids)
+        self.log.info("Waiting for %d batch(es): %s", len(ids), ", ".join(ids))
+        if not self.deferrable:
+            return super().execute(context)
+        timeout_s = self._timeout_s()
+        self.defer(
+            trigger=OpenAIBatchTrigger(
+                conn_id=self.conn_id,
+                batch_ids=ids,
+                poll_interval=self.poll_interval,
+                end_time=time.time() + timeout_s,
+                max_consecutive_errors=self.max_consecutive_errors,
+                cancel_on_kill=False,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=timeout_s + _DEFER_GRACE_S),
+        )
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        """Retrieve the batches not yet terminal; done when all of them are."""
+        for batch_id in resolve_batch_ids(self.batch_ids):
+            if self._states.get(batch_id, {}).get("status") in TERMINAL_STATUSES:
+                continue
+            state = batch_summary(self.hook.get_batch(batch_id))
+            counts = state["request_counts"]
+            self.log.info(
+                "batch %s: %s, %d/%d completed, %d failed",
+                batch_id, state["status"], counts["completed"], counts["total"], counts["failed"],
+            )
+            self._states[batch_id] = state
+        done = all(s["status"] in TERMINAL_STATUSES for s in self._states.values())
+        return PokeReturnValue(is_done=done, xcom_value=dict(self._states) if done else None)
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Turn the trigger's terminal event into the batches' states, or a typed error."""
+        if not event or not isinstance(event.get("batches"), dict):
+            raise TriggerEventError(f"The batch trigger sent no usable event: {event!r}")
+        status, message = event.get("status"), event.get("message", "")
+        if status == "success":
+            self.log.info("%s", message)
+            return event["batches"]
+        if status == "timeout":
+            raise BatchTimeoutError(message)
+        raise TriggerEventError(f"Waiting for the batches failed ({status}): {message}")
