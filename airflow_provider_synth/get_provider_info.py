@@ -27,6 +27,7 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.vllm"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.cortex"]},
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.cleanup"]},
         ],
         "sensors": [],
         "triggers": [
