@@ -417,7 +417,7 @@ def load_processor(cfg: RunnerConfig, url: str) -> Processor:
     """Import vLLM and load the model; raise ``SystemExit`` with a clear event when either fails."""
     try:
         import vllm
-        from vllm import LLM, PoolingParams, SamplingParams
+        from vllm import LLM
     except ImportError as exc:
         emit("error", kind="vllm_missing", message=f"vLLM is not importable in {sys.executable}: {exc}. "
              "Point the operator's `python` at an interpreter with vLLM (scripts/install_vllm.sh builds one).")
@@ -435,6 +435,12 @@ def load_processor(cfg: RunnerConfig, url: str) -> Processor:
         raise SystemExit(EXIT_MODEL_LOAD) from None
     emit("loaded", model=cfg.model, vllm_version=vllm.__version__, load_s=round(time.monotonic() - started, 2),
          runner=kwargs.get("runner", "generate"))
+    return processor_for(llm, cfg)
+
+
+def processor_for(llm: Any, cfg: RunnerConfig) -> Processor:
+    """A :class:`Processor` over an already loaded ``vllm.LLM``."""
+    from vllm import PoolingParams, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
     def make_sampling(kwargs: dict[str, Any], structured: dict[str, Any] | None) -> Any:

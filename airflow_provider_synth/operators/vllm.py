@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from airflow_provider_synth.batch.jsonl import dumps, join_path, loads, open_path
-from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
+from airflow_provider_synth.batch.manifest import build_manifest, output_paths, read_manifest, write_manifest
 from airflow_provider_synth.batch.merge import ShardOutputs, merge_shards
 from airflow_provider_synth.batch.requests import CHAT, COMPLETIONS, EMBEDDINGS
+from airflow_provider_synth.batch.usage import Usage
 from airflow_provider_synth.batch.validate import validate_requests
 from airflow_provider_synth.exceptions import BatchFailedError, VLLMEngineError
 
@@ -85,6 +86,42 @@ def gpu_pod_override(gpus: int = 1, *, image: str | None = None, memory: str | N
                                 resources=k8s.V1ResourceRequirements(requests=limits, limits=limits))
     spec = k8s.V1PodSpec(containers=[container], node_selector=dict(node_selector) if node_selector else None)
     return {"pod_override": k8s.V1Pod(spec=spec)}
+
+
+def merge_output_folders(folders: Sequence[Any], output_path: Any, **extra: Any) -> dict[str, Any]:
+    """Concatenate the output folders of shards (each already merged and checked, in input order) into one
+    output folder, and write its manifest. Use it after ``.expand()``-ing an operator over shards.
+
+    :param folders: the shards' output folders, in shard order.
+    :param output_path: the combined output folder.
+    :param extra: more manifest keys (dag_id, run_id, ...).
+    :returns: the combined manifest.
+    """
+    usage = Usage()
+    counts = dict.fromkeys(("total", "succeeded", "failed", "missing", "retryable", "duplicates", "unknown"), 0)
+    batch_ids: list[str] = []
+    paths = output_paths(output_path)
+    with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
+        for folder in folders:
+            shard = read_manifest(folder)
+            for key in counts:
+                counts[key] += int(shard.get(key) or 0)
+            usage.add(Usage.from_dict(shard.get("usage") or {}))
+            batch_ids.extend(shard.get("batch_ids") or [])
+            _copy_into(shard["results_path"], results)
+            _copy_into(shard["failures_path"], failures)
+    if counts["succeeded"] + counts["failed"] + counts["missing"] != counts["total"]:
+        raise BatchFailedError(f"the shards' manifests do not add up: {counts}")
+    manifest = build_manifest(backend=extra.pop("backend", "vllm"), accounting={**counts, "usage": usage.as_dict()},
+                              output_dir=output_path, batch_ids=batch_ids, shards=len(folders),
+                              shard_output_paths=[str(f) for f in folders], **extra)
+    write_manifest(output_path, manifest)
+    return manifest
+
+
+def _copy_into(src: Any, fout: Any) -> None:
+    with open_path(src, "rb") as fin:
+        shutil.copyfileobj(fin, fout, 1 << 20)
 
 
 class VLLMBatchOperator(BaseOperator):
@@ -393,4 +430,4 @@ def _read_json(path: Any) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-__all__ = ["VLLMBatchOperator", "VLLMEngineConfig", "gpu_pod_override"]
+__all__ = ["VLLMBatchOperator", "VLLMEngineConfig", "gpu_pod_override", "merge_output_folders"]

@@ -1,0 +1,121 @@
+"""Requests per second through our vLLM runner vs ``LLM.chat`` directly on all requests at once.
+
+Same inputs, same engine, same process: one ``vllm.LLM`` is loaded, then the same request file is answered
+(1) by one direct ``LLM.chat`` call on every request (only the call is timed: the strictest baseline) and
+(2) by the runner end to end (read the JSONL, resume check, chunked engine calls, output lines appended,
+flushed and fsynced per chunk). The runs alternate, best of ``--repeats`` each. Run it with the vLLM
+interpreter, the repository on the path::
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 .venv-vllm/bin/python bench/bench_vllm.py            # tiny random Llama, CPU
+    PYTHONPATH=. .venv-vllm/bin/python bench/bench_vllm.py --model Qwen/Qwen2.5-1.5B-Instruct --dtype bfloat16
+
+The last line is one JSON object with ``runner_rps``, ``direct_rps`` and ``ratio`` (target >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_requests(path: Path, n: int, max_tokens: int) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(n):
+        body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0.8, "seed": i,
+                "messages": [{"role": "system", "content": "You write short product descriptions."},
+                             {"role": "user", "content": f"Describe product number {i} in a few words."}]}
+        rows.append({"custom_id": f"bench-{i:06d}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return rows
+
+
+def direct(llm: Any, rows: list[dict[str, Any]]) -> tuple[float, int]:
+    from vllm import SamplingParams
+
+    messages = [r["body"]["messages"] for r in rows]
+    params = [SamplingParams(max_tokens=r["body"]["max_tokens"], temperature=r["body"]["temperature"],
+                             seed=r["body"]["seed"]) for r in rows]
+    started = time.perf_counter()
+    outs = llm.chat(messages, params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def through_runner(llm: Any, src: Path, work: Path, model: str, chunk_size: int) -> tuple[float, int]:
+    from airflow_provider_synth import vllm_runner
+
+    out = work / f"out-{time.monotonic_ns()}.jsonl"
+    cfg = vllm_runner.RunnerConfig(input=str(src), output=str(out), model=model, chunk_size=chunk_size)
+    processor = vllm_runner.processor_for(llm, cfg)
+    started = time.perf_counter()
+    code = vllm_runner.run(cfg, lambda c, url: processor)
+    elapsed = time.perf_counter() - started
+    assert code == 0, code
+    answered = out.read_bytes().count(b"\n")
+    assert answered == sum(1 for _ in src.open("rb")), "the runner did not answer every request"
+    return elapsed, processor.tally.completion_tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model path or id (default: a tiny random Llama built here)")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="KV cache size (CPU builds)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
+    model = args.model
+    if model is None:
+        sys.path.insert(0, str(REPO / "tests"))
+        from vllm_tiny_model import build
+
+        model = str(build(work / "tiny-llama"))
+    src = work / "requests.jsonl"
+    rows = make_requests(src, args.requests, args.max_tokens)
+
+    from vllm import LLM
+
+    started = time.perf_counter()
+    llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
+              kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)))
+    load_s = time.perf_counter() - started
+    llm.chat([r["body"]["messages"] for r in rows[:64]], use_tqdm=False)  # warm-up
+
+    directs, runners = [], []
+    for _ in range(args.repeats):
+        directs.append(direct(llm, rows))
+        runners.append(through_runner(llm, src, work, model, args.chunk_size))
+        print(f"direct {directs[-1][0]:.2f} s, runner {runners[-1][0]:.2f} s", file=sys.stderr)
+    d_s, d_tok = min(directs)
+    r_s, r_tok = min(runners)
+    result = {
+        "bench": "vllm_runner_vs_direct_chat",
+        "model": args.model or "tiny random Llama (2 layers, hidden 128), built at run time",
+        "device": os.environ.get("BENCH_DEVICE", "cpu"),
+        "requests": args.requests, "max_tokens": args.max_tokens, "chunk_size": args.chunk_size,
+        "repeats": args.repeats, "engine_load_s": round(load_s, 1),
+        "direct_s": round(d_s, 3), "runner_s": round(r_s, 3),
+        "direct_rps": round(args.requests / d_s, 1), "runner_rps": round(args.requests / r_s, 1),
+        "direct_tokens_per_s": round(d_tok / d_s, 1), "runner_tokens_per_s": round(r_tok / r_s, 1),
+        "ratio": round(d_s / r_s, 3),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":  # vLLM starts its engine process with spawn: this guard is required
+    main()

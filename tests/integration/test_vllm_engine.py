@@ -1,0 +1,164 @@
+"""VLLMBatchOperator with the real vLLM engine (CPU build) and a tiny random Llama built at test time.
+
+Needs the vLLM interpreter (``make vllm-venv`` builds ``.venv-vllm``); skipped without it. Every engine start
+costs 30-60 s on CPU, so each test shares as much as it can with one run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import orjson
+import pytest
+
+from airflow_provider_synth.exceptions import VLLMEngineError
+from airflow_provider_synth.operators.vllm import VLLMBatchOperator, VLLMEngineConfig
+
+REPO = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no vLLM interpreter: run `make vllm-venv`"),
+]
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# float32 on CPU; a small fixed KV cache (vLLM's CPU default takes a share of RAM other processes need);
+# eager mode halves start-up (no torch.compile) at the same speed for a model this small
+ENGINE = VLLMEngineConfig(dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+                          extra={"kv_cache_memory_bytes": 256 << 20})
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("tiny-llama")
+    subprocess.run([str(VLLM_PYTHON), str(REPO / "tests" / "vllm_tiny_model.py"), str(out)], check=True,
+                   env={**os.environ, **ENV}, capture_output=True, timeout=300)
+    return str(out)
+
+
+def chat(cid: str, text: str, **params: object) -> dict:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": text}], **params}
+    return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def lines(path: str | Path) -> list[dict]:
+    return [orjson.loads(x) for x in Path(path).read_bytes().splitlines() if x.strip()]
+
+
+def context() -> dict:
+    return {"ti": SimpleNamespace(try_number=1, dag_id="d", task_id="t", run_id="r", map_index=-1)}
+
+
+def make_operator(tiny_model: str, input_path: Path, output_path: Path, **kwargs) -> VLLMBatchOperator:
+    return VLLMBatchOperator(task_id="vllm", input_path=str(input_path), output_path=str(output_path),
+                             model=tiny_model, engine=ENGINE, python=str(VLLM_PYTHON), env=ENV, **kwargs)
+
+
+def test_example_dag_answers_every_request_once(airflow_db, tiny_model, tmp_path, monkeypatch) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("SYNTH_OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setenv("SYNTH_VLLM_MODEL", tiny_model)
+    monkeypatch.setenv("SYNTH_VLLM_PYTHON", str(VLLM_PYTHON))
+    bag = DagBag()
+    assert not bag.import_errors, bag.import_errors
+    dag = bag.get_dag("example_vllm_batch")
+    task = dag.get_task("synthesize")
+    task.engine, task.env, task.chunk_size = ENGINE, ENV, 64
+    dr = dag.test(run_conf={"n_records": 300})
+    assert dr.state == "success"
+    manifest = dr.get_task_instance("synthesize").xcom_pull(task_ids="synthesize")
+    assert manifest["backend"] == "vllm"
+    assert (manifest["total"], manifest["succeeded"], manifest["failed"], manifest["missing"]) == (300, 300, 0, 0)
+    assert manifest["duplicates"] == 0 and manifest["unknown"] == 0
+    results = lines(manifest["results_path"])
+    assert [r["custom_id"] for r in results] == [f"product-{i:05d}" for i in range(300)]
+    body = results[0]["response"]["body"]
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert 0 < body["usage"]["completion_tokens"] <= 48  # the request's max_tokens beats the default 256
+    usage = manifest["usage"]
+    assert usage["requests"] == 300
+    assert usage["prompt_tokens"] == sum(r["response"]["body"]["usage"]["prompt_tokens"] for r in results)
+    assert usage["completion_tokens"] == sum(r["response"]["body"]["usage"]["completion_tokens"] for r in results)
+
+
+def test_kill_mid_run_then_retry_answers_every_id_exactly_once(tiny_model, tmp_path) -> None:
+    rows = [chat(f"r{i:04d}", f"Write about item {i}.", max_tokens=64, temperature=0.8, seed=i) for i in range(400)]
+    rows[5]["body"]["temperature"] = -1                            # refused by SamplingParams
+    rows[77]["body"]["messages"][0]["content"] = "word " * 400     # over max_model_len
+    rows[301]["body"]["n"] = 0                                      # refused by SamplingParams
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    out = tmp_path / "out"
+    engine_output = out / "_vllm" / "engine-output.jsonl"
+
+    first = make_operator(tiny_model, src, out, chunk_size=16, max_failed_ratio=0.01)
+    errors: list[BaseException] = []
+
+    def run_first() -> None:
+        try:
+            first.execute(context())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run_first)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and thread.is_alive():
+        if engine_output.exists() and engine_output.read_bytes().count(b"\n") >= 48:
+            break
+        time.sleep(0.02)
+    proc = first._proc
+    assert proc is not None, "the engine finished or never started before the kill"
+    os.killpg(proc.pid, signal.SIGKILL)  # a lost node: no clean shutdown, maybe a torn last line
+    thread.join(60)
+    assert errors and isinstance(errors[0], VLLMEngineError)
+    answered_before = engine_output.read_bytes().count(b"\n")
+    assert 48 <= answered_before < 400
+
+    manifest = make_operator(tiny_model, src, out, chunk_size=64, max_failed_ratio=0.01).execute(context())
+    assert (manifest["total"], manifest["succeeded"], manifest["failed"], manifest["missing"]) == (400, 397, 3, 0)
+    assert manifest["duplicates"] == 0
+    saved = [r["custom_id"] for r in lines(engine_output)]
+    assert len(saved) == 400 and sorted(saved) == [r["custom_id"] for r in rows]  # each id written once
+    assert [r["custom_id"] for r in lines(manifest["results_path"])] == [
+        r["custom_id"] for i, r in enumerate(rows) if i not in (5, 77, 301)]
+    failures = {f["custom_id"]: f for f in lines(manifest["failures_path"])}
+    assert set(failures) == {"r0005", "r0077", "r0301"}
+    assert failures["r0077"]["error"]["code"] == "context_length_exceeded"
+    assert "temperature" in failures["r0005"]["error"]["message"]
+    assert all(f["status_code"] == 400 and not f["retryable"] for f in failures.values())
+    assert manifest["usage"]["requests"] == 397 and manifest["usage"]["completion_tokens"] > 397
+
+
+def test_embeddings(tiny_model, tmp_path) -> None:
+    rows = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+             "body": {"model": "tiny", "input": [f"text {i}", "another text"] if i % 3 == 0 else f"text {i}"}}
+            for i in range(40)]
+    rows[1]["body"]["encoding_format"] = "base64"
+    src = tmp_path / "emb.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    manifest = make_operator(tiny_model, src, tmp_path / "out", chunk_size=16).execute(context())
+    assert (manifest["total"], manifest["succeeded"]) == (40, 40)
+    results = lines(manifest["results_path"])
+    assert [r["custom_id"] for r in results] == [f"e{i}" for i in range(40)]
+    first = results[0]["response"]["body"]
+    assert first["object"] == "list" and len(first["data"]) == 2 and len(first["data"][0]["embedding"]) == 128
+    assert isinstance(results[1]["response"]["body"]["data"][0]["embedding"], str)
+    assert manifest["usage"]["prompt_tokens"] > 0 and manifest["usage"]["completion_tokens"] == 0
+
+
+def test_a_model_that_cannot_load_fails_before_any_request(tmp_path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["NoSuchModel"], "model_type": "no-such"}')
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(orjson.dumps(chat("a", "hi")) + b"\n")
+    with pytest.raises(VLLMEngineError, match="model_load.*could not load model"):
+        make_operator(str(broken), src, tmp_path / "out").execute(context())
+    assert not (tmp_path / "out" / "_vllm" / "engine-output.jsonl").exists()
