@@ -23,16 +23,85 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "hooks": [
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.hooks.cortex"]},
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.hooks.openai"]},
         ],
         "operators": [
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.vllm"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.cortex"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.cleanup"]},
         ],
-        "sensors": [],
+        "sensors": [
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.sensors.openai_batch"]},
+        ],
         "triggers": [
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.triggers.cortex"]},
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.triggers.openai_batch"]},
         ],
-        "extra-links": [],
-        "connection-types": [],
+        "extra-links": ["airflow_provider_synth.links.OpenAIBatchLink"],
+        "connection-types": [
+            # OpenAI / Azure OpenAI Batch API; every field is documented in docs/connections.md
+            {
+                "hook-class-name": "airflow_provider_synth.hooks.openai.OpenAIBatchHook",
+                "hook-name": "OpenAI Batch (synth)",
+                "connection-type": "synth_openai",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login"],
+                    "relabeling": {"password": "API Key", "host": "Base URL"},
+                    "placeholders": {"host": "https://api.openai.com/v1 (leave empty for OpenAI)"},
+                },
+                "conn-fields": {
+                    "organization": {"label": "Organization", "schema": {"type": ["string", "null"]}},
+                    "project": {"label": "Project", "schema": {"type": ["string", "null"]}},
+                    "timeout": {
+                        "label": "Request timeout (s)",
+                        "schema": {"type": ["number", "null"]},
+                        "description": "Timeout of one API request; the SDK default is 600 s.",
+                    },
+                    "max_retries": {
+                        "label": "Max retries",
+                        "schema": {"type": ["integer", "null"], "minimum": 0},
+                        "description": "SDK retries on connection errors, 408, 409, 429 and 5xx (default 2).",
+                    },
+                },
+            },
+            {
+                "hook-class-name": "airflow_provider_synth.hooks.openai.AzureOpenAIBatchHook",
+                "hook-name": "Azure OpenAI Batch (synth)",
+                "connection-type": "synth_azure_openai",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login"],
+                    "relabeling": {"password": "API Key (empty for Entra ID)", "host": "Azure endpoint"},
+                    "placeholders": {"host": "https://<resource>.openai.azure.com"},
+                },
+                "conn-fields": {
+                    "api_version": {"label": "API version", "schema": {"type": "string"}},
+                    "tenant_id": {"label": "Entra ID tenant id", "schema": {"type": ["string", "null"]}},
+                    "client_id": {
+                        "label": "Entra ID client id",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Service principal (with client secret) or user-assigned managed identity.",
+                    },
+                    "client_secret": {
+                        "label": "Entra ID client secret",
+                        "schema": {"type": ["string", "null"], "format": "password"},
+                    },
+                    "managed_identity_client_id": {
+                        "label": "Managed identity client id",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "token_scope": {
+                        "label": "Token scope",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Default https://cognitiveservices.azure.com/.default",
+                    },
+                    "resource_id": {
+                        "label": "Resource id (for dashboard links)",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "/subscriptions/.../providers/Microsoft.CognitiveServices/accounts/<name>",
+                    },
+                    "timeout": {"label": "Request timeout (s)", "schema": {"type": ["number", "null"]}},
+                    "max_retries": {"label": "Max retries", "schema": {"type": ["integer", "null"], "minimum": 0}},
+                },
+            },
+        ],
     }

@@ -215,6 +215,9 @@ class OpenAIBatchHook(BaseHook):
         Also records which secrets to redact and whether the connection is Azure.
         """
         conn_type = (conn.conn_type or "").replace("-", "_")
+        # form fields may arrive prefixed (``extra__<conn_type>__<name>``) from older Airflow UIs
+        prefix = f"extra__{conn_type}__"
+        extras = {k.removeprefix(prefix): v for k, v in extras.items()}
         if conn_type in AZURE_CONN_TYPES:
             self._is_azure = True
             kwargs = self._azure_kwargs(conn, extras)
@@ -318,6 +321,12 @@ class OpenAIBatchHook(BaseHook):
     def client(self) -> OpenAI | AzureOpenAI:
         """The sync SDK client, built on first use."""
         return self.get_conn()
+
+    @cached_property
+    def resource_id(self) -> str | None:
+        """Azure only: the ARM id of the resource (extra ``resource_id``), for dashboard links."""
+        extras = self.get_connection(self.conn_id).extra_dejson
+        return extras.get("resource_id") or extras.get("extra__synth_azure_openai__resource_id") or None
 
     @property
     def is_azure(self) -> bool:

@@ -98,6 +98,15 @@ def test_official_openai_conn_type_works(monkeypatch):
     assert client.max_retries == 7 and client.api_key == API_KEY
 
 
+def test_prefixed_form_extras_are_read(monkeypatch):
+    set_conn(monkeypatch, "az", conn_type="synth_azure_openai", password=API_KEY, host="r.openai.azure.com",
+             extra={"extra__synth_azure_openai__api_version": "2024-10-21",
+                    "extra__synth_azure_openai__resource_id": "/subscriptions/s/x"})
+    hook = AzureOpenAIBatchHook("az")
+    assert hook.client._api_version == "2024-10-21"
+    assert hook.resource_id == "/subscriptions/s/x"
+
+
 def test_host_without_scheme_gets_https(monkeypatch):
     set_conn(monkeypatch, "c", conn_type="synth_openai", password=API_KEY, host="gateway.example.com/v1")
     assert str(OpenAIBatchHook("c").client.base_url) == "https://gateway.example.com/v1/"
