@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import dag, task
@@ -47,6 +48,8 @@ def example_cortex_synthesis() -> None:
         snowflake_conn_id="snowflake_default",
         chunk_size=4,  # rows per AI_COMPLETE statement; thousands in real runs
         max_failed_ratio=0.2,
+        retries=2,  # a retry answers only the rows still missing: nothing is paid twice
+        retry_delay=timedelta(seconds=5),
     )
     # [END howto_operator_cortex]
 

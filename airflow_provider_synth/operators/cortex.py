@@ -134,15 +134,17 @@ class CortexBatchOperator(BaseOperator):
         key = run_key(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, fingerprint, model)
         return StagingTables(self.staging.database, self.staging.schema, f"{self.staging.table_prefix}_{key}")
 
-    def _stage_file(self, hook: CortexHook, context: Context) -> tuple[StagingTables, str, int]:
+    def _stage_file(self, hook: CortexHook, context: Context, stage: bool = True) -> tuple[StagingTables, str, int]:
         """Validate the JSONL (nothing runs in Snowflake before it passes), then bulk-load it unless an earlier
-        try already did."""
+        try already did (``stage=False``: only find the run's tables)."""
         check = cortex.check_requests(self.requests_path)
         try:
             model = cortex.check_model(self.model or check.model, self.extra_models)
         except ValueError as exc:
             raise InvalidRequestsError([Problem(str(self.requests_path), 0, None, str(exc))]) from None
         tables = self._tables(context, check.fingerprint, model)
+        if not stage:
+            return tables, model, check.total
         hook.run_statements(tables.create())
         if hook.fetch_all(tables.count_requests())[0][0] != check.total:
             hook.run_statements([tables.truncate_requests()])
@@ -151,7 +153,7 @@ class CortexBatchOperator(BaseOperator):
             self.log.info("Staged %d requests into %s", written, tables.requests)
         return tables, model, check.total
 
-    def _stage_table(self, hook: CortexHook, context: Context) -> tuple[StagingTables, str, int]:
+    def _stage_table(self, hook: CortexHook, context: Context, stage: bool = True) -> tuple[StagingTables, str, int]:
         """Check the source table's ids and prompts in Snowflake, then copy it server-side into staging."""
         src = self.source_table
         assert src is not None and self.model
@@ -163,6 +165,8 @@ class CortexBatchOperator(BaseOperator):
         cortex.table_problems(src.table, counts, [(r[0], int(r[1])) for r in hook.fetch_all(dups_sql)])
         fingerprint = json.dumps([asdict(src) | {"params": dict(src.params)}, counts["rows"]], sort_keys=True)
         tables = self._tables(context, fingerprint, model)
+        if not stage:
+            return tables, model, counts["rows"]
         hook.run_statements(tables.create())
         if hook.fetch_all(tables.count_requests())[0][0] != counts["rows"]:
             hook.run_statements([tables.truncate_requests(), src.stage(tables, params, rf)])
@@ -190,11 +194,29 @@ class CortexBatchOperator(BaseOperator):
             waiting.append(qid)
         return waiting, first
 
+    def _stage(self, hook: CortexHook, context: Context, stage: bool = True) -> tuple[StagingTables, str, int]:
+        if self.requests_path is not None:
+            return self._stage_file(hook, context, stage)
+        return self._stage_table(hook, context, stage)
+
+    def _recover_run(self, context: Context) -> dict[str, Any]:
+        """The run's state, found again from the input and the statements table. Airflow's ``dag.test()``
+        (3.3) resumes a deferred task with the trigger event only, dropping the ``kwargs`` given to ``defer``."""
+        self.log.warning("Resumed without the deferral's kwargs; finding the run's tables again")
+        hook = self._hook(context)
+        try:
+            tables, model, total = self._stage(hook, context, stage=False)
+            recorded = hook.fetch_all(tables.recorded_statements())
+        finally:
+            hook.close()
+        first = min((float(t) for _, _, t in recorded), default=time.time())
+        return {"tables": asdict(tables), "model": model, "total": total,
+                "query_ids": [str(q) for _, q, _ in recorded], "end_time": first + self.timeout}
+
     def execute(self, context: Context) -> dict[str, Any]:
         hook = self._hook(context)
         try:
-            tables, model, total = (self._stage_file if self.requests_path is not None else self._stage_table)(
-                hook, context)
+            tables, model, total = self._stage(hook, context)
             self._query_ids, first = self._submit(hook, tables, model, context["ti"].try_number)
         finally:
             hook.close()
@@ -235,8 +257,9 @@ class CortexBatchOperator(BaseOperator):
     def execute_complete(self, context: Context, event: Mapping[str, Any] | None = None,
                          run: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger: read the answers back, or cancel at the deadline."""
-        if not event or not run or event.get("status") not in ("success", "error", "timeout"):
+        if not event or event.get("status") not in ("success", "error", "timeout"):
             raise TriggerEventError(f"CortexStatementTrigger sent an unusable event: {event!r}")
+        run = run or self._recover_run(context)
         if event["status"] == "error":
             raise TriggerEventError(f"Polling the Cortex statements failed: {event.get('message')}. A retry "
                                     "re-attaches to statements still running.")
@@ -298,13 +321,14 @@ class CortexBatchOperator(BaseOperator):
                 for shard in self._blocks(hook, tables, run["model"]):
                     merge_shard(shard, results, failures, acct)
             acct.check()
+            query_ids = [str(q) for _, q, _ in hook.fetch_all(tables.recorded_statements())]
             failed_ratio = (acct.failed + acct.missing) / acct.total if acct.total else 0.0
             ok = failed_ratio <= self.max_failed_ratio
             if ok and not self.keep_staging_tables:
                 hook.run_statements(tables.drop())
         finally:
             hook.close()
-        manifest = self._manifest(context, run, statuses, acct)
+        manifest = self._manifest(context, run, query_ids, statuses, acct)
         write_manifest(self.output_path, manifest)
         self.log.info("Cortex batch: %d succeeded, %d failed, %d missing of %d", acct.succeeded, acct.failed,
                       acct.missing, acct.total)
@@ -316,13 +340,15 @@ class CortexBatchOperator(BaseOperator):
             )
         return manifest
 
-    def _manifest(self, context: Context, run: Mapping[str, Any], statuses: Mapping[str, Any],
-                  acct: Accounting) -> dict[str, Any]:
+    def _manifest(self, context: Context, run: Mapping[str, Any], query_ids: list[str],
+                  statuses: Mapping[str, Any], acct: Accounting) -> dict[str, Any]:
+        """The manifest: ``query_ids`` holds every statement of the run (all tries), ``statements`` the final
+        state of those this try waited for."""
         ti = context["ti"]
         tables = StagingTables(**run["tables"])
         return build_manifest(
             backend="cortex", accounting=acct.as_dict(), output_dir=self.output_path,
-            model=run["model"], query_ids=list(run["query_ids"]), statements=dict(statuses),
+            model=run["model"], query_ids=query_ids, statements=dict(statuses),
             cost_usd=None, chunk_size=self.chunk_size,
             staging_tables={"requests": tables.requests, "results": tables.results,
                             "statements": tables.statements},

@@ -33,7 +33,7 @@ class FakeCortex:
     :param schema: the schema the connection uses.
     :param fail_marker: prompts (or conversations) containing this text get a per-row error.
     :param abort_after: raise inside the UDF on model call number ``abort_after + 1`` (the statement fails,
-        rolling back its chunk), simulating a kill in the middle of a run.
+        rolling back its chunk), once, simulating a kill in the middle of a run.
     """
 
     database: str = "SYNTH_DB"
@@ -47,6 +47,7 @@ class FakeCortex:
 
     def _call(self, text: str) -> None:
         if self.abort_after is not None and len(self.calls) >= self.abort_after:
+            self.abort_after = None  # one kill; the next try runs normally
             raise RuntimeError("simulated kill: the statement was aborted")
         self.calls.append(text)
 

@@ -110,7 +110,7 @@ def test_a_resumed_run_answers_only_the_missing_rows(fake: FakeCortex, tmp_path:
     manifest = _op(tmp_path, chunk_size=4).execute(_context(try_number=2))
     assert manifest["succeeded"] == 8 and manifest["try_number"] == 2
     assert len(fake.calls) == 5 + 4  # chunk 0 (4 rows) was answered once, chunk 1 ran again
-    assert len(manifest["query_ids"]) == 1
+    assert len(manifest["query_ids"]) == 2  # chunk 0 by try 1, chunk 1 by try 2
 
 
 def test_too_many_failures_fail_the_task_and_keep_the_tables(fake: FakeCortex, tmp_path: Path):
@@ -145,6 +145,20 @@ def test_deferrable_defers_with_json_kwargs_and_an_absolute_deadline(fake: FakeC
     statements = {q: {"query_id": q, "state": "success", "message": ""} for q in run["query_ids"]}
     manifest = op.execute_complete(_context(), {"status": "success", "message": "", "statements": statements}, run)
     assert manifest["succeeded"] == 3 and manifest["statements"] == statements
+    assert manifest["query_ids"] == run["query_ids"]
+
+
+def test_execute_complete_finds_the_run_again_without_defer_kwargs(fake: FakeCortex, tmp_path: Path):
+    """Airflow 3.3's dag.test() resumes with the event only; the run is found from the input and Snowflake."""
+    _write_requests(tmp_path / "requests.jsonl", ["a", "b", "c"])
+    op = _op(tmp_path, chunk_size=2, keep_staging_tables=True)
+    op.deferrable = True
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(_context())
+    run = deferred.value.kwargs["run"]
+    manifest = op.execute_complete(_context(), {"status": "success", "message": "", "statements": {}})
+    assert manifest["succeeded"] == 3 and manifest["query_ids"] == run["query_ids"]
+    assert manifest["staging_tables"]["requests"] == '"' + run["tables"]["prefix"] + '_REQUESTS"'
 
 
 @pytest.mark.parametrize("event", [None, {}, {"status": "weird"}, {"status": "error", "message": "polling failed"}])

@@ -1,0 +1,51 @@
+"""Run one example DAG under ``dag.test()`` with the Cortex fakes; print a JSON summary as the last line.
+
+Run in a fresh interpreter by tests/integration/test_cortex_dags.py, with its own ``AIRFLOW_HOME`` (set by the
+caller before Airflow is imported), so each run has its own metadata database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def main(config: dict[str, Any]) -> dict[str, Any]:
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.utils import db
+
+    from airflow_provider_synth.testing.cortex import FakeCortex, FakeSqlApi
+
+    db.initdb()
+    extra: dict[str, Any] = {"account": "acct", "database": "SYNTH_DB", "warehouse": "WH"}
+    api = FakeSqlApi(running_polls=config.get("running_polls", 2))
+    with contextlib.ExitStack() as stack:
+        if config.get("deferrable"):
+            stack.enter_context(api.serve())
+            extra.update(host="127.0.0.1", port=api.port, protocol="http", authenticator="programmatic_access_token")
+        os.environ["AIRFLOW_CONN_SNOWFLAKE_DEFAULT"] = json.dumps(
+            {"conn_type": "snowflake", "login": "synth", "password": config["secret"], "schema": "PUBLIC",
+             "extra": extra})
+        fake = stack.enter_context(FakeCortex(fail_marker=config.get("fail_marker", "[fail]"),
+                                              abort_after=config.get("abort_after")))
+        bag = DagBag(dag_folder=config["dag_file"])
+        assert not bag.import_errors, bag.import_errors
+        dag_run = bag.dags[config["dag_id"]].test()
+        tis = {ti.task_id: {"state": str(ti.state), "try_number": ti.try_number}
+               for ti in dag_run.get_task_instances()}
+        leftover = [str(r) for r in fake.query("SHOW TABLES") if "SYNTH_" in str(r)]
+        return {"state": str(dag_run.state), "run_id": dag_run.run_id, "tasks": tis, "calls": fake.calls,
+                "cancelled": fake.cancelled, "polls": api.polls, "auth_headers": sorted(set(api.auth_headers)),
+                "leftover_tables": leftover}
+
+
+if __name__ == "__main__":
+    summary = main(json.loads(sys.argv[1]))
+    out = Path(os.environ["SYNTH_OUTPUT_DIR"])
+    manifests = sorted(str(p) for p in out.rglob("manifest.json"))
+    summary["manifests"] = [json.loads(Path(p).read_text()) for p in manifests]
+    print("\n" + json.dumps(summary))

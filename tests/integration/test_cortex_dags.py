@@ -1,0 +1,103 @@
+"""The Cortex example DAGs under real Airflow ``dag.test()``: fakesnow for the warehouse (AI_COMPLETE emulated by
+a DuckDB UDF), and a local SQL API on 127.0.0.1 for the deferrable path's status polls.
+
+Each run gets a fresh interpreter and ``AIRFLOW_HOME`` (its own metadata database), through
+``cortex_dag_runner.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNNER = Path(__file__).with_name("cortex_dag_runner.py")
+SECRET = "pw-do-not-log-7f3a"
+
+
+def run_dag(tmp_path: Path, dag_id: str, **config: Any) -> tuple[dict[str, Any], str]:
+    home, out = tmp_path / "airflow", tmp_path / "out"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "example_dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": str(bool(config.get("deferrable"))),
+        "SYNTH_OUTPUT_DIR": str(out),
+    }
+    config = {"dag_file": str(ROOT / "example_dags" / f"{dag_id}.py"), "dag_id": dag_id, "secret": SECRET,
+              **config}
+    proc = subprocess.run([sys.executable, str(RUNNER), json.dumps(config)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    *log_lines, summary = proc.stdout.strip().splitlines()
+    return json.loads(summary), "\n".join(log_lines) + proc.stderr  # the summary line holds what the fake saw
+
+
+def _lines(path: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_synthesis_dag_answers_every_request_and_reports_row_failures(tmp_path: Path):
+    summary, logs = run_dag(tmp_path, "example_cortex_synthesis", fail_marker="rain jacket")
+    assert summary["state"] == "success", summary
+    assert {t: s["state"] for t, s in summary["tasks"].items()} == {
+        "build_prompts": "success", "synthesize": "success", "report": "success"}
+    assert len(summary["calls"]) == 8  # one model call per request
+    (manifest,) = summary["manifests"]
+    assert (manifest["backend"], manifest["total"], manifest["succeeded"], manifest["failed"]) == ("cortex", 8, 7, 1)
+    assert len(manifest["query_ids"]) == 2  # 8 requests, chunk_size=4
+    assert manifest["usage"]["total_tokens"] > 0 and manifest["run_id"] == summary["run_id"]
+    results = _lines(manifest["results_path"])
+    assert [r["custom_id"] for r in results] == [f"SKU-{i:04d}" for i in range(8) if i != 4]
+    (failure,) = _lines(manifest["failures_path"])
+    assert failure["custom_id"] == "SKU-0004" and failure["error"]["code"] == "cortex_error"
+    assert summary["leftover_tables"] == []  # staging dropped after success
+    assert SECRET not in logs and SECRET not in json.dumps(manifest)
+
+
+def test_a_killed_run_resumes_and_pays_only_for_missing_rows(tmp_path: Path):
+    # call 6 dies: chunk 0 (4 rows) is committed, chunk 1's statement is rolled back and the task fails
+    summary, _ = run_dag(tmp_path, "example_cortex_synthesis", abort_after=5)
+    assert summary["state"] == "success", summary
+    assert summary["tasks"]["synthesize"]["try_number"] == 2
+    (manifest,) = summary["manifests"]
+    assert manifest["try_number"] == 2 and manifest["succeeded"] == 8
+    calls = summary["calls"]
+    assert len(calls) == 9  # 4 (chunk 0) + 1 (chunk 1, killed) + 4 (chunk 1 again); never chunk 0 twice
+    first_chunk = [c for c in calls if any(p in c for p in ("hiking boots", "espresso", "noise-", "standing desk"))]
+    assert len(first_chunk) == 4
+
+
+def test_deferrable_run_polls_the_sql_api_through_the_trigger(tmp_path: Path):
+    summary, logs = run_dag(tmp_path, "example_cortex_synthesis", deferrable=True, running_polls=2)
+    assert summary["state"] == "success", summary
+    (manifest,) = summary["manifests"]
+    assert manifest["succeeded"] == 8
+    assert sorted(summary["polls"]) == sorted(manifest["query_ids"])
+    assert all(n == 3 for n in summary["polls"].values())  # running, running, success
+    assert summary["auth_headers"] == [f"Bearer {SECRET}"]  # PAT from the snowflake connection
+    assert all(s["state"] == "success" for s in manifest["statements"].values())
+    assert SECRET not in logs and SECRET not in json.dumps(manifest)
+
+
+def test_table_dag_runs_over_an_existing_table(tmp_path: Path):
+    summary, _ = run_dag(tmp_path, "example_cortex_table", fail_marker="refund")
+    assert summary["state"] == "success", summary
+    (manifest,) = summary["manifests"]
+    assert (manifest["total"], manifest["succeeded"], manifest["failed"]) == (5, 4, 1)
+    assert len(manifest["query_ids"]) == 3  # 5 rows, chunk_size=2
+    results = _lines(manifest["results_path"])
+    assert [r["custom_id"] for r in results] == ["101", "102", "103", "104"]
+    content = results[0]["response"]["body"]["choices"][0]["message"]["content"]
+    assert json.loads(content)["answer"].startswith("Cortex answer to: My order arrived damaged")
+    assert _lines(manifest["failures_path"])[0]["custom_id"] == "105"
