@@ -92,19 +92,20 @@ def run_ours(n: int, work: str) -> dict[str, Any]:
     shard_dir = os.path.join(work, "shards")
     os.makedirs(shard_dir, exist_ok=True)
     rss_before_split = rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = split_requests(inp, lambda i: open(os.path.join(shard_dir, f"shard-{i:05d}.jsonl"), "wb"))
-    split_s = time.perf_counter() - t0
+    split_s, split_cpu = time.perf_counter() - t0, time.process_time() - c0
     shard_paths = [os.path.join(shard_dir, f"shard-{s.index:05d}.jsonl") for s in res.shards]
     # the fake service's output files are made in another process: their memory is not ours
     subprocess.run([sys.executable, __file__, "--child", "fake", "--workdir", work, *shard_paths], check=True)
     outs = sorted(os.path.join(work, p) for p in os.listdir(work) if p.startswith("out-"))
     out_bytes = sum(os.path.getsize(p) for p in outs)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with open(os.path.join(work, "results.jsonl"), "wb") as rf, open(os.path.join(work, "failures.jsonl"), "wb") as ff:
         acct = merge_shards([ShardOutputs(p, [o]) for p, o in zip(shard_paths, outs, strict=True)], rf, ff)
-    merge_s = time.perf_counter() - t0
-    return {"n": n, "input_mb": in_bytes / 1e6, "output_mb": out_bytes / 1e6, "shards": len(res.shards),
+    merge_s, merge_cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"n": n, "split_cpu_s": split_cpu, "merge_cpu_s": merge_cpu,
+            "split_mb_s_cpu": in_bytes / 1e6 / split_cpu, "merge_mb_s_cpu": out_bytes / 1e6 / merge_cpu, "input_mb": in_bytes / 1e6, "output_mb": out_bytes / 1e6, "shards": len(res.shards),
             "build_s": build_s, "split_s": split_s, "merge_s": merge_s,
             "split_mb_s": in_bytes / 1e6 / split_s, "merge_mb_s": out_bytes / 1e6 / merge_s,
             "succeeded": acct.succeeded, "failed": acct.failed, "missing": acct.missing,
@@ -194,6 +195,7 @@ def main() -> None:
             "n": args.n, "input_mb": round(big["input_mb"], 1), "output_mb": round(big["output_mb"], 1),
             "shards": big["shards"], "build_s": round(big["build_s"], 2),
             "split_mb_s": round(big["split_mb_s"], 1), "merge_mb_s": round(big["merge_mb_s"], 1),
+            "split_mb_s_cpu": round(big["split_mb_s_cpu"], 1), "merge_mb_s_cpu": round(big["merge_mb_s_cpu"], 1),
             "peak_rss_mb": round(big["peak_rss_mb"], 1), "peak_rss_mb_100k": round(small["peak_rss_mb"], 1),
             "rss_ratio": round(big["peak_rss_mb"] / small["peak_rss_mb"], 3),
             "naive_split_s": round(naive["naive_split_s"], 2), "naive_merge_s": round(naive["naive_merge_s"], 2),

@@ -72,3 +72,29 @@ def join_path(base: Any, name: str) -> Any:
     if isinstance(base, str):
         return base.rstrip("/") + "/" + name
     return base / name
+
+
+#: Bytes per block when a whole block of lines is decoded at once.
+BLOCK_BYTES = 4 << 20
+
+
+def iter_blocks(fp: IO[bytes], block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield ``(first_line_number, lines)`` for blocks of whole lines (newlines removed, blank lines kept so
+    numbering stays exact). Decoding a block at once moves the per-line work out of Python."""
+    lineno = 1
+    carry = b""
+    while True:
+        chunk = fp.read(block_bytes)
+        if not chunk:
+            break
+        data = carry + chunk if carry else chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            carry = data
+            continue
+        carry = data[cut + 1:]
+        lines = data[:cut].split(b"\n")
+        yield lineno, lines
+        lineno += len(lines)
+    if carry:
+        yield lineno, [carry]

@@ -15,9 +15,16 @@ from typing import IO, Any
 
 import msgspec
 
+from airflow_provider_synth.batch import jsonl
 from airflow_provider_synth.batch.errors import AccountingError, OutputFormatError
-from airflow_provider_synth.batch.jsonl import dumps, iter_jsonl, open_path
-from airflow_provider_synth.batch.results import ParsedOutput, parse_output_line
+from airflow_provider_synth.batch.jsonl import dumps, iter_blocks, iter_jsonl, open_path
+from airflow_provider_synth.batch.results import (
+    ParsedOutput,
+    _out_decoder,
+    classify,
+    decode_output_block,
+    is_ok,
+)
 from airflow_provider_synth.batch.usage import Usage
 
 #: How many unknown/duplicate ids the accounting keeps as examples.
@@ -101,31 +108,62 @@ def request_custom_id(raw: bytes) -> str:
     return _id_decoder.decode(raw).custom_id
 
 
+def _iter_decoded(src: Source) -> Iterator[tuple[Any, bytes]]:
+    """(decoded output line, raw line) for every line of an output or error file, block by block."""
+    with _opened(src) as fp:
+        for start, block in iter_blocks(fp, jsonl.BLOCK_BYTES):
+            decoded = decode_output_block(block)
+            if decoded is not None:
+                yield from zip(decoded, block, strict=True)
+                continue
+            for offset, raw in enumerate(block):
+                raw = raw.rstrip(b"\r")
+                if not raw or raw.isspace():
+                    continue
+                try:
+                    yield _out_decoder.decode(raw), raw
+                except msgspec.DecodeError as exc:
+                    raise OutputFormatError(f"{getattr(src, 'name', src)}:{start + offset}: not a batch output "
+                                            f"line ({exc}): {raw[:200]!r}") from None
+
+
 def _index_outputs(outputs: Sequence[Source], acct: Accounting | None
-                   ) -> tuple[dict[str, ParsedOutput], dict[str, int]]:
-    """custom_id -> best answer over all rounds, and the attempt count of ids answered more than once.
-    A success is never replaced; a later answer replaces an earlier failure (the retry round's word)."""
-    best: dict[str, ParsedOutput] = {}
+                   ) -> tuple[dict[str, tuple[Any, bytes]], dict[str, int]]:
+    """custom_id -> (best answer, its raw line) over all rounds, and the attempt count of ids answered more
+    than once. A success is never replaced; a later answer replaces an earlier failure (the retry round's)."""
+    best: dict[str, tuple[Any, bytes]] = {}
     attempts: dict[str, int] = {}
     for src in outputs:
-        with _opened(src) as fp:
-            for lineno, raw in iter_jsonl(fp):
-                try:
-                    out = parse_output_line(raw)
-                except OutputFormatError as exc:
-                    raise OutputFormatError(f"{getattr(src, 'name', src)}:{lineno}: {exc}") from None
-                cid = out.custom_id
-                prev = best.setdefault(cid, out)
-                if prev is out:
-                    continue
-                attempts[cid] = attempts.get(cid, 1) + 1
-                if not prev.ok:
-                    best[cid] = out
-                elif out.ok and acct is not None:
-                    acct.duplicates += 1
-                    if len(acct.duplicate_examples) < MAX_EXAMPLES:
-                        acct.duplicate_examples.append(cid)
+        for entry in _iter_decoded(src):
+            cid = entry[0].custom_id
+            prev = best.setdefault(cid, entry)
+            if prev is entry:
+                continue
+            attempts[cid] = attempts.get(cid, 1) + 1
+            if not is_ok(prev[0]):
+                best[cid] = entry
+            elif is_ok(entry[0]) and acct is not None:
+                acct.duplicates += 1
+                if len(acct.duplicate_examples) < MAX_EXAMPLES:
+                    acct.duplicate_examples.append(cid)
     return best, attempts
+
+
+def _request_ids(src: Source) -> Iterator[str]:
+    """The custom_ids of a request file, in order, block by block."""
+    with _opened(src) as fp:
+        for _, block in iter_blocks(fp, jsonl.BLOCK_BYTES):
+            try:
+                decoded = _id_decoder.decode_lines(b"\n".join(block))
+            except msgspec.DecodeError:
+                decoded = None
+            if decoded is not None and len(decoded) == len(block):
+                yield from (d.custom_id for d in decoded)
+                continue
+            for raw in block:
+                raw = raw.rstrip(b"\r")
+                if raw and not raw.isspace():
+                    yield request_custom_id(raw)
 
 
 def _failure_row(cid: str, out: ParsedOutput | None, attempts: int) -> dict[str, Any]:
@@ -143,28 +181,28 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
     best, attempts = _index_outputs(shard.outputs, acct)
     write_result, write_failure, pop, add_counts = results_fp.write, failures_fp.write, best.pop, acct.usage.add_counts
     succeeded = total = 0
-    with _opened(shard.requests) as fp:
-        for _, raw in iter_jsonl(fp):
-            cid = request_custom_id(raw)
-            total += 1
-            out = pop(cid, None)
-            if out is not None and out.ok:
-                succeeded += 1
-                add_counts(out.usage)
-                write_result(out.raw)
-                write_result(b"\n")
-                continue
-            if out is None:
-                acct.missing += 1
-                acct.error_codes["missing"] += 1
-            else:
-                acct.failed += 1
-                acct.error_codes[out.error_code or "unknown_error"] += 1
-            row = _failure_row(cid, out, attempts.get(cid, 1))
-            acct.retryable += bool(row["retryable"])
-            write_failure(dumps(row))
-            write_failure(b"\n")
-            acct.failures_written += 1
+    for cid in _request_ids(shard.requests):
+        total += 1
+        entry = pop(cid, None)
+        if entry is not None and is_ok(entry[0]):
+            out = classify(*entry)
+            succeeded += 1
+            add_counts(out.usage)
+            write_result(out.raw)
+            write_result(b"\n")
+            continue
+        parsed = classify(*entry) if entry is not None else None
+        if parsed is None:
+            acct.missing += 1
+            acct.error_codes["missing"] += 1
+        else:
+            acct.failed += 1
+            acct.error_codes[parsed.error_code or "unknown_error"] += 1
+        row = _failure_row(cid, parsed, attempts.get(cid, 1))
+        acct.retryable += bool(row["retryable"])
+        write_failure(dumps(row))
+        write_failure(b"\n")
+        acct.failures_written += 1
     acct.total += total
     acct.succeeded += succeeded
     acct.results_written += succeeded
@@ -205,12 +243,13 @@ def pending_requests(requests: Source, outputs: Sequence[Source], out_fp: IO[byt
     written = 0
     with _opened(requests) as fp:
         for _, raw in iter_jsonl(fp):
-            out = best.get(request_custom_id(raw))
-            if out is None:
+            entry = best.get(request_custom_id(raw))
+            if entry is None:
                 wanted = include_missing
-            elif out.ok:
+            elif is_ok(entry[0]):
                 wanted = False
             else:
+                out = classify(*entry)
                 wanted = (out.retryable or not retryable_only) and (keep is None or keep(out))
             if wanted:
                 out_fp.write(raw)

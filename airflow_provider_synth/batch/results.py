@@ -116,6 +116,30 @@ def parse_output_line(raw: bytes) -> ParsedOutput:
         out = _out_decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise OutputFormatError(f"not a batch output line ({exc}): {raw[:200]!r}") from None
+    return classify(out, raw)
+
+
+def decode_output_block(lines: list[bytes]) -> list[_Out] | None:
+    """Decode a block of output lines at once; ``None`` if any line is bad or blank (decode one by one)."""
+    try:
+        decoded: list[_Out] = _out_decoder.decode_lines(b"\n".join(lines))
+    except msgspec.DecodeError:
+        return None
+    return decoded if len(decoded) == len(lines) else None
+
+
+def is_ok(out: _Out) -> bool:
+    """Whether a decoded output line is a success (cheap: no classification)."""
+    resp = out.response
+    if resp is None or out.error is not None:
+        return False
+    if resp.status_code is None:
+        return resp.object is not None
+    return resp.status_code == 200 and (resp.body is None or resp.body.error is None)
+
+
+def classify(out: _Out, raw: bytes) -> ParsedOutput:
+    """Turn a decoded output line into a :class:`ParsedOutput`."""
     resp, err = out.response, out.error
     if resp is not None and resp.status_code is None and resp.object is not None:
         return _legacy_vllm(out.custom_id, raw, resp)

@@ -131,6 +131,31 @@ class _ShardWriter:
         cur.est_tokens += tokens
         cur.last_line, cur.last_custom_id = lineno, cid
 
+    def write_block(self, start: int, lines: list[bytes], ids: list[str]) -> None:
+        """Write a block of checked chat lines (no embedding inputs, no token limit), a shard's worth at a
+        time."""
+        lim, i, n = self.limits, 0, len(lines)
+        while i < n:
+            cur = self.cur
+            if cur is None or cur.requests >= lim.max_requests or cur.bytes + len(lines[i]) + 1 > lim.max_bytes:
+                self.close()
+                cur = self.cur = ShardInfo(len(self.shards), first_line=start + i, first_custom_id=ids[i])
+                self.shards.append(cur)
+                self.fp = self.open_shard(cur.index)
+            assert self.fp is not None
+            j, size, stop = i, cur.bytes, min(n, i + lim.max_requests - cur.requests)
+            while j < stop:
+                grown = size + len(lines[j]) + 1
+                if grown > lim.max_bytes:
+                    break
+                size, j = grown, j + 1
+            self.fp.write(b"\n".join(lines[i:j]))
+            self.fp.write(b"\n")
+            cur.requests += j - i
+            cur.bytes = size
+            cur.last_line, cur.last_custom_id = start + j - 1, ids[j - 1]
+            i = j
+
     def close(self) -> None:
         if self.fp is not None:
             self.fp.close()
@@ -166,36 +191,21 @@ def split_requests(
     writer = _ShardWriter(open_shard, limits)
     result = SplitResult()
     digest = hashlib.sha256()
+    fast = not estimate
     try:
-        for lineno, raw in src.lines():
-            result.total += 1
-            checked = checker.check(lineno, raw)
-            if checked is None:
+        for start, block in src.blocks():
+            decoded = checker.check_block(start, block) if fast else None
+            if decoded is not None and max(map(len, block)) < limits.max_bytes:
+                result.total += len(block)
+                for raw in block:
+                    digest.update(raw)
+                    digest.update(b"\n")
+                writer.write_block(start, block, [line.custom_id for line in decoded])
                 continue
-            digest.update(raw)
-            digest.update(b"\n")
-            tokens = 0
-            if estimate:
-                request = loads(raw)
-                tokens = estimate_request_tokens(request)
-                result.est_output_tokens += declared_output_tokens(request)
-                if limits.max_tokens is not None and tokens > limits.max_tokens:
-                    checker.problem(lineno, checked.custom_id, f"estimated {tokens} input tokens, over the "
-                                    f"per-shard token limit of {limits.max_tokens}")
-                    continue
-            result.est_input_tokens += tokens
-            result.embedding_inputs += checked.embedding_inputs
-            if checked.embedding_inputs > limits.max_embedding_inputs:
-                checker.problem(lineno, checked.custom_id, f"{checked.embedding_inputs} embedding inputs, over "
-                                f"the per-batch limit of {limits.max_embedding_inputs}")
-                continue
-            if len(raw) + 1 > limits.max_bytes:
-                checker.problem(lineno, checked.custom_id, f"line is {len(raw) + 1:,} bytes, over the per-shard "
-                                f"limit of {limits.max_bytes:,}")
-                continue
-            if checker.problem_count:
-                continue  # keep scanning for problems, stop writing
-            writer.write(lineno, checked.custom_id, raw, checked.embedding_inputs, tokens)
+            for offset, raw in enumerate(block):
+                raw = raw.rstrip(b"\r")
+                if raw and not raw.isspace():
+                    _split_line(start + offset, raw, checker, writer, result, digest, limits, estimate)
     finally:
         writer.close()
     locate_duplicates(checker, src)
@@ -205,3 +215,35 @@ def split_requests(
     result.endpoint, result.model = checker.endpoint, checker.model
     result.fingerprint = digest.hexdigest()
     return result
+
+
+def _split_line(lineno: int, raw: bytes, checker: LineChecker, writer: _ShardWriter, result: SplitResult,
+                digest: Any, limits: ShardLimits, estimate: bool) -> None:
+    """Check and write one line (the general path: any endpoint, token estimates, problems)."""
+    result.total += 1
+    checked = checker.check(lineno, raw)
+    if checked is None:
+        return
+    digest.update(raw)
+    digest.update(b"\n")
+    tokens = 0
+    if estimate:
+        request = loads(raw)
+        tokens = estimate_request_tokens(request)
+        result.est_output_tokens += declared_output_tokens(request)
+        if limits.max_tokens is not None and tokens > limits.max_tokens:
+            checker.problem(lineno, checked.custom_id, f"estimated {tokens} input tokens, over the "
+                            f"per-shard token limit of {limits.max_tokens}")
+            return
+    result.est_input_tokens += tokens
+    result.embedding_inputs += checked.embedding_inputs
+    if checked.embedding_inputs > limits.max_embedding_inputs:
+        checker.problem(lineno, checked.custom_id, f"{checked.embedding_inputs} embedding inputs, over "
+                        f"the per-batch limit of {limits.max_embedding_inputs}")
+        return
+    if len(raw) + 1 > limits.max_bytes:
+        checker.problem(lineno, checked.custom_id, f"line is {len(raw) + 1:,} bytes, over the per-shard "
+                        f"limit of {limits.max_bytes:,}")
+        return
+    if not checker.problem_count:  # after a problem, keep scanning for more but stop writing
+        writer.write(lineno, checked.custom_id, raw, checked.embedding_inputs, tokens)

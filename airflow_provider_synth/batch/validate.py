@@ -18,8 +18,9 @@ from typing import Any, NamedTuple
 import msgspec
 import numpy as np
 
+from airflow_provider_synth.batch import jsonl
 from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
-from airflow_provider_synth.batch.jsonl import dumps, iter_jsonl, open_path
+from airflow_provider_synth.batch.jsonl import dumps, iter_blocks, open_path
 from airflow_provider_synth.batch.requests import CHAT, COMPLETIONS, EMBEDDINGS, ENDPOINTS, RESPONSES
 
 #: Default per-request size limit. The Batch API caps files (200 MB), not lines; one huge line is almost
@@ -128,6 +129,31 @@ class LineChecker:
             return None
         inputs = _embedding_inputs(body) if line.url == EMBEDDINGS else 0
         return CheckedLine(cid, line.url, body.model, inputs)
+
+    def check_block(self, start: int, lines: list[bytes]) -> list[_Line] | None:
+        """Check a block of chat lines at once (decoded in C). Returns the decoded lines when every one is
+        valid, else ``None`` and nothing recorded: the caller re-checks the block line by line."""
+        if self.problem_count or not lines or self.endpoint not in (None, CHAT):
+            return None
+        buf = b"\n".join(lines)
+        if b"\r" in buf or max(map(len, lines)) > self.max_line_bytes:
+            return None
+        try:
+            decoded = _line_decoder.decode_lines(buf)
+        except msgspec.DecodeError:
+            return None
+        if len(decoded) != len(lines):  # blank lines: keep exact numbering on the slow path
+            return None
+        model, roles = (self.model if self._models_seen else decoded[0].body.model), CHAT_ROLES
+        for line in decoded:
+            body = line.body
+            if not (line.custom_id and line.method == "POST" and line.url == CHAT and body.model == model
+                    and body.model and not body.stream and body.messages
+                    and all(m.role in roles for m in body.messages)):
+                return None
+        self._hashes.extend([hash(line.custom_id) for line in decoded])
+        self.endpoint, self.model, self._models_seen = CHAT, model, True
+        return decoded
 
     def _line_problems(self, line: _Line) -> list[str]:
         reasons: list[str] = []
@@ -273,16 +299,32 @@ class Source:
         return bool(self.is_file and getattr(self.source, "seekable", lambda: False)())
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
+        for start, block in self.blocks():
+            for offset, raw in enumerate(block):
+                line = raw.rstrip(b"\r")
+                if line and not line.isspace():
+                    yield start + offset, line
+
+    def blocks(self) -> Iterator[tuple[int, list[bytes]]]:
+        """Blocks of raw lines with the line number of the first (see :func:`iter_blocks`)."""
         self._passes += 1
         if self.is_path:
             with open_path(self.source, "rb") as fp:
-                yield from iter_jsonl(fp)
+                yield from iter_blocks(fp, jsonl.BLOCK_BYTES)
         elif self.is_file:
             if self._passes > 1:
                 self.source.seek(0)
-            yield from iter_jsonl(self.source)
+            yield from iter_blocks(self.source, jsonl.BLOCK_BYTES)
         else:
-            yield from ((i, dumps(d)) for i, d in enumerate(self.source, start=1))
+            block: list[bytes] = []
+            start = 1
+            for i, d in enumerate(self.source, start=1):
+                block.append(dumps(d))
+                if len(block) == 10_000:
+                    yield start, block
+                    block, start = [], i + 1
+            if block:
+                yield start, block
 
 
 def validate_requests(

@@ -176,3 +176,52 @@ def test_property_split_then_merge_keeps_every_request_once(sink, n, max_request
     assert got_ok == [c for c in order if c in set(expect_ok)]
     assert acct.succeeded + acct.failed + acct.missing == acct.total == n
     assert acct.duplicates == sum(1 for i in range(n) if outcomes[i] == "dup")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 80), block=st.integers(50, 2000), max_requests=st.integers(1, 30),
+       max_bytes=st.integers(300, 3000), blanks=st.lists(st.integers(0, 79), max_size=3),
+       crlf=st.booleans())
+def test_property_block_path_matches_line_path(sink, monkeypatch, n, block, max_requests, max_bytes, blanks,
+                                               crlf) -> None:
+    """Splitting a file read in blocks of any size gives the same shards as the request list."""
+    from airflow_provider_synth.batch import jsonl
+
+    reqs = [chat(f"b{i}", "t" * (i % 9) * 10) for i in range(n)]
+    lines = [orjson.dumps(r) for r in reqs]
+    for b in blanks:
+        lines.insert(min(b, len(lines)), b"  ")
+    data = (b"\r\n" if crlf else b"\n").join(lines) + b"\n"
+    limits = ShardLimits(max_requests=max_requests, max_bytes=max_bytes)
+    try:
+        expected = split_requests(reqs, sink.open, limits=limits)
+    except InvalidRequestsError:
+        return
+    want = [sink.data[s.index] for s in expected.shards]
+    monkeypatch.setattr(jsonl, "BLOCK_BYTES", block)
+    got = split_requests(io.BytesIO(data), sink.open, limits=limits)
+    assert [sink.data[s.index] for s in got.shards] == want
+    assert got.fingerprint == expected.fingerprint and got.total == n
+    assert [(s.first_custom_id, s.last_custom_id, s.requests) for s in got.shards] == [
+        (s.first_custom_id, s.last_custom_id, s.requests) for s in expected.shards]
+
+
+def test_block_path_reports_problems_with_exact_line_numbers(sink, monkeypatch) -> None:
+    from airflow_provider_synth.batch import jsonl
+
+    monkeypatch.setattr(jsonl, "BLOCK_BYTES", 256)
+    lines = [orjson.dumps(chat(f"x{i}")) for i in range(40)]
+    lines[25] = b"{broken"
+    lines[33] = orjson.dumps(chat("x3"))
+    with pytest.raises(InvalidRequestsError) as info:
+        split_requests(io.BytesIO(b"\n".join(lines) + b"\n"), sink.open)
+    assert [(p.line, p.custom_id) for p in info.value.problems] == [(26, None), (34, "x3")]
+
+
+def test_merge_reports_a_bad_output_line_with_file_and_line(sink) -> None:
+    from airflow_provider_synth.batch import OutputFormatError
+
+    split_requests([chat("m1"), chat("m2")], sink.open)
+    out = success_line("m1", body("m1")) + b"\n\n{oops\n"
+    with pytest.raises(OutputFormatError, match=r":3: not a batch output line"):
+        merge_shards([ShardOutputs(sink.opener(0), [lambda: io.BytesIO(out)])], io.BytesIO(), io.BytesIO())

@@ -1,0 +1,36 @@
+"""Every example DAG parses without import errors (unit run); the integration tests run them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "example_dags").glob("*.py")
+                  if not p.name.startswith("_"))
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag()
+
+
+def test_no_import_errors(dagbag) -> None:
+    assert not dagbag.import_errors, dagbag.import_errors
+
+
+@pytest.mark.parametrize("module", EXAMPLES)
+def test_each_example_file_defines_a_dag(dagbag, module: str) -> None:
+    files = {Path(d.fileloc).stem for d in dagbag.dags.values()}
+    assert module in files
+
+
+def test_example_snippet_markers_are_paired() -> None:
+    root = Path(__file__).resolve().parent.parent / "example_dags"
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        starts = {line.split("[START ")[1].rstrip("]").strip() for line in text.splitlines() if "[START " in line}
+        ends = {line.split("[END ")[1].rstrip("]").strip() for line in text.splitlines() if "[END " in line}
+        assert starts == ends, path
