@@ -14,6 +14,7 @@ import functools
 import importlib
 import os
 import ssl
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
@@ -103,6 +104,25 @@ class _LoopPool:
         )
         self.http_client: httpx2.AsyncClient = DefaultAioHttpClient(verify=shared_ssl_context(), limits=limits)
         self.slots = asyncio.Semaphore(ASYNC_POOL_MAX_CONNECTIONS)
+        self.clients: dict[str, _SharedClient] = {}
+
+
+#: Seconds a shared SDK client serves new hooks before the connection is looked up again (rotated keys).
+SHARED_CLIENT_TTL_S = 300.0
+
+
+class _SharedClient:
+    """One connection's SDK client on one loop, shared by the async hooks of that ``conn_id`` while any is open.
+
+    A thousand triggers starting together then make one connection lookup and build one client, instead of
+    a thousand of each in the same loop iteration.
+    """
+
+    def __init__(self) -> None:
+        self.ready: asyncio.Future[tuple[Any, Any, list[str], bool]] = asyncio.get_running_loop().create_future()
+        self.created = time.monotonic()
+        self.users = 0
+        self.credential: Any = None
 
 
 _loop_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool] = weakref.WeakKeyDictionary()
@@ -494,10 +514,12 @@ class AzureOpenAIBatchHook(OpenAIBatchHook):
 class OpenAIBatchAsyncHook(OpenAIBatchHook):
     """The async side of :class:`OpenAIBatchHook`, for triggers: never blocks the event loop.
 
-    The connection comes from the async lookup; the hook owns one ``AsyncOpenAI``/``AsyncAzureOpenAI``
-    (and, for Entra ID, one async credential) until :meth:`close`. Use it as ``async with``. Unless
-    ``client_options`` gives an ``http_client``, requests go through one pooled HTTP client per event loop,
-    at most :data:`ASYNC_POOL_MAX_CONNECTIONS` in flight, so a thousand triggers do not open a thousand sockets.
+    The connection comes from the async lookup. Hooks of one ``conn_id`` on one event loop share one
+    ``AsyncOpenAI``/``AsyncAzureOpenAI`` (and, for Entra ID, one async credential) while any of them is open,
+    looked up again after :data:`SHARED_CLIENT_TTL_S`; all share one pooled HTTP client per loop with at most
+    :data:`ASYNC_POOL_MAX_CONNECTIONS` requests in flight. So a thousand triggers make one lookup and open a
+    bounded number of sockets. With ``client_options`` the hook builds and owns its own client.
+    Use it as ``async with``, or call :meth:`close`.
 
     :param conn_id: id of a ``synth_openai``, ``synth_azure_openai`` or ``openai`` connection.
     :param client_options: extra keyword arguments for the async SDK client constructor.
@@ -516,19 +538,64 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         super().__init__(conn_id, client_options=client_options, **kwargs)
         self._async_client: AsyncOpenAI | AsyncAzureOpenAI | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._shared: _SharedClient | None = None
 
     async def get_async_client(self) -> AsyncOpenAI | AsyncAzureOpenAI:
-        """The async SDK client, built once from the async connection lookup."""
+        """The async SDK client: the loop's shared one for this connection, or the hook's own when
+        ``client_options`` were given."""
         if self._async_client is None:
-            from openai import AsyncAzureOpenAI, AsyncOpenAI
-
-            conn = await get_async_connection(self.conn_id, hook=self)
-            kwargs = self._client_kwargs(conn, await get_async_extra_dejson(conn))
-            if "http_client" not in kwargs:
-                pool = _loop_pool()
-                kwargs["http_client"], self._slots = pool.http_client, pool.slots
-            self._async_client = AsyncAzureOpenAI(**kwargs) if self._is_azure else AsyncOpenAI(**kwargs)
+            if self.client_options:
+                self._async_client = await self._build_async_client(None)
+            else:
+                await self._attach_shared_client()
+        assert self._async_client is not None
         return self._async_client
+
+    async def _build_async_client(self, http_client: httpx2.AsyncClient | None) -> AsyncOpenAI | AsyncAzureOpenAI:
+        from openai import AsyncAzureOpenAI, AsyncOpenAI
+
+        conn = await get_async_connection(self.conn_id, hook=self)
+        kwargs = self._client_kwargs(conn, await get_async_extra_dejson(conn))
+        if http_client is not None:
+            kwargs["http_client"] = http_client
+        return AsyncAzureOpenAI(**kwargs) if self._is_azure else AsyncOpenAI(**kwargs)
+
+    async def _attach_shared_client(self) -> None:
+        pool = _loop_pool()
+        while True:
+            entry = pool.clients.get(self.conn_id)
+            if entry is None or time.monotonic() - entry.created > SHARED_CLIENT_TTL_S:
+                entry = pool.clients[self.conn_id] = _SharedClient()
+                entry.users += 1
+                try:
+                    client = await self._build_async_client(pool.http_client)
+                except BaseException as error:
+                    entry.users -= 1
+                    if pool.clients.get(self.conn_id) is entry:
+                        del pool.clients[self.conn_id]
+                    if isinstance(error, asyncio.CancelledError):
+                        entry.ready.cancel()
+                    else:
+                        entry.ready.set_exception(error)
+                        entry.ready.exception()  # retrieved: waiters re-raise it, nobody else must log it
+                    raise
+                entry.credential, self._credential = self._credential, None
+                entry.ready.set_result((client, entry.credential, list(self._secrets), bool(self._is_azure)))
+            else:
+                entry.users += 1
+            try:
+                client, _, secrets, is_azure = await asyncio.shield(entry.ready)
+            except asyncio.CancelledError:
+                entry.users -= 1
+                if entry.ready.cancelled():  # its creator was cancelled, not us: build it ourselves
+                    continue
+                raise
+            except BaseException:
+                entry.users -= 1
+                raise
+            break
+        self._shared, self._slots = entry, pool.slots
+        self._async_client, self._secrets, self._is_azure = client, secrets, is_azure
 
     async def aget_batch(self, batch_id: str) -> Batch:
         """Retrieve a batch without blocking the loop.
@@ -549,12 +616,21 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
             return await client.batches.cancel(batch_id)
 
     async def close(self) -> None:
-        """Close the async client and credential (idempotent); the loop's shared HTTP pool stays open."""
+        """Release the client (idempotent): the hook's own is closed; a shared one when its last user leaves."""
         client, self._async_client = self._async_client, None
         credential, self._credential = self._credential, None
-        if client is not None and self._slots is None:  # its own HTTP client, not the loop's shared one
-            await client.close()
+        shared, self._shared = self._shared, None
         self._slots = None
+        if shared is not None:
+            shared.users -= 1
+            if shared.users == 0:
+                pool = _loop_pools.get(asyncio.get_running_loop())
+                if pool is not None and pool.clients.get(self.conn_id) is shared:
+                    del pool.clients[self.conn_id]
+                credential = shared.credential
+            # a shared client's HTTP pool belongs to the loop: nothing else to close
+        elif client is not None:
+            await client.close()
         if credential is not None:
             await credential.close()
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -405,17 +406,77 @@ async def test_async_hook_closes_entra_credential(monkeypatch, api):
     assert closed == [True]
 
 
-async def test_async_hooks_share_one_pool_per_loop(openai_conn):
-    from airflow_provider_synth.hooks.openai import ASYNC_POOL_MAX_CONNECTIONS, close_loop_pool
+async def test_async_hooks_share_one_client_per_connection_and_loop(openai_conn, monkeypatch):
+    import airflow_provider_synth.hooks.openai as mod
 
-    first, second = OpenAIBatchAsyncHook(openai_conn), OpenAIBatchAsyncHook(openai_conn)
+    lookups = []
+    real_lookup = mod.get_async_connection
+
+    async def counting_lookup(conn_id, hook=None):
+        lookups.append(conn_id)
+        await asyncio.sleep(0.01)
+        return await real_lookup(conn_id, hook=hook)
+
+    monkeypatch.setattr(mod, "get_async_connection", counting_lookup)
+    hooks = [OpenAIBatchAsyncHook(openai_conn) for _ in range(50)]
     try:
-        c1, c2 = await first.get_async_client(), await second.get_async_client()
-        assert c1 is not c2 and c1._client is c2._client  # one HTTP pool, two SDK clients
-        assert first._slots is second._slots and first._slots._value == ASYNC_POOL_MAX_CONNECTIONS
-        await first.close()
-        assert not c2._client.is_closed  # closing a hook leaves the shared pool to the others
+        clients = await asyncio.gather(*(h.get_async_client() for h in hooks))
+        assert len(lookups) == 1 and len({id(c) for c in clients}) == 1  # one lookup, one client
+        assert clients[0]._client is mod._loop_pool().http_client
+        assert hooks[0]._slots._value == mod.ASYNC_POOL_MAX_CONNECTIONS
+        assert all(h.redact(f"key {API_KEY}") == "key ***" for h in hooks)  # secrets known to every user
+        for hook in hooks[:-1]:
+            await hook.close()
+        assert mod._loop_pool().clients[openai_conn].users == 1  # the last user keeps it
+        await hooks[-1].close()
+        assert openai_conn not in mod._loop_pool().clients
+        await OpenAIBatchAsyncHook(openai_conn).get_async_client()
+        assert len(lookups) == 2  # released when its last user left: looked up again
+        monkeypatch.setattr(mod, "SHARED_CLIENT_TTL_S", 0.0)
+        await OpenAIBatchAsyncHook(openai_conn).get_async_client()
+        assert len(lookups) == 3  # past the TTL: looked up again (rotated keys)
     finally:
-        await second.close()
+        await mod.close_loop_pool()
+
+
+async def test_shared_client_failure_reaches_every_waiter_then_retries(monkeypatch):
+    set_conn(monkeypatch, "nokey", conn_type="synth_openai")
+    from airflow_provider_synth.hooks.openai import close_loop_pool
+
+    hooks = [OpenAIBatchAsyncHook("nokey") for _ in range(5)]
+    results = await asyncio.gather(*(h.get_async_client() for h in hooks), return_exceptions=True)
+    assert all(isinstance(r, ConnectionConfigError) for r in results)
+    set_conn(monkeypatch, "nokey", conn_type="synth_openai", password=API_KEY)
+    try:
+        assert await OpenAIBatchAsyncHook("nokey").get_async_client()  # not stuck on the failed attempt
+    finally:
         await close_loop_pool()
-    assert c2._client.is_closed
+
+
+async def test_shared_entra_credential_closed_by_last_user(monkeypatch):
+    import azure.identity.aio
+
+    from airflow_provider_synth.hooks.openai import close_loop_pool
+
+    closed = []
+
+    class FakeCredential:
+        def __init__(self, **kwargs):
+            pass
+
+        async def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(azure.identity.aio, "DefaultAzureCredential", FakeCredential)
+    monkeypatch.setattr(azure.identity.aio, "get_bearer_token_provider", lambda cred, scope: lambda: "t")
+    set_conn(monkeypatch, "az", conn_type="synth_azure_openai", host="https://r.openai.azure.com",
+             extra={"api_version": "2024-10-21"})
+    first, second = OpenAIBatchAsyncHook("az"), OpenAIBatchAsyncHook("az")
+    try:
+        assert await first.get_async_client() is await second.get_async_client()
+        await first.close()
+        assert closed == []
+        await second.close()
+        assert closed == [True]
+    finally:
+        await close_loop_pool()

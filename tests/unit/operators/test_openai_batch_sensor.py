@@ -87,6 +87,7 @@ def submit(conn_id: str, tmp_path, n: int = 2) -> str:
 
 def test_poke_mode_against_the_server(server_conn, tmp_path):
     server, conn_id = server_conn
+    server.configure(in_progress_s=2.0)
     batch_id = submit(conn_id, tmp_path)
     sensor = OpenAIBatchSensor(task_id="wait", batch_ids=[batch_id], conn_id=conn_id, deferrable=False,
                                poll_interval=0.05, timeout=30)
