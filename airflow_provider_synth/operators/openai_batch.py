@@ -23,6 +23,7 @@ from airflow_provider_synth.exceptions import (
     TriggerEventError,
 )
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
+from airflow_provider_synth.links import OpenAIBatchLink
 from airflow_provider_synth.operators.openai_run import BatchRun, Plan, idempotency_key
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
@@ -110,6 +111,7 @@ class OpenAIBatchOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("input_path", "output_path", "requests", "model")
     template_fields_renderers = {"requests": "json"}
+    operator_extra_links = (OpenAIBatchLink(),)
     ui_color = "#d7f0e6"
 
     def __init__(
@@ -320,11 +322,9 @@ class OpenAIBatchOperator(BaseOperator):
         )
 
     def _persist_links(self, context: Context, run: BatchRun) -> None:
-        try:
-            from airflow_provider_synth.links import persist_batch_links
-        except ImportError:  # pragma: no cover - links are optional decoration
-            return
-        persist_batch_links(context, self, run.batch_ids, is_azure=run.hook.is_azure)
+        """Store the dashboard link before deferring, so it works while the task waits."""
+        if run.batch_ids:
+            OpenAIBatchLink.persist(context, run.batch_ids, azure=run.hook.is_azure)
 
     def on_kill(self) -> None:
         """Cancel the batches of this run that are still running (worker-side wait)."""

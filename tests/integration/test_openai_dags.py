@@ -206,3 +206,14 @@ def test_api_key_appears_nowhere(airflow_db, openai_conn, tmp_path, monkeypatch,
     with create_session() as session:
         kwargs = [repr(t.kwargs) for t in session.query(Trigger).all()]
     assert all(secret not in k for k in kwargs)
+
+
+@pytest.mark.integration
+def test_dashboard_link_persisted(airflow_db, openai_conn, tmp_path, monkeypatch) -> None:
+    from airflow_provider_synth.links import OpenAIBatchLink
+
+    dr, ti = run_chat_dag(tmp_path, monkeypatch, n=20)
+    assert dr.state == "success"
+    (batch_id,) = ti.xcom_pull(task_ids="synthesize")["batch_ids"]
+    url = ti.xcom_pull(task_ids="synthesize", key=OpenAIBatchLink().xcom_key)
+    assert url == f"https://platform.openai.com/batches/{batch_id}"
