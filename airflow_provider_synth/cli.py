@@ -1,0 +1,570 @@
+"""``airflow-synth``: look after OpenAI / Azure OpenAI batch runs from a shell, outside any DAG.
+
+Works from an Airflow connection id (resolved the Airflow way: ``AIRFLOW_CONN_<ID>`` environment variables,
+a secrets backend, or the metadata database) and a run's manifest (its ``manifest.json`` or output folder)
+or batch ids. It reuses the operators' own pieces: :class:`~airflow_provider_synth.operators.openai_run.BatchRun`
+to find, collect and merge a run's batches, and
+:func:`~airflow_provider_synth.operators.cleanup.clean_up_batch_files` to delete old files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DEFAULT_CONN_ID = "synth_openai_default"
+OPENAI_BACKENDS = ("openai", "azure_openai")
+
+DESCRIPTION = """\
+Check, collect, cancel and clean up OpenAI / Azure OpenAI batch runs of airflow-provider-synth.
+
+A run is named by its manifest: the manifest.json an OpenAIBatchOperator wrote (also its XCom), or
+the output folder that holds it (a local path or an object storage URL such as s3://bucket/run).
+status and cancel also take batch ids (--batch-id).
+
+The API key comes from an Airflow connection (--conn-id; by default the one recorded in the manifest,
+else synth_openai_default), looked up the Airflow way: an AIRFLOW_CONN_<ID> environment variable, your
+secrets backend, or the metadata database. The key is never printed.
+"""
+
+EPILOG = """\
+examples:
+  # how far along is a run? (per batch and in total)
+  airflow-synth status /data/synth/example_openai_batch/manual__2025-01-01
+  airflow-synth status --batch-id batch_abc123 --batch-id batch_def456 --conn-id my_openai
+
+  # land the results of a run submitted with wait_for_completion=False, waiting until it finishes
+  airflow-synth download s3://bucket/synth/run-1/manifest.json --wait
+
+  # stop a run's batches that are still running
+  airflow-synth cancel /data/synth/run-1
+
+  # delete files this provider left on the account more than 7 days ago (preview first)
+  airflow-synth cleanup --older-than 7 --dry-run
+  airflow-synth cleanup --older-than 7
+
+  # machine-readable output
+  airflow-synth --json status /data/synth/run-1 | jq .totals
+
+exit codes:
+  0  the command did what was asked
+  1  it failed: an API error, batches still running (download), files or batches it could not delete
+     or cancel
+  2  usage error: bad arguments, a manifest that cannot be read, an unknown or incomplete connection
+"""
+
+
+class UsageError(Exception):
+    """The command line or what it points at is wrong (exit code 2)."""
+
+
+class CommandFailed(Exception):
+    """The command ran and failed (exit code 1)."""
+
+
+@dataclass
+class Target:
+    """What a command acts on: a run (manifest and, when readable, its plan) or bare batch ids."""
+
+    conn_id: str
+    manifest: dict[str, Any] | None = None
+    plan: Any = None
+    batch_ids: tuple[str, ...] = ()
+
+
+# -- arguments ---------------------------------------------------------------------------------------------------
+
+
+def _days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {value!r}") from None
+    if days < 0 or days != days:
+        raise argparse.ArgumentTypeError(f"days must be >= 0, got {value}")
+    return days
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``airflow-synth`` argument parser."""
+    # the common options work before or after the command name; SUPPRESS keeps a sub-command's
+    # unset option from overwriting the value given before the command
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--conn-id", default=argparse.SUPPRESS, metavar="ID",
+                        help="Airflow connection id (default: the manifest's, else synth_openai_default)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print one JSON object instead of text")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log API calls, and show tracebacks of unexpected errors")
+
+    parser = argparse.ArgumentParser(prog="airflow-synth", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--conn-id", default=None, metavar="ID", help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log API calls and show tracebacks")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], help=help_text, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    run_help = "a run's manifest.json, or the output folder holding it (path or URL)"
+    status = command("status", "counts and progress per batch, and totals",
+                     "Show each batch's status and request counts, and the totals, of a run or of batch ids.")
+    status.add_argument("run", nargs="?", metavar="MANIFEST", help=run_help)
+    status.add_argument("--batch-id", action="append", default=[], metavar="ID", help="a batch id (repeatable)")
+
+    download = command("download", "land a run's results in its output folder and merge them",
+                       "Download every finished batch of a run (all shards and retry rounds) and merge them "
+                       "into results.jsonl, failures.jsonl and manifest.json, as OpenAIBatchResultsOperator "
+                       "does. Submits nothing: failed requests stay in failures.jsonl.")
+    download.add_argument("run", metavar="MANIFEST", help=run_help)
+    download.add_argument("--output", metavar="DIR", help="merge into this folder instead of the run's own")
+    download.add_argument("--wait", action="store_true", help="wait for running batches instead of failing")
+    download.add_argument("--poll-interval", type=_seconds, default=30.0, metavar="S",
+                          help="seconds between checks with --wait (default 30)")
+    download.add_argument("--timeout", type=_seconds, default=None, metavar="S",
+                          help="give up waiting after this many seconds (default: no limit)")
+
+    cancel = command("cancel", "cancel a run's (or these) batches that are still running",
+                     "Ask the API to cancel every batch still running; finished ones are left alone. Cancelled "
+                     "batches keep the answers they finished (collect them with download).")
+    cancel.add_argument("run", nargs="?", metavar="MANIFEST", help=run_help)
+    cancel.add_argument("--batch-id", action="append", default=[], metavar="ID", help="a batch id (repeatable)")
+
+    cleanup = command("cleanup", "delete files this provider left on the account, older than N days",
+                      "Delete the inputs this provider uploaded (synth-<key>-s<shard>-r<round>.jsonl) and the "
+                      "output and error files of the batches it created, older than --older-than days. Never "
+                      "other files of the account, never a file a running batch uses.")
+    cleanup.add_argument("--older-than", type=_days, required=True, metavar="DAYS",
+                         help="delete files created more than DAYS days ago (fractions allowed)")
+    cleanup.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    return parser
+
+
+# -- targets -----------------------------------------------------------------------------------------------------
+
+
+def _as_path(path: Any) -> Any:
+    from airflow_provider_synth.operators.openai_batch import _as_path as as_path
+
+    return as_path(path)
+
+
+def _read_manifest(run: str) -> dict[str, Any]:
+    from airflow_provider_synth.batch.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(_as_path(run))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise UsageError(f"no manifest at {run!r}: give a manifest.json or the output folder that holds it") \
+            from None
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"cannot read the manifest at {run!r}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{run!r} is not a manifest (not a JSON object)")
+    if manifest.get("backend") not in OPENAI_BACKENDS:
+        raise UsageError(f"the manifest at {run!r} is from backend {manifest.get('backend')!r}; this command "
+                         f"handles {' and '.join(OPENAI_BACKENDS)} runs")
+    return manifest
+
+
+def _load_plan(manifest: dict[str, Any], run: str, required: bool) -> Any:
+    from airflow_provider_synth.operators.openai_run import Plan
+
+    work_dir = manifest.get("work_dir")
+    try:
+        if not work_dir:
+            raise FileNotFoundError(work_dir)
+        return Plan.load(_as_path(work_dir))
+    except (FileNotFoundError, OSError, TypeError, ValueError) as exc:
+        if required:
+            raise UsageError(f"cannot read the run's plan under work_dir {work_dir!r} (from {run!r}): "
+                             f"{type(exc).__name__}") from None
+        return None
+
+
+def resolve_target(args: argparse.Namespace, *, need_plan: bool = False) -> Target:
+    """Turn ``MANIFEST`` / ``--batch-id`` / ``--conn-id`` into a :class:`Target`."""
+    run, batch_ids = getattr(args, "run", None), tuple(getattr(args, "batch_id", None) or ())
+    if run and batch_ids:
+        raise UsageError("give a manifest or --batch-id, not both")
+    if not run and not batch_ids:
+        raise UsageError("give a manifest (or output folder), or at least one --batch-id")
+    if not run:
+        args.conn_id = args.conn_id or DEFAULT_CONN_ID
+        return Target(conn_id=args.conn_id, batch_ids=batch_ids)
+    manifest = _read_manifest(run)
+    plan = _load_plan(manifest, run, required=need_plan)
+    conn_id = args.conn_id or manifest.get("conn_id") or (plan.conn_id if plan else None) or DEFAULT_CONN_ID
+    args.conn_id = conn_id  # the connection whose secrets error messages are scrubbed of
+    return Target(conn_id=conn_id, manifest=manifest, plan=plan,
+                  batch_ids=tuple(manifest.get("batch_ids") or ()))
+
+
+def _hook(conn_id: str) -> Any:
+    from airflow_provider_synth.hooks.openai import OpenAIBatchHook
+
+    return OpenAIBatchHook(conn_id)
+
+
+def _batch_run(target: Target) -> Any:
+    """The run's batches, found by its key (every shard and retry round, whatever the manifest lists)."""
+    from airflow_provider_synth.operators.openai_run import BatchRun
+
+    run = BatchRun(_hook(target.conn_id), target.plan, _as_path)
+    run.discover()
+    return run
+
+
+def _batch_rows(target: Target) -> list[dict[str, Any]]:
+    """One row per batch: id, shard, round and its state (``batch_summary``), fresh from the API."""
+    from airflow_provider_synth.hooks.openai import batch_summary
+    from airflow_provider_synth.operators.openai_run import ROUND_META, SHARD_META
+
+    if target.plan is not None:
+        run = _batch_run(target)
+        run.poll()
+        return [{"batch_id": ref.batch_id, "shard": ref.shard, "round": ref.round, **ref.state}
+                for _, ref in sorted(run.batches.items())]
+    hook, rows = _hook(target.conn_id), []
+    for batch_id in target.batch_ids:
+        batch = hook.get_batch(batch_id)
+        meta = batch.metadata or {}
+        rows.append({"batch_id": batch.id, "shard": _int(meta.get(SHARD_META)), "round": _int(meta.get(ROUND_META)),
+                     **batch_summary(batch)})
+    return rows
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# -- commands ----------------------------------------------------------------------------------------------------
+
+
+def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from airflow_provider_synth.hooks.openai import TERMINAL_STATUSES
+
+    statuses: dict[str, int] = {}
+    counts = {"total": 0, "completed": 0, "failed": 0}
+    for row in rows:
+        statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+        for key in counts:
+            counts[key] += int(row["request_counts"].get(key) or 0)
+    done = counts["completed"] + counts["failed"]
+    return {"batches": len(rows), "statuses": statuses, "requests": counts,
+            "progress": round(done / counts["total"], 4) if counts["total"] else None,
+            "finished": all(r["status"] in TERMINAL_STATUSES for r in rows)}
+
+
+def cmd_status(args: argparse.Namespace, out: Output) -> int:
+    target = resolve_target(args)
+    rows = _batch_rows(target)
+    if target.plan is not None and not rows:
+        raise CommandFailed(f"no batch of run {target.plan.key} found on connection {target.conn_id!r}: "
+                            "was it submitted with this connection?")
+    totals = _totals(rows)
+    result: dict[str, Any] = {"conn_id": target.conn_id, "batches": rows, "totals": totals}
+    if target.plan is not None:
+        result.update(run_key=target.plan.key, total_requests=target.plan.total, shards=len(target.plan.shards))
+    out.emit(result, lambda: _status_text(result))
+    return EXIT_OK
+
+
+def _pct(done: int, total: int) -> str:
+    return f"{100 * done / total:5.1f}%" if total else "    -"
+
+
+def _status_text(result: dict[str, Any]) -> list[str]:
+    lines = [f"{'batch':<34} {'shard':>5} {'round':>5}  {'status':<12} {'completed':>9} {'failed':>7} "
+             f"{'total':>7} {'progress':>8}"]
+    for row in result["batches"]:
+        c = row["request_counts"]
+        shard = "-" if row["shard"] is None else str(row["shard"])
+        rnd = "-" if row["round"] is None else str(row["round"])
+        lines.append(f"{row['batch_id']:<34} {shard:>5} {rnd:>5}  {row['status']:<12} {c['completed']:>9} "
+                     f"{c['failed']:>7} {c['total']:>7} {_pct(c['completed'] + c['failed'], c['total']):>8}")
+        lines.extend(f"    ! {error}" for error in row.get("errors") or [])
+    t = result["totals"]
+    r = t["requests"]
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(t["statuses"].items()))
+    lines.append(f"{'total':<34} {'':>5} {'':>5}  {t['batches']:<12} {r['completed']:>9} {r['failed']:>7} "
+                 f"{r['total']:>7} {_pct(r['completed'] + r['failed'], r['total']):>8}")
+    lines.append(f"{t['batches']} batch(es): {statuses or 'none'}; "
+                 + ("all finished" if t["finished"] else "still running"))
+    return lines
+
+
+def _wait(run: Any, args: argparse.Namespace, out: Output) -> None:
+    run.poll()
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    last: dict[str, int] = {}
+    while run.running_ids and args.wait:
+        if run.statuses() != last:
+            last = run.statuses()
+            out.note(f"waiting for {len(run.running_ids)} batch(es): {last}")
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        left = args.poll_interval if deadline is None else deadline - time.monotonic()
+        time.sleep(max(min(args.poll_interval, left), 0.01))
+        run.poll()
+    if run.running_ids:
+        hint = f"gave up after {args.timeout:g}s" if args.wait else "run again later, or pass --wait"
+        raise CommandFailed(f"{len(run.running_ids)} of {len(run.batches)} batch(es) still running "
+                            f"({', '.join(run.running_ids[:5])}); {hint}")
+
+
+def cmd_download(args: argparse.Namespace, out: Output) -> int:
+    from airflow_provider_synth.batch.manifest import build_manifest, write_manifest
+    from airflow_provider_synth.batch.usage import cost_usd
+
+    target = resolve_target(args, need_plan=True)
+    plan = target.plan
+    if args.output:
+        plan.output_dir = args.output if "://" in args.output else os.path.abspath(args.output)
+    run = _batch_run(target)
+    if not run.batches:
+        raise CommandFailed(f"no batch of run {plan.key} found on connection {target.conn_id!r}: "
+                            "was it submitted with this connection?")
+    _wait(run, args, out)
+    acct = run.merge()
+    source = target.manifest or {}
+    manifest = build_manifest(
+        backend="azure_openai" if run.hook.is_azure else "openai", accounting=acct.as_dict(),
+        output_dir=plan.output_dir, status="completed", batch_ids=run.batch_ids, shards=len(plan.shards),
+        rounds=max((r for _, r in run.batches), default=0) + 1, idempotency_key=plan.key,
+        work_dir=plan.work_dir, conn_id=target.conn_id, endpoint=plan.endpoint, model=plan.model,
+        est_cost_usd=plan.est_cost_usd, est_input_tokens=plan.est_input_tokens,
+        cost_usd=cost_usd(acct.usage, plan.model), collected_by="airflow-synth",
+        **{k: source.get(k) for k in ("dag_id", "task_id", "run_id", "map_index", "try_number")},
+    )
+    write_manifest(_as_path(plan.output_dir), manifest)
+    out.emit(manifest, lambda: _download_text(manifest))
+    return EXIT_OK
+
+
+def _download_text(m: dict[str, Any]) -> list[str]:
+    lines = [f"{m['succeeded']} succeeded, {m['failed']} failed, {m['missing']} missing of {m['total']} "
+             f"request(s) from {len(m['batch_ids'])} batch(es)",
+             f"results:  {m['results_path']}", f"failures: {m['failures_path']}", f"manifest: {m['manifest_path']}"]
+    usage = m.get("usage") or {}
+    cost = "unknown (model has no price)" if m.get("cost_usd") is None else f"${m['cost_usd']:.4f}"
+    lines.append(f"usage: {usage.get('prompt_tokens', 0):,} prompt + {usage.get('completion_tokens', 0):,} "
+                 f"completion tokens; cost {cost}")
+    if m.get("retryable"):
+        lines.append(f"{m['retryable']} failure(s) could succeed on retry: re-run the Airflow task "
+                     "(OpenAIBatchResultsOperator) to resubmit only those")
+    return lines
+
+
+def cmd_cancel(args: argparse.Namespace, out: Output) -> int:
+    from airflow_provider_synth.hooks.openai import TERMINAL_STATUSES
+
+    target = resolve_target(args)
+    hook = _hook(target.conn_id)
+    rows = _batch_rows(target)
+    results, failed = [], 0
+    for row in rows:
+        entry = {"batch_id": row["batch_id"], "before": row["status"], "status": row["status"], "action": "none"}
+        if row["status"] not in TERMINAL_STATUSES and row["status"] != "cancelling":
+            try:
+                entry["status"], entry["action"] = hook.cancel_batch(row["batch_id"]).status, "cancelled"
+            except Exception as exc:  # keep cancelling the others; report each failure
+                entry["action"], entry["error"] = "error", _error_text(exc, hook)
+                failed += 1
+        results.append(entry)
+    summary = {"conn_id": target.conn_id, "batches": results,
+               "cancelled": sum(e["action"] == "cancelled" for e in results), "errors": failed}
+    out.emit(summary, lambda: _cancel_text(summary))
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _cancel_text(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    for e in summary["batches"]:
+        what = {"cancelled": f"cancel requested ({e['before']} -> {e['status']})",
+                "error": f"could not cancel: {e.get('error')}"}.get(e["action"], f"left alone ({e['status']})")
+        lines.append(f"{e['batch_id']}: {what}")
+    lines.append(f"{summary['cancelled']} batch(es) cancelled, {summary['errors']} error(s)")
+    return lines
+
+
+def cmd_cleanup(args: argparse.Namespace, out: Output) -> int:
+    from airflow_provider_synth.operators.cleanup import clean_up_batch_files
+
+    conn_id = args.conn_id or DEFAULT_CONN_ID
+    summary = clean_up_batch_files(_hook(conn_id), args.older_than, dry_run=args.dry_run, logger=out)
+    result = {"conn_id": conn_id, **summary.as_dict()}
+    out.emit(result, lambda: _cleanup_text(result))
+    return EXIT_FAILURE if summary.errors else EXIT_OK
+
+
+def _cleanup_text(r: dict[str, Any]) -> list[str]:
+    verb = "would delete" if r["dry_run"] else "deleted"
+    lines = [f"{verb} {r['deleted']} file(s), {r['bytes']:,} bytes ({r['uploads']} uploaded inputs, "
+             f"{r['outputs']} batch outputs) older than {r['older_than_days']:g} days (before {r['cutoff']})",
+             f"kept {r['kept_recent']} newer file(s) and {r['kept_running']} used by running batches; "
+             "other files of the account are never touched"]
+    lines.extend(f"could not delete {e['file_id']}: {e['error']}" for e in r["errors"])
+    return lines
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int]] = {
+    "status": cmd_status, "download": cmd_download, "cancel": cmd_cancel, "cleanup": cmd_cleanup,
+}
+
+
+# -- output and errors -------------------------------------------------------------------------------------------
+
+
+class Output:
+    """Text or JSON on stdout; notes and per-file lines on stdout in text mode, nothing extra in JSON mode.
+
+    Also a ``logger`` for :func:`clean_up_batch_files` (its ``info`` lines become text output).
+    """
+
+    def __init__(self, as_json: bool, stream: Any = None) -> None:
+        self.as_json, self.stream = as_json, stream
+
+    def _write(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout)
+
+    def emit(self, data: dict[str, Any], text: Callable[[], list[str]]) -> None:
+        if self.as_json:
+            import orjson
+
+            self._write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+        else:
+            for line in text():
+                self._write(line)
+
+    def note(self, text: str) -> None:
+        if not self.as_json:
+            self._write(text)
+
+    def info(self, msg: str, *args: Any) -> None:
+        self.note(msg % args if args else msg)
+
+
+def _error_text(exc: BaseException, hook: Any = None) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return hook.redact(text) if hook is not None else text
+
+
+def _classify(exc: Exception) -> tuple[int, str] | None:
+    """Exit code and message for errors a user can act on; ``None`` for unexpected ones."""
+    import openai
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from airflow_provider_synth.exceptions import ConnectionConfigError, SynthError
+
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, AirflowNotFoundException):
+        return EXIT_USAGE, (f"{exc}: define it (e.g. an AIRFLOW_CONN_<ID> environment variable, or "
+                            "`airflow connections add`), or pass --conn-id")
+    if isinstance(exc, ConnectionConfigError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return EXIT_FAILURE, f"the API refused the connection's credentials ({type(exc).__name__}): {exc}"
+    if isinstance(exc, openai.APIConnectionError):
+        return EXIT_FAILURE, f"cannot reach the API ({type(exc).__name__}): check the connection's base URL"
+    if isinstance(exc, openai.OpenAIError | CommandFailed | SynthError):
+        return EXIT_FAILURE, f"{type(exc).__name__}: {exc}" if not isinstance(exc, CommandFailed) else str(exc)
+    return None
+
+
+def _secrets_of(conn_id: str | None) -> list[str]:
+    """The connection's secrets, to scrub them from any message (the hook knows them once it built a client)."""
+    if not conn_id:
+        return []
+    try:
+        from airflow.sdk import BaseHook
+
+        conn = BaseHook.get_connection(conn_id)
+    except Exception:
+        return []
+    extras = conn.extra_dejson
+    nested = extras.get("openai_client_kwargs") or {}
+    values = [conn.password, extras.get("api_key"), extras.get("client_secret"),
+              nested.get("api_key") if isinstance(nested, dict) else None]
+    return [str(v) for v in values if v]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``airflow-synth``; returns the exit code (see ``airflow-synth --help``)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
+        return int(exc.code or 0)
+    # outside a task, Airflow resolves connections from env vars and secrets backends only; like the
+    # `airflow` CLI, also look in the metadata database
+    os.environ.setdefault("_AIRFLOW_PROCESS_CONTEXT", "server")
+    with _logs_to_stderr(args.verbose):
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _logs_to_stderr(verbose: bool) -> Iterator[None]:
+    """Airflow logs to stdout at INFO once imported: move its handlers to stderr (stdout is the command's
+    output, JSON with ``--json``), and keep only warnings unless ``--verbose``. Restored afterwards."""
+    import logging
+
+    import airflow.sdk  # noqa: F401  (configures logging on import)
+
+    root = logging.getLogger()
+    level, moved = root.level, []
+    for handler in root.handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            moved.append(handler)
+            handler.setStream(sys.stderr)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        for handler in moved:
+            handler.setStream(sys.stdout)
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = Output(args.json)
+    try:
+        return COMMANDS[args.command](args, out)
+    except Exception as exc:
+        from airflow_provider_synth.hooks.openai import redact
+
+        classified = _classify(exc)
+        if classified is None and args.verbose:
+            raise
+        code, message = classified or (EXIT_FAILURE, f"unexpected error {_error_text(exc)} "
+                                                     "(run with --verbose for the traceback)")
+        secrets = _secrets_of(args.conn_id or DEFAULT_CONN_ID)
+        print(f"airflow-synth: error: {redact(message, secrets)}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
