@@ -164,3 +164,13 @@ def test_test_connection_with_a_wrong_key(monkeypatch, server):
     ok, message = OpenAIBatchHook("wrong").test_connection()
     assert not ok and "AuthenticationError" in message and "sk-wrong-key-000" not in message
     assert server.counters["files_created"] == 0 and server.counters["batches_created"] == 0
+
+
+async def test_official_openai_connection_type_in_the_trigger(monkeypatch, server, tmp_path):
+    conn = Connection(conn_id="official", conn_type="openai", password=API_KEY,
+                      extra=json.dumps({"openai_client_kwargs": {"base_url": server.base_url}}))
+    monkeypatch.setenv("AIRFLOW_CONN_OFFICIAL", conn.as_json())
+    hook = OpenAIBatchHook("official")
+    batch = hook.create_batch(hook.upload_file(write_requests(tmp_path, 2)).id, "/v1/chat/completions")
+    event = await wait("official", [batch.id])
+    assert event["status"] == "success" and event["batches"][batch.id]["status"] == "completed"
