@@ -34,12 +34,15 @@ class FakeCortex:
     :param fail_marker: prompts (or conversations) containing this text get a per-row error.
     :param abort_after: raise inside the UDF on model call number ``abort_after + 1`` (the statement fails,
         rolling back its chunk), once, simulating a kill in the middle of a run.
+    :param default_status: a ``QueryStatus`` name reported for every statement not in ``statuses`` (e.g.
+        ``RUNNING`` to keep them "running" forever); default: SUCCESS for every statement that ran.
     """
 
     database: str = "SYNTH_DB"
     schema: str = "PUBLIC"
     fail_marker: str = "[fail]"
     abort_after: int | None = None
+    default_status: str | None = None
     calls: list[str] = field(default_factory=list)
     statuses: dict[str, str] = field(default_factory=dict)
     cancelled: list[str] = field(default_factory=list)
@@ -116,6 +119,8 @@ class FakeCortex:
         def status(conn: Any, query_id: str) -> QueryStatus:
             if query_id in self.statuses:
                 return QueryStatus[self.statuses[query_id]]
+            if self.default_status is not None:
+                return QueryStatus[self.default_status]
             return QueryStatus.SUCCESS if query_id in fs.results_cache else QueryStatus.FAILED_WITH_ERROR
 
         def status_or_raise(conn: Any, query_id: str) -> QueryStatus:
@@ -162,6 +167,7 @@ class FakeSqlApi:
     polls: dict[str, int] = field(default_factory=dict)
     cancelled: list[str] = field(default_factory=list)
     auth_headers: list[str] = field(default_factory=list)
+    token_types: list[str] = field(default_factory=list)
     port: int = 0
 
     async def _status(self, request: Any) -> Any:
@@ -169,6 +175,7 @@ class FakeSqlApi:
 
         handle = request.match_info["handle"]
         self.auth_headers.append(request.headers.get("Authorization", ""))
+        self.token_types.append(request.headers.get("X-Snowflake-Authorization-Token-Type", ""))
         n = self.polls[handle] = self.polls.get(handle, 0) + 1
         if handle in self.cancelled:
             return web.json_response({"code": "000604", "message": "SQL execution canceled", "sqlState": "57014",
@@ -196,16 +203,21 @@ class FakeSqlApi:
         from aiohttp import web
 
         loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
         app = web.Application()
         app.router.add_get("/api/v2/statements/{handle}", self._status)
         app.router.add_post("/api/v2/statements/{handle}/cancel", self._cancel)
         runner = web.AppRunner(app)
-        loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        thread = threading.Thread(target=loop.run_forever, daemon=True)
-        thread.start()
+
+        async def start() -> int:
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+        # the server's loop runs in its own thread, so tests may start it from inside an event loop
+        self.port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
         try:
             yield self
         finally:

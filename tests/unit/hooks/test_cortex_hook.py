@@ -129,3 +129,27 @@ async def test_async_hook_polls_the_sql_api_with_the_connection_auth(sql_api: Fa
     assert failed.state == "error" and "Cortex function failed" in failed.message
     assert cancelled.state == "success" and sql_api.cancelled == ["q-run"]
     assert set(sql_api.auth_headers) == {f"Bearer {PAT}"}
+
+
+async def test_async_hook_signs_a_key_pair_jwt_off_the_loop(monkeypatch: pytest.MonkeyPatch):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    api = FakeSqlApi(running_polls=0)
+    with api.serve():
+        payload = {"conn_type": "snowflake", "login": "synth_user", "schema": "PUBLIC",
+                   "extra": {"account": "acct", "host": "127.0.0.1", "port": api.port, "protocol": "http",
+                             "private_key_content": pem}}
+        monkeypatch.setenv("AIRFLOW_CONN_SF_JWT", json.dumps(payload))
+        async with CortexAsyncHook("sf_jwt") as hook:
+            status = await hook.poll_statement("q-1")
+    assert status.state == "success"
+    assert api.token_types == ["KEYPAIR_JWT"]
+    token = api.auth_headers[0].removeprefix("Bearer ")
+    import jwt
+
+    claims = jwt.decode(token, key.public_key(), algorithms=["RS256"], options={"verify_aud": False})
+    assert claims["sub"] == "ACCT.SYNTH_USER"

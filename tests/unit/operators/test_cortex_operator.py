@@ -234,3 +234,14 @@ def test_source_table_is_checked_and_staged_in_snowflake(fake: FakeCortex, tmp_p
     reasons = [p.reason for p in err.value.problems]
     assert "1 row(s) have a NULL id" in reasons and "1 row(s) have a NULL or empty prompt" in reasons
     assert any(p.custom_id == "1" for p in err.value.problems) and len(fake.calls) == calls
+
+
+def test_not_deferrable_waits_then_cancels_at_the_deadline(fake: FakeCortex, tmp_path: Path):
+    _write_requests(tmp_path / "requests.jsonl", ["a", "b", "c"])
+    fake.default_status = "RUNNING"
+    op = _op(tmp_path, chunk_size=2, timeout=0.6, poll_interval=0.1)
+    with pytest.raises(BatchTimeoutError, match="still running at the deadline"):
+        op.execute(_context())
+    assert len(fake.cancelled) == 2 and sorted(fake.cancelled) == sorted(op._query_ids)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["total"] == 3 and all(s["state"] == "running" for s in manifest["statements"].values())
