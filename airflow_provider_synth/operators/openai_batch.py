@@ -250,7 +250,6 @@ class OpenAIBatchOperator(BaseOperator):
                                                poll_interval=self.poll_interval, end_time=end_time,
                                                cancel_on_kill=self.cancel_on_kill),
                     method_name="execute_complete",
-                    kwargs={"plan_dir": run.plan.work_dir},
                     timeout=timedelta(seconds=max(end_time - time.time(), 0) + 600),
                 )
             self._wait_in_worker(run, end_time)
@@ -266,18 +265,20 @@ class OpenAIBatchOperator(BaseOperator):
                 last = run.statuses()
                 self.log.info("batches: %s", last)
 
-    def execute_complete(self, context: Context, event: dict[str, Any] | None = None,
-                         plan_dir: str | None = None) -> dict[str, Any]:
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger: collect, maybe start a retry round (and defer again), or merge."""
         event = validate_trigger_event(event)
-        run = self._attach(Plan.load(_as_path(plan_dir) if plan_dir else join_path(
-            _as_path(self.output_path), "_work")))
+        run = self._attach(Plan.load(self._work_dir()))
         run.refresh(event["batches"])
         if event["status"] == "timeout":
             self._on_timeout(run)
         if event["status"] == "error":
             raise BatchFailedError(f"waiting for batches failed: {event.get('message')}")
         return self._wait_or_finish(context, run)
+
+    def _work_dir(self) -> Any:
+        """Where the plan of this task's run lives (the resumed task instance is a new object)."""
+        return join_path(_as_path(self.output_path), "_work")
 
     def _on_timeout(self, run: BatchRun) -> None:
         running = run.running_ids
@@ -354,12 +355,16 @@ class OpenAIBatchResultsOperator(OpenAIBatchOperator):
         super().__init__(conn_id=conn_id, requests=[], **kwargs)
         self.submitted = submitted
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def _work_dir(self) -> Any:
         sub = self.submitted
-        work = sub.get("work_dir") if isinstance(sub, Mapping) else join_path(str(sub), "_work")
-        plan = Plan.load(_as_path(work))
+        return _as_path(sub["work_dir"] if isinstance(sub, Mapping) else join_path(str(sub), "_work"))
+
+    def _attach(self, plan: Plan) -> BatchRun:
         self.conn_id, self.output_path = plan.conn_id, plan.output_dir
-        run = self._attach(plan)
+        return super()._attach(plan)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        run = self._attach(Plan.load(self._work_dir()))
         self._persist_links(context, run)
         return self._wait_or_finish(context, run)
 

@@ -217,3 +217,22 @@ def test_dashboard_link_persisted(airflow_db, openai_conn, tmp_path, monkeypatch
     (batch_id,) = ti.xcom_pull(task_ids="synthesize")["batch_ids"]
     url = ti.xcom_pull(task_ids="synthesize", key=OpenAIBatchLink().xcom_key)
     assert url == f"https://platform.openai.com/batches/{batch_id}"
+
+
+@pytest.mark.integration
+def test_submit_then_sensor_then_collect(airflow_db, openai_conn, tmp_path, monkeypatch) -> None:
+    from airflow_provider_synth.testing.config import Outcome
+
+    monkeypatch.setenv("SYNTH_OUTPUT_DIR", str(tmp_path))
+    openai_conn.set_outcome("SKU-000[0-2]", Outcome.error(503), times=1)
+    dag = load_dag("example_openai_batch_submit_collect")
+    for task_id in ("wait", "collect"):
+        dag.get_task(task_id).poll_interval = 0.2
+    dr = dag.test()
+    assert dr.state == "success"
+    submitted = dr.get_task_instance("submit").xcom_pull(task_ids="submit")
+    assert submitted["status"] == "submitted" and len(submitted["batch_ids"]) == 1
+    final = dr.get_task_instance("collect").xcom_pull(task_ids="collect")
+    assert final["status"] == "completed" and final["succeeded"] == 60 and final["rounds"] == 2
+    assert read_ids(final["results_path"]) == [f"SKU-{i:04d}" for i in range(60)]
+    assert openai_conn.counters["batches_created"] == 2  # the round of 3 retried requests, nothing else
