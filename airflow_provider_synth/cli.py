@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -116,14 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="airflow-synth", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--conn-id", default=None, metavar="ID", help=argparse.SUPPRESS)
+    parser.add_argument("--conn-id", default=None, metavar="ID",
+                        help="Airflow connection id (default: the manifest's, else synth_openai_default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("-v", "--verbose", action="store_true", help="log API calls and show tracebacks")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, parents=[common], help=help_text, description=description,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples = [line for line in EPILOG.splitlines() if line.startswith(f"  airflow-synth {name} ")]
+        epilog = "examples:\n" + "\n".join(examples) + "\n\n" + EPILOG[EPILOG.index("exit codes:"):]
+        return commands.add_parser(name, parents=[common], help=help_text, description=textwrap.fill(description, 100),
+                                   epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     run_help = "a run's manifest.json, or the output folder holding it (path or URL)"
     status = command("status", "counts and progress per batch, and totals",
@@ -297,19 +301,20 @@ def _pct(done: int, total: int) -> str:
 
 
 def _status_text(result: dict[str, Any]) -> list[str]:
-    lines = [f"{'batch':<34} {'shard':>5} {'round':>5}  {'status':<12} {'completed':>9} {'failed':>7} "
+    w = max([len("batch"), *(len(row["batch_id"]) for row in result["batches"])])
+    lines = [f"{'batch':<{w}} {'shard':>5} {'round':>5}  {'status':<12} {'completed':>9} {'failed':>7} "
              f"{'total':>7} {'progress':>8}"]
     for row in result["batches"]:
         c = row["request_counts"]
         shard = "-" if row["shard"] is None else str(row["shard"])
         rnd = "-" if row["round"] is None else str(row["round"])
-        lines.append(f"{row['batch_id']:<34} {shard:>5} {rnd:>5}  {row['status']:<12} {c['completed']:>9} "
+        lines.append(f"{row['batch_id']:<{w}} {shard:>5} {rnd:>5}  {row['status']:<12} {c['completed']:>9} "
                      f"{c['failed']:>7} {c['total']:>7} {_pct(c['completed'] + c['failed'], c['total']):>8}")
         lines.extend(f"    ! {error}" for error in row.get("errors") or [])
     t = result["totals"]
     r = t["requests"]
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(t["statuses"].items()))
-    lines.append(f"{'total':<34} {'':>5} {'':>5}  {t['batches']:<12} {r['completed']:>9} {r['failed']:>7} "
+    lines.append(f"{'total':<{w}} {'':>5} {'':>5}  {t['batches']:<12} {r['completed']:>9} {r['failed']:>7} "
                  f"{r['total']:>7} {_pct(r['completed'] + r['failed'], r['total']):>8}")
     lines.append(f"{t['batches']} batch(es): {statuses or 'none'}; "
                  + ("all finished" if t["finished"] else "still running"))

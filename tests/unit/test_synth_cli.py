@@ -79,23 +79,30 @@ def run_json(capsys, *args: str) -> tuple[int, dict]:
 # -- status ------------------------------------------------------------------------------------------------------
 
 
-def test_status_of_a_running_run_then_finished(conn, server, tmp_path, capsys) -> None:
+def test_status_of_a_running_run(conn, server, tmp_path, capsys) -> None:
     server.configure(in_progress_s=30)
     out = submit_run(tmp_path)
     code, data = run_json(capsys, "status", str(out))
     assert code == EXIT_OK
     assert [(b["shard"], b["round"]) for b in data["batches"]] == [(0, 0), (1, 0), (2, 0)]
+    assert {b["status"] for b in data["batches"]} <= {"validating", "in_progress"}
     assert data["totals"]["requests"]["total"] == 25 and data["totals"]["finished"] is False
     assert data["total_requests"] == 25 and data["conn_id"] == CONN  # conn id taken from the manifest
+    code, text, _ = run_cli(capsys, "status", str(out))
+    assert code == EXIT_OK and text.splitlines()[-1].endswith("; still running")
 
-    server.configure(in_progress_s=0.05)  # the running batches finish on the new schedule
+
+def test_status_of_a_finished_run_as_text(conn, server, tmp_path, capsys) -> None:
+    out = submit_run(tmp_path)
     server.wait_idle()
     code, text, _ = run_cli(capsys, "status", str(out / "manifest.json"))
     assert code == EXIT_OK
     lines = text.splitlines()
-    assert lines[0].split()[:4] == ["batch", "shard", "round", "status"]
-    assert sum("completed" in line for line in lines[1:4]) == 3
-    assert "25" in lines[4] and "100.0%" in lines[4]
+    assert lines[0].split() == ["batch", "shard", "round", "status", "completed", "failed", "total", "progress"]
+    assert [line.split()[1:6] for line in lines[1:4]] == [["0", "0", "completed", "10", "0"],
+                                                          ["1", "0", "completed", "10", "0"],
+                                                          ["2", "0", "completed", "5", "0"]]
+    assert lines[4].split() == ["total", "3", "25", "0", "25", "100.0%"]
     assert lines[-1] == "3 batch(es): 3 completed; all finished"
 
 
