@@ -101,7 +101,7 @@ def check_model(model: str | None, extra_models: frozenset[str] | set[str] = fro
     """
     if not model or not isinstance(model, str):
         raise ValueError("no model: set the operator's model or body.model in the requests")
-    if model in extra_models and MODEL_NAME_RE.match(model):
+    if model in extra_models and MODEL_NAME_RE.fullmatch(model):
         return model
     if model not in CORTEX_MODELS:
         close = sorted(m for m in CORTEX_MODELS if m.split("-")[0] == model.split("-")[0])[:5]

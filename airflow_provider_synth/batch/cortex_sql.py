@@ -33,7 +33,7 @@ def quote_ident(name: str) -> str:
         if not inner:
             raise ValueError("an identifier must be a non-empty string")
         return '"' + inner.replace('"', '""') + '"'
-    if not _PLAIN_IDENT.match(name):
+    if not _PLAIN_IDENT.fullmatch(name):
         raise ValueError(
             f"{name!r} is not a plain Snowflake identifier (letters, digits, _ and $, not starting with a digit); "
             'wrap it in double quotes, e.g. \'"My Table"\', to use it as a quoted identifier'

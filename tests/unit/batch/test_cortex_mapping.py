@@ -115,6 +115,8 @@ def test_check_model_knows_cortex_models_and_takes_extras():
     assert cortex.check_model("my-tuned.v2", {"my-tuned.v2"}) == "my-tuned.v2"
     with pytest.raises(ValueError):
         cortex.check_model("x'); DROP TABLE t; --", {"x'); DROP TABLE t; --"})
+    with pytest.raises(ValueError):
+        cortex.check_model("tuned\n", {"tuned\n"})
     with pytest.raises(ValueError, match="no model"):
         cortex.check_model(None)
 

@@ -66,7 +66,7 @@ def test_quote_ident(name, quoted):
     assert quote_ident(name) == quoted
 
 
-@pytest.mark.parametrize("name", ["", "1abc", "a b", 'a"b', "a;DROP TABLE x", "x'--", '""', "a.b"])
+@pytest.mark.parametrize("name", ["", "1abc", "a b", 'a"b', "a;DROP TABLE x", "x'--", '""', "a.b", "A\n"])
 def test_quote_ident_refuses_what_is_not_an_identifier(name):
     with pytest.raises(ValueError):
         quote_ident(name)
