@@ -245,3 +245,19 @@ def test_not_deferrable_waits_then_cancels_at_the_deadline(fake: FakeCortex, tmp
     assert len(fake.cancelled) == 2 and sorted(fake.cancelled) == sorted(op._query_ids)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["total"] == 3 and all(s["state"] == "running" for s in manifest["statements"].values())
+
+
+def test_source_table_with_a_messages_column_uses_the_conversation_form(fake: FakeCortex, tmp_path: Path):
+    fake.query("CREATE TABLE CHATS (ID VARCHAR, MESSAGES VARIANT)")
+    fake.query("""INSERT INTO CHATS SELECT 'c1', PARSE_JSON('[{"role": "system", "content": "Be brief."}, """
+               """{"role": "user", "content": "Name a colour."}]')""")
+    fake.query("""INSERT INTO CHATS SELECT 'c2', PARSE_JSON('[{"role": "user", "content": "Name a fruit."}]')""")
+    source = TableSource("CHATS", "id", messages_column="messages", params={"max_tokens": 20})
+    op = CortexBatchOperator(task_id="cortex", output_path=str(tmp_path / "out"), source_table=source,
+                             model="llama3.1-8b", deferrable=False)
+    manifest = op.execute(_context())
+    assert manifest["succeeded"] == 2
+    assert sorted(fake.calls) == ["Be brief. | Name a colour.", "Name a fruit."]
+    answers = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"]
+               for r in _lines(tmp_path / "out" / "results.jsonl")}
+    assert answers == {"c1": "Cortex answer to: Be brief. | Name a colour.", "c2": "Cortex answer to: Name a fruit."}
