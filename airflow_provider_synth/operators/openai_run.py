@@ -141,10 +141,12 @@ class BatchRun:
             self.batches[ref] = BatchRef(ref[0], ref[1], batch.id, batch_summary(batch), batch.created_at)
 
     def refresh(self, states: Mapping[str, Mapping[str, Any]]) -> None:
-        """Take batch states from a trigger event or a poll."""
+        """Take terminal batch states from a trigger event where discovery saw them still running (the
+        service's list can lag its retrieve)."""
         for ref in self.batches.values():
-            if ref.batch_id in states and states[ref.batch_id].get("status"):
-                ref.state = dict(states[ref.batch_id])
+            state = states.get(ref.batch_id) or {}
+            if not ref.terminal and state.get("status") in TERMINAL_STATUSES:
+                ref.state = dict(state)
 
     def poll(self) -> None:
         """Retrieve every batch not yet terminal (the worker-side wait)."""

@@ -1,0 +1,141 @@
+"""OpenAIBatchOperator, one layer at a time: deferral, events, worker-side wait, timeout and kill.
+
+The operator talks to the local Batch API server through the real hook and SDK; the Airflow context is a
+small stand-in (these tests call execute/execute_complete directly).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+from airflow.sdk.exceptions import TaskDeferred
+
+from airflow_provider_synth.batch.split import ShardLimits
+from airflow_provider_synth.exceptions import BatchFailedError, BatchTimeoutError, TriggerEventError
+from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, RequestTemplate
+from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
+
+SECRET = "sk-unit-secret-1234"
+
+
+class FakeTI(SimpleNamespace):
+    def xcom_push(self, key, value):
+        self.pushed[key] = value
+
+
+def context(run_id: str = "manual__1", try_number: int = 1) -> dict:
+    ti = FakeTI(dag_id="d", task_id="t", run_id=run_id, map_index=-1, try_number=try_number, pushed={})
+    return {"ti": ti}
+
+
+@pytest.fixture
+def server(batch_server, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_SYNTH_OPENAI_DEFAULT", json.dumps(
+        {"conn_type": "synth_openai", "password": SECRET, "host": batch_server.base_url}))
+    return batch_server
+
+
+def make_op(tmp_path, **kw) -> OpenAIBatchOperator:
+    records = [{"id": f"r{i}", "topic": f"t{i}"} for i in range(kw.pop("n", 10))]
+    kw.setdefault("deferrable", True)
+    return OpenAIBatchOperator(task_id="t", requests=records, model="gpt-4o-mini", output_path=str(tmp_path),
+                               template=RequestTemplate(prompt_template="About {topic}", id_field="id"),
+                               poll_interval=0.1, limits=ShardLimits(max_requests=4), **kw)
+
+
+def test_init_validates_arguments(tmp_path) -> None:
+    with pytest.raises(ValueError, match="exactly one of input_path or requests"):
+        OpenAIBatchOperator(task_id="x", output_path="o")
+    with pytest.raises(ValueError, match="max_failed_ratio"):
+        OpenAIBatchOperator(task_id="x", output_path="o", input_path="i", max_failed_ratio=2)
+
+
+def test_execute_defers_one_trigger_for_all_batches(server, tmp_path) -> None:
+    op = make_op(tmp_path)
+    before = time.time()
+    with pytest.raises(TaskDeferred) as info:
+        op.execute(context())
+    trigger = info.value.trigger
+    assert isinstance(trigger, OpenAIBatchTrigger) and info.value.method_name == "execute_complete"
+    path, kwargs = trigger.serialize()
+    assert path == "airflow_provider_synth.triggers.openai_batch.OpenAIBatchTrigger"
+    assert kwargs["conn_id"] == "synth_openai_default" and len(kwargs["batch_ids"]) == 3
+    assert kwargs["poll_interval"] == 0.1 and before + op.timeout_s - 5 < kwargs["end_time"] < time.time() + op.timeout_s
+    assert SECRET not in json.dumps(kwargs)
+    assert server.counters["batches_created"] == 3
+
+
+def test_redeferral_keeps_the_first_deadline(server, tmp_path) -> None:
+    server.configure(in_progress_s=30)
+    op = make_op(tmp_path)
+    with pytest.raises(TaskDeferred) as first:
+        op.execute(context())
+    time.sleep(1.1)
+    with pytest.raises(TaskDeferred) as second:  # a retried try re-attaches: no new batches, same end_time
+        make_op(tmp_path).execute(context(try_number=2))
+    assert first.value.trigger.serialize()[1]["end_time"] == second.value.trigger.serialize()[1]["end_time"]
+    assert server.counters["batches_created"] == 3 and server.counters["files_created"] == 3
+
+
+@pytest.mark.parametrize("event", [None, {}, {"status": "weird", "batches": {}}, {"status": "success"}])
+def test_execute_complete_rejects_bad_events(tmp_path, event) -> None:
+    with pytest.raises(TriggerEventError):
+        make_op(tmp_path).execute_complete(context(), event)
+
+
+def test_execute_complete_error_event_fails(server, tmp_path) -> None:
+    op = make_op(tmp_path)
+    with pytest.raises(TaskDeferred):
+        op.execute(context())
+    with pytest.raises(BatchFailedError, match="boom"):
+        op.execute_complete(context(), {"status": "error", "message": "boom", "batches": {}})
+
+
+def test_execute_complete_success_merges(server, tmp_path) -> None:
+    op = make_op(tmp_path)
+    with pytest.raises(TaskDeferred) as info:
+        op.execute(context())
+    server.wait_idle()
+    ids = info.value.trigger.serialize()[1]["batch_ids"]
+    states = {b: {"status": "in_progress"} for b in ids}  # stale: the service's own state wins
+    manifest = op.execute_complete(context(), {"status": "success", "message": "", "batches": states})
+    assert manifest["succeeded"] == 10 and manifest["status"] == "completed"
+    assert SECRET not in json.dumps(manifest)
+
+
+def test_timeout_event_cancels_running_batches(server, tmp_path) -> None:
+    server.configure(in_progress_s=30)
+    op = make_op(tmp_path)
+    with pytest.raises(TaskDeferred) as info:
+        op.execute(context())
+    ids = info.value.trigger.serialize()[1]["batch_ids"]
+    with pytest.raises(BatchTimeoutError, match="cancelled"):
+        op.execute_complete(context(), {"status": "timeout", "message": "", "batches": {
+            b: {"status": "in_progress"} for b in ids}})
+    server.wait_idle()
+    assert server.counters["batches_cancelled"] == 3
+
+
+def test_worker_side_wait_without_deferral(server, tmp_path) -> None:
+    manifest = make_op(tmp_path, deferrable=False, n=9).execute(context())
+    assert (manifest["total"], manifest["succeeded"], manifest["shards"]) == (9, 9, 3)
+
+
+def test_worker_side_timeout_cancels(server, tmp_path) -> None:
+    server.configure(in_progress_s=30)
+    with pytest.raises(BatchTimeoutError):
+        make_op(tmp_path, deferrable=False, timeout=0.5).execute(context())
+    server.wait_idle()
+    assert server.counters["batches_cancelled"] == 3
+
+
+def test_on_kill_cancels_running_batches(server, tmp_path) -> None:
+    server.configure(in_progress_s=30)
+    op = make_op(tmp_path, wait_for_completion=False)
+    op.execute(context())
+    op.on_kill()
+    server.wait_idle()
+    assert server.counters["batches_cancelled"] == 3
