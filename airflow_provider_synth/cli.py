@@ -524,38 +524,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
         return int(exc.code or 0)
-    # outside a task, Airflow resolves connections from env vars and secrets backends only; like the
-    # `airflow` CLI, also look in the metadata database
-    os.environ.setdefault("_AIRFLOW_PROCESS_CONTEXT", "server")
-    with _logs_to_stderr(args.verbose):
-        return _run(args)
+    with _server_context(), _stdout_for_output_only(args.verbose) as stdout:
+        return _run(args, Output(args.json, stdout))
 
 
 @contextlib.contextmanager
-def _logs_to_stderr(verbose: bool) -> Iterator[None]:
-    """Airflow logs to stdout at INFO once imported: move its handlers to stderr (stdout is the command's
-    output, JSON with ``--json``), and keep only warnings unless ``--verbose``. Restored afterwards."""
+def _server_context() -> Iterator[None]:
+    """Outside a task, Airflow resolves connections from environment variables and secrets backends only;
+    like the ``airflow`` command, also look in the metadata database. Restored afterwards (``main`` may run
+    inside another program)."""
+    key = "_AIRFLOW_PROCESS_CONTEXT"
+    if os.environ.get(key):
+        yield
+        return
+    os.environ[key] = "server"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def _stdout_for_output_only(verbose: bool) -> Iterator[Any]:
+    """Keep stdout for the command's output (one JSON object with ``--json``): Airflow logs to stdout once
+    imported, through stdlib handlers and structlog loggers. Point both at stderr, keep only warnings unless
+    ``--verbose``, and yield the real stdout. Everything is restored afterwards."""
     import logging
 
     import airflow.sdk  # noqa: F401  (configures logging on import)
 
-    root = logging.getLogger()
+    stdout, root = sys.stdout, logging.getLogger()
     level, moved = root.level, []
     for handler in root.handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is stdout:
             moved.append(handler)
             handler.setStream(sys.stderr)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield stdout
     finally:
         root.setLevel(level)
         for handler in moved:
-            handler.setStream(sys.stdout)
+            handler.setStream(stdout)
 
 
-def _run(args: argparse.Namespace) -> int:
-    out = Output(args.json)
+def _run(args: argparse.Namespace, out: Output) -> int:
     try:
         return COMMANDS[args.command](args, out)
     except Exception as exc:

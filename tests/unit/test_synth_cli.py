@@ -285,12 +285,31 @@ def test_console_script_end_to_end(conn, server, tmp_path) -> None:
     assert SCRIPT.exists(), "pip install -e . declares the airflow-synth script"
     out = submit_run(tmp_path)
     env = dict(os.environ)
-    proc = subprocess.run([str(SCRIPT), "download", str(out), "--wait", "--poll-interval", "0.05", "--json"],
+    proc = subprocess.run([str(SCRIPT), "download", str(out), "--wait", "--poll-interval", "0.05", "--json", "-v"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
+    data = json.loads(proc.stdout)  # -v logs every API call, to stderr: stdout stays one JSON object
+    assert "HTTP Request" in proc.stderr
     assert data["succeeded"] == 25 and (out / "results.jsonl").exists()
     assert API_KEY not in proc.stdout + proc.stderr
     proc = subprocess.run([str(SCRIPT), "status", "--batch-id", "batch_x"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "synth_openai_default" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.integration
+def test_connection_from_the_metadata_database(airflow_db, server, capsys) -> None:
+    from airflow.models import Connection as DbConnection
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.add(DbConnection(conn_id="synth_cli_db", conn_type="synth_openai", password=API_KEY,
+                                 host=server.base_url))
+    try:
+        code, out, err = run_cli(capsys, "--json", "cleanup", "--older-than", "1", "--conn-id", "synth_cli_db")
+        data = json.loads(out)  # Airflow's warnings about the connection go to stderr, never into the JSON
+        assert code == EXIT_OK and data["conn_id"] == "synth_cli_db" and data["deleted"] == 0
+        assert "_AIRFLOW_PROCESS_CONTEXT" not in os.environ
+    finally:
+        with create_session() as session:
+            session.query(DbConnection).filter(DbConnection.conn_id == "synth_cli_db").delete()
