@@ -302,3 +302,15 @@ async def test_on_kill_survives_api_errors(api, capsys):
     text = logs(capsys)
     assert f"Cancelling batch {ids[0]} failed: InternalServerError" in text
     assert f"Cancelled batch {ids[1]} (status cancelling)" in text
+
+
+async def test_on_kill_gives_up_after_its_own_timeout(api, monkeypatch, capsys):
+    batch_id = api.add_batch(["in_progress"])
+    monkeypatch.setattr(trigger_module, "_CANCEL_TIMEOUT_S", 0.05)
+
+    async def hang(self, batch_id):
+        await asyncio.sleep(10)
+
+    monkeypatch.setattr(OpenAIBatchAsyncHook, "acancel_batch", hang)
+    await asyncio.wait_for(OpenAIBatchTrigger(CONN_ID, [batch_id]).on_kill(), timeout=5)
+    assert f"Cancelling batches {batch_id} timed out" in logs(capsys)
