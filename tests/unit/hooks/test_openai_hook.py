@@ -480,3 +480,16 @@ async def test_shared_entra_credential_closed_by_last_user(monkeypatch):
         assert closed == [True]
     finally:
         await close_loop_pool()
+
+
+def test_upload_and_download_through_an_fsspec_url(hook, api):
+    """A non-local filesystem URL (memory:// here, s3:// in production) streams both ways."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    payload = b'{"custom_id": "a"}\n' * 1000
+    fs.pipe("/synth-hook-test/in/requests.jsonl", payload)
+    file = hook.upload_file("memory://synth-hook-test/in/requests.jsonl")
+    assert api.files[file.id]["content"] == payload and file.filename == "requests.jsonl"
+    assert hook.download_file(file.id, "memory://synth-hook-test/out/copy.jsonl") == len(payload)
+    assert fs.cat("/synth-hook-test/out/copy.jsonl") == payload
