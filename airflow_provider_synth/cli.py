@@ -495,8 +495,10 @@ def _classify(exc: Exception) -> tuple[int, str] | None:
         return EXIT_FAILURE, f"the API refused the connection's credentials ({type(exc).__name__}): {exc}"
     if isinstance(exc, openai.APIConnectionError):
         return EXIT_FAILURE, f"cannot reach the API ({type(exc).__name__}): check the connection's base URL"
-    if isinstance(exc, openai.OpenAIError | CommandFailed | SynthError):
-        return EXIT_FAILURE, f"{type(exc).__name__}: {exc}" if not isinstance(exc, CommandFailed) else str(exc)
+    if isinstance(exc, CommandFailed):
+        return EXIT_FAILURE, str(exc)
+    if isinstance(exc, openai.OpenAIError | SynthError):
+        return EXIT_FAILURE, f"{type(exc).__name__}: {exc}"
     return None
 
 

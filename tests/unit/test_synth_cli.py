@@ -313,3 +313,22 @@ def test_connection_from_the_metadata_database(airflow_db, server, capsys) -> No
     finally:
         with create_session() as session:
             session.query(DbConnection).filter(DbConnection.conn_id == "synth_cli_db").delete()
+
+
+def test_azure_connection_status_and_cancel(monkeypatch, server, tmp_path, capsys) -> None:
+    azure = Connection(conn_id="synth_cli_azure", conn_type="synth_azure_openai", password=API_KEY,
+                       host=server.azure_endpoint, extra=json.dumps({"api_version": "2025-04-01-preview"}))
+    monkeypatch.setenv("AIRFLOW_CONN_SYNTH_CLI_AZURE", azure.as_json())
+    server.configure(in_progress_s=30)
+    client = OpenAIBatchHook("synth_cli_azure").client
+    lines = b"".join(orjson.dumps({"custom_id": f"a-{i}", "method": "POST", "url": "/chat/completions", "body": {
+        "model": "my-deployment", "messages": [{"role": "user", "content": "hi"}]}}) + b"\n" for i in range(10))
+    file = client.files.create(file=("in.jsonl", io.BytesIO(lines), "application/jsonl"), purpose="batch")
+    batch = client.batches.create(input_file_id=file.id, endpoint="/chat/completions", completion_window="24h")
+    args = ("--conn-id", "synth_cli_azure", "--batch-id", batch.id)
+    code, data = run_json(capsys, "status", *args)
+    assert code == EXIT_OK and data["batches"][0]["request_counts"]["total"] == 10
+    code, data = run_json(capsys, "cancel", *args)
+    assert code == EXIT_OK and data["cancelled"] == 1
+    assert server.counters["http_requests"].get("POST /v1/batches/{batch_id}/cancel", 0) + \
+        server.counters["http_requests"].get("POST /openai/batches/{batch_id}/cancel", 0) == 1
