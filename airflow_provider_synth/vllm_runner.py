@@ -27,8 +27,10 @@ import argparse
 import base64
 import json
 import os
+import signal
 import struct
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -484,6 +486,22 @@ def run(cfg: RunnerConfig, processor_factory: Callable[[RunnerConfig, str], Proc
     return 0
 
 
+def exit_with_parent(interval: float = 2.0) -> None:
+    """Stop when the process that started us dies (a worker killed with SIGKILL cannot run ``on_kill``): an
+    orphaned engine would hold the GPU forever. Runs in a daemon thread."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        emit("error", kind="orphaned", message=f"the parent process {parent} died: stopping the engine")
+        if os.getpgid(0) == os.getpid():  # our own process group (the operator starts a new session)
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os._exit(EXIT_ENGINE)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m airflow_provider_synth.vllm_runner", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -497,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.exists(cfg.input):
         emit("error", kind="config", message=f"input file {cfg.input} does not exist")
         return EXIT_BAD_CONFIG
+    exit_with_parent()
     try:
         return run(cfg)
     except SystemExit as exc:

@@ -242,13 +242,18 @@ class VLLMBatchOperator(BaseOperator):
         relay = _Relay(self.log)
         last_checkpoint = time.monotonic()
         assert self._proc.stdout is not None
-        for line in self._proc.stdout:
-            relay.line(line)
-            if work.remote and time.monotonic() - last_checkpoint > self.checkpoint_interval:
-                work.checkpoint()
-                last_checkpoint = time.monotonic()
-        rc = self._proc.wait()
-        self._proc = None
+        try:
+            for line in self._proc.stdout:
+                relay.line(line)
+                if work.remote and time.monotonic() - last_checkpoint > self.checkpoint_interval:
+                    work.checkpoint()
+                    last_checkpoint = time.monotonic()
+            rc = self._proc.wait()
+        finally:
+            # execution_timeout or any error here: never leave an engine holding the GPU
+            if self._proc.poll() is None:
+                _kill_group(self._proc)
+            self._proc = None
         if rc != 0:
             raise VLLMEngineError(relay.failure_message(rc))
 

@@ -183,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["-m"]:  # called as the vLLM interpreter: drop "-m airflow_provider_synth.vllm_runner"
         args = args[2:]
     cfg = vllm_runner.RunnerConfig.from_file(args[args.index("--config") + 1])
+    vllm_runner.exit_with_parent(interval=0.2)
     return vllm_runner.run(cfg, fake_processor)
 
 

@@ -200,3 +200,23 @@ def test_gpu_pod_override_asks_for_gpus() -> None:
     container = pod.spec.containers[0]
     assert container.name == "base" and container.resources.limits == {"nvidia.com/gpu": "2", "memory": "32Gi"}
     assert pod.spec.node_selector == {"pool": "gpu"}
+
+
+def test_an_error_while_waiting_stops_the_engine(requests_file, tmp_path, fake_python, context,
+                                                 monkeypatch) -> None:
+    """execution_timeout raises inside execute(): the engine must not outlive the task."""
+    from airflow_provider_synth.operators import vllm as vllm_operator
+
+    monkeypatch.setenv("SYNTH_FAKE_VLLM_DELAY", "0.5")
+    op = operator(str(requests_file), str(tmp_path / "out"), fake_python)
+    started: list = []
+
+    def timeout_on_progress(self, raw: bytes) -> None:
+        started.append(op._proc)
+        if b'"progress"' in raw:
+            raise TimeoutError("execution_timeout")
+
+    monkeypatch.setattr(vllm_operator._Relay, "line", timeout_on_progress)
+    with pytest.raises(TimeoutError):
+        op.execute(context)
+    assert started[0].poll() is not None and op._proc is None

@@ -201,3 +201,41 @@ class TestMain:
     def test_missing_input_is_a_config_error(self, tmp_path: Path) -> None:
         proc = self.run_main(tmp_path, {"input": str(tmp_path / "nope.jsonl"), "output": "o", "model": "m"})
         assert proc.returncode == EXIT_BAD_CONFIG and "does not exist" in proc.stdout
+
+
+def test_runner_stops_when_its_parent_dies(tmp_path: Path) -> None:
+    """A worker killed with SIGKILL cannot run on_kill: the runner notices and stops its engine."""
+    import os
+    import signal
+    import time
+
+    rows = [chat(f"r{i}", f"hello {i}") for i in range(200)]  # 40 s of work at 0.2 s per request
+    cfg = {"input": str(write_requests(tmp_path / "in.jsonl", rows)), "output": str(tmp_path / "out.jsonl"),
+           "model": "tiny", "chunk_size": 1}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    parent_code = (
+        "import os, subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-m', 'airflow_provider_synth.testing.vllm', '--config', "
+        f"{str(tmp_path / 'cfg.json')!r}], start_new_session=True, stdout=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "SYNTH_FAKE_VLLM_DELAY": "0.2"})
+    runner_pid = int(parent.stdout.readline())
+    time.sleep(1.0)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(runner_pid, 0)
+        except ProcessLookupError:
+            break
+        if Path(f"/proc/{runner_pid}/stat").read_text().split()[2] == "Z":
+            break  # exited; a zombie until init reaps it
+        time.sleep(0.1)
+    else:
+        os.killpg(runner_pid, signal.SIGKILL)
+        pytest.fail("the runner outlived its parent")
+    assert 0 < len(output_ids(tmp_path / "out.jsonl")) < 100
