@@ -21,6 +21,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,8 @@ UPLOAD_NAME = re.compile(rf"^{re.escape(UPLOAD_PREFIX)}[0-9a-f]{{32}}-s\d{{5,}}-
 #: at most this many file ids in a summary (it is a task's XCom); the counts stay exact
 MAX_LISTED_IDS = 1000
 DAY_S = 86400.0
+#: delete calls in flight at once
+DELETE_CONCURRENCY = 8
 
 
 def is_our_upload(file: FileObject) -> bool:
@@ -124,18 +127,18 @@ def _scan_batches(batches: Iterable[Batch]) -> tuple[set[str], set[str]]:
     return in_use, our_outputs
 
 
-def _delete(hook: OpenAIBatchHook, file: FileObject, summary: CleanupSummary) -> bool:
-    """Delete one file; a file already gone is not an error (another clean-up got there first)."""
+def _delete(hook: OpenAIBatchHook, file_id: str) -> str | None:
+    """Delete one file; return the error, if any. A file already gone is not an error (another clean-up got
+    there first) but is not counted as deleted either: ``"gone"``."""
     import openai
 
     try:
-        hook.delete_file(file.id)
+        hook.delete_file(file_id)
     except openai.NotFoundError:
-        return False
+        return "gone"
     except openai.OpenAIError as exc:
-        summary.errors.append({"file_id": file.id, "error": hook.redact(f"{type(exc).__name__}: {exc}")})
-        return False
-    return True
+        return hook.redact(f"{type(exc).__name__}: {exc}")
+    return None
 
 
 def clean_up_batch_files(
@@ -145,17 +148,20 @@ def clean_up_batch_files(
     dry_run: bool = False,
     now: float | None = None,
     logger: Any = None,
+    concurrency: int = DELETE_CONCURRENCY,
 ) -> CleanupSummary:
     """Delete this provider's files older than ``older_than_days`` (see the module docstring for which).
 
     Lists every batch first (to know which files running batches use, and which are outputs of ours), then
-    every file. Errors deleting one file are collected in the summary and the clean-up goes on.
+    every file, then deletes the chosen ones, ``concurrency`` calls at a time. Errors deleting one file are
+    collected in the summary and the clean-up goes on.
 
     :param hook: the hook of the account's connection.
     :param older_than_days: delete files created more than this many days ago (fractions allowed).
     :param dry_run: list what would be deleted, delete nothing.
     :param now: the current time in epoch seconds (tests); default: now.
     :param logger: a ``logging.Logger``-like object to log each file to (default: this module's logger).
+    :param concurrency: delete calls in flight at once (the sync client is thread-safe).
     :return: the counts, bytes and ids.
     """
     if older_than_days < 0:
@@ -164,7 +170,7 @@ def clean_up_batch_files(
     now = time.time() if now is None else now
     summary = CleanupSummary(dry_run=dry_run, older_than_days=older_than_days, cutoff=now - older_than_days * DAY_S)
     in_use, our_outputs = _scan_batches(hook.list_batches())
-    verb = "would delete" if dry_run else "deleted"
+    chosen: list[tuple[FileObject, str]] = []
     for file in hook.list_files():
         kind = "upload" if is_our_upload(file) else "output" if file.id in our_outputs else None
         if kind is None:
@@ -173,10 +179,22 @@ def clean_up_batch_files(
             summary.kept_running += 1
         elif file.created_at >= summary.cutoff:
             summary.kept_recent += 1
-        elif dry_run or _delete(hook, file, summary):
+        else:
+            chosen.append((file, kind))
+    if dry_run:
+        outcomes: Iterable[str | None] = [None] * len(chosen)
+    else:
+        pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="synth-cleanup")
+        with pool:
+            outcomes = list(pool.map(lambda c: _delete(hook, c[0].id), chosen))
+    verb = "would delete" if dry_run else "deleted"
+    for (file, kind), error in zip(chosen, outcomes, strict=True):
+        if error is None:
             summary.add(file, kind)
             logger.info("%s %s file %s (%s, %d bytes, %.1f days old)", verb, kind, file.id, file.filename,
                         file.bytes or 0, (now - file.created_at) / DAY_S)
+        elif error != "gone":
+            summary.errors.append({"file_id": file.id, "error": error})
     return summary
 
 
