@@ -12,7 +12,7 @@ export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/example_dags
 
-.PHONY: venv vllm-venv quickstart test lint unit bench clean
+.PHONY: venv vllm-venv quickstart ui test lint unit bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 quickstart: $(STAMP)
 	$(PY) scripts/quickstart.py
+
+# optional: the Airflow UI (airflow standalone) with the example DAGs and the local Batch API server
+ui: $(STAMP)
+	$(PY) scripts/ui.py
 
 test: $(STAMP) $(VLLM_STAMP)
 	$(MAKE) lint

@@ -55,7 +55,7 @@ def main() -> dict[str, Any]:
     validate_s = time.perf_counter() - t0
 
     ti = SimpleNamespace(dag_id="bench", task_id="cortex", run_id="r1", map_index=-1, try_number=1)
-    op = CortexBatchOperator(task_id="cortex", requests_path=str(requests), output_path=str(work / "out"),
+    op = CortexBatchOperator(task_id="cortex", input_path=str(requests), output_path=str(work / "out"),
                              chunk_size=args.chunk_size, deferrable=False, keep_staging_tables=True)
     with FakeCortex() as fake:
         t0 = time.perf_counter()

@@ -42,7 +42,7 @@ def example_cortex_synthesis() -> None:
     # [START howto_operator_cortex]
     synthesize = CortexBatchOperator(
         task_id="synthesize",
-        requests_path="{{ ti.xcom_pull(task_ids='build_prompts') }}",
+        input_path="{{ ti.xcom_pull(task_ids='build_prompts') }}",
         output_path=OUTPUT_DIR + "/{{ run_id }}/cortex",
         model="llama3.1-8b",
         snowflake_conn_id="snowflake_default",

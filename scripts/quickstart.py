@@ -23,6 +23,8 @@ BIN = Path(sys.executable).parent
 
 def airflow_env(port: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    # airflow's own subprocesses (standalone's scheduler, triggerer...) are found on PATH
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update({
         "AIRFLOW_HOME": str(HOME),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "example_dags"),

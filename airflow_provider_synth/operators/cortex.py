@@ -60,7 +60,7 @@ class CortexBatchOperator(BaseOperator):
         :ref:`howto/operator:CortexBatchOperator`
 
     :param output_path: the output folder (local path, URL or ObjectStoragePath).
-    :param requests_path: an OpenAI-format ``/v1/chat/completions`` JSONL file; or
+    :param input_path: an OpenAI-format ``/v1/chat/completions`` JSONL file; or
     :param source_table: an existing table of prompts or conversations (:class:`TableSource`).
     :param model: the Cortex model; default: the model the requests name.
     :param snowflake_conn_id: the Snowflake connection.
@@ -75,14 +75,14 @@ class CortexBatchOperator(BaseOperator):
     :param extra_models: model names to accept beyond the known Cortex models (new or fine-tuned ones).
     """
 
-    template_fields: Sequence[str] = ("requests_path", "output_path", "model")
+    template_fields: Sequence[str] = ("input_path", "output_path", "model")
     ui_color = "#29b5e8"
 
     def __init__(
         self,
         *,
         output_path: Any,
-        requests_path: Any = None,
+        input_path: Any = None,
         source_table: TableSource | None = None,
         model: str | None = None,
         snowflake_conn_id: str = "snowflake_default",
@@ -97,14 +97,14 @@ class CortexBatchOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if (requests_path is None) == (source_table is None):
-            raise ValueError("set exactly one of requests_path and source_table")
+        if (input_path is None) == (source_table is None):
+            raise ValueError("set exactly one of input_path and source_table")
         if source_table is not None and not model:
             raise ValueError("model is required with source_table")
         if chunk_size < 1 or poll_interval <= 0 or timeout <= 0 or not 0 <= max_failed_ratio <= 1:
             raise ValueError("chunk_size >= 1, poll_interval > 0, timeout > 0 and 0 <= max_failed_ratio <= 1")
         self.output_path = output_path
-        self.requests_path = requests_path
+        self.input_path = input_path
         self.source_table = source_table
         self.model = model
         self.snowflake_conn_id = snowflake_conn_id
@@ -137,18 +137,18 @@ class CortexBatchOperator(BaseOperator):
     def _stage_file(self, hook: CortexHook, context: Context, stage: bool = True) -> tuple[StagingTables, str, int]:
         """Validate the JSONL (nothing runs in Snowflake before it passes), then bulk-load it unless an earlier
         try already did (``stage=False``: only find the run's tables)."""
-        check = cortex.check_requests(self.requests_path)
+        check = cortex.check_requests(self.input_path)
         try:
             model = cortex.check_model(self.model or check.model, self.extra_models)
         except ValueError as exc:
-            raise InvalidRequestsError([Problem(str(self.requests_path), 0, None, str(exc))]) from None
+            raise InvalidRequestsError([Problem(str(self.input_path), 0, None, str(exc))]) from None
         tables = self._tables(context, check.fingerprint, model)
         if not stage:
             return tables, model, check.total
         hook.run_statements(tables.create())
         if hook.fetch_all(tables.count_requests())[0][0] != check.total:
             hook.run_statements([tables.truncate_requests()])
-            rows = (cortex.staging_row(seq, call) for seq, call in cortex.iter_calls(self.requests_path))
+            rows = (cortex.staging_row(seq, call) for seq, call in cortex.iter_calls(self.input_path))
             written = hook.bulk_write(tables, rows)
             self.log.info("Staged %d requests into %s", written, tables.requests)
         return tables, model, check.total
@@ -195,7 +195,7 @@ class CortexBatchOperator(BaseOperator):
         return waiting, first
 
     def _stage(self, hook: CortexHook, context: Context, stage: bool = True) -> tuple[StagingTables, str, int]:
-        if self.requests_path is not None:
+        if self.input_path is not None:
             return self._stage_file(hook, context, stage)
         return self._stage_table(hook, context, stage)
 

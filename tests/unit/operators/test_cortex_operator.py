@@ -45,7 +45,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCortex]:
 
 
 def _op(tmp_path: Path, **kwargs: Any) -> CortexBatchOperator:
-    kwargs.setdefault("requests_path", str(tmp_path / "requests.jsonl"))
+    kwargs.setdefault("input_path", str(tmp_path / "requests.jsonl"))
     return CortexBatchOperator(task_id="cortex", output_path=str(tmp_path / "out"), deferrable=False, **kwargs)
 
 
@@ -59,7 +59,7 @@ def test_arguments_are_checked_without_io():
     with pytest.raises(ValueError, match="model is required"):
         CortexBatchOperator(task_id="t", output_path="o", source_table=TableSource("t", "id", prompt_column="p"))
     with pytest.raises(ValueError, match="chunk_size"):
-        CortexBatchOperator(task_id="t", output_path="o", requests_path="r", chunk_size=0)
+        CortexBatchOperator(task_id="t", output_path="o", input_path="r", chunk_size=0)
 
 
 def test_bad_input_fails_before_anything_runs_in_snowflake(fake: FakeCortex, tmp_path: Path,
