@@ -277,7 +277,7 @@ class VLLMBatchOperator(BaseOperator):
         manifest = build_manifest(
             backend="vllm", accounting=acct.as_dict(), output_dir=self.output_path, model=self.model,
             batch_ids=[], cost_usd=None, engine_output_path=str(work.remote_output),
-            engine=self.engine.llm_kwargs(), elapsed_s=round(elapsed, 2),
+            engine=_public(self.engine.llm_kwargs()), elapsed_s=round(elapsed, 2),
             requests_per_s=round(acct.total / elapsed, 2) if elapsed > 0 else None,
             try_number=ti.try_number, dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
             map_index=ti.map_index,
@@ -298,6 +298,12 @@ class VLLMBatchOperator(BaseOperator):
         if proc is not None and proc.poll() is None:
             self.log.info("Stopping the vLLM engine (pid %d)", proc.pid)
             _kill_group(proc)
+
+
+def _public(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Engine settings fit for XCom and logs: anything that looks like a credential is left out."""
+    secret = ("token", "secret", "password", "api_key", "credential")
+    return {k: v for k, v in kwargs.items() if not any(s in k.lower() for s in secret)}
 
 
 def _kill_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:

@@ -65,8 +65,12 @@ def operator(input_path, output_path, python, **kwargs) -> VLLMBatchOperator:
 def test_runs_the_engine_and_writes_the_output_folder(requests_file, tmp_path, fake_python, context,
                                                        capsys) -> None:
     out = tmp_path / "out"
-    manifest = operator(str(requests_file), str(out), fake_python).execute(context)
+    engine = VLLMEngineConfig(max_model_len=64, extra={"hf_token": "hf_secret_value"})
+    manifest = operator(str(requests_file), str(out), fake_python, engine=engine).execute(context)
+    assert "hf_secret_value" not in (out / "manifest.json").read_text()
     assert manifest["backend"] == "vllm" and manifest["model"] == "tiny"
+    assert manifest["engine"] == {"tensor_parallel_size": 1, "dtype": "auto", "enforce_eager": False,
+                                  "max_model_len": 64}  # the hf_token never reaches XCom
     assert (manifest["total"], manifest["succeeded"], manifest["failed"], manifest["missing"]) == (60, 59, 1, 0)
     assert manifest["duplicates"] == 0 and manifest["usage"]["requests"] == 59
     assert manifest["usage"]["completion_tokens"] == 59 * 3 and manifest["usage"]["prompt_tokens"] == 59 * 2
