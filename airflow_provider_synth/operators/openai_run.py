@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
+#: the batch ids the run created, rewritten after each creation: re-attach does not depend on the service
+#: keeping batch metadata (or on its list endpoint) alone
+BATCHES_FILE = "batches.json"
 #: metadata keys on every batch this provider creates (the cleanup operator and the CLI match on them)
 KEY_META, SHARD_META, ROUND_META, CREATED_BY_META = "synth_key", "synth_shard", "synth_round", "created_by"
 CREATED_BY = "airflow-provider-synth"
@@ -139,6 +142,26 @@ class BatchRun:
             if ref[0] < 0 or ref in self.batches:
                 continue  # keep the newest batch of a (shard, round)
             self.batches[ref] = BatchRef(ref[0], ref[1], batch.id, batch_summary(batch), batch.created_at)
+        for rec in self._recorded():
+            ref = (int(rec["shard"]), int(rec["round"]))
+            if ref not in self.batches:
+                batch = self.hook.get_batch(rec["batch_id"])
+                self.batches[ref] = BatchRef(ref[0], ref[1], batch.id, batch_summary(batch), batch.created_at)
+
+    def _recorded(self) -> list[dict[str, Any]]:
+        try:
+            with open_path(self._work(BATCHES_FILE), "rb") as fp:
+                data: list[dict[str, Any]] = loads(fp.read())
+        except (FileNotFoundError, OSError):
+            return []
+        return data
+
+    def _record(self) -> None:
+        import orjson
+
+        rows = [{"shard": s, "round": r, "batch_id": b.batch_id} for (s, r), b in sorted(self.batches.items())]
+        with open_path(self._work(BATCHES_FILE), "wb") as fp:
+            fp.write(orjson.dumps(rows))
 
     def refresh(self, states: Mapping[str, Mapping[str, Any]]) -> None:
         """Take terminal batch states from a trigger event where discovery saw them still running (the
@@ -191,6 +214,7 @@ class BatchRun:
             batch: Batch = self.hook.create_batch(file_id, self.plan.endpoint,  # type: ignore[arg-type]
                                                   self.plan.completion_window, metadata)  # type: ignore[arg-type]
             self.batches[(shard, rnd)] = BatchRef(shard, rnd, batch.id, batch_summary(batch), batch.created_at)
+            self._record()
             created.append(batch.id)
             log.info("shard %d round %d: submitted batch %s (%s)", shard, rnd, batch.id, name)
         return created

@@ -139,3 +139,17 @@ def test_on_kill_cancels_running_batches(server, tmp_path) -> None:
     op.on_kill()
     server.wait_idle()
     assert server.counters["batches_cancelled"] == 3
+
+
+def test_reattach_without_service_metadata_uses_the_recorded_batch_ids(server, tmp_path, monkeypatch) -> None:
+    """A service that drops batch metadata (or lags its list) still never gets a second submission."""
+    from airflow_provider_synth.hooks.openai import OpenAIBatchHook
+
+    server.configure(in_progress_s=30)
+    with pytest.raises(TaskDeferred):
+        make_op(tmp_path).execute(context())
+    monkeypatch.setattr(OpenAIBatchHook, "find_batches", lambda self, metadata, created_after=None: [])
+    with pytest.raises(TaskDeferred) as info:
+        make_op(tmp_path).execute(context(try_number=2))
+    assert len(info.value.trigger.serialize()[1]["batch_ids"]) == 3
+    assert server.counters["batches_created"] == 3
