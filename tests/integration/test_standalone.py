@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -179,7 +180,7 @@ def server_url(workdir: Path, procs: Processes, api_key: str) -> str:
     return f"http://127.0.0.1:{int(port_file.read_text())}"
 
 
-def airflow_env(home: Path, output: Path, server_url: str, api_key: str) -> dict[str, str]:
+def airflow_env(home: Path, output: Path, server_url: str, api_key: str, fernet_key: str) -> dict[str, str]:
     api_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "SYNTH_"))}
     env.update({
@@ -193,6 +194,8 @@ def airflow_env(home: Path, output: Path, server_url: str, api_key: str) -> dict
         "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+        # trigger kwargs are stored encrypted: the test decrypts them to check what the triggerer was given
+        "AIRFLOW__CORE__FERNET_KEY": fernet_key,
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API__WORKERS": "1",
@@ -230,10 +233,17 @@ def server_counters(server_url: str, api_key: str) -> dict:
         return json.loads(resp.read())
 
 
-def watch_run(db: Path, run_id: str, procs: Processes) -> tuple[str, list[str], set[str]]:
-    """Poll the run until it ends; return its state, the synthesize task's states in order, trigger classpaths."""
+def stored_trigger_kwargs(stored: str, fernet_key: bytes) -> dict:
+    """A trigger row's kwargs. Airflow 3.3 stores them as plain JSON when a task defers through the execution
+    API, and Fernet-encrypted on other paths: both are seen here, which is why a secret never goes in them."""
+    return json.loads(stored if stored.startswith("{") else Fernet(fernet_key).decrypt(stored.encode()))
+
+
+def watch_run(db: Path, run_id: str, procs: Processes) -> tuple[str, list[str], dict[str, set[str]]]:
+    """Poll the run until it ends; return its state, the synthesize task's states in order, and the triggers
+    seen (classpath -> stored kwargs: a finished trigger's row is deleted, so it must be caught while it runs)."""
     ti_states: list[str] = []
-    classpaths: set[str] = set()
+    triggers: dict[str, set[str]] = {}
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline:
         rows = query(db, "SELECT state FROM task_instance WHERE dag_id=? AND run_id=? AND task_id=?",
@@ -241,10 +251,11 @@ def watch_run(db: Path, run_id: str, procs: Processes) -> tuple[str, list[str], 
         ti_state = rows[0][0] if rows else None
         if ti_state and (not ti_states or ti_states[-1] != ti_state):
             ti_states.append(str(ti_state))
-        classpaths.update(str(r[0]) for r in query(db, "SELECT classpath FROM trigger"))
+        for classpath, kwargs in query(db, "SELECT classpath, kwargs FROM trigger"):
+            triggers.setdefault(str(classpath), set()).add(str(kwargs))
         (run_state,) = query(db, "SELECT state FROM dag_run WHERE dag_id=? AND run_id=?", DAG_ID, run_id)[0]
         if run_state in ("success", "failed"):
-            return str(run_state), ti_states, classpaths
+            return str(run_state), ti_states, triggers
         procs.check_alive()
         time.sleep(0.5)
     raise AssertionError(f"run {run_id} not finished after {RUN_TIMEOUT_S:.0f} s; task states {ti_states}")
@@ -266,7 +277,8 @@ def test_quickstart_defers_to_a_real_triggerer(workdir: Path, procs: Processes, 
         pytest.fail("airflow-provider-synth is not installed in this interpreter: pip install -e . --no-deps")
     home, output = workdir / "airflow-home", workdir / "output"
     home.mkdir()
-    env = airflow_env(home, output, server_url, api_key)
+    fernet_key = Fernet.generate_key()
+    env = airflow_env(home, output, server_url, api_key, fernet_key.decode())
     db = home / "airflow.db"
     started = time.monotonic()
     finish(run_cli(env, "db", "migrate"), timeout=START_TIMEOUT_S)
@@ -283,7 +295,7 @@ def test_quickstart_defers_to_a_real_triggerer(workdir: Path, procs: Processes, 
     finish(unpause)
     ready_s = time.monotonic() - started
 
-    state, ti_states, classpaths = watch_run(db, run_id, procs)
+    state, ti_states, triggers = watch_run(db, run_id, procs)
     run_s = time.monotonic() - started - ready_s
     task_logs = sorted((home / "logs" / f"dag_id={DAG_ID}").rglob("*.log*"))
     context = (f"run {state}, {TASK_ID} states {ti_states}\n--- triggerer\n{tail(procs.log('triggerer'))}\n"
@@ -293,7 +305,11 @@ def test_quickstart_defers_to_a_real_triggerer(workdir: Path, procs: Processes, 
 
     # the task went through ``deferred``, and the trigger that ran was ours, in the triggerer process
     assert "deferred" in ti_states and ti_states[-1] == "success", context
-    assert TRIGGER_CLASSPATH in classpaths, classpaths
+    assert TRIGGER_CLASSPATH in triggers, triggers
+    for stored in triggers[TRIGGER_CLASSPATH]:
+        kwargs = stored_trigger_kwargs(stored, fernet_key)
+        assert kwargs["conn_id"] == "synth_openai_default" and len(kwargs["batch_ids"]) == 1, kwargs
+        assert api_key not in json.dumps(kwargs)
     # the triggerer writes what a trigger logs next to the task's log, in files named after its job id
     trigger_logs = [p for p in task_logs if f"task_id={TASK_ID}" in str(p) and ".log.trigger." in p.name]
     assert trigger_logs, context
