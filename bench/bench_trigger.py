@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -114,10 +115,29 @@ def server_cpu_s() -> float:
 SERVER_PID: list[int] = []
 
 
+class GCPauses:
+    """The longest garbage-collector pause while installed (a full collection stops the loop like any callback)."""
+
+    def __init__(self) -> None:
+        self.max_s = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.max_s = max(self.max_s, time.perf_counter() - self._start)
+
+    def remove(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 async def run_triggers(triggers: list[Any], cap_s: float) -> dict[str, Any]:
     """Run every trigger to its first event on this loop, with the heartbeat; stop at ``cap_s``."""
     loop = asyncio.get_running_loop()
     iteration_cpu = IterationCPU(loop)
+    gc_pauses = GCPauses()
     lags: list[tuple[float, float]] = []
     stop = asyncio.Event()
     beat = asyncio.create_task(heartbeat(lags, stop))
@@ -146,6 +166,7 @@ async def run_triggers(triggers: list[Any], cap_s: float) -> dict[str, Any]:
     cpu = time.process_time() - cpu_start
     stop.set()
     await beat
+    gc_pauses.remove()
     worst_at, worst = max(lags, key=lambda lag: lag[1], default=(start, 0.0))
     delays = [lag for _, lag in lags]
     return {
@@ -153,6 +174,7 @@ async def run_triggers(triggers: list[Any], cap_s: float) -> dict[str, Any]:
         "lag_max_s": round(worst, 3),
         "lag_max_at_s": round(worst_at - start, 3),
         "loop_iteration_cpu_max_s": round(iteration_cpu.max_s, 3),
+        "gc_pause_max_s": round(gc_pauses.max_s, 3),
         "lag_p99_s": round(statistics.quantiles(delays, n=100)[98], 3) if len(delays) >= 100 else None,
         "events": len(latencies),
         "event_latency_max_s": round(max(latencies, default=0.0), 3),
@@ -190,6 +212,8 @@ def main() -> None:
     parser.add_argument("--official-max-n", type=int, default=1000, help="largest N the official trigger runs at")
     parser.add_argument("--official-cap-s", type=float, default=240.0, help="stop an official run after this long")
     parser.add_argument("--cap-s", type=float, default=120.0, help="stop one of our runs after this long")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() after start-up, as long-running servers do (Airflow's triggerer does not)")
     args = parser.parse_args()
     for name in ("httpx2", "httpx", "openai", "airflow_provider_synth", "airflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -204,6 +228,9 @@ def main() -> None:
             # a running triggerer has Airflow's connection machinery imported already: warm both up, unmeasured
             warm = create_batches(base_url, 2, tmp)
             asyncio.run(run_triggers(ours(warm[:1]) + official(warm[1:]), args.cap_s))
+            if args.gc_freeze:
+                gc.collect()
+                gc.freeze()
             for n in args.n:
                 run: dict[str, Any] = {"n": n}
                 target = 2 * (COMPLETE_AFTER_S + POLL_INTERVAL_S + POLL_DELAY_S)
@@ -232,6 +259,7 @@ def main() -> None:
         "poll_interval_s": POLL_INTERVAL_S,
         "cpus": os.cpu_count(),
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+        "gc_freeze": args.gc_freeze,
         "runs": runs,
     }
     largest = runs[-1]

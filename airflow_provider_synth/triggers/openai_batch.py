@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -64,6 +65,12 @@ class OpenAIBatchTrigger(BaseTrigger):
     :param max_consecutive_errors: transient polling errors in a row tolerated before giving up.
     :param cancel_on_kill: cancel the batches still running when a user kills the task (Airflow 3.3+).
     """
+
+    #: Each sleep is ``poll_interval`` times a random factor in ``1 +/- jitter``, and the first poll waits a
+    #: random ``[0, start_spread * min(poll_interval, 1 s)]``: a triggerer that (re)starts a thousand triggers
+    #: at once would otherwise poll, and finish, them all in the same loop iterations (AWS waiters jitter too).
+    jitter = 0.1
+    start_spread = 0.5
 
     def __init__(
         self,
@@ -173,6 +180,7 @@ class OpenAIBatchTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll until every batch is terminal, the deadline passes, or polling fails; yield one event."""
         self._consecutive_errors = 0
+        await asyncio.sleep(random.uniform(0, self.start_spread * min(self.poll_interval, 1.0)))
         hook = self._hook()
         try:
             while True:
@@ -184,7 +192,7 @@ class OpenAIBatchTrigger(BaseTrigger):
                 if event is not None:
                     yield event
                     return
-                delay = self.poll_interval
+                delay = self.poll_interval * random.uniform(1 - self.jitter, 1 + self.jitter)
                 if self.end_time is not None:
                     delay = max(0.0, min(delay, self.end_time - _now()))
                 await asyncio.sleep(delay)

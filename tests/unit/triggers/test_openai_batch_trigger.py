@@ -173,6 +173,8 @@ async def test_unknown_status_is_an_error(api):
 
 
 async def test_deadline_times_out_and_a_recreated_trigger_keeps_it(api, monkeypatch):
+    monkeypatch.setattr(OpenAIBatchTrigger, "jitter", 0.0)
+    monkeypatch.setattr(OpenAIBatchTrigger, "start_spread", 0.0)
     clock = [1_000.0]
     monkeypatch.setattr(trigger_module, "_now", lambda: clock[0])
     sleeps = []
@@ -188,7 +190,7 @@ async def test_deadline_times_out_and_a_recreated_trigger_keeps_it(api, monkeypa
     assert [e["status"] for e in events] == ["timeout"]
     assert batch_id in events[0]["message"] and "1 of 1 batches still running" in events[0]["message"]
     assert events[0]["batches"][batch_id]["status"] == "in_progress"
-    assert sleeps == [30, 30, 30, 10]  # never sleeps past the deadline
+    assert sleeps == [0, 30, 30, 30, 10]  # never sleeps past the deadline
 
     # a triggerer restart re-creates the trigger from its kwargs: the deadline does not move
     clock[0] = 1_050.0
@@ -314,3 +316,18 @@ async def test_on_kill_gives_up_after_its_own_timeout(api, monkeypatch, capsys):
     monkeypatch.setattr(OpenAIBatchAsyncHook, "acancel_batch", hang)
     await asyncio.wait_for(OpenAIBatchTrigger(CONN_ID, [batch_id]).on_kill(), timeout=5)
     assert f"Cancelling batches {batch_id} timed out" in logs(capsys)
+
+
+async def test_polls_are_jittered(api, monkeypatch):
+    sleeps = []
+
+    async def fake_sleep(delay):
+        sleeps.append(delay)
+
+    monkeypatch.setattr(trigger_module.asyncio, "sleep", fake_sleep)
+    batch_id = api.add_batch(["in_progress"] * 50 + [done()])
+    events = await collect(OpenAIBatchTrigger(CONN_ID, [batch_id], poll_interval=10))
+    assert events[0]["status"] == "success"
+    first, rest = sleeps[0], sleeps[1:]
+    assert 0 <= first <= 0.5  # start spread: half of min(poll_interval, 1 s)
+    assert len(rest) == 50 and all(9.0 <= d <= 11.0 for d in rest) and len(set(rest)) > 40
