@@ -105,6 +105,8 @@ class _LoopPool:
         self.http_client: httpx2.AsyncClient = DefaultAioHttpClient(verify=shared_ssl_context(), limits=limits)
         self.slots = asyncio.Semaphore(ASYNC_POOL_MAX_CONNECTIONS)
         self.clients: dict[str, _SharedClient] = {}
+        #: hooks holding a shared client of this pool (stale ones past the TTL included)
+        self.users = 0
 
 
 #: Seconds a shared SDK client serves new hooks before the connection is looked up again (rotated keys).
@@ -539,6 +541,7 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         self._async_client: AsyncOpenAI | AsyncAzureOpenAI | None = None
         self._slots: asyncio.Semaphore | None = None
         self._shared: _SharedClient | None = None
+        self._pool: _LoopPool | None = None
 
     async def get_async_client(self) -> AsyncOpenAI | AsyncAzureOpenAI:
         """The async SDK client: the loop's shared one for this connection, or the hook's own when
@@ -594,7 +597,8 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
                 entry.users -= 1
                 raise
             break
-        self._shared, self._slots = entry, pool.slots
+        pool.users += 1
+        self._shared, self._pool, self._slots = entry, pool, pool.slots
         self._async_client, self._secrets, self._is_azure = client, secrets, is_azure
 
     async def aget_batch(self, batch_id: str) -> Batch:
@@ -620,19 +624,34 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         client, self._async_client = self._async_client, None
         credential, self._credential = self._credential, None
         shared, self._shared = self._shared, None
+        pool, self._pool = self._pool, None
         self._slots = None
-        if shared is not None:
+        if shared is not None and pool is not None:
             shared.users -= 1
             if shared.users == 0:
-                pool = _loop_pools.get(asyncio.get_running_loop())
-                if pool is not None and pool.clients.get(self.conn_id) is shared:
-                    del pool.clients[self.conn_id]
                 credential = shared.credential
-            # a shared client's HTTP pool belongs to the loop: nothing else to close
+                if pool.clients.get(self.conn_id) is shared:
+                    del pool.clients[self.conn_id]
+            await self._release_pool(pool)
         elif client is not None:
             await client.close()
         if credential is not None:
             await credential.close()
+
+    @staticmethod
+    async def _release_pool(pool: _LoopPool) -> None:
+        """Close the loop's HTTP pool when its last user leaves.
+
+        A triggerer keeps its pool while any trigger waits; ``dag.test()`` and tests, which run each trigger
+        in a fresh loop, leave no open connection behind.
+        """
+        pool.users -= 1
+        if pool.users > 0:
+            return
+        loop = asyncio.get_running_loop()
+        if _loop_pools.get(loop) is pool:
+            del _loop_pools[loop]  # first, so a hook attaching meanwhile builds a new pool
+        await pool.http_client.aclose()
 
     async def __aenter__(self) -> OpenAIBatchAsyncHook:
         return self

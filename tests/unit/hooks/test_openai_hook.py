@@ -428,13 +428,24 @@ async def test_async_hooks_share_one_client_per_connection_and_loop(openai_conn,
         for hook in hooks[:-1]:
             await hook.close()
         assert mod._loop_pool().clients[openai_conn].users == 1  # the last user keeps it
+        http_client = clients[0]._client
         await hooks[-1].close()
-        assert openai_conn not in mod._loop_pool().clients
-        await OpenAIBatchAsyncHook(openai_conn).get_async_client()
+        assert asyncio.get_running_loop() not in mod._loop_pools  # last client gone: pool closed
+        assert http_client.is_closed
+        again = OpenAIBatchAsyncHook(openai_conn)
+        await again.get_async_client()
         assert len(lookups) == 2  # released when its last user left: looked up again
         monkeypatch.setattr(mod, "SHARED_CLIENT_TTL_S", 0.0)
         await OpenAIBatchAsyncHook(openai_conn).get_async_client()
         assert len(lookups) == 3  # past the TTL: looked up again (rotated keys)
+        assert len(mod._loop_pool().clients) == 1 and not again._async_client._client.is_closed
+        stale = mod._loop_pool().clients[openai_conn]
+        newer = OpenAIBatchAsyncHook(openai_conn)
+        await newer.get_async_client()  # past the TTL again: a new entry replaces the one `again` holds
+        assert mod._loop_pool().clients[openai_conn] is not stale
+        await newer.close()
+        # `again` still holds the stale client: the pool stays open for it
+        assert not again._async_client._client.is_closed
     finally:
         await mod.close_loop_pool()
 
