@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _as_path(path: Any) -> Any:
-    from airflow_provider_synth.operators.openai_batch import _as_path as as_path
+    from airflow_provider_synth.operators.openai_run import as_path
 
     return as_path(path)
 
@@ -341,7 +341,7 @@ def _wait(run: Any, args: argparse.Namespace, out: Output) -> None:
 
 
 def cmd_download(args: argparse.Namespace, out: Output) -> int:
-    from airflow_provider_synth.batch.manifest import build_manifest, write_manifest
+    from airflow_provider_synth.batch.manifest import write_manifest
     from airflow_provider_synth.batch.usage import cost_usd
 
     target = resolve_target(args, need_plan=True)
@@ -355,13 +355,11 @@ def cmd_download(args: argparse.Namespace, out: Output) -> int:
     _wait(run, args, out)
     acct = run.merge()
     source = target.manifest or {}
-    manifest = build_manifest(
-        backend="azure_openai" if run.hook.is_azure else "openai", accounting=acct.as_dict(),
-        output_dir=plan.output_dir, status="completed", batch_ids=run.batch_ids, shards=len(plan.shards),
-        rounds=max((r for _, r in run.batches), default=0) + 1, idempotency_key=plan.key,
-        work_dir=plan.work_dir, conn_id=target.conn_id, endpoint=plan.endpoint, model=plan.model,
-        est_cost_usd=plan.est_cost_usd, est_input_tokens=plan.est_input_tokens,
-        cost_usd=cost_usd(acct.usage, plan.model), collected_by="airflow-synth",
+    from airflow_provider_synth.operators.openai_run import run_manifest
+
+    plan.conn_id = target.conn_id
+    manifest = run_manifest(
+        run, acct.as_dict(), "completed", cost_usd=cost_usd(acct.usage, plan.model), collected_by="airflow-synth",
         **{k: source.get(k) for k in ("dag_id", "task_id", "run_id", "map_index", "try_number")},
     )
     write_manifest(_as_path(plan.output_dir), manifest)

@@ -12,7 +12,7 @@ from airflow.configuration import conf
 from airflow.sdk import BaseOperator
 
 from airflow_provider_synth.batch.jsonl import join_path, open_path
-from airflow_provider_synth.batch.manifest import build_manifest, write_manifest
+from airflow_provider_synth.batch.manifest import write_manifest
 from airflow_provider_synth.batch.requests import CHAT, Endpoint, build_requests, write_requests
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
 from airflow_provider_synth.batch.usage import Price, cost_usd, estimate_cost
@@ -24,7 +24,7 @@ from airflow_provider_synth.exceptions import (
 )
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.links import OpenAIBatchLink
-from airflow_provider_synth.operators.openai_run import BatchRun, Plan, idempotency_key
+from airflow_provider_synth.operators.openai_run import BatchRun, Plan, as_path, idempotency_key, run_manifest
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:
@@ -54,17 +54,6 @@ class RequestTemplate:
     params: Mapping[str, Any] = field(default_factory=dict)
     response_format: Any = None
     tools: Sequence[Mapping[str, Any]] | None = None
-
-
-def _as_path(path: Any) -> Any:
-    """Object-storage URLs become ObjectStoragePath (connection-aware); local paths stay strings."""
-    if isinstance(path, str) and "://" in path and not path.startswith("file://"):
-        from airflow.sdk import ObjectStoragePath
-
-        return ObjectStoragePath(path)
-    if isinstance(path, str) and path.startswith("file://"):
-        return path[len("file://"):]
-    return path
 
 
 def _is_request_line(item: Any) -> bool:
@@ -162,7 +151,7 @@ class OpenAIBatchOperator(BaseOperator):
 
     def _source(self, work: Any) -> Any:
         if self.input_path is not None:
-            return _as_path(self.input_path)
+            return as_path(self.input_path)
         items = list(self.requests)
         if not all(_is_request_line(i) for i in items):
             if not self.model:
@@ -178,7 +167,7 @@ class OpenAIBatchOperator(BaseOperator):
 
     def _plan(self, context: Context) -> Plan:
         """Validate and split (before anything is uploaded), check the budget, write the plan."""
-        output = _as_path(self.output_path)
+        output = as_path(self.output_path)
         work = join_path(output, "_work")
         source = self._source(work)
         split = split_requests(source, lambda i: open_path(join_path(work, f"shards/shard-{i:05d}-r0.jsonl"), "wb"),
@@ -224,7 +213,7 @@ class OpenAIBatchOperator(BaseOperator):
         return self._wait_or_finish(context, run)
 
     def _attach(self, plan: Plan) -> BatchRun:
-        run = BatchRun(self.hook, plan, _as_path)
+        run = BatchRun(self.hook, plan, as_path)
         run.discover()
         if run.batches:
             self.log.info("re-attached to %d batch(es) of an earlier try: %s", len(run.batches), run.statuses())
@@ -278,7 +267,7 @@ class OpenAIBatchOperator(BaseOperator):
 
     def _work_dir(self) -> Any:
         """Where the plan of this task's run lives (the resumed task instance is a new object)."""
-        return join_path(_as_path(self.output_path), "_work")
+        return join_path(as_path(self.output_path), "_work")
 
     def _on_timeout(self, run: BatchRun) -> None:
         running = run.running_ids
@@ -294,7 +283,7 @@ class OpenAIBatchOperator(BaseOperator):
         manifest = self._manifest(context, run, acct.as_dict(), status="completed")
         cost = cost_usd(acct.usage, run.plan.model, self.prices)
         manifest["cost_usd"] = cost
-        write_manifest(_as_path(run.plan.output_dir), manifest)
+        write_manifest(as_path(run.plan.output_dir), manifest)
         failed = acct.failed + acct.missing
         ratio = failed / acct.total if acct.total else 0.0
         self.log.info("%d succeeded, %d failed, %d missing of %d; usage %s; cost $%s", acct.succeeded,
@@ -310,17 +299,8 @@ class OpenAIBatchOperator(BaseOperator):
     def _manifest(self, context: Context, run: BatchRun, accounting: dict[str, Any] | None,
                   status: str) -> dict[str, Any]:
         ti = context["ti"]
-        plan = run.plan
-        return build_manifest(
-            backend="azure_openai" if run.hook.is_azure else "openai",
-            accounting=accounting or {"total": plan.total},
-            output_dir=plan.output_dir, status=status, batch_ids=run.batch_ids, shards=len(plan.shards),
-            rounds=max((r for _, r in run.batches), default=0) + 1, idempotency_key=plan.key,
-            work_dir=plan.work_dir, conn_id=self.conn_id, endpoint=plan.endpoint, model=plan.model,
-            est_cost_usd=plan.est_cost_usd, est_input_tokens=plan.est_input_tokens,
-            try_number=ti.try_number, dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
-            map_index=ti.map_index,
-        )
+        return run_manifest(run, accounting, status, try_number=ti.try_number, dag_id=ti.dag_id,
+                            task_id=ti.task_id, run_id=ti.run_id, map_index=ti.map_index)
 
     def _persist_links(self, context: Context, run: BatchRun) -> None:
         """Store the dashboard link before deferring, so it works while the task waits."""
@@ -357,7 +337,7 @@ class OpenAIBatchResultsOperator(OpenAIBatchOperator):
 
     def _work_dir(self) -> Any:
         sub = self.submitted
-        return _as_path(sub["work_dir"] if isinstance(sub, Mapping) else join_path(str(sub), "_work"))
+        return as_path(sub["work_dir"] if isinstance(sub, Mapping) else join_path(str(sub), "_work"))
 
     def _attach(self, plan: Plan) -> BatchRun:
         self.conn_id, self.output_path = plan.conn_id, plan.output_dir
@@ -371,7 +351,7 @@ class OpenAIBatchResultsOperator(OpenAIBatchOperator):
 
 def _load_plan(work_dir: str) -> Plan | None:
     try:
-        return Plan.load(_as_path(work_dir))
+        return Plan.load(as_path(work_dir))
     except (FileNotFoundError, OSError):
         return None
 

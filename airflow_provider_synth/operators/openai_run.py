@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_synth.batch.jsonl import join_path, loads, open_path
-from airflow_provider_synth.batch.manifest import output_paths
+from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
 from airflow_provider_synth.batch.results import ParsedOutput
 from airflow_provider_synth.hooks.openai import TERMINAL_STATUSES, batch_summary
@@ -39,6 +39,31 @@ KEY_META, SHARD_META, ROUND_META, CREATED_BY_META = "synth_key", "synth_shard", 
 CREATED_BY = "airflow-provider-synth"
 #: file names of uploads start with this, so cleanup never touches anybody else's files
 UPLOAD_PREFIX = "synth-"
+
+
+def as_path(path: Any) -> Any:
+    """Object-storage URLs become ``ObjectStoragePath`` (connection-aware); local paths stay strings."""
+    if isinstance(path, str) and path.startswith("file://"):
+        return path[len("file://"):]
+    if isinstance(path, str) and "://" in path:
+        from airflow.sdk import ObjectStoragePath
+
+        return ObjectStoragePath(path)
+    return path
+
+
+def run_manifest(run: BatchRun, accounting: Mapping[str, Any] | None, status: str, **fields: Any) -> dict[str, Any]:
+    """The manifest of a run: the plan's facts, the batches, the accounting, and ``fields`` (who wrote it:
+    dag_id, task_id, run_id, map_index, try_number; cost_usd...). One shape for the operator and the CLI."""
+    plan = run.plan
+    return build_manifest(
+        backend="azure_openai" if run.hook.is_azure else "openai",
+        accounting=dict(accounting) if accounting is not None else {"total": plan.total},
+        output_dir=plan.output_dir, status=status, batch_ids=run.batch_ids, shards=len(plan.shards),
+        rounds=max((r for _, r in run.batches), default=0) + 1, idempotency_key=plan.key,
+        work_dir=plan.work_dir, conn_id=plan.conn_id, endpoint=plan.endpoint, model=plan.model,
+        est_cost_usd=plan.est_cost_usd, est_input_tokens=plan.est_input_tokens, **fields,
+    )
 
 
 def idempotency_key(dag_id: str, task_id: str, run_id: str, map_index: int, fingerprint: str, endpoint: str) -> str:
