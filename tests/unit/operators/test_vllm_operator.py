@@ -224,3 +224,18 @@ def test_an_error_while_waiting_stops_the_engine(requests_file, tmp_path, fake_p
     with pytest.raises(TimeoutError):
         op.execute(context)
     assert started[0].poll() is not None and op._proc is None
+
+
+def test_merge_output_folders_refuses_manifests_that_do_not_add_up(tmp_path) -> None:
+    from airflow_provider_synth.batch.errors import AccountingError
+    from airflow_provider_synth.batch.manifest import build_manifest, write_manifest
+    from airflow_provider_synth.operators.vllm import merge_output_folders
+
+    shard = tmp_path / "shard-0"
+    shard.mkdir()
+    (shard / "results.jsonl").write_bytes(b"")
+    (shard / "failures.jsonl").write_bytes(b"")
+    write_manifest(shard, build_manifest(backend="vllm", output_dir=shard,
+                                         accounting={"total": 3, "succeeded": 1, "failed": 0, "missing": 0}))
+    with pytest.raises(AccountingError, match="do not add up"):
+        merge_output_folders([str(shard)], str(tmp_path / "merged"))
