@@ -14,7 +14,8 @@ output line per request to ``output``, flushed and synced after every chunk.
 * A request the engine refuses (an over-long prompt, a bad sampling value) becomes an error line; the run
   goes on.
 * Resume: on start the runner reads ``output``, cuts a torn last line (a kill mid-write), and skips every
-  custom_id already answered, so a rerun finishes the rest and never writes a line twice.
+  custom_id already answered for good (a success, or a failure a retry cannot fix), so a rerun finishes the
+  rest and never answers a finished request twice.
 * Progress goes to stdout as JSON lines ``{"synth_vllm": "<event>", ...}`` (events ``start``, ``loaded``,
   ``progress``, ``done``, ``error``), which the operator relays to the task log.
 * Exit codes: 0 done, 2 bad configuration, 3 vLLM not importable, 4 the model could not load, 5 the engine
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_synth.batch.jsonl import dumps, iter_jsonl, loads
-from airflow_provider_synth.batch.results import error_line, success_line
+from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
 
 EVENT_KEY = "synth_vllm"
 EXIT_BAD_CONFIG = 2
@@ -108,11 +109,12 @@ class Request:
 
 
 def recover_output(path: str) -> set[str]:
-    """Read an existing output file; return the custom_ids it answers.
+    """Read an existing output file; return the custom_ids it answers for good.
 
     Lines are appended one chunk per ``write``, so a kill can only tear the tail. The file is cut back to
     the end of its last complete, parseable line, so the next append starts on a fresh line and no request
-    is answered twice.
+    is answered twice. A success or a failure a retry cannot fix (a 400) is final; a failure a retry can fix
+    (the engine aborted the request, a 5xx) is run again, and the merge keeps its latest answer.
     """
     done: set[str] = set()
     if not os.path.exists(path):
@@ -123,11 +125,11 @@ def recover_output(path: str) -> set[str]:
             if not raw.endswith(b"\n"):
                 break
             try:
-                cid = loads(raw)["custom_id"]
-            except (ValueError, KeyError, TypeError):
+                out = parse_output_line(raw[:-1])
+            except ValueError:
                 break
-            if isinstance(cid, str):
-                done.add(cid)
+            if out.ok or not out.retryable:
+                done.add(out.custom_id)
             good_end += len(raw)
         size = fp.seek(0, os.SEEK_END)
         if size != good_end:

@@ -239,3 +239,19 @@ def test_merge_output_folders_refuses_manifests_that_do_not_add_up(tmp_path) -> 
                                          accounting={"total": 3, "succeeded": 1, "failed": 0, "missing": 0}))
     with pytest.raises(AccountingError, match="do not add up"):
         merge_output_folders([str(shard)], str(tmp_path / "merged"))
+
+
+def test_retry_reruns_only_failures_a_retry_can_fix(requests_file, tmp_path, fake_python, context) -> None:
+    from airflow_provider_synth.batch.results import error_line
+
+    out = tmp_path / "out"
+    operator(str(requests_file), str(out), fake_python).execute(context)
+    engine_output = out / "_vllm" / "engine-output.jsonl"
+    lines = engine_output.read_bytes().splitlines()
+    lines[1] = error_line("r001", "server_error", "the engine aborted the request", status_code=500)
+    engine_output.write_bytes(b"\n".join(lines) + b"\n")
+    manifest = operator(str(requests_file), str(out), fake_python).execute(context)
+    assert (manifest["succeeded"], manifest["failed"], manifest["duplicates"]) == (59, 1, 0)
+    answers = [r for r in read_lines(str(engine_output)) if r["custom_id"] == "r001"]
+    assert [a["response"]["status_code"] for a in answers] == [500, 200]  # appended, never rewritten
+    assert len(read_lines(str(engine_output))) == 61  # r007's 400 was final: not run again

@@ -59,16 +59,28 @@ class TestRecoverOutput:
 
     def test_torn_tail_is_cut_and_complete_lines_kept(self, tmp_path: Path) -> None:
         out = tmp_path / "out.jsonl"
-        good = b'{"custom_id":"a","response":null}\n{"custom_id":"b","response":null}\n'
+        good = (b'{"custom_id":"a","response":{"status_code":200,"body":{}},"error":null}\n'
+                b'{"custom_id":"b","response":{"status_code":400,"body":{"error":{"code":"x"}}},"error":null}\n')
         out.write_bytes(good + b'{"custom_id":"c","respo')
         assert recover_output(str(out)) == {"a", "b"}
         assert out.read_bytes() == good
 
+    def test_failures_a_retry_can_fix_are_run_again(self, tmp_path: Path) -> None:
+        from airflow_provider_synth.batch.results import error_line, success_line
+
+        out = tmp_path / "out.jsonl"
+        out.write_bytes(b"\n".join([success_line("ok", {"choices": []}),
+                                    error_line("bad", "invalid_request", "no", status_code=400),
+                                    error_line("aborted", "server_error", "engine aborted", status_code=500)])
+                        + b"\n")
+        assert recover_output(str(out)) == {"ok", "bad"}
+
     def test_unparseable_complete_line_is_cut_with_what_follows(self, tmp_path: Path) -> None:
         out = tmp_path / "out.jsonl"
-        out.write_bytes(b'{"custom_id":"a"}\n{not json}\n{"custom_id":"b"}\n')
+        a = b'{"custom_id":"a","response":{"status_code":200,"body":{}},"error":null}\n'
+        out.write_bytes(a + b'{not json}\n{"custom_id":"b"}\n')
         assert recover_output(str(out)) == {"a"}
-        assert out.read_bytes() == b'{"custom_id":"a"}\n'
+        assert out.read_bytes() == a
 
 
 class TestRun:
