@@ -319,7 +319,11 @@ def test_quickstart_defers_to_a_real_triggerer(workdir: Path, procs: Processes, 
     task_log = "".join(p.read_text(errors="replace") for p in task_logs if p.name == "attempt=1.log"
                        and f"task_id={TASK_ID}" in str(p))
     assert "Pausing task as DEFERRED" in task_log, context
-    assert "1 triggers currently running" in procs.log("triggerer").read_text(errors="replace"), context
+    # ...and the job id in those files' names is the triggerer's job, not the scheduler's or a worker's
+    job_ids = {int(p.name.rsplit(".", 2)[-2]) for p in trigger_logs}
+    job_types = {str(t) for (t,) in query(db, f"SELECT job_type FROM job WHERE id IN ({','.join('?' * len(job_ids))})",
+                                          *job_ids)}
+    assert job_types == {"TriggererJob"}, (job_ids, job_types)
 
     # every request is accounted for, in the manifest the task returned
     manifest = json.loads((output / DAG_ID / run_id / "manifest.json").read_text())
