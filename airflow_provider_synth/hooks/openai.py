@@ -542,15 +542,18 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         self._slots: asyncio.Semaphore | None = None
         self._shared: _SharedClient | None = None
         self._pool: _LoopPool | None = None
+        # concurrent first calls (a trigger polls its batches with gather) must attach one client, not several
+        self._attach_lock = asyncio.Lock()
 
     async def get_async_client(self) -> AsyncOpenAI | AsyncAzureOpenAI:
         """The async SDK client: the loop's shared one for this connection, or the hook's own when
         ``client_options`` were given."""
         if self._async_client is None:
-            if self.client_options:
-                self._async_client = await self._build_async_client(None)
-            else:
-                await self._attach_shared_client()
+            async with self._attach_lock:
+                if self._async_client is None and self.client_options:
+                    self._async_client = await self._build_async_client(None)
+                elif self._async_client is None:
+                    await self._attach_shared_client()
         assert self._async_client is not None
         return self._async_client
 

@@ -183,21 +183,26 @@ class OpenAIBatchTrigger(BaseTrigger):
         await asyncio.sleep(random.uniform(0, self.start_spread * min(self.poll_interval, 1.0)))
         hook = self._hook()
         try:
-            while True:
-                errors = await self._poll(hook)
-                self._consecutive_errors = self._consecutive_errors + 1 if errors else 0
-                for batch_id, error in errors:
-                    self.log.warning("Polling batch %s failed: %s", batch_id, hook.redact(repr(error)))
-                event = self._verdict(hook, errors)
-                if event is not None:
-                    yield event
-                    return
-                delay = self.poll_interval * random.uniform(1 - self.jitter, 1 + self.jitter)
-                if self.end_time is not None:
-                    delay = max(0.0, min(delay, self.end_time - _now()))
-                await asyncio.sleep(delay)
+            event = await self._wait(hook)
         finally:
             await hook.close()
+        # the client is released before the event leaves: a runner that stops iterating after the first
+        # event (dag.test() does) never leaves connections to a generator finalizer
+        yield event
+
+    async def _wait(self, hook: OpenAIBatchAsyncHook) -> TriggerEvent:
+        while True:
+            errors = await self._poll(hook)
+            self._consecutive_errors = self._consecutive_errors + 1 if errors else 0
+            for batch_id, error in errors:
+                self.log.warning("Polling batch %s failed: %s", batch_id, hook.redact(repr(error)))
+            event = self._verdict(hook, errors)
+            if event is not None:
+                return event
+            delay = self.poll_interval * random.uniform(1 - self.jitter, 1 + self.jitter)
+            if self.end_time is not None:
+                delay = max(0.0, min(delay, self.end_time - _now()))
+            await asyncio.sleep(delay)
 
     async def on_kill(self) -> None:
         """Cancel the batches that may still be running, when a user kills the task (Airflow 3.3+)."""

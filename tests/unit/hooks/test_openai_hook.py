@@ -504,3 +504,29 @@ def test_upload_and_download_through_an_fsspec_url(hook, api):
     assert api.files[file.id]["content"] == payload and file.filename == "requests.jsonl"
     assert hook.download_file(file.id, "memory://synth-hook-test/out/copy.jsonl") == len(payload)
     assert fs.cat("/synth-hook-test/out/copy.jsonl") == payload
+
+
+async def test_concurrent_first_calls_attach_one_client(openai_conn, api, monkeypatch):
+    """A trigger polls its batches with gather: the hook's first calls race to build the client."""
+    import airflow_provider_synth.hooks.openai as mod
+
+    lookups = []
+    real_lookup = mod.get_async_connection
+
+    async def counting_lookup(conn_id, hook=None):
+        lookups.append(conn_id)
+        await asyncio.sleep(0.01)
+        return await real_lookup(conn_id, hook=hook)
+
+    monkeypatch.setattr(mod, "get_async_connection", counting_lookup)
+    shared = OpenAIBatchAsyncHook(openai_conn)
+    clients = await asyncio.gather(*(shared.get_async_client() for _ in range(5)))
+    assert len(lookups) == 1 and len({id(c) for c in clients}) == 1
+    assert mod._loop_pool().users == 1
+    await shared.close()
+    assert asyncio.get_running_loop() not in mod._loop_pools  # released: nothing left open
+
+    own = OpenAIBatchAsyncHook(openai_conn, client_options={"http_client": api.async_client()})
+    clients = await asyncio.gather(*(own.get_async_client() for _ in range(5)))
+    assert len(lookups) == 2 and len({id(c) for c in clients}) == 1
+    await own.close()

@@ -174,3 +174,17 @@ async def test_official_openai_connection_type_in_the_trigger(monkeypatch, serve
     batch = hook.create_batch(hook.upload_file(write_requests(tmp_path, 2)).id, "/v1/chat/completions")
     event = await wait("official", [batch.id])
     assert event["status"] == "success" and event["batches"][batch.id]["status"] == "completed"
+
+
+async def test_a_multi_batch_trigger_leaves_no_connection_open(server, openai_conn, tmp_path):
+    """As dag.test() runs it: take the first event, drop the generator; the loop's pool is closed already."""
+    import asyncio
+
+    import airflow_provider_synth.hooks.openai as mod
+
+    hook = OpenAIBatchHook(openai_conn)
+    file_id = hook.upload_file(write_requests(tmp_path, 2)).id
+    ids = [hook.create_batch(file_id, "/v1/chat/completions").id for _ in range(3)]
+    event = await anext(OpenAIBatchTrigger(openai_conn, ids, poll_interval=0.05).run())
+    assert event.payload["status"] == "success"
+    assert asyncio.get_running_loop() not in mod._loop_pools
