@@ -305,7 +305,8 @@ class OpenAIBatchOperator(BaseOperator):
     def _persist_links(self, context: Context, run: BatchRun) -> None:
         """Store the dashboard link before deferring, so it works while the task waits."""
         if run.batch_ids:
-            OpenAIBatchLink.persist(context, run.batch_ids, azure=run.hook.is_azure)
+            OpenAIBatchLink.persist(context, run.batch_ids, azure=run.hook.is_azure,
+                                    resource_id=run.hook.resource_id)
 
     def on_kill(self) -> None:
         """Cancel the batches of this run that are still running (worker-side wait)."""
