@@ -325,8 +325,11 @@ def test_quickstart_defers_to_a_real_triggerer(workdir: Path, procs: Processes, 
                                           *job_ids)}
     assert job_types == {"TriggererJob"}, (job_ids, job_types)
 
-    # every request is accounted for, in the manifest the task returned
-    manifest = json.loads((output / DAG_ID / run_id / "manifest.json").read_text())
+    # every request is accounted for, in the manifest the task returned (its XCom) and wrote
+    ((xcom,),) = query(db, "SELECT value FROM xcom WHERE dag_id=? AND run_id=? AND task_id=? AND key=?",
+                       DAG_ID, run_id, TASK_ID, "return_value")
+    manifest = json.loads(str(xcom))
+    assert manifest == json.loads((output / DAG_ID / run_id / "manifest.json").read_text())
     assert (manifest["total"], manifest["succeeded"], manifest["failed"], manifest["missing"]) == (300, 300, 0, 0)
     with open(manifest["results_path"], "rb") as fp:
         assert sum(1 for line in fp if line.strip()) == 300
