@@ -24,6 +24,7 @@ from airflow_provider_synth.batch.results import (
     classify,
     decode_output_block,
     is_ok,
+    success_raw_and_usage,
 )
 from airflow_provider_synth.batch.usage import Usage
 
@@ -33,7 +34,7 @@ MAX_EXAMPLES = 20
 Source = Any  # a path, URL, path object, or a callable returning a binary file object
 
 
-class _Id(msgspec.Struct):
+class _Id(msgspec.Struct, gc=False):
     custom_id: str
 
 
@@ -179,17 +180,20 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
     """Merge one shard into the open results and failures files, in the shard's input order."""
     acct = acct if acct is not None else Accounting()
     best, attempts = _index_outputs(shard.outputs, acct)
-    write_result, write_failure, pop, add_counts = results_fp.write, failures_fp.write, best.pop, acct.usage.add_counts
+    pop, add_counts = best.pop, acct.usage.add_counts
+    done: list[bytes] = []  # written a block at a time: one write per many lines
     succeeded = total = 0
     for cid in _request_ids(shard.requests):
         total += 1
         entry = pop(cid, None)
         if entry is not None and is_ok(entry[0]):
-            out = classify(*entry)
+            raw, counts = success_raw_and_usage(*entry)
+            done.append(raw)
+            add_counts(counts)
             succeeded += 1
-            add_counts(out.usage)
-            write_result(out.raw)
-            write_result(b"\n")
+            if len(done) >= 10_000:
+                results_fp.write(b"\n".join(done) + b"\n")
+                done.clear()
             continue
         parsed = classify(*entry) if entry is not None else None
         if parsed is None:
@@ -200,9 +204,10 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
             acct.error_codes[parsed.error_code or "unknown_error"] += 1
         row = _failure_row(cid, parsed, attempts.get(cid, 1))
         acct.retryable += bool(row["retryable"])
-        write_failure(dumps(row))
-        write_failure(b"\n")
+        failures_fp.write(dumps(row) + b"\n")
         acct.failures_written += 1
+    if done:
+        results_fp.write(b"\n".join(done) + b"\n")
     acct.total += total
     acct.succeeded += succeeded
     acct.results_written += succeeded

@@ -32,18 +32,18 @@ def is_retryable(status_code: int | None, code: str | None) -> bool:
     return code in RETRYABLE_ERROR_CODES
 
 
-class _Err(msgspec.Struct):
+class _Err(msgspec.Struct, gc=False):
     code: str | int | None = None
     message: str | None = None
     type: str | None = None
 
 
-class _Details(msgspec.Struct):
+class _Details(msgspec.Struct, gc=False):
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
 
 
-class _Usage(msgspec.Struct):
+class _Usage(msgspec.Struct, gc=False):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
@@ -66,27 +66,48 @@ class _Usage(msgspec.Struct):
         return prompt, cached, completion, reasoning, total
 
 
-class _BodyErr(msgspec.Struct):
-    error: _Err | str | None = None
-    usage: _Usage | None = None
+_NULL = msgspec.Raw(b"null")
 
 
-class _Response(msgspec.Struct):
+class _BodyErr(msgspec.Struct, gc=False):
+    # kept raw: decoded only for the lines that need it (errors, and usage of successes), which makes a
+    # block of output lines decode several times faster
+    error: msgspec.Raw = _NULL
+    usage: msgspec.Raw = _NULL
+
+
+class _Response(msgspec.Struct, gc=False):
     status_code: int | None = None
     request_id: str | None = None
     body: _BodyErr | None = None
     # vLLM/aphrodite run_batch before 0.5 wrote the body itself as "response"
     object: str | None = None
-    usage: _Usage | None = None
+    usage: msgspec.Raw = _NULL
 
 
-class _Out(msgspec.Struct):
+class _Out(msgspec.Struct, gc=False):
     custom_id: str
     response: _Response | None = None
-    error: _Err | None = None
+    error: msgspec.Raw = _NULL
 
 
 _out_decoder = msgspec.json.Decoder(_Out)
+_err_decoder = msgspec.json.Decoder(_Err | str | None)
+_usage_decoder = msgspec.json.Decoder(_Usage | None)
+
+
+def _usage_counts(raw: msgspec.Raw) -> tuple[int, int, int, int, int] | None:
+    if raw == _NULL:
+        return None
+    usage = _usage_decoder.decode(raw)
+    return usage.counts() if usage is not None else None
+
+
+def _error(raw: msgspec.Raw) -> _Err | None:
+    if raw == _NULL:
+        return None
+    err = _err_decoder.decode(raw)
+    return _Err(message=err) if isinstance(err, str) else err
 
 
 class ParsedOutput(NamedTuple):
@@ -131,27 +152,34 @@ def decode_output_block(lines: list[bytes]) -> list[_Out] | None:
 def is_ok(out: _Out) -> bool:
     """Whether a decoded output line is a success (cheap: no classification)."""
     resp = out.response
-    if resp is None or out.error is not None:
+    if resp is None or out.error != _NULL:
         return False
     if resp.status_code is None:
         return resp.object is not None
-    return resp.status_code == 200 and (resp.body is None or resp.body.error is None)
+    return resp.status_code == 200 and (resp.body is None or resp.body.error == _NULL)
+
+
+def success_raw_and_usage(out: _Out, raw: bytes) -> tuple[bytes, tuple[int, int, int, int, int] | None]:
+    """For a line :func:`is_ok` accepted: the line to write (normalized if legacy) and its usage counts."""
+    resp = out.response
+    assert resp is not None
+    if resp.status_code is None:
+        parsed = _legacy_vllm(out.custom_id, raw, resp)
+        return parsed.raw, parsed.usage
+    return raw, (_usage_counts(resp.body.usage) if resp.body is not None else None)
 
 
 def classify(out: _Out, raw: bytes) -> ParsedOutput:
     """Turn a decoded output line into a :class:`ParsedOutput`."""
-    resp, err = out.response, out.error
+    resp = out.response
     if resp is not None and resp.status_code is None and resp.object is not None:
         return _legacy_vllm(out.custom_id, raw, resp)
     status = resp.status_code if resp is not None else None
     body = resp.body if resp is not None else None
-    body_err = body.error if body is not None else None
-    if status == 200 and err is None and body_err is None:
-        usage = body.usage.counts() if body is not None and body.usage is not None else None
+    if is_ok(out):
+        usage = _usage_counts(body.usage) if body is not None else None
         return ParsedOutput(out.custom_id, True, status, None, None, False, usage, raw)
-    if isinstance(body_err, str):
-        body_err = _Err(message=body_err)
-    e = err or body_err
+    e = _error(out.error) or (_error(body.error) if body is not None else None)
     code = None if e is None or e.code is None else str(e.code)
     if code is None and e is not None and e.type:
         code = e.type
@@ -168,8 +196,7 @@ def _legacy_vllm(custom_id: str, raw: bytes, resp: _Response) -> ParsedOutput:
     line = loads(raw)
     body = line["response"]
     normalized = success_line(custom_id, body, request_id=body.get("id"), line_id=line.get("id"))
-    usage = resp.usage.counts() if resp.usage is not None else None
-    return ParsedOutput(custom_id, True, 200, None, None, False, usage, normalized)
+    return ParsedOutput(custom_id, True, 200, None, None, False, _usage_counts(resp.usage), normalized)
 
 
 def _line_id(custom_id: str, prefix: str) -> str:

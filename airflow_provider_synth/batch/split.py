@@ -131,7 +131,7 @@ class _ShardWriter:
         cur.est_tokens += tokens
         cur.last_line, cur.last_custom_id = lineno, cid
 
-    def write_block(self, start: int, lines: list[bytes], ids: list[str]) -> None:
+    def write_block(self, start: int, lines: list[bytes], ids: list[str], joined: bytes) -> None:
         """Write a block of checked chat lines (no embedding inputs, no token limit), a shard's worth at a
         time."""
         lim, i, n = self.limits, 0, len(lines)
@@ -149,7 +149,7 @@ class _ShardWriter:
                 if grown > lim.max_bytes:
                     break
                 size, j = grown, j + 1
-            self.fp.write(b"\n".join(lines[i:j]))
+            self.fp.write(joined if i == 0 and j == n else b"\n".join(lines[i:j]))
             self.fp.write(b"\n")
             cur.requests += j - i
             cur.bytes = size
@@ -194,13 +194,13 @@ def split_requests(
     fast = not estimate
     try:
         for start, block in src.blocks():
-            decoded = checker.check_block(start, block) if fast else None
-            if decoded is not None and max(map(len, block)) < limits.max_bytes:
+            checked_block = checker.check_block(start, block) if fast else None
+            if checked_block is not None and max(map(len, block)) < limits.max_bytes:
+                ids, buf = checked_block
                 result.total += len(block)
-                for raw in block:
-                    digest.update(raw)
-                    digest.update(b"\n")
-                writer.write_block(start, block, [line.custom_id for line in decoded])
+                digest.update(buf)
+                digest.update(b"\n")
+                writer.write_block(start, block, ids, buf)
                 continue
             for offset, raw in enumerate(block):
                 raw = raw.rstrip(b"\r")
