@@ -21,10 +21,10 @@ from airflow_provider_synth.batch.jsonl import dumps, iter_blocks, iter_jsonl, o
 from airflow_provider_synth.batch.results import (
     ParsedOutput,
     _out_decoder,
+    bulk_success,
     classify,
     decode_output_block,
     is_ok,
-    success_raw_and_usage,
 )
 from airflow_provider_synth.batch.usage import Usage
 
@@ -180,20 +180,16 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
     """Merge one shard into the open results and failures files, in the shard's input order."""
     acct = acct if acct is not None else Accounting()
     best, attempts = _index_outputs(shard.outputs, acct)
-    pop, add_counts = best.pop, acct.usage.add_counts
-    done: list[bytes] = []  # written a block at a time: one write per many lines
-    succeeded = total = 0
-    for cid in _request_ids(shard.requests):
-        total += 1
-        entry = pop(cid, None)
-        if entry is not None and is_ok(entry[0]):
-            raw, counts = success_raw_and_usage(*entry)
-            done.append(raw)
-            add_counts(counts)
-            succeeded += 1
-            if len(done) >= 10_000:
-                results_fp.write(b"\n".join(done) + b"\n")
-                done.clear()
+    ids = list(_request_ids(shard.requests))
+    pop = best.pop
+    entries = [pop(cid, None) for cid in ids]
+    ok = [entry is not None and is_ok(entry[0]) for entry in entries]
+    raws, counts = bulk_success([entry for entry, good in zip(entries, ok, strict=True) if good])  # type: ignore[misc]
+    acct.usage.add_many(counts, len(raws))
+    for k in range(0, len(raws), 10_000):  # one write per many lines
+        results_fp.write(b"\n".join(raws[k:k + 10_000]) + b"\n")
+    for cid, entry, good in zip(ids, entries, ok, strict=True):
+        if good:
             continue
         parsed = classify(*entry) if entry is not None else None
         if parsed is None:
@@ -206,11 +202,9 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
         acct.retryable += bool(row["retryable"])
         failures_fp.write(dumps(row) + b"\n")
         acct.failures_written += 1
-    if done:
-        results_fp.write(b"\n".join(done) + b"\n")
-    acct.total += total
-    acct.succeeded += succeeded
-    acct.results_written += succeeded
+    acct.total += len(ids)
+    acct.succeeded += len(raws)
+    acct.results_written += len(raws)
     for cid in best:  # answers for ids this shard never asked: report, never hide
         acct.unknown += 1
         if len(acct.unknown_examples) < MAX_EXAMPLES:

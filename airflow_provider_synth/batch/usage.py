@@ -57,6 +57,17 @@ class Usage:
             self.reasoning_tokens += counts[3]
             self.total_tokens += counts[4]
 
+    def add_many(self, counts: list[tuple[int, int, int, int, int]], requests: int) -> None:
+        """Add the counts of many responses (``requests`` of them; some may have reported no usage)."""
+        self.requests += requests
+        if counts:
+            prompt, cached, completion, reasoning, total = (sum(column) for column in zip(*counts, strict=True))
+            self.prompt_tokens += prompt
+            self.cached_tokens += cached
+            self.completion_tokens += completion
+            self.reasoning_tokens += reasoning
+            self.total_tokens += total
+
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
