@@ -216,7 +216,7 @@ class OpenAIBatchOperator(BaseOperator):
         run = BatchRun(self.hook, plan, as_path)
         run.discover()
         if run.batches:
-            self.log.info("re-attached to %d batch(es) of an earlier try: %s", len(run.batches), run.statuses())
+            self.log.info("found %d batch(es) of this run (key %s): %s", len(run.batches), plan.key, run.statuses())
         self._run = run
         return run
 
