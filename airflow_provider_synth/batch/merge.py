@@ -25,6 +25,8 @@ from airflow_provider_synth.batch.results import (
     classify,
     decode_output_block,
     is_ok,
+    parse_output_line,
+    success_raw_and_usage,
 )
 from airflow_provider_synth.batch.usage import Usage
 
@@ -109,45 +111,84 @@ def request_custom_id(raw: bytes) -> str:
     return _id_decoder.decode(raw).custom_id
 
 
-def _iter_decoded(src: Source) -> Iterator[tuple[Any, bytes]]:
-    """(decoded output line, raw line) for every line of an output or error file, block by block."""
+def _decoded(src: Source) -> list[tuple[Any, bytes]]:
+    """(decoded output line, raw line) for every line of an output or error file, decoded a block at a time."""
+    pairs: list[tuple[Any, bytes]] = []
     with _opened(src) as fp:
         for start, block in iter_blocks(fp, jsonl.BLOCK_BYTES):
             decoded = decode_output_block(block)
             if decoded is not None:
-                yield from zip(decoded, block, strict=True)
+                pairs.extend(zip(decoded, block, strict=True))
                 continue
             for offset, raw in enumerate(block):
                 raw = raw.rstrip(b"\r")
                 if not raw or raw.isspace():
                     continue
                 try:
-                    yield _out_decoder.decode(raw), raw
+                    pairs.append((_out_decoder.decode(raw), raw))
                 except msgspec.DecodeError as exc:
                     raise OutputFormatError(f"{getattr(src, 'name', src)}:{start + offset}: not a batch output "
                                             f"line ({exc}): {raw[:200]!r}") from None
+    return pairs
 
 
-def _index_outputs(outputs: Sequence[Source], acct: Accounting | None
-                   ) -> tuple[dict[str, tuple[Any, bytes]], dict[str, int]]:
-    """custom_id -> (best answer, its raw line) over all rounds, and the attempt count of ids answered more
-    than once. A success is never replaced; a later answer replaces an earlier failure (the retry round's)."""
-    best: dict[str, tuple[Any, bytes]] = {}
-    attempts: dict[str, int] = {}
-    for src in outputs:
-        for entry in _iter_decoded(src):
-            cid = entry[0].custom_id
-            prev = best.setdefault(cid, entry)
-            if prev is entry:
-                continue
-            attempts[cid] = attempts.get(cid, 1) + 1
-            if not is_ok(prev[0]):
-                best[cid] = entry
-            elif is_ok(entry[0]) and acct is not None:
+@dataclass
+class _Answers:
+    """What came back for a shard, over every round: the raw success lines, the latest failures, attempt
+    counts of ids answered more than once, and the usage of the successes."""
+
+    succeeded: dict[str, bytes] = field(default_factory=dict)
+    failed: dict[str, tuple[Any, bytes]] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    usage: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+
+    def add_one(self, out: Any, raw: bytes, acct: Accounting | None) -> None:
+        """One answer: a success is never replaced; a later answer replaces an earlier failure."""
+        cid = out.custom_id
+        seen = cid in self.succeeded or cid in self.failed
+        if seen:
+            self.attempts[cid] = self.attempts.get(cid, 1) + 1
+        if cid in self.succeeded:
+            if is_ok(out) and acct is not None:
                 acct.duplicates += 1
                 if len(acct.duplicate_examples) < MAX_EXAMPLES:
                     acct.duplicate_examples.append(cid)
-    return best, attempts
+            return
+        if is_ok(out):
+            self.failed.pop(cid, None)
+            line, counts = success_raw_and_usage(out, raw)
+            self.succeeded[cid] = line
+            if counts is not None:
+                self.usage.append(counts)
+        else:
+            self.failed[cid] = (out, raw)
+
+    def add_source(self, pairs: list[tuple[Any, bytes]], acct: Accounting | None) -> None:
+        """Every answer of one output or error file. The common case (no id seen twice, no old vLLM line) is
+        handled a column at a time in decode order, which is also memory order."""
+        oks = [is_ok(out) for out, _ in pairs]
+        ids = [out.custom_id for out, _ in pairs]
+        fresh = set(ids)
+        legacy = any(ok and out.response.status_code is None for (out, _), ok in zip(pairs, oks, strict=True))
+        if (legacy or len(fresh) != len(ids) or not fresh.isdisjoint(self.succeeded)
+                or not fresh.isdisjoint(self.failed)):
+            for out, raw in pairs:
+                self.add_one(out, raw, acct)
+            return
+        wins = [pair for pair, ok in zip(pairs, oks, strict=True) if ok]
+        raws, counts = bulk_success(wins)
+        self.succeeded.update(zip([out.custom_id for out, _ in wins], raws, strict=True))
+        self.usage.extend(counts)
+        self.failed.update((out.custom_id, (out, raw)) for (out, raw), ok in zip(pairs, oks, strict=True)
+                           if not ok)
+
+
+def _index_outputs(outputs: Sequence[Source], acct: Accounting | None) -> _Answers:
+    """Every answer for a shard over all rounds (see :class:`_Answers`)."""
+    answers = _Answers()
+    for src in outputs:
+        answers.add_source(_decoded(src), acct)
+    return answers
 
 
 def _request_ids(src: Source) -> Iterator[str]:
@@ -179,18 +220,17 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
                 acct: Accounting | None = None) -> Accounting:
     """Merge one shard into the open results and failures files, in the shard's input order."""
     acct = acct if acct is not None else Accounting()
-    best, attempts = _index_outputs(shard.outputs, acct)
+    answers = _index_outputs(shard.outputs, acct)
     ids = list(_request_ids(shard.requests))
-    pop = best.pop
-    entries = [pop(cid, None) for cid in ids]
-    ok = [entry is not None and is_ok(entry[0]) for entry in entries]
-    raws, counts = bulk_success([entry for entry, good in zip(entries, ok, strict=True) if good])  # type: ignore[misc]
-    acct.usage.add_many(counts, len(raws))
+    pop = answers.succeeded.pop
+    lines = [pop(cid, None) for cid in ids]
+    raws = [line for line in lines if line is not None]
     for k in range(0, len(raws), 10_000):  # one write per many lines
         results_fp.write(b"\n".join(raws[k:k + 10_000]) + b"\n")
-    for cid, entry, good in zip(ids, entries, ok, strict=True):
-        if good:
+    for cid, line in zip(ids, lines, strict=True):
+        if line is not None:
             continue
+        entry = answers.failed.pop(cid, None)
         parsed = classify(*entry) if entry is not None else None
         if parsed is None:
             acct.missing += 1
@@ -198,17 +238,23 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
         else:
             acct.failed += 1
             acct.error_codes[parsed.error_code or "unknown_error"] += 1
-        row = _failure_row(cid, parsed, attempts.get(cid, 1))
+        row = _failure_row(cid, parsed, answers.attempts.get(cid, 1))
         acct.retryable += bool(row["retryable"])
         failures_fp.write(dumps(row) + b"\n")
         acct.failures_written += 1
-    acct.total += len(ids)
-    acct.succeeded += len(raws)
-    acct.results_written += len(raws)
-    for cid in best:  # answers for ids this shard never asked: report, never hide
+    # answers for ids this shard never asked: reported, never hidden, and their usage is not this run's
+    strays = [parse_output_line(line).usage for line in answers.succeeded.values()]
+    usage = Usage()
+    usage.add_many(answers.usage, len(raws))
+    usage.add_many([tuple(-n for n in c) for c in strays if c is not None], 0)  # type: ignore[misc]
+    for cid in [*answers.succeeded, *answers.failed]:
         acct.unknown += 1
         if len(acct.unknown_examples) < MAX_EXAMPLES:
             acct.unknown_examples.append(cid)
+    acct.usage.add(usage)
+    acct.total += len(ids)
+    acct.succeeded += len(raws)
+    acct.results_written += len(raws)
     return acct
 
 
@@ -238,15 +284,16 @@ def pending_requests(requests: Source, outputs: Sequence[Source], out_fp: IO[byt
     :param include_missing: include requests with no answer at all.
     :param keep: an extra predicate on the last failure.
     """
-    best, _ = _index_outputs(outputs, None)
+    answers = _index_outputs(outputs, None)
     written = 0
     with _opened(requests) as fp:
         for _, raw in iter_jsonl(fp):
-            entry = best.get(request_custom_id(raw))
-            if entry is None:
-                wanted = include_missing
-            elif is_ok(entry[0]):
+            cid = request_custom_id(raw)
+            entry = answers.failed.get(cid)
+            if cid in answers.succeeded:
                 wanted = False
+            elif entry is None:
+                wanted = include_missing
             else:
                 out = classify(*entry)
                 wanted = (out.retryable or not retryable_only) and (keep is None or keep(out))

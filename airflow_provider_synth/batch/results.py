@@ -170,8 +170,20 @@ def bulk_success(winners: list[tuple[_Out, bytes]]) -> tuple[list[bytes], list[t
         pairs = [success_raw_and_usage(out, raw) for out, raw in winners]
         return [p[0] for p in pairs], [p[1] for p in pairs if p[1] is not None]
     bodies = [out.response.body for out, _ in winners]  # type: ignore[union-attr]
-    counts = [b.usage.counts() for b in bodies if b is not None and b.usage is not None]
-    return [raw for _, raw in winners], counts
+    return [raw for _, raw in winners], [sum_usage([b.usage for b in bodies if b is not None and b.usage])]
+
+
+def sum_usage(usages: list[_Usage]) -> tuple[int, int, int, int, int]:
+    """(prompt, cached, completion, reasoning, total) over many usage objects, a column at a time."""
+    prompt = sum([u.prompt_tokens or u.input_tokens or 0 for u in usages])
+    completion = sum([u.completion_tokens or u.output_tokens or 0 for u in usages])
+    p_details = [u.prompt_tokens_details or u.input_tokens_details for u in usages]
+    c_details = [u.completion_tokens_details or u.output_tokens_details for u in usages]
+    cached = sum([d.cached_tokens or 0 for d in p_details if d is not None])
+    reasoning = sum([d.reasoning_tokens or 0 for d in c_details if d is not None])
+    total = sum([u.total_tokens if u.total_tokens is not None else (u.prompt_tokens or u.input_tokens or 0)
+                 + (u.completion_tokens or u.output_tokens or 0) for u in usages])
+    return prompt, cached, completion, reasoning, total
 
 
 def classify(out: _Out, raw: bytes) -> ParsedOutput:

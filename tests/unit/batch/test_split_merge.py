@@ -98,6 +98,7 @@ def test_merge_real_world_shapes(sink) -> None:
     assert (acct.total, acct.succeeded, acct.failed, acct.missing) == (8, 5, 2, 1)
     assert acct.duplicates == 1 and acct.unknown == 1 and acct.unknown_examples == ["zz"]
     assert acct.usage.cached_tokens == 4 and acct.usage.reasoning_tokens == 2 and acct.usage.requests == 5
+    assert acct.usage.prompt_tokens == 10 + 3 + 10 + 10 + 10  # the unknown id's usage is not this run's
     assert res.total == 8
 
 
