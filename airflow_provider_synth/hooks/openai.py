@@ -15,12 +15,15 @@ import importlib
 import os
 import ssl
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
+import aiohttp
 import httpx2
+import orjson
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.sdk import BaseHook
 
@@ -76,6 +79,30 @@ def batch_summary(batch: Batch) -> dict[str, Any]:
     }
 
 
+def batch_state(data: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`batch_summary` of a batch's JSON as the API returns it, without building the SDK's ``Batch``.
+
+    :param data: the decoded body of ``GET /batches/{batch_id}``.
+    """
+    counts = data.get("request_counts") or {}
+    errors = [
+        f"{e.get('code') or 'error'}: {e.get('message') or ''}"
+        + (f" (line {e['line']})" if e.get("line") is not None else "")
+        for e in ((data.get("errors") or {}).get("data") or [])
+    ]
+    return {
+        "status": data["status"],
+        "request_counts": {
+            "total": counts.get("total", 0),
+            "completed": counts.get("completed", 0),
+            "failed": counts.get("failed", 0),
+        },
+        "output_file_id": data.get("output_file_id"),
+        "error_file_id": data.get("error_file_id"),
+        "errors": errors[:20],
+    }
+
+
 @functools.cache
 def shared_ssl_context() -> ssl.SSLContext:
     """One TLS context per process, built the way ``httpx2`` builds its default (``SSL_CERT_FILE`` honoured).
@@ -98,11 +125,18 @@ class _LoopPool:
     def __init__(self) -> None:
         # the SDK's aiohttp transport: about half the CPU per request of the httpx2 one under concurrency
         from openai import DefaultAioHttpClient
+        from openai._vendor.httpx_aiohttp import AiohttpTransport
 
         limits = httpx2.Limits(
             max_connections=ASYNC_POOL_MAX_CONNECTIONS, max_keepalive_connections=ASYNC_POOL_MAX_CONNECTIONS
         )
-        self.http_client: httpx2.AsyncClient = DefaultAioHttpClient(verify=shared_ssl_context(), limits=limits)
+        # our own aiohttp session under the SDK's transport, so that polls can also use it directly
+        connector = aiohttp.TCPConnector(
+            limit=ASYNC_POOL_MAX_CONNECTIONS, ssl=shared_ssl_context(), keepalive_timeout=limits.keepalive_expiry
+        )
+        self.session = aiohttp.ClientSession(connector=connector)
+        transport = AiohttpTransport(client=self.session, verify=shared_ssl_context(), limits=limits)
+        self.http_client: httpx2.AsyncClient = DefaultAioHttpClient(transport=transport)
         self.slots = asyncio.Semaphore(ASYNC_POOL_MAX_CONNECTIONS)
         self.clients: dict[str, _SharedClient] = {}
         #: hooks holding a shared client of this pool (stale ones past the TTL included)
@@ -125,6 +159,35 @@ class _SharedClient:
         self.created = time.monotonic()
         self.users = 0
         self.credential: Any = None
+        #: ``(url prefix, headers, timeout)`` of direct polls, or ``None`` where only the SDK knows the auth
+        self.direct: tuple[str, dict[str, str], aiohttp.ClientTimeout] | None = None
+
+
+def _direct_poll(client: Any) -> tuple[str, dict[str, str], aiohttp.ClientTimeout] | None:
+    """How to poll a batch without the SDK's request machinery, for a plain ``AsyncOpenAI`` with a static key.
+
+    Azure clients, API-key providers, workload identity, custom auth or default query parameters return
+    ``None``: their requests need the SDK. The SDK's private attributes are read defensively (an attribute
+    that moved disables the direct path).
+    """
+    from openai import AsyncOpenAI
+
+    absent = object()
+    if type(client) is not AsyncOpenAI or client.default_query or client.custom_auth is not None:
+        return None
+    for name in ("_provider_runtime", "_api_key_provider", "workload_identity"):
+        if getattr(client, name, absent) is not None:
+            return None
+    headers = {k: v for k, v in {**client.default_headers, **client.auth_headers}.items() if isinstance(v, str)}
+    if "Authorization" not in headers:
+        return None
+    timeout = client.timeout
+    if isinstance(timeout, httpx2.Timeout):
+        client_timeout = aiohttp.ClientTimeout(sock_connect=timeout.connect, sock_read=timeout.read,
+                                               connect=timeout.pool)
+    else:
+        client_timeout = aiohttp.ClientTimeout(total=float(timeout) if timeout is not None else None)
+    return str(client.base_url).rstrip("/") + "/batches/", headers, client_timeout
 
 
 _loop_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool] = weakref.WeakKeyDictionary()
@@ -586,6 +649,7 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
                         entry.ready.exception()  # retrieved: waiters re-raise it, nobody else must log it
                     raise
                 entry.credential, self._credential = self._credential, None
+                entry.direct = _direct_poll(client)
                 entry.ready.set_result((client, entry.credential, list(self._secrets), bool(self._is_azure)))
             else:
                 entry.users += 1
@@ -612,6 +676,44 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         client = await self.get_async_client()
         async with self._slots or contextlib.nullcontext():
             return await client.batches.retrieve(batch_id)
+
+    async def aget_batch_state(self, batch_id: str) -> dict[str, Any]:
+        """:func:`batch_summary` of a batch, retrieved with as few allocations as possible (triggers poll often).
+
+        On the loop's shared client of a plain OpenAI connection the poll is one GET on the pooled aiohttp
+        session, parsed by orjson; the SDK's request objects and pydantic ``Batch`` are not built. Those would
+        survive into the oldest GC generation while a thousand polls are in flight and trigger full
+        collections of the triggerer's heap (0.2 to 0.6 s pauses of the whole loop). Any other answer than
+        200 with a batch, or any transport error, is retried once through the SDK (its retries, error types
+        and messages); Azure and custom clients always use the SDK.
+
+        :param batch_id: the batch id.
+        """
+        await self.get_async_client()
+        pool, shared = self._pool, self._shared
+        if pool is not None and shared is not None and shared.direct is not None:
+            state = await self._direct_state(pool, shared.direct, batch_id)
+            if state is not None:
+                return state
+        return batch_summary(await self.aget_batch(batch_id))
+
+    async def _direct_state(
+        self, pool: _LoopPool, direct: tuple[str, dict[str, str], aiohttp.ClientTimeout], batch_id: str
+    ) -> dict[str, Any] | None:
+        """The batch's state from one GET on the pool's aiohttp session; ``None`` for anything unexpected."""
+        prefix, headers, timeout = direct
+        data: Any = None
+        try:
+            async with self._slots or contextlib.nullcontext():
+                url = prefix + urllib.parse.quote(batch_id, safe="")
+                async with pool.session.get(url, headers=headers, timeout=timeout) as response:
+                    if response.status == 200:
+                        data = orjson.loads(await response.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+            return None
+        if isinstance(data, dict) and isinstance(data.get("status"), str):
+            return batch_state(data)
+        return None
 
     async def acancel_batch(self, batch_id: str) -> Batch:
         """Cancel a batch without blocking the loop.

@@ -15,7 +15,6 @@ from airflow_provider_synth.hooks.openai import (
     IN_PROGRESS_STATUSES,
     TERMINAL_STATUSES,
     OpenAIBatchAsyncHook,
-    batch_summary,
 )
 
 #: HTTP statuses worth another poll: the API is busy or briefly broken, the batch is fine.
@@ -120,20 +119,30 @@ class OpenAIBatchTrigger(BaseTrigger):
         return TriggerEvent({"status": status, "message": message, "batches": batches})
 
     async def _poll(self, hook: OpenAIBatchAsyncHook) -> list[tuple[str, BaseException]]:
-        """Retrieve every batch not yet terminal, concurrently; record and log the states that changed."""
+        """Retrieve every batch not yet terminal, concurrently; record and log the states that changed.
+
+        A single batch is awaited directly: ``gather`` would wrap it in a task, a context and a closure per
+        poll, objects that outlive young GC generations while a thousand triggers poll and so bring on full
+        collections of the triggerer's heap. A state is only replaced (and logged) when it changed.
+        """
         pending = [b for b in self.batch_ids if self._states.get(b, {}).get("status") not in TERMINAL_STATUSES]
-        results = await asyncio.gather(*(hook.aget_batch(b) for b in pending), return_exceptions=True)
+        results: list[dict[str, Any] | BaseException]
+        if len(pending) == 1:
+            try:
+                results = [await hook.aget_batch_state(pending[0])]
+            except Exception as error:
+                results = [error]
+        else:
+            results = await asyncio.gather(*(hook.aget_batch_state(b) for b in pending), return_exceptions=True)
         errors: list[tuple[str, BaseException]] = []
         for batch_id, result in zip(pending, results, strict=True):
             if isinstance(result, BaseException):
                 if isinstance(result, asyncio.CancelledError):
                     raise result
                 errors.append((batch_id, result))
-                continue
-            state = batch_summary(result)
-            if state != self._states.get(batch_id):
-                self.log.info("%s", _progress(batch_id, state))
-            self._states[batch_id] = state
+            elif result != self._states.get(batch_id):
+                self.log.info("%s", _progress(batch_id, result))
+                self._states[batch_id] = result
         return errors
 
     def _success_message(self) -> str:

@@ -15,6 +15,7 @@ from airflow_provider_synth.hooks.openai import (
     AzureOpenAIBatchHook,
     OpenAIBatchAsyncHook,
     OpenAIBatchHook,
+    batch_state,
     batch_summary,
 )
 from airflow_provider_synth.testing.mock_transport import FakeBatchAPI
@@ -330,19 +331,26 @@ def test_test_connection_lists_models_and_hides_secret(hook, api, monkeypatch):
 def test_batch_summary_shapes():
     from openai.types import Batch
 
-    batch = Batch.model_validate(
-        {"id": "b1", "object": "batch", "endpoint": "/v1/chat/completions", "input_file_id": "f",
-         "completion_window": "24h", "status": "completed", "created_at": 0,
-         "request_counts": {"total": 3, "completed": 0, "failed": 3},
-         "output_file_id": None, "error_file_id": "file-err",
-         "errors": {"object": "list", "data": [{"code": "invalid_json", "message": "bad", "line": 2}]}}
-    )
+    payload = {"id": "b1", "object": "batch", "endpoint": "/v1/chat/completions", "input_file_id": "f",
+               "completion_window": "24h", "status": "completed", "created_at": 0,
+               "request_counts": {"total": 3, "completed": 0, "failed": 3},
+               "output_file_id": None, "error_file_id": "file-err",
+               "errors": {"object": "list", "data": [{"code": "invalid_json", "message": "bad", "line": 2},
+                                                     {"code": None, "message": None, "line": None}]}}
+    batch = Batch.model_validate(payload)
     assert batch_summary(batch) == {
         "status": "completed",
         "request_counts": {"total": 3, "completed": 0, "failed": 3},
         "output_file_id": None,
         "error_file_id": "file-err",
-        "errors": ["invalid_json: bad (line 2)"],
+        "errors": ["invalid_json: bad (line 2)", "error: "],
+    }
+    # the trigger's direct polls build the same state from the JSON, without the SDK's model
+    assert batch_state(payload) == batch_summary(batch)
+    bare = {**payload, "status": "validating", "request_counts": None, "errors": None, "error_file_id": None}
+    assert batch_state(bare) == batch_summary(Batch.model_validate(bare)) == {
+        "status": "validating", "request_counts": {"total": 0, "completed": 0, "failed": 0},
+        "output_file_id": None, "error_file_id": None, "errors": [],
     }
 
 

@@ -12,6 +12,7 @@ from airflow_provider_synth.hooks.openai import (
     AzureOpenAIBatchHook,
     OpenAIBatchAsyncHook,
     OpenAIBatchHook,
+    batch_summary,
     close_loop_pool,
 )
 from airflow_provider_synth.testing.server import Outcome
@@ -188,3 +189,43 @@ async def test_a_multi_batch_trigger_leaves_no_connection_open(server, openai_co
     event = await anext(OpenAIBatchTrigger(openai_conn, ids, poll_interval=0.05).run())
     assert event.payload["status"] == "success"
     assert asyncio.get_running_loop() not in mod._loop_pools
+
+
+async def test_trigger_polls_skip_the_sdk_on_a_plain_openai_connection(server, openai_conn, tmp_path, monkeypatch):
+    """Polls on the loop's shared client are one GET parsed by orjson (no SDK request, no pydantic ``Batch``)."""
+    server.set_outcome("req-1", Outcome.error(400, message="bad request"))
+    hook = OpenAIBatchHook(openai_conn)
+    batch = hook.create_batch(hook.upload_file(write_requests(tmp_path, 3)).id, "/v1/chat/completions")
+    through_sdk: list[str] = []
+    real = OpenAIBatchAsyncHook.aget_batch
+
+    async def counting(self, batch_id):
+        through_sdk.append(batch_id)
+        return await real(self, batch_id)
+
+    monkeypatch.setattr(OpenAIBatchAsyncHook, "aget_batch", counting)
+    event = await wait(openai_conn, [batch.id])
+    assert event["status"] == "success" and through_sdk == []
+    assert event["batches"][batch.id] == batch_summary(hook.get_batch(batch.id))  # the same state as the SDK's
+    assert event["batches"][batch.id]["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    # two state changes logged above, plus the sync check just made
+    assert server.counters["http_requests"]["GET /v1/batches/{batch_id}"] >= 3
+
+
+async def test_direct_poll_falls_back_to_the_sdk(server, openai_conn, tmp_path):
+    """A failed direct GET is retried through the SDK: its retries, and its error types for the trigger."""
+    server.configure(in_progress_s=30)
+    hook = OpenAIBatchHook(openai_conn)
+    batch = hook.create_batch(hook.upload_file(write_requests(tmp_path, 2)).id, "/v1/chat/completions")
+    server.add_fault("GET /v1/batches/*", status=503, retry_after=0, times=2)  # direct GET + the SDK's 1st try
+    async with OpenAIBatchAsyncHook(openai_conn) as async_hook:
+        assert (await async_hook.aget_batch_state(batch.id))["status"] in ("validating", "in_progress")
+        assert server.counters["faults_injected"] == 2
+        with pytest.raises(openai.NotFoundError):
+            await async_hook.aget_batch_state("batch_does_not_exist")
+
+
+async def test_azure_polls_go_through_the_sdk(server, azure_conns, tmp_path):
+    async with OpenAIBatchAsyncHook("az_key") as async_hook:
+        await async_hook.get_async_client()
+        assert async_hook._shared is not None and async_hook._shared.direct is None
