@@ -111,25 +111,29 @@ def request_custom_id(raw: bytes) -> str:
     return _id_decoder.decode(raw).custom_id
 
 
-def _decoded(src: Source) -> list[tuple[Any, bytes]]:
-    """(decoded output line, raw line) for every line of an output or error file, decoded a block at a time."""
-    pairs: list[tuple[Any, bytes]] = []
+def _decoded(src: Source) -> tuple[list[Any], list[bytes]]:
+    """The decoded output lines of an output or error file and, in parallel, the raw lines (two lists, no
+    per-line tuple: millions of small allocations are what slows a merge down)."""
+    outs: list[Any] = []
+    raws: list[bytes] = []
     with _opened(src) as fp:
         for start, block in iter_blocks(fp, jsonl.BLOCK_BYTES):
             decoded = decode_output_block(block)
             if decoded is not None:
-                pairs.extend(zip(decoded, block, strict=True))
+                outs.extend(decoded)
+                raws.extend(block)
                 continue
             for offset, raw in enumerate(block):
                 raw = raw.rstrip(b"\r")
                 if not raw or raw.isspace():
                     continue
                 try:
-                    pairs.append((_out_decoder.decode(raw), raw))
+                    outs.append(_out_decoder.decode(raw))
                 except msgspec.DecodeError as exc:
                     raise OutputFormatError(f"{getattr(src, 'name', src)}:{start + offset}: not a batch output "
                                             f"line ({exc}): {raw[:200]!r}") from None
-    return pairs
+                raws.append(raw)
+    return outs, raws
 
 
 @dataclass
@@ -163,31 +167,33 @@ class _Answers:
         else:
             self.failed[cid] = (out, raw)
 
-    def add_source(self, pairs: list[tuple[Any, bytes]], acct: Accounting | None) -> None:
+    def add_source(self, outs: list[Any], raws: list[bytes], acct: Accounting | None) -> None:
         """Every answer of one output or error file. The common case (no id seen twice, no old vLLM line) is
         handled a column at a time in decode order, which is also memory order."""
-        oks = [is_ok(out) for out, _ in pairs]
-        ids = [out.custom_id for out, _ in pairs]
+        oks = [is_ok(out) for out in outs]
+        ids = [out.custom_id for out in outs]
         fresh = set(ids)
-        legacy = any(ok and out.response.status_code is None for (out, _), ok in zip(pairs, oks, strict=True))
+        legacy = any(ok and out.response.status_code is None for out, ok in zip(outs, oks, strict=True))
         if (legacy or len(fresh) != len(ids) or not fresh.isdisjoint(self.succeeded)
                 or not fresh.isdisjoint(self.failed)):
-            for out, raw in pairs:
+            for out, raw in zip(outs, raws, strict=True):
                 self.add_one(out, raw, acct)
             return
-        wins = [pair for pair, ok in zip(pairs, oks, strict=True) if ok]
-        raws, counts = bulk_success(wins)
-        self.succeeded.update(zip([out.custom_id for out, _ in wins], raws, strict=True))
+        if not all(oks):
+            self.failed.update((out.custom_id, (out, raw)) for out, raw, ok in zip(outs, raws, oks, strict=True)
+                               if not ok)
+            outs = [out for out, ok in zip(outs, oks, strict=True) if ok]
+            raws = [raw for raw, ok in zip(raws, oks, strict=True) if ok]
+        won_raws, counts = bulk_success(outs, raws)
+        self.succeeded.update(zip([out.custom_id for out in outs], won_raws, strict=True))
         self.usage.extend(counts)
-        self.failed.update((out.custom_id, (out, raw)) for (out, raw), ok in zip(pairs, oks, strict=True)
-                           if not ok)
 
 
 def _index_outputs(outputs: Sequence[Source], acct: Accounting | None) -> _Answers:
     """Every answer for a shard over all rounds (see :class:`_Answers`)."""
     answers = _Answers()
     for src in outputs:
-        answers.add_source(_decoded(src), acct)
+        answers.add_source(*_decoded(src), acct)
     return answers
 
 

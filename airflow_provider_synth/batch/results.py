@@ -164,13 +164,13 @@ def success_raw_and_usage(out: _Out, raw: bytes) -> tuple[bytes, tuple[int, int,
     return raw, (_usage_counts(resp.body.usage) if resp.body is not None else None)
 
 
-def bulk_success(winners: list[tuple[_Out, bytes]]) -> tuple[list[bytes], list[tuple[int, int, int, int, int]]]:
+def bulk_success(outs: list[_Out], raws: list[bytes]) -> tuple[list[bytes], list[tuple[int, int, int, int, int]]]:
     """Lines to write and usage counts of many successes (lines :func:`is_ok` accepted)."""
-    if any(out.response is None or out.response.status_code is None for out, _ in winners):  # legacy lines
-        pairs = [success_raw_and_usage(out, raw) for out, raw in winners]
+    if any(out.response is None or out.response.status_code is None for out in outs):  # old vLLM lines
+        pairs = [success_raw_and_usage(out, raw) for out, raw in zip(outs, raws, strict=True)]
         return [p[0] for p in pairs], [p[1] for p in pairs if p[1] is not None]
-    bodies = [out.response.body for out, _ in winners]  # type: ignore[union-attr]
-    return [raw for _, raw in winners], [sum_usage([b.usage for b in bodies if b is not None and b.usage])]
+    bodies = [out.response.body for out in outs]  # type: ignore[union-attr]
+    return raws, [sum_usage([b.usage for b in bodies if b is not None and b.usage])]
 
 
 def sum_usage(usages: list[_Usage]) -> tuple[int, int, int, int, int]:
