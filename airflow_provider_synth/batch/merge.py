@@ -168,14 +168,12 @@ class _Answers:
             self.failed[cid] = (out, raw)
 
     def add_source(self, outs: list[Any], raws: list[bytes], acct: Accounting | None) -> None:
-        """Every answer of one output or error file. The common case (no id seen twice, no old vLLM line) is
-        handled a column at a time in decode order, which is also memory order."""
+        """Every answer of one output or error file. The common case (no id seen twice) is handled a column
+        at a time in decode order, which is also memory order."""
         oks = [is_ok(out) for out in outs]
         ids = [out.custom_id for out in outs]
         fresh = set(ids)
-        legacy = any(ok and out.response.status_code is None for out, ok in zip(outs, oks, strict=True))
-        if (legacy or len(fresh) != len(ids) or not fresh.isdisjoint(self.succeeded)
-                or not fresh.isdisjoint(self.failed)):
+        if len(fresh) != len(ids) or not fresh.isdisjoint(self.succeeded) or not fresh.isdisjoint(self.failed):
             for out, raw in zip(outs, raws, strict=True):
                 self.add_one(out, raw, acct)
             return
@@ -197,8 +195,9 @@ def _index_outputs(outputs: Sequence[Source], acct: Accounting | None) -> _Answe
     return answers
 
 
-def _request_ids(src: Source) -> Iterator[str]:
-    """The custom_ids of a request file, in order, block by block."""
+def _request_ids(src: Source) -> list[str]:
+    """The custom_ids of a request file, in order, decoded a block at a time."""
+    ids: list[str] = []
     with _opened(src) as fp:
         for _, block in iter_blocks(fp, jsonl.BLOCK_BYTES):
             try:
@@ -206,12 +205,13 @@ def _request_ids(src: Source) -> Iterator[str]:
             except msgspec.DecodeError:
                 decoded = None
             if decoded is not None and len(decoded) == len(block):
-                yield from (d.custom_id for d in decoded)
+                ids.extend([d.custom_id for d in decoded])
                 continue
             for raw in block:
                 raw = raw.rstrip(b"\r")
                 if raw and not raw.isspace():
-                    yield request_custom_id(raw)
+                    ids.append(request_custom_id(raw))
+    return ids
 
 
 def _failure_row(cid: str, out: ParsedOutput | None, attempts: int) -> dict[str, Any]:
@@ -227,7 +227,7 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
     """Merge one shard into the open results and failures files, in the shard's input order."""
     acct = acct if acct is not None else Accounting()
     answers = _index_outputs(shard.outputs, acct)
-    ids = list(_request_ids(shard.requests))
+    ids = _request_ids(shard.requests)
     pop = answers.succeeded.pop
     lines = [pop(cid, None) for cid in ids]
     raws = [line for line in lines if line is not None]
