@@ -367,10 +367,10 @@ class BatchRunner:
 
     def _fail(self, batch: BatchRecord, problems: list[dict[str, Any]]) -> None:
         batch.api["errors"] = {"object": "list", "data": problems}
+        self.counters.inc("batches_failed")  # before the status: see _finish
         batch.set_status("failed", "failed_at")
         self.store.save_batch(batch)
         self.store.release_input(batch)
-        self.counters.inc("batches_failed")
 
     async def _validate(self, batch: BatchRecord) -> bool:
         cfg = self.config()
@@ -389,6 +389,8 @@ class BatchRunner:
             batch.api["request_counts"]["total"] = check.total
             batch.api["model"] = check.model
             batch.tokens = check.tokens
+        if batch.status == "cancelling":  # cancelled while the input was being checked (an await above)
+            return True
         over = self._over_token_limit(batch, cfg.enqueued_token_limit)
         if over:
             self._fail(batch, [{"code": "token_limit_exceeded", "message": over, "line": None}])
@@ -497,10 +499,11 @@ class BatchRunner:
                 self.counters.inc("output_files_created")
             batch.api[key] = record.id if record is not None else None
         batch.api["usage"] = batch.usage_api()
+        # count first: whoever sees the final status (a test's wait_idle) must see the counter too
+        self.counters.inc(f"batches_{final}")
         batch.set_status(final, stamp)
         self.store.save_batch(batch)
         self.store.release_input(batch)
-        self.counters.inc(f"batches_{final}")
 
 
 async def _append_inline(path: Path, lines: list[bytes]) -> int:
