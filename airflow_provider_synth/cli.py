@@ -130,10 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     run_help = "a run's manifest.json, or the output folder holding it (path or URL)"
+
+    def _target_args(sub: argparse.ArgumentParser, run_help: str) -> None:
+        """A run (manifest or folder) or batch ids: what status and cancel act on."""
+        sub.add_argument("run", nargs="?", metavar="MANIFEST", help=run_help)
+        sub.add_argument("--batch-id", action="append", default=[], metavar="ID", help="a batch id (repeatable)")
+
     status = command("status", "counts and progress per batch, and totals",
                      "Show each batch's status and request counts, and the totals, of a run or of batch ids.")
-    status.add_argument("run", nargs="?", metavar="MANIFEST", help=run_help)
-    status.add_argument("--batch-id", action="append", default=[], metavar="ID", help="a batch id (repeatable)")
+    _target_args(status, run_help)
 
     download = command("download", "land a run's results in its output folder and merge them",
                        "Download every finished batch of a run (all shards and retry rounds) and merge them "
@@ -150,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = command("cancel", "cancel a run's (or these) batches that are still running",
                      "Ask the API to cancel every batch still running; finished ones are left alone. Cancelled "
                      "batches keep the answers they finished (collect them with download).")
-    cancel.add_argument("run", nargs="?", metavar="MANIFEST", help=run_help)
-    cancel.add_argument("--batch-id", action="append", default=[], metavar="ID", help="a batch id (repeatable)")
+    _target_args(cancel, run_help)
 
     cleanup = command("cleanup", "delete files this provider left on the account, older than N days",
                       "Delete the inputs this provider uploaded (synth-<key>-s<shard>-r<round>.jsonl) and the "
