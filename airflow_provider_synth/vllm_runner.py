@@ -485,7 +485,22 @@ def run(cfg: RunnerConfig, processor_factory: Callable[[RunnerConfig, str], Proc
     emit("done", total=total, done=answered + tally.done, failed=tally.failed,
          prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
          elapsed_s=round(time.monotonic() - started, 2))
+    shutdown_engine(processor.llm)
     return 0
+
+
+def shutdown_engine(llm: Any, timeout: float = 10.0) -> None:
+    """Stop vLLM's engine-core processes while this process is still whole. Left to the interpreter's exit,
+    vLLM's teardown can abort the process (SIGABRT, "terminate called without an active exception") after every
+    answer is already on disk; :func:`main`'s caller then leaves with ``os._exit``, skipping that teardown."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    stop = getattr(client, "shutdown", None)
+    if stop is None:
+        return
+    try:
+        stop(timeout=timeout)
+    except Exception as exc:  # the answers are written: a failed teardown must not fail the run
+        emit("warning", message=f"the engine did not shut down cleanly: {type(exc).__name__}: {exc}")
 
 
 def exit_with_parent(interval: float = 2.0) -> None:
@@ -524,5 +539,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
 
 
+def _exit(code: int) -> None:
+    """Leave without the interpreter's teardown (see :func:`shutdown_engine`): output is fsynced per chunk and
+    the event stream is flushed here, so nothing is lost by skipping it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # vLLM starts engine processes with spawn: this guard is required
-    sys.exit(main())
+    _exit(main())

@@ -212,8 +212,14 @@ class VLLMBatchOperator(BaseOperator):
             # execution_timeout or any error here: never leave an engine holding the GPU
             if self._proc.poll() is None:
                 _kill_group(self._proc)
+            else:
+                _kill_leftovers(self._proc)
             self._proc = None
-        if rc != 0:
+        if rc != 0 and relay.finished and relay.error is None:
+            # every answer was fsynced before "done"; the merge below still checks that each request has one
+            self.log.warning("The vLLM engine exited with code %d after finishing its work; its output is kept",
+                             rc)
+        elif rc != 0:
             raise VLLMEngineError(relay.failure_message(rc))
 
     def _runner_env(self, scratch: Path) -> dict[str, str]:
@@ -276,6 +282,15 @@ def _kill_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         pass
 
 
+def _kill_leftovers(proc: subprocess.Popen[bytes]) -> None:
+    """After the runner exits, stop whatever of its process group is left (an engine-core child orphaned by a
+    crash would hold the GPU)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class _Relay:
     """Relays the engine's output to the task log: progress events as one readable line each, vLLM's own
     log lines at debug level; keeps the last lines to explain a failure."""
@@ -284,6 +299,7 @@ class _Relay:
         self.log = log
         self.tail: deque[str] = deque(maxlen=keep)
         self.error: dict[str, Any] | None = None
+        self.finished = False
 
     def line(self, raw: bytes) -> None:
         if raw.startswith(EVENT_PREFIX):
@@ -308,7 +324,10 @@ class _Relay:
         elif kind == "error":
             self.error = event
             self.log.error("vLLM engine: %s", event.get("message"))
+        elif kind == "warning":
+            self.log.warning("vLLM engine: %s", event.get("message"))
         else:
+            self.finished = self.finished or kind == "done"
             self.log.info("vLLM %s: %s", kind, event)
 
     def failure_message(self, rc: int) -> str:

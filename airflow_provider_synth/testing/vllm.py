@@ -7,7 +7,8 @@ executable that runs ``python -m airflow_provider_synth.testing.vllm "$@"`` (see
 The fake engine: a prompt token is a whitespace-separated word; the answer is ``"echo: <last user words>"``
 cut to ``max_tokens`` words; a message containing ``RAISE`` makes the engine refuse the whole call (as vLLM
 does for an over-long prompt); ``DIE`` kills the engine. ``SYNTH_FAKE_VLLM_DELAY`` (seconds) slows each call;
-``SYNTH_FAKE_VLLM_DIE_AFTER`` (a count) kills the engine after that many calls.
+``SYNTH_FAKE_VLLM_DIE_AFTER`` (a count) kills the engine after that many calls;
+``SYNTH_FAKE_VLLM_ABORT_AT_EXIT=1`` aborts the process (SIGABRT) after the run, as vLLM's teardown sometimes does.
 """
 
 from __future__ import annotations
@@ -184,7 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = args[2:]
     cfg = vllm_runner.RunnerConfig.from_file(args[args.index("--config") + 1])
     vllm_runner.exit_with_parent(interval=0.2)
-    return vllm_runner.run(cfg, fake_processor)
+    code = vllm_runner.run(cfg, fake_processor)
+    if os.environ.get("SYNTH_FAKE_VLLM_ABORT_AT_EXIT") == "1":
+        sys.stdout.flush()
+        os.abort()
+    return code
 
 
 if __name__ == "__main__":

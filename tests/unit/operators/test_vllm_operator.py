@@ -140,6 +140,23 @@ def test_retry_resumes_from_the_saved_answers(requests_file, tmp_path, fake_pyth
     assert sorted(ids) == [f"r{i:03d}" for i in range(60)]
 
 
+def test_a_crash_after_the_engine_finished_keeps_its_answers(requests_file, tmp_path, fake_python, context,
+                                                             monkeypatch, capsys) -> None:
+    # vLLM's teardown can abort the process after every answer is on disk: that is not a failed run
+    monkeypatch.setenv("SYNTH_FAKE_VLLM_ABORT_AT_EXIT", "1")
+    manifest = operator(str(requests_file), str(tmp_path / "out"), fake_python).execute(context)
+    assert (manifest["succeeded"], manifest["failed"]) == (59, 1)
+    assert "exited with code -6 after finishing its work" in capsys.readouterr().out
+
+
+def test_a_crash_before_the_engine_finished_fails_the_task(requests_file, tmp_path, fake_python, context,
+                                                           monkeypatch) -> None:
+    monkeypatch.setenv("SYNTH_FAKE_VLLM_ABORT_AT_EXIT", "1")
+    monkeypatch.setenv("SYNTH_FAKE_VLLM_DIE_AFTER", "2")
+    with pytest.raises(VLLMEngineError, match="engine, exit code -6"):
+        operator(str(requests_file), str(tmp_path / "out"), fake_python).execute(context)
+
+
 def test_saved_answers_for_another_input_are_discarded(requests_file, tmp_path, fake_python, context) -> None:
     out = tmp_path / "out"
     operator(str(requests_file), str(out), fake_python).execute(context)

@@ -251,3 +251,33 @@ def test_runner_stops_when_its_parent_dies(tmp_path: Path) -> None:
         os.killpg(runner_pid, signal.SIGKILL)
         pytest.fail("the runner outlived its parent")
     assert 0 < len(output_ids(tmp_path / "out.jsonl")) < 100
+
+
+class TestShutdown:
+    class Client:
+        def __init__(self, fail: bool = False) -> None:
+            self.fail = fail
+            self.calls: list[float | None] = []
+
+        def shutdown(self, timeout: float | None = None) -> None:
+            self.calls.append(timeout)
+            if self.fail:
+                raise RuntimeError("teardown broke")
+
+    def llm(self, client: object) -> object:
+        from types import SimpleNamespace
+        return SimpleNamespace(llm_engine=SimpleNamespace(engine_core=client))
+
+    def test_stops_the_engine_core(self) -> None:
+        client = self.Client()
+        vllm_runner.shutdown_engine(self.llm(client), timeout=3)
+        assert client.calls == [3]
+
+    def test_a_failed_teardown_is_a_warning_event(self, capsys) -> None:
+        vllm_runner.shutdown_engine(self.llm(self.Client(fail=True)))
+        event = json.loads(capsys.readouterr().out)
+        assert event[vllm_runner.EVENT_KEY] == "warning" and "teardown broke" in event["message"]
+
+    def test_an_engine_without_a_client_is_left_alone(self) -> None:
+        vllm_runner.shutdown_engine(FakeLLM())
+
