@@ -75,13 +75,12 @@ def join_path(base: Any, name: str) -> Any:
 
 
 #: Bytes per block when a whole block of lines is decoded at once.
-BLOCK_BYTES = 4 << 20
+BLOCK_BYTES = 1 << 20
 
 
-def iter_blocks(fp: IO[bytes], block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, list[bytes]]]:
-    """Yield ``(first_line_number, lines)`` for blocks of whole lines (newlines removed, blank lines kept so
-    numbering stays exact). Decoding a block at once moves the per-line work out of Python."""
-    lineno = 1
+def iter_block_bytes(fp: IO[bytes], block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
+    """Yield blocks of whole lines, each without its last newline: a block can be decoded at once (msgspec's
+    ``decode_lines``) without splitting and re-joining it."""
     carry = b""
     while True:
         chunk = fp.read(block_bytes)
@@ -93,8 +92,16 @@ def iter_blocks(fp: IO[bytes], block_bytes: int = BLOCK_BYTES) -> Iterator[tuple
             carry = data
             continue
         carry = data[cut + 1:]
-        lines = data[:cut].split(b"\n")
+        yield data[:cut]
+    if carry:
+        yield carry
+
+
+def iter_blocks(fp: IO[bytes], block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield ``(first_line_number, lines)`` for blocks of whole lines (newlines removed, blank lines kept so
+    numbering stays exact). Decoding a block at once moves the per-line work out of Python."""
+    lineno = 1
+    for block in iter_block_bytes(fp, block_bytes):
+        lines = block.split(b"\n")
         yield lineno, lines
         lineno += len(lines)
-    if carry:
-        yield lineno, [carry]

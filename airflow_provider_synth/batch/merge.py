@@ -11,19 +11,20 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import attrgetter, is_, not_
 from typing import IO, Any
 
 import msgspec
 
 from airflow_provider_synth.batch import jsonl
 from airflow_provider_synth.batch.errors import AccountingError, OutputFormatError
-from airflow_provider_synth.batch.jsonl import dumps, iter_blocks, iter_jsonl, open_path
+from airflow_provider_synth.batch.jsonl import dumps, iter_block_bytes, iter_jsonl, open_path
 from airflow_provider_synth.batch.results import (
     ParsedOutput,
     _out_decoder,
     bulk_success,
     classify,
-    decode_output_block,
     is_ok,
     parse_output_line,
     success_raw_and_usage,
@@ -41,6 +42,7 @@ class _Id(msgspec.Struct, gc=False):
 
 
 _id_decoder = msgspec.json.Decoder(_Id)
+_get_id = attrgetter("custom_id")
 
 
 @contextmanager
@@ -116,14 +118,21 @@ def _decoded(src: Source) -> tuple[list[Any], list[bytes]]:
     per-line tuple: millions of small allocations are what slows a merge down)."""
     outs: list[Any] = []
     raws: list[bytes] = []
+    start = 1
     with _opened(src) as fp:
-        for start, block in iter_blocks(fp, jsonl.BLOCK_BYTES):
-            decoded = decode_output_block(block)
-            if decoded is not None:
+        for data in iter_block_bytes(fp, jsonl.BLOCK_BYTES):
+            lines = data.split(b"\n")
+            try:
+                decoded: list[Any] | None = _out_decoder.decode_lines(data)
+            except msgspec.DecodeError:
+                decoded = None
+            # a blank line, or two objects on one line, breaks the pairing: go line by line
+            if decoded is not None and len(decoded) == len(lines) and b"\r" not in data:
                 outs.extend(decoded)
-                raws.extend(block)
+                raws.extend(lines)
+                start += len(lines)
                 continue
-            for offset, raw in enumerate(block):
+            for offset, raw in enumerate(lines):
                 raw = raw.rstrip(b"\r")
                 if not raw or raw.isspace():
                     continue
@@ -133,6 +142,7 @@ def _decoded(src: Source) -> tuple[list[Any], list[bytes]]:
                     raise OutputFormatError(f"{getattr(src, 'name', src)}:{start + offset}: not a batch output "
                                             f"line ({exc}): {raw[:200]!r}") from None
                 raws.append(raw)
+            start += len(lines)
     return outs, raws
 
 
@@ -170,20 +180,20 @@ class _Answers:
     def add_source(self, outs: list[Any], raws: list[bytes], acct: Accounting | None) -> None:
         """Every answer of one output or error file. The common case (no id seen twice) is handled a column
         at a time in decode order, which is also memory order."""
-        oks = [is_ok(out) for out in outs]
-        ids = [out.custom_id for out in outs]
+        oks = list(map(is_ok, outs))
+        ids = list(map(_get_id, outs))
         fresh = set(ids)
         if len(fresh) != len(ids) or not fresh.isdisjoint(self.succeeded) or not fresh.isdisjoint(self.failed):
             for out, raw in zip(outs, raws, strict=True):
                 self.add_one(out, raw, acct)
             return
         if not all(oks):
-            self.failed.update((out.custom_id, (out, raw)) for out, raw, ok in zip(outs, raws, oks, strict=True)
-                               if not ok)
-            outs = [out for out, ok in zip(outs, oks, strict=True) if ok]
-            raws = [raw for raw, ok in zip(raws, oks, strict=True) if ok]
+            bad = list(map(not_, oks))
+            self.failed.update(zip(compress(ids, bad), zip(compress(outs, bad), compress(raws, bad), strict=True),
+                                   strict=True))
+            outs, raws, ids = list(compress(outs, oks)), list(compress(raws, oks)), list(compress(ids, oks))
         won_raws, counts = bulk_success(outs, raws)
-        self.succeeded.update(zip([out.custom_id for out in outs], won_raws, strict=True))
+        self.succeeded.update(zip(ids, won_raws, strict=True))
         self.usage.extend(counts)
 
 
@@ -196,21 +206,17 @@ def _index_outputs(outputs: Sequence[Source], acct: Accounting | None) -> _Answe
 
 
 def _request_ids(src: Source) -> list[str]:
-    """The custom_ids of a request file, in order, decoded a block at a time."""
+    """The custom_ids of a request file, in order, decoded a block at a time (blank lines skipped)."""
     ids: list[str] = []
     with _opened(src) as fp:
-        for _, block in iter_blocks(fp, jsonl.BLOCK_BYTES):
+        for data in iter_block_bytes(fp, jsonl.BLOCK_BYTES):
             try:
-                decoded = _id_decoder.decode_lines(b"\n".join(block))
+                ids.extend(map(_get_id, _id_decoder.decode_lines(data)))
             except msgspec.DecodeError:
-                decoded = None
-            if decoded is not None and len(decoded) == len(block):
-                ids.extend([d.custom_id for d in decoded])
-                continue
-            for raw in block:
-                raw = raw.rstrip(b"\r")
-                if raw and not raw.isspace():
-                    ids.append(request_custom_id(raw))
+                for raw in data.split(b"\n"):
+                    raw = raw.rstrip(b"\r")
+                    if raw and not raw.isspace():
+                        ids.append(request_custom_id(raw))
     return ids
 
 
@@ -228,14 +234,13 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
     acct = acct if acct is not None else Accounting()
     answers = _index_outputs(shard.outputs, acct)
     ids = _request_ids(shard.requests)
-    pop = answers.succeeded.pop
-    lines = [pop(cid, None) for cid in ids]
-    raws = [line for line in lines if line is not None]
-    for k in range(0, len(raws), 10_000):  # one write per many lines
-        results_fp.write(b"\n".join(raws[k:k + 10_000]) + b"\n")
-    for cid, line in zip(ids, lines, strict=True):
-        if line is not None:
-            continue
+    # per-request work stays in C (map/filter/compress): this loop runs once per request of the whole run
+    lines = list(map(answers.succeeded.pop, ids, repeat(None)))
+    raws = list(filter(None, lines))  # success lines are never empty
+    for k in range(0, len(raws), 200):  # one write per many lines (~100 KB: reused memory, not fresh pages)
+        results_fp.write(b"\n".join(raws[k:k + 200]) + b"\n")
+    unanswered = compress(ids, map(is_, lines, repeat(None))) if len(raws) < len(ids) else ()
+    for cid in unanswered:
         entry = answers.failed.pop(cid, None)
         parsed = classify(*entry) if entry is not None else None
         if parsed is None:

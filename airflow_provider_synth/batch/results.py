@@ -9,6 +9,8 @@ An output line is ``{"id", "custom_id", "response": {"status_code", "request_id"
 from __future__ import annotations
 
 import hashlib
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Any, NamedTuple
 
 import msgspec
@@ -33,9 +35,14 @@ def is_retryable(status_code: int | None, code: str | None) -> bool:
 
 
 class _Err(msgspec.Struct, gc=False):
-    code: str | int | None = None
-    message: str | None = None
-    type: str | None = None
+    code: Any = None
+    message: Any = None
+    type: Any = None
+
+
+#: An ``error`` as services write it: an object, a bare message, or (rarely) any other JSON value. Decoded with
+#: the line: on a success it is ``null`` (``None``), cheaper to decode than to keep raw.
+_ErrValue = _Err | str | int | float | bool | list[Any] | None
 
 
 class _Details(msgspec.Struct, gc=False):
@@ -66,12 +73,8 @@ class _Usage(msgspec.Struct, gc=False):
         return prompt, cached, completion, reasoning, total
 
 
-_NULL = msgspec.Raw(b"null")
-
-
 class _BodyErr(msgspec.Struct, gc=False):
-    # the error stays raw: decoded only for the failed lines
-    error: msgspec.Raw = _NULL
+    error: _ErrValue = None
     usage: _Usage | None = None
 
 
@@ -87,22 +90,20 @@ class _Response(msgspec.Struct, gc=False):
 class _Out(msgspec.Struct, gc=False):
     custom_id: str
     response: _Response | None = None
-    error: msgspec.Raw = _NULL
+    error: _ErrValue = None
 
 
 _out_decoder = msgspec.json.Decoder(_Out)
-_err_decoder = msgspec.json.Decoder(_Err | str | None)
 
 
 def _usage_counts(usage: _Usage | None) -> tuple[int, int, int, int, int] | None:
     return usage.counts() if usage is not None else None
 
 
-def _error(raw: msgspec.Raw) -> _Err | None:
-    if raw == _NULL:
-        return None
-    err = _err_decoder.decode(raw)
-    return _Err(message=err) if isinstance(err, str) else err
+def _error(value: Any) -> _Err | None:
+    if value is None or isinstance(value, _Err):
+        return value
+    return _Err(message=value if isinstance(value, str) else dumps(value).decode())
 
 
 class ParsedOutput(NamedTuple):
@@ -147,11 +148,11 @@ def decode_output_block(lines: list[bytes]) -> list[_Out] | None:
 def is_ok(out: _Out) -> bool:
     """Whether a decoded output line is a success (cheap: no classification)."""
     resp = out.response
-    if resp is None or out.error != _NULL:
+    if resp is None or out.error is not None:
         return False
     if resp.status_code is None:
         return resp.object is not None
-    return resp.status_code == 200 and (resp.body is None or resp.body.error == _NULL)
+    return resp.status_code == 200 and (resp.body is None or resp.body.error is None)
 
 
 def success_raw_and_usage(out: _Out, raw: bytes) -> tuple[bytes, tuple[int, int, int, int, int] | None]:
@@ -164,26 +165,40 @@ def success_raw_and_usage(out: _Out, raw: bytes) -> tuple[bytes, tuple[int, int,
     return raw, (_usage_counts(resp.body.usage) if resp.body is not None else None)
 
 
+_get_response = attrgetter("response")
+_get_status = attrgetter("status_code")
+_get_body = attrgetter("body")
+_get_usage = attrgetter("usage")
+
+
 def bulk_success(outs: list[_Out], raws: list[bytes]) -> tuple[list[bytes], list[tuple[int, int, int, int, int]]]:
     """Lines to write and usage counts of many successes (lines :func:`is_ok` accepted)."""
-    if any(out.response is None or out.response.status_code is None for out in outs):  # old vLLM lines
+    resps = list(map(_get_response, outs))
+    if any(map(is_, resps, repeat(None))) or any(map(is_, map(_get_status, resps), repeat(None))):  # old vLLM
         pairs = [success_raw_and_usage(out, raw) for out, raw in zip(outs, raws, strict=True)]
         return [p[0] for p in pairs], [p[1] for p in pairs if p[1] is not None]
-    bodies = [out.response.body for out in outs]  # type: ignore[union-attr]
-    return raws, [sum_usage([b.usage for b in bodies if b is not None and b.usage])]
+    return raws, [sum_usage(list(filter(None, map(_get_usage, filter(None, map(_get_body, resps))))))]
+
+
+_COLUMNS = [attrgetter(name) for name in ("prompt_tokens", "completion_tokens", "total_tokens")]
+_PROMPT_DETAILS = attrgetter("prompt_tokens_details")
+_COMPLETION_DETAILS = attrgetter("completion_tokens_details")
+_CACHED = attrgetter("cached_tokens")
+_REASONING = attrgetter("reasoning_tokens")
 
 
 def sum_usage(usages: list[_Usage]) -> tuple[int, int, int, int, int]:
     """(prompt, cached, completion, reasoning, total) over many usage objects, a column at a time."""
-    prompt = sum([u.prompt_tokens or u.input_tokens or 0 for u in usages])
-    completion = sum([u.completion_tokens or u.output_tokens or 0 for u in usages])
-    p_details = [u.prompt_tokens_details or u.input_tokens_details for u in usages]
-    c_details = [u.completion_tokens_details or u.output_tokens_details for u in usages]
-    cached = sum([d.cached_tokens or 0 for d in p_details if d is not None])
-    reasoning = sum([d.reasoning_tokens or 0 for d in c_details if d is not None])
-    total = sum([u.total_tokens if u.total_tokens is not None else (u.prompt_tokens or u.input_tokens or 0)
-                 + (u.completion_tokens or u.output_tokens or 0) for u in usages])
-    return prompt, cached, completion, reasoning, total
+    try:  # Chat Completions' shape, every count present: summed without a Python loop
+        prompt, completion, total = (sum(map(column, usages)) for column in _COLUMNS)
+        cached = sum(map(_CACHED, filter(None, map(_PROMPT_DETAILS, usages))))
+        reasoning = sum(map(_REASONING, filter(None, map(_COMPLETION_DETAILS, usages))))
+        return prompt, cached, completion, reasoning, total
+    except TypeError:  # a missing count (None), or the Responses API's input_/output_tokens
+        pass
+    counts = [u.counts() for u in usages]
+    return (sum([c[0] for c in counts]), sum([c[1] for c in counts]), sum([c[2] for c in counts]),
+            sum([c[3] for c in counts]), sum([c[4] for c in counts]))
 
 
 def classify(out: _Out, raw: bytes) -> ParsedOutput:
@@ -199,10 +214,12 @@ def classify(out: _Out, raw: bytes) -> ParsedOutput:
     e = _error(out.error) or (_error(body.error) if body is not None else None)
     code = None if e is None or e.code is None else str(e.code)
     if code is None and e is not None and e.type:
-        code = e.type
+        code = str(e.type)
     if code is None:
         code = f"http_{status}" if status is not None else "unknown_error"
     message = (e.message if e is not None else None) or f"request failed with status {status}"
+    if not isinstance(message, str):
+        message = dumps(message).decode()
     return ParsedOutput(out.custom_id, False, status, code, message, is_retryable(status, code), None, raw)
 
 

@@ -77,6 +77,20 @@ def test_error_lines_with_integer_codes_and_both_shapes() -> None:
     assert p.error_message == "a plain string error" and not p.retryable
 
 
+def test_error_values_of_any_json_shape_are_failures_with_a_message() -> None:
+    odd = [(42, "42"), (["a", "b"], '["a","b"]'), ({"code": None, "type": 7, "message": {"why": "x"}}, '{"why":"x"}'),
+           ({}, "request failed with status 400"), (False, "false")]
+    for i, (error, message) in enumerate(odd):
+        p = parse_output_line(orjson.dumps({"custom_id": f"o{i}", "response": {"status_code": 400, "body": {
+            "error": error}}, "error": None}))
+        assert (p.ok, p.error_message) == (False, message), error
+        p = parse_output_line(orjson.dumps({"custom_id": f"t{i}", "response": None, "error": error}))
+        assert p.ok is False and p.error_code is not None
+    p = parse_output_line(orjson.dumps({"custom_id": "ty", "response": {"status_code": 400, "body": {
+        "error": {"type": 7}}}, "error": None}))
+    assert p.error_code == "7"
+
+
 def test_usage_and_cost() -> None:
     u = Usage()
     u.add_usage({"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500,
