@@ -226,3 +226,55 @@ def test_merge_reports_a_bad_output_line_with_file_and_line(sink) -> None:
     out = success_line("m1", body("m1")) + b"\n\n{oops\n"
     with pytest.raises(OutputFormatError, match=r":3: not a batch output line"):
         merge_shards([ShardOutputs(sink.opener(0), [lambda: io.BytesIO(out)])], io.BytesIO(), io.BytesIO())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 60), block=st.integers(40, 3000), blanks=st.lists(st.integers(0, 59), max_size=3),
+       crlf=st.booleans(), seed=st.integers(0, 1000))
+def test_property_merge_in_blocks_matches_line_by_line(sink, monkeypatch, n, block, blanks, crlf, seed) -> None:
+    """Merging files read in blocks of any size (blank lines, CRLF, shuffled answers, failures, missing and
+    Responses-API usage mixed in) gives exactly what one whole-file block gives."""
+    from airflow_provider_synth.batch import jsonl
+
+    rng = random.Random(seed)
+    split_requests([chat(f"p{i}") for i in range(n)], sink.open)
+    answers = []
+    for i in range(n):
+        r = rng.random()
+        if r < 0.1:
+            continue
+        if r < 0.25:
+            answers.append(error_line(f"p{i}", "server_error", "boom", status_code=500))
+        elif r < 0.35:
+            answers.append(success_line(f"p{i}", {"object": "response", "usage": {"input_tokens": 3,
+                                                                                   "output_tokens": 2}}))
+        else:
+            answers.append(success_line(f"p{i}", body(f"p{i}", prompt=i, completion=1, cached=i % 3)))
+    rng.shuffle(answers)
+    for b in blanks:
+        answers.insert(min(b, len(answers)), b"")
+    nl = b"\r\n" if crlf else b"\n"
+    out = nl.join(answers) + nl
+    requests = nl.join(sink.data[0].splitlines()) + nl
+
+    def merged() -> tuple[bytes, bytes, dict]:
+        results, failures = io.BytesIO(), io.BytesIO()
+        acct = merge_shards([ShardOutputs(lambda: io.BytesIO(requests), [lambda: io.BytesIO(out)])],
+                            results, failures)
+        return results.getvalue(), failures.getvalue(), acct.as_dict()
+
+    want = merged()
+    monkeypatch.setattr(jsonl, "BLOCK_BYTES", block)
+    assert merged() == want
+    assert [orjson.loads(x)["custom_id"] for x in want[0].splitlines()] == sorted(
+        {orjson.loads(a)["custom_id"] for a in answers if a and b'"status_code":200' in a},
+        key=lambda c: int(c[1:]))
+
+
+def test_merge_refuses_two_objects_on_one_output_line(sink) -> None:
+    from airflow_provider_synth.batch import OutputFormatError
+
+    split_requests([chat("t1"), chat("t2")], sink.open)
+    out = success_line("t1", body("t1")) + b" " + success_line("t2", body("t2")) + b"\n"
+    with pytest.raises(OutputFormatError, match=r":1: not a batch output line"):
+        merge_shards([ShardOutputs(sink.opener(0), [lambda: io.BytesIO(out)])], io.BytesIO(), io.BytesIO())
