@@ -272,7 +272,7 @@ def _int(value: Any) -> int | None:
 
 
 def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from airflow_provider_synth.hooks.openai import TERMINAL_STATUSES
+    from airflow_provider_synth.statuses import TERMINAL_STATUSES
 
     statuses: dict[str, int] = {}
     counts = {"total": 0, "completed": 0, "failed": 0}
@@ -386,7 +386,7 @@ def _download_text(m: dict[str, Any]) -> list[str]:
 
 
 def cmd_cancel(args: argparse.Namespace, out: Output) -> int:
-    from airflow_provider_synth.hooks.openai import TERMINAL_STATUSES
+    from airflow_provider_synth.statuses import TERMINAL_STATUSES
 
     target = resolve_target(args)
     hook = _hook(target.conn_id)

@@ -35,11 +35,6 @@ if TYPE_CHECKING:
     from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
     from openai.types import Batch, FileDeleted, FileObject
 
-#: Statuses after which a batch never changes again.
-TERMINAL_STATUSES = frozenset({"completed", "expired", "failed", "cancelled"})
-#: Statuses of a batch still running; ``cancelling`` is one of them (it still finalizes partial output).
-IN_PROGRESS_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
-
 CompletionWindow = Literal["24h"]
 BatchEndpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"]
 

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from airflow_provider_synth.exceptions import SynthError
-from airflow_provider_synth.hooks.openai import TERMINAL_STATUSES, OpenAIBatchHook
+from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.operators.openai_run import CREATED_BY, CREATED_BY_META, UPLOAD_PREFIX
+from airflow_provider_synth.statuses import TERMINAL_STATUSES
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

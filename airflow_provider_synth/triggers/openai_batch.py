@@ -3,19 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_synth.hooks.openai import (
-    IN_PROGRESS_STATUSES,
-    TERMINAL_STATUSES,
-    OpenAIBatchAsyncHook,
-)
+from airflow_provider_synth.statuses import IN_PROGRESS_STATUSES, TERMINAL_STATUSES
+
+if TYPE_CHECKING:
+    from airflow_provider_synth.hooks.openai import OpenAIBatchAsyncHook
+
+# The triggerer imports a trigger's class path inside its event loop. This module therefore imports neither
+# ``openai`` nor the hooks (about a second of import, more on a busy machine, for every trigger of the
+# process to wait out): :meth:`OpenAIBatchTrigger.run` imports them in a thread.
+_HOOKS_MODULE = "airflow_provider_synth.hooks.openai"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OpenAIBatchAsyncHook":  # the hook class, imported on first use (tests replace it here)
+        return importlib.import_module(_HOOKS_MODULE).OpenAIBatchAsyncHook
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_warm = False
+
+
+async def _import_hooks() -> None:
+    """Import the hooks and the OpenAI SDK (which the hooks import lazily) and build the process's TLS context
+    off the event loop, once per process."""
+    global _warm
+    if not _warm:
+        await asyncio.to_thread(_import_modules)
+        _warm = True
+
+
+def _import_modules() -> None:
+    importlib.import_module("openai")
+    importlib.import_module(_HOOKS_MODULE).shared_ssl_context()
+
 
 #: HTTP statuses worth another poll: the API is busy or briefly broken, the batch is fine.
 _TRANSIENT_HTTP = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -30,6 +58,8 @@ def _now() -> float:
 
 def is_transient(error: BaseException) -> bool:
     """Whether a polling error may go away by itself (network, timeout, 429, 5xx)."""
+    import openai
+
     if isinstance(error, openai.APIConnectionError):  # includes APITimeoutError
         return True
     return isinstance(error, openai.APIStatusError) and error.status_code in _TRANSIENT_HTTP
@@ -107,7 +137,9 @@ class OpenAIBatchTrigger(BaseTrigger):
         )
 
     def _hook(self) -> OpenAIBatchAsyncHook:
-        return OpenAIBatchAsyncHook(self.conn_id)
+        hook_class = globals().get("OpenAIBatchAsyncHook") or __getattr__("OpenAIBatchAsyncHook")
+        hook: OpenAIBatchAsyncHook = hook_class(self.conn_id)
+        return hook
 
     def _event(self, status: str, message: str) -> TriggerEvent:
         batches = {
@@ -190,6 +222,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         """Poll until every batch is terminal, the deadline passes, or polling fails; yield one event."""
         self._consecutive_errors = 0
         await asyncio.sleep(random.uniform(0, self.start_spread * min(self.poll_interval, 1.0)))
+        await _import_hooks()
         hook = self._hook()
         try:
             event = await self._wait(hook)
@@ -220,6 +253,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         running = [b for b in self.batch_ids if self._states.get(b, {}).get("status") not in TERMINAL_STATUSES]
         if not running:
             return
+        await _import_hooks()
         async with self._hook() as hook:
             try:
                 results = await asyncio.wait_for(

@@ -347,3 +347,34 @@ async def test_polls_are_jittered(api, monkeypatch):
     first, rest = sleeps[0], sleeps[1:]
     assert 0 <= first <= 0.5  # start spread: half of min(poll_interval, 1 s)
     assert len(rest) == 50 and all(9.0 <= d <= 11.0 for d in rest) and len(set(rest)) > 40
+
+
+def test_the_triggerer_imports_the_trigger_without_the_sdk_and_run_imports_it_off_the_loop() -> None:
+    """The triggerer imports a trigger's class path inside its event loop: the module must not pull in the
+    OpenAI SDK (a second or more of import); ``run`` imports it in a worker thread instead."""
+    import subprocess
+    import sys
+
+    script = """
+import asyncio, importlib, sys, threading
+import airflow.triggers.base
+import airflow_provider_synth.triggers.openai_batch as t
+assert "openai" not in sys.modules, "the trigger module imported openai"
+assert "airflow_provider_synth.hooks.openai" not in sys.modules
+threads = []
+real = importlib.import_module
+def spy(name, *a):
+    if name == t._HOOKS_MODULE:
+        threads.append(threading.current_thread() is threading.main_thread())
+    return real(name, *a)
+t.importlib.import_module = spy
+asyncio.run(t._import_hooks())
+assert "openai" in sys.modules and threads == [False], threads
+import airflow_provider_synth.hooks.openai as hooks
+assert hooks.shared_ssl_context.cache_info().currsize == 1  # the TLS context is built there too
+asyncio.run(t._import_hooks())  # done once per process
+assert threads == [False], threads
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
