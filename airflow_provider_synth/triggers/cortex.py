@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_synth.batch.cortex import StatementStatus
-from airflow_provider_synth.hooks.cortex import CortexAsyncHook
+if TYPE_CHECKING:
+    from airflow_provider_synth.batch.cortex import StatementStatus
+    from airflow_provider_synth.hooks.cortex import CortexAsyncHook
+
+# The triggerer imports a trigger's class path inside its event loop: the hook (the snowflake provider, the
+# batch core) is imported in a thread by run() and on_kill() instead.
+_HOOKS_MODULE = "airflow_provider_synth.hooks.cortex"
+
+
+async def _import_hooks() -> None:
+    if _HOOKS_MODULE not in sys.modules:
+        await asyncio.to_thread(importlib.import_module, _HOOKS_MODULE)
 
 #: Seconds ``on_kill`` may spend cancelling statements (Airflow bounds it too; stay well inside that).
 _CANCEL_TIMEOUT_S = 30.0
@@ -83,12 +95,16 @@ class CortexStatementTrigger(BaseTrigger):
         )
 
     def _hook(self) -> CortexAsyncHook:
+        from airflow_provider_synth.hooks.cortex import CortexAsyncHook
+
         return CortexAsyncHook(self.snowflake_conn_id)
 
     def _running(self) -> list[str]:
         return [q for q in self.query_ids if q not in self._states or self._states[q].state == "running"]
 
     def _event(self, status: str, message: str) -> TriggerEvent:
+        from airflow_provider_synth.batch.cortex import StatementStatus
+
         statements = {
             q: (self._states.get(q) or StatementStatus(q, "running", "not polled yet")).as_dict()
             for q in self.query_ids
@@ -135,20 +151,26 @@ class CortexStatementTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll until every statement finished, the deadline passes, or polling fails; yield one event."""
         self._consecutive_errors = 0
+        await _import_hooks()
         async with self._hook() as hook:
-            while True:
-                errors = await self._poll(hook)
-                self._consecutive_errors = self._consecutive_errors + 1 if errors else 0
-                for query_id, error in errors:
-                    self.log.warning("Polling statement %s failed: %s: %s", query_id, type(error).__name__, error)
-                event = self._verdict(errors)
-                if event is not None:
-                    yield event
-                    return
-                delay = self.poll_interval
-                if self.end_time is not None:
-                    delay = max(0.0, min(delay, self.end_time - _now()))
-                await asyncio.sleep(delay)
+            event = await self._wait(hook)
+        # the session is closed before the event leaves: a runner that stops iterating after the first event
+        # (dag.test() does) never leaves it to a generator finalizer ("Unclosed connector")
+        yield event
+
+    async def _wait(self, hook: CortexAsyncHook) -> TriggerEvent:
+        while True:
+            errors = await self._poll(hook)
+            self._consecutive_errors = self._consecutive_errors + 1 if errors else 0
+            for query_id, error in errors:
+                self.log.warning("Polling statement %s failed: %s: %s", query_id, type(error).__name__, error)
+            event = self._verdict(errors)
+            if event is not None:
+                return event
+            delay = self.poll_interval
+            if self.end_time is not None:
+                delay = max(0.0, min(delay, self.end_time - _now()))
+            await asyncio.sleep(delay)
 
     async def on_kill(self) -> None:
         """Cancel the statements that may still be running, when a user kills the task (Airflow 3.3+)."""
@@ -157,6 +179,7 @@ class CortexStatementTrigger(BaseTrigger):
         running = self._running()
         if not running:
             return
+        await _import_hooks()
         async with self._hook() as hook:
             results = await asyncio.wait_for(
                 asyncio.gather(*(hook.acancel_statement(q) for q in running), return_exceptions=True),

@@ -174,3 +174,22 @@ async def test_blocking_work_runs_off_the_loop_and_no_sync_lookup(api: FakeSqlAp
     (event,) = await _events(CortexStatementTrigger("sf_trig", ["q-a"], poll_interval=0.01))
     assert event["status"] == "success"
     assert threads and loop_thread not in threads
+
+
+def test_the_triggerer_imports_the_trigger_without_the_hook() -> None:
+    """The triggerer imports a trigger's class path inside its event loop: the snowflake provider and the batch
+    core are imported by ``run`` in a worker thread instead."""
+    import subprocess
+    import sys
+
+    script = """
+import asyncio, sys
+import airflow.triggers.base
+import airflow_provider_synth.triggers.cortex as t
+assert t._HOOKS_MODULE not in sys.modules and "airflow_provider_synth.batch" not in sys.modules
+asyncio.run(t._import_hooks())
+assert t._HOOKS_MODULE in sys.modules
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
