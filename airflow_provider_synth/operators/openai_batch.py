@@ -93,6 +93,12 @@ class OpenAIBatchOperator(BaseOperator):
         :class:`OpenAIBatchResultsOperator`).
     :param max_failed_ratio: the largest share of failed requests the task accepts (0 = none).
     :param retry_failed_requests: retry rounds for retryable failures.
+    :param max_active_batches: at most this many of the task's batches in flight at once; the other shards
+        wait for them (in waves). With ``limits=ShardLimits(max_tokens=T)`` it keeps the task's enqueued tokens
+        under ``max_active_batches * T``, inside the model's enqueued-token limit. Default: every shard at once.
+    :param token_limit_resubmits: how many times a batch the service refused because the model's
+        enqueued-token limit was full (``token_limit_exceeded``: nothing processed, nothing billed) is submitted
+        again, each time after the batches running beside it finished. It does not count as a retry round.
     :param max_cost_usd: refuse to submit when the estimated cost is above this.
     :param cancel_on_kill: cancel the running batches when the task is killed or times out.
     :param prices: ``{model: (input, cached_input, output)}`` USD per 1M tokens, over the built-in table.
@@ -121,6 +127,8 @@ class OpenAIBatchOperator(BaseOperator):
         wait_for_completion: bool = True,
         max_failed_ratio: float = 0.0,
         retry_failed_requests: int = 2,
+        max_active_batches: int | None = None,
+        token_limit_resubmits: int = 20,
         max_cost_usd: float | None = None,
         cancel_on_kill: bool = True,
         prices: Mapping[str, Price | tuple[float, float, float]] | None = None,
@@ -133,6 +141,8 @@ class OpenAIBatchOperator(BaseOperator):
             raise ValueError(f"max_failed_ratio must be within [0, 1], got {max_failed_ratio}")
         if retry_failed_requests < 0 or poll_interval <= 0:
             raise ValueError("retry_failed_requests must be >= 0 and poll_interval > 0")
+        if (max_active_batches is not None and max_active_batches < 1) or token_limit_resubmits < 0:
+            raise ValueError("max_active_batches must be >= 1 (or None) and token_limit_resubmits >= 0")
         self.conn_id, self.output_path, self.input_path, self.requests = conn_id, output_path, input_path, requests
         self.model, self.endpoint, self.template = model, endpoint, template or RequestTemplate()
         self.limits = limits or ShardLimits()
@@ -140,6 +150,7 @@ class OpenAIBatchOperator(BaseOperator):
         self.timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
         self.deferrable, self.wait_for_completion = deferrable, wait_for_completion
         self.max_failed_ratio, self.retry_failed_requests = max_failed_ratio, retry_failed_requests
+        self.max_active_batches, self.token_limit_resubmits = max_active_batches, token_limit_resubmits
         self.max_cost_usd, self.cancel_on_kill, self.prices = max_cost_usd, cancel_on_kill, dict(prices or {})
         self._run: BatchRun | None = None
 
@@ -206,7 +217,7 @@ class OpenAIBatchOperator(BaseOperator):
             plan.created_at = existing.created_at  # a retry keeps the first try's clock
         plan.save(plan.work_dir)
         run = self._attach(plan)
-        run.submit(run.next_round(self.retry_failed_requests))
+        run.submit(self._next_round(run), self.max_active_batches)
         self._persist_links(context, run)
         if not self.wait_for_completion:
             return self._manifest(context, run, None, status="submitted")
@@ -220,6 +231,9 @@ class OpenAIBatchOperator(BaseOperator):
         self._run = run
         return run
 
+    def _next_round(self, run: BatchRun) -> list[tuple[int, int]]:
+        return run.next_round(self.retry_failed_requests, self.token_limit_resubmits)
+
     def _end_time(self, run: BatchRun) -> float:
         start = run.first_created_at or time.time()
         return start + self.timeout_s
@@ -227,10 +241,10 @@ class OpenAIBatchOperator(BaseOperator):
     def _wait_or_finish(self, context: Context, run: BatchRun) -> dict[str, Any]:
         while True:
             if not run.running_ids:
-                todo = run.next_round(self.retry_failed_requests)
+                todo = self._next_round(run)
                 if not todo:
                     return self._finish(context, run)
-                run.submit(todo)
+                run.submit(todo, self.max_active_batches)
                 self._persist_links(context, run)
             end_time = self._end_time(run)
             if self.deferrable:

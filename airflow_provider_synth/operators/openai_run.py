@@ -35,6 +35,10 @@ PLAN_FILE = "plan.json"
 #: the batch ids the run created, rewritten after each creation: re-attach does not depend on the service
 #: keeping batch metadata (or on its list endpoint) alone
 BATCHES_FILE = "batches.json"
+#: Per ``shard-round``: how many times a batch refused for the model's enqueued-token limit was submitted again.
+RESUBMITS_FILE = "token_limit_resubmits.json"
+#: The batch-level error code of a batch refused because the model's enqueued-token limit was full.
+TOKEN_LIMIT_CODE = "token_limit_exceeded"
 #: metadata keys on every batch this provider creates (the cleanup operator and the CLI match on them)
 KEY_META, SHARD_META, ROUND_META, CREATED_BY_META = "synth_key", "synth_shard", "synth_round", "created_by"
 CREATED_BY = "airflow-provider-synth"
@@ -126,6 +130,13 @@ class BatchRef:
     def terminal(self) -> bool:
         return self.state.get("status") in TERMINAL_STATUSES
 
+    @property
+    def token_limited(self) -> bool:
+        """Refused at validation because the model's enqueued-token limit was full: it processed nothing, and
+        the same requests can be submitted again once other batches finish."""
+        return self.state.get("status") == "failed" and any(
+            str(e).startswith(TOKEN_LIMIT_CODE) for e in self.state.get("errors") or [])
+
 
 class BatchRun:
     """Submit, re-attach, collect and merge the batches of one run.
@@ -170,7 +181,9 @@ class BatchRun:
             self.batches[ref] = BatchRef(ref[0], ref[1], batch.id, batch_summary(batch), batch.created_at)
         for rec in self._recorded():
             ref = (int(rec["shard"]), int(rec["round"]))
-            if ref not in self.batches:
+            known = self.batches.get(ref)
+            # the record names a later batch than a lagging list shows (a resubmission after a token-limit refusal)
+            if known is None or (known.token_limited and known.batch_id != rec["batch_id"]):
                 batch = self.hook.get_batch(rec["batch_id"])
                 self.batches[ref] = BatchRef(ref[0], ref[1], batch.id, batch_summary(batch), batch.created_at)
 
@@ -224,15 +237,25 @@ class BatchRun:
         prefix = f"{UPLOAD_PREFIX}{self.plan.key}-"
         return {f.filename: f.id for f in self.hook.list_files(purpose="batch") if f.filename.startswith(prefix)}
 
-    def submit(self, todo: Iterable[tuple[int, int]]) -> list[str]:
-        """Upload and create the batches of ``(shard, round)`` pairs not created yet; reuse uploads a
-        crashed try left behind. Returns the new batch ids."""
-        todo = [t for t in todo if t not in self.batches]
+    def submit(self, todo: Iterable[tuple[int, int]], max_active: int | None = None) -> list[str]:
+        """Upload and create the batches of ``(shard, round)`` pairs not created yet (or refused for the
+        enqueued-token limit), at most ``max_active`` of this run running at once; reuse uploads a crashed try
+        left behind. Returns the new batch ids; pairs over the cap wait for a later call."""
+        todo = [t for t in todo if t not in self.batches or self.batches[t].token_limited]
         if not todo:
             return []
         uploads = self._existing_uploads()
-        created = []
+        created: list[str] = []
+        active = len(self.running_ids)
         for shard, rnd in todo:
+            if max_active is not None and active >= max_active:
+                log.info("%d batch(es) running (max_active_batches=%d): %d shard round(s) wait for them",
+                         active, max_active, len(todo) - len(created))
+                break
+            if (shard, rnd) in self.batches:
+                n = self._count_resubmit(shard, rnd)
+                log.info("shard %d round %d: batch %s was refused for the model's enqueued-token limit; "
+                         "submitting it again (%d)", shard, rnd, self.batches[(shard, rnd)].batch_id, n)
             name = self.upload_name(shard, rnd)
             file_id = uploads.get(name) or self.hook.upload_file(self.shard_input(shard, rnd), filename=name).id
             metadata = {KEY_META: self.plan.key, SHARD_META: str(shard), ROUND_META: str(rnd),
@@ -242,6 +265,7 @@ class BatchRun:
             self.batches[(shard, rnd)] = BatchRef(shard, rnd, batch.id, batch_summary(batch), batch.created_at)
             self._record()
             created.append(batch.id)
+            active += 1
             log.info("shard %d round %d: submitted batch %s (%s)", shard, rnd, batch.id, name)
         return created
 
@@ -263,16 +287,29 @@ class BatchRun:
                 files.append(dest)
         return files
 
-    def next_round(self, max_rounds: int) -> list[tuple[int, int]]:
+    def next_round(self, max_rounds: int, token_limit_resubmits: int = 0) -> list[tuple[int, int]]:
         """Write, per shard whose batches are all terminal, the requests a new round should retry; return the
-        ``(shard, round)`` pairs to submit. A shard with no batch at all gets round 0 again."""
+        ``(shard, round)`` pairs to submit. A shard with no batch yet gets round 0; a round refused for the
+        enqueued-token limit is submitted again as it was (up to ``token_limit_resubmits`` times), without
+        counting as a retry round."""
         todo = []
+        resubmits = self._resubmits()
         for shard in range(len(self.plan.shards)):
             last = self.last_round(shard)
             if last < 0:
                 todo.append((shard, 0))
                 continue
-            if not self.batches[(shard, last)].terminal or last >= max_rounds:
+            ref = self.batches[(shard, last)]
+            if not ref.terminal:
+                continue
+            if ref.token_limited:
+                done = resubmits.get(f"{shard}-{last}", 0)
+                if done < token_limit_resubmits:
+                    todo.append((shard, last))
+                    continue
+                log.warning("shard %d round %d: refused for the enqueued-token limit %d time(s); giving up on "
+                            "resubmitting it", shard, last, done + 1)
+            if last >= max_rounds:
                 continue
             base = self.shard_input(shard, 0)
             with open_path(self.shard_input(shard, last + 1), "wb") as out:
@@ -281,6 +318,24 @@ class BatchRun:
                 log.info("shard %d: %d request(s) to retry in round %d", shard, n, last + 1)
                 todo.append((shard, last + 1))
         return todo
+
+    def _resubmits(self) -> dict[str, int]:
+        try:
+            with open_path(self._work(RESUBMITS_FILE), "rb") as fp:
+                data: dict[str, int] = loads(fp.read())
+        except (FileNotFoundError, OSError):
+            return {}
+        return data
+
+    def _count_resubmit(self, shard: int, rnd: int) -> int:
+        import orjson
+
+        counts = self._resubmits()
+        key = f"{shard}-{rnd}"
+        counts[key] = counts.get(key, 0) + 1
+        with open_path(self._work(RESUBMITS_FILE), "wb") as fp:
+            fp.write(orjson.dumps(counts))
+        return counts[key]
 
     def merge(self) -> Accounting:
         """Merge every shard's rounds into results.jsonl and failures.jsonl of the output folder."""

@@ -153,3 +153,59 @@ def test_reattach_without_service_metadata_uses_the_recorded_batch_ids(server, t
         make_op(tmp_path).execute(context(try_number=2))
     assert len(info.value.trigger.serialize()[1]["batch_ids"]) == 3
     assert server.counters["batches_created"] == 3
+
+
+def test_max_active_batches_submits_in_waves(server, tmp_path) -> None:
+    op = make_op(tmp_path, max_active_batches=1)
+    with pytest.raises(TaskDeferred) as info:
+        op.execute(context())
+    assert len(info.value.trigger.serialize()[1]["batch_ids"]) == 1
+    assert server.counters["batches_created"] == 1 and server.counters["files_created"] == 1
+    for wave in (2, 3):
+        server.wait_idle()
+        ids = info.value.trigger.serialize()[1]["batch_ids"]
+        with pytest.raises(TaskDeferred) as info:
+            op.execute_complete(context(), {"status": "success", "message": "", "batches": {b: {} for b in ids}})
+        assert len(info.value.trigger.serialize()[1]["batch_ids"]) == 1
+        assert server.counters["batches_created"] == wave
+    server.wait_idle()
+    ids = info.value.trigger.serialize()[1]["batch_ids"]
+    manifest = op.execute_complete(context(), {"status": "success", "message": "", "batches": {b: {} for b in ids}})
+    assert (manifest["succeeded"], manifest["shards"], len(manifest["batch_ids"])) == (10, 3, 3)
+
+
+def _largest_shard_tokens(n: int, per_shard: int) -> int:
+    from airflow_provider_synth.testing.answers import input_tokens
+
+    tokens = [input_tokens({"messages": [{"role": "user", "content": f"About t{i}"}]}) for i in range(n)]
+    return max(sum(tokens[k:k + per_shard]) for k in range(0, n, per_shard))
+
+
+def test_batches_refused_for_the_enqueued_token_limit_are_submitted_again(server, tmp_path) -> None:
+    """One shard fits the model's enqueued-token limit, two do not: the refused shards go again once the
+    running one finished, with no new upload and no retry round spent; every request lands."""
+    server.configure(enqueued_token_limit=_largest_shard_tokens(10, 4), in_progress_s=0.3)
+    manifest = make_op(tmp_path, deferrable=False, retry_failed_requests=0).execute(context())
+    assert (manifest["succeeded"], manifest["failed"], manifest["missing"]) == (10, 0, 0)
+    assert server.counters["files_created"] == 3  # resubmissions reuse the shard's upload
+    assert server.counters["batches_created"] > 3  # some were refused and went again
+    from airflow_provider_synth.hooks.openai import OpenAIBatchHook
+
+    refused = [b for b in OpenAIBatchHook().list_batches() if b.status == "failed"]
+    assert refused and all(e.code == "token_limit_exceeded" for b in refused for e in b.errors.data)
+    resubmits = json.loads((tmp_path / "_work" / "token_limit_resubmits.json").read_text())
+    assert sum(resubmits.values()) == len(refused)
+
+
+def test_max_active_batches_keeps_inside_the_enqueued_token_limit(server, tmp_path) -> None:
+    server.configure(enqueued_token_limit=_largest_shard_tokens(10, 4), in_progress_s=0.3)
+    manifest = make_op(tmp_path, deferrable=False, max_active_batches=1).execute(context())
+    assert manifest["succeeded"] == 10
+    assert server.counters["batches_created"] == 3  # none refused
+
+
+def test_token_limit_refusals_past_the_resubmit_budget_end_as_failures(server, tmp_path) -> None:
+    server.configure(enqueued_token_limit=_largest_shard_tokens(10, 4), in_progress_s=0.3)
+    with pytest.raises(BatchFailedError, match=r"failed .*missing"):
+        make_op(tmp_path, deferrable=False, retry_failed_requests=0, token_limit_resubmits=0).execute(context())
+    assert server.counters["batches_created"] == 3
