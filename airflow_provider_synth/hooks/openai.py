@@ -29,6 +29,8 @@ from airflow.sdk import BaseHook
 
 from airflow_provider_synth.batch.jsonl import open_path
 from airflow_provider_synth.exceptions import ConnectionConfigError
+from airflow_provider_synth.statuses import IN_PROGRESS_STATUSES as IN_PROGRESS_STATUSES  # re-exported
+from airflow_provider_synth.statuses import TERMINAL_STATUSES as TERMINAL_STATUSES  # re-exported
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
