@@ -136,15 +136,6 @@ def parse_output_line(raw: bytes) -> ParsedOutput:
     return classify(out, raw)
 
 
-def decode_output_block(lines: list[bytes]) -> list[_Out] | None:
-    """Decode a block of output lines at once; ``None`` if any line is bad or blank (decode one by one)."""
-    try:
-        decoded: list[_Out] = _out_decoder.decode_lines(b"\n".join(lines))
-    except msgspec.DecodeError:
-        return None
-    return decoded if len(decoded) == len(lines) else None
-
-
 def is_ok(out: _Out) -> bool:
     """Whether a decoded output line is a success (cheap: no classification)."""
     resp = out.response
