@@ -184,7 +184,7 @@ def _largest_shard_tokens(n: int, per_shard: int) -> int:
 def test_batches_refused_for_the_enqueued_token_limit_are_submitted_again(server, tmp_path) -> None:
     """One shard fits the model's enqueued-token limit, two do not: the refused shards go again once the
     running one finished, with no new upload and no retry round spent; every request lands."""
-    server.configure(enqueued_token_limit=_largest_shard_tokens(10, 4), in_progress_s=0.3)
+    server.configure(enqueued_token_limit=_largest_shard_tokens(10, 4), in_progress_s=1.0)
     manifest = make_op(tmp_path, deferrable=False, retry_failed_requests=0).execute(context())
     assert (manifest["succeeded"], manifest["failed"], manifest["missing"]) == (10, 0, 0)
     assert server.counters["files_created"] == 3  # resubmissions reuse the shard's upload
@@ -198,14 +198,14 @@ def test_batches_refused_for_the_enqueued_token_limit_are_submitted_again(server
 
 
 def test_max_active_batches_keeps_inside_the_enqueued_token_limit(server, tmp_path) -> None:
-    server.configure(enqueued_token_limit=_largest_shard_tokens(10, 4), in_progress_s=0.3)
+    server.configure(enqueued_token_limit=_largest_shard_tokens(10, 4), in_progress_s=1.0)
     manifest = make_op(tmp_path, deferrable=False, max_active_batches=1).execute(context())
     assert manifest["succeeded"] == 10
     assert server.counters["batches_created"] == 3  # none refused
 
 
 def test_token_limit_refusals_past_the_resubmit_budget_end_as_failures(server, tmp_path) -> None:
-    server.configure(enqueued_token_limit=_largest_shard_tokens(10, 4), in_progress_s=0.3)
+    server.configure(enqueued_token_limit=_largest_shard_tokens(10, 4), in_progress_s=1.0)
     with pytest.raises(BatchFailedError, match=r"failed .*missing"):
         make_op(tmp_path, deferrable=False, retry_failed_requests=0, token_limit_resubmits=0).execute(context())
     assert server.counters["batches_created"] == 3
