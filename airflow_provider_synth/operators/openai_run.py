@@ -67,7 +67,8 @@ def run_manifest(run: BatchRun, accounting: Mapping[str, Any] | None, status: st
         output_dir=plan.output_dir, status=status, batch_ids=run.batch_ids, shards=len(plan.shards),
         rounds=max((r for _, r in run.batches), default=0) + 1, idempotency_key=plan.key,
         work_dir=plan.work_dir, conn_id=plan.conn_id, endpoint=plan.endpoint, model=plan.model,
-        est_cost_usd=plan.est_cost_usd, est_input_tokens=plan.est_input_tokens, **fields,
+        est_cost_usd=plan.est_cost_usd, est_input_tokens=plan.est_input_tokens,
+        token_limit_resubmits=sum(run._resubmits().values()), **fields,
     )
 
 
@@ -320,6 +321,7 @@ class BatchRun:
         return todo
 
     def _resubmits(self) -> dict[str, int]:
+        """How many times each ``shard-round`` was submitted again after a token-limit refusal."""
         try:
             with open_path(self._work(RESUBMITS_FILE), "rb") as fp:
                 data: dict[str, int] = loads(fp.read())

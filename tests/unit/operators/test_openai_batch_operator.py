@@ -194,7 +194,7 @@ def test_batches_refused_for_the_enqueued_token_limit_are_submitted_again(server
     refused = [b for b in OpenAIBatchHook().list_batches() if b.status == "failed"]
     assert refused and all(e.code == "token_limit_exceeded" for b in refused for e in b.errors.data)
     resubmits = json.loads((tmp_path / "_work" / "token_limit_resubmits.json").read_text())
-    assert sum(resubmits.values()) == len(refused)
+    assert sum(resubmits.values()) == len(refused) == manifest["token_limit_resubmits"]
 
 
 def test_max_active_batches_keeps_inside_the_enqueued_token_limit(server, tmp_path) -> None:
