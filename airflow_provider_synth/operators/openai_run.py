@@ -68,7 +68,7 @@ def run_manifest(run: BatchRun, accounting: Mapping[str, Any] | None, status: st
         rounds=max((r for _, r in run.batches), default=0) + 1, idempotency_key=plan.key,
         work_dir=plan.work_dir, conn_id=plan.conn_id, endpoint=plan.endpoint, model=plan.model,
         est_cost_usd=plan.est_cost_usd, est_input_tokens=plan.est_input_tokens,
-        token_limit_resubmits=sum(run._resubmits().values()), **fields,
+        token_limit_resubmits=sum(run.resubmit_counts().values()), **fields,
     )
 
 
@@ -294,7 +294,7 @@ class BatchRun:
         enqueued-token limit is submitted again as it was (up to ``token_limit_resubmits`` times), without
         counting as a retry round."""
         todo = []
-        resubmits = self._resubmits()
+        resubmits = self.resubmit_counts()
         for shard in range(len(self.plan.shards)):
             last = self.last_round(shard)
             if last < 0:
@@ -320,7 +320,7 @@ class BatchRun:
                 todo.append((shard, last + 1))
         return todo
 
-    def _resubmits(self) -> dict[str, int]:
+    def resubmit_counts(self) -> dict[str, int]:
         """How many times each ``shard-round`` was submitted again after a token-limit refusal."""
         try:
             with open_path(self._work(RESUBMITS_FILE), "rb") as fp:
@@ -332,7 +332,7 @@ class BatchRun:
     def _count_resubmit(self, shard: int, rnd: int) -> int:
         import orjson
 
-        counts = self._resubmits()
+        counts = self.resubmit_counts()
         key = f"{shard}-{rnd}"
         counts[key] = counts.get(key, 0) + 1
         with open_path(self._work(RESUBMITS_FILE), "wb") as fp:

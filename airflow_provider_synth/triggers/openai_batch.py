@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -137,8 +138,8 @@ class OpenAIBatchTrigger(BaseTrigger):
         )
 
     def _hook(self) -> OpenAIBatchAsyncHook:
-        hook_class = globals().get("OpenAIBatchAsyncHook") or __getattr__("OpenAIBatchAsyncHook")
-        hook: OpenAIBatchAsyncHook = hook_class(self.conn_id)
+        # through the module, so that its __getattr__ (or a test's replacement) supplies the class
+        hook: OpenAIBatchAsyncHook = sys.modules[__name__].OpenAIBatchAsyncHook(self.conn_id)
         return hook
 
     def _event(self, status: str, message: str) -> TriggerEvent:

@@ -11,14 +11,6 @@ KEY = "fedcba9876543210fedcba9876543210"
 CHAT = "/v1/chat/completions"
 
 
-@pytest.fixture
-def openai_conn(batch_server, monkeypatch):
-    conn = json.dumps({"conn_type": "synth_openai", "password": "sk-test-secret-key-0000",
-                       "host": batch_server.base_url})
-    monkeypatch.setenv("AIRFLOW_CONN_SYNTH_OPENAI_DEFAULT", conn)
-    return batch_server
-
-
 def upload(client, name: str):
     line = json.dumps({"custom_id": name, "method": "POST", "url": CHAT,
                        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": name}]}})

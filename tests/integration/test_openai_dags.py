@@ -16,14 +16,6 @@ def load_dag(dag_id: str):
     return bag.get_dag(dag_id)
 
 
-@pytest.fixture
-def openai_conn(batch_server, monkeypatch):
-    conn = json.dumps({"conn_type": "synth_openai", "password": "sk-test-secret-key-0000",
-                       "host": batch_server.base_url})
-    monkeypatch.setenv("AIRFLOW_CONN_SYNTH_OPENAI_DEFAULT", conn)
-    return batch_server
-
-
 def read_ids(path) -> list[str]:
     with open(path, "rb") as fp:
         return [orjson.loads(x)["custom_id"] for x in fp if x.strip()]

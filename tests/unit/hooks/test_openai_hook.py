@@ -414,10 +414,11 @@ async def test_async_hook_closes_entra_credential(monkeypatch, api):
     assert closed == [True]
 
 
-async def test_async_hooks_share_one_client_per_connection_and_loop(openai_conn, monkeypatch):
+def count_lookups(monkeypatch) -> list[str]:
+    """The async connection lookups the hooks make (each takes 10 ms, so concurrent callers overlap)."""
     import airflow_provider_synth.hooks.openai as mod
 
-    lookups = []
+    lookups: list[str] = []
     real_lookup = mod.get_async_connection
 
     async def counting_lookup(conn_id, hook=None):
@@ -426,6 +427,13 @@ async def test_async_hooks_share_one_client_per_connection_and_loop(openai_conn,
         return await real_lookup(conn_id, hook=hook)
 
     monkeypatch.setattr(mod, "get_async_connection", counting_lookup)
+    return lookups
+
+
+async def test_async_hooks_share_one_client_per_connection_and_loop(openai_conn, monkeypatch):
+    import airflow_provider_synth.hooks.openai as mod
+
+    lookups = count_lookups(monkeypatch)
     hooks = [OpenAIBatchAsyncHook(openai_conn) for _ in range(50)]
     try:
         clients = await asyncio.gather(*(h.get_async_client() for h in hooks))
@@ -518,15 +526,7 @@ async def test_concurrent_first_calls_attach_one_client(openai_conn, api, monkey
     """A trigger polls its batches with gather: the hook's first calls race to build the client."""
     import airflow_provider_synth.hooks.openai as mod
 
-    lookups = []
-    real_lookup = mod.get_async_connection
-
-    async def counting_lookup(conn_id, hook=None):
-        lookups.append(conn_id)
-        await asyncio.sleep(0.01)
-        return await real_lookup(conn_id, hook=hook)
-
-    monkeypatch.setattr(mod, "get_async_connection", counting_lookup)
+    lookups = count_lookups(monkeypatch)
     shared = OpenAIBatchAsyncHook(openai_conn)
     clients = await asyncio.gather(*(shared.get_async_client() for _ in range(5)))
     assert len(lookups) == 1 and len({id(c) for c in clients}) == 1

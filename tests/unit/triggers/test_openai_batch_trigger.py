@@ -253,8 +253,8 @@ async def test_bad_connection_is_an_error_event(monkeypatch, api):
     assert events[0]["status"] == "error" and "has no API key" in events[0]["message"]
 
 
-async def test_client_is_released_before_the_event_is_yielded(api, monkeypatch):
-    """dag.test() takes the first event and drops the generator: nothing may be left to a finalizer."""
+def spy_hooks(monkeypatch) -> list:
+    """The hooks the trigger creates, in order."""
     hooks = []
     factory = trigger_module.OpenAIBatchAsyncHook
 
@@ -263,6 +263,12 @@ async def test_client_is_released_before_the_event_is_yielded(api, monkeypatch):
         return hooks[-1]
 
     monkeypatch.setattr(trigger_module, "OpenAIBatchAsyncHook", spy)
+    return hooks
+
+
+async def test_client_is_released_before_the_event_is_yielded(api, monkeypatch):
+    """dag.test() takes the first event and drops the generator: nothing may be left to a finalizer."""
+    hooks = spy_hooks(monkeypatch)
     batch_id = api.add_batch([done()])
     event = await anext(OpenAIBatchTrigger(CONN_ID, [batch_id], poll_interval=0.01).run())
     assert event.payload["status"] == "success"
@@ -270,14 +276,7 @@ async def test_client_is_released_before_the_event_is_yielded(api, monkeypatch):
 
 
 async def test_client_is_closed(api, monkeypatch):
-    hooks = []
-    factory = trigger_module.OpenAIBatchAsyncHook
-
-    def spy(*a, **k):
-        hooks.append(factory(*a, **k))
-        return hooks[-1]
-
-    monkeypatch.setattr(trigger_module, "OpenAIBatchAsyncHook", spy)
+    hooks = spy_hooks(monkeypatch)
     batch_id = api.add_batch([done()])
     await collect(OpenAIBatchTrigger(CONN_ID, [batch_id], poll_interval=0.01))
     assert len(hooks) == 1 and hooks[0]._async_client is None
