@@ -2,7 +2,7 @@
 
 Works from an Airflow connection id (resolved the Airflow way: ``AIRFLOW_CONN_<ID>`` environment variables,
 a secrets backend, or the metadata database) and a run's manifest (its ``manifest.json`` or output folder)
-or batch ids. It reuses the operators' own pieces: :class:`~airflow_provider_synth.operators.openai_run.BatchRun`
+or batch ids. It reuses the operators' own pieces: :class:`~airflow_provider_synth.runs.openai.BatchRun`
 to find, collect and merge a run's batches, and
 :func:`~airflow_provider_synth.operators.cleanup.clean_up_batch_files` to delete old files.
 """
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _as_path(path: Any) -> Any:
-    from airflow_provider_synth.operators.openai_run import as_path
+    from airflow_provider_synth.runs.openai import as_path
 
     return as_path(path)
 
@@ -195,7 +195,7 @@ def _read_manifest(run: str) -> dict[str, Any]:
 
 
 def _load_plan(manifest: dict[str, Any], run: str, required: bool) -> Any:
-    from airflow_provider_synth.operators.openai_run import Plan
+    from airflow_provider_synth.runs.openai import Plan
 
     work_dir = manifest.get("work_dir")
     try:
@@ -235,7 +235,7 @@ def _hook(conn_id: str) -> Any:
 
 def _batch_run(target: Target) -> Any:
     """The run's batches, found by its key (every shard and retry round, whatever the manifest lists)."""
-    from airflow_provider_synth.operators.openai_run import BatchRun
+    from airflow_provider_synth.runs.openai import BatchRun
 
     run = BatchRun(_hook(target.conn_id), target.plan, _as_path)
     run.discover()
@@ -245,7 +245,7 @@ def _batch_run(target: Target) -> Any:
 def _batch_rows(target: Target) -> list[dict[str, Any]]:
     """One row per batch: id, shard, round and its state (``batch_summary``), fresh from the API."""
     from airflow_provider_synth.hooks.openai import batch_summary
-    from airflow_provider_synth.operators.openai_run import ROUND_META, SHARD_META
+    from airflow_provider_synth.runs.openai import ROUND_META, SHARD_META
 
     if target.plan is not None:
         run = _batch_run(target)
@@ -272,7 +272,7 @@ def _int(value: Any) -> int | None:
 
 
 def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from airflow_provider_synth.statuses import TERMINAL_STATUSES
+    from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 
     statuses: dict[str, int] = {}
     counts = {"total": 0, "completed": 0, "failed": 0}
@@ -359,7 +359,7 @@ def cmd_download(args: argparse.Namespace, out: Output) -> int:
     _wait(run, args, out)
     acct = run.merge()
     source = target.manifest or {}
-    from airflow_provider_synth.operators.openai_run import run_manifest
+    from airflow_provider_synth.runs.openai import run_manifest
 
     plan.conn_id = target.conn_id
     manifest = run_manifest(
@@ -386,7 +386,7 @@ def _download_text(m: dict[str, Any]) -> list[str]:
 
 
 def cmd_cancel(args: argparse.Namespace, out: Output) -> int:
-    from airflow_provider_synth.statuses import TERMINAL_STATUSES
+    from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 
     target = resolve_target(args)
     hook = _hook(target.conn_id)

@@ -23,7 +23,7 @@ from airflow.sdk import Connection  # noqa: E402
 
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook  # noqa: E402
 from airflow_provider_synth.operators.cleanup import DELETE_CONCURRENCY, clean_up_batch_files  # noqa: E402
-from airflow_provider_synth.testing.server import BatchServer, ServerConfig  # noqa: E402
+from airflow_provider_synth.server.server import BatchServer, ServerConfig  # noqa: E402
 
 KEY = "ab" * 16
 

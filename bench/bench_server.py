@@ -34,7 +34,7 @@ KEY = "sk-bench"
 
 def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     port_file = tmp / "port"
-    cmd = [sys.executable, "-m", "airflow_provider_synth.testing.server", "--port", "0", "--port-file", str(port_file),
+    cmd = [sys.executable, "-m", "airflow_provider_synth.server", "--port", "0", "--port-file", str(port_file),
            "--poll-delay-s", "0.05", "--validating-s", "0", "--in-progress-s", "0", "--finalizing-s", "0",
            "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd, env={**os.environ, "SYNTH_SERVER_API_KEY": KEY}, stdout=subprocess.DEVNULL)

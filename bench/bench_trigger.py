@@ -40,7 +40,7 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     """Start the local Batch API server in its own process (so it does not share our GIL)."""
     port_file = tmp / "port"
     cmd = [
-        sys.executable, "-m", "airflow_provider_synth.testing.server", "--port", "0", "--port-file", str(port_file),
+        sys.executable, "-m", "airflow_provider_synth.server", "--port", "0", "--port-file", str(port_file),
         "--poll-delay-s", str(POLL_DELAY_S), "--complete-after-first-poll-s", str(COMPLETE_AFTER_S),
         "--validating-s", "0", "--in-progress-s", "3600", "--log-level", "WARNING",
     ]

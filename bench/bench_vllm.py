@@ -86,7 +86,7 @@ def direct(llm: Any, rows: list[dict[str, Any]]) -> tuple[float, int]:
 
 
 def through_runner(llm: Any, src: Path, work: Path, model: str, chunk_size: int) -> tuple[float, int, float]:
-    from airflow_provider_synth import vllm_runner
+    from airflow_provider_synth.runs import vllm_runner
 
     out = work / f"out-{time.monotonic_ns()}.jsonl"
     cfg = vllm_runner.RunnerConfig(input=str(src), output=str(out), model=model, chunk_size=chunk_size)

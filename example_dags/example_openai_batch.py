@@ -4,7 +4,7 @@ The task validates and splits the requests, submits every shard, waits deferred 
 only the requests a retry can fix, and merges everything into ``results.jsonl``, ``failures.jsonl`` and
 ``manifest.json`` under the output folder. Set ``SYNTH_OUTPUT_DIR`` to an object storage URL
 (``s3://bucket/synth``) in production; it defaults to a local folder. The connection ``synth_openai_default``
-holds the API key (or points at ``python -m airflow_provider_synth.testing.server`` for an offline run).
+holds the API key (or points at ``python -m airflow_provider_synth.server`` for an offline run).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The quickstart: a few hundred synthesis requests through the OpenAI Batch API flow, end to end.
 
 ``make quickstart`` runs this DAG with ``airflow dags test`` against the local Batch API server
-(``python -m airflow_provider_synth.testing.server``), so it needs no API key: the answers are the local
+(``python -m airflow_provider_synth.server``), so it needs no API key: the answers are the local
 server's deterministic stand-ins. Point ``synth_openai_default`` at OpenAI and the same DAG runs for real.
 """
 

@@ -44,7 +44,7 @@ def start_server() -> tuple[subprocess.Popen[bytes], int]:
     port_file.unlink(missing_ok=True)
     log = open(HOME / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
-        [sys.executable, "-m", "airflow_provider_synth.testing.server", "--port", "0", "--port-file",
+        [sys.executable, "-m", "airflow_provider_synth.server", "--port", "0", "--port-file",
          str(port_file), "--validating-s", "1", "--in-progress-s", "4", "--finalizing-s", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 30

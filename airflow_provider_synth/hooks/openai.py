@@ -28,9 +28,9 @@ from airflow.providers.common.compat.connection import get_async_connection, get
 from airflow.sdk import BaseHook
 
 from airflow_provider_synth.batch.jsonl import open_path
+from airflow_provider_synth.batch.status import IN_PROGRESS_STATUSES as IN_PROGRESS_STATUSES  # re-exported
+from airflow_provider_synth.batch.status import TERMINAL_STATUSES as TERMINAL_STATUSES  # re-exported
 from airflow_provider_synth.exceptions import ConnectionConfigError
-from airflow_provider_synth.statuses import IN_PROGRESS_STATUSES as IN_PROGRESS_STATUSES  # re-exported
-from airflow_provider_synth.statuses import TERMINAL_STATUSES as TERMINAL_STATUSES  # re-exported
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection

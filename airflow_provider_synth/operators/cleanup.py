@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
+from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 from airflow_provider_synth.exceptions import SynthError
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
-from airflow_provider_synth.operators.openai_run import CREATED_BY, CREATED_BY_META, UPLOAD_PREFIX
-from airflow_provider_synth.statuses import TERMINAL_STATUSES
+from airflow_provider_synth.runs.openai import CREATED_BY, CREATED_BY_META, UPLOAD_PREFIX
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: the name of every file :class:`~airflow_provider_synth.operators.openai_run.BatchRun` uploads
+#: the name of every file :class:`~airflow_provider_synth.runs.openai.BatchRun` uploads
 UPLOAD_NAME = re.compile(rf"^{re.escape(UPLOAD_PREFIX)}[0-9a-f]{{32}}-s\d{{5,}}-r\d+\.jsonl$")
 #: at most this many file ids in a summary (it is a task's XCom); the counts stay exact
 MAX_LISTED_IDS = 1000

@@ -24,7 +24,7 @@ from airflow_provider_synth.exceptions import (
 )
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.links import OpenAIBatchLink
-from airflow_provider_synth.operators.openai_run import BatchRun, Plan, as_path, idempotency_key, run_manifest
+from airflow_provider_synth.runs.openai import BatchRun, Plan, as_path, idempotency_key, run_manifest
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """Offline batch inference with vLLM on the worker's own GPUs, same JSONL in and out as every backend.
 
 vLLM cannot share Airflow's environment, so the engine runs in a subprocess of a separate interpreter
-(``python``), driven by :mod:`airflow_provider_synth.vllm_runner`. Nothing here imports vLLM or torch.
+(``python``), driven by :mod:`airflow_provider_synth.runs.vllm_runner`. Nothing here imports vLLM or torch.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from airflow_provider_synth.batch.merge import ShardOutputs, merge_shards
 from airflow_provider_synth.batch.requests import CHAT, COMPLETIONS, EMBEDDINGS
 from airflow_provider_synth.batch.validate import validate_requests
 from airflow_provider_synth.exceptions import BatchFailedError, VLLMEngineError
-from airflow_provider_synth.operators.vllm_storage import EngineWorkspace, merge_output_folders
+from airflow_provider_synth.runs.vllm_workspace import EngineWorkspace, merge_output_folders
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -194,7 +194,7 @@ class VLLMBatchOperator(BaseOperator):
                   "chunk_size": self.chunk_size}
         config_path = work.scratch / "runner.json"
         config_path.write_bytes(dumps(config))
-        cmd = [python, "-m", "airflow_provider_synth.vllm_runner", "--config", str(config_path)]
+        cmd = [python, "-m", "airflow_provider_synth.runs.vllm_runner", "--config", str(config_path)]
         self.log.info("Starting the vLLM engine: %s (model %s)", " ".join(cmd), self.model)
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       env=self._runner_env(work.scratch), start_new_session=True)

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import conf
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
+from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 from airflow_provider_synth.exceptions import BatchTimeoutError, TriggerEventError
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook, batch_summary
-from airflow_provider_synth.statuses import TERMINAL_STATUSES
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@
 Inject it through the SDK's ``http_client=`` (``OpenAIBatchHook(conn_id, client_options={"http_client": ...})``);
 the same :class:`FakeBatchAPI` serves a sync and an async client, on OpenAI (``/v1/...``) and Azure
 (``/openai/...?api-version=``) routes. Batch statuses follow a script per batch: each retrieve moves one step.
-For end-to-end tests use the real HTTP server in :mod:`airflow_provider_synth.testing.server`.
+For end-to-end tests use the real HTTP server in :mod:`airflow_provider_synth.server.server`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Enable them in a ``conftest.py`` with ``pytest_plugins = ["airflow_provider_synth.testing.pytest_plugin"]``.
 
-* ``batch_server``: a started :class:`~airflow_provider_synth.testing.server.BatchServer` with a fast schedule,
+* ``batch_server``: a started :class:`~airflow_provider_synth.server.server.BatchServer` with a fast schedule,
   stopped after the test.
 * ``batch_server_factory``: ``batch_server_factory(**settings)`` starts one with your settings (all stopped after
   the test).
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_synth.testing.server import BatchServer, ServerConfig
+from airflow_provider_synth.server.server import BatchServer, ServerConfig
 
 #: A schedule that runs a small batch through every status in about a third of a second.
 FAST = {"validating_s": 0.02, "in_progress_s": 0.1, "finalizing_s": 0.02, "cancelling_s": 0.02}

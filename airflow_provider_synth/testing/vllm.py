@@ -1,6 +1,6 @@
 """A stand-in for vLLM's ``LLM`` so that DAGs using :class:`VLLMBatchOperator` run without vLLM or a GPU.
 
-It answers through the real runner (:mod:`airflow_provider_synth.vllm_runner`): resume, chunking, error
+It answers through the real runner (:mod:`airflow_provider_synth.runs.vllm_runner`): resume, chunking, error
 lines and progress events are the real ones; only the engine is fake. Point the operator's ``python`` at an
 executable that runs ``python -m airflow_provider_synth.testing.vllm "$@"`` (see :func:`write_fake_python`).
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_synth import vllm_runner
+from airflow_provider_synth.runs import vllm_runner
 
 
 class EngineDeadError(RuntimeError):
@@ -160,7 +160,7 @@ class FakeLLM:
 
 
 def fake_processor(cfg: vllm_runner.RunnerConfig, url: str, llm: FakeLLM | None = None) -> vllm_runner.Processor:
-    """A runner :class:`~airflow_provider_synth.vllm_runner.Processor` over a :class:`FakeLLM`."""
+    """A runner :class:`~airflow_provider_synth.runs.vllm_runner.Processor` over a :class:`FakeLLM`."""
     if llm is None:
         die_after = os.environ.get("SYNTH_FAKE_VLLM_DIE_AFTER")
         llm = FakeLLM(delay=float(os.environ.get("SYNTH_FAKE_VLLM_DELAY", "0")),
@@ -181,7 +181,7 @@ def write_fake_python(path: str | os.PathLike[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["-m"]:  # called as the vLLM interpreter: drop "-m airflow_provider_synth.vllm_runner"
+    if args[:1] == ["-m"]:  # called as the vLLM interpreter: drop "-m airflow_provider_synth.runs.vllm_runner"
         args = args[2:]
     cfg = vllm_runner.RunnerConfig.from_file(args[args.index("--config") + 1])
     vllm_runner.exit_with_parent(interval=0.2)

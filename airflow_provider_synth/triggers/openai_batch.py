@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_synth.statuses import IN_PROGRESS_STATUSES, TERMINAL_STATUSES
+from airflow_provider_synth.batch.status import IN_PROGRESS_STATUSES, TERMINAL_STATUSES
 
 if TYPE_CHECKING:
     from airflow_provider_synth.hooks.openai import OpenAIBatchAsyncHook

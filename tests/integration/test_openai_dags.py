@@ -59,7 +59,7 @@ def manifest_file(tmp_path) -> dict:
 @pytest.mark.integration
 def test_partial_failure_retried_then_accepted_by_max_failed_ratio(airflow_db, openai_conn, tmp_path,
                                                                    monkeypatch) -> None:
-    from airflow_provider_synth.testing.config import Outcome
+    from airflow_provider_synth.server.config import Outcome
 
     openai_conn.set_outcome("quiz-00001?", Outcome.error(500), times=1)      # 10 ids: fail once, then succeed
     openai_conn.set_outcome("quiz-00002[0-1]", Outcome.error(400, code="invalid_prompt"))  # 2 ids: for good
@@ -78,7 +78,7 @@ def test_partial_failure_retried_then_accepted_by_max_failed_ratio(airflow_db, o
 @pytest.mark.integration
 def test_partial_failure_over_max_failed_ratio_fails_with_counts_and_paths(airflow_db, openai_conn, tmp_path,
                                                                            monkeypatch) -> None:
-    from airflow_provider_synth.testing.config import Outcome
+    from airflow_provider_synth.server.config import Outcome
 
     openai_conn.set_outcome("quiz-00000?", Outcome.error(400, code="invalid_prompt"))
     dr, ti = run_chat_dag(tmp_path, monkeypatch, max_failed_ratio=0.01)
@@ -213,7 +213,7 @@ def test_dashboard_link_persisted(airflow_db, openai_conn, tmp_path, monkeypatch
 
 @pytest.mark.integration
 def test_submit_then_sensor_then_collect(airflow_db, openai_conn, tmp_path, monkeypatch) -> None:
-    from airflow_provider_synth.testing.config import Outcome
+    from airflow_provider_synth.server.config import Outcome
 
     monkeypatch.setenv("SYNTH_OUTPUT_DIR", str(tmp_path))
     openai_conn.set_outcome("SKU-000[0-2]", Outcome.error(503), times=1)

@@ -65,7 +65,7 @@ def read_lines(path) -> list[dict]:
 @pytest.mark.integration
 def test_embeddings_one_vector_per_input_in_input_order(airflow_db, batch_server, monkeypatch, tmp_path) -> None:
     from airflow_provider_synth.batch.extract import extract_embeddings
-    from airflow_provider_synth.testing.answers import embedding_vector
+    from airflow_provider_synth.server.answers import embedding_vector
 
     monkeypatch.setenv("AIRFLOW_CONN_SYNTH_OPENAI_DEFAULT", Connection(
         conn_id="synth_openai_default", conn_type="synth_openai", password="sk-test-embed",

@@ -154,7 +154,7 @@ def start_batch_server(procs: Processes, workdir: Path, api_key: str) -> str:
     port_file = workdir / "server.port"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "SYNTH_"))}
     env["SYNTH_SERVER_API_KEY"] = api_key
-    proc = procs.start("batch-server", [sys.executable, "-m", "airflow_provider_synth.testing.server",
+    proc = procs.start("batch-server", [sys.executable, "-m", "airflow_provider_synth.server",
                                         "--port", "0", "--port-file", str(port_file), "--validating-s", "1",
                                         "--in-progress-s", "12", "--finalizing-s", "1"], env)
     deadline = time.monotonic() + 60

@@ -18,8 +18,8 @@ from airflow_provider_synth.batch.manifest import build_manifest, write_manifest
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
 from airflow_provider_synth.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
-from airflow_provider_synth.operators.openai_run import BatchRun, Plan
-from airflow_provider_synth.testing.server import Outcome
+from airflow_provider_synth.runs.openai import BatchRun, Plan
+from airflow_provider_synth.server.server import Outcome
 
 API_KEY = "sk-cli-SECRET-97531864"
 CONN = "synth_cli"

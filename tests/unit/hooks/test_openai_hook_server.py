@@ -15,7 +15,7 @@ from airflow_provider_synth.hooks.openai import (
     batch_summary,
     close_loop_pool,
 )
-from airflow_provider_synth.testing.server import Outcome
+from airflow_provider_synth.server.server import Outcome
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 API_KEY = "sk-server-SECRET-1357924680"

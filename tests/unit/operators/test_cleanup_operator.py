@@ -16,7 +16,7 @@ from airflow_provider_synth.operators.cleanup import (
     clean_up_batch_files,
     is_our_upload,
 )
-from airflow_provider_synth.operators.openai_run import CREATED_BY, CREATED_BY_META, KEY_META
+from airflow_provider_synth.runs.openai import CREATED_BY, CREATED_BY_META, KEY_META
 
 API_KEY = "sk-cleanup-SECRET-24681357"
 KEY = "0123456789abcdef0123456789abcdef"

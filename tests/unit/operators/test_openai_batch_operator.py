@@ -175,7 +175,7 @@ def test_max_active_batches_submits_in_waves(server, tmp_path) -> None:
 
 
 def _largest_shard_tokens(n: int, per_shard: int) -> int:
-    from airflow_provider_synth.testing.answers import input_tokens
+    from airflow_provider_synth.server.answers import input_tokens
 
     tokens = [input_tokens({"messages": [{"role": "user", "content": f"About t{i}"}]}) for i in range(n)]
     return max(sum(tokens[k:k + per_shard]) for k in range(0, n, per_shard))

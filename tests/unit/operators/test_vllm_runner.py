@@ -12,10 +12,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from airflow_provider_synth import vllm_runner
 from airflow_provider_synth.batch.results import parse_output_line
-from airflow_provider_synth.testing.vllm import FakeLLM, FakePooling, fake_processor
-from airflow_provider_synth.vllm_runner import (
+from airflow_provider_synth.runs import vllm_runner
+from airflow_provider_synth.runs.vllm_runner import (
     EXIT_BAD_CONFIG,
     EXIT_ENGINE,
     EXIT_NO_VLLM,
@@ -26,6 +25,7 @@ from airflow_provider_synth.vllm_runner import (
     run,
     sampling_kwargs,
 )
+from airflow_provider_synth.testing.vllm import FakeLLM, FakePooling, fake_processor
 
 
 def chat(cid: str, text: str, **params: object) -> dict:
@@ -199,7 +199,7 @@ class TestMain:
     def run_main(self, tmp_path: Path, config: dict) -> subprocess.CompletedProcess[str]:
         path = tmp_path / "cfg.json"
         path.write_text(json.dumps(config))
-        return subprocess.run([sys.executable, "-m", "airflow_provider_synth.vllm_runner", "--config", str(path)],
+        return subprocess.run([sys.executable, "-m", "airflow_provider_synth.runs.vllm_runner", "--config", str(path)],
                               capture_output=True, text=True, timeout=120)
 
     def test_interpreter_without_vllm_fails_before_any_request(self, tmp_path: Path, cfg: RunnerConfig) -> None:

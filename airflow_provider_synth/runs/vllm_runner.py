@@ -3,7 +3,7 @@
 It runs in the vLLM interpreter, not in Airflow's (vLLM cannot share Airflow's environment), and imports only
 vLLM, the standard library and this provider's core (``airflow_provider_synth.batch``)::
 
-    python -m airflow_provider_synth.vllm_runner --config run.json
+    python -m airflow_provider_synth.runs.vllm_runner --config run.json
 
 ``run.json`` holds ``input`` and ``output`` (local paths), ``model``, ``llm_kwargs`` (for ``vllm.LLM``),
 ``sampling`` (default sampling parameters, in vLLM's names; each request's body overrides them) and
@@ -520,7 +520,7 @@ def exit_with_parent(interval: float = 2.0) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m airflow_provider_synth.vllm_runner", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m airflow_provider_synth.runs.vllm_runner", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="path of the run's JSON configuration")
     args = parser.parse_args(argv)

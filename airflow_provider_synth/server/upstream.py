@@ -17,9 +17,9 @@ import aiohttp
 import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from airflow_provider_synth.testing import answers
-from airflow_provider_synth.testing.config import Rules, ServerConfig
-from airflow_provider_synth.testing.runner import Item, Result, null_line, outcome_result, output_line
+from airflow_provider_synth.server import answers
+from airflow_provider_synth.server.config import Rules, ServerConfig
+from airflow_provider_synth.server.runner import Item, Result, null_line, outcome_result, output_line
 
 log = logging.getLogger(__name__)
 

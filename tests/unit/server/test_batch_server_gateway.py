@@ -21,8 +21,8 @@ import pytest
 from aiohttp import web
 from openai import OpenAI
 
-from airflow_provider_synth.testing import answers
-from airflow_provider_synth.testing.server import BatchServer, Outcome
+from airflow_provider_synth.server import answers
+from airflow_provider_synth.server.server import BatchServer, Outcome
 
 CHAT = "/v1/chat/completions"
 UPSTREAM_KEY = "sk-upstream-secret"
@@ -187,7 +187,7 @@ def test_a_killed_server_resumes_its_batches_after_restart(tmp_path: Path) -> No
         port_file = tmp_path / "port"
         port_file.unlink(missing_ok=True)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "airflow_provider_synth.testing.server", "--port", "0", "--port-file",
+            [sys.executable, "-m", "airflow_provider_synth.server", "--port", "0", "--port-file",
              str(port_file), "--state-dir", str(state), "--config", str(config)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
         )

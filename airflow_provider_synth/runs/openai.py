@@ -21,8 +21,8 @@ from airflow_provider_synth.batch.jsonl import join_path, loads, open_path
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
 from airflow_provider_synth.batch.results import ParsedOutput
+from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 from airflow_provider_synth.hooks.openai import batch_summary
-from airflow_provider_synth.statuses import TERMINAL_STATUSES
 
 if TYPE_CHECKING:
     from openai.types import Batch

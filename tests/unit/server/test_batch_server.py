@@ -19,8 +19,8 @@ from openai.types import Batch, Completion, CreateEmbeddingResponse, FileDeleted
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
-from airflow_provider_synth.testing.answers import decode_base64_embedding
-from airflow_provider_synth.testing.server import BatchServer, Outcome
+from airflow_provider_synth.server.answers import decode_base64_embedding
+from airflow_provider_synth.server.server import BatchServer, Outcome
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 CHAT = "/v1/chat/completions"

@@ -23,9 +23,9 @@ from typing import Any, BinaryIO, Protocol
 import orjson
 
 from airflow_provider_synth.batch.results import error_line, success_line
-from airflow_provider_synth.testing import answers
-from airflow_provider_synth.testing.config import Outcome, Rules, ServerConfig
-from airflow_provider_synth.testing.state import BatchRecord, FileRecord, Store, new_id
+from airflow_provider_synth.server import answers
+from airflow_provider_synth.server.config import Outcome, Rules, ServerConfig
+from airflow_provider_synth.server.state import BatchRecord, FileRecord, Store, new_id
 
 log = logging.getLogger(__name__)
 

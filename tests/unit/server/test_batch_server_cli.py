@@ -1,4 +1,4 @@
-"""``python -m airflow_provider_synth.testing.server``: a real process, driven over HTTP."""
+"""``python -m airflow_provider_synth.server``: a real process, driven over HTTP."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import orjson
 import pytest
 from openai import OpenAI
 
-from airflow_provider_synth.testing.server import config_from_args
+from airflow_provider_synth.server.server import config_from_args
 
 SECRET = "sk-cli-secret-value-123"
 
@@ -24,7 +24,7 @@ def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], int]:
     port_file = tmp_path / "port"
     env = {**os.environ, "SYNTH_SERVER_API_KEY": SECRET}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "airflow_provider_synth.testing.server", "--port", "0", "--port-file", str(port_file),
+        [sys.executable, "-m", "airflow_provider_synth.server", "--port", "0", "--port-file", str(port_file),
          "--log-level", "DEBUG", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
     )
@@ -75,7 +75,7 @@ def test_cli_state_dir_and_flags_override_the_config_file(tmp_path: Path) -> Non
     assert (parsed.poll_delay_s, parsed.seed, parsed.state_dir) == (0.5, 7, str(tmp_path / "s"))
     config.write_text(json.dumps({"no_such_setting": 1}))
     result = subprocess.run(
-        [sys.executable, "-m", "airflow_provider_synth.testing.server", "--config", str(config)],
+        [sys.executable, "-m", "airflow_provider_synth.server", "--config", str(config)],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2 and "no_such_setting" in result.stderr

@@ -1,7 +1,7 @@
 """The aiohttp application of the local Batch API server: routes, auth, faults, control API.
 
-:class:`~airflow_provider_synth.testing.server.BatchServer` runs it in a background thread; the command line
-(``python -m airflow_provider_synth.testing.server``) runs it in the main thread.
+:class:`~airflow_provider_synth.server.server.BatchServer` runs it in a background thread; the command line
+(``python -m airflow_provider_synth.server``) runs it in the main thread.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
-from airflow_provider_synth.testing import answers
-from airflow_provider_synth.testing.config import Fault, Outcome, OutcomeRule, Rules, ServerConfig
-from airflow_provider_synth.testing.runner import (
+from airflow_provider_synth.server import answers
+from airflow_provider_synth.server.config import Fault, Outcome, OutcomeRule, Rules, ServerConfig
+from airflow_provider_synth.server.runner import (
     BATCH_ENDPOINTS,
     BatchRunner,
     Counters,
@@ -31,7 +31,7 @@ from airflow_provider_synth.testing.runner import (
     check_input,
     normalize_endpoint,
 )
-from airflow_provider_synth.testing.state import BatchRecord, FileRecord, Store, new_id
+from airflow_provider_synth.server.state import BatchRecord, FileRecord, Store, new_id
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class SynthBatchApp:
 
     def _make_processor(self) -> Processor:
         if self.config.upstream_url:
-            from airflow_provider_synth.testing.upstream import UpstreamProcessor
+            from airflow_provider_synth.server.upstream import UpstreamProcessor
 
             return UpstreamProcessor(self.rules, lambda: self.config)
         return LocalProcessor(self.rules)

@@ -1,0 +1,11 @@
+"""Run state machines, with no Airflow context: what a task does between its arguments and its manifest.
+
+* :mod:`~airflow_provider_synth.runs.openai`: plan, batches, retry rounds and resubmissions, kept in the
+  output folder so any worker can resume a run;
+* :mod:`~airflow_provider_synth.runs.vllm_workspace` and :mod:`~airflow_provider_synth.runs.vllm_runner`: the
+  vLLM engine's workspace and the engine process itself.
+
+Operators, sensors and the CLI drive these; nothing here imports an operator.
+"""
+
+from __future__ import annotations
