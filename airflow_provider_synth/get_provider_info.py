@@ -26,6 +26,7 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.hooks.openai"]},
         ],
         "operators": [
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.openai_batch"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.vllm"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.cortex"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.cleanup"]},
@@ -36,6 +37,15 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.triggers.cortex"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.triggers.openai_batch"]},
+        ],
+        # @task.synth_openai_batch / synth_cortex_batch / synth_vllm_batch (common-ai owns llm_batch)
+        "task-decorators": [
+            {"class-name": "airflow_provider_synth.decorators.openai_batch.synth_openai_batch_task",
+             "name": "synth_openai_batch"},
+            {"class-name": "airflow_provider_synth.decorators.cortex.synth_cortex_batch_task",
+             "name": "synth_cortex_batch"},
+            {"class-name": "airflow_provider_synth.decorators.vllm.synth_vllm_batch_task",
+             "name": "synth_vllm_batch"},
         ],
         "extra-links": ["airflow_provider_synth.links.OpenAIBatchLink"],
         "connection-types": [

@@ -22,6 +22,7 @@ from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_s
 from airflow_provider_synth.batch.results import error_line, success_line
 from airflow_provider_synth.exceptions import BatchFailedError, BatchTimeoutError, TriggerEventError
 from airflow_provider_synth.hooks.cortex import CortexHook
+from airflow_provider_synth.operators._native import ManifestPublisherMixin
 from airflow_provider_synth.triggers.cortex import CortexStatementTrigger
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class CortexStaging:
     table_prefix: str = "SYNTH_CORTEX"
 
 
-class CortexBatchOperator(BaseOperator):
+class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
     """Answer a batch of chat requests with Snowflake Cortex, inside the warehouse, and write the output folder.
 
     The requests (an OpenAI-format chat JSONL file, or an existing table) are validated, then staged into a
@@ -330,6 +331,7 @@ class CortexBatchOperator(BaseOperator):
             hook.close()
         manifest = self._manifest(context, run, query_ids, statuses, acct)
         write_manifest(self.output_path, manifest)
+        self.publish_manifest(context, manifest)
         self.log.info("Cortex batch: %d succeeded, %d failed, %d missing of %d", acct.succeeded, acct.failed,
                       acct.missing, acct.total)
         if not ok and raise_on_failures:

@@ -24,6 +24,7 @@ from airflow_provider_synth.exceptions import (
 )
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.links import OpenAIBatchLink
+from airflow_provider_synth.operators._native import ManifestPublisherMixin
 from airflow_provider_synth.runs.openai import BatchRun, Plan, as_path, idempotency_key, run_manifest
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
@@ -60,7 +61,7 @@ def _is_request_line(item: Any) -> bool:
     return isinstance(item, Mapping) and "custom_id" in item and "body" in item
 
 
-class OpenAIBatchOperator(BaseOperator):
+class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     """Run requests through the OpenAI or Azure OpenAI Batch API and land every answer in object storage.
 
     Validates and splits the input to the service's limits (nothing is uploaded if any line is bad), refuses
@@ -298,6 +299,7 @@ class OpenAIBatchOperator(BaseOperator):
         cost = cost_usd(acct.usage, run.plan.model, self.prices)
         manifest["cost_usd"] = cost
         write_manifest(as_path(run.plan.output_dir), manifest)
+        self.publish_manifest(context, manifest)
         failed = acct.failed + acct.missing
         ratio = failed / acct.total if acct.total else 0.0
         self.log.info("%d succeeded, %d failed, %d missing of %d; usage %s; cost $%s", acct.succeeded,

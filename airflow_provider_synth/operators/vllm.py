@@ -27,6 +27,7 @@ from airflow_provider_synth.batch.merge import ShardOutputs, merge_shards
 from airflow_provider_synth.batch.requests import CHAT, COMPLETIONS, EMBEDDINGS
 from airflow_provider_synth.batch.validate import validate_requests
 from airflow_provider_synth.exceptions import BatchFailedError, VLLMEngineError
+from airflow_provider_synth.operators._native import ManifestPublisherMixin
 from airflow_provider_synth.runs.vllm_workspace import EngineWorkspace, merge_output_folders
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def gpu_pod_override(gpus: int = 1, *, image: str | None = None, memory: str | N
     return {"pod_override": k8s.V1Pod(spec=spec)}
 
 
-class VLLMBatchOperator(BaseOperator):
+class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
     """Answer an OpenAI-format batch JSONL with a vLLM engine on this worker, and write the output folder.
 
     The input is validated first (every problem named by file, line and custom_id, before the engine starts).
@@ -248,6 +249,7 @@ class VLLMBatchOperator(BaseOperator):
             map_index=ti.map_index,
         )
         write_manifest(self.output_path, manifest)
+        self.publish_manifest(context, manifest)
         self.log.info("vLLM batch: %d succeeded, %d failed, %d missing of %d; usage %s", acct.succeeded,
                       acct.failed, acct.missing, acct.total, manifest["usage"])
         failed_ratio = (acct.failed + acct.missing) / acct.total if acct.total else 0.0
