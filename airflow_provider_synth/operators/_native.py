@@ -35,7 +35,7 @@ TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_
 
 def asset_extra(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The ``extra`` of the asset event a run emits: counts, tokens, cost and where the output lies."""
-    extra = {k: manifest[k] for k in EXTRA_KEYS if manifest.get(k) is not None}
+    extra = {k: manifest[k] for k in EXTRA_KEYS if k in manifest}
     usage = manifest.get("usage") or {}
     extra["usage"] = {k: int(usage.get(k) or 0) for k in TOKEN_KEYS}
     return extra

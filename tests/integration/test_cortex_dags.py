@@ -101,3 +101,19 @@ def test_table_dag_runs_over_an_existing_table(tmp_path: Path):
     content = results[0]["response"]["body"]["choices"][0]["message"]["content"]
     assert json.loads(content)["answer"].startswith("Cortex answer to: My order arrived damaged")
     assert _lines(manifest["failures_path"])[0]["custom_id"] == "105"
+
+
+@pytest.mark.parametrize("deferrable", [False, True])
+def test_taskflow_cortex_decorator_answers_the_records_it_returns(tmp_path: Path, deferrable: bool):
+    summary, logs = run_dag(tmp_path, "example_cortex_taskflow", fail_marker="rain jacket", deferrable=deferrable)
+    assert summary["state"] == "success", summary
+    assert {t: s["state"] for t, s in summary["tasks"].items()} == {"describe": "success", "report": "success"}
+    (manifest,) = summary["manifests"]
+    assert (manifest["backend"], manifest["total"], manifest["succeeded"], manifest["failed"]) == ("cortex", 8, 7, 1)
+    assert [r["custom_id"] for r in _lines(manifest["results_path"])] == [f"SKU-{i:04d}" for i in range(8) if i != 4]
+    requests = _lines(manifest["output_dir"] + "/_work/requests.jsonl")
+    assert requests[1]["body"]["messages"] == [
+        {"role": "user", "content": "Write a two-sentence product description for a espresso machine."}]
+    assert len(summary["calls"]) == 8
+    if deferrable:  # the resumed task found its run again from the request file in the output folder
+        assert all(n == 3 for n in summary["polls"].values()) and len(summary["polls"]) == 2

@@ -44,3 +44,53 @@ def test_taskflow_openai_batch_expands_one_run_per_topic(airflow_db, openai_conn
     assert openai_conn.counters["batches_created"] == 3 and openai_conn.counters["requests_processed"] == 120
     report = dr.get_task_instance("report").xcom_pull(task_ids="report")
     assert report["total"] == 120 and report["runs"] == 3
+
+
+def asset_events(name: str) -> list[dict]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = (session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                .filter(AssetModel.name == name).order_by(AssetEvent.id).all())
+        return [dict(r.extra) for r in rows]
+
+
+def test_asset_pipeline_generate_then_judge_and_filter(airflow_db, openai_conn, tmp_path, monkeypatch) -> None:
+    from airflow_provider_synth.batch.extract import iter_output
+
+    monkeypatch.setenv("SYNTH_OUTPUT_DIR", str(tmp_path))
+    producer = load_dag("example_synth_quiz_generate")
+    consumer = load_dag("example_synth_quiz_curate")
+    assert [a.name for a in consumer.timetable.asset_condition.objects] == ["synth_quiz_raw"]
+    producer.get_task("generate").poll_interval = 0.2
+    for task_id in ("judge",):
+        consumer.get_task(task_id).poll_interval = 0.2
+    before = len(asset_events("synth_quiz_raw"))
+
+    dr = producer.test(run_conf={"n_records": 60})
+    assert dr.state == "success"
+    manifest = dr.get_task_instance("generate").xcom_pull(task_ids="generate")
+    events = asset_events("synth_quiz_raw")
+    assert len(events) == before + 1
+    extra = events[-1]
+    assert (extra["backend"], extra["total"], extra["succeeded"], extra["failed"]) == ("openai", 60, 60, 0)
+    assert extra["cost_usd"] == manifest["cost_usd"] > 0 and extra["run_id"] == dr.run_id
+    assert extra["usage"]["prompt_tokens"] == manifest["usage"]["prompt_tokens"] > 0
+    assert extra["results_path"] == manifest["results_path"]
+
+    dr2 = consumer.test()
+    assert dr2.state == "success", [(t.task_id, t.state) for t in dr2.get_task_instances()]
+    verdicts = dr2.get_task_instance("judge").xcom_pull(task_ids="judge")
+    assert verdicts["total"] == 60 and verdicts["succeeded"] == 60
+    judged = {line["custom_id"]: line for line in iter_output(verdicts["results_path"])}
+    assert list(judged) == read_ids(manifest["results_path"])  # one judge request per generated answer
+    summary = dr2.get_task_instance("build_dataset").xcom_pull(task_ids="build_dataset")
+    kept = [orjson.loads(x) for x in open(summary["path"], "rb")]
+    assert 0 < len(kept) < 60 and summary["kept"] == len(kept)  # the judge kept some and dropped some
+    assert all('"keep"' in judged[k["id"]]["response"]["body"]["choices"][0]["message"]["content"] for k in kept)
+    assert summary["source_run"] == dr.run_id
+    assert summary["cost_usd"] == pytest.approx(manifest["cost_usd"] + verdicts["cost_usd"])
+    dataset_extra = asset_events("synth_quiz_dataset")[-1]
+    assert dataset_extra["kept"] == len(kept) and dataset_extra["path"] == summary["path"]
+    assert openai_conn.counters["batches_created"] == 2  # one generate batch, one judge batch
