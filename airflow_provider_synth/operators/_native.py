@@ -182,7 +182,7 @@ class ManifestPublisherMixin(_Base):
         if path is not None:
             yield lineage_dataset(path)
 
-    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage[Any, Any]:
         """Inputs (request file or table), the output folder, and a ``synthBatch`` run facet with counts,
         tokens, cost and model. Called by the OpenLineage provider after the task succeeded."""
         from airflow.providers.common.compat.openlineage.facet import InputDataset, OutputDataset
@@ -196,6 +196,6 @@ class ManifestPublisherMixin(_Base):
         return OperatorLineage(inputs=inputs, outputs=[OutputDataset(namespace=ns, name=name)],
                                run_facets={"synthBatch": run_facet(manifest)})
 
-    def get_openlineage_facets_on_failure(self, task_instance: Any) -> OperatorLineage:
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> OperatorLineage[Any, Any]:
         """The same facets when a run wrote its manifest and then failed (too many failed requests)."""
         return self.get_openlineage_facets_on_complete(task_instance)
