@@ -118,7 +118,7 @@ def _run_facet_class() -> type[Any]:
 
         @staticmethod
         def _get_schema() -> str:
-            return "https://github.com/airflow-provider-synth/airflow-provider-synth/blob/main/docs/lineage.md#synthBatch"
+            return "https://github.com/airflow-provider-synth/airflow-provider-synth/blob/main/docs/native.md#lineage"
 
     return SynthBatchRunFacet
 

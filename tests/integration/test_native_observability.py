@@ -67,7 +67,7 @@ def test_lineage_facets_name_input_output_and_the_runs_numbers(observed: dict[st
         "openai", "gpt-4o-mini", 30, 30, 0)
     assert facet["usage"]["prompt_tokens"] == manifest["usage"]["prompt_tokens"] > 0
     assert facet["costUsd"] == manifest["cost_usd"] > 0 and facet["batchIds"] == manifest["batch_ids"]
-    assert facet["_schemaURL"].endswith("docs/lineage.md#synthBatch")
+    assert facet["_schemaURL"].endswith("docs/native.md#lineage")
 
 
 def test_taskflow_task_reports_lineage_too(observed: dict[str, Any]) -> None:
