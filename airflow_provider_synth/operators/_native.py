@@ -14,6 +14,7 @@ dict come
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -87,13 +88,18 @@ def lineage_dataset(path: Any) -> tuple[str, str]:
     """OpenLineage ``(namespace, name)`` of a file or folder: ``s3://bucket`` + key, ``file`` + local path."""
     text = str(path)
     if "://" not in text:
-        import os
-
         return "file", os.path.abspath(text)
     parts = urlsplit(text)
     if parts.scheme == "file":
         return "file", parts.path
     return f"{parts.scheme}://{parts.netloc}", parts.path.lstrip("/") or "/"
+
+
+def _exists(path: str) -> bool:
+    from airflow_provider_synth.runs.openai import as_path
+
+    found = as_path(path)
+    return bool(found.exists()) if not isinstance(found, str) else os.path.exists(found)
 
 
 @functools.cache
@@ -178,7 +184,8 @@ class ManifestPublisherMixin(_Base):
             return
         path = getattr(self, "input_path", None)
         if path is None and manifest.get("work_dir"):
-            path = f"{str(manifest['work_dir']).rstrip('/')}/requests.jsonl"
+            built = f"{str(manifest['work_dir']).rstrip('/')}/requests.jsonl"
+            path = built if _exists(built) else None  # a collecting task of a run given an input file: unknown
         if path is not None:
             yield lineage_dataset(path)
 

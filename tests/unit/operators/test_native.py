@@ -123,3 +123,18 @@ def test_cortex_table_input_is_named_like_the_snowflake_provider(monkeypatch: py
     assert list(op.lineage_inputs({})) == [("snowflake://acme-xy123", "SYNTH_DB.PUBLIC.TICKETS")]
     op.source_table = TableSource(table="other_db.raw.tickets", id_column="id", prompt_column="body")
     assert list(op.lineage_inputs({})) == [("snowflake://acme-xy123", "OTHER_DB.RAW.TICKETS")]
+
+
+def test_openai_input_is_the_request_file_built_from_records_when_there_is_one(tmp_path: Path) -> None:
+    from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, OpenAIBatchResultsOperator
+
+    work = tmp_path / "out" / "_work"
+    op = OpenAIBatchOperator(task_id="t", requests=[{"prompt": "x"}], model="m", output_path=str(tmp_path / "out"))
+    collect = OpenAIBatchResultsOperator(task_id="c", submitted=str(tmp_path / "out"))
+    assert list(op.lineage_inputs({"work_dir": str(work)})) == []  # the submitter was given a file we do not know
+    work.mkdir(parents=True)
+    (work / "requests.jsonl").write_bytes(b"{}\n")
+    for task in (op, collect):
+        assert list(task.lineage_inputs({"work_dir": str(work)})) == [("file", str(work / "requests.jsonl"))]
+    op.input_path = "s3://bucket/in/requests.jsonl"
+    assert list(op.lineage_inputs({"work_dir": str(work)})) == [("s3://bucket", "in/requests.jsonl")]
