@@ -1,10 +1,10 @@
 """A pipeline that runs on new synthetic data: generate -> judge with a second batch -> curated dataset.
 
-``example_synth_quiz_generate`` answers quiz prompts in one batch run and declares its output as the asset
-``synth_quiz_raw``: when the task succeeds, Airflow records an asset event whose ``extra`` holds the run's
+``example_synth_quiz_generate`` answers quiz prompts in one batch run and declares its output folder
+(``<SYNTH_OUTPUT_DIR>/quiz/raw``) as an asset: when the task succeeds, Airflow records an asset event whose ``extra`` holds the run's
 counts, tokens, cost and output paths. ``example_synth_quiz_curate`` is scheduled on that asset: it reads the
 newest event, has a second batch run judge every answer (structured output), keeps the answers judged
-``keep`` and writes them to the ``synth_quiz_dataset`` asset, with its own counts in that event's ``extra``.
+``keep`` and writes them to the ``quiz/dataset`` asset, with its own counts in that event's ``extra``.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir
 TOPICS = ["astronomy", "baking", "chess", "databases", "ecology", "finance", "geology", "history"]
 
 
-def folder_uri(path: str) -> str:
-    """An asset URI for an output folder: object storage URLs as they are, local folders as file:// URIs."""
-    return path if "://" in path else "file://" + os.path.abspath(path)
+def folder_asset(path: str) -> Asset:
+    """The asset of an output folder, named by its URI (object storage URLs as they are, local folders as
+    file:// URIs): another folder is another asset, never a clash over one name."""
+    return Asset(path if "://" in path else "file://" + os.path.abspath(path))
 
 
 # [START howto_asset_synth]
-RAW_QUIZ = Asset(name="synth_quiz_raw", uri=folder_uri(f"{OUTPUT_DIR}/quiz/raw"))
-QUIZ_DATASET = Asset(name="synth_quiz_dataset", uri=folder_uri(f"{OUTPUT_DIR}/quiz/dataset"))
+RAW_QUIZ = folder_asset(f"{OUTPUT_DIR}/quiz/raw")
+QUIZ_DATASET = folder_asset(f"{OUTPUT_DIR}/quiz/dataset")
 
 
 @dag(schedule=None, catchup=False, tags=["synth", "assets", "example"], params={"n_records": 120})
@@ -66,7 +67,7 @@ def example_synth_quiz_curate() -> None:
         """The event that triggered this run, else (a manual run) the newest one of the asset."""
         events = list((triggering_asset_events or {}).get(RAW_QUIZ, [])) or list(inlet_events[RAW_QUIZ])
         if not events:
-            raise ValueError(f"no asset event for {RAW_QUIZ.name} yet: run example_synth_quiz_generate first")
+            raise ValueError(f"no asset event for {RAW_QUIZ.uri} yet: run example_synth_quiz_generate first")
         extra = dict(events[-1].extra)
         print(f"judging {extra['succeeded']} answers of {extra['run_id']} (cost so far ${extra['cost_usd']})")
         return extra

@@ -46,13 +46,13 @@ def test_taskflow_openai_batch_expands_one_run_per_topic(airflow_db, openai_conn
     assert report["total"] == 120 and report["runs"] == 3
 
 
-def asset_events(name: str) -> list[dict]:
+def asset_events(uri: str) -> list[dict]:
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         rows = (session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-                .filter(AssetModel.name == name).order_by(AssetEvent.id).all())
+                .filter(AssetModel.uri == uri).order_by(AssetEvent.id).all())
         return [dict(r.extra) for r in rows]
 
 
@@ -62,16 +62,17 @@ def test_asset_pipeline_generate_then_judge_and_filter(airflow_db, openai_conn, 
     monkeypatch.setenv("SYNTH_OUTPUT_DIR", str(tmp_path))
     producer = load_dag("example_synth_quiz_generate")
     consumer = load_dag("example_synth_quiz_curate")
-    assert [a.name for a in consumer.timetable.asset_condition.objects] == ["synth_quiz_raw"]
+    raw_uri, dataset_uri = f"file://{tmp_path}/quiz/raw", f"file://{tmp_path}/quiz/dataset"
+    assert [a.uri for a in consumer.timetable.asset_condition.objects] == [raw_uri]
     producer.get_task("generate").poll_interval = 0.2
     for task_id in ("judge",):
         consumer.get_task(task_id).poll_interval = 0.2
-    before = len(asset_events("synth_quiz_raw"))
+    before = len(asset_events(raw_uri))
 
     dr = producer.test(run_conf={"n_records": 60})
     assert dr.state == "success"
     manifest = dr.get_task_instance("generate").xcom_pull(task_ids="generate")
-    events = asset_events("synth_quiz_raw")
+    events = asset_events(raw_uri)
     assert len(events) == before + 1
     extra = events[-1]
     assert (extra["backend"], extra["total"], extra["succeeded"], extra["failed"]) == ("openai", 60, 60, 0)
@@ -91,6 +92,6 @@ def test_asset_pipeline_generate_then_judge_and_filter(airflow_db, openai_conn, 
     assert all('"keep"' in judged[k["id"]]["response"]["body"]["choices"][0]["message"]["content"] for k in kept)
     assert summary["source_run"] == dr.run_id
     assert summary["cost_usd"] == pytest.approx(manifest["cost_usd"] + verdicts["cost_usd"])
-    dataset_extra = asset_events("synth_quiz_dataset")[-1]
+    dataset_extra = asset_events(dataset_uri)[-1]
     assert dataset_extra["kept"] == len(kept) and dataset_extra["path"] == summary["path"]
     assert openai_conn.counters["batches_created"] == 2  # one generate batch, one judge batch
