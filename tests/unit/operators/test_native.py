@@ -138,3 +138,18 @@ def test_openai_input_is_the_request_file_built_from_records_when_there_is_one(t
         assert list(task.lineage_inputs({"work_dir": str(work)})) == [("file", str(work / "requests.jsonl"))]
     op.input_path = "s3://bucket/in/requests.jsonl"
     assert list(op.lineage_inputs({"work_dir": str(work)})) == [("s3://bucket", "in/requests.jsonl")]
+
+
+def test_without_the_openlineage_packages_a_run_still_finishes(vllm_op: VLLMBatchOperator,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    for name in [m for m in sys.modules if m.startswith(("openlineage", "airflow.providers.openlineage"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "openlineage", None)  # `import openlineage...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "airflow.providers.openlineage", None)
+    _native._run_facet_class.cache_clear()
+    assert vllm_op.execute(context())["succeeded"] == 5
+    with pytest.raises(ImportError):  # only the OpenLineage provider calls this, and only when installed
+        vllm_op.get_openlineage_facets_on_complete(None)
+    _native._run_facet_class.cache_clear()
