@@ -113,3 +113,28 @@ def get_unsuccessful_requests(requests_path: Any, failures_path: Any) -> list[di
     """The request lines of every failed or missing request listed in ``failures.jsonl``: fix and resubmit."""
     failed = {row["custom_id"] for row in iter_output(failures_path)}
     return get_requests_by_custom_ids(requests_path, failed)
+
+
+def extract_parsed(line: Mapping[str, Any], model: type[T] | None = None) -> Any:
+    """The structured answer of a results line: the ``"parsed"`` object the output checks wrote (validated
+    against the schema), else the answer's text parsed as JSON; as ``model`` (a pydantic model class) when
+    given. ``None`` when the line has no text.
+
+    :raises ValueError: the text is not JSON (``pydantic.ValidationError`` when it does not fit ``model``).
+    """
+    if "parsed" in line:
+        value = line["parsed"]
+    else:
+        text = extract_text(line)
+        if text is None:
+            return None
+        value = loads(text)
+    if model is None:
+        return value
+    return model.model_validate(value)  # type: ignore[attr-defined]
+
+
+def iter_parsed(path: Any, model: type[T] | None = None) -> Iterator[tuple[str, Any]]:
+    """``(custom_id, parsed object)`` for every line of a results file, in its order (input order)."""
+    for line in iter_output(path):
+        yield line["custom_id"], extract_parsed(line, model)

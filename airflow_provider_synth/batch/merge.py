@@ -18,8 +18,9 @@ from typing import IO, Any
 import msgspec
 
 from airflow_provider_synth.batch import jsonl
+from airflow_provider_synth.batch.checks import UNUSABLE_KINDS, Checker, OutputChecks, Unusable, retry_line
 from airflow_provider_synth.batch.errors import AccountingError, OutputFormatError
-from airflow_provider_synth.batch.jsonl import dumps, iter_block_bytes, iter_jsonl, open_path
+from airflow_provider_synth.batch.jsonl import dumps, iter_block_bytes, iter_jsonl, loads, open_path
 from airflow_provider_synth.batch.results import (
     ParsedOutput,
     _out_decoder,
@@ -60,10 +61,13 @@ class ShardOutputs:
 
     :param requests: the shard's request JSONL.
     :param outputs: output and error files of round 0, then of each retry round.
+    :param rounds: the round of each output file (default: its position); read by the output checks' count of
+        the rounds spent on unusable answers.
     """
 
     requests: Source
     outputs: Sequence[Source] = ()
+    rounds: Sequence[int] = ()
 
 
 @dataclass
@@ -83,6 +87,12 @@ class Accounting:
     usage: Usage = field(default_factory=Usage)
     results_written: int = 0
     failures_written: int = 0
+    #: with output checks: unusable answers by kind over every round, what they burned, how many were retried
+    checked: bool = False
+    unusable: Counter[str] = field(default_factory=Counter)
+    unusable_usage: Usage = field(default_factory=Usage)
+    unusable_retried: int = 0
+    check_rounds: set[int] = field(default_factory=set)
 
     def check(self) -> None:
         """Enforce the accounting invariant: every input custom_id is in results or failures exactly once."""
@@ -95,12 +105,24 @@ class Accounting:
                                   f"{self.failed} failed and {self.missing} missing")
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "total": self.total, "succeeded": self.succeeded, "failed": self.failed, "missing": self.missing,
             "retryable": self.retryable, "duplicates": self.duplicates, "unknown": self.unknown,
             "unknown_examples": self.unknown_examples, "duplicate_examples": self.duplicate_examples,
             "error_codes": dict(self.error_codes), "usage": self.usage.as_dict(),
         }
+        if self.checked:
+            data["checks"] = self.checks_dict()
+        return data
+
+    def checks_dict(self) -> dict[str, Any]:
+        """What the output checks found: unusable answers per kind over every round (``truncated``,
+        ``refused``, ``schema_invalid``...), how many a retry answered again, the retry rounds that carried them,
+        and the tokens they burned (billed, but not data)."""
+        counts: dict[str, Any] = dict.fromkeys(UNUSABLE_KINDS, 0)
+        counts.update(self.unusable)
+        return {**counts, "unusable": sum(self.unusable.values()), "retried": self.unusable_retried,
+                "rounds": len(self.check_rounds), "usage": self.unusable_usage.as_dict()}
 
 
 def request_custom_id(raw: bytes) -> str:
@@ -155,8 +177,14 @@ class _Answers:
     failed: dict[str, tuple[Any, bytes]] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     usage: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    #: output checks (``None``: every 200 is a success); what they found goes in the fields below
+    checker: Checker | None = None
+    unusable: Counter[str] = field(default_factory=Counter)
+    unusable_usage: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    unusable_retried: int = 0
+    retry_rounds: set[int] = field(default_factory=set)
 
-    def add_one(self, out: Any, raw: bytes, acct: Accounting | None) -> None:
+    def add_one(self, out: Any, raw: bytes, acct: Accounting | None, rnd: int = 0) -> None:
         """One answer: a success is never replaced; a later answer replaces an earlier failure."""
         cid = out.custom_id
         seen = cid in self.succeeded or cid in self.failed
@@ -168,18 +196,38 @@ class _Answers:
                 if len(acct.duplicate_examples) < MAX_EXAMPLES:
                     acct.duplicate_examples.append(cid)
             return
+        if seen and isinstance(self.failed[cid][0], Unusable):
+            self.unusable_retried += 1
+            self.retry_rounds.add(rnd)
         if is_ok(out):
-            self.failed.pop(cid, None)
             line, counts = success_raw_and_usage(out, raw)
+            if self.checker is not None:
+                verdict = self.checker.judge(line, counts)
+                if isinstance(verdict, Unusable):
+                    self._unusable(verdict, line)
+                    return
+                line = verdict if verdict is not None else line
+            self.failed.pop(cid, None)
             self.succeeded[cid] = line
             if counts is not None:
                 self.usage.append(counts)
         else:
             self.failed[cid] = (out, raw)
 
-    def add_source(self, outs: list[Any], raws: list[bytes], acct: Accounting | None) -> None:
+    def _unusable(self, verdict: Unusable, line: bytes) -> None:
+        """A billed answer the checks refused: a failure (a later round may replace it), its tokens counted."""
+        self.unusable[verdict.kind] += 1
+        if verdict.usage is not None:
+            self.unusable_usage.append(verdict.usage)
+        self.failed[verdict.custom_id] = (verdict, line)
+
+    def add_source(self, outs: list[Any], raws: list[bytes], acct: Accounting | None, rnd: int = 0) -> None:
         """Every answer of one output or error file. The common case (no id seen twice) is handled a column
         at a time in decode order, which is also memory order."""
+        if self.checker is not None:  # each success is judged: line by line
+            for out, raw in zip(outs, raws, strict=True):
+                self.add_one(out, raw, acct, rnd)
+            return
         oks = list(map(is_ok, outs))
         ids = list(map(_get_id, outs))
         fresh = set(ids)
@@ -197,12 +245,26 @@ class _Answers:
         self.usage.extend(counts)
 
 
-def _index_outputs(outputs: Sequence[Source], acct: Accounting | None) -> _Answers:
+def _index_outputs(outputs: Sequence[Source], acct: Accounting | None, checker: Checker | None = None,
+                   rounds: Sequence[int] = ()) -> _Answers:
     """Every answer for a shard over all rounds (see :class:`_Answers`)."""
-    answers = _Answers()
-    for src in outputs:
-        answers.add_source(*_decoded(src), acct)
+    answers = _Answers(checker=checker)
+    for i, src in enumerate(outputs):
+        answers.add_source(*_decoded(src), acct, rounds[i] if i < len(rounds) else i)
     return answers
+
+
+def _compiled(checks: OutputChecks | Checker | None) -> Checker | None:
+    return checks.checker() if isinstance(checks, OutputChecks) else checks
+
+
+def _entry_output(entry: tuple[Any, bytes]) -> ParsedOutput:
+    """The last failure of an id, classified (an unusable answer is a failure with its kind as the code)."""
+    first, raw = entry
+    if isinstance(first, Unusable):
+        return ParsedOutput(first.custom_id, False, 200, first.kind, first.message, first.retryable, first.usage,
+                            raw)
+    return classify(first, raw)
 
 
 def _request_ids(src: Source) -> list[str]:
@@ -220,19 +282,28 @@ def _request_ids(src: Source) -> list[str]:
     return ids
 
 
-def _failure_row(cid: str, out: ParsedOutput | None, attempts: int) -> dict[str, Any]:
+def _failure_row(cid: str, out: ParsedOutput | None, attempts: int, entry: tuple[Any, bytes] | None = None
+                 ) -> dict[str, Any]:
     if out is None:
         return {"custom_id": cid, "error": {"code": "missing", "message": "no output or error line came back "
                 "for this request"}, "status_code": None, "retryable": True, "attempts": 0}
-    return {"custom_id": cid, "error": {"code": out.error_code, "message": out.error_message},
-            "status_code": out.status_code, "retryable": out.retryable, "attempts": attempts}
+    row = {"custom_id": cid, "error": {"code": out.error_code, "message": out.error_message},
+           "status_code": out.status_code, "retryable": out.retryable, "attempts": attempts}
+    if entry is not None and isinstance(entry[0], Unusable):  # billed but unusable: keep what the model said
+        row["text"] = entry[0].text
+        row["response"] = loads(entry[1]).get("response")
+    return row
 
 
 def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[bytes],
-                acct: Accounting | None = None) -> Accounting:
-    """Merge one shard into the open results and failures files, in the shard's input order."""
+                acct: Accounting | None = None, checks: OutputChecks | Checker | None = None) -> Accounting:
+    """Merge one shard into the open results and failures files, in the shard's input order.
+
+    :param checks: output checks: unusable answers go to failures (with their text), never to results.
+    """
     acct = acct if acct is not None else Accounting()
-    answers = _index_outputs(shard.outputs, acct)
+    checker = _compiled(checks)
+    answers = _index_outputs(shard.outputs, acct, checker, shard.rounds)
     ids = _request_ids(shard.requests)
     # per-request work stays in C (map/filter/compress): this loop runs once per request of the whole run
     lines = list(map(answers.succeeded.pop, ids, repeat(None)))
@@ -242,14 +313,14 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
     unanswered = compress(ids, map(is_, lines, repeat(None))) if len(raws) < len(ids) else ()
     for cid in unanswered:
         entry = answers.failed.pop(cid, None)
-        parsed = classify(*entry) if entry is not None else None
+        parsed = _entry_output(entry) if entry is not None else None
         if parsed is None:
             acct.missing += 1
             acct.error_codes["missing"] += 1
         else:
             acct.failed += 1
             acct.error_codes[parsed.error_code or "unknown_error"] += 1
-        row = _failure_row(cid, parsed, answers.attempts.get(cid, 1))
+        row = _failure_row(cid, parsed, answers.attempts.get(cid, 1), entry)
         acct.retryable += bool(row["retryable"])
         failures_fp.write(dumps(row) + b"\n")
         acct.failures_written += 1
@@ -263,28 +334,45 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
         if len(acct.unknown_examples) < MAX_EXAMPLES:
             acct.unknown_examples.append(cid)
     acct.usage.add(usage)
+    if checker is not None:
+        _add_checks(acct, answers)
     acct.total += len(ids)
     acct.succeeded += len(raws)
     acct.results_written += len(raws)
     return acct
 
 
-def merge_shards(shards: Sequence[ShardOutputs], results_fp: IO[bytes], failures_fp: IO[bytes]) -> Accounting:
+def _add_checks(acct: Accounting, answers: _Answers) -> None:
+    acct.checked = True
+    acct.unusable.update(answers.unusable)
+    acct.unusable_usage.add_many(answers.unusable_usage, sum(answers.unusable.values()))
+    acct.unusable_retried += answers.unusable_retried
+    acct.check_rounds |= answers.retry_rounds
+
+
+def merge_shards(shards: Sequence[ShardOutputs], results_fp: IO[bytes], failures_fp: IO[bytes],
+                 checks: OutputChecks | Checker | None = None) -> Accounting:
     """Merge every shard, in order, into ``results.jsonl`` and ``failures.jsonl`` (open binary files).
 
+    :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`): answers they
+        judge unusable go to ``failures.jsonl`` with their reason and text. ``None``: every 200 is a result.
     :returns: the accounting, already checked.
     :raises AccountingError: if the invariant does not hold.
     """
     acct = Accounting()
+    checker = _compiled(checks)
     for shard in shards:
-        merge_shard(shard, results_fp, failures_fp, acct)
+        merge_shard(shard, results_fp, failures_fp, acct, checker)
+    if checker is not None:
+        acct.checked = True
     acct.check()
     return acct
 
 
 def pending_requests(requests: Source, outputs: Sequence[Source], out_fp: IO[bytes], *,
                      retryable_only: bool = True, include_missing: bool = True,
-                     keep: Callable[[ParsedOutput], bool] | None = None) -> int:
+                     keep: Callable[[ParsedOutput], bool] | None = None,
+                     checks: OutputChecks | Checker | None = None) -> int:
     """Write the requests of a shard that still need a round: no success yet, and (by default) a failure a
     retry can fix, or no answer at all. Finished work is never resubmitted. Returns how many were written.
 
@@ -294,8 +382,11 @@ def pending_requests(requests: Source, outputs: Sequence[Source], out_fp: IO[byt
     :param retryable_only: skip failures a retry cannot fix (4xx validation errors, cancelled requests).
     :param include_missing: include requests with no answer at all.
     :param keep: an extra predicate on the last failure.
+    :param checks: output checks: an unusable answer is a failure (retryable when the checks retry), and is
+        written with the checks' ``retry_body`` changes for its kind.
     """
-    answers = _index_outputs(outputs, None)
+    checker = _compiled(checks)
+    answers = _index_outputs(outputs, None, checker)
     written = 0
     with _opened(requests) as fp:
         for _, raw in iter_jsonl(fp):
@@ -306,8 +397,11 @@ def pending_requests(requests: Source, outputs: Sequence[Source], out_fp: IO[byt
             elif entry is None:
                 wanted = include_missing
             else:
-                out = classify(*entry)
+                out = _entry_output(entry)
                 wanted = (out.retryable or not retryable_only) and (keep is None or keep(out))
+                if wanted and checker is not None and isinstance(entry[0], Unusable):
+                    changes = checker.retry_body(entry[0].kind)
+                    raw = retry_line(raw, changes) if changes else raw
             if wanted:
                 out_fp.write(raw)
                 out_fp.write(b"\n")

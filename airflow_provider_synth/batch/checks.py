@@ -1,0 +1,299 @@
+"""Output checks: the one decision on whether a ``200`` answer is usable data, for every backend.
+
+A billed answer can still be useless: cut off (``finish_reason: "length"``), refused (``message.refusal``, a
+``content_filter`` stop), or structured output that does not fit the schema the request asked for. With
+:class:`OutputChecks` the merge sends such answers to ``failures.jsonl`` (with the reason and the raw text),
+never to ``results.jsonl``, and the retry rounds resubmit them alone. With a pydantic model (or a JSON
+schema) the results lines carry the validated object under ``"parsed"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import msgspec
+
+from airflow_provider_synth.batch.jsonl import dumps, loads
+
+#: The kinds of unusable answers, as failure codes and manifest counts.
+TRUNCATED, REFUSED, SCHEMA_INVALID = "truncated", "refused", "schema_invalid"
+UNUSABLE_KINDS = (TRUNCATED, REFUSED, SCHEMA_INVALID)
+#: How a Responses API ``incomplete_details.reason`` reads as a chat ``finish_reason``.
+_INCOMPLETE_REASONS = {"max_output_tokens": "length", "content_filter": "content_filter"}
+#: Characters of an unusable answer's text kept in its failure line.
+MAX_KEPT_TEXT = 100_000
+
+
+@dataclass(frozen=True)
+class OutputChecks:
+    """What makes an answer unusable, and what happens to unusable answers. ``OutputChecks()`` checks nothing.
+
+    :param finish_reasons: finish reasons that make an answer unusable, e.g. ``{"length", "content_filter"}``
+        (a Responses API answer left ``incomplete`` for ``max_output_tokens`` counts as ``"length"``).
+        ``length`` is counted as ``truncated``, ``content_filter`` as ``refused``, any other by its name.
+    :param refusal: an answer with a refusal (``message.refusal``, a Responses ``refusal`` part) is unusable.
+    :param schema: a pydantic model class, a JSON schema, or a ``response_format`` dict; the answer's text
+        must validate against it (``json_object``: any JSON object). The OpenAI operator uses its template's
+        ``response_format`` when this is unset.
+    :param retry: resubmit unusable answers in the retry rounds (``retry_failed_requests``), alone.
+    :param retry_body: body fields to change when a kind is retried, e.g.
+        ``{"truncated": {"max_completion_tokens": 2000}}``; keys are kinds (or finish reasons).
+    :param parsed: with a schema, write the validated object into each results line as ``"parsed"``.
+    :param direct_tail: OpenAI and Azure only: a retry round of at most this many requests goes through the
+        synchronous API (bounded concurrency, the SDK's retries, the direct price) instead of another batch.
+        0 (default): never.
+    :param direct_concurrency: the most direct requests in flight at once.
+    """
+
+    finish_reasons: Collection[str] = frozenset()
+    refusal: bool = False
+    schema: Any = None
+    retry: bool = True
+    retry_body: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    parsed: bool = True
+    direct_tail: int = 0
+    direct_concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.finish_reasons, str):
+            raise TypeError("finish_reasons is a collection of reasons, e.g. {'length'}, not a string")
+        if self.direct_tail < 0 or self.direct_concurrency < 1:
+            raise ValueError("direct_tail must be >= 0 and direct_concurrency >= 1")
+
+    @property
+    def active(self) -> bool:
+        """Whether any answer can be judged unusable."""
+        return bool(self.finish_reasons) or self.refusal or self.schema is not None
+
+    def checker(self) -> Checker | None:
+        """The compiled checks (schema validator built once), or ``None`` when nothing is checked."""
+        return Checker(self) if self.active else None
+
+
+class Unusable(NamedTuple):
+    """A ``200`` answer judged unusable.
+
+    :param kind: ``truncated``, ``refused``, ``schema_invalid`` (or a finish reason's name).
+    :param message: why, for people.
+    :param text: the answer's raw text, kept for inspection.
+    :param retryable: whether the retry rounds resubmit it.
+    :param usage: the tokens it burned: (prompt, cached, completion, reasoning, total).
+    """
+
+    custom_id: str
+    kind: str
+    message: str
+    text: str | None
+    retryable: bool
+    usage: tuple[int, int, int, int, int] | None
+
+
+# -- decoding only what the checks read --------------------------------------------------------------------
+
+
+class _Msg(msgspec.Struct, gc=False):
+    content: Any = None
+    refusal: Any = None
+
+
+class _Choice(msgspec.Struct, gc=False):
+    finish_reason: str | None = None
+    message: _Msg | None = None
+    text: Any = None
+
+
+class _Part(msgspec.Struct, gc=False):
+    type: str | None = None
+    text: Any = None
+    refusal: Any = None
+
+
+class _Item(msgspec.Struct, gc=False):
+    type: str | None = None
+    content: list[_Part] | None = None
+
+
+class _Incomplete(msgspec.Struct, gc=False):
+    reason: str | None = None
+
+
+class _Body(msgspec.Struct, gc=False):
+    choices: list[_Choice] | None = None
+    output: list[_Item] | None = None
+    status: str | None = None
+    incomplete_details: _Incomplete | None = None
+
+
+class _Resp(msgspec.Struct, gc=False):
+    body: _Body | None = None
+
+
+class _Line(msgspec.Struct, gc=False):
+    custom_id: str
+    response: _Resp | None = None
+
+
+_line_decoder = msgspec.json.Decoder(_Line)
+
+
+class _Answer(NamedTuple):
+    finish_reason: str | None
+    refusal: str | None
+    text: str | None
+
+
+def _text_of(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts
+        texts = [p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return "".join(texts) if texts else None
+    return None
+
+
+def _answers(body: _Body) -> list[_Answer]:
+    """Each choice of a chat/completions body, or the one answer of a Responses body."""
+    if body.choices:
+        out = []
+        for c in body.choices:
+            msg = c.message
+            text = _text_of(msg.content) if msg is not None else (c.text if isinstance(c.text, str) else None)
+            refusal = msg.refusal if msg is not None and isinstance(msg.refusal, str) and msg.refusal else None
+            out.append(_Answer(c.finish_reason, refusal, text))
+        return out
+    if body.output is not None or body.status is not None:
+        texts, refusal = [], None
+        for item in body.output or ():
+            for part in item.content or ():
+                if part.type == "refusal" and isinstance(part.refusal, str):
+                    refusal = part.refusal
+                elif part.type == "output_text" and isinstance(part.text, str):
+                    texts.append(part.text)
+        reason = None
+        if body.status == "incomplete":
+            why = body.incomplete_details.reason if body.incomplete_details is not None else None
+            reason = _INCOMPLETE_REASONS.get(why or "", why or "length")
+        return [_Answer(reason, refusal, "".join(texts) if texts else None)]
+    return []  # embeddings: nothing to check
+
+
+def _kind_of(reason: str) -> str:
+    return {"length": TRUNCATED, "content_filter": REFUSED}.get(reason, reason)
+
+
+class _Schema:
+    """Validates a text against a pydantic model, a JSON schema or ``json_object``; returns the parsed JSON."""
+
+    def __init__(self, schema: Any) -> None:
+        self.model: Any = None
+        self.validator: Any = None
+        if isinstance(schema, Mapping):
+            if schema.get("type") == "json_schema":
+                schema = (schema.get("json_schema") or {}).get("schema") or {}
+            elif schema.get("type") == "json_object":
+                schema = {"type": "object"}
+            elif schema.get("type") == "text":
+                schema = {}
+            import jsonschema
+
+            cls = jsonschema.validators.validator_for(schema)
+            cls.check_schema(schema)
+            self.validator = cls(schema)
+        elif isinstance(schema, type) and hasattr(schema, "model_validate_json"):
+            self.model = schema
+        else:
+            raise TypeError(f"schema must be a pydantic model class, a JSON schema or a response_format dict, "
+                            f"got {schema!r}")
+
+    def parse(self, text: str) -> tuple[bytes | None, str | None]:
+        """(the parsed object as compact JSON, None) or (None, why it does not validate)."""
+        if self.model is not None:
+            import pydantic
+
+            try:
+                obj = self.model.model_validate_json(text)
+            except pydantic.ValidationError as exc:
+                errors = exc.errors(include_url=False)
+                if not errors:
+                    return None, str(exc)
+                where = ".".join(str(p) for p in errors[0]["loc"]) or "(root)"
+                return None, f"{len(errors)} validation error(s) for {self.model.__name__}; {where}: " \
+                             f"{errors[0]['msg']}"
+            return obj.model_dump_json().encode(), None
+        try:
+            value = loads(text)
+        except ValueError as exc:
+            return None, f"not JSON: {exc}"
+        error = next(iter(self.validator.iter_errors(value)), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            return None, f"does not fit the schema at {where}: {error.message}"
+        return dumps(value), None
+
+
+class Checker:
+    """:class:`OutputChecks` compiled: judge one output line (see :meth:`judge`).
+
+    :param checks: the checks.
+    """
+
+    def __init__(self, checks: OutputChecks) -> None:
+        self.checks = checks
+        self.reasons = frozenset(checks.finish_reasons)
+        self.schema = _Schema(checks.schema) if checks.schema is not None else None
+
+    def judge(self, raw: bytes, usage: tuple[int, int, int, int, int] | None = None) -> Unusable | bytes | None:
+        """Judge a success line: an :class:`Unusable`, the line to write with ``"parsed"`` added, or ``None``
+        (usable, write it unchanged)."""
+        line = _line_decoder.decode(raw)
+        body = line.response.body if line.response is not None else None
+        answers = _answers(body) if body is not None else []
+        parsed: list[bytes] = []
+        for ans in answers:
+            why = self._why(ans, parsed)
+            if why is not None:
+                kind, message = why
+                text = ans.text if ans.text is None or len(ans.text) <= MAX_KEPT_TEXT else ans.text[:MAX_KEPT_TEXT]
+                return Unusable(line.custom_id, kind, message, text if text is not None else ans.refusal,
+                                self.checks.retry, usage)
+        if not parsed or not self.checks.parsed:
+            return None
+        value = parsed[0] if len(parsed) == 1 else b"[" + b",".join(parsed) + b"]"
+        return raw.rstrip()[:-1] + b',"parsed":' + value + b"}"
+
+    def _why(self, ans: _Answer, parsed: list[bytes]) -> tuple[str, str] | None:
+        if ans.finish_reason is not None and ans.finish_reason in self.reasons:
+            return _kind_of(ans.finish_reason), f"the answer stopped with finish_reason {ans.finish_reason!r}"
+        if self.checks.refusal and ans.refusal is not None:
+            return REFUSED, f"the model refused: {ans.refusal[:200]}"
+        if self.schema is not None:
+            if ans.text is None:
+                return SCHEMA_INVALID, "the answer has no text to validate against the schema"
+            obj, error = self.schema.parse(ans.text)
+            if obj is None:
+                return SCHEMA_INVALID, str(error)
+            parsed.append(obj)
+        return None
+
+    def retry_body(self, kind: str) -> Mapping[str, Any] | None:
+        """Body fields to change when an answer of ``kind`` is retried, if the user declared any."""
+        changes = self.checks.retry_body
+        if kind in changes:
+            return changes[kind]
+        reason = {TRUNCATED: "length", REFUSED: "content_filter"}.get(kind)
+        return changes.get(reason) if reason is not None else None
+
+
+def retry_line(raw: bytes, changes: Mapping[str, Any]) -> bytes:
+    """A request line with ``changes`` applied to its body (``None`` values remove a field)."""
+    request = loads(raw)
+    body = dict(request.get("body") or {})
+    for key, value in changes.items():
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    request["body"] = body
+    return dumps(request)
