@@ -6,6 +6,7 @@ function reads and writes through file objects, so local paths and ObjectStorage
 
 from __future__ import annotations
 
+from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.errors import (
     AccountingError,
     BatchCoreError,
@@ -16,11 +17,13 @@ from airflow_provider_synth.batch.errors import (
 from airflow_provider_synth.batch.extract import (
     extract_embeddings,
     extract_messages_from_responses,
+    extract_parsed,
     extract_text,
     extract_tool_calls,
     get_requests_by_custom_ids,
     get_results,
     get_unsuccessful_requests,
+    iter_parsed,
     parse_structured,
 )
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
@@ -31,10 +34,11 @@ from airflow_provider_synth.batch.usage import Usage, cost_usd, estimate_request
 from airflow_provider_synth.batch.validate import validate_requests
 
 __all__ = [
-    "Accounting", "AccountingError", "BatchCoreError", "InvalidRequestsError", "OutputFormatError", "Problem",
+    "Accounting", "AccountingError", "BatchCoreError", "InvalidRequestsError", "OutputChecks", "OutputFormatError",
+    "Problem",
     "ShardLimits", "ShardOutputs", "SplitResult", "Usage", "build_requests", "chat_body", "cost_usd",
-    "error_line", "estimate_request_tokens", "extract_embeddings", "extract_messages_from_responses",
+    "error_line", "estimate_request_tokens", "extract_embeddings", "extract_messages_from_responses", "extract_parsed",
     "extract_text", "extract_tool_calls", "get_requests_by_custom_ids", "get_results",
-    "get_unsuccessful_requests", "make_request", "merge_shards", "parse_output_line", "parse_structured",
+    "get_unsuccessful_requests", "iter_parsed", "make_request", "merge_shards", "parse_output_line", "parse_structured",
     "pending_requests", "split_requests", "success_line", "validate_requests", "write_requests",
 ]

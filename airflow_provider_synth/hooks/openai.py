@@ -528,6 +528,26 @@ class OpenAIBatchHook(BaseHook):
                 found.append(batch)
         return found
 
+    # -- synchronous requests --------------------------------------------------------------------------------
+
+    def create_direct(self, url: str, body: Mapping[str, Any], *, custom_id: str | None = None) -> dict[str, Any]:
+        """Send one request of a batch file through the synchronous API, at the direct price, with the SDK's
+        retries (``max_retries``); the body is sent as written (fields the SDK's typed methods do not know
+        included). On Azure the body's ``model`` is the deployment.
+
+        :param url: the request line's ``url`` (``/v1/chat/completions``, ``/v1/embeddings``, ``/v1/responses``,
+            ``/v1/completions``).
+        :param body: the request line's ``body``.
+        :param custom_id: sent as ``X-Client-Request-Id``, so the request can be traced on the service's side.
+        :return: the response body.
+        :raises openai.APIStatusError: the service answered an error after the SDK's retries.
+        """
+        headers = {"X-Client-Request-Id": custom_id} if custom_id else {}
+        path = url.removeprefix("/v1") if url.startswith("/v1/") else url
+        result = self.client.post(path, cast_to=dict[str, Any], body=dict(body),  # type: ignore[call-overload]
+                                  options={"headers": headers})
+        return dict(result)
+
     def test_connection(self) -> tuple[bool, str]:
         """List the models: checks the credentials and spends nothing. The message never holds a secret."""
         try:

@@ -273,6 +273,44 @@ def answer(url: str, body: dict[str, Any], custom_id: str, content: str | None =
     return chat_completion(body, custom_id, content)
 
 
+def _shape_choice(choice: dict[str, Any], finish_reason: str | None, refusal: str | None) -> None:
+    msg = choice.get("message")
+    holder, key = (msg, "content") if msg is not None else (choice, "text")
+    text = holder.get(key)
+    if refusal is not None and msg is not None:
+        msg["content"], msg["refusal"] = None, refusal
+    elif finish_reason == "length" and isinstance(text, str):
+        holder[key] = text[: len(text) // 2]
+    elif finish_reason == "content_filter":
+        holder[key] = None if msg is not None else ""
+    if finish_reason is not None:
+        choice["finish_reason"] = finish_reason
+
+
+def _shape_response(body: dict[str, Any], finish_reason: str | None, refusal: str | None) -> None:
+    for item in body.get("output") or ():
+        if refusal is not None:
+            item["content"] = [{"type": "refusal", "refusal": refusal}]
+        elif finish_reason == "length":
+            for part in item.get("content") or ():
+                if isinstance(part.get("text"), str):
+                    part["text"] = part["text"][: len(part["text"]) // 2]
+    if finish_reason is not None:
+        reason = {"length": "max_output_tokens"}.get(finish_reason, finish_reason)
+        body["status"], body["incomplete_details"] = "incomplete", {"reason": reason}
+
+
+def shape_answer(body: dict[str, Any], finish_reason: str | None = None, refusal: str | None = None) -> None:
+    """Make a success body cut off (``finish_reason="length"``: half of the text), filtered
+    (``"content_filter"``: no text) or refused (``refusal``), as an outcome asks; in place."""
+    if finish_reason is None and refusal is None:
+        return
+    for choice in body.get("choices") or ():
+        _shape_choice(choice, finish_reason, refusal)
+    if body.get("object") == "response":
+        _shape_response(body, finish_reason, refusal)
+
+
 def usage_of(body: dict[str, Any]) -> tuple[int, int, int, int]:
     """``(input, cached, output, reasoning)`` tokens of a success body, for the batch's ``usage``."""
     usage = body.get("usage") or {}

@@ -40,6 +40,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o4-mini", "text-embedding-3-small", "text-embedding-3-large")
 FILE_PURPOSES = frozenset({"batch", "fine-tune", "assistants", "vision", "user_data", "evals"})
 METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
+#: A synchronous request carrying this header (as OpenAI's API accepts) gets the outcome rules of that custom_id.
+CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"
 #: Settings that only take effect when the server starts.
 STARTUP_ONLY = frozenset({"host", "port", "state_dir", "api_key"})
 
@@ -420,7 +422,20 @@ class SynthBatchApp:
         endpoint = "/" + request.match_info.get("endpoint", request.path.split("/", 2)[2])
         if isinstance(body, dict) and "deployment" in request.match_info:
             body.setdefault("model", request.match_info["deployment"])
-        return _json(answers.answer(endpoint, body if isinstance(body, dict) else {}, "direct"))
+        self.counters.inc("direct_requests")
+        custom_id = request.headers.get(CLIENT_REQUEST_ID_HEADER)
+        if not custom_id:
+            return _json(answers.answer(endpoint, body if isinstance(body, dict) else {}, "direct"))
+        # a client request id names the request as a custom_id does: the same outcome rules apply
+        outcome = self.rules.outcome_for(custom_id)
+        if outcome.kind == "error":
+            return _json(outcome.error_body(), outcome.status)
+        if outcome.kind != "success":
+            return _json(Outcome.error(408, code="request_timeout", message=outcome.message).error_body(), 408)
+        self.counters.inc("direct_requests_answered")
+        answer = answers.answer(endpoint, body if isinstance(body, dict) else {}, custom_id, outcome.content)
+        answers.shape_answer(answer, outcome.finish_reason, outcome.refusal)
+        return _json(answer, headers={CLIENT_REQUEST_ID_HEADER: custom_id})
 
     async def get_config(self, request: web.Request) -> web.Response:
         return _json(self.config_view())

@@ -36,6 +36,9 @@ class Outcome:
     :param code: ``body.error.code`` of an ``error`` line.
     :param message: the error message; for ``success``, unused.
     :param content: for ``success``, a fixed answer text instead of the generated one.
+    :param finish_reason: for ``success``, the answer's finish reason: ``"length"`` cuts the text in half (a
+        Responses answer becomes ``incomplete``), ``"content_filter"`` empties it.
+    :param refusal: for ``success``, a refusal: ``message.refusal`` set and no content.
     """
 
     kind: OutcomeKind = "success"
@@ -43,11 +46,23 @@ class Outcome:
     code: str | None = None
     message: str | None = None
     content: str | None = None
+    finish_reason: str | None = None
+    refusal: str | None = None
 
     @classmethod
     def success(cls, content: str | None = None) -> Outcome:
         """A 200 line with a generated (or the given) answer."""
         return cls("success", 200, content=content)
+
+    @classmethod
+    def truncated(cls, content: str | None = None) -> Outcome:
+        """A 200 line cut off by the token limit: ``finish_reason: "length"``, half of the answer."""
+        return cls("success", 200, content=content, finish_reason="length")
+
+    @classmethod
+    def refused(cls, refusal: str = "I'm sorry, but I can't help with that.") -> Outcome:
+        """A 200 line whose model refused: ``message.refusal`` set, ``content`` null."""
+        return cls("success", 200, refusal=refusal)
 
     @classmethod
     def error(cls, status: int = 500, code: str | None = None, message: str | None = None) -> Outcome:

@@ -181,6 +181,7 @@ def outcome_result(item: Item, outcome: Outcome) -> Result:
     """The result of a request whose outcome is not a success (or a success answered locally)."""
     if outcome.kind == "success":
         body = answers.answer(item.url, item.body, item.custom_id, outcome.content)
+        answers.shape_answer(body, outcome.finish_reason, outcome.refusal)
         return Result(True, output_line(item.custom_id, 200, body), answers.usage_of(body))
     if outcome.kind == "error":
         return Result(False, output_line(item.custom_id, outcome.status, outcome.error_body()))
