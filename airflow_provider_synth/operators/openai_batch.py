@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 from airflow.configuration import conf
 from airflow.sdk import BaseOperator
 
+from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import join_path, open_path
 from airflow_provider_synth.batch.manifest import write_manifest
 from airflow_provider_synth.batch.requests import CHAT, Endpoint, build_requests, write_requests
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
-from airflow_provider_synth.batch.usage import Price, cost_usd, estimate_cost
+from airflow_provider_synth.batch.usage import Price, Usage, cost_usd, estimate_cost
 from airflow_provider_synth.exceptions import (
     BatchFailedError,
     BatchTimeoutError,
@@ -103,6 +105,11 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     :param max_cost_usd: refuse to submit when the estimated cost is above this.
     :param cancel_on_kill: cancel the running batches when the task is killed or times out.
     :param prices: ``{model: (input, cached_input, output)}`` USD per 1M tokens, over the built-in table.
+    :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`): cut-off, refused
+        or off-schema answers go to ``failures.jsonl`` (never to results) and are retried alone in the retry
+        rounds; with a schema (default: the template's ``response_format``) results carry the ``parsed``
+        object. ``checks.direct_tail=N`` answers a retry round of at most N requests through the synchronous
+        API (direct price, within ``max_cost_usd``) instead of another batch.
     """
 
     template_fields: Sequence[str] = ("input_path", "output_path", "requests", "model")
@@ -133,6 +140,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         max_cost_usd: float | None = None,
         cancel_on_kill: bool = True,
         prices: Mapping[str, Price | tuple[float, float, float]] | None = None,
+        checks: OutputChecks | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -153,6 +161,9 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         self.max_failed_ratio, self.retry_failed_requests = max_failed_ratio, retry_failed_requests
         self.max_active_batches, self.token_limit_resubmits = max_active_batches, token_limit_resubmits
         self.max_cost_usd, self.cancel_on_kill, self.prices = max_cost_usd, cancel_on_kill, dict(prices or {})
+        self.checks = checks
+        if checks is not None and checks.schema is None and self.template.response_format is not None:
+            self.checks = dataclasses.replace(checks, schema=self.template.response_format)
         self._run: BatchRun | None = None
 
     @property
@@ -225,7 +236,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         return self._wait_or_finish(context, run)
 
     def _attach(self, plan: Plan) -> BatchRun:
-        run = BatchRun(self.hook, plan, as_path)
+        run = BatchRun(self.hook, plan, as_path, self.checks)
         run.discover()
         if run.batches:
             self.log.info("found %d batch(es) of this run (key %s): %s", len(run.batches), plan.key, run.statuses())
@@ -233,7 +244,19 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         return run
 
     def _next_round(self, run: BatchRun) -> list[tuple[int, int]]:
-        return run.next_round(self.retry_failed_requests, self.token_limit_resubmits)
+        """The rounds to submit; with a direct-API tail, small retry rounds are answered here instead."""
+        todo = run.next_round(self.retry_failed_requests, self.token_limit_resubmits)
+        tail = self.checks.direct_tail if self.checks is not None else 0
+        while tail and todo:
+            assert self.checks is not None
+            budget = None
+            if self.max_cost_usd is not None:
+                budget = self.max_cost_usd - (run.plan.est_cost_usd or 0.0)
+            rest = run.answer_directly(todo, tail, self.checks.direct_concurrency, budget, self.prices)
+            if rest == todo:
+                break
+            todo = run.next_round(self.retry_failed_requests, self.token_limit_resubmits)
+        return todo
 
     def _end_time(self, run: BatchRun) -> float:
         start = run.first_created_at or time.time()
@@ -296,8 +319,8 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     def _finish(self, context: Context, run: BatchRun) -> dict[str, Any]:
         acct = run.merge()
         manifest = self._manifest(context, run, acct.as_dict(), status="completed")
-        cost = cost_usd(acct.usage, run.plan.model, self.prices)
-        manifest["cost_usd"] = cost
+        manifest.update(self._costs(run, acct))
+        cost = manifest["cost_usd"]
         write_manifest(as_path(run.plan.output_dir), manifest)
         self.publish_manifest(context, manifest)
         failed = acct.failed + acct.missing
@@ -311,6 +334,27 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
                 f"{self.max_failed_ratio:.1%}); errors {codes}. Failed requests and their errors are in "
                 f"{manifest['failures_path']}, results of the rest in {manifest['results_path']}.")
         return manifest
+
+    def _costs(self, run: BatchRun, acct: Any) -> dict[str, Any]:
+        """``cost_usd``: every answer billed (results, and unusable answers the checks refused), at the batch
+        price, plus the direct-API tail at the direct price; the tail's and the checks' share; and the ratio of
+        the results' actual input tokens to the estimate for as many requests (``input_tokens_ratio``)."""
+        model, plan = run.plan.model, run.plan
+        direct = run.direct.summary(model, self.prices)
+        billed = Usage().add(acct.usage).add(acct.unusable_usage)
+        batch_usage = Usage(**{k: max(v - direct["direct_usage"][k], 0) for k, v in billed.as_dict().items()})
+        batch_cost = cost_usd(batch_usage, model, self.prices)
+        out: dict[str, Any] = {"cost_usd": batch_cost}
+        if direct["direct_rounds"]:
+            out.update(direct)
+            dc = direct["direct_cost_usd"]
+            out["cost_usd"] = None if batch_cost is None or dc is None else round(batch_cost + dc, 6)
+        if acct.checked:
+            out["checks"] = {**acct.checks_dict(), "cost_usd": cost_usd(acct.unusable_usage, model, self.prices)}
+        if plan.est_input_tokens and acct.succeeded and plan.total:
+            expected = plan.est_input_tokens * acct.succeeded / plan.total
+            out["input_tokens_ratio"] = round(acct.usage.prompt_tokens / expected, 4)
+        return out
 
     def _manifest(self, context: Context, run: BatchRun, accounting: dict[str, Any] | None,
                   status: str) -> dict[str, Any]:

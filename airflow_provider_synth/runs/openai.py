@@ -17,12 +17,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_synth.batch.jsonl import join_path, loads, open_path
+from airflow_provider_synth.batch.checks import OutputChecks
+from airflow_provider_synth.batch.jsonl import iter_jsonl, join_path, loads, open_path
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
 from airflow_provider_synth.batch.results import ParsedOutput
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 from airflow_provider_synth.hooks.openai import batch_summary
+from airflow_provider_synth.runs.openai_direct import DirectRounds, answer_round, estimate_direct_cost
 
 if TYPE_CHECKING:
     from openai.types import Batch
@@ -145,12 +147,19 @@ class BatchRun:
     :param hook: the sync hook of the run's connection.
     :param plan: the run's plan.
     :param path_factory: turns a stored path string back into a path object (ObjectStoragePath for URLs).
+    :param checks: output checks: unusable answers are failures, retried in the rounds like retryable ones.
     """
 
-    def __init__(self, hook: OpenAIBatchHook, plan: Plan, path_factory: Any = None) -> None:
+    def __init__(self, hook: OpenAIBatchHook, plan: Plan, path_factory: Any = None,
+                 checks: OutputChecks | None = None) -> None:
         self.hook, self.plan = hook, plan
         self._path = path_factory or (lambda p: p)
         self.batches: dict[tuple[int, int], BatchRef] = {}
+        self.checker = checks.checker() if checks is not None else None
+        #: rounds answered through the synchronous API (loaded by :meth:`discover`)
+        self.direct = DirectRounds(self._work())
+        #: how many requests each pending ``(shard, round)`` holds (written by :meth:`next_round`)
+        self.pending: dict[tuple[int, int], int] = {}
 
     # -- paths ------------------------------------------------------------------------------------------------
 
@@ -173,6 +182,7 @@ class BatchRun:
 
     def discover(self) -> None:
         """Find every batch the run created (any try), newest state first."""
+        self.direct = DirectRounds.load(self._work())
         found = self.hook.find_batches({KEY_META: self.plan.key}, created_after=self.plan.created_at - 3600)
         for batch in found:
             meta = batch.metadata or {}
@@ -230,7 +240,7 @@ class BatchRun:
         return min((b.created_at for b in self.batches.values()), default=None)
 
     def last_round(self, shard: int) -> int:
-        return max((r for s, r in self.batches if s == shard), default=-1)
+        return max((r for s, r in [*self.batches, *self.direct.pairs()] if s == shard), default=-1)
 
     # -- submission -------------------------------------------------------------------------------------------
 
@@ -242,7 +252,8 @@ class BatchRun:
         """Upload and create the batches of ``(shard, round)`` pairs not created yet (or refused for the
         enqueued-token limit), at most ``max_active`` of this run running at once; reuse uploads a crashed try
         left behind. Returns the new batch ids; pairs over the cap wait for a later call."""
-        todo = [t for t in todo if t not in self.batches or self.batches[t].token_limited]
+        todo = [t for t in todo if (t not in self.batches or self.batches[t].token_limited)
+                and self.direct.get(*t) is None]
         if not todo:
             return []
         uploads = self._existing_uploads()
@@ -272,9 +283,13 @@ class BatchRun:
 
     # -- collection -------------------------------------------------------------------------------------------
 
-    def _outputs_of(self, shard: int) -> list[Any]:
-        files = []
+    def _outputs_of(self, shard: int) -> tuple[list[Any], list[int]]:
+        """Every output and error file of the shard's finished rounds (downloaded once), and their rounds."""
+        files, rounds = [], []
         for rnd in range(self.last_round(shard) + 1):
+            direct = self.direct.outputs(shard, rnd)
+            files += direct
+            rounds += [rnd] * len(direct)
             ref = self.batches.get((shard, rnd))
             if ref is None or not ref.terminal:
                 continue
@@ -286,7 +301,8 @@ class BatchRun:
                 if not _exists(dest):
                     self.hook.download_file(file_id, dest)
                 files.append(dest)
-        return files
+                rounds.append(rnd)
+        return files, rounds
 
     def next_round(self, max_rounds: int, token_limit_resubmits: int = 0) -> list[tuple[int, int]]:
         """Write, per shard whose batches are all terminal, the requests a new round should retry; return the
@@ -300,10 +316,14 @@ class BatchRun:
             if last < 0:
                 todo.append((shard, 0))
                 continue
-            ref = self.batches[(shard, last)]
-            if not ref.terminal:
+            direct = self.direct.get(shard, last)
+            if direct is not None and not direct.get("done"):
+                todo.append((shard, last))  # a direct round a crash interrupted: finish it
                 continue
-            if ref.token_limited:
+            ref = self.batches.get((shard, last))
+            if ref is not None and not ref.terminal:
+                continue
+            if ref is not None and ref.token_limited:
                 done = resubmits.get(f"{shard}-{last}", 0)
                 if done < token_limit_resubmits:
                     todo.append((shard, last))
@@ -314,8 +334,10 @@ class BatchRun:
                 continue
             base = self.shard_input(shard, 0)
             with open_path(self.shard_input(shard, last + 1), "wb") as out:
-                n = pending_requests(base, self._outputs_of(shard), out, retryable_only=False, keep=retry_worthy)
+                n = pending_requests(base, self._outputs_of(shard)[0], out, retryable_only=False, keep=retry_worthy,
+                                     checks=self.checker)
             if n:
+                self.pending[(shard, last + 1)] = n
                 log.info("shard %d: %d request(s) to retry in round %d", shard, n, last + 1)
                 todo.append((shard, last + 1))
         return todo
@@ -342,9 +364,42 @@ class BatchRun:
     def merge(self) -> Accounting:
         """Merge every shard's rounds into results.jsonl and failures.jsonl of the output folder."""
         out = output_paths(self._path(self.plan.output_dir))
-        shards = [ShardOutputs(self.shard_input(i, 0), self._outputs_of(i)) for i in range(len(self.plan.shards))]
+        shards = [ShardOutputs(self.shard_input(i, 0), *self._outputs_of(i)) for i in range(len(self.plan.shards))]
         with open_path(out["results_path"], "wb") as rf, open_path(out["failures_path"], "wb") as ff:
-            return merge_shards(shards, rf, ff)
+            return merge_shards(shards, rf, ff, self.checker)
+
+    # -- the direct-API tail ----------------------------------------------------------------------------------
+
+    def answer_directly(self, todo: list[tuple[int, int]], limit: int, concurrency: int,
+                        budget_usd: float | None = None, prices: Mapping[str, Any] | None = None
+                        ) -> list[tuple[int, int]]:
+        """Answer the retry rounds of ``todo`` through the synchronous API when, together, they hold at most
+        ``limit`` requests and their direct cost fits ``budget_usd`` (what ``max_cost_usd`` leaves after the
+        batch estimate and earlier direct rounds); a direct round a crash interrupted is always finished.
+        Returns the pairs still to submit as batches."""
+        resumed = [t for t in todo if self.direct.get(*t) is not None]
+        fresh = [t for t in todo if t[1] > 0 and t not in resumed]
+        if fresh and sum(self.pending.get(t, 0) for t in fresh) > limit:
+            fresh = []
+        requests = {t: self._round_requests(*t) for t in [*resumed, *fresh]}
+        if fresh and budget_usd is not None:
+            est = estimate_direct_cost([r for t in fresh for r in requests[t]], self.plan.model, prices)
+            left = budget_usd - self.direct.est_cost_usd
+            if est is None or est > left:
+                log.warning("the direct-API tail would cost up to $%s, over the $%.4f max_cost_usd leaves: "
+                            "retrying in a batch instead", est, left)
+                fresh = []
+            else:
+                for t in fresh:
+                    self.direct.rounds[f"{t[0]}-{t[1]}"] = {"requests": len(requests[t]), "parts": 0, "done": False,
+                                                            "est_cost_usd": est / len(fresh)}
+        for shard, rnd in [*resumed, *fresh]:
+            answer_round(self.hook, self.direct, shard, rnd, requests[(shard, rnd)], concurrency)
+        return [t for t in todo if t not in resumed and t not in fresh]
+
+    def _round_requests(self, shard: int, rnd: int) -> list[bytes]:
+        with open_path(self.shard_input(shard, rnd), "rb") as fp:
+            return [bytes(raw) for _, raw in iter_jsonl(fp)]
 
     def statuses(self) -> dict[str, int]:
         counts: dict[str, int] = {}

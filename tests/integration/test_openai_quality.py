@@ -1,0 +1,137 @@
+"""The quality loop end to end: example_openai_structured run with dag.test() against the local Batch API server,
+with per-custom_id outcomes (cut-off answers, off-schema JSON, a transient tail)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import orjson
+import pytest
+
+from airflow_provider_synth.batch.split import ShardLimits
+from airflow_provider_synth.batch.usage import Usage, cost_usd
+from airflow_provider_synth.server.config import Outcome
+
+ALL_IDS = [f"quiz-{i:06d}" for i in range(200)]
+
+
+def load_dag(dag_id: str):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag()
+    assert not bag.import_errors, bag.import_errors
+    return bag.get_dag(dag_id)
+
+
+def lines(path) -> list[dict]:
+    with open(path, "rb") as fp:
+        return [orjson.loads(x) for x in fp if x.strip()]
+
+
+def run_structured(tmp_path, monkeypatch, *, max_requests: int = 100, **checks_changes):
+    monkeypatch.setenv("SYNTH_OUTPUT_DIR", str(tmp_path))
+    dag = load_dag("example_openai_structured")
+    task = dag.get_task("synthesize")
+    task.limits = ShardLimits(max_requests=max_requests)
+    task.poll_interval = 0.2
+    task.checks = dataclasses.replace(task.checks, **checks_changes)
+    dr = dag.test(run_conf={"n_records": 200})
+    return dr, dr.get_task_instance("synthesize").xcom_pull(task_ids="synthesize")
+
+
+def assert_each_id_once(m: dict) -> tuple[list[dict], list[dict]]:
+    results, failures = lines(m["results_path"]), lines(m["failures_path"])
+    assert [r["custom_id"] for r in results] == sorted(r["custom_id"] for r in results)  # input order
+    assert sorted([r["custom_id"] for r in results] + [f["custom_id"] for f in failures]) == ALL_IDS
+    assert m["succeeded"] + m["failed"] + m["missing"] == m["total"] == 200
+    return results, failures
+
+
+@pytest.mark.integration
+def test_cut_off_answers_are_retried_alone_with_more_tokens(airflow_db, openai_conn, tmp_path, monkeypatch) -> None:
+    openai_conn.set_outcome("quiz-00001?", Outcome.truncated(), times=1)  # 10% of the first attempts
+    openai_conn.set_outcome("quiz-00012?", Outcome.truncated(), times=1)
+    dr, m = run_structured(tmp_path, monkeypatch, direct_tail=0)
+    assert dr.state == "success"
+    results, failures = assert_each_id_once(m)
+    assert failures == [] and len(results) == 200
+    assert all(r["response"]["body"]["choices"][0]["finish_reason"] == "stop" for r in results)
+    assert all(set(r["parsed"]) == {"question", "answer", "difficulty"} for r in results)
+    c = m["checks"]
+    assert (c["truncated"], c["refused"], c["schema_invalid"], c["retried"], c["rounds"]) == (20, 0, 0, 20, 1)
+    assert m["rounds"] == 2 and "direct_requests" not in m
+    # only the 20 cut-off requests were sent again, with the declared larger max_completion_tokens
+    assert openai_conn.counters["requests_processed"] == 220
+    retry_inputs = sorted(tmp_path.rglob("shard-*-r1.jsonl"))
+    retried = [orjson.loads(x) for p in retry_inputs for x in p.read_bytes().splitlines()]
+    assert sorted(r["custom_id"] for r in retried) == [f"quiz-0000{i}{j}" for i in (1,) for j in range(10)] + \
+        [f"quiz-00012{j}" for j in range(10)]
+    assert {r["body"]["max_completion_tokens"] for r in retried} == {1200}
+    # billed: 200 usable answers and the 20 cut-off ones, nothing else; the manifest says what the cut-offs cost
+    assert m["usage"]["requests"] == 200 and c["usage"]["requests"] == 20 and c["usage"]["completion_tokens"] > 0
+    billed = Usage.from_dict(m["usage"]).add(Usage.from_dict(c["usage"]))
+    assert m["cost_usd"] == cost_usd(billed, "gpt-4o-mini") and 0 < c["cost_usd"] < m["cost_usd"]
+    assert 0.5 < m["input_tokens_ratio"] < 2.0
+
+
+@pytest.mark.integration
+def test_off_schema_json_is_retried_then_reported_with_its_text(airflow_db, openai_conn, tmp_path,
+                                                                monkeypatch) -> None:
+    bad = '{"question": "What is 2+2?", "answer": 4}'  # answer not a string, difficulty missing
+    openai_conn.set_outcome("quiz-00000[0-2]", Outcome.success(content=bad))          # stays invalid
+    openai_conn.set_outcome("quiz-00000[3-9]", Outcome.success(content="Sure!"), times=1)  # fixed on retry
+    dr, m = run_structured(tmp_path, monkeypatch, direct_tail=0)
+    assert dr.state == "success"  # 3 of 200 failed: within max_failed_ratio=0.02
+    results, failures = assert_each_id_once(m)
+    assert [f["custom_id"] for f in failures] == ["quiz-000000", "quiz-000001", "quiz-000002"]
+    for f in failures:
+        assert f["error"]["code"] == "schema_invalid" and "QuizItem" in f["error"]["message"]
+        assert f["text"] == bad and f["attempts"] == 3 and f["status_code"] == 200
+    c = m["checks"]
+    assert c["schema_invalid"] == 3 * 3 + 7 and c["retried"] == 3 * 2 + 7 and c["rounds"] == 2
+    assert m["rounds"] == 3 and m["error_codes"] == {"schema_invalid": 3}
+    assert openai_conn.counters["requests_processed"] == 200 + 10 + 3
+
+
+@pytest.mark.integration
+def test_transient_tail_goes_direct_after_one_batch(airflow_db, openai_conn, tmp_path, monkeypatch) -> None:
+    openai_conn.set_outcome("quiz-00000[0-3]", Outcome.error(500), times=1)  # a 2% transient tail
+    dr, m = run_structured(tmp_path, monkeypatch, max_requests=200)
+    assert dr.state == "success"
+    results, failures = assert_each_id_once(m)
+    assert failures == [] and len(results) == 200
+    # one batch, then the 4 failed requests through the synchronous API: no second batch, no 24 h wait
+    assert openai_conn.counters["batches_created"] == 1 and len(m["batch_ids"]) == 1
+    assert openai_conn.counters["direct_requests"] == 4 and openai_conn.counters["requests_processed"] == 200
+    assert m["direct_requests"] == 4 and m["direct_rounds"] == 1 and m["direct_usage"]["requests"] == 4
+    direct_cost = cost_usd(Usage.from_dict(m["direct_usage"]), "gpt-4o-mini", batch=False)
+    assert m["direct_cost_usd"] == direct_cost > 0
+    batch_cost = cost_usd(Usage.from_dict(m["usage"]), "gpt-4o-mini")
+    assert m["cost_usd"] == pytest.approx(batch_cost + direct_cost, abs=2e-6)  # usage holds the direct answers too
+    assert {r["custom_id"] for r in results if r["response"]["request_id"].startswith("chatcmpl-")} == {
+        "quiz-000000", "quiz-000001", "quiz-000002", "quiz-000003"}
+
+
+@pytest.mark.integration
+def test_direct_tail_is_refused_when_max_cost_usd_leaves_no_room(airflow_db, openai_conn, tmp_path,
+                                                                  monkeypatch) -> None:
+    openai_conn.set_outcome("quiz-00000[0-3]", Outcome.error(500), times=1)
+    monkeypatch.setenv("SYNTH_OUTPUT_DIR", str(tmp_path))
+    dag = load_dag("example_openai_structured")
+    task = dag.get_task("synthesize")
+    task.limits, task.poll_interval = ShardLimits(max_requests=200), 0.2
+    dr = dag.test(run_conf={"n_records": 200})
+    m = dr.get_task_instance("synthesize").xcom_pull(task_ids="synthesize")
+    est = m["est_cost_usd"]
+    # the same run, with a budget just over the batch estimate: the direct tail does not fit, a batch does
+    openai_conn.reset()
+    openai_conn.set_outcome("quiz-00000[0-3]", Outcome.error(500), times=1)
+    monkeypatch.setenv("SYNTH_OUTPUT_DIR", str(tmp_path / "tight"))
+    dag = load_dag("example_openai_structured")
+    task = dag.get_task("synthesize")
+    task.limits, task.poll_interval, task.max_cost_usd = ShardLimits(max_requests=200), 0.2, est * 1.0001
+    dr = dag.test(run_conf={"n_records": 200})
+    m = dr.get_task_instance("synthesize").xcom_pull(task_ids="synthesize")
+    assert dr.state == "success" and m["succeeded"] == 200
+    assert openai_conn.counters["direct_requests"] == 0 and openai_conn.counters["batches_created"] == 2
+    assert "direct_requests" not in m
