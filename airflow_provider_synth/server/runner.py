@@ -235,7 +235,7 @@ class Counters:
                 for name in (
                     "files_created", "files_deleted", "output_files_created", "bytes_uploaded", "batches_created",
                     "batches_cancelled", "batches_completed", "batches_failed", "batches_expired",
-                    "batches_rejected", "requests_processed", "batch_polls", "faults_injected",
+                    "batches_rejected", "requests_processed", "batch_polls", "faults_injected", "direct_requests",
                 )
             }
             data.update(self._counts)
