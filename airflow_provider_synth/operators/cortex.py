@@ -14,6 +14,7 @@ from airflow.configuration import conf
 from airflow.sdk import BaseOperator
 
 from airflow_provider_synth.batch import cortex
+from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.cortex_sql import StagingTables, TableSource, run_key
 from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
 from airflow_provider_synth.batch.jsonl import dumps, open_path
@@ -74,6 +75,9 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
     :param deferrable: wait in the triggerer instead of a worker slot.
     :param max_failed_ratio: the share of failed or missing requests tolerated before the task fails.
     :param extra_models: model names to accept beyond the known Cortex models (new or fine-tuned ones).
+    :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`): answers cut off,
+        refused or off-schema go to ``failures.jsonl`` with their text, never to results; the manifest counts
+        them under ``checks``. (Cortex has no retry rounds: a failed task retry does not re-answer them.)
     """
 
     template_fields: Sequence[str] = ("input_path", "output_path", "model")
@@ -95,6 +99,7 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         max_failed_ratio: float = 0.0,
         extra_models: Sequence[str] = (),
+        checks: OutputChecks | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -117,6 +122,9 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
         self.deferrable = deferrable
         self.max_failed_ratio = float(max_failed_ratio)
         self.extra_models = frozenset(extra_models)
+        if checks is not None and checks.direct_tail:
+            raise ValueError("checks.direct_tail is for the OpenAI and Azure Batch API only")
+        self.checks = checks
         self._query_ids: list[str] = []
 
     # -- preparing -------------------------------------------------------------------------------------
@@ -316,11 +324,12 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
         tables = StagingTables(**run["tables"])
         paths = output_paths(self.output_path)
         acct = Accounting()
+        checker = self.checks.checker() if self.checks is not None else None
         hook = self._hook(context)
         try:
             with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
                 for shard in self._blocks(hook, tables, run["model"]):
-                    merge_shard(shard, results, failures, acct)
+                    merge_shard(shard, results, failures, acct, checker)
             acct.check()
             query_ids = [str(q) for _, q, _ in hook.fetch_all(tables.recorded_statements())]
             failed_ratio = (acct.failed + acct.missing) / acct.total if acct.total else 0.0

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
+from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import dumps, loads, open_path
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
 from airflow_provider_synth.batch.merge import ShardOutputs, merge_shards
@@ -117,6 +118,9 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
     :param max_failed_ratio: the share of failed requests tolerated before the task fails.
     :param checkpoint_interval: seconds between uploads of the engine's answers when ``output_path`` is
         remote, so that a lost node costs at most this much work.
+    :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`): answers cut off,
+        refused or off-schema go to ``failures.jsonl`` with their text, never to results; the manifest counts
+        them under ``checks``.
     """
 
     template_fields: Sequence[str] = ("input_path", "output_path", "model", "python")
@@ -136,6 +140,7 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         work_dir: str | None = None,
         max_failed_ratio: float = 0.0,
         checkpoint_interval: float = 300.0,
+        checks: OutputChecks | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -154,6 +159,9 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         self.work_dir = work_dir
         self.max_failed_ratio = max_failed_ratio
         self.checkpoint_interval = checkpoint_interval
+        if checks is not None and checks.direct_tail:
+            raise ValueError("checks.direct_tail is for the OpenAI and Azure Batch API only")
+        self.checks = checks
         self._proc: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------------------------------------ execute
@@ -238,7 +246,7 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         paths = output_paths(self.output_path)
         with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
             acct = merge_shards([ShardOutputs(requests=self.input_path, outputs=[work.remote_output])],
-                                results, failures)
+                                results, failures, self.checks)
         ti = context["ti"]
         manifest = build_manifest(
             backend="vllm", accounting=acct.as_dict(), output_dir=self.output_path, model=self.model,

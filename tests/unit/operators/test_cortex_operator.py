@@ -261,3 +261,18 @@ def test_source_table_with_a_messages_column_uses_the_conversation_form(fake: Fa
     answers = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"]
                for r in _lines(tmp_path / "out" / "results.jsonl")}
     assert answers == {"c1": "Cortex answer to: Be brief. | Name a colour.", "c2": "Cortex answer to: Name a fruit."}
+
+
+def test_output_checks_send_off_schema_answers_to_failures(fake: FakeCortex, tmp_path: Path):
+    from airflow_provider_synth.batch.checks import OutputChecks
+
+    _write_requests(tmp_path / "requests.jsonl", [f"prompt {i}" for i in range(5)])
+    checks = OutputChecks(schema={"type": "object", "required": ["answer"]})
+    manifest = _op(tmp_path, checks=checks, max_failed_ratio=1.0).execute(_context())
+    assert (manifest["succeeded"], manifest["failed"]) == (0, 5)  # plain-text answers are not JSON objects
+    assert manifest["checks"]["schema_invalid"] == 5 and manifest["error_codes"] == {"schema_invalid": 5}
+    fails = _lines(tmp_path / "out" / "failures.jsonl")
+    assert fails[0]["text"] == "Cortex answer to: prompt 0" and "not JSON" in fails[0]["error"]["message"]
+    assert (tmp_path / "out" / "results.jsonl").read_bytes() == b""
+    with pytest.raises(ValueError, match="direct_tail"):
+        _op(tmp_path, checks=OutputChecks(direct_tail=3))

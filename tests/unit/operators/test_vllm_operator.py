@@ -272,3 +272,24 @@ def test_retry_reruns_only_failures_a_retry_can_fix(requests_file, tmp_path, fak
     answers = [r for r in read_lines(str(engine_output)) if r["custom_id"] == "r001"]
     assert [a["response"]["status_code"] for a in answers] == [500, 200]  # appended, never rewritten
     assert len(read_lines(str(engine_output))) == 61  # r007's 400 was final: not run again
+
+
+def test_output_checks_send_cut_off_answers_to_failures(tmp_path, fake_python, context) -> None:
+    from airflow_provider_synth.batch.checks import OutputChecks
+
+    rows = [chat(f"r{i:03d}", "a b c d e f" if i % 5 == 0 else f"question {i}") for i in range(20)]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl(rows))
+    checks = OutputChecks(finish_reasons={"length"})
+    manifest = operator(str(path), str(tmp_path / "out"), fake_python, checks=checks,
+                        max_failed_ratio=0.25).execute(context)
+    assert (manifest["succeeded"], manifest["failed"]) == (16, 4)
+    assert manifest["checks"]["truncated"] == 4 and manifest["checks"]["usage"]["requests"] == 4
+    assert manifest["usage"]["requests"] == 16 and manifest["error_codes"] == {"truncated": 4}
+    fails = read_lines(manifest["failures_path"])
+    assert [f["custom_id"] for f in fails] == ["r000", "r005", "r010", "r015"]
+    assert all(f["text"] == "echo: a b c" and f["error"]["code"] == "truncated" for f in fails)
+    assert all(r["response"]["body"]["choices"][0]["finish_reason"] == "stop"
+               for r in read_lines(manifest["results_path"]))
+    with pytest.raises(ValueError, match="direct_tail"):
+        operator(str(path), str(tmp_path / "o2"), fake_python, checks=OutputChecks(direct_tail=3))
