@@ -155,14 +155,20 @@ def answer_round(hook: OpenAIBatchHook, rounds: DirectRounds, shard: int, rnd: i
             rounds.save()
         lines, last = [], time.monotonic()
 
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="synth-direct") as pool:
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="synth-direct")
+    try:
         pending: set[Future[bytes]] = {pool.submit(_answer, hook, raw) for raw in todo}
         while pending:
             done, pending = wait(pending, timeout=PART_SECONDS, return_when=FIRST_COMPLETED)
-            lines.extend(f.result() for f in done)
+            lines.extend(f.result() for f in done if f.exception() is None)
+            failed = [exc for f in done if (exc := f.exception()) is not None]
+            if failed:
+                raise failed[0]
             if len(lines) >= PART_LINES or time.monotonic() - last >= PART_SECONDS:
                 flush()
-    flush()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        flush()  # on the way out too (a kill, an error): what was answered is recorded, never paid again
     rec["done"] = True
     rounds.save()
     log.info("shard %d round %d: %d request(s) answered through the synchronous API", shard, rnd, len(todo))
