@@ -246,13 +246,13 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     def _next_round(self, run: BatchRun) -> list[tuple[int, int]]:
         """The rounds to submit; with a direct-API tail, small retry rounds are answered here instead."""
         todo = run.next_round(self.retry_failed_requests, self.token_limit_resubmits)
-        tail = self.checks.direct_tail if self.checks is not None else 0
-        while tail and todo:
-            assert self.checks is not None
+        checks = self.checks or OutputChecks()
+        # a direct round a crashed try left unfinished is finished directly, whatever the tail is set to now
+        while todo and (checks.direct_tail or any(run.direct.get(*t) is not None for t in todo)):
             budget = None
             if self.max_cost_usd is not None:
                 budget = self.max_cost_usd - (run.plan.est_cost_usd or 0.0)
-            rest = run.answer_directly(todo, tail, self.checks.direct_concurrency, budget, self.prices)
+            rest = run.answer_directly(todo, checks.direct_tail, checks.direct_concurrency, budget, self.prices)
             if rest == todo:
                 break
             todo = run.next_round(self.retry_failed_requests, self.token_limit_resubmits)

@@ -379,20 +379,21 @@ class BatchRun:
         Returns the pairs still to submit as batches."""
         resumed = [t for t in todo if self.direct.get(*t) is not None]
         fresh = [t for t in todo if t[1] > 0 and t not in resumed]
-        if fresh and sum(self.pending.get(t, 0) for t in fresh) > limit:
+        if not limit or sum(self.pending.get(t, 0) for t in fresh) > limit:
             fresh = []
         requests = {t: self._round_requests(*t) for t in [*resumed, *fresh]}
+        est = estimate_direct_cost([r for t in fresh for r in requests[t]], self.plan.model, prices)
         if fresh and budget_usd is not None:
-            est = estimate_direct_cost([r for t in fresh for r in requests[t]], self.plan.model, prices)
             left = budget_usd - self.direct.est_cost_usd
             if est is None or est > left:
                 log.warning("the direct-API tail would cost up to $%s, over the $%.4f max_cost_usd leaves: "
                             "retrying in a batch instead", est, left)
                 fresh = []
-            else:
-                for t in fresh:
-                    self.direct.rounds[f"{t[0]}-{t[1]}"] = {"requests": len(requests[t]), "parts": 0, "done": False,
-                                                            "est_cost_usd": est / len(fresh)}
+        for t in fresh:  # the decision is recorded before any call: a retried task finishes these rounds directly
+            self.direct.rounds[f"{t[0]}-{t[1]}"] = {"requests": len(requests[t]), "parts": 0, "done": False,
+                                                    "est_cost_usd": (est or 0.0) / len(fresh)}
+        if fresh:
+            self.direct.save()
         for shard, rnd in [*resumed, *fresh]:
             answer_round(self.hook, self.direct, shard, rnd, requests[(shard, rnd)], concurrency)
         return [t for t in todo if t not in resumed and t not in fresh]
