@@ -346,7 +346,6 @@ def _wait(run: Any, args: argparse.Namespace, out: Output) -> None:
 
 def cmd_download(args: argparse.Namespace, out: Output) -> int:
     from airflow_provider_synth.batch.manifest import write_manifest
-    from airflow_provider_synth.batch.usage import cost_usd
 
     target = resolve_target(args, need_plan=True)
     plan = target.plan
@@ -363,7 +362,7 @@ def cmd_download(args: argparse.Namespace, out: Output) -> int:
 
     plan.conn_id = target.conn_id
     manifest = run_manifest(
-        run, acct.as_dict(), "completed", cost_usd=cost_usd(acct.usage, plan.model), collected_by="airflow-synth",
+        run, acct.as_dict(), "completed", **run.costs(acct), collected_by="airflow-synth",
         **{k: source.get(k) for k in ("dag_id", "task_id", "run_id", "map_index", "try_number")},
     )
     write_manifest(_as_path(plan.output_dir), manifest)

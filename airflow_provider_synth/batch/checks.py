@@ -67,6 +67,25 @@ class OutputChecks:
         """Whether any answer can be judged unusable."""
         return bool(self.finish_reasons) or self.refusal or self.schema is not None
 
+    def to_spec(self) -> dict[str, Any]:
+        """The checks as JSON (a pydantic model as its JSON schema), stored in a run's plan so that a later
+        re-merge (the CLI's ``download``) judges answers the same way; ``direct_*`` are left out."""
+        schema = self.schema
+        if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+            schema = schema.model_json_schema()
+        return {"finish_reasons": sorted(self.finish_reasons), "refusal": self.refusal, "schema": schema,
+                "retry": self.retry, "retry_body": {k: dict(v) for k, v in self.retry_body.items()},
+                "parsed": self.parsed}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | None) -> OutputChecks | None:
+        """The checks :meth:`to_spec` stored, or ``None``."""
+        if not spec:
+            return None
+        return cls(finish_reasons=frozenset(spec.get("finish_reasons") or ()), refusal=bool(spec.get("refusal")),
+                   schema=spec.get("schema"), retry=bool(spec.get("retry", True)),
+                   retry_body=dict(spec.get("retry_body") or {}), parsed=bool(spec.get("parsed", True)))
+
     def checker(self) -> Checker | None:
         """The compiled checks (schema validator built once), or ``None`` when nothing is checked."""
         return Checker(self) if self.active else None

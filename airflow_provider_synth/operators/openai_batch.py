@@ -17,7 +17,7 @@ from airflow_provider_synth.batch.jsonl import join_path, open_path
 from airflow_provider_synth.batch.manifest import write_manifest
 from airflow_provider_synth.batch.requests import CHAT, Endpoint, build_requests, write_requests
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
-from airflow_provider_synth.batch.usage import Price, Usage, cost_usd, estimate_cost
+from airflow_provider_synth.batch.usage import Price, estimate_cost
 from airflow_provider_synth.exceptions import (
     BatchFailedError,
     BatchTimeoutError,
@@ -206,7 +206,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
                     completion_window=self.completion_window, work_dir=str(work), output_dir=str(output),
                     shards=[s.as_dict() for s in split.shards], total=split.total, fingerprint=split.fingerprint,
                     est_input_tokens=split.est_input_tokens, est_output_tokens=split.est_output_tokens,
-                    est_cost_usd=est)
+                    est_cost_usd=est, checks=self.checks.to_spec() if self.checks is not None else None)
         self.log.info("%d request(s) in %d shard(s) for %s %s; run key %s", split.total, len(split.shards),
                       plan.endpoint, plan.model, key)
         return plan
@@ -319,7 +319,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     def _finish(self, context: Context, run: BatchRun) -> dict[str, Any]:
         acct = run.merge()
         manifest = self._manifest(context, run, acct.as_dict(), status="completed")
-        manifest.update(self._costs(run, acct))
+        manifest.update(run.costs(acct, self.prices))
         cost = manifest["cost_usd"]
         write_manifest(as_path(run.plan.output_dir), manifest)
         self.publish_manifest(context, manifest)
@@ -334,27 +334,6 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
                 f"{self.max_failed_ratio:.1%}); errors {codes}. Failed requests and their errors are in "
                 f"{manifest['failures_path']}, results of the rest in {manifest['results_path']}.")
         return manifest
-
-    def _costs(self, run: BatchRun, acct: Any) -> dict[str, Any]:
-        """``cost_usd``: every answer billed (results, and unusable answers the checks refused), at the batch
-        price, plus the direct-API tail at the direct price; the tail's and the checks' share; and the ratio of
-        the results' actual input tokens to the estimate for as many requests (``input_tokens_ratio``)."""
-        model, plan = run.plan.model, run.plan
-        direct = run.direct.summary(model, self.prices)
-        billed = Usage().add(acct.usage).add(acct.unusable_usage)
-        batch_usage = Usage(**{k: max(v - direct["direct_usage"][k], 0) for k, v in billed.as_dict().items()})
-        batch_cost = cost_usd(batch_usage, model, self.prices)
-        out: dict[str, Any] = {"cost_usd": batch_cost}
-        if direct["direct_rounds"]:
-            out.update(direct)
-            dc = direct["direct_cost_usd"]
-            out["cost_usd"] = None if batch_cost is None or dc is None else round(batch_cost + dc, 6)
-        if acct.checked:
-            out["checks"] = {**acct.checks_dict(), "cost_usd": cost_usd(acct.unusable_usage, model, self.prices)}
-        if plan.est_input_tokens and acct.succeeded and plan.total:
-            expected = plan.est_input_tokens * acct.succeeded / plan.total
-            out["input_tokens_ratio"] = round(acct.usage.prompt_tokens / expected, 4)
-        return out
 
     def _manifest(self, context: Context, run: BatchRun, accounting: dict[str, Any] | None,
                   status: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
 from airflow_provider_synth.batch.results import ParsedOutput
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES
+from airflow_provider_synth.batch.usage import Usage, cost_usd
 from airflow_provider_synth.hooks.openai import batch_summary
 from airflow_provider_synth.runs.openai_direct import DirectRounds, answer_round, estimate_direct_cost
 
@@ -104,6 +105,8 @@ class Plan:
     est_cost_usd: float | None = None
     created_at: float = field(default_factory=time.time)
     labels: dict[str, str] = field(default_factory=dict)
+    #: the output checks (:meth:`OutputChecks.to_spec`), for a re-merge outside the operator
+    checks: dict[str, Any] | None = None
 
     def save(self, work_dir: Any) -> str:
         path = join_path(work_dir, PLAN_FILE)
@@ -148,6 +151,7 @@ class BatchRun:
     :param plan: the run's plan.
     :param path_factory: turns a stored path string back into a path object (ObjectStoragePath for URLs).
     :param checks: output checks: unusable answers are failures, retried in the rounds like retryable ones.
+        Default: the checks the plan recorded.
     """
 
     def __init__(self, hook: OpenAIBatchHook, plan: Plan, path_factory: Any = None,
@@ -155,6 +159,7 @@ class BatchRun:
         self.hook, self.plan = hook, plan
         self._path = path_factory or (lambda p: p)
         self.batches: dict[tuple[int, int], BatchRef] = {}
+        checks = checks if checks is not None else OutputChecks.from_spec(plan.checks)
         self.checker = checks.checker() if checks is not None else None
         #: rounds answered through the synchronous API (loaded by :meth:`discover`)
         self.direct = DirectRounds(self._work())
@@ -397,6 +402,27 @@ class BatchRun:
         for shard, rnd in [*resumed, *fresh]:
             answer_round(self.hook, self.direct, shard, rnd, requests[(shard, rnd)], concurrency)
         return [t for t in todo if t not in resumed and t not in fresh]
+
+    def costs(self, acct: Accounting, prices: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``cost_usd``: every answer billed (results, and unusable answers the checks refused) at the batch
+        price, plus the direct-API tail at the direct price; the tail's and the checks' share; and the ratio of
+        the results' actual input tokens to the estimate for as many requests (``input_tokens_ratio``)."""
+        model, plan = self.plan.model, self.plan
+        direct = self.direct.summary(model, prices)
+        billed = Usage().add(acct.usage).add(acct.unusable_usage)
+        batch_usage = Usage(**{k: max(v - direct["direct_usage"][k], 0) for k, v in billed.as_dict().items()})
+        batch_cost = cost_usd(batch_usage, model, prices)
+        out: dict[str, Any] = {"cost_usd": batch_cost}
+        if direct["direct_rounds"]:
+            out.update(direct)
+            dc = direct["direct_cost_usd"]
+            out["cost_usd"] = None if batch_cost is None or dc is None else round(batch_cost + dc, 6)
+        if acct.checked:
+            out["checks"] = {**acct.checks_dict(), "cost_usd": cost_usd(acct.unusable_usage, model, prices)}
+        if plan.est_input_tokens and acct.succeeded and plan.total:
+            expected = plan.est_input_tokens * acct.succeeded / plan.total
+            out["input_tokens_ratio"] = round(acct.usage.prompt_tokens / expected, 4)
+        return out
 
     def _round_requests(self, shard: int, rnd: int) -> list[bytes]:
         with open_path(self.shard_input(shard, rnd), "rb") as fp:

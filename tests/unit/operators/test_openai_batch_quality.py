@@ -63,3 +63,22 @@ def test_a_task_that_dies_mid_tail_is_finished_by_its_retry(server, tmp_path, mo
     assert m["direct_requests"] == 5 and m["direct_rounds"] == 2 and "checks" not in m  # shards 0 and 1
     results = [orjson.loads(x) for x in open(m["results_path"], "rb")]
     assert [r["custom_id"] for r in results] == [f"r{i}" for i in range(10)]
+
+
+def test_the_plan_keeps_the_checks_for_a_cli_re_merge(server, tmp_path, capsys) -> None:
+    from airflow_provider_synth.cli import EXIT_OK, main
+
+    server.set_outcome("r[12]", Outcome.truncated())
+    checks = OutputChecks(finish_reasons={"length"}, retry=False)
+    op = make_op(tmp_path, checks)
+    op.max_failed_ratio = 0.5
+    m = op.execute(context())
+    assert (m["succeeded"], m["failed"], m["checks"]["truncated"]) == (8, 2, 2)
+    assert server.counters["batches_created"] == 3  # retry=False: reported, not retried
+    dest = tmp_path / "landed"
+    capsys.readouterr()
+    assert main(["--json", "download", str(tmp_path), "--output", str(dest)]) == EXIT_OK
+    landed = orjson.loads(capsys.readouterr().out)
+    assert (landed["succeeded"], landed["failed"], landed["checks"]["truncated"]) == (8, 2, 2)
+    assert landed["cost_usd"] == m["cost_usd"] and landed["checks"]["cost_usd"] == m["checks"]["cost_usd"]
+    assert [orjson.loads(x)["custom_id"] for x in (dest / "failures.jsonl").read_bytes().splitlines()] == ["r1", "r2"]
