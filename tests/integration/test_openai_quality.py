@@ -136,3 +136,31 @@ def test_direct_tail_is_refused_when_max_cost_usd_leaves_no_room(airflow_db, ope
     assert dr.state == "success" and m["succeeded"] == 200
     assert openai_conn.counters["direct_requests"] == 0 and openai_conn.counters["batches_created"] == 2
     assert "direct_requests" not in m
+
+
+@pytest.mark.integration
+def test_azure_direct_tail_through_the_deployment(airflow_db, batch_server_factory, monkeypatch, tmp_path) -> None:
+    from airflow.models.connection import Connection
+
+    from airflow_provider_synth.batch.checks import OutputChecks
+
+    server = batch_server_factory(api_key="azure-key-1")
+    monkeypatch.setenv("AIRFLOW_CONN_SYNTH_AZURE_OPENAI_DEFAULT", Connection(
+        conn_id="synth_azure_openai_default", conn_type="synth_azure_openai", host=server.azure_endpoint,
+        password="azure-key-1", extra='{"api_version": "2025-04-01-preview"}').as_json())
+    server.set_outcome("review-0000[0-2]", Outcome.error(500), times=1)
+    server.set_outcome("review-0000[3-4]", Outcome.truncated(), times=1)
+    monkeypatch.setenv("SYNTH_OUTPUT_DIR", str(tmp_path))
+    dag = load_dag("example_azure_openai_batch")
+    task = dag.get_task("synthesize")
+    task.poll_interval, task.checks = 0.2, OutputChecks(finish_reasons={"length"}, direct_tail=5)
+    dr = dag.test(run_conf={"n_records": 60})
+    m = dr.get_task_instance("synthesize").xcom_pull(task_ids="synthesize")
+    assert dr.state == "success" and (m["succeeded"], m["failed"]) == (60, 0)
+    assert server.counters["batches_created"] == 1 and m["direct_requests"] == 5
+    routes = server.counters["http_requests"]
+    assert routes["POST /openai/deployments/{deployment}/{endpoint}"] == 5 and not [r for r in routes if "/v1/" in r]
+    assert m["checks"]["truncated"] == 2 and m["checks"]["retried"] == 2
+    price = (0.15, 0.075, 0.60)  # the example's prices= for its deployment, direct
+    assert m["direct_cost_usd"] == cost_usd(Usage.from_dict(m["direct_usage"]), "gpt-4o-mini-batch",
+                                            {"gpt-4o-mini-batch": price}, batch=False) > 0
