@@ -221,19 +221,35 @@ class _Answers:
             self.unusable_usage.append(verdict.usage)
         self.failed[verdict.custom_id] = (verdict, line)
 
+    def _judge_all(self, outs: list[Any], raws: list[bytes], oks: list[bool]) -> bool:
+        """With checks, on a source whose ids are all new: judge every success in place (an unusable one
+        becomes a failure, a usable one gets its ``parsed`` line). ``False`` (nothing changed) for old vLLM
+        lines, which the per-line path normalizes first."""
+        assert self.checker is not None
+        judge = self.checker.judge
+        if any(out.response.status_code is None for out, ok in zip(outs, oks, strict=True) if ok):
+            return False
+        for i in [i for i, ok in enumerate(oks) if ok]:
+            verdict = judge(raws[i])
+            if isinstance(verdict, Unusable):
+                verdict = verdict._replace(usage=success_raw_and_usage(outs[i], raws[i])[1])
+                self._unusable(verdict, raws[i])
+                oks[i] = False
+                outs[i] = verdict  # so the failures below record the same entry
+            elif verdict is not None:
+                raws[i] = verdict
+        return True
+
     def add_source(self, outs: list[Any], raws: list[bytes], acct: Accounting | None, rnd: int = 0) -> None:
         """Every answer of one output or error file. The common case (no id seen twice) is handled a column
         at a time in decode order, which is also memory order."""
-        if self.checker is not None:  # each success is judged: line by line
-            for out, raw in zip(outs, raws, strict=True):
-                self.add_one(out, raw, acct, rnd)
-            return
         oks = list(map(is_ok, outs))
         ids = list(map(_get_id, outs))
         fresh = set(ids)
-        if len(fresh) != len(ids) or not fresh.isdisjoint(self.succeeded) or not fresh.isdisjoint(self.failed):
+        if len(fresh) != len(ids) or not fresh.isdisjoint(self.succeeded) or not fresh.isdisjoint(self.failed) or (
+                self.checker is not None and not self._judge_all(outs, raws, oks)):
             for out, raw in zip(outs, raws, strict=True):
-                self.add_one(out, raw, acct)
+                self.add_one(out, raw, acct, rnd)
             return
         if not all(oks):
             bad = list(map(not_, oks))
