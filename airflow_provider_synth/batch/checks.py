@@ -9,7 +9,7 @@ schema) the results lines carry the validated object under ``"parsed"``.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -303,6 +303,25 @@ class Checker:
             return changes[kind]
         reason = {TRUNCATED: "length", REFUSED: "content_filter"}.get(kind)
         return changes.get(reason) if reason is not None else None
+
+
+def sum_checks(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The ``checks`` sections of several manifests (shards of one run) added up; ``None`` when none has one."""
+    if not parts:
+        return None
+    total: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key == "usage":
+                from airflow_provider_synth.batch.usage import Usage
+
+                total["usage"] = Usage.from_dict(total.get("usage") or {}).add(Usage.from_dict(value)).as_dict()
+            elif key == "rounds":
+                total[key] = max(int(total.get(key) or 0), int(value or 0))
+            elif isinstance(value, int | float):
+                total[key] = round(total.get(key, 0) + value, 6) if isinstance(value, float) else \
+                    total.get(key, 0) + value
+    return total
 
 
 def retry_line(raw: bytes, changes: Mapping[str, Any]) -> bytes:

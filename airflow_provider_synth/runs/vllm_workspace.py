@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_synth.batch.checks import sum_checks
 from airflow_provider_synth.batch.errors import AccountingError
 from airflow_provider_synth.batch.jsonl import dumps, join_path, loads, open_path
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths, read_manifest, write_manifest
@@ -36,6 +37,7 @@ def merge_output_folders(folders: Sequence[Any], output_path: Any, **extra: Any)
     usage = Usage()
     counts = dict.fromkeys(("total", "succeeded", "failed", "missing", "retryable", "duplicates", "unknown"), 0)
     batch_ids: list[str] = []
+    checks: list[dict[str, Any]] = []
     paths = output_paths(output_path)
     with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
         for folder in folders:
@@ -44,11 +46,15 @@ def merge_output_folders(folders: Sequence[Any], output_path: Any, **extra: Any)
                 counts[key] += int(shard.get(key) or 0)
             usage.add(Usage.from_dict(shard.get("usage") or {}))
             batch_ids.extend(shard.get("batch_ids") or [])
+            checks += [shard["checks"]] if shard.get("checks") else []
             _copy_into(shard["results_path"], results)
             _copy_into(shard["failures_path"], failures)
     if counts["succeeded"] + counts["failed"] + counts["missing"] != counts["total"]:
         raise AccountingError(f"the shards' manifests do not add up: {counts}")
-    manifest = build_manifest(backend=extra.pop("backend", "vllm"), accounting={**counts, "usage": usage.as_dict()},
+    accounting: dict[str, Any] = {**counts, "usage": usage.as_dict()}
+    if checks:
+        accounting["checks"] = sum_checks(checks)
+    manifest = build_manifest(backend=extra.pop("backend", "vllm"), accounting=accounting,
                               output_dir=output_path, batch_ids=batch_ids, shards=len(folders),
                               shard_output_paths=[str(f) for f in folders], **extra)
     write_manifest(output_path, manifest)

@@ -176,3 +176,15 @@ def test_checks_arguments_are_checked() -> None:
     with pytest.raises(TypeError):
         OutputChecks(schema=42).checker()
     assert OutputChecks().checker() is None and not OutputChecks(direct_tail=5).active
+
+
+def test_sum_checks_adds_shards_up() -> None:
+    from airflow_provider_synth.batch.checks import sum_checks
+
+    a = {"truncated": 2, "refused": 0, "schema_invalid": 1, "unusable": 3, "retried": 1, "rounds": 1,
+         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "requests": 3}, "cost_usd": 0.25}
+    b = {**a, "truncated": 1, "unusable": 2, "rounds": 2, "cost_usd": 0.5}
+    total = sum_checks([a, b])
+    assert total is not None and (total["truncated"], total["unusable"], total["rounds"]) == (3, 5, 2)
+    assert total["usage"]["prompt_tokens"] == 20 and total["usage"]["requests"] == 6 and total["cost_usd"] == 0.75
+    assert sum_checks([]) is None
