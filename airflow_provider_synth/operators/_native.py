@@ -57,6 +57,11 @@ def metric_counts(manifest: Mapping[str, Any]) -> dict[str, int]:
     cost = manifest.get("cost_usd")
     if cost is not None:
         counts["cost_microusd"] = round(float(cost) * 1_000_000)
+    checks = manifest.get("checks") or {}
+    extra = {f"answers.{kind}": int(checks.get(kind) or 0)  # unusable answers the output checks refused
+             for kind in ("truncated", "refused", "schema_invalid")}
+    extra["requests.direct"] = int(manifest.get("direct_requests") or 0)
+    counts.update({name: n for name, n in extra.items() if n})
     return counts
 
 

@@ -82,3 +82,12 @@ def test_the_plan_keeps_the_checks_for_a_cli_re_merge(server, tmp_path, capsys) 
     assert (landed["succeeded"], landed["failed"], landed["checks"]["truncated"]) == (8, 2, 2)
     assert landed["cost_usd"] == m["cost_usd"] and landed["checks"]["cost_usd"] == m["checks"]["cost_usd"]
     assert [orjson.loads(x)["custom_id"] for x in (dest / "failures.jsonl").read_bytes().splitlines()] == ["r1", "r2"]
+
+
+def test_metric_counts_include_unusable_answers_and_direct_requests() -> None:
+    from airflow_provider_synth.operators import _native
+
+    counts = _native.metric_counts({"total": 10, "succeeded": 10, "direct_requests": 2,
+                                    "checks": {"truncated": 3, "refused": 0, "schema_invalid": 1}})
+    assert counts["answers.truncated"] == 3 and counts["answers.schema_invalid"] == 1
+    assert counts["requests.direct"] == 2 and "answers.refused" not in counts
