@@ -213,8 +213,6 @@ class _Schema:
                 schema = (schema.get("json_schema") or {}).get("schema") or {}
             elif schema.get("type") == "json_object":
                 schema = {"type": "object"}
-            elif schema.get("type") == "text":
-                schema = {}
             import jsonschema
 
             cls = jsonschema.validators.validator_for(schema)
@@ -261,7 +259,10 @@ class Checker:
     def __init__(self, checks: OutputChecks) -> None:
         self.checks = checks
         self.reasons = frozenset(checks.finish_reasons)
-        self.schema = _Schema(checks.schema) if checks.schema is not None else None
+        schema = checks.schema
+        if isinstance(schema, Mapping) and schema.get("type") == "text":  # no structure asked: nothing to validate
+            schema = None
+        self.schema = _Schema(schema) if schema is not None else None
 
     def judge(self, raw: bytes, usage: tuple[int, int, int, int, int] | None = None) -> Unusable | bytes | None:
         """Judge a success line: an :class:`Unusable`, the line to write with ``"parsed"`` added, or ``None``

@@ -188,3 +188,18 @@ def test_sum_checks_adds_shards_up() -> None:
     assert total is not None and (total["truncated"], total["unusable"], total["rounds"]) == (3, 5, 2)
     assert total["usage"]["prompt_tokens"] == 20 and total["usage"]["requests"] == 6 and total["cost_usd"] == 0.75
     assert sum_checks([]) is None
+
+
+def test_text_response_format_validates_nothing_and_n_choices_are_all_checked() -> None:
+    acct, rows, fails = merge([req("a")], [src(chat_line("a", "plain words"))],
+                              OutputChecks(schema={"type": "text"}, finish_reasons={"length"}))
+    assert len(rows) == 1 and "parsed" not in rows[0] and not fails
+    two = success_line("b", {"choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"content": GOOD}},
+        {"index": 1, "finish_reason": "stop", "message": {"content": GOOD.replace("4", "5")}}]})
+    acct, rows, fails = merge([req("b")], [src(two)], OutputChecks(schema=Quiz))
+    assert [p["answer"] for p in rows[0]["parsed"]] == ["4", "5"]
+    bad = two.replace(b'"level\\": 1}"}}]', b'"level\\": \\"x\\"}"}}]')
+    assert bad != two
+    acct, rows, fails = merge([req("b")], [src(bad)], OutputChecks(schema=Quiz))
+    assert not rows and fails[0]["error"]["code"] == "schema_invalid"
