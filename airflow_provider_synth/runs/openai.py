@@ -68,7 +68,7 @@ def run_manifest(run: BatchRun, accounting: Mapping[str, Any] | None, status: st
         backend="azure_openai" if run.hook.is_azure else "openai",
         accounting=dict(accounting) if accounting is not None else {"total": plan.total},
         output_dir=plan.output_dir, status=status, batch_ids=run.batch_ids, shards=len(plan.shards),
-        rounds=max((r for _, r in run.batches), default=0) + 1, idempotency_key=plan.key,
+        rounds=max((r for _, r in [*run.batches, *run.direct.pairs()]), default=0) + 1, idempotency_key=plan.key,
         work_dir=plan.work_dir, conn_id=plan.conn_id, endpoint=plan.endpoint, model=plan.model,
         est_cost_usd=plan.est_cost_usd, est_input_tokens=plan.est_input_tokens,
         token_limit_resubmits=sum(run.resubmit_counts().values()), **fields,

@@ -104,6 +104,7 @@ def test_transient_tail_goes_direct_after_one_batch(airflow_db, openai_conn, tmp
     assert openai_conn.counters["batches_created"] == 1 and len(m["batch_ids"]) == 1
     assert openai_conn.counters["direct_requests"] == 4 and openai_conn.counters["requests_processed"] == 200
     assert m["direct_requests"] == 4 and m["direct_rounds"] == 1 and m["direct_usage"]["requests"] == 4
+    assert m["rounds"] == 2  # round 0 in a batch, round 1 direct
     direct_cost = cost_usd(Usage.from_dict(m["direct_usage"]), "gpt-4o-mini", batch=False)
     assert m["direct_cost_usd"] == direct_cost > 0
     # usage holds every result; the 4 direct ones are billed at the direct price, the other 196 at the batch price
