@@ -82,6 +82,21 @@ def run_key(*parts: Any) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:16].upper()
 
 
+def string_literal(text: str) -> str:
+    """A Snowflake single-quoted string literal, for the few places that cannot take a bind parameter (a table
+    ``COMMENT``, ``ALTER SESSION SET QUERY_TAG``): backslashes and quotes are escaped, control characters
+    refused, so the text can never end the literal."""
+    if any(ord(ch) < 32 for ch in text):
+        raise ValueError("a string literal here may not hold control characters")
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+#: Every staging table this provider creates carries a COMMENT starting with this; clean-up drops no other table.
+STAGING_COMMENT = "airflow-provider-synth cortex staging"
+#: The three tables of a run, by suffix.
+TABLE_SUFFIXES = ("REQUESTS", "RESULTS", "STATEMENTS")
+
+
 @dataclass(frozen=True)
 class StagingTables:
     """The three tables of one run: the requests (keyed by custom_id, with their input order ``SEQ``), the
@@ -119,16 +134,24 @@ class StagingTables:
 
         return plain(self.database), plain(self.schema), f"{self.prefix}_REQUESTS".upper()
 
-    def create(self) -> list[Statement]:
-        """``CREATE TRANSIENT TABLE IF NOT EXISTS`` for the three tables (transient: no fail-safe cost)."""
+    def create(self, comment: str = STAGING_COMMENT) -> list[Statement]:
+        """``CREATE TRANSIENT TABLE IF NOT EXISTS`` for the three tables (transient: no fail-safe cost), each
+        with ``comment`` (which must start with :data:`STAGING_COMMENT`: clean-up matches it). The statements
+        table gains the intent columns if an earlier version created it without them."""
+        if not comment.startswith(STAGING_COMMENT):
+            raise ValueError(f"a staging table comment must start with {STAGING_COMMENT!r}")
+        note = f"COMMENT = {string_literal(comment)}"
         return [
             (f"CREATE TRANSIENT TABLE IF NOT EXISTS {self.requests} (CUSTOM_ID VARCHAR NOT NULL, "
              "SEQ NUMBER(38,0) NOT NULL, PROMPT VARCHAR, CONVERSATION VARCHAR, MODEL_PARAMETERS VARCHAR, "
-             "RESPONSE_FORMAT VARCHAR)", ()),
+             f"RESPONSE_FORMAT VARCHAR) {note}", ()),
             (f"CREATE TRANSIENT TABLE IF NOT EXISTS {self.results} (CUSTOM_ID VARCHAR NOT NULL, "
-             "SEQ NUMBER(38,0), OUTPUT VARCHAR, ANSWERED_AT TIMESTAMP_NTZ)", ()),
+             f"SEQ NUMBER(38,0), OUTPUT VARCHAR, ANSWERED_AT TIMESTAMP_NTZ) {note}", ()),
             (f"CREATE TRANSIENT TABLE IF NOT EXISTS {self.statements} (CHUNK NUMBER(38,0), "
-             "QUERY_ID VARCHAR, TRY_NUMBER NUMBER(38,0), SUBMITTED_AT NUMBER(20,3))", ()),
+             "QUERY_ID VARCHAR, TRY_NUMBER NUMBER(38,0), SUBMITTED_AT NUMBER(20,3), INTENT VARCHAR, "
+             f"SESSION_ID VARCHAR, QUERY_TAG VARCHAR) {note}", ()),
+            *[(f"ALTER TABLE {self.statements} ADD COLUMN IF NOT EXISTS {col} VARCHAR", ())
+              for col in ("INTENT", "SESSION_ID", "QUERY_TAG")],
         ]
 
     def drop(self) -> list[Statement]:
@@ -176,24 +199,99 @@ class StagingTables:
         )
         return sql, (model, lo, hi) * 3
 
-    def record_statement(self, chunk: int, query_id: str, try_number: int, submitted_at: float) -> Statement:
-        """Remember a submitted statement (``submitted_at`` in epoch seconds anchors the run's deadline)."""
+    def record_intent(self, chunk: int, intent: str, try_number: int, submitted_at: float, session_id: str,
+                      query_tag: str) -> Statement:
+        """Write down a chunk's statement BEFORE it is submitted: the intent token (also in the statement's
+        query tag), the session that will submit it, and the time (epoch seconds; the run's deadline is anchored
+        at the first one). A retry that finds an intent with no query id looks the statement up in that
+        session's query history (:meth:`history_of_session`)."""
         return (
-            f"INSERT INTO {self.statements} (CHUNK, QUERY_ID, TRY_NUMBER, SUBMITTED_AT) SELECT ?, ?, ?, ?",
-            (chunk, query_id, try_number, round(submitted_at, 3)),
+            f"INSERT INTO {self.statements} (CHUNK, QUERY_ID, TRY_NUMBER, SUBMITTED_AT, INTENT, SESSION_ID, "
+            "QUERY_TAG) SELECT ?, NULL, ?, ?, ?, ?, ?",
+            (chunk, try_number, round(submitted_at, 3), intent, session_id, query_tag),
         )
+
+    def record_query_id(self, intent: str, query_id: str) -> Statement:
+        """Attach the query id Snowflake gave the statement of an intent."""
+        return (f"UPDATE {self.statements} SET QUERY_ID = ? WHERE INTENT = ? AND QUERY_ID IS NULL",
+                (query_id, intent))
+
+    def forget_intent(self, intent: str) -> Statement:
+        """Drop an intent whose statement never reached Snowflake (not in its session's history once settled)."""
+        return (f"DELETE FROM {self.statements} WHERE INTENT = ? AND QUERY_ID IS NULL", (intent,))
+
+    def open_intents(self) -> Statement:
+        """``(intent, chunk, session_id, submitted_at)`` of every intent without a query id yet, oldest first."""
+        return (f"SELECT INTENT, CHUNK, SESSION_ID, SUBMITTED_AT FROM {self.statements} WHERE QUERY_ID IS NULL "
+                "ORDER BY SUBMITTED_AT, CHUNK", ())
 
     def recorded_statements(self) -> Statement:
         """``(chunk, query_id, submitted_at)`` of every statement submitted so far, oldest first."""
-        return (f"SELECT CHUNK, QUERY_ID, SUBMITTED_AT FROM {self.statements} ORDER BY SUBMITTED_AT, CHUNK", ())
+        return (f"SELECT CHUNK, QUERY_ID, SUBMITTED_AT FROM {self.statements} WHERE QUERY_ID IS NOT NULL "
+                "ORDER BY SUBMITTED_AT, CHUNK", ())
+
+    def first_submission(self) -> Statement:
+        """The run's first submission time (epoch seconds; NULL before any): the deadline's anchor."""
+        return (f"SELECT MIN(SUBMITTED_AT) FROM {self.statements}", ())
 
     def read_back(self) -> Statement:
-        """Every request in input order with its answer (NULLs for a request not answered yet)."""
+        """Every request in input order with ONE answer (NULLs for a request not answered yet). Should two
+        statements ever answer the same row, the first written is kept (earliest ``ANSWERED_AT``; ties broken
+        by the answer's text, so every read-back keeps the same one): see :meth:`count_answered_twice`."""
         return (
             f"SELECT s.CUSTOM_ID, r.CUSTOM_ID IS NOT NULL AS ANSWERED, r.OUTPUT FROM {self.requests} s "
-            f"LEFT JOIN {self.results} r ON r.CUSTOM_ID = s.CUSTOM_ID ORDER BY s.SEQ",
+            f"LEFT JOIN (SELECT CUSTOM_ID, OUTPUT FROM {self.results} QUALIFY ROW_NUMBER() OVER "
+            "(PARTITION BY CUSTOM_ID ORDER BY ANSWERED_AT, OUTPUT) = 1) r ON r.CUSTOM_ID = s.CUSTOM_ID "
+            "ORDER BY s.SEQ",
             (),
         )
+
+    def count_answered_twice(self) -> Statement:
+        """How many answers beyond the first the results table holds (rows answered by two statements)."""
+        return (f"SELECT COUNT(*) - COUNT(DISTINCT CUSTOM_ID) FROM {self.results}", ())
+
+
+def history_of_session(session_id: str, marker: str, limit: int = 10_000) -> Statement:
+    """The ``INSERT`` statements of one session whose ``QUERY_TAG`` contains ``marker`` (a run's table prefix),
+    running or finished: ``(query_id, query_tag, execution_status, error_message)``.
+
+    ``INFORMATION_SCHEMA.QUERY_HISTORY_BY_SESSION`` returns running queries too when no
+    ``END_TIME_RANGE_END`` is given, and the most recent ``RESULT_LIMIT`` (at most 10,000) of the session; a
+    session of this provider submits a run's chunks one after the other and stops at its first error, so a
+    statement whose record was lost is among its last queries.
+    """
+    return (
+        "SELECT QUERY_ID, QUERY_TAG, EXECUTION_STATUS, ERROR_MESSAGE FROM TABLE(INFORMATION_SCHEMA."
+        "QUERY_HISTORY_BY_SESSION(SESSION_ID => TO_NUMBER(?), RESULT_LIMIT => ?)) "
+        "WHERE QUERY_TYPE = 'INSERT' AND CONTAINS(QUERY_TAG, ?) ORDER BY START_TIME",
+        (session_id, int(limit), marker),
+    )
+
+
+def current_session() -> Statement:
+    return ("SELECT CURRENT_SESSION()", ())
+
+
+def set_query_tag(tag: str | None) -> Statement:
+    """``ALTER SESSION SET QUERY_TAG`` (``UNSET`` for ``None``); the tag is a literal (no bind here)."""
+    if tag is None:
+        return ("ALTER SESSION UNSET QUERY_TAG", ())
+    if len(tag) > 2000:
+        raise ValueError("a QUERY_TAG holds at most 2,000 characters")
+    return (f"ALTER SESSION SET QUERY_TAG = {string_literal(tag)}", ())
+
+
+def staging_tables_listing(database: str | None, schema: str | None, table_prefix: str) -> Statement:
+    """``(schema, table, comment)`` of the tables that look like this provider's staging tables: named
+    ``<table_prefix>_<16 hex>_<suffix>`` and commented :data:`STAGING_COMMENT`."""
+    info = qualified(database, "INFORMATION_SCHEMA") if database else "INFORMATION_SCHEMA"
+    sql = (f"SELECT TABLE_SCHEMA, TABLE_NAME, COMMENT FROM {info}.TABLES WHERE STARTSWITH(TABLE_NAME, ?) "
+           "AND STARTSWITH(COMMENT, ?)")
+    params: tuple[Any, ...] = (quote_ident(table_prefix)[1:-1] + "_", STAGING_COMMENT)
+    if schema:
+        sql += " AND TABLE_SCHEMA = ?"
+        params += (quote_ident(schema)[1:-1],)
+    return sql + " ORDER BY TABLE_SCHEMA, TABLE_NAME", params
 
 
 @dataclass(frozen=True)
@@ -261,9 +359,19 @@ def all_statements(tables: StagingTables, model: str, chunk_size: int) -> Sequen
         tables.truncate_requests(),
         tables.pending_chunks(chunk_size),
         tables.complete_chunk(model, 0, chunk_size),
-        tables.record_statement(0, "01b2-q", 1, 1700000000.0),
+        tables.record_intent(0, "0123abcd", 1, 1700000000.0, "1234567", '{"app": "x"}'),
+        tables.record_query_id("0123abcd", "01b2-q"),
+        tables.forget_intent("0123abcd"),
+        tables.open_intents(),
         tables.recorded_statements(),
+        tables.first_submission(),
         tables.read_back(),
+        tables.count_answered_twice(),
+        history_of_session("1234567", tables.prefix),
+        current_session(),
+        set_query_tag('{"app": "airflow-provider-synth", "note": "it\'s"}'),
+        set_query_tag(None),
+        staging_tables_listing("SYNTH_DB", "PUBLIC", "SYNTH_CORTEX"),
         cancel_query("01b2-q"),
         *tables.drop(),
     ]

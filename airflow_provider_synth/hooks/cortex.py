@@ -24,7 +24,14 @@ from airflow.providers.common.compat.connection import get_async_connection, get
 from airflow.providers.snowflake.hooks.snowflake import SnowflakeHook
 
 from airflow_provider_synth.batch.cortex import StatementStatus, status_from_connector, status_from_sql_api
-from airflow_provider_synth.batch.cortex_sql import StagingTables, Statement, cancel_query
+from airflow_provider_synth.batch.cortex_sql import (
+    StagingTables,
+    Statement,
+    cancel_query,
+    current_session,
+    history_of_session,
+    set_query_tag,
+)
 
 if TYPE_CHECKING:
     import aiohttp
@@ -73,6 +80,7 @@ class CortexHook(SnowflakeHook):
         super().__init__(snowflake_conn_id=snowflake_conn_id, session_parameters=session_parameters or None,
                          **kwargs)
         self.snowflake_conn_id = snowflake_conn_id
+        self.query_tag = query_tag
 
     def get_conn(self) -> SnowflakeConnection:
         """A new connector connection that binds values server-side (``paramstyle="qmark"``)."""
@@ -87,8 +95,14 @@ class CortexHook(SnowflakeHook):
 
     def close(self) -> None:
         """Close the connection if it was opened. Asynchronous statements keep running server-side."""
+        self.__dict__.pop("session_id", None)
         if "client" in self.__dict__:
             self.__dict__.pop("client").close()
+
+    @cached_property
+    def session_id(self) -> str:
+        """The Snowflake session of :attr:`client` (``CURRENT_SESSION()``)."""
+        return str(self.fetch_all(current_session())[0][0])
 
     def run_statements(self, statements: Iterable[Statement]) -> None:
         """Run statements one after the other, waiting for each."""
@@ -140,16 +154,37 @@ class CortexHook(SnowflakeHook):
             written += flush()
         return written
 
-    def submit(self, statement: Statement) -> str:
+    def submit(self, statement: Statement, query_tag: str | None = None) -> str:
         """Submit a statement asynchronously; return its query id at once. It runs on after the connection
-        closes (unless the account sets ``ABORT_DETACHED_QUERY``)."""
+        closes (unless the account sets ``ABORT_DETACHED_QUERY``).
+
+        :param statement: ``(sql, params)``.
+        :param query_tag: the ``QUERY_TAG`` this one statement carries (the session's tag is set back after
+            the submit), so that it can be found in the session's query history even if its query id is lost.
+        """
         sql, params = statement
         with self.client.cursor() as cur:
+            if query_tag is not None:
+                cur.execute(set_query_tag(query_tag)[0])
             cur.execute_async(sql, params or None)
             query_id = cur.sfqid
+            if query_tag is not None:
+                cur.execute(set_query_tag(self.query_tag)[0])
         if not query_id:
             raise RuntimeError("Snowflake returned no query id for an asynchronous statement")
         return str(query_id)
+
+    def find_statements(self, session_id: str, marker: str) -> list[tuple[str, str, StatementStatus]]:
+        """The ``INSERT`` statements of a session (running or finished) whose query tag contains ``marker``:
+        ``(query_id, query_tag, status)``, oldest first (``INFORMATION_SCHEMA.QUERY_HISTORY_BY_SESSION``)."""
+        rows = self.fetch_all(history_of_session(session_id, marker))
+        found = []
+        for query_id, tag, execution_status, error in rows:
+            status = status_from_connector(str(query_id), str(execution_status or "").upper())
+            if status.state == "error" and error:
+                status = StatementStatus(status.query_id, "error", f"{status.message}: {error}")
+            found.append((str(query_id), str(tag or ""), status))
+        return found
 
     def get_statement_status(self, query_id: str) -> StatementStatus:
         """Ask the connector how a statement stands (no wait)."""

@@ -3,8 +3,19 @@
 * :class:`FakeCortex` runs the real Snowflake connector API on DuckDB through ``fakesnow`` and emulates
   ``AI_COMPLETE`` and ``SNOWFLAKE.CORTEX.TRY_COMPLETE`` with a DuckDB Python UDF (macros give the named
   arguments and the three-part name): deterministic answers with usage, per-row errors for chosen prompts, a
-  count of model calls, and an optional abort after N calls (a statement killed half way). fakesnow has no
-  ``get_query_status``: the fake answers SUCCESS for every statement it ran, or what a test sets.
+  count of model calls, and an optional abort after N calls (a statement killed half way).
+
+  It also models what the Snowflake documentation says of sessions and asynchronous queries, which fakesnow
+  does not: every connection is a session (``CURRENT_SESSION()``, ``ALTER SESSION SET QUERY_TAG``), every
+  statement gets a query id and a row in its session's query history
+  (``INFORMATION_SCHEMA.QUERY_HISTORY_BY_SESSION``: the session's most recent ``RESULT_LIMIT`` queries,
+  running ones included, with ``QUERY_TAG``, ``QUERY_TYPE`` and ``EXECUTION_STATUS``), and
+  ``get_query_status`` answers from that registry. With ``background=True`` an asynchronous statement
+  (``execute_async``) really runs in a thread of its own, on its own connection: it is ``RUNNING`` for status
+  queries while it runs and outlives the client and the connection that submitted it; ``SYSTEM$CANCEL_QUERY``
+  aborts it (its rows roll back). :meth:`FakeCortex.hold` keeps such statements running until
+  :meth:`FakeCortex.release`; :meth:`FakeCortex.fail_next` makes the next statement matching a pattern raise
+  (a :class:`SimulatedKill` is a worker dying there); ``status_failures`` makes status polls fail.
 * :class:`FakeSqlApi` is an HTTP server on 127.0.0.1 answering the SQL API's statement status and cancel
   calls (running for a few polls, then success, or a 422 error), recording the auth headers it saw.
 """
@@ -13,8 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import re
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +40,53 @@ def _answer(prompt: str) -> str:
     return f"Cortex answer to: {prompt[:60]}"
 
 
+class SimulatedKill(BaseException):  # noqa: N818  (named for what it simulates, like KeyboardInterrupt)
+    """The worker process dies here: a ``BaseException``, so no ``except Exception`` in the task catches it."""
+
+
+@dataclass
+class FakeQuery:
+    """One statement as the fake account keeps it (the query history's row and the status it reports)."""
+
+    query_id: str
+    session_id: str
+    query_tag: str | None
+    text: str
+    query_type: str
+    status: str = "RUNNING"
+    error: str = ""
+    cancelled: bool = False
+    start_time: float = field(default_factory=time.time)
+    thread: threading.Thread | None = None
+
+    @property
+    def execution_status(self) -> str:
+        """``EXECUTION_STATUS`` as the query history shows it (a cancelled query failed with an error)."""
+        return "FAILED_WITH_ERROR" if self.status == "ABORTED" else self.status
+
+
+@dataclass
+class _Session:
+    session_id: str
+    query_tag: str | None
+
+
+_QUERY_TAG_RE = re.compile(r"^\s*ALTER\s+SESSION\s+(?:SET\s+QUERY_TAG\s*=\s*'(?P<tag>.*)'|UNSET\s+QUERY_TAG)\s*;?\s*$",
+                           re.IGNORECASE | re.DOTALL)
+
+
+def _query_type(sql: str) -> str:
+    words = sql.split(None, 2)
+    head = words[0].upper() if words else ""
+    if head == "ALTER" and len(words) > 1 and words[1].upper() == "SESSION":
+        return "ALTER_SESSION"
+    return head
+
+
 @dataclass
 class FakeCortex:
-    """fakesnow with Cortex functions. Use as a context manager; connect with ``database``/``schema``.
+    """fakesnow with Cortex functions and Snowflake's session and query model. Use as a context manager;
+    connect with ``database``/``schema``.
 
     :param database: the database the connection uses (macros are created there).
     :param schema: the schema the connection uses.
@@ -35,7 +94,10 @@ class FakeCortex:
     :param abort_after: raise inside the UDF on model call number ``abort_after + 1`` (the statement fails,
         rolling back its chunk), once, simulating a kill in the middle of a run.
     :param default_status: a ``QueryStatus`` name reported for every statement not in ``statuses`` (e.g.
-        ``RUNNING`` to keep them "running" forever); default: SUCCESS for every statement that ran.
+        ``RUNNING`` to keep them "running" forever); default: what the statement really did.
+    :param background: run asynchronous statements in threads of their own (see the module docstring);
+        ``False`` runs them at submit, as fakesnow does, still giving each a query id and a history row.
+    :param status_failures: how many of the next status polls (``get_query_status``) raise a network error.
     """
 
     database: str = "SYNTH_DB"
@@ -43,16 +105,65 @@ class FakeCortex:
     fail_marker: str = "[fail]"
     abort_after: int | None = None
     default_status: str | None = None
+    background: bool = False
+    status_failures: int = 0
     calls: list[str] = field(default_factory=list)
     statuses: dict[str, str] = field(default_factory=dict)
     cancelled: list[str] = field(default_factory=list)
+    queries: dict[str, FakeQuery] = field(default_factory=dict)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _faults: list[tuple[re.Pattern[str], BaseException]] = field(default_factory=list)
+    _sessions: weakref.WeakKeyDictionary[Any, _Session] = field(default_factory=weakref.WeakKeyDictionary)
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _open: threading.Event = field(default_factory=threading.Event)
+    _local: threading.local = field(default_factory=threading.local)
+
+    def __post_init__(self) -> None:
+        self._open.set()
+
+    # -- what tests steer -----------------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """Statements running in the background wait before their first model call until :meth:`release`."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def fail_next(self, pattern: str, error: BaseException) -> None:
+        """The next statement (sync or async) whose SQL matches ``pattern`` raises ``error`` instead of running."""
+        with self._lock:
+            self._faults.append((re.compile(pattern, re.IGNORECASE | re.DOTALL), error))
+
+    def running(self) -> list[str]:
+        """Query ids of the statements running now."""
+        return [q.query_id for q in list(self.queries.values()) if q.status == "RUNNING"]
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Wait until every background statement finished."""
+        deadline = time.monotonic() + timeout
+        for q in list(self.queries.values()):
+            if q.thread is not None:
+                q.thread.join(max(0.0, deadline - time.monotonic()))
+                if q.thread.is_alive():
+                    raise TimeoutError(f"statement {q.query_id} still running after {timeout} s")
+
+    # -- the model ------------------------------------------------------------------------------------------
 
     def _call(self, text: str) -> None:
-        if self.abort_after is not None and len(self.calls) >= self.abort_after:
-            self.abort_after = None  # one kill; the next try runs normally
-            raise RuntimeError("simulated kill: the statement was aborted")
-        self.calls.append(text)
+        q: FakeQuery | None = getattr(self._local, "query", None)
+        if q is not None and q.thread is not None:
+            while not self._open.wait(0.02):
+                if q.cancelled:
+                    break
+            if q.cancelled:
+                raise RuntimeError("SQL execution canceled")
+        with self._lock:
+            if self.abort_after is not None and len(self.calls) >= self.abort_after:
+                self.abort_after = None  # one kill; the next try runs normally
+                raise RuntimeError("simulated kill: the statement was aborted")
+            self.calls.append(text)
 
     def _details(self, model: str, text: str, fmt: Any) -> dict[str, Any]:
         answer: Any = _answer(text)
@@ -82,6 +193,9 @@ class FakeCortex:
 
     def _install(self, fs: Any) -> None:
         duck = fs.duck_conn
+        if self.background:
+            # one DuckDB thread per query: a UDF call then runs in the thread of the statement it belongs to
+            duck.execute("SET threads = 1")
         duck.create_function("_synth_ai_complete", self.ai_complete,
                              ["VARCHAR", "VARCHAR", "JSON", "JSON", "BOOLEAN", "BOOLEAN"], "JSON",
                              null_handling="special", side_effects=True)
@@ -104,41 +218,172 @@ class FakeCortex:
 
     def _cancel(self, query_id: str) -> str:
         self.cancelled.append(query_id)
+        q = self.queries.get(query_id)
+        if q is not None and q.status == "RUNNING":
+            q.cancelled = True
+            return f"query [{query_id}] terminated."
         return f"Identified SQL statement is not currently executing: {query_id}"
+
+    # -- sessions, statements and their history ---------------------------------------------------------------
+
+    def _connect(self, *args: Any, **kwargs: Any) -> Any:
+        conn = self._fs.connect(*args, **kwargs)
+        tag = (kwargs.get("session_parameters") or {}).get("QUERY_TAG")
+        self._sessions[conn] = _Session(str(1_000_000 + next(self._ids)), tag)
+        return conn
+
+    def _session(self, conn: Any) -> _Session:
+        with self._lock:
+            if conn not in self._sessions:
+                self._sessions[conn] = _Session(str(1_000_000 + next(self._ids)), None)
+            return self._sessions[conn]
+
+    def _register(self, conn: Any, sql: str) -> FakeQuery:
+        session = self._session(conn)
+        with self._lock:
+            for i, (pattern, error) in enumerate(self._faults):
+                if pattern.search(sql):
+                    del self._faults[i]
+                    raise error
+            q = FakeQuery(f"01fa{next(self._ids):012x}-0000-{session.session_id}", session.session_id,
+                          session.query_tag, sql, _query_type(sql))
+            self.queries[q.query_id] = q
+        return q
+
+    def _history(self, conn: Any, params: Any) -> tuple[str, list[Any]]:
+        """``QUERY_HISTORY_BY_SESSION(SESSION_ID => ?, RESULT_LIMIT => ?)`` filtered ``QUERY_TYPE = 'INSERT'
+        AND CONTAINS(QUERY_TAG, ?)``, as rows ``(QUERY_ID, QUERY_TAG, EXECUTION_STATUS, ERROR_MESSAGE)``."""
+        session_id, limit, marker = (str(params[0]), int(params[1]), str(params[2]))
+        mine = [q for q in list(self.queries.values()) if q.session_id == session_id]
+        recent = sorted(mine, key=lambda q: q.start_time)[-limit:]
+        rows = [(q.query_id, q.query_tag, q.execution_status, q.error or None) for q in recent
+                if q.query_type == "INSERT" and marker in (q.query_tag or "")]
+        mark = "?" if conn._paramstyle == "qmark" else "%s"
+        if not rows:
+            return ("SELECT NULL AS QUERY_ID, NULL AS QUERY_TAG, NULL AS EXECUTION_STATUS, NULL AS ERROR_MESSAGE "
+                    "WHERE 1 = 0"), []
+        one = f"SELECT {mark}, {mark}, {mark}, {mark}"
+        return " UNION ALL ".join([one] * len(rows)), [v for row in rows for v in row]
+
+    def _system(self, cursor: Any, sql: str, params: Any) -> tuple[str, Any] | None:
+        """What the fake answers itself (fakesnow has no sessions): ``(sql, params)`` to run instead."""
+        conn = cursor._conn
+        if match := _QUERY_TAG_RE.match(sql):
+            tag = match.group("tag")
+            self._session(conn).query_tag = None if tag is None else re.sub(r"\\(.)", r"\1", tag)
+            return "SELECT 'Statement executed successfully.' AS STATUS", None
+        if re.fullmatch(r"\s*SELECT\s+CURRENT_SESSION\(\)\s*", sql, re.IGNORECASE):
+            return f"SELECT '{self._session(conn).session_id}' AS SESSION_ID", None
+        if "QUERY_HISTORY_BY_SESSION" in sql.upper():
+            return self._history(conn, params)
+        return None
+
+    def _run(self, q: FakeQuery, conn: Any, sql: str, params: Any, *, background: bool) -> None:
+        """Run a statement on a connection of its own (the server's side: the client's may close)."""
+        own = self._fs.connect(database=conn.database, schema=conn.schema, paramstyle=conn._paramstyle)
+        self._local.query = q
+        try:
+            self._original_execute(own.cursor(), sql, params)
+            q.status = "ABORTED" if q.cancelled else "SUCCESS"
+        except Exception as exc:
+            q.status, q.error = ("ABORTED" if q.cancelled else "FAILED_WITH_ERROR"), str(exc)
+            if not background:
+                raise
+        finally:
+            self._local.query = None
+            own.close()
+
+    def _execute_async(self, cursor: Any, command: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
+        q = self._register(cursor._conn, command)
+        if self.background:
+            q.thread = threading.Thread(target=self._run, args=(q, cursor._conn, command, params),
+                                        kwargs={"background": True}, name=f"fake-snowflake-{q.query_id}",
+                                        daemon=True)
+            q.thread.start()
+        else:
+            self._run(q, cursor._conn, command, params, background=False)
+        cursor._sfqid = q.query_id
+        return cursor
+
+    def _execute(self, cursor: Any, command: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
+        q = self._register(cursor._conn, command)
+        replaced = self._system(cursor, command, params)
+        try:
+            if replaced is not None:
+                result = self._original_execute(cursor, replaced[0], replaced[1])
+            else:
+                result = self._original_execute(cursor, command, params, *args, **kwargs)
+        except Exception as exc:
+            q.status, q.error = "FAILED_WITH_ERROR", str(exc)
+            raise
+        q.status = "SUCCESS"
+        return result
+
+    def _status(self, query_id: str) -> Any:
+        import snowflake.connector
+        from snowflake.connector.constants import QueryStatus
+
+        with self._lock:
+            if self.status_failures > 0:
+                self.status_failures -= 1
+                raise snowflake.connector.errors.OperationalError(msg="simulated: status request failed (connection "
+                                                                      "reset)", errno=250003)
+        if query_id in self.statuses:
+            return QueryStatus[self.statuses[query_id]]
+        if self.default_status is not None:
+            return QueryStatus[self.default_status]
+        if query_id in self.queries:
+            return QueryStatus[self.queries[query_id].status]
+        return QueryStatus.SUCCESS if query_id in self._fs.results_cache else QueryStatus.FAILED_WITH_ERROR
 
     def __enter__(self) -> FakeCortex:
         import snowflake.connector
         from fakesnow import fakes  # type: ignore[attr-defined]
         from fakesnow.conn import FakeSnowflakeConnection
+        from fakesnow.cursor import FakeSnowflakeCursor
         from fakesnow.instance import FakeSnow
         from snowflake.connector.constants import QueryStatus
 
         fs = FakeSnow()
         self._fs = fs
+        self._original_execute = FakeSnowflakeCursor.execute
+        fake = self
+
+        def execute(cursor: Any, command: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
+            return fake._execute(cursor, command, params, *args, **kwargs)
+
+        def execute_async(cursor: Any, command: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
+            return fake._execute_async(cursor, command, params, *args, **kwargs)
 
         def status(conn: Any, query_id: str) -> QueryStatus:
-            if query_id in self.statuses:
-                return QueryStatus[self.statuses[query_id]]
-            if self.default_status is not None:
-                return QueryStatus[self.default_status]
-            return QueryStatus.SUCCESS if query_id in fs.results_cache else QueryStatus.FAILED_WITH_ERROR
+            return fake._status(query_id)
 
         def status_or_raise(conn: Any, query_id: str) -> QueryStatus:
-            result = status(conn, query_id)
+            result = fake._status(query_id)
             if result.name in ("FAILED_WITH_ERROR", "ABORTED"):
-                raise snowflake.connector.errors.ProgrammingError(msg=f"statement {query_id} failed", errno=1)
+                q = fake.queries.get(query_id)
+                message = q.error if q is not None and q.error else f"statement {query_id} failed"
+                raise snowflake.connector.errors.ProgrammingError(msg=message, errno=1)
             return result
 
-        self._stack.enter_context(mock.patch("snowflake.connector.connect", side_effect=fs.connect))
+        self._stack.enter_context(mock.patch("snowflake.connector.connect", side_effect=self._connect))
         self._stack.enter_context(mock.patch("snowflake.connector.pandas_tools.write_pandas",
                                              side_effect=fakes.write_pandas))
+        self._stack.enter_context(mock.patch.object(FakeSnowflakeCursor, "execute", execute))
+        self._stack.enter_context(mock.patch.object(FakeSnowflakeCursor, "execute_async", execute_async))
         self._stack.enter_context(mock.patch.object(FakeSnowflakeConnection, "get_query_status", status,
                                                     create=True))
         self._stack.enter_context(mock.patch.object(FakeSnowflakeConnection, "get_query_status_throw_if_error",
                                                     status_or_raise, create=True))
         self._stack.callback(fs.duck_conn.close)
+        self._stack.callback(self._stop_statements)
         self._install(fs)
         return self
+
+    def _stop_statements(self) -> None:
+        self.release()
+        with contextlib.suppress(TimeoutError):
+            self.wait_idle(10)
 
     def __exit__(self, *exc_info: object) -> None:
         self._stack.close()

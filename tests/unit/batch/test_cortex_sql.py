@@ -12,8 +12,11 @@ from airflow_provider_synth.batch.cortex_sql import (
     StagingTables,
     TableSource,
     all_statements,
+    history_of_session,
     quote_ident,
+    set_query_tag,
     split_name,
+    string_literal,
     table_ref,
 )
 
@@ -53,8 +56,25 @@ def test_chunk_statement_calls_each_cortex_function_once_per_shape_and_skips_ans
 def test_model_names_and_ids_never_reach_the_sql_text():
     sql, params = TABLES.complete_chunk(EVIL, 0, 10)
     assert EVIL not in sql and EVIL in params
-    sql, params = TABLES.record_statement(0, EVIL, 1, 1.0)
-    assert EVIL not in sql and EVIL in params
+    for sql, params in (TABLES.record_intent(0, EVIL, 1, 1.0, EVIL, EVIL), TABLES.record_query_id(EVIL, EVIL),
+                        history_of_session(EVIL, EVIL)):
+        assert EVIL not in sql and EVIL in params
+
+
+def test_literals_that_cannot_be_bound_cannot_end_their_quote():
+    """A table COMMENT and ALTER SESSION SET QUERY_TAG take no bind parameter: the literal stays one string."""
+    for text in (EVIL, "a\\'; DROP TABLE t; --", "\\", "it's"):
+        sql, params = set_query_tag(text)
+        strings = [lit.this for lit in _parse(sql).find_all(exp.Literal) if lit.is_string]
+        assert params == () and strings == [text]  # parsed back to exactly the text, as one literal
+        create = TABLES.create(f"airflow-provider-synth cortex staging {text}")[0][0]
+        assert [lit.this for lit in _parse(create).find_all(exp.Literal) if lit.is_string][-1].endswith(text)
+    with pytest.raises(ValueError):
+        string_literal("two\nlines")
+    with pytest.raises(ValueError):
+        TABLES.create("not our comment")
+    with pytest.raises(ValueError):
+        set_query_tag("x" * 2001)
 
 
 @pytest.mark.parametrize(
