@@ -270,8 +270,6 @@ class CortexRun:
         by_chunk: dict[int, list[str]] = {}
         for chunk, qid, _ in self.hook.fetch_all(tables.recorded_statements()):
             by_chunk.setdefault(int(chunk), []).append(str(qid))
-        first = self.hook.fetch_all(tables.first_submission())[0][0]
-        first = float(first) if first is not None else _now()
         waiting: list[str] = []
         for chunk, _count in self.hook.fetch_all(tables.pending_chunks(self.chunk_size)):
             running = [q for q in by_chunk.get(int(chunk), []) if self.status(q).state == "running"]
@@ -281,6 +279,8 @@ class CortexRun:
                 waiting.extend(running)
                 continue
             waiting.append(self._submit_chunk(tables, state.model, int(chunk)))
+        first = self.hook.fetch_all(tables.first_submission())[0][0]
+        first = float(first) if first is not None else _now()
         return RunState(tables, state.model, state.total, waiting, first + self.timeout)
 
     def _submit_chunk(self, tables: StagingTables, model: str, chunk: int) -> str:

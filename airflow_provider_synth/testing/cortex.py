@@ -111,6 +111,7 @@ class FakeCortex:
     statuses: dict[str, str] = field(default_factory=dict)
     cancelled: list[str] = field(default_factory=list)
     queries: dict[str, FakeQuery] = field(default_factory=dict)
+    held: set[str] = field(default_factory=set)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _faults: list[tuple[re.Pattern[str], BaseException]] = field(default_factory=list)
     _sessions: weakref.WeakKeyDictionary[Any, _Session] = field(default_factory=weakref.WeakKeyDictionary)
@@ -136,6 +137,15 @@ class FakeCortex:
         with self._lock:
             self._faults.append((re.compile(pattern, re.IGNORECASE | re.DOTALL), error))
 
+    def wait_held(self, count: int, timeout: float = 30.0) -> None:
+        """Wait until ``count`` background statements are inside their first model call, held (they have read
+        the tables they answer from: what they will insert is decided)."""
+        deadline = time.monotonic() + timeout
+        while len(self.held) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.held)} of {count} statements held after {timeout} s")
+            time.sleep(0.01)
+
     def running(self) -> list[str]:
         """Query ids of the statements running now."""
         return [q.query_id for q in list(self.queries.values()) if q.status == "RUNNING"]
@@ -155,6 +165,7 @@ class FakeCortex:
         q: FakeQuery | None = getattr(self._local, "query", None)
         if q is not None and q.thread is not None:
             while not self._open.wait(0.02):
+                self.held.add(q.query_id)
                 if q.cancelled:
                     break
             if q.cancelled:
