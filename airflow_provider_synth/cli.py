@@ -54,6 +54,10 @@ examples:
   # machine-readable output
   airflow-synth --json status /data/synth/run-1 | jq .totals
 
+  # the staging tables failed Cortex runs left in Snowflake, and dropping those older than 7 days
+  airflow-synth cortex-staging --conn-id snowflake_default
+  airflow-synth cortex-staging --older-than 7 --drop
+
 exit codes:
   0  the command did what was asked
   1  it failed: an API error, batches still running (download), files or batches it could not delete
@@ -164,6 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--older-than", type=_days, required=True, metavar="DAYS",
                          help="delete files created more than DAYS days ago (fractions allowed)")
     cleanup.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+
+    staging = command("cortex-staging", "list (or drop) the staging tables Cortex runs left in Snowflake",
+                      "List, one line per run, the staging tables of CortexBatchOperator runs (kept after a failure "
+                      "for a retry): only tables named <prefix>_<key>_{REQUESTS,RESULTS,STATEMENTS} and commented "
+                      "by this provider. With --drop, drop the tables of the runs chosen by --run or --older-than, "
+                      "never those of a run whose statements may still be running. Default connection: "
+                      "snowflake_default.")
+    staging.add_argument("--older-than", type=_days, default=None, metavar="DAYS",
+                         help="only runs whose tables were created more than DAYS days ago")
+    staging.add_argument("--run", action="append", default=[], metavar="PREFIX",
+                         help="only this run (its table prefix, as listed; repeatable)")
+    staging.add_argument("--database", metavar="DB", help="staging database (default: the connection's)")
+    staging.add_argument("--schema", metavar="SCHEMA", help="staging schema (default: every schema)")
+    staging.add_argument("--table-prefix", default="SYNTH_CORTEX", metavar="P", help="default SYNTH_CORTEX")
+    staging.add_argument("--drop", action="store_true", help="drop the tables of the runs listed")
+    staging.add_argument("--dry-run", action="store_true", help="with --drop: list what would be dropped")
     return parser
 
 
@@ -436,8 +456,27 @@ def _cleanup_text(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def cmd_cortex_staging(args: argparse.Namespace, out: Output) -> int:
+    from airflow_provider_synth.hooks.cortex import CortexHook
+    from airflow_provider_synth.runs.cortex import staging_report, staging_report_text
+
+    if args.drop and not (args.run or args.older_than is not None):
+        raise UsageError("--drop needs --run PREFIX or --older-than DAYS (use --older-than 0 for every run)")
+    args.conn_id = args.conn_id or "snowflake_default"
+    hook = CortexHook(args.conn_id)
+    try:
+        report = staging_report(hook, database=args.database, schema=args.schema, table_prefix=args.table_prefix,
+                                older_than_days=args.older_than, prefixes=args.run, drop=args.drop,
+                                dry_run=args.dry_run)
+    finally:
+        hook.close()
+    out.emit({"conn_id": args.conn_id, **report}, lambda: staging_report_text(report))
+    return EXIT_FAILURE if report["not_found"] or report.get("errors") else EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Output], int]] = {
     "status": cmd_status, "download": cmd_download, "cancel": cmd_cancel, "cleanup": cmd_cleanup,
+    "cortex-staging": cmd_cortex_staging,
 }
 
 

@@ -117,7 +117,8 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
 
     def _run(self, context: Context) -> CortexRun:
         ti = context["ti"]
-        ident = RunIdentity(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number)
+        ident = RunIdentity(ti.dag_id, ti.task_id, ti.run_id, -1 if ti.map_index is None else ti.map_index,
+                            ti.try_number)
         hook = CortexHook(self.snowflake_conn_id, query_tag=ident.query_tag())
         return CortexRun(hook, ident, chunk_size=self.chunk_size, staging=self.staging, timeout=self.timeout,
                          extra_models=self.extra_models)

@@ -515,3 +515,37 @@ def _may_still_run(hook: CortexHook, run: StagingRun) -> bool:
         return True
     return any(hook.get_statement_status(str(q)).state == "running"
                for _, q, _ in hook.fetch_all(tables.recorded_statements()))
+
+
+def staging_report(hook: CortexHook, *, database: str | None = None, schema: str | None = None,
+                   table_prefix: str = "SYNTH_CORTEX", older_than_days: float | None = None,
+                   prefixes: Sequence[str] = (), drop: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    """List the runs whose staging tables are left (``prefixes`` and ``older_than_days`` narrow the list) and,
+    with ``drop``, drop them (see :func:`drop_staging_runs`). What ``airflow-synth cortex-staging`` prints."""
+    found = list_staging_runs(hook, database=database, schema=schema, table_prefix=table_prefix,
+                              older_than_days=older_than_days)
+    wanted = {p.upper() for p in prefixes}
+    if wanted:
+        found = [r for r in found if r.prefix.upper() in wanted]
+    report: dict[str, Any] = {"runs": [r.as_dict() for r in found],
+                              "not_found": sorted(wanted - {r.prefix.upper() for r in found}),
+                              "older_than_days": older_than_days}
+    if drop:
+        report.update(drop_staging_runs(hook, found, dry_run=dry_run))
+    return report
+
+
+def staging_report_text(report: Mapping[str, Any]) -> list[str]:
+    """The report of :func:`staging_report` as lines of text."""
+    lines = [f"{r['schema']}.{r['prefix']}_*: {len(r['tables'])} table(s), dag {r.get('dag_id')}, task "
+             f"{r.get('task_id')}, run {r.get('run_id')}, map_index {r.get('map_index')}, created "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(float(r.get('created_at') or 0)))}"
+             for r in report["runs"]]
+    lines.append(f"{len(report['runs'])} run(s) with staging tables left")
+    lines.extend(f"no staging tables of run {p}" for p in report["not_found"])
+    if "dropped" in report:
+        verb = "would drop" if report["dry_run"] else "dropped"
+        lines.append(f"{verb} the tables of {len(report['dropped'])} run(s)")
+        lines.extend(f"kept {p}: a statement of the run may still be running" for p in report["kept_running"])
+        lines.extend(f"could not drop {e['prefix']}: {e['error']}" for e in report["errors"])
+    return lines

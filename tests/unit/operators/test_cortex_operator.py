@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from airflow.exceptions import TaskDeferred
 
-from airflow_provider_synth.batch.cortex_sql import TableSource
+from airflow_provider_synth.batch.cortex_sql import StagingTables, TableSource
 from airflow_provider_synth.batch.errors import InvalidRequestsError
+from airflow_provider_synth.batch.merge import Accounting
 from airflow_provider_synth.exceptions import BatchFailedError, BatchTimeoutError, TriggerEventError
 from airflow_provider_synth.hooks.cortex import CortexHook
 from airflow_provider_synth.operators.cortex import CortexBatchOperator
+from airflow_provider_synth.runs.cortex import failure_message
 from airflow_provider_synth.testing.cortex import FakeCortex
 from airflow_provider_synth.triggers.cortex import CortexStatementTrigger
 
@@ -278,3 +280,84 @@ def test_output_checks_send_off_schema_answers_to_failures(fake: FakeCortex, tmp
     assert (tmp_path / "out" / "results.jsonl").read_bytes() == b""
     with pytest.raises(ValueError, match="direct_tail"):
         _op(tmp_path, checks=OutputChecks(direct_tail=3))
+
+
+def test_failure_message_says_per_row_errors_are_final_and_a_retry_answers_only_missing_rows(
+        fake: FakeCortex, tmp_path: Path):
+    _write_requests(tmp_path / "requests.jsonl", ["a [fail]", "b", "c", "d"])
+    with pytest.raises(BatchFailedError) as err:
+        _op(tmp_path, chunk_size=2).execute(_context())
+    message = str(err.value)
+    assert ("1 got a per-row Cortex error (or an answer the output checks refused): these are final, a retry does "
+            "not ask the model again") in message
+    assert "have no answer" not in message and str(tmp_path / "out" / "failures.jsonl") in message
+    assert "airflow-synth cortex-staging" in message
+    acct = Accounting(total=10, succeeded=5, failed=2, missing=3, failures_written=5, results_written=5)
+    message = failure_message(acct, 0.5, 0.1, "s3://b/out/failures.jsonl", StagingTables(None, None, "P_0"))
+    assert message.startswith("5 of 10 requests failed or are missing (50.0% > max_failed_ratio 10.0%); see "
+                              "s3://b/out/failures.jsonl.")
+    assert "2 got a per-row Cortex error (or an answer the output checks refused): these are final" in message
+    assert "3 have no answer (their statement failed or was cancelled): a retry answers only these" in message
+
+
+def test_staging_tables_of_failed_runs_are_listed_and_dropped_per_run_and_only_ours(
+        fake: FakeCortex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    from airflow_provider_synth.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+    from airflow_provider_synth.runs import cortex as runs_cortex
+
+    _write_requests(tmp_path / "requests.jsonl", ["a [fail]", "b"])
+    for run_id in ("run-1", "run-2"):
+        with pytest.raises(BatchFailedError):
+            _op(tmp_path).execute(_context(run_id=run_id))
+    fake.query("CREATE TABLE SYNTH_CORTEX_0123456789ABCDEF_REQUESTS (X VARCHAR)")  # right name, not our comment
+    fake.query("CREATE TABLE SYNTH_CORTEX_NOTES (X VARCHAR) COMMENT = 'airflow-provider-synth cortex staging'")
+
+    capsys.readouterr()
+
+    def cli(*args: str) -> tuple[int, dict[str, Any]]:
+        code = main(["--json", "cortex-staging", *args])
+        return code, json.loads(capsys.readouterr().out or "{}")
+
+    code, listed = cli()
+    assert code == EXIT_OK and len(listed["runs"]) == 2
+    assert {r["run_id"] for r in listed["runs"]} == {"run-1", "run-2"}
+    assert all(len(r["tables"]) == 3 and r["dag_id"] == "dag" for r in listed["runs"])
+    code, _ = cli("--older-than", "1")
+    assert code == EXIT_OK and _["runs"] == []  # created just now
+    assert main(["cortex-staging", "--drop"]) == EXIT_USAGE
+
+    first = next(r["prefix"] for r in listed["runs"] if r["run_id"] == "run-1")
+    code, dry = cli("--run", first, "--drop", "--dry-run")
+    assert code == EXIT_OK and dry["dropped"] == [first] and len(_synth_tables(fake)) == 8
+    code, dropped = cli("--run", first, "--drop")
+    assert code == EXIT_OK and dropped["dropped"] == [first]
+    assert not [t for t in _synth_tables(fake) if t.startswith(first)] and len(_synth_tables(fake)) == 5
+    code, missing = cli("--run", first)
+    assert code == EXIT_FAILURE and missing["not_found"] == [first]
+
+    now = time.time()
+    monkeypatch.setattr(runs_cortex, "_now", lambda: now + 2 * 86400)
+    code, old = cli("--older-than", "1", "--drop")
+    assert code == EXIT_OK and len(old["dropped"]) == 1
+    assert sorted(_synth_tables(fake)) == ["SYNTH_CORTEX_0123456789ABCDEF_REQUESTS", "SYNTH_CORTEX_NOTES"]
+
+
+def test_a_run_whose_statement_may_still_run_is_not_dropped(fake: FakeCortex, tmp_path: Path):
+    from airflow_provider_synth.runs.cortex import drop_staging_runs, list_staging_runs
+
+    _write_requests(tmp_path / "requests.jsonl", ["a", "b"])
+    fake.default_status = "RUNNING"
+    op = _op(tmp_path, timeout=0.2, poll_interval=0.05)
+    op.deferrable = True
+    with pytest.raises(TaskDeferred):
+        op.execute(_context())
+    hook = CortexHook()
+    (run,) = list_staging_runs(hook)
+    assert drop_staging_runs(hook, [run])["kept_running"] == [run.prefix] and len(_synth_tables(fake)) == 3
+    fake.default_status = None
+    assert drop_staging_runs(hook, [run])["dropped"] == [run.prefix] and _synth_tables(fake) == []
+    hook.close()
+
+
+def _synth_tables(fake: FakeCortex) -> list[str]:
+    return [str(r[1]) for r in fake.query("SHOW TABLES") if str(r[1]).startswith("SYNTH_")]
