@@ -17,6 +17,7 @@ from typing import Any
 def main(config: dict[str, Any]) -> dict[str, Any]:
     from airflow.dag_processing.dagbag import DagBag
     from airflow.utils import db
+    from snowflake.connector.errors import ProgrammingError
 
     from airflow_provider_synth.testing.cortex import FakeCortex, FakeSqlApi
 
@@ -31,14 +32,20 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
             {"conn_type": "snowflake", "login": "synth", "password": config["secret"], "schema": "PUBLIC",
              "extra": extra})
         fake = stack.enter_context(FakeCortex(fail_marker=config.get("fail_marker", "[fail]"),
-                                              abort_after=config.get("abort_after")))
+                                              abort_after=config.get("abort_after"),
+                                              background=bool(config.get("background"))))
+        for pattern, message in config.get("fail_next", []):
+            fake.fail_next(pattern, ProgrammingError(msg=message, errno=1))
         bag = DagBag(dag_folder=config["dag_file"])
         assert not bag.import_errors, bag.import_errors
         dag_run = bag.dags[config["dag_id"]].test()
         tis = {ti.task_id: {"state": str(ti.state), "try_number": ti.try_number}
                for ti in dag_run.get_task_instances()}
         leftover = [str(r) for r in fake.query("SHOW TABLES") if "SYNTH_" in str(r)]
+        fake.wait_idle()
+        chunks = sorted(q.query_id for q in fake.queries.values() if q.query_type == "INSERT" and "_RESULTS" in q.text)
         return {"state": str(dag_run.state), "run_id": dag_run.run_id, "tasks": tis, "calls": fake.calls,
+                "chunk_statements": chunks,
                 "cancelled": fake.cancelled, "polls": api.polls, "auth_headers": sorted(set(api.auth_headers)),
                 "leftover_tables": leftover}
 

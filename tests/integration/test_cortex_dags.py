@@ -78,6 +78,22 @@ def test_a_killed_run_resumes_and_pays_only_for_missing_rows(tmp_path: Path):
     assert len(first_chunk) == 4
 
 
+def test_a_lost_record_is_found_again_and_nothing_is_answered_twice(tmp_path: Path):
+    """Statements run in the background (as on Snowflake); the query id of chunk 0 is never recorded (the write
+    fails once), so try 1 fails while that statement runs on. Try 2 finds it in its session's query history
+    and submits only chunk 1."""
+    record = r"^UPDATE .*_STATEMENTS\" SET QUERY_ID"
+    summary, logs = run_dag(tmp_path, "example_cortex_synthesis", background=True,
+                            fail_next=[[record, "simulated: the record failed"]])
+    assert summary["state"] == "success", summary
+    assert summary["tasks"]["synthesize"]["try_number"] == 2
+    (manifest,) = summary["manifests"]
+    assert (manifest["total"], manifest["succeeded"], manifest["answered_twice"]) == (8, 8, 0)
+    assert len(summary["calls"]) == 8 and len(summary["chunk_statements"]) == 2  # each chunk paid once
+    assert sorted(manifest["query_ids"]) == summary["chunk_statements"]
+    assert "found in session" in logs
+
+
 def test_deferrable_run_polls_the_sql_api_through_the_trigger(tmp_path: Path):
     summary, logs = run_dag(tmp_path, "example_cortex_synthesis", deferrable=True, running_polls=2)
     assert summary["state"] == "success", summary
