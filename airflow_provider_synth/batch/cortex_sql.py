@@ -262,9 +262,9 @@ def history_of_session(session_id: str, marker: str, limit: int = 10_000) -> Sta
     """
     return (
         "SELECT QUERY_ID, QUERY_TAG, EXECUTION_STATUS, ERROR_MESSAGE FROM TABLE(INFORMATION_SCHEMA."
-        "QUERY_HISTORY_BY_SESSION(SESSION_ID => TO_NUMBER(?), RESULT_LIMIT => ?)) "
+        "QUERY_HISTORY_BY_SESSION(SESSION_ID => ?, RESULT_LIMIT => ?)) "
         "WHERE QUERY_TYPE = 'INSERT' AND CONTAINS(QUERY_TAG, ?) ORDER BY START_TIME",
-        (session_id, int(limit), marker),
+        (int(session_id) if session_id.isdigit() else session_id, int(limit), marker),
     )
 
 
