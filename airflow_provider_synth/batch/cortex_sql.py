@@ -251,17 +251,19 @@ class StagingTables:
         return (f"SELECT COUNT(*) - COUNT(DISTINCT CUSTOM_ID) FROM {self.results}", ())
 
 
-def history_of_session(session_id: str, marker: str, limit: int = 10_000) -> Statement:
+def history_of_session(session_id: str, marker: str, limit: int = 10_000, database: str | None = None) -> Statement:
     """The ``INSERT`` statements of one session whose ``QUERY_TAG`` contains ``marker`` (a run's table prefix),
     running or finished: ``(query_id, query_tag, execution_status, error_message)``.
 
     ``INFORMATION_SCHEMA.QUERY_HISTORY_BY_SESSION`` returns running queries too when no
     ``END_TIME_RANGE_END`` is given, and the most recent ``RESULT_LIMIT`` (at most 10,000) of the session; a
     session of this provider submits a run's chunks one after the other and stops at its first error, so a
-    statement whose record was lost is among its last queries.
+    statement whose record was lost is among its last queries. ``database``: whose ``INFORMATION_SCHEMA`` to
+    ask (the staging database; default: the session's current database).
     """
+    info = qualified(database, "INFORMATION_SCHEMA") if database else "INFORMATION_SCHEMA"
     return (
-        "SELECT QUERY_ID, QUERY_TAG, EXECUTION_STATUS, ERROR_MESSAGE FROM TABLE(INFORMATION_SCHEMA."
+        f"SELECT QUERY_ID, QUERY_TAG, EXECUTION_STATUS, ERROR_MESSAGE FROM TABLE({info}."
         "QUERY_HISTORY_BY_SESSION(SESSION_ID => ?, RESULT_LIMIT => ?)) "
         "WHERE QUERY_TYPE = 'INSERT' AND CONTAINS(QUERY_TAG, ?) ORDER BY START_TIME",
         (int(session_id) if session_id.isdigit() else session_id, int(limit), marker),

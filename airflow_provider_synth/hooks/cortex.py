@@ -174,10 +174,12 @@ class CortexHook(SnowflakeHook):
             raise RuntimeError("Snowflake returned no query id for an asynchronous statement")
         return str(query_id)
 
-    def find_statements(self, session_id: str, marker: str) -> list[tuple[str, str, StatementStatus]]:
+    def find_statements(self, session_id: str, marker: str, database: str | None = None
+                        ) -> list[tuple[str, str, StatementStatus]]:
         """The ``INSERT`` statements of a session (running or finished) whose query tag contains ``marker``:
-        ``(query_id, query_tag, status)``, oldest first (``INFORMATION_SCHEMA.QUERY_HISTORY_BY_SESSION``)."""
-        rows = self.fetch_all(history_of_session(session_id, marker))
+        ``(query_id, query_tag, status)``, oldest first (``INFORMATION_SCHEMA.QUERY_HISTORY_BY_SESSION`` of
+        ``database``, default the current one)."""
+        rows = self.fetch_all(history_of_session(session_id, marker, database=database))
         found = []
         for query_id, tag, execution_status, error in rows:
             status = status_from_connector(str(query_id), str(execution_status or "").upper())

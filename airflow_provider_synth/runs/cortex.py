@@ -245,8 +245,8 @@ class CortexRun:
 
     def _settle(self, tables: StagingTables, it: _Intent) -> bool:
         """Settle one intent; ``False`` while it is in doubt."""
-        found = [(qid, status) for qid, tag, status in self.hook.find_statements(it.session_id, tables.prefix)
-                 if _tag_intent(tag) == it.intent]
+        history = self.hook.find_statements(it.session_id, tables.prefix, tables.database)
+        found = [(qid, status) for qid, tag, status in history if _tag_intent(tag) == it.intent]
         if found:
             query_id, status = found[0]
             self.hook.run_statements([tables.record_query_id(it.intent, query_id)])

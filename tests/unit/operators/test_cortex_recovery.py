@@ -106,6 +106,8 @@ def test_the_background_fake_is_as_asynchronous_as_snowflake(fake: FakeCortex, t
     qid = hook.submit(("INSERT INTO T SELECT TO_VARCHAR(AI_COMPLETE('llama3.1-8b', 'hello'))", ()),
                       query_tag='{"intent": "abc", "synth_run": "RUNX"}')
     session = hook.session_id
+    hook.fetch_all(("SELECT 1", ()))  # the session's own tag is back after the tagged submit
+    assert [q.query_tag for q in fake.queries.values() if q.session_id == session][-1] == '{"app": "test"}'
     hook.close()
     other = CortexHook()
     assert other.get_statement_status(qid).state == "running" and fake.running() == [qid]
