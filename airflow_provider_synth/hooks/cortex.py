@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -45,20 +46,31 @@ FETCH_ROWS = 10_000
 STAGING_COLUMNS = ("CUSTOM_ID", "SEQ", "PROMPT", "CONVERSATION", "MODEL_PARAMETERS", "RESPONSE_FORMAT")
 
 
+#: What a Snowflake account or region may look like before it goes into a URL (letters, digits, ".", "_", "-").
+_ACCOUNT_PART = re.compile(r"^[A-Za-z0-9._-]+$")
+#: The headers of the provider's SQL API auth that this hook sends.
+_AUTH_HEADERS = ("Authorization", "X-Snowflake-Authorization-Token-Type")
+
+
 def sql_api_base_url(conn_config: Mapping[str, Any], extras: Mapping[str, Any]) -> str:
     """The base URL of the account's REST APIs.
 
     The extras ``host`` (with optional ``port`` and ``protocol``, the connector's own options) win, e.g. for a
-    private-link host; otherwise it is built from ``account`` and ``region`` like the provider's SQL API hook.
+    private-link host; otherwise ``https://<account>[.<region>].snowflakecomputing.com``, the host the
+    provider's SQL API hook uses.
     """
     host = extras.get("host")
     if host:
         protocol = extras.get("protocol") or "https"
         port = extras.get("port")
         return f"{protocol}://{host}" + (f":{port}" if port else "")
-    from airflow.providers.snowflake.utils._rest_auth import get_cortex_base_url
-
-    return get_cortex_base_url(dict(conn_config))
+    parts = [conn_config.get("account"), conn_config.get("region") or None]
+    for name, part in zip(("account", "region"), parts, strict=True):
+        if part is not None and not (isinstance(part, str) and _ACCOUNT_PART.fullmatch(part)):
+            raise ValueError(f"Invalid Snowflake {name} {part!r}: only letters, digits, '.', '_' and '-' are allowed")
+    if not parts[0]:
+        raise ValueError("the Snowflake connection has no account")
+    return "https://" + ".".join(p for p in parts if p) + ".snowflakecomputing.com"
 
 
 class CortexHook(SnowflakeHook):
@@ -218,7 +230,8 @@ class CortexAsyncHook(CortexHook):
     """Poll and cancel statements through the SQL API without blocking the event loop.
 
     The connection comes from the async lookup; auth headers (a key-pair JWT signed, an OAuth token
-    refreshed) are built in a worker thread, because the provider's token code is synchronous.
+    refreshed) are built by the provider's ``SnowflakeSqlApiHook.get_headers()`` in a worker thread, because
+    the provider's token code is synchronous.
     """
 
     def __init__(self, snowflake_conn_id: str = "snowflake_default", **kwargs: Any) -> None:
@@ -226,7 +239,7 @@ class CortexAsyncHook(CortexHook):
         self._async_conn: Connection | None = None
         self._extras: dict[str, Any] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._token_provider: Any = None
+        self._api_hook: Any = None
 
     def get_connection(self, conn_id: str) -> Connection:  # type: ignore[override]
         # The provider's token code asks for the connection synchronously; hand it the one fetched async.
@@ -241,12 +254,10 @@ class CortexAsyncHook(CortexHook):
             self._async_conn = conn
 
     def _auth_headers(self) -> dict[str, str]:
-        from airflow.providers.snowflake.utils._rest_auth import SnowflakeRestTokenProvider
-
-        if self._token_provider is None:
-            self._token_provider = SnowflakeRestTokenProvider(self)
-        headers: dict[str, str] = self._token_provider.build_auth_headers()
-        return headers
+        if self._api_hook is None:
+            self._api_hook = _sql_api_hook(self)
+        headers = self._api_hook.get_headers()
+        return {k: str(headers[k]) for k in _AUTH_HEADERS if k in headers}
 
     async def _request(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
         import aiohttp
@@ -287,3 +298,16 @@ class CortexAsyncHook(CortexHook):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _sql_api_hook(owner: CortexAsyncHook) -> Any:
+    """The snowflake provider's ``SnowflakeSqlApiHook`` on ``owner``'s connection (fetched asynchronously):
+    its public ``get_headers()`` builds the SQL API auth (key-pair JWT, OAuth, PAT) and keeps the JWT it signed
+    until renewal. It looks the connection up synchronously, so it is handed the one ``owner`` fetched."""
+    from airflow.providers.snowflake.hooks.sql_api import SnowflakeSqlApiHook
+
+    class _OnFetchedConnection(SnowflakeSqlApiHook):
+        def get_connection(self, conn_id: str) -> Connection:  # type: ignore[override]
+            return owner.get_connection(conn_id)
+
+    return _OnFetchedConnection(owner.snowflake_conn_id)

@@ -102,6 +102,10 @@ def test_sql_api_base_url():
     assert sql_api_base_url({}, {"host": "127.0.0.1", "port": 8080, "protocol": "http"}) == "http://127.0.0.1:8080"
     assert sql_api_base_url({}, {"host": "acct.privatelink.snowflakecomputing.com"}) == \
         "https://acct.privatelink.snowflakecomputing.com"
+    assert sql_api_base_url({"account": "xy123", "region": ""}, {}) == "https://xy123.snowflakecomputing.com"
+    for bad in ({"account": "evil.example/x?"}, {"account": "a", "region": "r@h"}, {"account": None}):
+        with pytest.raises(ValueError):  # nothing that would change which host the token goes to
+            sql_api_base_url(bad, {})
 
 
 @pytest.fixture
