@@ -263,8 +263,8 @@ class CortexAsyncHook(CortexHook):
         import aiohttp
 
         await self._prepare()
-        conn_config = await asyncio.to_thread(self._get_conn_params)
-        base = sql_api_base_url(conn_config, self._extras)
+        account = {k: self._extras.get(k) or self._extras.get(f"extra__snowflake__{k}") for k in ("account", "region")}
+        base = sql_api_base_url(account, self._extras)
         headers = {"Accept": "application/json", "Content-Type": "application/json",
                    "User-Agent": "airflow-provider-synth", **await asyncio.to_thread(self._auth_headers)}
         if self._session is None:
