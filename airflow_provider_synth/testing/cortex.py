@@ -416,9 +416,13 @@ class FakeSqlApi:
 
     :param running_polls: how many GETs of a handle answer 202 (running) before the final answer.
     :param errors: handle -> message: the final answer is a 422 with that message.
+    :param account: a :class:`FakeCortex` whose statements this API reports: 202 while one runs (at least
+        ``running_polls`` times), then 200, or 422 with its error; a cancel aborts it. Handles it does not
+        know are answered as without it.
     """
 
     running_polls: int = 1
+    account: FakeCortex | None = None
     errors: dict[str, str] = field(default_factory=dict)
     polls: dict[str, int] = field(default_factory=dict)
     cancelled: list[str] = field(default_factory=list)
@@ -433,6 +437,15 @@ class FakeSqlApi:
         self.auth_headers.append(request.headers.get("Authorization", ""))
         self.token_types.append(request.headers.get("X-Snowflake-Authorization-Token-Type", ""))
         n = self.polls[handle] = self.polls.get(handle, 0) + 1
+        q = self.account.queries.get(handle) if self.account is not None else None
+        if q is not None and q.status != "RUNNING" and n > self.running_polls:
+            if q.status == "SUCCESS":
+                return web.json_response({"code": "090001", "message": "Statement executed successfully.",
+                                          "statementHandle": handle, "data": [["1"]]}, status=200)
+            return web.json_response({"code": "100132", "message": q.error or q.status, "sqlState": "P0000",
+                                      "statementHandle": handle}, status=422)
+        if q is not None:
+            n = min(n, self.running_polls)  # still running (or not polled often enough yet): 202
         if handle in self.cancelled:
             return web.json_response({"code": "000604", "message": "SQL execution canceled", "sqlState": "57014",
                                       "statementHandle": handle}, status=422)
@@ -451,6 +464,8 @@ class FakeSqlApi:
 
         handle = request.match_info["handle"]
         self.cancelled.append(handle)
+        if self.account is not None:
+            self.account._cancel(handle)
         return web.json_response({"code": "000604", "message": "successfully canceled", "statementHandle": handle})
 
     @contextlib.contextmanager

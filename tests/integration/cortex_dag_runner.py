@@ -34,6 +34,8 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
         fake = stack.enter_context(FakeCortex(fail_marker=config.get("fail_marker", "[fail]"),
                                               abort_after=config.get("abort_after"),
                                               background=bool(config.get("background"))))
+        if fake.background:
+            api.account = fake  # the SQL API reports the statements' real state
         for pattern, message in config.get("fail_next", []):
             fake.fail_next(pattern, ProgrammingError(msg=message, errno=1))
         bag = DagBag(dag_folder=config["dag_file"])

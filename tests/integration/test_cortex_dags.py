@@ -94,6 +94,22 @@ def test_a_lost_record_is_found_again_and_nothing_is_answered_twice(tmp_path: Pa
     assert "found in session" in logs
 
 
+def test_deferrable_retry_finds_the_lost_statement_and_waits_for_the_real_ones(tmp_path: Path):
+    """The same lost record on the deferrable path, the SQL API reporting the statements' real state."""
+    record = r"^UPDATE .*_STATEMENTS\" SET QUERY_ID"
+    summary, _ = run_dag(tmp_path, "example_cortex_synthesis", deferrable=True, background=True, running_polls=1,
+                         fail_next=[[record, "simulated: the record failed"]])
+    assert summary["state"] == "success", summary
+    assert summary["tasks"]["synthesize"]["try_number"] == 2
+    (manifest,) = summary["manifests"]
+    assert manifest["succeeded"] == 8 and manifest["answered_twice"] == 0
+    assert len(summary["calls"]) == 8 and len(summary["chunk_statements"]) == 2
+    assert sorted(manifest["query_ids"]) == summary["chunk_statements"]
+    # chunk 0's statement (found again) had finished before try 2 began: the trigger waited for chunk 1's only
+    assert len(manifest["statements"]) == 1 and sorted(summary["polls"]) == sorted(manifest["statements"])
+    assert all(s["state"] == "success" for s in manifest["statements"].values())
+
+
 def test_deferrable_run_polls_the_sql_api_through_the_trigger(tmp_path: Path):
     summary, logs = run_dag(tmp_path, "example_cortex_synthesis", deferrable=True, running_polls=2)
     assert summary["state"] == "success", summary
