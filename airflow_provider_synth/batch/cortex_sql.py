@@ -252,20 +252,22 @@ class StagingTables:
 
 
 def history_of_session(session_id: str, marker: str, limit: int = 10_000, database: str | None = None) -> Statement:
-    """The ``INSERT`` statements of one session whose ``QUERY_TAG`` contains ``marker`` (a run's table prefix),
-    running or finished: ``(query_id, query_tag, execution_status, error_message)``.
+    """The statements of one session whose ``QUERY_TAG`` contains ``marker`` (a run's table prefix), running
+    or finished: ``(query_id, query_tag, execution_status, error_message, query_type, query_text[:20])``.
 
     ``INFORMATION_SCHEMA.QUERY_HISTORY_BY_SESSION`` returns running queries too when no
     ``END_TIME_RANGE_END`` is given, and the most recent ``RESULT_LIMIT`` (at most 10,000) of the session; a
     session of this provider submits a run's chunks one after the other and stops at its first error, so a
-    statement whose record was lost is among its last queries. ``database``: whose ``INFORMATION_SCHEMA`` to
-    ask (the staging database; default: the session's current database).
+    statement whose record was lost is among its last queries. The type and the start of the text tell the
+    chunk's ``INSERT`` from the ``ALTER SESSION`` that sets the tag back (whichever tag Snowflake records for
+    that one). ``database``: whose ``INFORMATION_SCHEMA`` to ask (the staging database; default: the
+    session's current database).
     """
     info = qualified(database, "INFORMATION_SCHEMA") if database else "INFORMATION_SCHEMA"
     return (
-        f"SELECT QUERY_ID, QUERY_TAG, EXECUTION_STATUS, ERROR_MESSAGE FROM TABLE({info}."
-        "QUERY_HISTORY_BY_SESSION(SESSION_ID => ?, RESULT_LIMIT => ?)) "
-        "WHERE QUERY_TYPE = 'INSERT' AND CONTAINS(QUERY_TAG, ?) ORDER BY START_TIME",
+        "SELECT QUERY_ID, QUERY_TAG, EXECUTION_STATUS, ERROR_MESSAGE, QUERY_TYPE, LEFT(QUERY_TEXT, 20) "
+        f"FROM TABLE({info}.QUERY_HISTORY_BY_SESSION(SESSION_ID => ?, RESULT_LIMIT => ?)) "
+        "WHERE CONTAINS(QUERY_TAG, ?) ORDER BY START_TIME",
         (int(session_id) if session_id.isdigit() else session_id, int(limit), marker),
     )
 

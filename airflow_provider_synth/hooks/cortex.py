@@ -193,7 +193,9 @@ class CortexHook(SnowflakeHook):
         ``database``, default the current one)."""
         rows = self.fetch_all(history_of_session(session_id, marker, database=database))
         found = []
-        for query_id, tag, execution_status, error in rows:
+        for query_id, tag, execution_status, error, query_type, text in rows:
+            if str(query_type or "").upper() != "INSERT" and not str(text or "").lstrip().upper().startswith("INSERT"):
+                continue
             status = status_from_connector(str(query_id), str(execution_status or "").upper())
             if status.state == "error" and error:
                 status = StatementStatus(status.query_id, "error", f"{status.message}: {error}")

@@ -262,18 +262,20 @@ class FakeCortex:
         return q
 
     def _history(self, conn: Any, params: Any) -> tuple[str, list[Any]]:
-        """``QUERY_HISTORY_BY_SESSION(SESSION_ID => ?, RESULT_LIMIT => ?)`` filtered ``QUERY_TYPE = 'INSERT'
-        AND CONTAINS(QUERY_TAG, ?)``, as rows ``(QUERY_ID, QUERY_TAG, EXECUTION_STATUS, ERROR_MESSAGE)``."""
+        """``QUERY_HISTORY_BY_SESSION(SESSION_ID => ?, RESULT_LIMIT => ?)`` filtered ``CONTAINS(QUERY_TAG, ?)``,
+        as rows ``(QUERY_ID, QUERY_TAG, EXECUTION_STATUS, ERROR_MESSAGE, QUERY_TYPE, LEFT(QUERY_TEXT, 20))``. An
+        ``ALTER SESSION SET QUERY_TAG`` is recorded with the tag in effect before it (the documentation does
+        not say which; this is the case a lookup must tell apart)."""
         session_id, limit, marker = (str(params[0]), int(params[1]), str(params[2]))
         mine = [q for q in list(self.queries.values()) if q.session_id == session_id]
         recent = sorted(mine, key=lambda q: q.start_time)[-limit:]
-        rows = [(q.query_id, q.query_tag, q.execution_status, q.error or None) for q in recent
-                if q.query_type == "INSERT" and marker in (q.query_tag or "")]
+        rows = [(q.query_id, q.query_tag, q.execution_status, q.error or None, q.query_type, q.text[:20])
+                for q in recent if marker in (q.query_tag or "")]
         mark = "?" if conn._paramstyle == "qmark" else "%s"
         if not rows:
-            return ("SELECT NULL AS QUERY_ID, NULL AS QUERY_TAG, NULL AS EXECUTION_STATUS, NULL AS ERROR_MESSAGE "
-                    "WHERE 1 = 0"), []
-        one = f"SELECT {mark}, {mark}, {mark}, {mark}"
+            return ("SELECT NULL AS QUERY_ID, NULL AS QUERY_TAG, NULL AS EXECUTION_STATUS, NULL AS ERROR_MESSAGE, "
+                    "NULL AS QUERY_TYPE, NULL AS QUERY_TEXT WHERE 1 = 0"), []
+        one = "SELECT " + ", ".join([mark] * 6)
         return " UNION ALL ".join([one] * len(rows)), [v for row in rows for v in row]
 
     def _system(self, cursor: Any, sql: str, params: Any) -> tuple[str, Any] | None:
