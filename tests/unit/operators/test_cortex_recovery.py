@@ -10,6 +10,7 @@ test deliberately forces twice), every id exactly once in results or failures, a
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -138,6 +139,26 @@ def test_worker_killed_between_submit_and_record(fake: FakeCortex, tmp_path: Pat
     manifest = _complete(op, fake, deferred, 2)
     _assert_landed(fake, tmp_path, manifest)
     assert manifest["answered_twice"] == 0 and manifest["query_ids"][0] == orphan
+
+
+def test_worker_killed_then_a_retry_waits_in_the_worker_for_the_statement_it_found(fake: FakeCortex, tmp_path: Path):
+    """The same kill, retried without deferring: the retry polls the found statement while it still runs."""
+    fake.hold()
+    fake.fail_next(RECORD, SimulatedKill())
+    op = _op(tmp_path)
+    with pytest.raises(SimulatedKill):
+        op.execute(_ctx(1))
+    (orphan,) = _chunk_statements(fake)
+    outcome: dict[str, Any] = {}
+    retry = threading.Thread(target=lambda: outcome.update(manifest=op.execute(_ctx(2))))
+    retry.start()
+    fake.wait_held(4)  # the orphan and the retry's three new statements, all running
+    assert len(_chunk_statements(fake)) == 4 and retry.is_alive()  # the retry waits; chunk 0 not submitted again
+    fake.release()
+    retry.join(60)
+    assert orphan in outcome["manifest"]["query_ids"]
+    assert outcome["manifest"]["statements"][orphan]["state"] == "success"
+    _assert_landed(fake, tmp_path, outcome["manifest"])
 
 
 def test_killed_before_the_submit_reached_snowflake(fake: FakeCortex, tmp_path: Path,
