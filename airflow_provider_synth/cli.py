@@ -458,7 +458,7 @@ def _cleanup_text(r: dict[str, Any]) -> list[str]:
 
 def cmd_cortex_staging(args: argparse.Namespace, out: Output) -> int:
     from airflow_provider_synth.hooks.cortex import CortexHook
-    from airflow_provider_synth.runs.cortex import staging_report, staging_report_text
+    from airflow_provider_synth.runs.cortex_staging import staging_report, staging_report_text
 
     if args.drop and not (args.run or args.older_than is not None):
         raise UsageError("--drop needs --run PREFIX or --older-than DAYS (use --older-than 0 for every run)")

@@ -303,7 +303,7 @@ def test_failure_message_says_per_row_errors_are_final_and_a_retry_answers_only_
 def test_staging_tables_of_failed_runs_are_listed_and_dropped_per_run_and_only_ours(
         fake: FakeCortex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
     from airflow_provider_synth.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
-    from airflow_provider_synth.runs import cortex as runs_cortex
+    from airflow_provider_synth.runs import cortex_staging
 
     _write_requests(tmp_path / "requests.jsonl", ["a [fail]", "b"])
     for run_id in ("run-1", "run-2"):
@@ -336,14 +336,14 @@ def test_staging_tables_of_failed_runs_are_listed_and_dropped_per_run_and_only_o
     assert code == EXIT_FAILURE and missing["not_found"] == [first]
 
     now = time.time()
-    monkeypatch.setattr(runs_cortex, "_now", lambda: now + 2 * 86400)
+    monkeypatch.setattr(cortex_staging, "_now", lambda: now + 2 * 86400)
     code, old = cli("--older-than", "1", "--drop")
     assert code == EXIT_OK and len(old["dropped"]) == 1
     assert sorted(_synth_tables(fake)) == ["SYNTH_CORTEX_0123456789ABCDEF_REQUESTS", "SYNTH_CORTEX_NOTES"]
 
 
 def test_a_run_whose_statement_may_still_run_is_not_dropped(fake: FakeCortex, tmp_path: Path):
-    from airflow_provider_synth.runs.cortex import drop_staging_runs, list_staging_runs
+    from airflow_provider_synth.runs.cortex_staging import drop_staging_runs, list_staging_runs
 
     _write_requests(tmp_path / "requests.jsonl", ["a", "b"])
     fake.default_status = "RUNNING"
