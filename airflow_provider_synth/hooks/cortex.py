@@ -2,12 +2,14 @@
 
 :class:`CortexHook` (operators) runs the statements of a batch through the Snowflake connector: bulk staging
 (``write_pandas``: a Parquet PUT and one COPY per batch of rows, never one INSERT per row), asynchronous
-submission (``execute_async`` and the query id), status (``get_query_status``), streaming read-back
-(``fetchmany``) and cancellation (``SYSTEM$CANCEL_QUERY``). Values are always bound server-side (``qmark``).
+submission (``execute_async`` and the query id, optionally under a ``QUERY_TAG`` of its own), status
+(``get_query_status``), a session's statements (``INFORMATION_SCHEMA.QUERY_HISTORY_BY_SESSION``), streaming
+read-back (``fetchmany``) and cancellation (``SYSTEM$CANCEL_QUERY``). Values are always bound server-side
+(``qmark``).
 
 :class:`CortexAsyncHook` (triggers) asks the SQL API ``GET /api/v2/statements/{handle}`` with ``aiohttp``,
-authenticated like the snowflake provider's SQL API hook (key-pair JWT, OAuth or PAT), the connection fetched
-asynchronously: the triggerer's event loop never waits on a socket or a lock.
+authenticated by the snowflake provider's public ``SnowflakeSqlApiHook.get_headers()`` (key-pair JWT, OAuth or
+PAT), the connection fetched asynchronously: the triggerer's event loop never waits on a socket or a lock.
 
 No new place for secrets: both read the ``snowflake`` connection.
 """
