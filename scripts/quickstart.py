@@ -2,7 +2,12 @@
 
 Initializes an Airflow home inside the project (SQLite), starts the local Batch API server in the background,
 runs the DAG with ``airflow dags test`` (the operator defers; the trigger runs in-process), prints a summary,
-and stops the server it started.
+and stops what it started.
+
+Real answers by default: where the vLLM interpreter (``.venv-vllm``) is installed, a real small instruct model
+(SmolLM2-135M-Instruct, built once by ``scripts/build_smollm2.py``) answers through vLLM's OpenAI server, in
+front of which the local server's ``--upstream`` gateway puts the Batch API. Elsewhere (no vLLM: not Linux, no
+wheel), or with ``SYNTH_QUICKSTART_BACKEND=stand-in``, the local server's deterministic stand-in answers.
 """
 
 from __future__ import annotations
@@ -10,15 +15,24 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 HOME = REPO / ".airflow"
 OUTPUT = REPO / ".synth-output"
 BIN = Path(sys.executable).parent
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+SERVED_MODEL = "SmolLM2-135M-Instruct"
+STAND_IN_NOTE = ("NOTE: these answers come from the local Batch API server's stand-in backend, not a model. Point "
+                 "the\nconnection synth_openai_default at OpenAI (or run the server with --upstream URL) for real "
+                 "answers.")
+REAL_NOTE = (f"NOTE: these answers are real text from {SERVED_MODEL} (a 135M-parameter model: fluent, not wise),\n"
+             "run by vLLM's OpenAI server on this machine behind the local server's Batch API gateway.")
 
 
 def airflow_env(port: int | None = None) -> dict[str, str]:
@@ -39,13 +53,79 @@ def airflow_env(port: int | None = None) -> dict[str, str]:
     return env
 
 
-def start_server() -> tuple[subprocess.Popen[bytes], int]:
+def real_model() -> Path | None:
+    """SmolLM2's folder (built once), or None, saying why, where the quickstart falls back to the stand-in."""
+    if os.environ.get("SYNTH_QUICKSTART_BACKEND", "").replace("_", "-") == "stand-in":
+        print("SYNTH_QUICKSTART_BACKEND=stand-in: answers come from the local server's stand-in", flush=True)
+        return None
+    if not sys.platform.startswith("linux") or not VLLM_PYTHON.exists():
+        print(f"no vLLM interpreter at {VLLM_PYTHON} (vLLM installs on Linux only; `make vllm-venv`): answers come "
+              "from the local server's stand-in", flush=True)
+        return None
+    print("building SmolLM2-135M-Instruct for vLLM (once: about 2 minutes; cached after)", flush=True)
+    done = subprocess.run([str(VLLM_PYTHON), str(REPO / "scripts" / "build_smollm2.py")], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        print(f"SmolLM2 could not be built ({done.stderr.strip()[-600:]}): answers come from the stand-in",
+              flush=True)
+        return None
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_vllm(model: Path, timeout: float = 600.0) -> tuple[subprocess.Popen[bytes], int] | None:
+    """vLLM's OpenAI server on 127.0.0.1 (``vllm serve`` needs package metadata the CPU build lacks)."""
+    from airflow_provider_synth.runs.vllm_process import engine_env
+
+    port = _free_port()
+    log_path = HOME / "vllm-server.log"
+    env = engine_env({"HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}, pythonpath="")
+    proc = subprocess.Popen(
+        [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+         "--served-model-name", SERVED_MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+         "--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30)],
+        stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)  # noqa: SIM115
+    print(f"starting vLLM's OpenAI server with {SERVED_MODEL} on port {port} (log: {log_path}; ~30-90 s)",
+          flush=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(1)
+    stop(proc)
+    print(f"vLLM's server did not start (see {log_path}): answers come from the stand-in", flush=True)
+    return None
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def start_server(upstream_port: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
     port_file = HOME / "server.port"
     port_file.unlink(missing_ok=True)
     log = open(HOME / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
+    upstream = [] if upstream_port is None else [
+        "--upstream", f"http://127.0.0.1:{upstream_port}/v1", "--upstream-model", SERVED_MODEL,
+        "--upstream-concurrency", "32"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "airflow_provider_synth.server", "--port", "0", "--port-file",
-         str(port_file), "--validating-s", "1", "--in-progress-s", "4", "--finalizing-s", "1"],
+         str(port_file), "--validating-s", "1", "--in-progress-s", "4", "--finalizing-s", "1", *upstream],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 30
     while not port_file.exists() or not port_file.read_text().strip():
@@ -55,7 +135,7 @@ def start_server() -> tuple[subprocess.Popen[bytes], int]:
     return proc, int(port_file.read_text().strip())
 
 
-def summary(run_start: float) -> None:
+def summary(run_start: float, note: str) -> None:
     manifests = sorted((p for p in (OUTPUT / "synth_quickstart").rglob("manifest.json")
                         if p.stat().st_mtime >= run_start), key=lambda p: p.stat().st_mtime)
     if not manifests:
@@ -79,8 +159,7 @@ def summary(run_start: float) -> None:
     print("           results.jsonl, failures.jsonl, manifest.json")
     for cid, text in samples:
         print(f"sample     {cid}: {text}")
-    print("\nNOTE: these answers come from the local Batch API server's stand-in backend, not a model. Point the\n"
-          "connection synth_openai_default at OpenAI (or run the server with --upstream URL) for real answers.")
+    print("\n" + note)
 
 
 def main() -> int:
@@ -88,28 +167,37 @@ def main() -> int:
     env = airflow_env()
     print("initializing Airflow (SQLite) in", HOME, flush=True)
     subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True)
-    proc, port = start_server()
-    print(f"local Batch API server on http://127.0.0.1:{port}/v1 (pid {proc.pid})", flush=True)
+    model = real_model()
+    vllm = start_vllm(model) if model is not None else None
     try:
-        start = time.time()
-        log_path = HOME / "quickstart.log"
-        print("running: airflow dags test synth_quickstart  (log:", log_path, ")", flush=True)
-        with open(log_path, "wb") as log:
-            rc = subprocess.run([str(BIN / "airflow"), "dags", "test", "synth_quickstart"], env=airflow_env(port),
-                                stdout=log, stderr=subprocess.STDOUT).returncode
-        if rc != 0 or b"state=failed" in log_path.read_bytes():
-            sys.stdout.write(log_path.read_bytes()[-4000:].decode(errors="replace"))
-            print(f"\nthe quickstart DAG failed (exit {rc}); full log: {log_path}")
-            return 1
-        summary(start)
-        return 0
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc, port = start_server(vllm[1] if vllm is not None else None)
+        print(f"local Batch API server on http://127.0.0.1:{port}/v1 (pid {proc.pid})"
+              + (f", answering through {SERVED_MODEL}" if vllm is not None else ", stand-in answers"), flush=True)
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        print("stopped the local Batch API server")
+            return run_dag(port, REAL_NOTE if vllm is not None else STAND_IN_NOTE)
+        finally:
+            stop(proc)
+            print("stopped the local Batch API server")
+    finally:
+        if vllm is not None:
+            stop(vllm[0])
+            print("stopped vLLM's server")
+
+
+def run_dag(port: int, note: str) -> int:
+    start = time.time()
+    log_path = HOME / "quickstart.log"
+    print("running: airflow dags test synth_quickstart  (log:", log_path, ")", flush=True)
+    with open(log_path, "wb") as log:
+        rc = subprocess.run([str(BIN / "airflow"), "dags", "test", "synth_quickstart"], env=airflow_env(port),
+                            stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or b"state=failed" in log_path.read_bytes():
+        sys.stdout.write(log_path.read_bytes()[-4000:].decode(errors="replace"))
+        print(f"\nthe quickstart DAG failed (exit {rc}); full log: {log_path}")
+        return 1
+    summary(start, note)
+    print(f"took {time.time() - start:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
 from airflow_provider_synth.batch.jsonl import dumps, iter_jsonl, loads, open_path
 from airflow_provider_synth.batch.requests import CHAT
-from airflow_provider_synth.batch.validate import LineChecker
+from airflow_provider_synth.batch.validate import InvalidRequests, LineChecker, Source, checked_passes
 
 #: Models Cortex ``AI_COMPLETE`` / ``COMPLETE`` serve (Snowflake documentation, 2025). Region availability
 #: varies; a model missing here can be allowed with ``extra_models``.
@@ -280,12 +280,21 @@ class CortexCheck:
     :param model: the model the requests name (``None`` if they name none).
     :param fingerprint: sha256 of the file's request lines, so a changed input never resumes old tables.
     :param conversations: how many requests use the conversation form.
+    :param invalid_lines: line numbers set aside as invalid (``invalid_requests="skip"``); counted in ``total``.
+    :param synthetic_ids: how many of those are reported as ``line-<n>`` (no usable custom_id).
     """
 
     total: int = 0
     model: str | None = None
     fingerprint: str = ""
     conversations: int = 0
+    invalid_lines: frozenset[int] = frozenset()
+    synthetic_ids: int = 0
+
+    @property
+    def staged(self) -> int:
+        """How many requests run in Cortex (the valid ones)."""
+        return self.total - len(self.invalid_lines)
 
 
 def _check_line(checker: LineChecker, lineno: int, raw: bytes) -> CortexCall | None:
@@ -303,39 +312,51 @@ def _check_line(checker: LineChecker, lineno: int, raw: bytes) -> CortexCall | N
         return None
 
 
-def check_requests(source: Any, *, name: str | None = None) -> CortexCheck:
+def check_requests(source: Any, *, name: str | None = None, invalid_requests: InvalidRequests = "fail",
+                   open_rejected: Callable[[], IO[bytes]] | None = None) -> CortexCheck:
     """Validate a request JSONL file for Cortex in one streaming pass (a second only to locate duplicates).
 
     Runs the core's line checks (JSON, fields, duplicate custom_ids) and the Cortex mapping of every line.
 
     :param source: a path, URL or path object of an OpenAI-format chat JSONL file.
     :param name: the name used in problem reports (default: the path).
+    :param invalid_requests: ``"fail"``, or ``"skip"``: invalid lines become failure rows in
+        ``open_rejected()`` and :func:`iter_calls` leaves them out (see
+        :func:`~airflow_provider_synth.batch.validate.checked_passes`).
+    :param open_rejected: returns a new writable binary file for the failure rows (``"skip"`` only).
     :raises InvalidRequestsError: listing every problem, with file, line and custom_id.
     """
-    name = name or str(source)
-    checker = LineChecker(name=name)
-    result = CortexCheck()
-    digest = hashlib.sha256()
-    with open_path(source, "rb") as fp:
-        for lineno, raw in iter_jsonl(fp):
+    src = Source(source, name or str(source))
+
+    def one_pass(checker: LineChecker) -> CortexCheck:
+        result = CortexCheck()
+        digest = hashlib.sha256()
+        for lineno, raw in src.lines():
             result.total += 1
             digest.update(raw)
             digest.update(b"\n")
             call = _check_line(checker, lineno, raw)
             if call is not None and call.conversation is not None:
                 result.conversations += 1
-    if checker.duplicate_hashes():
-        with open_path(source, "rb") as fp:
-            checker.check_duplicates(iter_jsonl(fp))
-    checker.raise_if_problems(result.total)
-    result.model, result.fingerprint = checker.model, digest.hexdigest()
+        result.fingerprint = digest.hexdigest()
+        return result
+
+    result, checker = checked_passes(src, one_pass, lambda r: r.total, invalid_requests=invalid_requests,
+                                     open_rejected=open_rejected)
+    result.model = checker.model
+    if checker.rejected is not None:
+        result.invalid_lines = frozenset(checker.rejected.lines)
+        result.synthetic_ids = checker.rejected.synthetic
     return result
 
 
-def iter_calls(source: Any) -> Iterator[tuple[int, CortexCall]]:
-    """Yield ``(seq, call)`` for a file that :func:`check_requests` accepted (``seq`` is 1-based input order)."""
+def iter_calls(source: Any, skip_lines: Collection[int] = ()) -> Iterator[tuple[int, CortexCall]]:
+    """Yield ``(seq, call)`` for a file that :func:`check_requests` accepted (``seq`` is 1-based input order),
+    leaving out the lines it set aside (``skip_lines``)."""
     with open_path(source, "rb") as fp:
-        for seq, (_, raw) in enumerate(iter_jsonl(fp), start=1):
+        for seq, (lineno, raw) in enumerate(iter_jsonl(fp), start=1):
+            if lineno in skip_lines:
+                continue
             line = loads(raw)
             yield seq, map_chat_body(line["custom_id"], line["body"])
 

@@ -93,6 +93,8 @@ class Accounting:
     unusable_usage: Usage = field(default_factory=Usage)
     unusable_retried: int = 0
     check_rounds: set[int] = field(default_factory=set)
+    invalid: int = 0
+    synthetic_ids: int = 0
 
     def check(self) -> None:
         """Enforce the accounting invariant: every input custom_id is in results or failures exactly once."""
@@ -110,6 +112,7 @@ class Accounting:
             "retryable": self.retryable, "duplicates": self.duplicates, "unknown": self.unknown,
             "unknown_examples": self.unknown_examples, "duplicate_examples": self.duplicate_examples,
             "error_codes": dict(self.error_codes), "usage": self.usage.as_dict(),
+            "invalid": self.invalid, "synthetic_ids": self.synthetic_ids,
         }
         if self.checked:
             data["checks"] = self.checks_dict()
@@ -358,6 +361,23 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
     return acct
 
 
+def add_invalid(rows: Source, failures_fp: IO[bytes], acct: Accounting) -> Accounting:
+    """Count the invalid lines a run set aside (``invalid_requests="skip"``: one failure row each, see
+    :class:`~airflow_provider_synth.batch.validate.Rejected`) as failed requests, and copy their rows into
+    ``failures.jsonl``."""
+    with _opened(rows) as fp:
+        for _, raw in iter_jsonl(fp):
+            row = jsonl.loads(raw)
+            failures_fp.write(raw + b"\n")
+            acct.total += 1
+            acct.failed += 1
+            acct.invalid += 1
+            acct.synthetic_ids += bool(row.get("synthetic_id"))
+            acct.failures_written += 1
+            acct.error_codes[row["error"]["code"]] += 1
+    return acct
+
+
 def _add_checks(acct: Accounting, answers: _Answers) -> None:
     acct.checked = True
     acct.unusable.update(answers.unusable)
@@ -367,11 +387,13 @@ def _add_checks(acct: Accounting, answers: _Answers) -> None:
 
 
 def merge_shards(shards: Sequence[ShardOutputs], results_fp: IO[bytes], failures_fp: IO[bytes],
-                 checks: OutputChecks | Checker | None = None) -> Accounting:
+                 checks: OutputChecks | Checker | None = None, invalid: Source | None = None) -> Accounting:
     """Merge every shard, in order, into ``results.jsonl`` and ``failures.jsonl`` (open binary files).
 
     :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`): answers they
         judge unusable go to ``failures.jsonl`` with their reason and text. ``None``: every 200 is a result.
+    :param invalid: the failure rows of the lines set aside as invalid (``invalid_requests="skip"``); they
+        count as failed requests and go to the end of ``failures.jsonl``.
     :returns: the accounting, already checked.
     :raises AccountingError: if the invariant does not hold.
     """
@@ -381,6 +403,8 @@ def merge_shards(shards: Sequence[ShardOutputs], results_fp: IO[bytes], failures
         merge_shard(shard, results_fp, failures_fp, acct, checker)
     if checker is not None:
         acct.checked = True
+    if invalid is not None:
+        add_invalid(invalid, failures_fp, acct)
     acct.check()
     return acct
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
@@ -11,9 +11,10 @@ from airflow_provider_synth.batch.jsonl import loads
 from airflow_provider_synth.batch.usage import declared_output_tokens, estimate_request_tokens
 from airflow_provider_synth.batch.validate import (
     DEFAULT_MAX_LINE_BYTES,
+    InvalidRequests,
     LineChecker,
     Source,
-    locate_duplicates,
+    checked_passes,
 )
 
 #: Requests per batch input file (OpenAI and Azure).
@@ -79,6 +80,8 @@ class SplitResult:
     :param fingerprint: sha256 of the input's request lines (an idempotency key ingredient).
     :param est_input_tokens: estimated input tokens (0 unless estimating).
     :param est_output_tokens: the output tokens requests allow themselves (max_completion_tokens and alike).
+    :param invalid: lines set aside as failure rows (``invalid_requests="skip"``); counted in ``total``.
+    :param synthetic_ids: how many of those had no usable custom_id and are reported as ``line-<n>``.
     """
 
     shards: list[ShardInfo] = field(default_factory=list)
@@ -90,6 +93,8 @@ class SplitResult:
     fingerprint: str = ""
     est_input_tokens: int = 0
     est_output_tokens: int = 0
+    invalid: int = 0
+    synthetic_ids: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -170,11 +175,16 @@ def split_requests(
     name: str | None = None,
     estimate_tokens: bool = False,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    invalid_requests: InvalidRequests = "fail",
+    open_rejected: Callable[[], IO[bytes]] | None = None,
+    models: Iterable[str] | None = None,
 ) -> SplitResult:
     """Validate ``source`` and write it into shards, streaming; the lines are copied byte for byte.
 
-    Every problem in the input is reported at once and nothing is returned for upload: shards already written
-    are scratch files the caller discards.
+    ``invalid_requests="fail"``: every problem in the input is reported at once and nothing is returned for
+    upload (shards already written are scratch files the caller discards). ``"skip"``: only the valid lines go
+    into the shards; each invalid line becomes one failure row in the file ``open_rejected()`` returns (see
+    :class:`~airflow_provider_synth.batch.validate.Rejected`), counted in ``total`` and ``invalid``.
 
     :param source: a JSONL path/URL/path object, a binary file object, or an iterable of request dicts.
     :param open_shard: returns a new writable binary file object for shard ``i``.
@@ -182,19 +192,33 @@ def split_requests(
     :param name: the input's name in problem reports.
     :param estimate_tokens: estimate input tokens (always on when ``limits.max_tokens`` is set).
     :param max_line_bytes: the per-request size limit.
-    :raises InvalidRequestsError: listing every problem found, before anything can be uploaded.
+    :param invalid_requests: ``"fail"`` or ``"skip"``.
+    :param open_rejected: returns a new writable binary file object for the failure rows (``"skip"`` only).
+    :param models: the models served (vLLM); default: any one model per file.
+    :raises InvalidRequestsError: listing every problem found, before anything can be uploaded; under
+        ``"skip"`` only for a problem with the whole input or when no valid line is left.
     """
     limits = limits or ShardLimits()
-    estimate = estimate_tokens or limits.max_tokens is not None
     src = Source(source, name)
-    checker = LineChecker(name=src.name, max_line_bytes=max_line_bytes)
+    estimate = estimate_tokens or limits.max_tokens is not None
+    result, checker = checked_passes(
+        src, lambda checker: _split_pass(src, open_shard, checker, limits, estimate), lambda r: r.total,
+        invalid_requests=invalid_requests, open_rejected=open_rejected, models=models, max_line_bytes=max_line_bytes)
+    if checker.rejected is not None:
+        result.invalid, result.synthetic_ids = checker.rejected.count, checker.rejected.synthetic
+    result.endpoint, result.model = checker.endpoint, checker.model
+    return result
+
+
+def _split_pass(src: Source, open_shard: Callable[[int], IO[bytes]], checker: LineChecker, limits: ShardLimits,
+                estimate: bool) -> SplitResult:
+    """One pass over the input: check every line, write the valid ones into shards."""
     writer = _ShardWriter(open_shard, limits)
     result = SplitResult()
     digest = hashlib.sha256()
-    fast = not estimate
     try:
         for start, block in src.blocks():
-            checked_block = checker.check_block(start, block) if fast else None
+            checked_block = checker.check_block(start, block) if not estimate else None
             if checked_block is not None and max(map(len, block)) < limits.max_bytes:
                 ids, buf = checked_block
                 result.total += len(block)
@@ -208,11 +232,8 @@ def split_requests(
                     _split_line(start + offset, raw, checker, writer, result, digest, limits, estimate)
     finally:
         writer.close()
-    locate_duplicates(checker, src)
-    checker.raise_if_problems(result.total)
     result.shards = writer.shards
     result.bytes = sum(s.bytes for s in writer.shards)
-    result.endpoint, result.model = checker.endpoint, checker.model
     result.fingerprint = digest.hexdigest()
     return result
 
@@ -245,5 +266,5 @@ def _split_line(lineno: int, raw: bytes, checker: LineChecker, writer: _ShardWri
         checker.problem(lineno, checked.custom_id, f"line is {len(raw) + 1:,} bytes, over the per-shard "
                         f"limit of {limits.max_bytes:,}")
         return
-    if not checker.problem_count:  # after a problem, keep scanning for more but stop writing
+    if checker.skipping or not checker.problem_count:  # "fail": after a problem, scan for more but stop writing
         writer.write(lineno, checked.custom_id, raw, checked.embedding_inputs, tokens)

@@ -1,7 +1,9 @@
 """Streaming validation of batch request lines.
 
-Every problem in the input is collected (file, line number, custom_id, reason) and raised once, as
-:class:`~airflow_provider_synth.batch.errors.InvalidRequestsError`, before anything is uploaded or paid for.
+Every problem in the input is collected (file, line number, custom_id, reason). What happens to an invalid
+line is decided here, once, for every backend (``invalid_requests``): ``"fail"`` raises every problem at once,
+as :class:`~airflow_provider_synth.batch.errors.InvalidRequestsError`, before anything is uploaded or paid for;
+``"skip"`` sets each invalid line aside as one failure row (:class:`Rejected`) and lets the valid ones run.
 Memory stays flat: lines are decoded one at a time into small msgspec structs (unknown fields are skipped
 without being built), and duplicate detection keeps 8 bytes per request.
 """
@@ -11,9 +13,9 @@ from __future__ import annotations
 import os
 import re
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import IO, Annotated, Any, Literal, NamedTuple, TypeVar
 
 import msgspec
 import numpy as np
@@ -30,6 +32,95 @@ DEFAULT_MAX_LINE_BYTES = 10 * 1024 * 1024
 MAX_PROBLEMS_KEPT = 1000
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+#: What an operator does with invalid request lines: refuse the whole input, or run the valid lines only.
+InvalidRequests = Literal["fail", "skip"]
+INVALID_REQUESTS: tuple[InvalidRequests, ...] = ("fail", "skip")
+#: The failure row's error code of an invalid line, and of a line naming a model the engine does not serve.
+INVALID_CODE = "invalid_request"
+MODEL_NOT_FOUND_CODE = "model_not_found"
+
+
+def check_invalid_requests(value: str) -> InvalidRequests:
+    """Validate an operator's ``invalid_requests`` argument."""
+    if value not in INVALID_REQUESTS:
+        raise ValueError(f"invalid_requests must be one of {INVALID_REQUESTS}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def synthetic_id(line: int) -> str:
+    """The stable id reported for an invalid line without a readable (or unique) custom_id."""
+    return f"line-{line}"
+
+
+def skipped_summary(invalid: int, synthetic: int, where: Any) -> str:
+    """One sentence for the task log about the lines ``invalid_requests="skip"`` set aside ('' if none)."""
+    if not invalid:
+        return ""
+    text = f"{invalid} invalid request line(s) set aside, not sent; their reasons are in {where}"
+    if synthetic:
+        text += (f"; {synthetic} of them had no usable custom_id (unreadable or a duplicate) and are reported "
+                 "as 'line-<n>' (n: the line number)")
+    return text
+
+
+class _NotServed(str):
+    """A problem reason meaning "this model is not served here" (a 404 in a failure row, not a 400)."""
+
+    __slots__ = ()
+
+
+class Rejected:
+    """Under ``invalid_requests="skip"``: writes one failure row per invalid line to ``fp``, in
+    ``failures.jsonl``'s shape plus the line number. A line whose custom_id cannot be read (or is a duplicate of
+    an earlier line's) is reported under :func:`synthetic_id` with ``"synthetic_id": true``, so that every input
+    line is accounted for exactly once. The reasons of one line are joined into one row.
+
+    :param fp: a writable binary file object.
+    """
+
+    def __init__(self, fp: IO[bytes]) -> None:
+        self.fp = fp
+        self.count = 0
+        self.synthetic = 0
+        self._line = 0
+        self._cid: str | None = None
+        self._taken: str | None = None
+        self._reasons: list[str] = []
+        self._not_found = False
+        #: the line numbers set aside, in order
+        self.lines: list[int] = []
+
+    def add(self, line: int, custom_id: str | None, reason: str, *, id_taken: bool = False) -> None:
+        if line != self._line:
+            self.flush()
+            self._line, self._cid, self._taken = line, custom_id or None, None
+        if id_taken:
+            self._cid, self._taken = None, custom_id
+        self._reasons.append(reason)
+        self._not_found = self._not_found or isinstance(reason, _NotServed)
+
+    def flush(self) -> None:
+        """Write the buffered line's row (call once more at the end)."""
+        if not self._reasons:
+            return
+        cid, synthetic = self._cid, self._cid is None
+        if cid is None:
+            cid = synthetic_id(self._line)
+            self.synthetic += 1
+        status, code = (404, MODEL_NOT_FOUND_CODE) if self._not_found else (400, INVALID_CODE)
+        message = f"line {self._line}: " + "; ".join(self._reasons)
+        if synthetic:
+            why = f"custom_id {self._taken!r} is taken" if self._taken else "no readable custom_id"
+            message += f" ({why}: reported as {cid!r})"
+        row: dict[str, Any] = {"custom_id": cid, "error": {"code": code, "message": message},
+                               "status_code": status, "retryable": False, "attempts": 0, "line": self._line}
+        if synthetic:
+            row["synthetic_id"] = True
+        self.fp.write(dumps(row) + b"\n")
+        self.count += 1
+        self.lines.append(self._line)
+        self._reasons, self._not_found = [], False
 
 
 class _Message(msgspec.Struct, gc=False):
@@ -115,32 +206,52 @@ class LineChecker:
     :param name: the file or source name used in problem reports.
     :param max_line_bytes: the per-request size limit.
     :param endpoint: the expected endpoint; by default the first line's endpoint is expected everywhere.
+    :param models: the models served (vLLM): a line naming another is invalid, and lines may name any of
+        them. ``None`` (the Batch APIs): any model, but one per file.
+    :param rejected: set: ``invalid_requests="skip"``, each invalid line goes there and the valid ones go on.
+    :param known_duplicates: line number -> reason, for lines a first pass found to repeat a custom_id.
     """
 
     name: str = "<requests>"
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     endpoint: str | None = None
+    models: frozenset[str] | None = None
+    rejected: Rejected | None = None
+    known_duplicates: dict[int, str] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     problem_count: int = 0
+    file_problems: int = 0
     model: str | None = None
     _hashes: array = field(default_factory=lambda: array("q"))  # type: ignore[type-arg]
     _models_seen: bool = False
 
-    def problem(self, line: int, custom_id: str | None, reason: str) -> None:
+    @property
+    def skipping(self) -> bool:
+        """Under ``invalid_requests="skip"``: valid lines keep being written after a problem."""
+        return self.rejected is not None
+
+    def problem(self, line: int, custom_id: str | None, reason: str, *, id_taken: bool = False) -> None:
         self.problem_count += 1
         if len(self.problems) < MAX_PROBLEMS_KEPT:
             self.problems.append(Problem(self.name, line, custom_id, reason))
+        if not line:
+            self.file_problems += 1
+        elif self.rejected is not None:
+            self.rejected.add(line, custom_id, reason, id_taken=id_taken)
 
     def check(self, lineno: int, raw: bytes) -> CheckedLine | None:
         """Check one raw line; return what was learned, or ``None`` after recording the problem(s)."""
+        if lineno in self.known_duplicates:
+            self.problem(lineno, _peek_custom_id(raw), self.known_duplicates[lineno], id_taken=True)
+            return None
         if len(raw) > self.max_line_bytes:
-            self.problem(lineno, _peek_custom_id(raw), f"line is {len(raw):,} bytes, over the per-request "
-                         f"limit of {self.max_line_bytes:,}")
+            self._unreadable(lineno, raw, f"line is {len(raw):,} bytes, over the per-request limit of "
+                             f"{self.max_line_bytes:,}")
             return None
         try:
             line = _line_decoder.decode(raw)
         except msgspec.DecodeError as exc:
-            self.problem(lineno, _peek_custom_id(raw), _decode_reason(exc))
+            self._unreadable(lineno, raw, _decode_reason(exc))
             return None
         cid, body = line.custom_id, line.body
         self._hashes.append(hash(cid))
@@ -157,11 +268,21 @@ class LineChecker:
         inputs = _embedding_inputs(body) if line.url == EMBEDDINGS else 0
         return CheckedLine(cid, line.url, body.model, inputs)
 
+    def _unreadable(self, lineno: int, raw: bytes, reason: str) -> None:
+        """A line that cannot be decoded: its custom_id, when one can be found, still counts for duplicates
+        (so that, under "skip", a torn line and a good one never both answer for the same id)."""
+        cid = _peek_custom_id(raw)
+        if cid:
+            self._hashes.append(hash(cid))
+        self.problem(lineno, cid, reason)
+
     def check_block(self, start: int, lines: list[bytes]) -> tuple[list[str], bytes] | None:
         """Check a block of chat lines at once (decoded and checked in C). Returns the custom_ids and the
         joined block when every line is valid, else ``None`` with nothing recorded: the caller re-checks the
         block line by line."""
-        if self.problem_count or not lines or self.endpoint not in (None, CHAT):
+        if (self.problem_count and not self.skipping) or not lines or self.endpoint not in (None, CHAT):
+            return None
+        if self.known_duplicates and any(start <= n < start + len(lines) for n in self.known_duplicates):
             return None
         buf = b"\n".join(lines)
         if b"\r" in buf or max(map(len, lines)) > self.max_line_bytes:
@@ -173,7 +294,8 @@ class LineChecker:
         if len(decoded) != len(lines):  # blank lines: keep exact numbering on the slow path
             return None
         model = self.model if self._models_seen else decoded[0].body.model
-        if any(line.body.model != model for line in decoded):
+        if any(line.body.model != model for line in decoded) or (self.models is not None
+                                                                 and model not in self.models):
             return None
         ids = [line.custom_id for line in decoded]
         self._hashes.extend(map(hash, ids))
@@ -194,12 +316,16 @@ class LineChecker:
             reasons.append(f"url {line.url!r} differs from the batch's endpoint {self.endpoint!r}: "
                            "one batch serves one endpoint")
         reasons.extend(_body_problems(line.url, line.body))
-        if line.body.model is not None:
-            if not self._models_seen:
-                self.model, self._models_seen = line.body.model, True
-            elif line.body.model != self.model:
-                reasons.append(f"model {line.body.model!r} differs from the batch's model {self.model!r}: "
-                               "one batch file serves one model")
+        model = line.body.model
+        if model is not None and self.models is not None and model not in self.models:
+            served = ", ".join(sorted(self.models))
+            reasons.append(_NotServed(f"model {model!r} is not served here (served: {served}); map other names "
+                                      "onto the engine with served_model_names"))
+        elif model is not None and not self._models_seen:
+            self.model, self._models_seen = model, True
+        elif model is not None and model != self.model and self.models is None:
+            reasons.append(f"model {model!r} differs from the batch's model {self.model!r}: "
+                           "one batch file serves one model")
         return reasons
 
     def duplicate_hashes(self) -> set[int]:
@@ -211,24 +337,35 @@ class LineChecker:
         dup = arr[1:][arr[1:] == arr[:-1]]
         return set(dup.tolist())
 
-    def check_duplicates(self, lines: Iterable[tuple[int, bytes]]) -> None:
-        """Second pass, only when hashes collide: report every line whose custom_id was seen before."""
+    def check_duplicates(self, lines: Iterable[tuple[int, bytes]]) -> dict[int, str]:
+        """Second pass, only when hashes collide: report every line whose custom_id was seen before; return
+        them (line number -> reason)."""
         suspects = self.duplicate_hashes()
+        found: dict[int, str] = {}
         if not suspects:
-            return
+            return found
         first_seen: dict[str, int] = {}
         for lineno, raw in lines:
             cid = _peek_custom_id(raw)
             if cid is None or hash(cid) not in suspects:
                 continue
             if cid in first_seen:
-                self.problem(lineno, cid, f"duplicate custom_id (first used on line {first_seen[cid]})")
+                found[lineno] = f"duplicate custom_id (first used on line {first_seen[cid]})"
+                if self.rejected is None:
+                    self.problem(lineno, cid, found[lineno])
             else:
                 first_seen[cid] = lineno
+        return found
 
     def raise_if_problems(self, total: int) -> None:
+        """Raise every problem (``"fail"``); under ``"skip"`` only problems with the whole input, or an input
+        with no valid line left."""
         if total == 0 and not self.problem_count:
             self.problem(0, None, "no requests: the input is empty")
+        if self.rejected is not None:
+            self.rejected.flush()
+            if not self.file_problems and self.rejected.count < total:
+                return
         if self.problem_count:
             problems = sorted(self.problems, key=lambda p: p.line)
             raise InvalidRequestsError(problems, self.problem_count)
@@ -353,17 +490,20 @@ class Source:
 
 
 def validate_requests(
-    source: Any, *, name: str | None = None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    source: Any, *, name: str | None = None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    models: Iterable[str] | None = None,
 ) -> ValidationSummary:
     """Validate a JSONL file (path, URL, path object or binary file object) or an iterable of request dicts.
 
     :param source: the requests.
     :param name: the name used in problem reports (default: the path).
     :param max_line_bytes: the per-request size limit.
+    :param models: the models served (see :class:`LineChecker`); default: any one model.
     :raises InvalidRequestsError: listing every problem found.
     """
     src = Source(source, name)
-    checker = LineChecker(name=src.name, max_line_bytes=max_line_bytes)
+    checker = LineChecker(name=src.name, max_line_bytes=max_line_bytes,
+                          models=frozenset(models) if models is not None else None)
     summary = ValidationSummary()
     for lineno, raw in src.lines():
         summary.total += 1
@@ -376,11 +516,58 @@ def validate_requests(
     return summary
 
 
-def locate_duplicates(checker: LineChecker, src: Source) -> None:
-    """When hashes collided, read the source again to report each duplicate line exactly."""
+def locate_duplicates(checker: LineChecker, src: Source) -> dict[int, str]:
+    """When hashes collided, read the source again to report each duplicate line exactly; return them."""
     if not checker.duplicate_hashes():
-        return
+        return {}
     if src.rereadable():
-        checker.check_duplicates(src.lines())
-    else:
-        checker.problem(0, None, "duplicate custom_ids (pass a list or a file to locate them)")
+        return checker.check_duplicates(src.lines())
+    checker.problem(0, None, "duplicate custom_ids (pass a list or a file to locate them)")
+    return {}
+
+
+R = TypeVar("R")
+
+
+def checked_passes(
+    src: Source, one_pass: Callable[[LineChecker], R], total_of: Callable[[R], int], *,
+    invalid_requests: InvalidRequests = "fail", open_rejected: Callable[[], IO[bytes]] | None = None,
+    models: Iterable[str] | None = None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> tuple[R, LineChecker]:
+    """The one decision on invalid request lines, for every backend. ``one_pass`` reads ``src`` once, checks
+    each line with the checker it is given and uses the valid ones (writes shards, stages rows...); then
+    ``"fail"`` raises every problem (whatever the pass wrote is scratch), and ``"skip"`` keeps the pass's work
+    with each invalid line set aside as one failure row in ``open_rejected()``. A repeated custom_id is only
+    found after the pass: under ``"skip"`` (rarely) the pass runs again, setting the repeats aside first.
+
+    :param src: the requests.
+    :param one_pass: one pass over ``src`` with a fresh checker; returns its result.
+    :param total_of: the number of request lines a result saw.
+    :param invalid_requests: ``"fail"`` or ``"skip"``.
+    :param open_rejected: returns a new writable binary file for the failure rows (``"skip"`` only).
+    :param models: the models served (see :class:`LineChecker`).
+    :param max_line_bytes: the per-request size limit.
+    :returns: the last pass's result and its checker (``checker.rejected`` counts what was set aside).
+    :raises InvalidRequestsError: every problem (``"fail"``); a problem with the whole input or no valid line
+        left (``"skip"``).
+    """
+    skip = check_invalid_requests(invalid_requests) == "skip"
+    if skip and open_rejected is None:
+        raise ValueError('invalid_requests="skip" needs open_rejected')
+    served = frozenset(models) if models is not None else None
+    known: dict[int, str] = {}
+    while True:
+        fp = open_rejected() if skip and open_rejected is not None else None
+        try:
+            checker = LineChecker(name=src.name, max_line_bytes=max_line_bytes, models=served, known_duplicates=known,
+                                  rejected=Rejected(fp) if fp is not None else None)
+            result = one_pass(checker)
+            found = locate_duplicates(checker, src) if not known else {}
+            if skip and found:
+                known = found
+                continue
+            checker.raise_if_problems(total_of(result))
+        finally:
+            if fp is not None:
+                fp.close()
+        return result, checker

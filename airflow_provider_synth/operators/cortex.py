@@ -16,6 +16,8 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.cortex_sql import TableSource
+from airflow_provider_synth.batch.jsonl import join_path
+from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests
 from airflow_provider_synth.exceptions import BatchFailedError, BatchTimeoutError, TriggerEventError
 from airflow_provider_synth.hooks.cortex import CortexHook
 from airflow_provider_synth.operators._native import ManifestPublisherMixin
@@ -64,6 +66,9 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
     :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`): answers cut off,
         refused or off-schema go to ``failures.jsonl`` with their text, never to results; the manifest counts
         them under ``checks``. (Cortex has no retry rounds: a failed task retry does not re-answer them.)
+    :param invalid_requests: ``"fail"`` (default): an invalid line refuses the file before anything runs in
+        Snowflake. ``"skip"``: only the valid lines are staged; each invalid one is a failure row in
+        ``failures.jsonl``, counted in the manifest's ``invalid`` and against ``max_failed_ratio``.
     """
 
     template_fields: Sequence[str] = ("input_path", "output_path", "model")
@@ -86,6 +91,7 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
         max_failed_ratio: float = 0.0,
         extra_models: Sequence[str] = (),
         checks: OutputChecks | None = None,
+        invalid_requests: InvalidRequests = "fail",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -111,6 +117,7 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
         if checks is not None and checks.direct_tail:
             raise ValueError("checks.direct_tail is for the OpenAI and Azure Batch API only")
         self.checks = checks
+        self.invalid_requests = check_invalid_requests(invalid_requests)
         self._query_ids: list[str] = []
 
     # -- the run -------------------------------------------------------------------------------------------
@@ -123,9 +130,18 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
         return CortexRun(hook, ident, chunk_size=self.chunk_size, staging=self.staging, timeout=self.timeout,
                          extra_models=self.extra_models)
 
+    @property
+    def _skipping_lines(self) -> bool:
+        return self.input_path is not None and self.invalid_requests == "skip"
+
+    def _invalid_path(self) -> Any:
+        """The failure rows of the invalid lines (``invalid_requests="skip"``), read back by ``_finish``."""
+        return join_path(join_path(self.output_path, "_cortex"), "invalid.jsonl")
+
     def _stage(self, run: CortexRun, stage: bool = True) -> RunState:
         if self.input_path is not None:
-            return run.stage_file(self.input_path, self.model, stage)
+            return run.stage_file(self.input_path, self.model, stage, invalid_requests=self.invalid_requests,
+                                  rejected=self._invalid_path())
         assert self.source_table is not None and self.model
         return run.stage_table(self.source_table, self.model, stage)
 
@@ -208,6 +224,7 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
         try:
             outcome = run.finish(state, statuses, self.output_path, max_failed_ratio=self.max_failed_ratio,
                                  keep_staging_tables=self.keep_staging_tables, checks=self.checks,
+                                 invalid=self._invalid_path() if self._skipping_lines else None,
                                  try_number=ti.try_number,
                                  dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id, map_index=ti.map_index)
         finally:

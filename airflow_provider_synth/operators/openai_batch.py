@@ -18,6 +18,7 @@ from airflow_provider_synth.batch.manifest import write_manifest
 from airflow_provider_synth.batch.requests import CHAT, Endpoint, build_requests, write_requests
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
 from airflow_provider_synth.batch.usage import Price, estimate_cost
+from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests, skipped_summary
 from airflow_provider_synth.exceptions import (
     BatchFailedError,
     BatchTimeoutError,
@@ -27,7 +28,14 @@ from airflow_provider_synth.exceptions import (
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.links import OpenAIBatchLink
 from airflow_provider_synth.operators._native import ManifestPublisherMixin
-from airflow_provider_synth.runs.openai import BatchRun, Plan, as_path, idempotency_key, run_manifest
+from airflow_provider_synth.runs.openai import (
+    INVALID_FILE,
+    BatchRun,
+    Plan,
+    as_path,
+    idempotency_key,
+    run_manifest,
+)
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:
@@ -110,6 +118,10 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         rounds; with a schema (default: the template's ``response_format``) results carry the ``parsed``
         object. ``checks.direct_tail=N`` answers a retry round of at most N requests through the synchronous
         API (direct price, within ``max_cost_usd``) instead of another batch.
+    :param invalid_requests: ``"fail"`` (default): one invalid line refuses the whole input before anything is
+        uploaded, naming every bad line. ``"skip"``: only the valid lines are submitted; each invalid one is a
+        failure row (reason and line number; ``line-<n>`` when it has no usable custom_id) in
+        ``failures.jsonl``, counted in the manifest's ``invalid`` and against ``max_failed_ratio``.
     """
 
     template_fields: Sequence[str] = ("input_path", "output_path", "requests", "model")
@@ -141,6 +153,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         cancel_on_kill: bool = True,
         prices: Mapping[str, Price | tuple[float, float, float]] | None = None,
         checks: OutputChecks | None = None,
+        invalid_requests: InvalidRequests = "fail",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -164,6 +177,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         self.checks = checks
         if checks is not None and checks.schema is None and self.template.response_format is not None:
             self.checks = dataclasses.replace(checks, schema=self.template.response_format)
+        self.invalid_requests = check_invalid_requests(invalid_requests)
         self._run: BatchRun | None = None
 
     @property
@@ -195,7 +209,8 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         source = self._source(work)
         split = split_requests(source, lambda i: open_path(join_path(work, f"shards/shard-{i:05d}-r0.jsonl"), "wb"),
                                limits=self.limits, name=str(source),
-                               estimate_tokens=self.max_cost_usd is not None)
+                               estimate_tokens=self.max_cost_usd is not None, invalid_requests=self.invalid_requests,
+                               open_rejected=lambda: open_path(join_path(work, INVALID_FILE), "wb"))
         ti = context["ti"]
         map_index = ti.map_index if ti.map_index is not None else -1
         key = idempotency_key(ti.dag_id, ti.task_id, ti.run_id, map_index, split.fingerprint, split.endpoint or "")
@@ -206,7 +221,10 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
                     completion_window=self.completion_window, work_dir=str(work), output_dir=str(output),
                     shards=[s.as_dict() for s in split.shards], total=split.total, fingerprint=split.fingerprint,
                     est_input_tokens=split.est_input_tokens, est_output_tokens=split.est_output_tokens,
-                    est_cost_usd=est, checks=self.checks.to_spec() if self.checks is not None else None)
+                    est_cost_usd=est, checks=self.checks.to_spec() if self.checks is not None else None,
+                    invalid=split.invalid)
+        if split.invalid:
+            self.log.warning(skipped_summary(split.invalid, split.synthetic_ids, join_path(output, "failures.jsonl")))
         self.log.info("%d request(s) in %d shard(s) for %s %s; run key %s", split.total, len(split.shards),
                       plan.endpoint, plan.model, key)
         return plan

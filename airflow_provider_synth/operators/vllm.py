@@ -22,20 +22,29 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.jsonl import dumps, loads, open_path
+from airflow_provider_synth.batch.jsonl import dumps, join_path, loads, open_path
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
 from airflow_provider_synth.batch.merge import ShardOutputs, merge_shards
 from airflow_provider_synth.batch.requests import CHAT, COMPLETIONS, EMBEDDINGS
-from airflow_provider_synth.batch.validate import validate_requests
+from airflow_provider_synth.batch.split import ShardLimits, split_requests
+from airflow_provider_synth.batch.validate import (
+    InvalidRequests,
+    check_invalid_requests,
+    skipped_summary,
+    validate_requests,
+)
 from airflow_provider_synth.exceptions import BatchFailedError, VLLMEngineError
 from airflow_provider_synth.operators._native import ManifestPublisherMixin
-from airflow_provider_synth.runs.vllm_workspace import EngineWorkspace, merge_output_folders
+from airflow_provider_synth.runs.vllm_process import engine_env, reclaim_output
+from airflow_provider_synth.runs.vllm_workspace import STATE_DIR, EngineWorkspace, merge_output_folders
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
 EVENT_PREFIX = b'{"synth_vllm":'
 SERVED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
+#: One shard holding every valid line: the engine's input under ``invalid_requests="skip"``.
+_ONE_SHARD = ShardLimits(max_requests=1 << 62, max_bytes=1 << 62, max_embedding_inputs=1 << 62)
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,9 @@ class VLLMEngineConfig:
     :param enforce_eager: skip CUDA graphs / torch.compile (faster start-up, slower decoding).
     :param seed: the engine's random seed.
     :param extra: anything else ``vllm.LLM`` takes (``quantization``, ``kv_cache_memory_bytes``, ``runner``...).
+    :param served_model_names: the names a request line's ``model`` may use for this engine (the first is
+        written in the answers), as ``--served-model-name`` does for vLLM's server; default: the operator's
+        ``model``. A line naming another model is invalid. Use it for files that name the hub id.
     """
 
     tensor_parallel_size: int = 1
@@ -58,12 +70,24 @@ class VLLMEngineConfig:
     enforce_eager: bool = False
     seed: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    served_model_names: Sequence[str] | None = None
 
     def llm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``vllm.LLM`` (JSON-serializable; the runner receives them in a file)."""
-        kwargs = {k: v for k, v in asdict(self).items() if k != "extra" and v is not None}
+        kwargs = {k: v for k, v in asdict(self).items()
+                  if k not in ("extra", "served_model_names") and v is not None}
         kwargs.update(self.extra)
         return kwargs
+
+    def served_names(self, model: str) -> list[str]:
+        """The model names request lines may use: ``served_model_names``, else vLLM's own
+        ``served_model_name`` engine argument (in ``extra``), else ``model``."""
+        engine_names = self.extra.get("served_model_name")
+        if self.served_model_names:
+            return list(self.served_model_names)
+        if engine_names:
+            return [engine_names] if isinstance(engine_names, str) else list(engine_names)
+        return [model]
 
 
 def gpu_pod_override(gpus: int = 1, *, image: str | None = None, memory: str | None = None,
@@ -112,8 +136,10 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         as in the OpenAI API.
     :param python: the interpreter that has vLLM (vLLM cannot share Airflow's environment).
     :param chunk_size: requests per engine call and per flush of the answers (the most a kill can lose).
-    :param env: extra environment variables for the engine process (``CUDA_VISIBLE_DEVICES``,
-        ``HF_HUB_OFFLINE``...). Never logged.
+    :param env: environment variables for the engine process (``CUDA_VISIBLE_DEVICES``, ``HF_TOKEN``...),
+        taken as given. Of the worker's own environment the engine inherits only what vLLM, CUDA, Hugging Face
+        and the model need (see :mod:`airflow_provider_synth.runs.vllm_process`), never connections or
+        secrets. Never logged.
     :param work_dir: local scratch folder for copies of remote input/output (default: a temporary folder).
     :param max_failed_ratio: the share of failed requests tolerated before the task fails.
     :param checkpoint_interval: seconds between uploads of the engine's answers when ``output_path`` is
@@ -121,6 +147,11 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
     :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`): answers cut off,
         refused or off-schema go to ``failures.jsonl`` with their text, never to results; the manifest counts
         them under ``checks``.
+    :param invalid_requests: ``"fail"`` (default): an invalid line (bad JSON or fields, an unserved url or
+        model, a duplicate id) refuses the input before the engine starts, naming every one. ``"skip"``: the
+        engine answers the valid lines; each invalid one is a failure row in ``failures.jsonl`` (a 404 for a
+        model the engine does not serve), counted in the manifest's ``invalid`` and against
+        ``max_failed_ratio``. Requests the engine refuses at run time are error lines either way.
     """
 
     template_fields: Sequence[str] = ("input_path", "output_path", "model", "python")
@@ -141,6 +172,7 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         max_failed_ratio: float = 0.0,
         checkpoint_interval: float = 300.0,
         checks: OutputChecks | None = None,
+        invalid_requests: InvalidRequests = "fail",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -162,25 +194,45 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         if checks is not None and checks.direct_tail:
             raise ValueError("checks.direct_tail is for the OpenAI and Azure Batch API only")
         self.checks = checks
+        self.invalid_requests = check_invalid_requests(invalid_requests)
         self._proc: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------------------------------------ execute
 
     def execute(self, context: Context) -> dict[str, Any]:
-        summary = validate_requests(self.input_path, name=str(self.input_path))
-        if summary.endpoint not in SERVED_ENDPOINTS:
-            raise ValueError(f"{self.input_path}: the vLLM backend serves {', '.join(SERVED_ENDPOINTS)}; "
-                             f"these requests use {summary.endpoint!r}")
-        python = self._resolve_python()
-        self.log.info("Validated %d %s requests in %s", summary.total, summary.endpoint, self.input_path)
         with tempfile.TemporaryDirectory(prefix="synth-vllm-", dir=self.work_dir) as scratch:
-            work = EngineWorkspace.create(self.input_path, self.output_path, Path(scratch))
+            engine_input, invalid = self._screen(Path(scratch))
+            python = self._resolve_python()
+            work = EngineWorkspace.create(engine_input, self.output_path, Path(scratch))
             work.restore_state(self._fingerprint(), self.log)
             started = time.monotonic()
             self._run_engine(python, work)
             work.checkpoint()
             elapsed = time.monotonic() - started
-        return self._finish(context, work, elapsed)
+            return self._finish(context, work, elapsed, engine_input, invalid)
+
+    def _screen(self, scratch: Path) -> tuple[Any, Any]:
+        """Validate the input against what the engine serves (nothing runs before this passes). Returns the
+        engine's input (under ``"skip"``: a local file of the valid lines) and the invalid lines' failure rows
+        (``None`` when there are none)."""
+        served = self.engine.served_names(self.model)
+        invalid_path = join_path(join_path(self.output_path, STATE_DIR), "invalid.jsonl")
+        if self.invalid_requests == "fail":
+            summary = validate_requests(self.input_path, name=str(self.input_path), models=served)
+            endpoint, total, engine_input, invalid, synthetic = summary.endpoint, summary.total, self.input_path, 0, 0
+        else:
+            engine_input = scratch / "valid-requests.jsonl"
+            split = split_requests(self.input_path, lambda _: open(engine_input, "wb"), limits=_ONE_SHARD,
+                                   name=str(self.input_path), invalid_requests="skip", models=served,
+                                   open_rejected=lambda: open_path(invalid_path, "wb"))
+            endpoint, total, invalid, synthetic = split.endpoint, split.total, split.invalid, split.synthetic_ids
+        if endpoint not in SERVED_ENDPOINTS:
+            raise ValueError(f"{self.input_path}: the vLLM backend serves {', '.join(SERVED_ENDPOINTS)}; "
+                             f"these requests use {endpoint!r}")
+        self.log.info("Validated %d %s requests in %s", total, endpoint, self.input_path)
+        if invalid:
+            self.log.warning(skipped_summary(invalid, synthetic, output_paths(self.output_path)["failures_path"]))
+        return engine_input, invalid_path if invalid else None
 
     def _resolve_python(self) -> str:
         found = shutil.which(self.python) or (self.python if os.access(self.python, os.X_OK) else None)
@@ -191,19 +243,24 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
 
     def _fingerprint(self) -> str:
         """What the engine's saved answers depend on: the input's bytes, the model and the sampling."""
-        digest = hashlib.sha256(dumps([self.model, self.sampling, self.engine.llm_kwargs()]))
+        names = self.engine.served_model_names
+        digest = hashlib.sha256(dumps([self.model, self.sampling, self.engine.llm_kwargs(),
+                                       *([list(names), self.invalid_requests] if names else [])]))
         with open_path(self.input_path, "rb") as fp:
             for block in iter(lambda: fp.read(1 << 20), b""):
                 digest.update(block)
         return digest.hexdigest()
 
     def _run_engine(self, python: str, work: EngineWorkspace) -> None:
+        served = self.engine.served_names(self.model)
         config = {"input": str(work.local_input), "output": str(work.local_output), "model": self.model,
                   "llm_kwargs": self.engine.llm_kwargs(), "sampling": self.sampling,
-                  "chunk_size": self.chunk_size}
+                  "chunk_size": self.chunk_size, "served_model_names": served,
+                  "served_model_name": served[0]}
         config_path = work.scratch / "runner.json"
         config_path.write_bytes(dumps(config))
         cmd = [python, "-m", "airflow_provider_synth.runs.vllm_runner", "--config", str(config_path)]
+        reclaim_output(work.local_output, self.log)  # a leftover engine of an earlier try: wait, then end it
         self.log.info("Starting the vLLM engine: %s (model %s)", " ".join(cmd), self.model)
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       env=self._runner_env(work.scratch), start_new_session=True)
@@ -232,21 +289,20 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
             raise VLLMEngineError(relay.failure_message(rc))
 
     def _runner_env(self, scratch: Path) -> dict[str, str]:
-        """The engine's environment: this provider's package, and nothing else of Airflow's, on its path."""
+        """The engine's environment: an allow-list of the worker's, ``env``, and this provider's package (and
+        nothing else of Airflow's) on its path."""
         shim = scratch / "pythonpath"
         shim.mkdir(exist_ok=True)
         package = Path(__file__).resolve().parents[1]
         (shim / package.name).symlink_to(package, target_is_directory=True)
-        env = {**os.environ, **self.env}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), self.env.get("PYTHONPATH")) if p)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        return env
+        return engine_env(self.env, pythonpath=str(shim))
 
-    def _finish(self, context: Context, work: EngineWorkspace, elapsed: float) -> dict[str, Any]:
+    def _finish(self, context: Context, work: EngineWorkspace, elapsed: float, requests: Any,
+                invalid: Any) -> dict[str, Any]:
         paths = output_paths(self.output_path)
         with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
-            acct = merge_shards([ShardOutputs(requests=self.input_path, outputs=[work.remote_output])],
-                                results, failures, self.checks)
+            acct = merge_shards([ShardOutputs(requests=requests, outputs=[work.remote_output])],
+                                results, failures, self.checks, invalid=invalid)
         ti = context["ti"]
         manifest = build_manifest(
             backend="vllm", accounting=acct.as_dict(), output_dir=self.output_path, model=self.model,

@@ -43,8 +43,9 @@ from airflow_provider_synth.batch.cortex_sql import (
 from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
 from airflow_provider_synth.batch.jsonl import dumps, open_path
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
-from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shard
+from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, add_invalid, merge_shard
 from airflow_provider_synth.batch.results import error_line, success_line
+from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary
 
 if TYPE_CHECKING:
     from airflow_provider_synth.batch.checks import OutputChecks
@@ -187,10 +188,15 @@ class CortexRun:
                                                    "map_index": i.map_index, "model": model,
                                                    "created_at": round(_now(), 3)})
 
-    def stage_file(self, input_path: Any, model: str | None, stage: bool = True) -> RunState:
+    def stage_file(self, input_path: Any, model: str | None, stage: bool = True, *,
+                   invalid_requests: InvalidRequests = "fail", rejected: Any = None) -> RunState:
         """Validate the JSONL (nothing runs in Snowflake before it passes), then bulk-load it unless an earlier
-        try already did (``stage=False``: only find the run's tables)."""
-        check = cortex.check_requests(input_path)
+        try already did (``stage=False``: only find the run's tables). ``invalid_requests="skip"``: only the
+        valid lines are staged; the invalid ones become failure rows in ``rejected`` (see :meth:`finish`)."""
+        check = cortex.check_requests(input_path, invalid_requests=invalid_requests,
+                                      open_rejected=lambda: open_path(rejected, "wb"))
+        if check.invalid_lines and stage:
+            log.warning(skipped_summary(len(check.invalid_lines), check.synthetic_ids, "failures.jsonl"))
         try:
             model = cortex.check_model(model or check.model, self.extra_models)
         except ValueError as exc:
@@ -198,9 +204,10 @@ class CortexRun:
         tables = self._tables(check.fingerprint, model)
         if stage:
             self.hook.run_statements(tables.create(self._comment(model)))
-            if self.hook.fetch_all(tables.count_requests())[0][0] != check.total:
+            if self.hook.fetch_all(tables.count_requests())[0][0] != check.staged:
                 self.hook.run_statements([tables.truncate_requests()])
-                rows = (cortex.staging_row(seq, call) for seq, call in cortex.iter_calls(input_path))
+                rows = (cortex.staging_row(seq, call)
+                        for seq, call in cortex.iter_calls(input_path, check.invalid_lines))
                 written = self.hook.bulk_write(tables, rows)
                 log.info("Staged %d requests into %s", written, tables.requests)
         return RunState(tables, model, check.total)
@@ -361,11 +368,13 @@ class CortexRun:
             yield _shard(ids, outs)
 
     def finish(self, state: RunState, statuses: Mapping[str, Any], output_path: Any, *, max_failed_ratio: float,
-               keep_staging_tables: bool, checks: OutputChecks | None = None, **fields: Any) -> Outcome:
+               keep_staging_tables: bool, checks: OutputChecks | None = None, invalid: Any = None,
+               **fields: Any) -> Outcome:
         """Read every answer back into the output folder, check the accounting, write the manifest, and drop
         the tables after a run within ``max_failed_ratio`` (unless ``keep_staging_tables``).
 
         :param checks: output checks: unusable answers go to failures with their text, never to results.
+        :param invalid: the failure rows of the lines :meth:`stage_file` set aside (``invalid_requests="skip"``).
         :param fields: more manifest keys (try_number, dag_id, task_id, run_id, map_index...).
         """
         tables = state.tables
@@ -375,6 +384,8 @@ class CortexRun:
         with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
             for shard in self._blocks(tables, state.model):
                 merge_shard(shard, results, failures, acct, checker)
+            if invalid is not None:
+                add_invalid(invalid, failures, acct)
         acct.check()
         twice = int(self.hook.fetch_all(tables.count_answered_twice())[0][0] or 0)
         query_ids = self.recorded_query_ids(tables)

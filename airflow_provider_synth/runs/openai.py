@@ -40,6 +40,8 @@ PLAN_FILE = "plan.json"
 BATCHES_FILE = "batches.json"
 #: Per ``shard-round``: how many times a batch refused for the model's enqueued-token limit was submitted again.
 RESUBMITS_FILE = "token_limit_resubmits.json"
+#: failure rows of the input lines set aside as invalid (``invalid_requests="skip"``), merged into failures.jsonl
+INVALID_FILE = "invalid.jsonl"
 #: The batch-level error code of a batch refused because the model's enqueued-token limit was full.
 TOKEN_LIMIT_CODE = "token_limit_exceeded"
 #: metadata keys on every batch this provider creates (the cleanup operator and the CLI match on them)
@@ -103,6 +105,7 @@ class Plan:
     est_input_tokens: int = 0
     est_output_tokens: int = 0
     est_cost_usd: float | None = None
+    invalid: int = 0
     created_at: float = field(default_factory=time.time)
     labels: dict[str, str] = field(default_factory=dict)
     #: the output checks (:meth:`OutputChecks.to_spec`), for a re-merge outside the operator
@@ -370,8 +373,9 @@ class BatchRun:
         """Merge every shard's rounds into results.jsonl and failures.jsonl of the output folder."""
         out = output_paths(self._path(self.plan.output_dir))
         shards = [ShardOutputs(self.shard_input(i, 0), *self._outputs_of(i)) for i in range(len(self.plan.shards))]
+        invalid = self._work(INVALID_FILE) if self.plan.invalid else None
         with open_path(out["results_path"], "wb") as rf, open_path(out["failures_path"], "wb") as ff:
-            return merge_shards(shards, rf, ff, self.checker)
+            return merge_shards(shards, rf, ff, self.checker, invalid=invalid)
 
     # -- the direct-API tail ----------------------------------------------------------------------------------
 
@@ -419,8 +423,9 @@ class BatchRun:
             out["cost_usd"] = None if batch_cost is None or dc is None else round(batch_cost + dc, 6)
         if acct.checked:
             out["checks"] = {**acct.checks_dict(), "cost_usd": cost_usd(acct.unusable_usage, model, prices)}
-        if plan.est_input_tokens and acct.succeeded and plan.total:
-            expected = plan.est_input_tokens * acct.succeeded / plan.total
+        sent = plan.total - plan.invalid  # the estimate covers the requests sent, not the invalid lines
+        if plan.est_input_tokens and acct.succeeded and sent:
+            expected = plan.est_input_tokens * acct.succeeded / sent
             out["input_tokens_ratio"] = round(acct.usage.prompt_tokens / expected, 4)
         return out
 

@@ -28,10 +28,8 @@ import argparse
 import base64
 import json
 import os
-import signal
 import struct
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +38,7 @@ from typing import Any
 
 from airflow_provider_synth.batch.jsonl import dumps, iter_jsonl, loads
 from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
+from airflow_provider_synth.runs.vllm_process import guard_engine
 
 EVENT_KEY = "synth_vllm"
 EXIT_BAD_CONFIG = 2
@@ -88,6 +87,7 @@ class RunnerConfig:
     sampling: dict[str, Any] = field(default_factory=dict)
     chunk_size: int = 1024
     served_model_name: str | None = None
+    served_model_names: list[str] | None = None
 
     @classmethod
     def from_file(cls, path: str) -> RunnerConfig:
@@ -503,22 +503,6 @@ def shutdown_engine(llm: Any, timeout: float = 10.0) -> None:
         emit("warning", message=f"the engine did not shut down cleanly: {type(exc).__name__}: {exc}")
 
 
-def exit_with_parent(interval: float = 2.0) -> None:
-    """Stop when the process that started us dies (a worker killed with SIGKILL cannot run ``on_kill``): an
-    orphaned engine would hold the GPU forever. Runs in a daemon thread."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval)
-        emit("error", kind="orphaned", message=f"the parent process {parent} died: stopping the engine")
-        if os.getpgid(0) == os.getpid():  # our own process group (the operator starts a new session)
-            os.killpg(os.getpid(), signal.SIGKILL)
-        os._exit(EXIT_ENGINE)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m airflow_provider_synth.runs.vllm_runner", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -532,8 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.exists(cfg.input):
         emit("error", kind="config", message=f"input file {cfg.input} does not exist")
         return EXIT_BAD_CONFIG
-    exit_with_parent()
     try:
+        guard_engine(cfg.output, emit)  # dies with the task; one engine per output file
         return run(cfg)
     except SystemExit as exc:
         return int(exc.code or 0)

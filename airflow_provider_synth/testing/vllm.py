@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_synth.runs import vllm_runner
+from airflow_provider_synth.runs.vllm_process import guard_engine
 
 
 class EngineDeadError(RuntimeError):
@@ -184,7 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["-m"]:  # called as the vLLM interpreter: drop "-m airflow_provider_synth.runs.vllm_runner"
         args = args[2:]
     cfg = vllm_runner.RunnerConfig.from_file(args[args.index("--config") + 1])
-    vllm_runner.exit_with_parent(interval=0.2)
+    try:
+        guard_engine(cfg.output, vllm_runner.emit)
+    except SystemExit as exc:
+        return int(exc.code or 0)
     code = vllm_runner.run(cfg, fake_processor)
     if os.environ.get("SYNTH_FAKE_VLLM_ABORT_AT_EXIT") == "1":
         sys.stdout.flush()

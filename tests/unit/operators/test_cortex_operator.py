@@ -361,3 +361,23 @@ def test_a_run_whose_statement_may_still_run_is_not_dropped(fake: FakeCortex, tm
 
 def _synth_tables(fake: FakeCortex) -> list[str]:
     return [str(r[1]) for r in fake.query("SHOW TABLES") if str(r[1]).startswith("SYNTH_")]
+
+
+def test_invalid_requests_skip_stages_only_the_valid_lines(fake: FakeCortex, tmp_path: Path):
+    path = _write_requests(tmp_path / "requests.jsonl", [f"p{i}" for i in range(6)])
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].replace('"role": "user"', '"role": "robot"')
+    lines[3] = lines[3].replace('"temperature": 0.5', '"temperature": 0.5, "tools": [{"type": "function"}]')
+    lines.insert(4, "{broken")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InvalidRequestsError, match="3 invalid request"):
+        _op(tmp_path).execute(_context())
+    assert fake.calls == []
+    with pytest.raises(ValueError, match="invalid_requests"):
+        _op(tmp_path, invalid_requests="ignore")
+    manifest = _op(tmp_path, invalid_requests="skip", max_failed_ratio=0.5, chunk_size=2).execute(_context())
+    assert sorted(fake.calls) == ["p0", "p2", "p4", "p5"]
+    assert (manifest["total"], manifest["succeeded"], manifest["failed"], manifest["invalid"]) == (7, 4, 3, 3)
+    failures = _lines(tmp_path / "out" / "failures.jsonl")
+    assert [(f["custom_id"], f["line"]) for f in failures] == [("r001", 2), ("r003", 4), ("line-5", 5)]
+    assert [r["custom_id"] for r in _lines(tmp_path / "out" / "results.jsonl")] == ["r000", "r002", "r004", "r005"]

@@ -209,3 +209,37 @@ def test_token_limit_refusals_past_the_resubmit_budget_end_as_failures(server, t
     with pytest.raises(BatchFailedError, match=r"failed .*missing"):
         make_op(tmp_path, deferrable=False, retry_failed_requests=0, token_limit_resubmits=0).execute(context())
     assert server.counters["batches_created"] == 3
+
+
+def test_invalid_requests_skip_sends_only_the_valid_lines(server, tmp_path) -> None:
+    """One bad line in a file: "fail" refuses before any upload; "skip" runs the rest and reports it."""
+    from airflow_provider_synth.batch.errors import InvalidRequestsError
+
+    def line(cid: str, **body: object) -> bytes:
+        b = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": cid}], **body}
+        return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": b}).encode()
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join([line("a"), line("b", stream=True), b"{torn", line("c"), line("d")]) + b"\n")
+    with pytest.raises(InvalidRequestsError, match="2 invalid request"):
+        OpenAIBatchOperator(task_id="t", input_path=str(src), output_path=str(tmp_path / "refused"),
+                            deferrable=False, poll_interval=0.1).execute(context())
+    assert server.counters["files_created"] == 0
+    with pytest.raises(ValueError, match="invalid_requests"):
+        OpenAIBatchOperator(task_id="t", input_path=str(src), output_path="o", invalid_requests="drop")
+
+    out = tmp_path / "out"
+    with pytest.raises(BatchFailedError, match="2 of 5 requests failed"):
+        OpenAIBatchOperator(task_id="t", input_path=str(src), output_path=str(out), deferrable=False,
+                            poll_interval=0.1, invalid_requests="skip").execute(context())
+    assert server.counters["requests_processed"] == 3
+    manifest = OpenAIBatchOperator(task_id="t", input_path=str(src), output_path=str(out), deferrable=False,
+                                   poll_interval=0.1, invalid_requests="skip", max_failed_ratio=0.4,
+                                   ).execute(context(try_number=2))
+    assert server.counters["requests_processed"] == 3 and server.counters["batches_created"] == 1  # re-attached
+    assert (manifest["total"], manifest["succeeded"], manifest["failed"], manifest["invalid"]) == (5, 3, 2, 2)
+    assert manifest["synthetic_ids"] == 1
+    failures = [json.loads(x) for x in (out / "failures.jsonl").read_bytes().splitlines()]
+    assert [(f["custom_id"], f["line"], f["status_code"]) for f in failures] == [("b", 2, 400), ("line-3", 3, 400)]
+    results = [json.loads(x)["custom_id"] for x in (out / "results.jsonl").read_bytes().splitlines()]
+    assert results == ["a", "c", "d"]

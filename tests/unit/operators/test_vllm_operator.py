@@ -126,12 +126,10 @@ def test_interpreter_without_vllm_fails_before_any_request(requests_file, tmp_pa
 def test_retry_resumes_from_the_saved_answers(requests_file, tmp_path, fake_python, context, monkeypatch,
                                               capsys) -> None:
     out = tmp_path / "out"
-    monkeypatch.setenv("SYNTH_FAKE_VLLM_DIE_AFTER", "3")
     with pytest.raises(VLLMEngineError, match="engine, exit code 5"):
-        operator(str(requests_file), str(out), fake_python).execute(context)
+        operator(str(requests_file), str(out), fake_python, env={"SYNTH_FAKE_VLLM_DIE_AFTER": "3"}).execute(context)
     saved = read_lines(str(out / "_vllm" / "engine-output.jsonl"))
     assert [r["custom_id"] for r in saved] == [f"r{i:03d}" for i in range(24)]
-    monkeypatch.delenv("SYNTH_FAKE_VLLM_DIE_AFTER")
     capsys.readouterr()
     manifest = operator(str(requests_file), str(out), fake_python).execute(context)
     assert "'already_done': 24" in capsys.readouterr().out
@@ -143,18 +141,17 @@ def test_retry_resumes_from_the_saved_answers(requests_file, tmp_path, fake_pyth
 def test_a_crash_after_the_engine_finished_keeps_its_answers(requests_file, tmp_path, fake_python, context,
                                                              monkeypatch, capsys) -> None:
     # vLLM's teardown can abort the process after every answer is on disk: that is not a failed run
-    monkeypatch.setenv("SYNTH_FAKE_VLLM_ABORT_AT_EXIT", "1")
-    manifest = operator(str(requests_file), str(tmp_path / "out"), fake_python).execute(context)
+    manifest = operator(str(requests_file), str(tmp_path / "out"), fake_python,
+                        env={"SYNTH_FAKE_VLLM_ABORT_AT_EXIT": "1"}).execute(context)
     assert (manifest["succeeded"], manifest["failed"]) == (59, 1)
     assert "exited with code -6 after finishing its work" in capsys.readouterr().out
 
 
 def test_a_crash_before_the_engine_finished_fails_the_task(requests_file, tmp_path, fake_python, context,
                                                            monkeypatch) -> None:
-    monkeypatch.setenv("SYNTH_FAKE_VLLM_ABORT_AT_EXIT", "1")
-    monkeypatch.setenv("SYNTH_FAKE_VLLM_DIE_AFTER", "2")
+    env = {"SYNTH_FAKE_VLLM_ABORT_AT_EXIT": "1", "SYNTH_FAKE_VLLM_DIE_AFTER": "2"}
     with pytest.raises(VLLMEngineError, match="engine, exit code -6"):
-        operator(str(requests_file), str(tmp_path / "out"), fake_python).execute(context)
+        operator(str(requests_file), str(tmp_path / "out"), fake_python, env=env).execute(context)
 
 
 def test_saved_answers_for_another_input_are_discarded(requests_file, tmp_path, fake_python, context) -> None:
@@ -179,8 +176,7 @@ def test_object_storage_input_and_output(tmp_path, fake_python, context) -> None
 
 
 def test_on_kill_stops_the_engine(requests_file, tmp_path, fake_python, context, monkeypatch) -> None:
-    monkeypatch.setenv("SYNTH_FAKE_VLLM_DELAY", "0.5")
-    op = operator(str(requests_file), str(tmp_path / "out"), fake_python)
+    op = operator(str(requests_file), str(tmp_path / "out"), fake_python, env={"SYNTH_FAKE_VLLM_DELAY": "0.5"})
     errors: list[BaseException] = []
 
     def target() -> None:
@@ -228,8 +224,7 @@ def test_an_error_while_waiting_stops_the_engine(requests_file, tmp_path, fake_p
     """execution_timeout raises inside execute(): the engine must not outlive the task."""
     from airflow_provider_synth.operators import vllm as vllm_operator
 
-    monkeypatch.setenv("SYNTH_FAKE_VLLM_DELAY", "0.5")
-    op = operator(str(requests_file), str(tmp_path / "out"), fake_python)
+    op = operator(str(requests_file), str(tmp_path / "out"), fake_python, env={"SYNTH_FAKE_VLLM_DELAY": "0.5"})
     started: list = []
 
     def timeout_on_progress(self, raw: bytes) -> None:
@@ -293,3 +288,35 @@ def test_output_checks_send_cut_off_answers_to_failures(tmp_path, fake_python, c
                for r in read_lines(manifest["results_path"]))
     with pytest.raises(ValueError, match="direct_tail"):
         operator(str(path), str(tmp_path / "o2"), fake_python, checks=OutputChecks(direct_tail=3))
+
+
+def test_the_lines_model_is_honoured(tmp_path, fake_python, context) -> None:
+    """A model the engine does not serve: refused under "fail", a 404 failure row under "skip";
+    served_model_names maps other names (a hub id) onto the engine."""
+    rows = [chat("a", "one"), chat("b", "two"), chat("c", "three"), chat("d", "four")]
+    rows[1]["body"]["model"] = "org/tiny-hub-id"
+    rows[2]["body"]["model"] = "gpt-4o"
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl(rows))
+    with pytest.raises(InvalidRequestsError, match="model 'gpt-4o' is not served here") as info:
+        operator(str(src), str(tmp_path / "refused"), fake_python).execute(context)
+    assert [p.line for p in info.value.problems] == [2, 3]
+
+    engine = VLLMEngineConfig(served_model_names=["tiny", "org/tiny-hub-id"])
+    assert "served_model_names" not in engine.llm_kwargs()
+    out = tmp_path / "out"
+    manifest = operator(str(src), str(out), fake_python, engine=engine, invalid_requests="skip",
+                        max_failed_ratio=0.25).execute(context)
+    assert (manifest["total"], manifest["succeeded"], manifest["failed"], manifest["invalid"]) == (4, 3, 1, 1)
+    [failure] = read_lines(manifest["failures_path"])
+    assert (failure["custom_id"], failure["status_code"], failure["error"]["code"], failure["line"]) == (
+        "c", 404, "model_not_found", 3)
+    assert [r["custom_id"] for r in read_lines(manifest["results_path"])] == ["a", "b", "d"]
+    assert sorted(r["custom_id"] for r in read_lines(str(out / "_vllm" / "engine-output.jsonl"))) == ["a", "b", "d"]
+
+
+def test_served_names() -> None:
+    assert VLLMEngineConfig().served_names("/models/qwen") == ["/models/qwen"]
+    assert VLLMEngineConfig(extra={"served_model_name": "qwen"}).served_names("/m") == ["qwen"]
+    assert VLLMEngineConfig(served_model_names=["a", "b"], extra={"served_model_name": "c"}).served_names("/m") == [
+        "a", "b"]
