@@ -245,7 +245,7 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         """What the engine's saved answers depend on: the input's bytes, the model and the sampling."""
         names = self.engine.served_model_names
         digest = hashlib.sha256(dumps([self.model, self.sampling, self.engine.llm_kwargs(),
-                                       *([list(names), self.invalid_requests] if names else [])]))
+                                       *([list(names)] if names else [])]))
         with open_path(self.input_path, "rb") as fp:
             for block in iter(lambda: fp.read(1 << 20), b""):
                 digest.update(block)
