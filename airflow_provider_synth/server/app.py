@@ -21,7 +21,7 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from airflow_provider_synth.server import answers
-from airflow_provider_synth.server.config import Fault, Outcome, OutcomeRule, Rules, ServerConfig
+from airflow_provider_synth.server.config import Fault, Outcome, OutcomeRule, Rules, ServerConfig, is_loopback
 from airflow_provider_synth.server.runner import (
     BATCH_ENDPOINTS,
     BatchRunner,
@@ -42,19 +42,25 @@ FILE_PURPOSES = frozenset({"batch", "fine-tune", "assistants", "vision", "user_d
 METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
 #: A synchronous request carrying this header (as OpenAI's API accepts) gets the outcome rules of that custom_id.
 CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"
-#: Settings that only take effect when the server starts.
-STARTUP_ONLY = frozenset({"host", "port", "state_dir", "api_key"})
+#: Settings fixed when the server starts. The upstream ones above all: were they changeable, anyone reaching the
+#: control API could point the gateway at their own host and collect the upstream key it sends.
+STARTUP_ONLY = frozenset({
+    "host", "port", "state_dir", "api_key", "max_file_bytes",
+    "upstream_url", "upstream_api_key", "upstream_model", "upstream_concurrency", "upstream_timeout_s",
+    "upstream_retries",
+})
 
 
 class APIError(Exception):
-    """An error answered with OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+    """An error answered with OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``
+    (:meth:`azure_body` on Azure's dated routes)."""
 
     def __init__(
         self, status: int, message: str, code: str | None = None, param: str | None = None, err_type: str | None = None
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = {
+        self.body: dict[str, Any] = {
             "error": {
                 "message": message,
                 "type": err_type or ("invalid_request_error" if status < 500 else "server_error"),
@@ -64,12 +70,34 @@ class APIError(Exception):
         }
 
 
+    def azure_body(self) -> dict[str, Any]:
+        """Azure OpenAI's error shape: ``{"error": {"code", "message"}}`` (``target`` names the parameter);
+        Azure's codes are its own, or the HTTP status as a string (``"401"``, ``"404"``)."""
+        error = self.body["error"]
+        body: dict[str, Any] = {"code": _AZURE_CODES.get(self.status) or error["code"] or str(self.status),
+                                "message": error["message"]}
+        if error["param"]:
+            body["target"] = error["param"]
+        return {"error": body}
+
+
+#: Azure answers these statuses with the status itself as the code (whatever the cause).
+_AZURE_CODES = {401: "401", 403: "403", 404: "404", 429: "429"}
+
+
+def _is_azure_dated(path: str) -> bool:
+    """Azure's dated routes (``/openai/...?api-version=``); its v1 routes (``/openai/v1/...``) speak OpenAI's."""
+    return path.startswith("/openai/") and not path.startswith("/openai/v1/")
+
+
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
 
 
 def _api_path(path: str) -> str:
-    """Azure's ``/openai/...`` routes are matched against faults as their ``/v1/...`` twins."""
+    """Azure's ``/openai/...`` and ``/openai/v1/...`` routes are matched against faults as their ``/v1/...`` twins."""
+    if path.startswith("/openai/v1/"):
+        return path[len("/openai") :]
     return "/v1" + path[len("/openai") :] if path.startswith("/openai/") else path
 
 
@@ -119,6 +147,27 @@ def check_metadata(metadata: Any) -> dict[str, str] | None:
                 "invalid_value", "metadata",
             )
     return dict(metadata)
+
+
+#: Expiry bounds of files (OpenAI: one hour to 30 days after ``created_at``).
+EXPIRES_MIN_S, EXPIRES_MAX_S = 3600, 30 * 86400
+
+
+def check_expires_after(value: Any, param: str) -> int | None:
+    """The seconds of an ``expires_after``/``output_expires_after`` object (``{"anchor": "created_at",
+    "seconds": N}``), checked as OpenAI does."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("anchor") != "created_at":
+        raise APIError(400, f"{param}.anchor must be 'created_at'.", "invalid_value", f"{param}.anchor")
+    try:
+        seconds = int(value.get("seconds"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise APIError(400, f"{param}.seconds must be an integer.", "invalid_type", f"{param}.seconds") from None
+    if not EXPIRES_MIN_S <= seconds <= EXPIRES_MAX_S:
+        raise APIError(400, f"{param}.seconds must be between {EXPIRES_MIN_S} (1 hour) and {EXPIRES_MAX_S} "
+                       "(30 days).", "invalid_value", f"{param}.seconds")
+    return seconds
 
 
 class SynthBatchApp:
@@ -202,8 +251,9 @@ class SynthBatchApp:
         resource = request.match_info.route.resource
         self.counters.route(f"{request.method} {resource.canonical if resource else request.path}")
         try:
-            if request.path.startswith("/openai/") and not request.query.get("api-version"):
-                raise APIError(400, "The api-version query parameter (?api-version=) is required for all requests.",
+            if _is_azure_dated(request.path) and not request.query.get("api-version"):
+                raise APIError(400, "The api-version query parameter (?api-version=) is required for all requests "
+                               "(or use the v1 routes, /openai/v1/..., which take none).",
                                "MissingApiVersionParameter", "api-version")
             self._authenticate(request)
             fault = self.rules.fault_for(request.method, _api_path(request.path))
@@ -214,9 +264,10 @@ class SynthBatchApp:
                     return early
             return await handler(request)
         except APIError as exc:
-            return _json(exc.body, exc.status)
+            return _json(exc.azure_body() if _is_azure_dated(request.path) else exc.body, exc.status)
         except web.HTTPException as exc:
-            return _json(APIError(exc.status, exc.reason).body, exc.status)
+            error = APIError(exc.status, exc.reason)
+            return _json(error.azure_body() if _is_azure_dated(request.path) else error.body, exc.status)
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception as exc:
@@ -248,7 +299,7 @@ class SynthBatchApp:
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self.middleware], client_max_size=self.config.max_file_bytes)
-        for prefix in ("/v1", "/openai"):
+        for prefix in ("/v1", "/openai/v1", "/openai"):
             app.router.add_get(f"{prefix}/models", self.list_models)
             app.router.add_post(f"{prefix}/files", self.create_file)
             app.router.add_get(f"{prefix}/files", self.list_files)
@@ -262,12 +313,18 @@ class SynthBatchApp:
             for endpoint in BATCH_ENDPOINTS:
                 app.router.add_post(prefix + endpoint.removeprefix("/v1"), self.direct)
         app.router.add_post("/openai/deployments/{deployment}/{endpoint:.+}", self.direct)
-        app.router.add_get("/_synth/config", self.get_config)
-        app.router.add_post("/_synth/config", self.post_config)
-        app.router.add_get("/_synth/counters", self.get_counters)
-        app.router.add_post("/_synth/reset", self.post_reset)
-        app.router.add_post("/_synth/age", self.post_age)
+        if self.control_routes:
+            app.router.add_get("/_synth/config", self.get_config)
+            app.router.add_post("/_synth/config", self.post_config)
+            app.router.add_get("/_synth/counters", self.get_counters)
+            app.router.add_post("/_synth/reset", self.post_reset)
+            app.router.add_post("/_synth/age", self.post_age)
         return app
+
+    @property
+    def control_routes(self) -> bool:
+        """The control API (``/_synth/*``) is served on a loopback bind only, never to the network."""
+        return is_loopback(self.config.host)
 
     async def list_models(self, request: web.Request) -> web.Response:
         data = [{"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "synth-local"} for m in MODELS]
@@ -278,6 +335,7 @@ class SynthBatchApp:
             raise APIError(400, "Files are uploaded as multipart/form-data.", "invalid_request")
         reader = await request.multipart()
         purpose, upload = None, None
+        expiry: dict[str, str] = {}
         part_path = self.store.files_dir / f".upload-{new_id('', 16)}"
         try:
             while (part := await reader.next()) is not None:
@@ -285,6 +343,8 @@ class SynthBatchApp:
                     continue
                 if part.name == "purpose":
                     purpose = (await part.text()).strip()
+                elif part.name in ("expires_after[anchor]", "expires_after[seconds]"):
+                    expiry[part.name[len("expires_after["):-1]] = (await part.text()).strip()
                 elif part.name == "file":
                     upload = (part.filename or "upload.jsonl", await self._save_part(part, part_path))
             if upload is None:
@@ -292,7 +352,10 @@ class SynthBatchApp:
             if purpose not in FILE_PURPOSES:
                 raise APIError(400, f"Invalid purpose {purpose!r}; expected one of {sorted(FILE_PURPOSES)}.",
                                "invalid_value", "purpose")
+            seconds = check_expires_after(expiry, "expires_after") if expiry else None
             record = FileRecord(new_id("file-"), upload[0], purpose, upload[1], int(time.time()))
+            if seconds is not None:
+                record.expires_at = record.created_at + seconds
             part_path.replace(self.store.file_path(record.id))
         finally:
             part_path.unlink(missing_ok=True)
@@ -315,6 +378,7 @@ class SynthBatchApp:
 
     def _file(self, request: web.Request) -> FileRecord:
         file_id = request.match_info["file_id"]
+        self.store.purge_expired_files()
         record = self.store.files.get(file_id)
         if record is None:
             raise APIError(404, f"No such File object: {file_id}", "not_found", "id")
@@ -322,6 +386,7 @@ class SynthBatchApp:
 
     async def list_files(self, request: web.Request) -> web.Response:
         purpose = request.query.get("purpose")
+        self.store.purge_expired_files()
         files = [f.to_api() for f in self.store.files.values() if purpose in (None, f.purpose)]
         if request.query.get("order", "desc") == "desc":
             files.reverse()
@@ -370,6 +435,7 @@ class SynthBatchApp:
             raise APIError(400, f"Input file {file_id} has purpose {record.purpose!r}, not 'batch'.",
                            "invalid_value", "input_file_id")
         batch = BatchRecord.new(record.id, endpoint, metadata, None)
+        batch.output_expires_s = check_expires_after(data.get("output_expires_after"), "output_expires_after")
         if self.config.invalid_input == "reject":
             check = await asyncio.to_thread(
                 check_input, self.store.file_path(record.id), normalize_endpoint(endpoint), self.config.max_requests
@@ -460,6 +526,8 @@ class SynthBatchApp:
         for object_id in ids:
             if (file := self.store.files.get(object_id)) is not None:
                 file.created_at -= shift
+                if file.expires_at is not None:
+                    file.expires_at -= shift
                 self.store.save_file(file)
             elif (batch := self.store.batches.get(object_id)) is not None:
                 for key, value in batch.api.items():

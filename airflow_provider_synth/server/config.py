@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import ipaddress
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,13 @@ _DEFAULT_ERROR_CODES = {
     401: ("invalid_api_key", "invalid_request_error"),
     404: ("not_found", "invalid_request_error"),
     429: ("rate_limit_exceeded", "rate_limit_error"),
+}
+#: Default messages of error lines: a 4xx is the request's fault, and must not read like a server error.
+_DEFAULT_MESSAGES = {
+    400: "The request is invalid (status 400).",
+    401: "The request was not authorized (status 401).",
+    404: "The requested model or resource was not found (status 404).",
+    429: "Rate limit reached for requests (status 429).",
 }
 
 
@@ -86,7 +94,10 @@ class Outcome:
         default_code, err_type = _DEFAULT_ERROR_CODES.get(
             self.status, ("server_error", "server_error") if self.status >= 500 else ("error", "invalid_request_error")
         )
-        message = self.message or f"The server had an error processing this request (status {self.status})."
+        message = self.message or _DEFAULT_MESSAGES.get(self.status) or (
+            f"The server had an error processing this request (status {self.status})." if self.status >= 500
+            else f"The request was rejected (status {self.status})."
+        )
         return {"error": {"message": message, "type": err_type, "param": None, "code": self.code or default_code}}
 
     @classmethod
@@ -154,10 +165,11 @@ class Fault:
 class ServerConfig:
     """How the local Batch API server behaves. Times are in seconds.
 
-    :param host: interface to bind; the server is meant for 127.0.0.1.
+    :param host: interface to bind; the server is meant for 127.0.0.1. Any other interface needs ``api_key``,
+        and turns the control routes (``/_synth/*``) off.
     :param port: port to bind; 0 picks a free one.
-    :param api_key: the key clients must send (``Authorization: Bearer`` or ``api-key``); ``None`` accepts
-        any non-empty key.
+    :param api_key: the key clients must send (``Authorization: Bearer`` or ``api-key``), control routes
+        included; ``None`` (loopback only) accepts any non-empty key.
     :param state_dir: folder for files and the SQLite state; ``None`` uses a temporary folder removed on stop.
         With a folder, batches survive a restart and keep running.
     :param validating_s: time a batch stays ``validating``.
@@ -183,7 +195,8 @@ class ServerConfig:
     :param outcomes: per custom_id outcomes, first match wins.
     :param faults: HTTP faults, first match wins.
     :param upstream_url: run each request against this OpenAI-compatible base URL (``.../v1``) instead of
-        generating an answer.
+        generating an answer. The ``upstream_*`` settings are fixed when the server starts: the control API
+        cannot point the gateway (and its key) somewhere else.
     :param upstream_api_key: key sent to the upstream (never logged).
     :param upstream_concurrency: most requests in flight to the upstream, per server.
     :param upstream_timeout_s: timeout of one upstream request.
@@ -227,6 +240,12 @@ class ServerConfig:
             raise ValueError("progress_steps must be >= 1")
         if self.upstream_concurrency < 1:
             raise ValueError("upstream_concurrency must be >= 1")
+        if not self.api_key and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to listen on {self.host or 'every interface'!r} without an API key: anyone who reaches "
+                "the port could use it. Set one in the environment (SYNTH_SERVER_API_KEY=<a long random string>; "
+                "clients send it as their API key), or bind --host 127.0.0.1."
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ServerConfig:
@@ -249,6 +268,16 @@ class ServerConfig:
         data.pop("api_key")
         data.pop("upstream_api_key")
         return data
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names a loopback interface only (``127.0.0.1``, ``::1``, ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class Rules:

@@ -486,6 +486,8 @@ class BatchRunner:
             rest_lines = [null_line(item.custom_id, rest)
                           for item in iter_items(self.store.input_path(batch), batch.processed)]
             batch.err_bytes = await _append_thread(err_path, rest_lines)
+            # the counts describe the files: every line of the error file is a failed request
+            batch.api["request_counts"]["failed"] += len(rest_lines)
         seed = f"{cfg.seed}:{batch.id}" if cfg.shuffle_output else None
         for key, path, size, name in (
             ("output_file_id", out_path, batch.out_bytes, f"{batch.id}_output.jsonl"),
@@ -496,6 +498,8 @@ class BatchRunner:
             else:
                 record = await asyncio.to_thread(_publish, self.store, path, size, name, seed)
             if record is not None:
+                if batch.output_expires_s is not None:
+                    record.expires_at = record.created_at + batch.output_expires_s
                 self.store.add_file(record)
                 self.counters.inc("output_files_created")
             batch.api[key] = record.id if record is not None else None

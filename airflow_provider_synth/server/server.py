@@ -203,7 +203,8 @@ def _parser() -> argparse.ArgumentParser:
         description="A local OpenAI / Azure OpenAI Batch API server: test batch DAGs offline, with no API key. "
         "Answers are deterministic stand-ins unless --upstream points at a real OpenAI-compatible server.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind (default 127.0.0.1; any other needs SYNTH_SERVER_API_KEY)")
     parser.add_argument("--port", type=int, default=8787, help="port to bind, 0 for any free one (default 8787)")
     parser.add_argument("--config", type=Path, help="JSON file of ServerConfig settings (outcomes, faults, ...)")
     parser.add_argument("--state-dir", help="keep files and batches here (SQLite + files): they survive restarts")
@@ -218,8 +219,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--upstream-model", help="model name sent upstream instead of each request's own")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.epilog = (
-        "Keys come from the environment, never from flags: SYNTH_SERVER_API_KEY (the key clients must send; "
-        "unset = any non-empty key) and SYNTH_UPSTREAM_API_KEY (sent to --upstream)."
+        "Keys come from the environment, never from flags: SYNTH_SERVER_API_KEY (the key clients must send, "
+        "control routes included; required to bind beyond loopback, where the /_synth control routes are off; "
+        "unset on 127.0.0.1 = any non-empty key) and SYNTH_UPSTREAM_API_KEY (sent to --upstream). The upstream "
+        "settings are fixed at start: the control API cannot change them."
     )
     return parser
 

@@ -37,6 +37,7 @@ class FileRecord:
     bytes: int
     created_at: int
     seq: int = 0
+    expires_at: int | None = None
 
     def to_api(self) -> dict[str, Any]:
         return {
@@ -47,7 +48,7 @@ class FileRecord:
             "filename": self.filename,
             "purpose": self.purpose,
             "status": "processed",
-            "expires_at": None,
+            "expires_at": self.expires_at,
             "status_details": None,
         }
 
@@ -65,6 +66,8 @@ class BatchRecord:
     :param expire_after: expire once this many requests were processed.
     :param fail: fail in ``validating``.
     :param first_poll_at: epoch seconds of the first ``GET`` of this batch.
+    :param output_expires_s: the output and error files expire this long after they are created
+        (``output_expires_after``).
     """
 
     api: dict[str, Any]
@@ -77,6 +80,7 @@ class BatchRecord:
     expire_after: int | None = None
     fail: bool = False
     first_poll_at: float | None = None
+    output_expires_s: int | None = None
 
     @property
     def id(self) -> str:
@@ -198,6 +202,14 @@ class Store:
             else:
                 self.file_path(file_id).unlink(missing_ok=True)
         return record
+
+    def purge_expired_files(self, now: float | None = None) -> list[str]:
+        """Delete the files whose ``expires_at`` has passed, as the service does; returns their ids."""
+        now = time.time() if now is None else now
+        gone = [f.id for f in list(self.files.values()) if f.expires_at is not None and f.expires_at <= now]
+        for file_id in gone:
+            self.delete_file(file_id)
+        return gone
 
     def kept_input_path(self, file_id: str) -> Path:
         return self.work_dir / f"{file_id}.input"
