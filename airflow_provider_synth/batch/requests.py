@@ -20,6 +20,26 @@ EMBEDDINGS: Endpoint = "/v1/embeddings"
 RESPONSES: Endpoint = "/v1/responses"
 COMPLETIONS: Endpoint = "/v1/completions"
 
+#: Azure's own spelling of the endpoints in batch lines and ``batches.create`` (its dated API versions' docs
+#: write ``"url": "/chat/completions"``); Azure's v1 API and OpenAI take the ``/v1/...`` form.
+AZURE_FORMS: dict[str, str] = {e: e.removeprefix("/v1") for e in ENDPOINTS}
+UrlForm = Literal["openai", "azure"]
+
+
+def canonical_url(url: str) -> str | None:
+    """The endpoint a line's ``url`` names, in OpenAI's ``/v1/...`` form (Azure's form accepted), else ``None``."""
+    if url in ENDPOINTS:
+        return url
+    return "/v1" + url if "/v1" + url in ENDPOINTS else None
+
+
+def service_url(endpoint: str, form: UrlForm) -> str:
+    """``endpoint`` in the form a service expects: ``openai`` (``/v1/chat/completions``) or ``azure``
+    (``/chat/completions``)."""
+    canonical = canonical_url(endpoint) or endpoint
+    return AZURE_FORMS.get(canonical, canonical) if form == "azure" else canonical
+
+
 #: The body field that carries a record's text, per endpoint.
 INPUT_FIELD: dict[str, str] = {CHAT: "messages", EMBEDDINGS: "input", RESPONSES: "input", COMPLETIONS: "prompt"}
 

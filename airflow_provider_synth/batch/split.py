@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
-from airflow_provider_synth.batch.jsonl import loads
+from airflow_provider_synth.batch.jsonl import dumps, loads
+from airflow_provider_synth.batch.requests import UrlForm, service_url
 from airflow_provider_synth.batch.usage import declared_output_tokens, estimate_request_tokens
 from airflow_provider_synth.batch.validate import (
     DEFAULT_MAX_LINE_BYTES,
@@ -178,8 +179,11 @@ def split_requests(
     invalid_requests: InvalidRequests = "fail",
     open_rejected: Callable[[], IO[bytes]] | None = None,
     models: Iterable[str] | None = None,
+    url_form: UrlForm = "openai",
 ) -> SplitResult:
-    """Validate ``source`` and write it into shards, streaming; the lines are copied byte for byte.
+    """Validate ``source`` and write it into shards, streaming; the lines are copied byte for byte, except a
+    ``url`` not in the service's form (``/v1/chat/completions`` for OpenAI, ``/chat/completions`` for Azure),
+    which is rewritten.
 
     ``invalid_requests="fail"``: every problem in the input is reported at once and nothing is returned for
     upload (shards already written are scratch files the caller discards). ``"skip"``: only the valid lines go
@@ -195,6 +199,7 @@ def split_requests(
     :param invalid_requests: ``"fail"`` or ``"skip"``.
     :param open_rejected: returns a new writable binary file object for the failure rows (``"skip"`` only).
     :param models: the models served (vLLM); default: any one model per file.
+    :param url_form: the form of the ``url`` of every written line: ``openai`` or ``azure``.
     :raises InvalidRequestsError: listing every problem found, before anything can be uploaded; under
         ``"skip"`` only for a problem with the whole input or when no valid line is left.
     """
@@ -202,7 +207,7 @@ def split_requests(
     src = Source(source, name)
     estimate = estimate_tokens or limits.max_tokens is not None
     result, checker = checked_passes(
-        src, lambda checker: _split_pass(src, open_shard, checker, limits, estimate), lambda r: r.total,
+        src, lambda checker: _split_pass(src, open_shard, checker, limits, estimate, url_form), lambda r: r.total,
         invalid_requests=invalid_requests, open_rejected=open_rejected, models=models, max_line_bytes=max_line_bytes)
     if checker.rejected is not None:
         result.invalid, result.synthetic_ids = checker.rejected.count, checker.rejected.synthetic
@@ -211,14 +216,15 @@ def split_requests(
 
 
 def _split_pass(src: Source, open_shard: Callable[[int], IO[bytes]], checker: LineChecker, limits: ShardLimits,
-                estimate: bool) -> SplitResult:
+                estimate: bool, url_form: UrlForm = "openai") -> SplitResult:
     """One pass over the input: check every line, write the valid ones into shards."""
     writer = _ShardWriter(open_shard, limits)
     result = SplitResult()
     digest = hashlib.sha256()
     try:
         for start, block in src.blocks():
-            checked_block = checker.check_block(start, block) if not estimate else None
+            # the block path keeps the lines as they are: OpenAI's form only
+            checked_block = checker.check_block(start, block) if not estimate and url_form == "openai" else None
             if checked_block is not None and max(map(len, block)) < limits.max_bytes:
                 ids, buf = checked_block
                 result.total += len(block)
@@ -229,7 +235,7 @@ def _split_pass(src: Source, open_shard: Callable[[int], IO[bytes]], checker: Li
             for offset, raw in enumerate(block):
                 raw = raw.rstrip(b"\r")
                 if raw and not raw.isspace():
-                    _split_line(start + offset, raw, checker, writer, result, digest, limits, estimate)
+                    _split_line(start + offset, raw, checker, writer, result, digest, limits, estimate, url_form)
     finally:
         writer.close()
     result.shards = writer.shards
@@ -239,12 +245,14 @@ def _split_pass(src: Source, open_shard: Callable[[int], IO[bytes]], checker: Li
 
 
 def _split_line(lineno: int, raw: bytes, checker: LineChecker, writer: _ShardWriter, result: SplitResult,
-                digest: Any, limits: ShardLimits, estimate: bool) -> None:
+                digest: Any, limits: ShardLimits, estimate: bool, url_form: UrlForm = "openai") -> None:
     """Check and write one line (the general path: any endpoint, token estimates, problems)."""
     result.total += 1
     checked = checker.check(lineno, raw)
     if checked is None:
         return
+    if (checked.line_url or checked.url) != (url := service_url(checked.url, url_form)):
+        raw = dumps({**loads(raw), "url": url})
     digest.update(raw)
     digest.update(b"\n")
     tokens = 0

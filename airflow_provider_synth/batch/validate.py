@@ -23,7 +23,14 @@ import numpy as np
 from airflow_provider_synth.batch import jsonl
 from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
 from airflow_provider_synth.batch.jsonl import dumps, iter_blocks, open_path
-from airflow_provider_synth.batch.requests import CHAT, COMPLETIONS, EMBEDDINGS, ENDPOINTS, RESPONSES
+from airflow_provider_synth.batch.requests import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    ENDPOINTS,
+    RESPONSES,
+    canonical_url,
+)
 
 #: Default per-request size limit. The Batch API caps files (200 MB), not lines; one huge line is almost
 #: always a mistake (an image inlined many times over), so it is refused early. Raise it if you mean it.
@@ -175,12 +182,16 @@ _any_decoder = msgspec.json.Decoder()
 
 
 class CheckedLine(NamedTuple):
-    """What validation learned about one good line."""
+    """What validation learned about one good line.
+
+    ``url`` is the endpoint in OpenAI's ``/v1/...`` form; ``line_url`` is how the line spelled it (Azure's
+    ``/chat/completions`` form is accepted too)."""
 
     custom_id: str
     url: str
     model: str | None
     embedding_inputs: int
+    line_url: str | None = None
 
 
 @dataclass
@@ -259,14 +270,15 @@ class LineChecker:
         if (cid and line.method == "POST" and line.url == self.endpoint == CHAT and body.model == self.model
                 and body.model and not body.stream and body.messages
                 and all(m.role in CHAT_ROLES for m in body.messages)):
-            return CheckedLine(cid, CHAT, body.model, 0)
+            return CheckedLine(cid, CHAT, body.model, 0, CHAT)
         reasons = self._line_problems(line)
         for reason in reasons:
             self.problem(lineno, cid, reason)
         if reasons:
             return None
-        inputs = _embedding_inputs(body) if line.url == EMBEDDINGS else 0
-        return CheckedLine(cid, line.url, body.model, inputs)
+        url = canonical_url(line.url) or line.url
+        inputs = _embedding_inputs(body) if url == EMBEDDINGS else 0
+        return CheckedLine(cid, url, body.model, inputs, line.url)
 
     def _unreadable(self, lineno: int, raw: bytes, reason: str) -> None:
         """A line that cannot be decoded: its custom_id, when one can be found, still counts for duplicates
@@ -308,14 +320,16 @@ class LineChecker:
             reasons.append("custom_id is empty")
         if line.method != "POST":
             reasons.append(f"method must be 'POST', got {line.method!r}")
-        if line.url not in ENDPOINTS:
-            reasons.append(f"unsupported url {line.url!r}; expected one of {', '.join(ENDPOINTS)}")
+        url = canonical_url(line.url)
+        if url is None:
+            reasons.append(f"unsupported url {line.url!r}; expected one of {', '.join(ENDPOINTS)} "
+                           "(or Azure's form without /v1)")
         elif self.endpoint is None:
-            self.endpoint = line.url
-        elif line.url != self.endpoint:
+            self.endpoint = url
+        elif url != self.endpoint:
             reasons.append(f"url {line.url!r} differs from the batch's endpoint {self.endpoint!r}: "
                            "one batch serves one endpoint")
-        reasons.extend(_body_problems(line.url, line.body))
+        reasons.extend(_body_problems(url or line.url, line.body))
         model = line.body.model
         if model is not None and self.models is not None and model not in self.models:
             served = ", ".join(sorted(self.models))

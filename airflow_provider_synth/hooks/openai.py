@@ -28,6 +28,7 @@ from airflow.providers.common.compat.connection import get_async_connection, get
 from airflow.sdk import BaseHook
 
 from airflow_provider_synth.batch.jsonl import open_path
+from airflow_provider_synth.batch.requests import UrlForm, service_url
 from airflow_provider_synth.batch.status import IN_PROGRESS_STATUSES as IN_PROGRESS_STATUSES  # re-exported
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES as TERMINAL_STATUSES  # re-exported
 from airflow_provider_synth.exceptions import ConnectionConfigError
@@ -418,25 +419,44 @@ class OpenAIBatchHook(BaseHook):
             self._is_azure = (conn.conn_type or "").replace("-", "_") in AZURE_CONN_TYPES
         return self._is_azure
 
+    @property
+    def url_form(self) -> UrlForm:
+        """How this service spells endpoints in batch lines and ``batches.create``: ``openai``
+        (``/v1/chat/completions``) or ``azure`` (``/chat/completions``, as Azure's docs write it)."""
+        return "azure" if self.is_azure else "openai"
+
     def redact(self, text: str) -> str:
         """Remove this connection's secrets from ``text`` (for messages built from SDK errors)."""
         return redact(text, self._secrets)
 
     # -- files -----------------------------------------------------------------------------------------------
 
-    def upload_file(self, path: Any, purpose: Literal["batch"] = "batch", *, filename: str | None = None) -> FileObject:
+    def upload_file(
+        self,
+        path: Any,
+        purpose: Literal["batch"] = "batch",
+        *,
+        filename: str | None = None,
+        expires_after_s: int | None = None,
+    ) -> FileObject:
         """Upload a file, streamed in chunks from a local path, URL or ``ObjectStoragePath``.
 
         :param path: local path, fsspec URL (``s3://...``) or ``ObjectStoragePath``.
         :param purpose: the file's purpose; ``batch`` for batch input.
         :param filename: name the API records; defaults to the path's last component.
+        :param expires_after_s: the service deletes the file this many seconds after its creation
+            (1 hour to 30 days); ``None`` keeps it until it is deleted.
         :return: the SDK's ``FileObject`` (its ``id`` is the ``input_file_id`` of a batch).
         """
+        from openai import omit
+
         name = filename or os.path.basename(str(getattr(path, "path", path)).rstrip("/")) or "requests.jsonl"
+        expiry = {"anchor": "created_at", "seconds": int(expires_after_s)} if expires_after_s else omit
         with open_path(path, "rb") as fp:
             # a (name, file object) tuple is streamed by the multipart encoder, and rewound on SDK retries;
             # a PathLike would be read whole into memory by the SDK
-            return self.client.files.create(file=(name, fp, "application/jsonl"), purpose=purpose)
+            return self.client.files.create(file=(name, fp, "application/jsonl"), purpose=purpose,
+                                            expires_after=expiry)  # type: ignore[arg-type]
 
     def download_file(self, file_id: str, dest: Any) -> int:
         """Stream a file's content into ``dest`` (local path, URL or ``ObjectStoragePath``).
@@ -477,19 +497,28 @@ class OpenAIBatchHook(BaseHook):
         endpoint: BatchEndpoint,
         completion_window: CompletionWindow = "24h",
         metadata: Mapping[str, str] | None = None,
+        *,
+        output_expires_after_s: int | None = None,
     ) -> Batch:
         """Create a batch over an uploaded JSONL file.
 
         :param input_file_id: id of a file uploaded with purpose ``batch``.
-        :param endpoint: the endpoint every request line targets (``/v1/chat/completions``...).
+        :param endpoint: the endpoint every request line targets (``/v1/chat/completions``...); sent in the
+            service's own form (:attr:`url_form`).
         :param completion_window: ``24h``, the only window the API offers.
         :param metadata: up to 16 string pairs; :meth:`find_batches` matches on them to re-attach.
+        :param output_expires_after_s: the service deletes the batch's output and error files this many
+            seconds after they are created (1 hour to 30 days); ``None`` keeps them until deleted.
         """
+        from openai import omit
+
+        expiry = {"anchor": "created_at", "seconds": int(output_expires_after_s)} if output_expires_after_s else omit
         return self.client.batches.create(
             input_file_id=input_file_id,
-            endpoint=endpoint,
+            endpoint=service_url(endpoint, self.url_form),  # type: ignore[arg-type]
             completion_window=completion_window,
             metadata=dict(metadata) if metadata else None,
+            output_expires_after=expiry,  # type: ignore[arg-type]
         )
 
     def get_batch(self, batch_id: str) -> Batch:

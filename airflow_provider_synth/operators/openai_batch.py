@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 #: the Batch API's window is 24 h; leave room for finalizing and one retry round
 DEFAULT_TIMEOUT = timedelta(hours=26)
+#: uploads and outputs expire on the service after this (its longest), so nothing piles up in the account
+DEFAULT_EXPIRES_AFTER = timedelta(days=30)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,9 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         uploaded, naming every bad line. ``"skip"``: only the valid lines are submitted; each invalid one is a
         failure row (reason and line number; ``line-<n>`` when it has no usable custom_id) in
         ``failures.jsonl``, counted in the manifest's ``invalid`` and against ``max_failed_ratio``.
+    :param expires_after: the service deletes this task's uploads and its batches' output and error files
+        this long after their creation (1 hour to 30 days; default 30 days); ``None`` keeps them until a
+        clean-up deletes them. The results are downloaded to ``output_path`` when the batches finish.
     """
 
     template_fields: Sequence[str] = ("input_path", "output_path", "requests", "model")
@@ -154,6 +159,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         prices: Mapping[str, Price | tuple[float, float, float]] | None = None,
         checks: OutputChecks | None = None,
         invalid_requests: InvalidRequests = "fail",
+        expires_after: timedelta | float | None = DEFAULT_EXPIRES_AFTER,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -178,6 +184,10 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         if checks is not None and checks.schema is None and self.template.response_format is not None:
             self.checks = dataclasses.replace(checks, schema=self.template.response_format)
         self.invalid_requests = check_invalid_requests(invalid_requests)
+        self.expires_after_s = None if expires_after is None else int(
+            expires_after.total_seconds() if isinstance(expires_after, timedelta) else expires_after)
+        if self.expires_after_s is not None and not 3600 <= self.expires_after_s <= 30 * 86400:
+            raise ValueError(f"expires_after must be between 1 hour and 30 days, got {self.expires_after_s}s")
         self._run: BatchRun | None = None
 
     @property
@@ -210,7 +220,8 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         split = split_requests(source, lambda i: open_path(join_path(work, f"shards/shard-{i:05d}-r0.jsonl"), "wb"),
                                limits=self.limits, name=str(source),
                                estimate_tokens=self.max_cost_usd is not None, invalid_requests=self.invalid_requests,
-                               open_rejected=lambda: open_path(join_path(work, INVALID_FILE), "wb"))
+                               open_rejected=lambda: open_path(join_path(work, INVALID_FILE), "wb"),
+                               url_form=self.hook.url_form)
         ti = context["ti"]
         map_index = ti.map_index if ti.map_index is not None else -1
         key = idempotency_key(ti.dag_id, ti.task_id, ti.run_id, map_index, split.fingerprint, split.endpoint or "")
@@ -222,7 +233,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
                     shards=[s.as_dict() for s in split.shards], total=split.total, fingerprint=split.fingerprint,
                     est_input_tokens=split.est_input_tokens, est_output_tokens=split.est_output_tokens,
                     est_cost_usd=est, checks=self.checks.to_spec() if self.checks is not None else None,
-                    invalid=split.invalid)
+                    invalid=split.invalid, expires_after_s=self.expires_after_s)
         if split.invalid:
             self.log.warning(skipped_summary(split.invalid, split.synthetic_ids, join_path(output, "failures.jsonl")))
         self.log.info("%d request(s) in %d shard(s) for %s %s; run key %s", split.total, len(split.shards),

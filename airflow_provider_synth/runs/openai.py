@@ -110,6 +110,8 @@ class Plan:
     labels: dict[str, str] = field(default_factory=dict)
     #: the output checks (:meth:`OutputChecks.to_spec`), for a re-merge outside the operator
     checks: dict[str, Any] | None = None
+    #: uploads, outputs and error files expire this long after their creation (``None``: kept until deleted)
+    expires_after_s: int | None = None
 
     def save(self, work_dir: Any) -> str:
         path = join_path(work_dir, PLAN_FILE)
@@ -277,11 +279,13 @@ class BatchRun:
                 log.info("shard %d round %d: batch %s was refused for the model's enqueued-token limit; "
                          "submitting it again (%d)", shard, rnd, self.batches[(shard, rnd)].batch_id, n)
             name = self.upload_name(shard, rnd)
-            file_id = uploads.get(name) or self.hook.upload_file(self.shard_input(shard, rnd), filename=name).id
+            file_id = uploads.get(name) or self.hook.upload_file(
+                self.shard_input(shard, rnd), filename=name, expires_after_s=self.plan.expires_after_s).id
             metadata = {KEY_META: self.plan.key, SHARD_META: str(shard), ROUND_META: str(rnd),
                         CREATED_BY_META: CREATED_BY, **self.plan.labels}
-            batch: Batch = self.hook.create_batch(file_id, self.plan.endpoint,  # type: ignore[arg-type]
-                                                  self.plan.completion_window, metadata)  # type: ignore[arg-type]
+            batch: Batch = self.hook.create_batch(
+                file_id, self.plan.endpoint, self.plan.completion_window, metadata,  # type: ignore[arg-type]
+                output_expires_after_s=self.plan.expires_after_s)
             self.batches[(shard, rnd)] = BatchRef(shard, rnd, batch.id, batch_summary(batch), batch.created_at)
             self._record()
             created.append(batch.id)

@@ -164,7 +164,8 @@ def iter_chunks(path: str, done: set[str], chunk_size: int) -> Iterator[list[Req
         for lineno, raw in iter_jsonl(fp):
             try:
                 line = loads(raw)
-                req = Request(line["custom_id"], line.get("url", CHAT), line.get("body") or {})
+                url = line.get("url", CHAT)  # Azure's form (/chat/completions) names the same endpoint
+                req = Request(line["custom_id"], url if url.startswith("/v1/") else "/v1" + url, line.get("body") or {})
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 # the operator validates before starting; a standalone run reports and goes on
                 emit("invalid_line", line=lineno, reason=f"{type(exc).__name__}: {exc}")
