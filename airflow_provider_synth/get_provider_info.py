@@ -48,6 +48,22 @@ def get_provider_info() -> dict[str, Any]:
              "name": "synth_vllm_batch"},
         ],
         "extra-links": ["airflow_provider_synth.links.OpenAIBatchLink"],
+        "config": {
+            "synth": {
+                "description": "Deployment-wide settings of airflow-provider-synth.",
+                "options": {
+                    "allow_token_provider_import": {
+                        "description": "Let a synth_azure_openai connection's azure_ad_token_provider extra name "
+                        "a Python callable that workers and the triggerer import and call. Off by default: "
+                        "with it on, whoever may edit connections chooses code that runs on them.",
+                        "version_added": "0.2.0",
+                        "type": "boolean",
+                        "example": "True",
+                        "default": "False",
+                    },
+                },
+            },
+        },
         "connection-types": [
             # OpenAI / Azure OpenAI Batch API; every field is documented in docs/connections.md
             {

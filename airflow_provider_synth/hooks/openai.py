@@ -218,6 +218,17 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
+def token_provider_import_allowed() -> bool:
+    """Whether the deployment lets connections name code to import (``[synth] allow_token_provider_import``).
+
+    Read from the deployment's configuration on every use, never from the connection: the people who may
+    edit connections are not always the people who may run code on workers and the triggerer.
+    """
+    from airflow.configuration import conf
+
+    return conf.getboolean("synth", "allow_token_provider_import", fallback=False)
+
+
 def _import_callable(path: str, conn_id: str) -> Callable[..., Any]:
     module_name, _, attr = path.rpartition(".")
     try:
@@ -377,6 +388,13 @@ class OpenAIBatchHook(BaseHook):
     def _entra_token_provider(self, extras: Mapping[str, Any]) -> Callable[[], Any]:
         """A bearer-token provider for ``azure_ad_token_provider``: a custom callable or ``azure-identity``."""
         if extras.get("azure_ad_token_provider"):
+            if not token_provider_import_allowed():
+                raise ConnectionConfigError(
+                    f"Connection {self.conn_id!r} names a Python callable in 'azure_ad_token_provider', and this "
+                    "deployment does not import code named by connections. An administrator can allow it in "
+                    "airflow.cfg ([synth] allow_token_provider_import = True, or the environment variable "
+                    "AIRFLOW__SYNTH__ALLOW_TOKEN_PROVIDER_IMPORT=True); or use an API key or the Entra ID extras."
+                )
             return _import_callable(str(extras["azure_ad_token_provider"]), self.conn_id)
         cls_name, args = self._azure_credential_args(extras)
         try:

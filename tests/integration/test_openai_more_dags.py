@@ -141,6 +141,7 @@ def test_azure_with_api_key(airflow_db, batch_server_factory, monkeypatch, tmp_p
 @pytest.mark.integration
 def test_azure_with_entra_token_provider(airflow_db, batch_server_factory, monkeypatch, tmp_path, capfd) -> None:
     server = batch_server_factory(api_key=AZURE_TOKEN)  # the bearer token is the only credential accepted
+    monkeypatch.setenv("AIRFLOW__SYNTH__ALLOW_TOKEN_PROVIDER_IMPORT", "True")  # the deployment allows it
     monkeypatch.setenv("AIRFLOW_CONN_SYNTH_AZURE_OPENAI_DEFAULT", azure_connection(
         server, extra=json.dumps({"api_version": "2025-04-01-preview",
                                   "azure_ad_token_provider": f"{__name__}.entra_token"})))

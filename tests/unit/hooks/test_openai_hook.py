@@ -134,6 +134,7 @@ def test_host_without_scheme_gets_https(monkeypatch):
     ],
 )
 def test_bad_connections_raise_clear_errors(monkeypatch, fields, match):
+    monkeypatch.setenv("AIRFLOW__SYNTH__ALLOW_TOKEN_PROVIDER_IMPORT", "True")
     set_conn(monkeypatch, "bad", **fields)
     with pytest.raises(ConnectionConfigError, match=match) as err:
         OpenAIBatchHook("bad").get_conn()
@@ -155,6 +156,7 @@ def fake_token() -> str:
 
 
 def test_azure_entra_custom_token_provider_sends_bearer(monkeypatch, api):
+    monkeypatch.setenv("AIRFLOW__SYNTH__ALLOW_TOKEN_PROVIDER_IMPORT", "True")
     set_conn(
         monkeypatch,
         "az",

@@ -59,6 +59,7 @@ def azure_conns(monkeypatch, server):
                                          "azure_ad_token_provider": f"{__name__}.entra_token"}))
     monkeypatch.setenv("AIRFLOW_CONN_AZ_KEY", key.as_json())
     monkeypatch.setenv("AIRFLOW_CONN_AZ_ENTRA", entra.as_json())
+    monkeypatch.setenv("AIRFLOW__SYNTH__ALLOW_TOKEN_PROVIDER_IMPORT", "True")  # the deployment allows it
     return ["az_key", "az_entra"]
 
 
