@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -73,6 +73,49 @@ def _is_request_line(item: Any) -> bool:
     return isinstance(item, Mapping) and "custom_id" in item and "body" in item
 
 
+class PromptRecords(Sequence[Any]):
+    """The records or request lines given as ``requests``, kept out of Airflow's rendered fields.
+
+    Airflow stores every templated field, rendered, in the metadata database and shows it in the UI; prompts
+    may hold personal data. For an object with ``serialize()`` it stores what that returns: here a count and
+    the first ids, never the records themselves.
+
+    :param items: the records or request lines.
+    :param id_field: the record field holding the id (as in :class:`RequestTemplate`).
+    """
+
+    SHOWN_IDS = 3
+
+    def __init__(self, items: Iterable[Any], id_field: str | None = None) -> None:
+        self._items = list(items)
+        self._id_field = id_field
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._items[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._items)
+
+    def _id(self, index: int) -> str:
+        item = self._items[index]
+        if _is_request_line(item):
+            return str(item["custom_id"])
+        if self._id_field and isinstance(item, Mapping) and self._id_field in item:
+            return str(item[self._id_field])
+        return f"request-{index}"
+
+    def serialize(self) -> str:
+        """What Airflow stores and shows for the field: the count and the first ids."""
+        ids = [self._id(i) for i in range(min(len(self._items), self.SHOWN_IDS))]
+        more = ", ..." if len(self._items) > len(ids) else ""
+        return f"{len(self._items)} record(s), not stored as a rendered field; ids: {', '.join(ids)}{more}"
+
+    __repr__ = __str__ = serialize
+
+
 class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     """Run requests through the OpenAI or Azure OpenAI Batch API and land every answer in object storage.
 
@@ -91,7 +134,10 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     :param output_path: the output folder (local path, ``s3://``..., or ``ObjectStoragePath``). Work files
         (shards, downloads, the plan) go to ``<output_path>/_work``.
     :param input_path: an OpenAI batch JSONL file (local, URL or ``ObjectStoragePath``).
-    :param requests: instead of ``input_path``: request lines, or records built with ``template``.
+    :param requests: instead of ``input_path``: request lines, or records built with ``template`` (an XCom
+        reference such as a task's output works too). Airflow's rendered fields show only their count and first
+        ids, never the prompts; to keep prompts out of the metadata database altogether (XCom included), write
+        them to object storage and pass ``input_path``.
     :param model: the model (or Azure deployment) for built requests.
     :param endpoint: the endpoint of built requests.
     :param template: how records become requests.
@@ -130,9 +176,20 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     """
 
     template_fields: Sequence[str] = ("input_path", "output_path", "requests", "model")
-    template_fields_renderers = {"requests": "json"}
     operator_extra_links = (OpenAIBatchLink(),)
     ui_color = "#d7f0e6"
+
+    @property
+    def requests(self) -> Any:
+        return self._requests
+
+    @requests.setter
+    def requests(self, value: Any) -> None:
+        # set at construction and again when Airflow renders the field (an XCom resolved to the records)
+        if isinstance(value, list | tuple):
+            template = getattr(self, "template", None)
+            value = PromptRecords(value, template.id_field if template is not None else None)
+        self._requests = value
 
     def __init__(
         self,
@@ -171,8 +228,8 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
             raise ValueError("retry_failed_requests must be >= 0 and poll_interval > 0")
         if (max_active_batches is not None and max_active_batches < 1) or token_limit_resubmits < 0:
             raise ValueError("max_active_batches must be >= 1 (or None) and token_limit_resubmits >= 0")
-        self.conn_id, self.output_path, self.input_path, self.requests = conn_id, output_path, input_path, requests
         self.model, self.endpoint, self.template = model, endpoint, template or RequestTemplate()
+        self.conn_id, self.output_path, self.input_path, self.requests = conn_id, output_path, input_path, requests
         self.limits = limits or ShardLimits()
         self.completion_window, self.poll_interval = completion_window, float(poll_interval)
         self.timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)

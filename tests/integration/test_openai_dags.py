@@ -228,3 +228,18 @@ def test_submit_then_sensor_then_collect(airflow_db, openai_conn, tmp_path, monk
     assert final["status"] == "completed" and final["succeeded"] == 60 and final["rounds"] == 2
     assert read_ids(final["results_path"]) == [f"SKU-{i:04d}" for i in range(60)]
     assert openai_conn.counters["batches_created"] == 2  # the round of 3 retried requests, nothing else
+
+
+@pytest.mark.integration
+def test_prompts_are_not_stored_as_rendered_fields(airflow_db, openai_conn, tmp_path, monkeypatch) -> None:
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields
+    from airflow.utils.session import create_session
+
+    dr, ti = run_chat_dag(tmp_path, monkeypatch, n=20)
+    assert dr.state == "success"
+    with create_session() as session:
+        row = session.query(RenderedTaskInstanceFields).filter_by(
+            dag_id=ti.dag_id, task_id="synthesize", run_id=dr.run_id).one()
+    stored = row.rendered_fields["requests"]
+    assert stored.startswith("20 record(s)") and "quiz-000000" in stored
+    assert "astronomy" not in json.dumps(row.rendered_fields), "no record text in the metadata DB's rendered fields"
