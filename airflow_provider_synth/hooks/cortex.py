@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -283,12 +284,12 @@ class CortexAsyncHook(CortexHook):
 
     async def poll_statement(self, query_id: str) -> StatementStatus:
         """``GET /api/v2/statements/{query_id}``, classified (429 and 5xx count as still running)."""
-        status, payload = await self._request("GET", f"/api/v2/statements/{query_id}")
+        status, payload = await self._request("GET", f"/api/v2/statements/{_segment(query_id)}")
         return status_from_sql_api(query_id, status, payload)
 
     async def acancel_statement(self, query_id: str) -> StatementStatus:
         """``POST /api/v2/statements/{query_id}/cancel``."""
-        status, payload = await self._request("POST", f"/api/v2/statements/{query_id}/cancel")
+        status, payload = await self._request("POST", f"/api/v2/statements/{_segment(query_id)}/cancel")
         return status_from_sql_api(query_id, status, payload)
 
     async def aclose(self) -> None:
@@ -315,3 +316,8 @@ def _sql_api_hook(owner: CortexAsyncHook) -> Any:
             return owner.get_connection(conn_id)
 
     return _OnFetchedConnection(owner.snowflake_conn_id)
+
+
+def _segment(value: str) -> str:
+    """``value`` as one URL path segment: a query id can never reach another path or add a query string."""
+    return urllib.parse.quote(value, safe="")

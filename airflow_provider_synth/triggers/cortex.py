@@ -181,10 +181,15 @@ class CortexStatementTrigger(BaseTrigger):
             return
         await _import_hooks()
         async with self._hook() as hook:
-            results = await asyncio.wait_for(
-                asyncio.gather(*(hook.acancel_statement(q) for q in running), return_exceptions=True),
-                timeout=_CANCEL_TIMEOUT_S,
-            )
+            try:
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(hook.acancel_statement(q) for q in running), return_exceptions=True),
+                    timeout=_CANCEL_TIMEOUT_S,
+                )
+            except TimeoutError:  # the kill must go on; say what may still run
+                self.log.warning("Cancelling statements took over %.0f s; they may still be running: %s",
+                                 _CANCEL_TIMEOUT_S, ", ".join(running))
+                return
         for query_id, result in zip(running, results, strict=True):
             if isinstance(result, BaseException):
                 self.log.warning("Cancelling statement %s failed: %s: %s", query_id, type(result).__name__, result)

@@ -157,3 +157,12 @@ async def test_async_hook_signs_a_key_pair_jwt_off_the_loop(monkeypatch: pytest.
 
     claims = jwt.decode(token, key.public_key(), algorithms=["RS256"], options={"verify_aud": False})
     assert claims["sub"] == "ACCT.SYNTH_USER"
+
+
+async def test_query_ids_are_one_quoted_path_segment(sql_api: FakeSqlApi) -> None:
+    odd = "01b2-../../sessions?x=1#f"
+    async with CortexAsyncHook("sf_api") as hook:
+        status = await hook.poll_statement(odd)
+        await hook.acancel_statement(odd)
+    assert status.state == "running", "the statement's own route answered (202), not another one"
+    assert sql_api.polls == {odd: 1} and sql_api.cancelled == [odd]

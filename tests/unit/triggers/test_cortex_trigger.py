@@ -106,10 +106,26 @@ async def test_on_kill_cancels_what_still_runs(api: FakeSqlApi):
     api.running_polls = 10**6
     trigger = CortexStatementTrigger("sf_trig", ["q-1", "q-2"], poll_interval=0.01)
     task = asyncio.create_task(_events(trigger))
-    await asyncio.sleep(0.3)
+    while not all(api.polls.get(q) for q in ("q-1", "q-2")):  # a condition, not a guessed duration
+        assert not task.done()
+        await asyncio.sleep(0.005)
     task.cancel()
     await trigger.on_kill()
     assert sorted(api.cancelled) == ["q-1", "q-2"]
+
+
+async def test_on_kill_gives_up_on_a_cancel_that_hangs(api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch,
+                                                       capfd: pytest.CaptureFixture[str]):
+    never = asyncio.Event()
+
+    async def hang(self: Any, query_id: str) -> Any:
+        await never.wait()
+
+    monkeypatch.setattr("airflow_provider_synth.hooks.cortex.CortexAsyncHook.acancel_statement", hang)
+    monkeypatch.setattr(trigger_module, "_CANCEL_TIMEOUT_S", 0.01)
+    trigger = CortexStatementTrigger("sf_trig", ["q-1", "q-2"], poll_interval=0.01)
+    await trigger.on_kill()  # returns (the kill goes on) instead of raising TimeoutError
+    assert "may still be running: q-1, q-2" in "".join(capfd.readouterr())
 
 
 async def test_the_event_loop_is_never_blocked(api: FakeSqlApi):
