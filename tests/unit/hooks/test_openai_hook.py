@@ -73,9 +73,12 @@ def test_init_does_no_io(monkeypatch):
         raise AssertionError("connection looked up in __init__")
 
     monkeypatch.setattr(OpenAIBatchHook, "get_connection", boom)
-    OpenAIBatchHook("anything")
-    OpenAIBatchAsyncHook("anything")
-    AzureOpenAIBatchHook()
+    import airflow_provider_synth.hooks.openai as mod
+
+    monkeypatch.setattr(mod, "get_async_connection", boom)
+    hooks = [OpenAIBatchHook("anything"), OpenAIBatchAsyncHook("anything"), AzureOpenAIBatchHook()]
+    assert [h.conn_id for h in hooks] == ["anything", "anything", AzureOpenAIBatchHook.default_conn_name]
+    assert all("client" not in vars(h) for h in hooks), "no client built either"
 
 
 def test_openai_client_kwargs(openai_conn):

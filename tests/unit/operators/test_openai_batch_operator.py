@@ -68,12 +68,22 @@ def test_execute_defers_one_trigger_for_all_batches(server, tmp_path) -> None:
     assert server.counters["batches_created"] == 3
 
 
-def test_redeferral_keeps_the_first_deadline(server, tmp_path) -> None:
+def test_redeferral_keeps_the_first_deadline(server, tmp_path, monkeypatch) -> None:
+    import airflow_provider_synth.operators.openai_batch as op_module
+
     server.configure(in_progress_s=30)
     op = make_op(tmp_path)
     with pytest.raises(TaskDeferred) as first:
         op.execute(context())
-    time.sleep(1.1)
+
+    class AnHourLater:  # the retry runs an hour later: a deadline computed from "now" would move
+        sleep = staticmethod(time.sleep)
+
+        @staticmethod
+        def time() -> float:
+            return time.time() + 3600
+
+    monkeypatch.setattr(op_module, "time", AnHourLater)
     with pytest.raises(TaskDeferred) as second:  # a retried try re-attaches: no new batches, same end_time
         make_op(tmp_path).execute(context(try_number=2))
     assert first.value.trigger.serialize()[1]["end_time"] == second.value.trigger.serialize()[1]["end_time"]

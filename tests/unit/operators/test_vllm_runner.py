@@ -235,7 +235,11 @@ def test_runner_stops_when_its_parent_dies(tmp_path: Path) -> None:
     parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "SYNTH_FAKE_VLLM_DELAY": "0.2"})
     runner_pid = int(parent.stdout.readline())
-    time.sleep(1.0)
+    started = time.monotonic()
+    out = tmp_path / "out.jsonl"
+    while not (out.exists() and b"\n" in out.read_bytes()):  # killed mid-run, once it has answered something
+        assert time.monotonic() - started < 60, "the runner never answered"
+        time.sleep(0.05)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 10
@@ -278,6 +282,8 @@ class TestShutdown:
         event = json.loads(capsys.readouterr().out)
         assert event[vllm_runner.EVENT_KEY] == "warning" and "teardown broke" in event["message"]
 
-    def test_an_engine_without_a_client_is_left_alone(self) -> None:
+    def test_an_engine_without_a_client_is_left_alone(self, capsys) -> None:
         vllm_runner.shutdown_engine(FakeLLM())
+        vllm_runner.shutdown_engine(self.llm(object()))  # an engine core without shutdown()
+        assert capsys.readouterr().out == "", "nothing called, nothing reported"
 

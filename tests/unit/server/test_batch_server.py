@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.error
@@ -405,31 +406,43 @@ def test_auth_requires_a_key_and_checks_the_expected_one(batch_server_factory: C
 
 
 def test_poll_delay_does_not_serialize_concurrent_polls(batch_server_factory: Callable[..., BatchServer]) -> None:
-    srv = batch_server_factory(poll_delay_s=0.2)
+    srv = batch_server_factory(poll_delay_s=600.0)  # no poll is answered during the test
     batch = submit(client_for(srv), chat_lines(1))
 
-    async def poll_many(n: int) -> float:
-        async with AsyncOpenAI(base_url=srv.base_url, api_key="sk-test",
-                               http_client=httpx2.AsyncClient(limits=httpx2.Limits(max_connections=200))) as client:
-            started = time.monotonic()
-            results = await asyncio.gather(*(client.batches.retrieve(batch.id) for _ in range(n)))
-            assert all(r.id == batch.id for r in results)
-            return time.monotonic() - started
+    async def poll_many(n: int) -> int:
+        answered = 0
 
-    elapsed = asyncio.run(poll_many(100))
-    assert 0.2 <= elapsed < 2.0, elapsed
+        async def one(client: AsyncOpenAI) -> None:
+            nonlocal answered
+            await client.batches.retrieve(batch.id)
+            answered += 1
+
+        async with AsyncOpenAI(base_url=srv.base_url, api_key="sk-test", max_retries=0,
+                               http_client=httpx2.AsyncClient(limits=httpx2.Limits(max_connections=200))) as client:
+            polls = asyncio.gather(*(one(client) for _ in range(n)))
+            # every poll reaches the server while none is answered: they wait side by side, not in turn
+            while srv.counters["batch_polls"] < n:
+                assert not polls.done()
+                await asyncio.sleep(0.01)
+            polls.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await polls
+        return answered
+
+    assert asyncio.run(poll_many(100)) == 0
 
 
 def test_complete_after_first_poll(batch_server_factory: Callable[..., BatchServer]) -> None:
     srv = batch_server_factory(complete_after_first_poll_s=0.3)
     client = client_for(srv)
     batch = submit(client, chat_lines(2))
-    time.sleep(0.4)
+    with pytest.raises(TimeoutError):
+        srv.wait_idle(timeout=0.4)  # a lower bound only: a slow machine cannot make this fail
     assert srv.batch(batch.id)["status"] == "in_progress", "nothing happens before the first poll"
     first_poll = time.monotonic()
     done = wait(client, batch.id)
     assert done.status == "completed"
-    assert 0.25 <= time.monotonic() - first_poll < 1.5
+    assert time.monotonic() - first_poll >= 0.3, "completes complete_after_first_poll_s after the first poll"
 
 
 def test_control_api_over_http(batch_server: BatchServer) -> None:
@@ -489,8 +502,8 @@ def test_a_thousand_concurrent_pollers(batch_server_factory: Callable[..., Batch
             return time.monotonic() - started, set(codes)
 
     elapsed, codes = asyncio.run(poll_all(1000))
-    assert codes == {200}
-    assert elapsed < 10, elapsed
+    assert codes == {200}, "every poller answered: none refused by a full accept backlog"
+    print(f"1,000 concurrent polls in {elapsed:.2f} s")  # a figure, not a verdict: CI machines vary
     assert srv.counters["batch_polls"] == 1000
 
 

@@ -40,6 +40,7 @@ class Upstream:
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.released = asyncio.Event()
 
     async def chat(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -66,8 +67,8 @@ class Upstream:
                                                 "param": "messages", "code": "bad_prompt"}}, status=400)
         if kind == "down":
             return web.Response(text="Service Unavailable", status=503)
-        if kind == "slow":
-            await asyncio.sleep(1)
+        if kind == "slow":  # answers only after the gateway gave up on it (released when the test ends)
+            await self.released.wait()
         return web.json_response(answers.chat_completion(body, "upstream", content=f"upstream answer to {prompt}"))
 
     def start(self) -> Upstream:
@@ -85,6 +86,7 @@ class Upstream:
         self.port = self._runner.addresses[0][1]
 
     def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self.released.set)
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
@@ -125,7 +127,7 @@ def test_gateway_runs_requests_upstream_with_retries_and_bounded_concurrency(
 ) -> None:
     srv = batch_server_factory(
         upstream_url=f"http://127.0.0.1:{upstream.port}/v1", upstream_api_key=UPSTREAM_KEY, upstream_concurrency=3,
-        upstream_timeout_s=0.3, upstream_retries=3, upstream_model="local-llama", in_progress_s=0.0,
+        upstream_timeout_s=1.0, upstream_retries=3, upstream_model="local-llama", in_progress_s=0.0,
     )
     srv.set_outcome("forced-*", Outcome.error(500))
     client = OpenAI(base_url=srv.base_url, api_key="sk-test")

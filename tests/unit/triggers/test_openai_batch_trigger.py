@@ -45,6 +45,33 @@ def use_transport(monkeypatch, handler) -> None:
     monkeypatch.setattr(trigger_module, "OpenAIBatchAsyncHook", hook_factory)
 
 
+def fake_trigger_sleep(monkeypatch, sleep) -> None:
+    """Replace ``asyncio.sleep`` as the trigger module sees it, and only there: the event loop, the HTTP
+    client and every other module keep the real one."""
+    import types
+
+    monkeypatch.setattr(trigger_module, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": sleep}))
+
+
+def poll_spy(monkeypatch) -> tuple[list[str], dict[int, asyncio.Event]]:
+    """Record every batch poll; ``rounds[n]`` is set when poll ``n`` (1-based) starts."""
+    calls: list[str] = []
+    rounds: dict[int, asyncio.Event] = {}
+    real = OpenAIBatchAsyncHook.aget_batch_state
+
+    async def spy(self, batch_id):
+        calls.append(batch_id)
+        rounds.setdefault(len(calls), asyncio.Event()).set()
+        return await real(self, batch_id)
+
+    monkeypatch.setattr(OpenAIBatchAsyncHook, "aget_batch_state", spy)
+    return calls, rounds
+
+
+async def until(rounds: dict[int, asyncio.Event], n: int, timeout: float = 30) -> None:
+    await asyncio.wait_for(rounds.setdefault(n, asyncio.Event()).wait(), timeout)
+
+
 def logs(capsys) -> str:
     """Airflow routes trigger logs through structlog to the console: read them there."""
     captured = capsys.readouterr()
@@ -142,13 +169,17 @@ async def test_one_terminal_event_with_every_batch(api, caplog, capsys):
 async def test_polls_all_batches_concurrently(api, monkeypatch):
     ids = [api.add_batch(["in_progress", done()]) for _ in range(20)]
     in_flight, peak = 0, 0
+    all_in = asyncio.Event()
     real = OpenAIBatchAsyncHook.aget_batch
 
     async def slow_get(self, batch_id):
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
-        await asyncio.sleep(0.02)
+        if in_flight == len(ids):
+            all_in.set()
+        if peak < len(ids):  # the first round: no poll returns before all 20 are in flight (polled in turn,
+            await asyncio.wait_for(all_in.wait(), 30)  # they would time out here)
         in_flight -= 1
         return await real(self, batch_id)
 
@@ -157,12 +188,16 @@ async def test_polls_all_batches_concurrently(api, monkeypatch):
     assert events[0]["status"] == "success" and peak == 20
 
 
-async def test_cancelling_is_still_running(api):
+async def test_cancelling_is_still_running(api, monkeypatch):
     batch_id = api.add_batch(["cancelling"])
-    trigger = OpenAIBatchTrigger(CONN_ID, [batch_id], poll_interval=0.01)
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(collect(trigger), timeout=0.3)
-    assert api.counters["batches_retrieved"] >= 3
+    calls, rounds = poll_spy(monkeypatch)
+    task = asyncio.ensure_future(collect(OpenAIBatchTrigger(CONN_ID, [batch_id], poll_interval=0.01)))
+    await until(rounds, 3)  # polled a third time: the first two answers did not end the wait
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls == [batch_id] * 3
 
 
 async def test_unknown_status_is_an_error(api):
@@ -183,7 +218,7 @@ async def test_deadline_times_out_and_a_recreated_trigger_keeps_it(api, monkeypa
         sleeps.append(delay)
         clock[0] += delay
 
-    monkeypatch.setattr(trigger_module.asyncio, "sleep", fake_sleep)
+    fake_trigger_sleep(monkeypatch, fake_sleep)
     batch_id = api.add_batch(["in_progress"])
     trigger = OpenAIBatchTrigger(CONN_ID, [batch_id], poll_interval=30, end_time=1_100.0)
     events = await collect(trigger)
@@ -285,12 +320,14 @@ async def test_client_is_closed(api, monkeypatch):
 # -- on_kill ----------------------------------------------------------------------------------------------------
 
 
-async def test_on_kill_cancels_running_batches_only(api):
+async def test_on_kill_cancels_running_batches_only(api, monkeypatch):
     running = api.add_batch(["in_progress"])
     finished = api.add_batch([done()])
+    calls, rounds = poll_spy(monkeypatch)
     trigger = OpenAIBatchTrigger(CONN_ID, [running, finished], poll_interval=0.01)
     task = asyncio.ensure_future(collect(trigger))
-    await asyncio.sleep(0.1)
+    await until(rounds, 3)  # the second round has started: the first round's answers are taken in
+    assert calls[2:] == [running], "the finished batch is not polled again"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -339,7 +376,7 @@ async def test_polls_are_jittered(api, monkeypatch):
     async def fake_sleep(delay):
         sleeps.append(delay)
 
-    monkeypatch.setattr(trigger_module.asyncio, "sleep", fake_sleep)
+    fake_trigger_sleep(monkeypatch, fake_sleep)
     batch_id = api.add_batch(["in_progress"] * 50 + [done()])
     events = await collect(OpenAIBatchTrigger(CONN_ID, [batch_id], poll_interval=10))
     assert events[0]["status"] == "success"
