@@ -541,20 +541,23 @@ def test_output_files_merge_with_the_core_and_classify_retryable_failures(
 
 
 def test_enqueued_token_limit_fails_batches_over_the_model_budget(batch_server: BatchServer) -> None:
-    batch_server.configure(enqueued_token_limit=150, in_progress_s=1.0)
+    batch_server.configure(enqueued_token_limit=150, in_progress_s=600.0)
     client = client_for(batch_server)
-    first = submit(client, chat_lines(10))  # 90 tokens: admitted
+    first = submit(client, chat_lines(10))  # 90 tokens: admitted, and in progress until cancelled below
     deadline = time.monotonic() + 5
     while client.batches.retrieve(first.id).status != "in_progress":
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    batch_server.configure(in_progress_s=0.05)  # the next batches run quickly; `first` keeps its schedule
     second = wait(client, submit(client, chat_lines(10, prefix="more")).id)
     assert second.status == "failed" and second.errors and second.errors.data
     assert second.errors.data[0].code == "token_limit_exceeded"
     assert "Limit: 150 enqueued tokens" in (second.errors.data[0].message or "")
     other_model = wait(client, submit(client, chat_lines(10, prefix="o", model="gpt-4o")).id)
     assert other_model.status == "completed", "the limit is per model"
-    assert wait(client, first.id).status == "completed"
+    assert client.batches.retrieve(first.id).status == "in_progress", "the refusal happened beside it"
+    client.batches.cancel(first.id)
+    assert wait(client, first.id).status == "cancelled"
     assert wait(client, submit(client, chat_lines(10, prefix="later")).id).status == "completed"
 
 
