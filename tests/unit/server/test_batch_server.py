@@ -77,6 +77,8 @@ def by_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_chat_batch_moves_through_statuses_and_returns_every_answer(batch_server: BatchServer) -> None:
+    # each status and progress step lasts half a second: polls every 10 ms see them even on a loaded machine
+    batch_server.configure(validating_s=0.5, in_progress_s=2.0, progress_steps=4, finalizing_s=0.5)
     client = client_for(batch_server)
     batch = submit(client, chat_lines(40), metadata={"idempotency_key": "k1"})
     assert batch.status == "validating"
