@@ -69,7 +69,6 @@ class APIError(Exception):
             }
         }
 
-
     def azure_body(self) -> dict[str, Any]:
         """Azure OpenAI's error shape: ``{"error": {"code", "message"}}`` (``target`` names the parameter);
         Azure's codes are its own, or the HTTP status as a string (``"401"``, ``"404"``)."""
