@@ -146,9 +146,10 @@ def test_batch_output_expires_after_is_honoured(batch_server: BatchServer) -> No
 
 def test_azure_v1_routes_take_no_api_version(batch_server: BatchServer) -> None:
     client = OpenAI(base_url=batch_server.url + "/openai/v1", api_key="azure-key")
-    for url in (CHAT, "/chat/completions"):
-        up = client.files.create(file=("in.jsonl", lines(4, url=url, model="my-deployment")), purpose="batch")
-        batch = client.batches.create(input_file_id=up.id, endpoint=CHAT, completion_window="24h")
+    azure = AzureOpenAI(base_url=batch_server.url + "/openai/v1", api_key="azure-key", api_version="preview")
+    for url, sdk in ((CHAT, client), ("/chat/completions", azure)):
+        up = sdk.files.create(file=("in.jsonl", lines(4, url=url, model="my-deployment")), purpose="batch")
+        batch = sdk.batches.create(input_file_id=up.id, endpoint=CHAT, completion_window="24h")
         done = finish(client, batch, batch_server)
         assert done.status == "completed" and done.request_counts and done.request_counts.completed == 4
         assert len(client.files.content(done.output_file_id).text.splitlines()) == 4  # type: ignore[arg-type]
