@@ -71,6 +71,7 @@ def standalone_helpers() -> Any:
     spec = importlib.util.spec_from_file_location("synth_standalone_helpers", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

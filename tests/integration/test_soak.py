@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ def test_soak_every_id_once_no_duplicate_batch_upload_or_answer() -> None:
     spec = importlib.util.spec_from_file_location("synth_soak", path)
     assert spec is not None and spec.loader is not None
     soak = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = soak  # dataclasses look their module up there
     spec.loader.exec_module(soak)
     figures = soak.run_soak(int(os.environ.get("SYNTH_SOAK_TASKS", 20)),
                             int(os.environ.get("SYNTH_SOAK_REQUESTS", 5000)), timeout_s=3000)
