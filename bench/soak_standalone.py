@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -207,6 +208,8 @@ def run_soak(tasks: int, requests: int, timeout_s: float, keep: bool = False) ->
         return figures
     finally:
         soak.procs.stop()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def wait_and_restart(soak: Soak, run_id: str, deadline: float) -> bool:
