@@ -346,18 +346,12 @@ def _status_text(result: dict[str, Any]) -> list[str]:
 
 
 def _wait(run: Any, args: argparse.Namespace, out: Output) -> None:
+    """Fresh states; with ``--wait``, the operators' worker-side wait (same verdict, same error tolerance)."""
     run.poll()
-    deadline = time.monotonic() + args.timeout if args.timeout else None
-    last: dict[str, int] = {}
-    while run.running_ids and args.wait:
-        if run.statuses() != last:
-            last = run.statuses()
-            out.note(f"waiting for {len(run.running_ids)} batch(es): {last}")
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-        left = args.poll_interval if deadline is None else deadline - time.monotonic()
-        time.sleep(max(min(args.poll_interval, left), 0.01))
-        run.poll()
+    if args.wait:
+        end_time = time.time() + args.timeout if args.timeout else None
+        run.wait(args.poll_interval, end_time,
+                 progress=lambda s: out.note(f"waiting for {len(run.running_ids)} batch(es): {s}"))
     if run.running_ids:
         hint = f"gave up after {args.timeout:g}s" if args.wait else "run again later, or pass --wait"
         raise CommandFailed(f"{len(run.running_ids)} of {len(run.batches)} batch(es) still running "

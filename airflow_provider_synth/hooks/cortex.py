@@ -75,6 +75,16 @@ def sql_api_base_url(conn_config: Mapping[str, Any], extras: Mapping[str, Any]) 
     return "https://" + ".".join(p for p in parts if p) + ".snowflakecomputing.com"
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether a polling error may go away by itself (connection reset, timeout).
+
+    :param error: what a call of the hook raised.
+    """
+    import aiohttp
+
+    return isinstance(error, aiohttp.ClientConnectionError | asyncio.TimeoutError | ConnectionError)
+
+
 class CortexHook(SnowflakeHook):
     """Run a Cortex batch's statements through the Snowflake connector.
 

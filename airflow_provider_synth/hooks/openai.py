@@ -209,6 +209,22 @@ async def close_loop_pool() -> None:
         await pool.http_client.aclose()
 
 
+#: HTTP statuses worth another poll: the API is busy or briefly broken, the batch is fine.
+TRANSIENT_HTTP_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a polling error may go away by itself (network, timeout, 429, 5xx).
+
+    :param error: what a call of the hook raised.
+    """
+    import openai
+
+    if isinstance(error, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    return isinstance(error, openai.APIStatusError) and error.status_code in TRANSIENT_HTTP_STATUSES
+
+
 def redact(text: str, secrets: list[str]) -> str:
     """Replace every occurrence of each secret in ``text`` with ``***``."""
     for secret in secrets:

@@ -17,6 +17,7 @@ from airflow_provider_synth.batch.jsonl import join_path, open_path
 from airflow_provider_synth.batch.manifest import write_manifest
 from airflow_provider_synth.batch.requests import CHAT, Endpoint, build_requests, write_requests
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
+from airflow_provider_synth.batch.status import Next
 from airflow_provider_synth.batch.usage import Price, estimate_cost
 from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests, skipped_summary
 from airflow_provider_synth.exceptions import (
@@ -300,15 +301,9 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
             self._wait_in_worker(run, end_time)
 
     def _wait_in_worker(self, run: BatchRun, end_time: float) -> None:
-        last: dict[str, int] = {}
-        while run.running_ids:
-            if time.time() >= end_time:
-                self._on_timeout(run)
-            time.sleep(self.poll_interval)
-            run.poll()
-            if run.statuses() != last:
-                last = run.statuses()
-                self.log.info("batches: %s", last)
+        result = run.wait(self.poll_interval, end_time, progress=lambda s: self.log.info("batches: %s", s))
+        if result.next is Next.TIMEOUT:
+            self._on_timeout(run)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger: collect, maybe start a retry round (and defer again), or merge."""

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_synth.batch.status import STATEMENTS, PollError, verdict
+
 if TYPE_CHECKING:
     from airflow_provider_synth.batch.cortex import StatementStatus
     from airflow_provider_synth.hooks.cortex import CortexAsyncHook
@@ -30,13 +32,6 @@ _CANCEL_TIMEOUT_S = 30.0
 
 def _now() -> float:
     return time.time()
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether a polling error may go away by itself (connection reset, timeout)."""
-    import aiohttp
-
-    return isinstance(error, aiohttp.ClientConnectionError | asyncio.TimeoutError | ConnectionError)
 
 
 class CortexStatementTrigger(BaseTrigger):
@@ -128,25 +123,27 @@ class CortexStatementTrigger(BaseTrigger):
 
     def _verdict(self, errors: list[tuple[str, BaseException]]) -> TriggerEvent | None:
         """The terminal event after one poll, if the wait is over; ``None`` to keep polling."""
-        for query_id, error in errors:
-            if not is_transient(error):
-                return self._event("error", f"Polling statement {query_id} failed: {type(error).__name__}: "
-                                   f"{error}")
-        if errors and self._consecutive_errors > self.max_consecutive_errors:
-            query_id, error = errors[0]
-            return self._event("error", f"Polling failed {self._consecutive_errors} times in a row "
-                               f"(max_consecutive_errors={self.max_consecutive_errors}); last, statement "
-                               f"{query_id}: {type(error).__name__}: {error}")
-        running = self._running()
-        if not running:
-            failed = [q for q in self.query_ids if self._states[q].state == "error"]
-            message = f"All {len(self.query_ids)} statements finished"
-            message += f"; {len(failed)} failed: {', '.join(failed)}." if failed else ", all succeeded."
-            return self._event("success", message)
-        if self.end_time is not None and _now() >= self.end_time:
-            return self._event("timeout", f"Deadline (end_time={self.end_time:.0f}) passed with {len(running)} of "
-                               f"{len(self.query_ids)} statements still running: {', '.join(running)}.")
-        return None
+        from airflow_provider_synth.hooks.cortex import is_transient
+
+        worst = next(((q, e) for q, e in errors if not is_transient(e)), errors[0] if errors else None)
+        result = verdict(
+            {q: s.state if (s := self._states.get(q)) else None for q in self.query_ids},
+            kind=STATEMENTS,
+            error=PollError.of(is_transient(e) for _, e in errors),
+            last_error=(worst[0], f"{type(worst[1]).__name__}: {worst[1]}") if worst else None,
+            consecutive_errors=self._consecutive_errors,
+            max_consecutive_errors=self.max_consecutive_errors,
+            end_time=self.end_time,
+            now=_now(),
+        )
+        if result.event_status is None:
+            return None
+        if result.message:
+            return self._event(result.event_status, result.message)
+        failed = [q for q in self.query_ids if self._states[q].state == "error"]
+        message = f"All {len(self.query_ids)} statements finished"
+        message += f"; {len(failed)} failed: {', '.join(failed)}." if failed else ", all succeeded."
+        return self._event(result.event_status, message)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll until every statement finished, the deadline passes, or polling fails; yield one event."""

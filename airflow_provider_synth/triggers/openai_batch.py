@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_synth.batch.status import IN_PROGRESS_STATUSES, TERMINAL_STATUSES
+from airflow_provider_synth.batch.status import TERMINAL_STATUSES, PollError, verdict
 
 if TYPE_CHECKING:
     from airflow_provider_synth.hooks.openai import OpenAIBatchAsyncHook
@@ -46,8 +46,6 @@ def _import_modules() -> None:
     importlib.import_module(_HOOKS_MODULE).shared_ssl_context()
 
 
-#: HTTP statuses worth another poll: the API is busy or briefly broken, the batch is fine.
-_TRANSIENT_HTTP = frozenset({408, 409, 429, 500, 502, 503, 504})
 #: Seconds ``on_kill`` may spend cancelling batches: inside Airflow's own bound
 #: (``[triggerer] on_kill_timeout``, 30 s by default), so a slow API is logged, not cut off silently.
 _CANCEL_TIMEOUT_S = 20.0
@@ -55,15 +53,6 @@ _CANCEL_TIMEOUT_S = 20.0
 
 def _now() -> float:
     return time.time()
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether a polling error may go away by itself (network, timeout, 429, 5xx)."""
-    import openai
-
-    if isinstance(error, openai.APIConnectionError):  # includes APITimeoutError
-        return True
-    return isinstance(error, openai.APIStatusError) and error.status_code in _TRANSIENT_HTTP
 
 
 def _progress(batch_id: str, state: dict[str, Any]) -> str:
@@ -191,33 +180,23 @@ class OpenAIBatchTrigger(BaseTrigger):
 
     def _verdict(self, hook: OpenAIBatchAsyncHook, errors: list[tuple[str, BaseException]]) -> TriggerEvent | None:
         """The terminal event after one poll, if the wait is over; ``None`` to keep polling."""
-        for batch_id, error in errors:
-            if not is_transient(error):
-                return self._event("error", hook.redact(f"Polling batch {batch_id} failed: {error!r}"))
-        if errors and self._consecutive_errors > self.max_consecutive_errors:
-            batch_id, error = errors[0]
-            return self._event(
-                "error",
-                hook.redact(
-                    f"Polling failed {self._consecutive_errors} times in a row "
-                    f"(max_consecutive_errors={self.max_consecutive_errors}); last, batch {batch_id}: {error!r}"
-                ),
-            )
-        for batch_id, state in self._states.items():
-            if state["status"] not in TERMINAL_STATUSES | IN_PROGRESS_STATUSES:
-                return self._event("error", f"Batch {batch_id} has an unknown status {state['status']!r}.")
-        if len(self._states) == len(self.batch_ids) and all(
-            s["status"] in TERMINAL_STATUSES for s in self._states.values()
-        ):
-            return self._event("success", self._success_message())
-        if self.end_time is not None and _now() >= self.end_time:
-            running = [b for b in self.batch_ids if self._states.get(b, {}).get("status") not in TERMINAL_STATUSES]
-            return self._event(
-                "timeout",
-                f"Deadline (end_time={self.end_time:.0f}) passed with {len(running)} of {len(self.batch_ids)} "
-                f"batches still running: {', '.join(running)}.",
-            )
-        return None
+        from airflow_provider_synth.hooks.openai import is_transient
+
+        error = PollError.of(is_transient(e) for _, e in errors)
+        # the error the message names: the first one that ends the wait, else the first one
+        worst = next(((b, e) for b, e in errors if not is_transient(e)), errors[0] if errors else None)
+        result = verdict(
+            {b: self._states.get(b, {}).get("status") for b in self.batch_ids},
+            error=error,
+            last_error=(worst[0], hook.redact(repr(worst[1]))) if worst else None,
+            consecutive_errors=self._consecutive_errors,
+            max_consecutive_errors=self.max_consecutive_errors,
+            end_time=self.end_time,
+            now=_now(),
+        )
+        if result.event_status is None:
+            return None
+        return self._event(result.event_status, result.message or self._success_message())
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll until every batch is terminal, the deadline passes, or polling fails; yield one event."""
