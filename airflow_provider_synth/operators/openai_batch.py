@@ -24,7 +24,6 @@ from airflow_provider_synth.exceptions import (
     BatchFailedError,
     BatchTimeoutError,
     BudgetExceededError,
-    TriggerEventError,
 )
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.links import OpenAIBatchLink
@@ -37,6 +36,7 @@ from airflow_provider_synth.runs.openai import (
     idempotency_key,
     run_manifest,
 )
+from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:
@@ -307,7 +307,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger: collect, maybe start a retry round (and defer again), or merge."""
-        event = validate_trigger_event(event)
+        event = validate_event(event, OpenAIBatchTrigger.event_key)
         run = self._attach(Plan.load(self._work_dir()))
         run.refresh(event["batches"])
         if event["status"] == "timeout":
@@ -407,12 +407,3 @@ def _load_plan(work_dir: str) -> Plan | None:
         return Plan.load(as_path(work_dir))
     except (FileNotFoundError, OSError):
         return None
-
-
-def validate_trigger_event(event: dict[str, Any] | None) -> dict[str, Any]:
-    """Check a trigger event's shape; raise a typed error for a missing or malformed one."""
-    if not event or not isinstance(event, dict):
-        raise TriggerEventError("the trigger sent no event")
-    if event.get("status") not in ("success", "error", "timeout") or not isinstance(event.get("batches"), dict):
-        raise TriggerEventError(f"malformed trigger event: status={event.get('status')!r}")
-    return event

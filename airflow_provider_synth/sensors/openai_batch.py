@@ -16,6 +16,7 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES, Next, PollError, verdict
 from airflow_provider_synth.exceptions import BatchFailedError, BatchTimeoutError, TriggerEventError
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook, batch_summary, is_transient
+from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:
@@ -159,8 +160,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Turn the trigger's terminal event into the batches' states, or a typed error."""
-        if not event or not isinstance(event.get("batches"), dict):
-            raise TriggerEventError(f"The batch trigger sent no usable event: {event!r}")
+        event = validate_event(event, OpenAIBatchTrigger.event_key)
         status, message = event.get("status"), event.get("message", "")
         if status == "success":
             self.log.info("%s", message)

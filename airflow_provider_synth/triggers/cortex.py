@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import importlib
-import sys
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 
-from airflow_provider_synth.batch.status import STATEMENTS, PollError, verdict
+from airflow_provider_synth.batch.status import STATEMENTS
+from airflow_provider_synth.triggers.base import PollingTrigger
 
 if TYPE_CHECKING:
     from airflow_provider_synth.batch.cortex import StatementStatus
@@ -22,19 +19,7 @@ if TYPE_CHECKING:
 _HOOKS_MODULE = "airflow_provider_synth.hooks.cortex"
 
 
-async def _import_hooks() -> None:
-    if _HOOKS_MODULE not in sys.modules:
-        await asyncio.to_thread(importlib.import_module, _HOOKS_MODULE)
-
-#: Seconds ``on_kill`` may spend cancelling statements (Airflow bounds it too; stay well inside that).
-_CANCEL_TIMEOUT_S = 30.0
-
-
-def _now() -> float:
-    return time.time()
-
-
-class CortexStatementTrigger(BaseTrigger):
+class CortexStatementTrigger(PollingTrigger):
     """Wait until every statement of a Cortex batch has finished; yield ONE event with each one's final state.
 
     Polls ``GET /api/v2/statements/{query_id}`` for all statements concurrently through
@@ -54,6 +39,12 @@ class CortexStatementTrigger(BaseTrigger):
     :param cancel_on_kill: cancel the statements still running when a user kills the task (Airflow 3.3+).
     """
 
+    waited = STATEMENTS
+    hooks_module = _HOOKS_MODULE
+    #: the key of the event's per-statement states
+    event_key = "statements"
+    cancel_timeout = 30.0
+
     def __init__(
         self,
         snowflake_conn_id: str,
@@ -72,8 +63,6 @@ class CortexStatementTrigger(BaseTrigger):
         self.cancel_on_kill = bool(cancel_on_kill)
         if not self.query_ids:
             raise ValueError("CortexStatementTrigger needs at least one query id")
-        self._states: dict[str, StatementStatus] = {}
-        self._consecutive_errors = 0
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Class path and kwargs; the kwargs are a stored schema: add new ones with defaults only."""
@@ -89,13 +78,28 @@ class CortexStatementTrigger(BaseTrigger):
             },
         )
 
+    @property
+    def ids(self) -> list[str]:
+        return self.query_ids
+
     def _hook(self) -> CortexAsyncHook:
         from airflow_provider_synth.hooks.cortex import CortexAsyncHook
 
         return CortexAsyncHook(self.snowflake_conn_id)
 
-    def _running(self) -> list[str]:
-        return [q for q in self.query_ids if q not in self._states or self._states[q].state == "running"]
+    async def _fetch(self, hook: CortexAsyncHook, item_id: str) -> StatementStatus:
+        return await hook.poll_statement(item_id)
+
+    def _status(self, state: StatementStatus) -> str | None:
+        return state.state
+
+    def _is_transient(self, error: BaseException) -> bool:
+        from airflow_provider_synth.hooks.cortex import is_transient
+
+        return is_transient(error)
+
+    def _progress(self, item_id: str, state: StatementStatus) -> str:
+        return f"Statement {item_id}: {state.state} ({state.message})"
 
     def _event(self, status: str, message: str) -> TriggerEvent:
         from airflow_provider_synth.batch.cortex import StatementStatus
@@ -106,84 +110,11 @@ class CortexStatementTrigger(BaseTrigger):
         }
         return TriggerEvent({"status": status, "message": message, "statements": statements})
 
-    async def _poll(self, hook: CortexAsyncHook) -> list[tuple[str, BaseException]]:
-        pending = self._running()
-        results = await asyncio.gather(*(hook.poll_statement(q) for q in pending), return_exceptions=True)
-        errors: list[tuple[str, BaseException]] = []
-        for query_id, result in zip(pending, results, strict=True):
-            if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                errors.append((query_id, result))
-                continue
-            if result != self._states.get(query_id):
-                self.log.info("Statement %s: %s (%s)", query_id, result.state, result.message)
-            self._states[query_id] = result
-        return errors
-
-    def _verdict(self, errors: list[tuple[str, BaseException]]) -> TriggerEvent | None:
-        """The terminal event after one poll, if the wait is over; ``None`` to keep polling."""
-        from airflow_provider_synth.hooks.cortex import is_transient
-
-        worst = next(((q, e) for q, e in errors if not is_transient(e)), errors[0] if errors else None)
-        result = verdict(
-            {q: s.state if (s := self._states.get(q)) else None for q in self.query_ids},
-            kind=STATEMENTS,
-            error=PollError.of(is_transient(e) for _, e in errors),
-            last_error=(worst[0], f"{type(worst[1]).__name__}: {worst[1]}") if worst else None,
-            consecutive_errors=self._consecutive_errors,
-            max_consecutive_errors=self.max_consecutive_errors,
-            end_time=self.end_time,
-            now=_now(),
-        )
-        if result.event_status is None:
-            return None
-        if result.message:
-            return self._event(result.event_status, result.message)
+    def _done_message(self) -> str:
         failed = [q for q in self.query_ids if self._states[q].state == "error"]
         message = f"All {len(self.query_ids)} statements finished"
-        message += f"; {len(failed)} failed: {', '.join(failed)}." if failed else ", all succeeded."
-        return self._event(result.event_status, message)
+        return message + (f"; {len(failed)} failed: {', '.join(failed)}." if failed else ", all succeeded.")
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        """Poll until every statement finished, the deadline passes, or polling fails; yield one event."""
-        self._consecutive_errors = 0
-        await _import_hooks()
-        async with self._hook() as hook:
-            event = await self._wait(hook)
-        # the session is closed before the event leaves: a runner that stops iterating after the first event
-        # (dag.test() does) never leaves it to a generator finalizer ("Unclosed connector")
-        yield event
-
-    async def _wait(self, hook: CortexAsyncHook) -> TriggerEvent:
-        while True:
-            errors = await self._poll(hook)
-            self._consecutive_errors = self._consecutive_errors + 1 if errors else 0
-            for query_id, error in errors:
-                self.log.warning("Polling statement %s failed: %s: %s", query_id, type(error).__name__, error)
-            event = self._verdict(errors)
-            if event is not None:
-                return event
-            delay = self.poll_interval
-            if self.end_time is not None:
-                delay = max(0.0, min(delay, self.end_time - _now()))
-            await asyncio.sleep(delay)
-
-    async def on_kill(self) -> None:
-        """Cancel the statements that may still be running, when a user kills the task (Airflow 3.3+)."""
-        if not self.cancel_on_kill:
-            return
-        running = self._running()
-        if not running:
-            return
-        await _import_hooks()
-        async with self._hook() as hook:
-            results = await asyncio.wait_for(
-                asyncio.gather(*(hook.acancel_statement(q) for q in running), return_exceptions=True),
-                timeout=_CANCEL_TIMEOUT_S,
-            )
-        for query_id, result in zip(running, results, strict=True):
-            if isinstance(result, BaseException):
-                self.log.warning("Cancelling statement %s failed: %s: %s", query_id, type(result).__name__, result)
-            else:
-                self.log.info("Cancel of statement %s: %s", query_id, result.message)
+    async def _cancel(self, hook: CortexAsyncHook, item_id: str) -> str:
+        result = await hook.acancel_statement(item_id)
+        return f"Cancel of statement {item_id}: {result.message}"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_synth.testing.cortex import FakeSqlApi
-from airflow_provider_synth.triggers import cortex as trigger_module
+from airflow_provider_synth.triggers import base as trigger_base
 from airflow_provider_synth.triggers.cortex import CortexStatementTrigger
 
 PAT = "pat-trigger-secret"
@@ -62,7 +62,7 @@ async def test_failed_statement_is_reported_per_statement(api: FakeSqlApi):
 async def test_deadline_is_absolute_and_survives_recreation(api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch):
     api.running_polls = 10**6
     clock = {"now": 1_000.0}
-    monkeypatch.setattr(trigger_module, "_now", lambda: clock["now"])
+    monkeypatch.setattr(trigger_base, "_now", lambda: clock["now"])
     trigger = CortexStatementTrigger("sf_trig", ["q-slow"], poll_interval=0.01, end_time=1_000.5)
     recreated = CortexStatementTrigger(**trigger.serialize()[1])
     assert recreated.end_time == 1_000.5
@@ -188,7 +188,7 @@ import airflow.triggers.base
 import airflow_provider_synth.triggers.cortex as t
 core = [m for m in sys.modules if m.startswith("airflow_provider_synth.batch.") and m != "airflow_provider_synth.batch.status"]
 assert t._HOOKS_MODULE not in sys.modules and not core, core
-asyncio.run(t._import_hooks())
+asyncio.run(t.CortexStatementTrigger._prepare())
 assert t._HOOKS_MODULE in sys.modules
 print("ok")
 """
