@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from airflow_provider_synth.batch.paths import as_path
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_CONN_ID = "synth_openai_default"
 OPENAI_BACKENDS = ("openai", "azure_openai")
@@ -190,17 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 # -- targets -----------------------------------------------------------------------------------------------------
 
 
-def _as_path(path: Any) -> Any:
-    from airflow_provider_synth.runs.openai import as_path
-
-    return as_path(path)
-
-
 def _read_manifest(run: str) -> dict[str, Any]:
     from airflow_provider_synth.batch.manifest import read_manifest
 
     try:
-        manifest = read_manifest(_as_path(run))
+        manifest = read_manifest(as_path(run))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise UsageError(f"no manifest at {run!r}: give a manifest.json or the output folder that holds it") \
             from None
@@ -221,7 +217,7 @@ def _load_plan(manifest: dict[str, Any], run: str, required: bool) -> Any:
     try:
         if not work_dir:
             raise FileNotFoundError(work_dir)
-        return Plan.load(_as_path(work_dir))
+        return Plan.load(as_path(work_dir))
     except (FileNotFoundError, OSError, TypeError, ValueError) as exc:
         if required:
             raise UsageError(f"cannot read the run's plan under work_dir {work_dir!r} (from {run!r}): "
@@ -257,7 +253,7 @@ def _batch_run(target: Target) -> Any:
     """The run's batches, found by its key (every shard and retry round, whatever the manifest lists)."""
     from airflow_provider_synth.runs.openai import BatchRun
 
-    run = BatchRun(_hook(target.conn_id), target.plan, _as_path)
+    run = BatchRun(_hook(target.conn_id), target.plan, as_path)
     run.discover()
     return run
 
@@ -379,7 +375,7 @@ def cmd_download(args: argparse.Namespace, out: Output) -> int:
         run, acct.as_dict(), "completed", **run.costs(acct), collected_by="airflow-synth",
         **{k: source.get(k) for k in ("dag_id", "task_id", "run_id", "map_index", "try_number")},
     )
-    write_manifest(_as_path(plan.output_dir), manifest)
+    write_manifest(as_path(plan.output_dir), manifest)
     out.emit(manifest, lambda: _download_text(manifest))
     return EXIT_OK
 

@@ -13,8 +13,8 @@ from airflow.configuration import conf
 from airflow.sdk import BaseOperator
 
 from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.jsonl import join_path, open_path
 from airflow_provider_synth.batch.manifest import write_manifest
+from airflow_provider_synth.batch.paths import as_path, join_path, open_path
 from airflow_provider_synth.batch.requests import CHAT, Endpoint, build_requests, write_requests
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
 from airflow_provider_synth.batch.status import Next
@@ -28,14 +28,7 @@ from airflow_provider_synth.exceptions import (
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.links import OpenAIBatchLink
 from airflow_provider_synth.operators._native import ManifestPublisherMixin
-from airflow_provider_synth.runs.openai import (
-    INVALID_FILE,
-    BatchRun,
-    Plan,
-    as_path,
-    idempotency_key,
-    run_manifest,
-)
+from airflow_provider_synth.runs.openai import INVALID_FILE, BatchRun, Plan, idempotency_key, run_manifest
 from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 

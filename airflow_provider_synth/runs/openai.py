@@ -10,7 +10,6 @@ This module orchestrates the hook and the core; it holds no Airflow context.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,9 +17,11 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.jsonl import iter_jsonl, join_path, loads, open_path
+from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
+from airflow_provider_synth.batch.keys import run_key
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
+from airflow_provider_synth.batch.paths import exists, join_path, open_path
 from airflow_provider_synth.batch.results import ParsedOutput
 from airflow_provider_synth.batch.status import (
     DEFAULT_MAX_CONSECUTIVE_ERRORS,
@@ -59,17 +60,6 @@ CREATED_BY = "airflow-provider-synth"
 UPLOAD_PREFIX = "synth-"
 
 
-def as_path(path: Any) -> Any:
-    """Object-storage URLs become ``ObjectStoragePath`` (connection-aware); local paths stay strings."""
-    if isinstance(path, str) and path.startswith("file://"):
-        return path[len("file://"):]
-    if isinstance(path, str) and "://" in path:
-        from airflow.sdk import ObjectStoragePath
-
-        return ObjectStoragePath(path)
-    return path
-
-
 def run_manifest(run: BatchRun, accounting: Mapping[str, Any] | None, status: str, **fields: Any) -> dict[str, Any]:
     """The manifest of a run: the plan's facts, the batches, the accounting, and ``fields`` (who wrote it:
     dag_id, task_id, run_id, map_index, try_number; cost_usd...). One shape for the operator and the CLI."""
@@ -87,8 +77,7 @@ def run_manifest(run: BatchRun, accounting: Mapping[str, Any] | None, status: st
 
 def idempotency_key(dag_id: str, task_id: str, run_id: str, map_index: int, fingerprint: str, endpoint: str) -> str:
     """The run's key: the same task instance over the same input always gets the same key."""
-    raw = "|".join([dag_id, task_id, run_id, str(map_index), endpoint, fingerprint])
-    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+    return run_key(dag_id, task_id, run_id, map_index, endpoint, fingerprint, sep="|", length=32)
 
 
 def retry_worthy(out: ParsedOutput) -> bool:
@@ -381,7 +370,7 @@ class BatchRun:
                 if not file_id:
                     continue
                 dest = self._output(shard, rnd, kind)
-                if not _exists(dest):
+                if not exists(dest):
                     self.hook.download_file(file_id, dest)
                 files.append(dest)
                 rounds.append(rnd)
@@ -515,15 +504,3 @@ class BatchRun:
             counts[status] = counts.get(status, 0) + 1
         return counts
 
-
-def _exists(path: Any) -> bool:
-    if isinstance(path, str) and "://" not in path:
-        import os
-
-        return os.path.exists(path)
-    if isinstance(path, str):
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        return bool(fs.exists(p))
-    return bool(path.exists())
