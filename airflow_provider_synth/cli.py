@@ -407,7 +407,7 @@ def cmd_cancel(args: argparse.Namespace, out: Output) -> int:
             try:
                 entry["status"], entry["action"] = hook.cancel_batch(row["batch_id"]).status, "cancelled"
             except Exception as exc:  # keep cancelling the others; report each failure
-                entry["action"], entry["error"] = "error", _error_text(exc, hook)
+                entry["action"], entry["error"] = "error", _error_text(exc)
                 failed += 1
         results.append(entry)
     summary = {"conn_id": target.conn_id, "batches": results,
@@ -502,9 +502,10 @@ class Output:
         self.note(msg % args if args else msg)
 
 
-def _error_text(exc: BaseException, hook: Any = None) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return hook.redact(text) if hook is not None else text
+def _error_text(exc: BaseException) -> str:
+    from airflow.providers.common.compat.sdk import redact
+
+    return str(redact(f"{type(exc).__name__}: {exc}"))
 
 
 def _classify(exc: Exception) -> tuple[int, str] | None:
@@ -530,23 +531,6 @@ def _classify(exc: Exception) -> tuple[int, str] | None:
     if isinstance(exc, openai.OpenAIError | SynthError):
         return EXIT_FAILURE, f"{type(exc).__name__}: {exc}"
     return None
-
-
-def _secrets_of(conn_id: str | None) -> list[str]:
-    """The connection's secrets, to scrub them from any message (the hook knows them once it built a client)."""
-    if not conn_id:
-        return []
-    try:
-        from airflow.sdk import BaseHook
-
-        conn = BaseHook.get_connection(conn_id)
-    except Exception:
-        return []
-    extras = conn.extra_dejson
-    nested = extras.get("openai_client_kwargs") or {}
-    values = [conn.password, extras.get("api_key"), extras.get("client_secret"),
-              nested.get("api_key") if isinstance(nested, dict) else None]
-    return [str(v) for v in values if v]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -605,15 +589,14 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     try:
         return COMMANDS[args.command](args, out)
     except Exception as exc:
-        from airflow_provider_synth.hooks.openai import redact
+        from airflow.providers.common.compat.sdk import redact  # knows every connection looked up
 
         classified = _classify(exc)
         if classified is None and args.verbose:
             raise
         code, message = classified or (EXIT_FAILURE, f"unexpected error {_error_text(exc)} "
                                                      "(run with --verbose for the traceback)")
-        secrets = _secrets_of(args.conn_id or DEFAULT_CONN_ID)
-        print(f"airflow-synth: error: {redact(message, secrets)}", file=sys.stderr)
+        print(f"airflow-synth: error: {redact(message)}", file=sys.stderr)
         return code
 
 

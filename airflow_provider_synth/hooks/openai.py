@@ -25,6 +25,7 @@ import aiohttp
 import httpx2
 import orjson
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
+from airflow.providers.common.compat.sdk import redact
 from airflow.sdk import BaseHook
 
 from airflow_provider_synth.batch.jsonl import open_path
@@ -44,8 +45,6 @@ OPENAI_CONN_TYPES = frozenset({"synth_openai", "openai"})
 AZURE_CONN_TYPES = frozenset({"synth_azure_openai"})
 #: The Entra ID scope Azure OpenAI accepts tokens for.
 AZURE_TOKEN_SCOPE = "https://cognitiveservices.azure.com/.default"
-#: Extras whose values are secrets: redacted from every message this module builds.
-_SECRET_EXTRAS = ("client_secret", "api_key")
 _DOWNLOAD_CHUNK = 1 << 20
 
 
@@ -152,7 +151,7 @@ class _SharedClient:
     """
 
     def __init__(self) -> None:
-        self.ready: asyncio.Future[tuple[Any, Any, list[str], bool]] = asyncio.get_running_loop().create_future()
+        self.ready: asyncio.Future[tuple[Any, Any, bool]] = asyncio.get_running_loop().create_future()
         self.created = time.monotonic()
         self.users = 0
         self.credential: Any = None
@@ -225,14 +224,6 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, openai.APIStatusError) and error.status_code in TRANSIENT_HTTP_STATUSES
 
 
-def redact(text: str, secrets: list[str]) -> str:
-    """Replace every occurrence of each secret in ``text`` with ``***``."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
-
-
 def _import_callable(path: str, conn_id: str) -> Callable[..., Any]:
     module_name, _, attr = path.rpartition(".")
     try:
@@ -288,7 +279,6 @@ class OpenAIBatchHook(BaseHook):
         super().__init__(**kwargs)
         self.conn_id = conn_id
         self.client_options = dict(client_options or {})
-        self._secrets: list[str] = []
         self._is_azure: bool | None = None
         self._credential: Any = None
 
@@ -310,7 +300,8 @@ class OpenAIBatchHook(BaseHook):
         """Turn a connection and its extras into the SDK client's keyword arguments.
 
         The one place connection fields are read; the sync and async clients both come from it.
-        Also records which secrets to redact and whether the connection is Azure.
+        Also records whether the connection is Azure. Airflow's secret masker already knows the connection's
+        secrets (it registers them when the connection is looked up), so messages go through ``redact``.
         """
         conn_type = (conn.conn_type or "").replace("-", "_")
         # form fields may arrive prefixed (``extra__<conn_type>__<name>``) from older Airflow UIs
@@ -333,9 +324,6 @@ class OpenAIBatchHook(BaseHook):
             kwargs["timeout"] = timeout
         if max_retries is not None:
             kwargs["max_retries"] = max_retries
-        self._secrets = [s for s in [conn.password, *(str(extras.get(k) or "") for k in _SECRET_EXTRAS)] if s]
-        if isinstance(kwargs.get("api_key"), str):
-            self._secrets.append(kwargs["api_key"])
         kwargs.update(self.client_options)
         return kwargs
 
@@ -433,10 +421,6 @@ class OpenAIBatchHook(BaseHook):
             conn = self.get_connection(self.conn_id)
             self._is_azure = (conn.conn_type or "").replace("-", "_") in AZURE_CONN_TYPES
         return self._is_azure
-
-    def redact(self, text: str) -> str:
-        """Remove this connection's secrets from ``text`` (for messages built from SDK errors)."""
-        return redact(text, self._secrets)
 
     # -- files -----------------------------------------------------------------------------------------------
 
@@ -569,7 +553,7 @@ class OpenAIBatchHook(BaseHook):
         try:
             self.client.models.list()
         except Exception as e:
-            return False, self.redact(f"{type(e).__name__}: {e}")
+            return False, str(redact(f"{type(e).__name__}: {e}"))
         return True, "Connection successfully tested"
 
 
@@ -683,11 +667,11 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
                     raise
                 entry.credential, self._credential = self._credential, None
                 entry.direct = _direct_poll(client)
-                entry.ready.set_result((client, entry.credential, list(self._secrets), bool(self._is_azure)))
+                entry.ready.set_result((client, entry.credential, bool(self._is_azure)))
             else:
                 entry.users += 1
             try:
-                client, _, secrets, is_azure = await asyncio.shield(entry.ready)
+                client, _, is_azure = await asyncio.shield(entry.ready)
             except asyncio.CancelledError:
                 entry.users -= 1
                 if entry.ready.cancelled():  # its creator was cancelled, not us: build it ourselves
@@ -699,7 +683,7 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
             break
         pool.users += 1
         self._shared, self._pool, self._slots = entry, pool, pool.slots
-        self._async_client, self._secrets, self._is_azure = client, secrets, is_azure
+        self._async_client, self._is_azure = client, is_azure
 
     async def aget_batch(self, batch_id: str) -> Batch:
         """Retrieve a batch without blocking the loop.

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.common.compat.sdk import redact
 from airflow.sdk import BaseOperator
 
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES
@@ -138,7 +139,7 @@ def _delete(hook: OpenAIBatchHook, file_id: str) -> str | None:
     except openai.NotFoundError:
         return "gone"
     except openai.OpenAIError as exc:
-        return hook.redact(f"{type(exc).__name__}: {exc}")
+        return str(redact(f"{type(exc).__name__}: {exc}"))
     return None
 
 

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.common.compat.sdk import redact
+
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
 from airflow_provider_synth.batch.keys import run_key
@@ -257,7 +259,7 @@ class BatchRun:
         worst = next(((b, e) for b, e in errors if not is_transient(e)), errors[0] if errors else None)
         return verdict({ref.batch_id: ref.state.get("status") for ref in self.batches.values()},
                        error=PollError.of(is_transient(e) for _, e in errors),
-                       last_error=(worst[0], self.hook.redact(repr(worst[1]))) if worst else None,
+                       last_error=(worst[0], str(redact(repr(worst[1])))) if worst else None,
                        consecutive_errors=consecutive_errors, max_consecutive_errors=max_consecutive_errors,
                        end_time=end_time)
 
@@ -297,7 +299,7 @@ class BatchRun:
             errors = self.poll(tolerate_errors=True)
             consecutive = consecutive + 1 if errors else 0
             for batch_id, error in errors:
-                log.warning("polling batch %s failed: %s", batch_id, self.hook.redact(repr(error)))
+                log.warning("polling batch %s failed: %s", batch_id, redact(repr(error)))
 
     @property
     def batch_ids(self) -> list[str]:

@@ -10,7 +10,7 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import conf
+from airflow.providers.common.compat.sdk import conf, redact
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES, Next, PollError, verdict
@@ -136,7 +136,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
             except Exception as error:
                 if not is_transient(error):
                     raise
-                self.log.warning("Polling batch %s failed: %s", batch_id, self.hook.redact(repr(error)))
+                self.log.warning("Polling batch %s failed: %s", batch_id, redact(repr(error)))
                 errors.append((batch_id, error))
                 continue
             counts = state["request_counts"]
@@ -149,7 +149,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
         result = verdict(
             {b: self._states.get(b, {}).get("status") for b in ids},
             error=PollError.of(True for _ in errors),
-            last_error=(errors[-1][0], self.hook.redact(repr(errors[-1][1]))) if errors else None,
+            last_error=(errors[-1][0], str(redact(repr(errors[-1][1])))) if errors else None,
             consecutive_errors=self._consecutive_errors,
             max_consecutive_errors=self.max_consecutive_errors,
         )

@@ -111,7 +111,11 @@ class OpenAIBatchTrigger(PollingTrigger):
         return is_transient(error)
 
     def _describe(self, hook: OpenAIBatchAsyncHook, error: BaseException) -> str:
-        return hook.redact(repr(error))
+        from airflow.providers.common.compat.sdk import (
+            redact,  # Airflow's masker knows the connection's secrets
+        )
+
+        return str(redact(repr(error)))
 
     def _progress(self, item_id: str, state: dict[str, Any]) -> str:
         counts = state["request_counts"]

@@ -431,6 +431,8 @@ def count_lookups(monkeypatch) -> list[str]:
 
 
 async def test_async_hooks_share_one_client_per_connection_and_loop(openai_conn, monkeypatch):
+    from airflow.providers.common.compat.sdk import redact
+
     import airflow_provider_synth.hooks.openai as mod
 
     lookups = count_lookups(monkeypatch)
@@ -440,7 +442,7 @@ async def test_async_hooks_share_one_client_per_connection_and_loop(openai_conn,
         assert len(lookups) == 1 and len({id(c) for c in clients}) == 1  # one lookup, one client
         assert clients[0]._client is mod._loop_pool().http_client
         assert hooks[0]._slots._value == mod.ASYNC_POOL_MAX_CONNECTIONS
-        assert all(h.redact(f"key {API_KEY}") == "key ***" for h in hooks)  # secrets known to every user
+        assert redact(f"key {API_KEY}") == "key ***"  # Airflow's masker learnt the key at the lookup
         for hook in hooks[:-1]:
             await hook.close()
         assert mod._loop_pool().clients[openai_conn].users == 1  # the last user keeps it
