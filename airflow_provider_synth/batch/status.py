@@ -14,6 +14,10 @@ import enum
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from openai.types import Batch
 
 #: Statuses after which a batch never changes again.
 TERMINAL_STATUSES = frozenset({"completed", "expired", "failed", "cancelled"})
@@ -194,6 +198,61 @@ def verdict(
     return Verdict(Next.WAIT, poll.running())
 
 
+
+# -- a batch's state, as triggers, sensors, the CLI and XCom carry it ------------------------------------------
+
+
+def batch_summary(batch: Batch) -> dict[str, Any]:
+    """Reduce a ``Batch`` to the JSON-primitive state that triggers, sensors and XCom carry.
+
+    ``output_file_id`` is ``None`` for a batch whose every request failed: callers must read ``error_file_id``.
+
+    :param batch: the SDK's ``Batch``.
+    :return: ``{"status", "request_counts": {"total", "completed", "failed"}, "output_file_id",
+        "error_file_id", "errors"}`` where ``errors`` lists the batch-level errors (e.g. validation) as strings.
+    """
+    counts = batch.request_counts
+    errors = [
+        f"{e.code or 'error'}: {e.message or ''}" + (f" (line {e.line})" if e.line is not None else "")
+        for e in ((batch.errors.data or []) if batch.errors else [])
+    ]
+    return {
+        "status": batch.status,
+        "request_counts": {
+            "total": counts.total if counts else 0,
+            "completed": counts.completed if counts else 0,
+            "failed": counts.failed if counts else 0,
+        },
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "errors": errors[:20],
+    }
+
+
+def batch_state(data: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`batch_summary` of a batch's JSON as the API returns it, without building the SDK's ``Batch``.
+
+    :param data: the decoded body of ``GET /batches/{batch_id}``.
+    """
+    counts = data.get("request_counts") or {}
+    errors = [
+        f"{e.get('code') or 'error'}: {e.get('message') or ''}"
+        + (f" (line {e['line']})" if e.get("line") is not None else "")
+        for e in ((data.get("errors") or {}).get("data") or [])
+    ]
+    return {
+        "status": data["status"],
+        "request_counts": {
+            "total": counts.get("total", 0),
+            "completed": counts.get("completed", 0),
+            "failed": counts.get("failed", 0),
+        },
+        "output_file_id": data.get("output_file_id"),
+        "error_file_id": data.get("error_file_id"),
+        "errors": errors[:20],
+    }
+
+
 __all__ = [
     "BATCHES",
     "BATCH_PHASES",
@@ -208,5 +267,7 @@ __all__ = [
     "PollError",
     "Verdict",
     "Waited",
+    "batch_state",
+    "batch_summary",
     "verdict",
 ]

@@ -91,7 +91,8 @@ class OpenAIBatchTrigger(PollingTrigger):
     def _warm_up(cls) -> None:
         # also the process's TLS context (about 50 ms of CPU), off the loop
         importlib.import_module("openai")
-        importlib.import_module(cls.hooks_module).shared_ssl_context()
+        importlib.import_module(cls.hooks_module)
+        importlib.import_module("airflow_provider_synth.hooks.openai_pool").shared_ssl_context()
 
     def _hook(self) -> OpenAIBatchAsyncHook:
         from airflow_provider_synth.hooks.openai import OpenAIBatchAsyncHook

@@ -369,8 +369,8 @@ def spy(name, *a):
 t.importlib.import_module = spy
 asyncio.run(t.OpenAIBatchTrigger._prepare())
 assert "openai" in sys.modules and threads == [False], threads
-import airflow_provider_synth.hooks.openai as hooks
-assert hooks.shared_ssl_context.cache_info().currsize == 1  # the TLS context is built there too
+import airflow_provider_synth.hooks.openai_pool as pool
+assert pool.shared_ssl_context.cache_info().currsize == 1  # the TLS context is built there too
 asyncio.run(t.OpenAIBatchTrigger._prepare())  # done once per process
 assert threads == [False], threads
 print("ok")
