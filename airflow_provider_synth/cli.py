@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from airflow_provider_synth._compat import metastore_connections
 from airflow_provider_synth.batch.paths import as_path
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -540,24 +541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
         return int(exc.code or 0)
-    with _server_context(), _stdout_for_output_only(args.verbose) as stdout:
+    with metastore_connections(), _stdout_for_output_only(args.verbose) as stdout:
         return _run(args, Output(args.json, stdout))
-
-
-@contextlib.contextmanager
-def _server_context() -> Iterator[None]:
-    """Outside a task, Airflow resolves connections from environment variables and secrets backends only;
-    like the ``airflow`` command, also look in the metadata database. Restored afterwards (``main`` may run
-    inside another program)."""
-    key = "_AIRFLOW_PROCESS_CONTEXT"
-    if os.environ.get(key):
-        yield
-        return
-    os.environ[key] = "server"
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.snowflake.hooks.snowflake import SnowflakeHook
 
+from airflow_provider_synth._compat import snowflake_conn_params
 from airflow_provider_synth.batch.cortex import StatementStatus, status_from_connector, status_from_sql_api
 from airflow_provider_synth.batch.cortex_sql import (
     StagingTables,
@@ -110,7 +111,7 @@ class CortexHook(SnowflakeHook):
         """A new connector connection that binds values server-side (``paramstyle="qmark"``)."""
         from snowflake.connector import connect
 
-        return connect(**self._get_conn_params(), paramstyle="qmark")
+        return connect(**snowflake_conn_params(self), paramstyle="qmark")
 
     @cached_property
     def client(self) -> SnowflakeConnection:

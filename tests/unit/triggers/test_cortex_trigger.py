@@ -147,13 +147,13 @@ async def test_blocking_work_runs_off_the_loop_and_no_sync_lookup(api: FakeSqlAp
     import threading
 
     from airflow.providers.snowflake.hooks.snowflake import SnowflakeHook
-    from airflow.providers.snowflake.utils._rest_auth import SnowflakeRestTokenProvider
+    from airflow.providers.snowflake.hooks.sql_api import SnowflakeSqlApiHook
 
     from airflow_provider_synth.hooks.cortex import CortexHook
 
     loop_thread = threading.get_ident()
     threads: list[int] = []
-    build, params = SnowflakeRestTokenProvider.build_auth_headers, SnowflakeHook._get_conn_params
+    build, params = SnowflakeSqlApiHook.get_headers, SnowflakeHook._get_conn_params
 
     def spy_build(self: Any) -> Any:
         threads.append(threading.get_ident())
@@ -166,7 +166,7 @@ async def test_blocking_work_runs_off_the_loop_and_no_sync_lookup(api: FakeSqlAp
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("blocking call from the trigger")
 
-    monkeypatch.setattr(SnowflakeRestTokenProvider, "build_auth_headers", spy_build)
+    monkeypatch.setattr(SnowflakeSqlApiHook, "get_headers", spy_build)
     monkeypatch.setattr(SnowflakeHook, "_get_conn_params", spy_params)
     monkeypatch.setattr("airflow.sdk.bases.hook.BaseHook.get_connection", classmethod(forbidden))
     monkeypatch.setattr(CortexHook, "get_statement_status", forbidden)
