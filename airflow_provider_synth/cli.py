@@ -4,7 +4,8 @@ Works from an Airflow connection id (resolved the Airflow way: ``AIRFLOW_CONN_<I
 a secrets backend, or the metadata database) and a run's manifest (its ``manifest.json`` or output folder)
 or batch ids. It reuses the operators' own pieces: :class:`~airflow_provider_synth.runs.openai.BatchRun`
 to find, collect and merge a run's batches, and
-:func:`~airflow_provider_synth.operators.cleanup.clean_up_batch_files` to delete old files.
+:func:`~airflow_provider_synth.runs.cleanup.clean_up_batch_files` to delete old files. It imports
+``runs/`` and ``hooks/``, never ``operators/``.
 """
 
 from __future__ import annotations
@@ -428,7 +429,7 @@ def _cancel_text(summary: dict[str, Any]) -> list[str]:
 
 
 def cmd_cleanup(args: argparse.Namespace, out: Output) -> int:
-    from airflow_provider_synth.operators.cleanup import clean_up_batch_files
+    from airflow_provider_synth.runs.cleanup import clean_up_batch_files
 
     conn_id = args.conn_id or DEFAULT_CONN_ID
     summary = clean_up_batch_files(_hook(conn_id), args.older_than, dry_run=args.dry_run, logger=out)

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
-import httpx2
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import redact
 from airflow.sdk import BaseHook
@@ -27,13 +26,14 @@ from airflow_provider_synth.batch.status import TERMINAL_STATUSES as TERMINAL_ST
 from airflow_provider_synth.batch.status import batch_state as batch_state  # re-exported
 from airflow_provider_synth.batch.status import batch_summary as batch_summary  # re-exported
 from airflow_provider_synth.exceptions import ConnectionConfigError
-from airflow_provider_synth.hooks import openai_pool
-from airflow_provider_synth.hooks.openai_pool import close_loop_pool as close_loop_pool  # re-exported
 
 if TYPE_CHECKING:
+    import httpx2
     from airflow.sdk import Connection
     from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
     from openai.types import Batch, FileDeleted, FileObject
+
+    from airflow_provider_synth.hooks.openai_pool import Lease
 
 CompletionWindow = Literal["24h"]
 BatchEndpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"]
@@ -455,7 +455,7 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
     ) -> None:
         super().__init__(conn_id, client_options=client_options, **kwargs)
         self._async_client: AsyncOpenAI | AsyncAzureOpenAI | None = None
-        self._lease: openai_pool.Lease | None = None
+        self._lease: Lease | None = None
         # concurrent first calls (a trigger polls its batches with gather) must attach one client, not several
         self._attach_lock = asyncio.Lock()
 
@@ -467,7 +467,9 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
                 if self._async_client is None and self.client_options:
                     self._async_client = (await self._build_async_client(None))[0]
                 elif self._async_client is None:
-                    self._lease = await openai_pool.lease(self.conn_id, self._build_shared_client)
+                    from airflow_provider_synth.hooks.openai_pool import lease
+
+                    self._lease = await lease(self.conn_id, self._build_shared_client)
                     self._async_client, self._is_azure = self._lease.client, self._lease.is_azure
         assert self._async_client is not None
         return self._async_client
@@ -514,7 +516,9 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         """
         await self.get_async_client()
         if self._lease is not None:
-            data = await openai_pool.direct_batch_state(self._lease, batch_id)
+            from airflow_provider_synth.hooks.openai_pool import direct_batch_state
+
+            data = await direct_batch_state(self._lease, batch_id)
             if data is not None:
                 return batch_state(data)
         return batch_summary(await self.aget_batch(batch_id))
@@ -534,7 +538,9 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         credential, self._credential = self._credential, None
         held, self._lease = self._lease, None
         if held is not None:
-            await openai_pool.release(held, self.conn_id)
+            from airflow_provider_synth.hooks.openai_pool import release
+
+            await release(held, self.conn_id)
         elif client is not None:
             await client.close()
         if credential is not None:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.configuration import conf
 from airflow.sdk import BaseOperator
@@ -122,12 +122,14 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     template_fields_renderers = {"requests": "json"}
     operator_extra_links = (OpenAIBatchLink(),)
     ui_color = "#d7f0e6"
+    #: this operator plans a run from its input; :class:`OpenAIBatchResultsOperator` finds a planned one
+    _plans_input: ClassVar[bool] = True
 
     def __init__(
         self,
         *,
         conn_id: str = OpenAIBatchHook.default_conn_name,
-        output_path: Any,
+        output_path: Any = None,
         input_path: Any = None,
         requests: Any = None,
         model: str | None = None,
@@ -151,8 +153,10 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if (input_path is None) == (requests is None):
+        if self._plans_input and (input_path is None) == (requests is None):
             raise ValueError("give exactly one of input_path or requests")
+        if self._plans_input and output_path is None:
+            raise ValueError("output_path is required")
         if not 0.0 <= max_failed_ratio <= 1.0:
             raise ValueError(f"max_failed_ratio must be within [0, 1], got {max_failed_ratio}")
         if retry_failed_requests < 0 or poll_interval <= 0:
@@ -248,7 +252,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         return self._wait_or_finish(context, run)
 
     def _attach(self, plan: Plan) -> BatchRun:
-        run = BatchRun(self.hook, plan, as_path, self.checks)
+        run = BatchRun(OpenAIBatchHook(plan.conn_id), plan, as_path, self.checks)
         run.discover()
         if run.batches:
             self.log.info("found %d batch(es) of this run (key %s): %s", len(run.batches), plan.key, run.statuses())
@@ -285,7 +289,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
             end_time = self._end_time(run)
             if self.deferrable:
                 self.defer(
-                    trigger=OpenAIBatchTrigger(conn_id=self.conn_id, batch_ids=run.running_ids,
+                    trigger=OpenAIBatchTrigger(conn_id=run.plan.conn_id, batch_ids=run.running_ids,
                                                poll_interval=self.poll_interval, end_time=end_time,
                                                cancel_on_kill=self.cancel_on_kill),
                     method_name="execute_complete",
@@ -317,7 +321,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         running = run.running_ids
         if self.cancel_on_kill:
             for batch_id in running:
-                self.hook.cancel_batch(batch_id)
+                run.hook.cancel_batch(batch_id)
         raise BatchTimeoutError(f"timeout of {self.timeout_s:.0f}s passed with {len(running)} batch(es) still "
                                 f"running{' (cancelled)' if self.cancel_on_kill else ''}: {running}. Retry the "
                                 "task to collect what finished; it re-attaches and pays for nothing twice.")
@@ -360,7 +364,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
             return
         for batch_id in run.running_ids:
             try:
-                self.hook.cancel_batch(batch_id)
+                run.hook.cancel_batch(batch_id)
                 self.log.info("cancelled batch %s", batch_id)
             except Exception as exc:  # best effort: the kill must go on
                 self.log.warning("could not cancel batch %s: %s", batch_id, type(exc).__name__)
@@ -371,23 +375,21 @@ class OpenAIBatchResultsOperator(OpenAIBatchOperator):
     not), run the retry rounds, merge into the output folder and return the manifest.
 
     :param submitted: the submitting task's manifest (its XCom), or its output folder.
-    :param kwargs: the same policy arguments as :class:`OpenAIBatchOperator`.
+    :param kwargs: the same policy arguments as :class:`OpenAIBatchOperator`; the connection and the output
+        folder are the submitting task's (its plan records them).
     """
 
     template_fields: Sequence[str] = ("submitted",)
 
-    def __init__(self, *, submitted: Any, conn_id: str = OpenAIBatchHook.default_conn_name, **kwargs: Any) -> None:
-        kwargs.setdefault("output_path", "")
-        super().__init__(conn_id=conn_id, requests=[], **kwargs)
+    _plans_input = False
+
+    def __init__(self, *, submitted: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.submitted = submitted
 
     def _work_dir(self) -> Any:
         sub = self.submitted
         return as_path(sub["work_dir"] if isinstance(sub, Mapping) else join_path(str(sub), "_work"))
-
-    def _attach(self, plan: Plan) -> BatchRun:
-        self.conn_id, self.output_path = plan.conn_id, plan.output_dir
-        return super()._attach(plan)
 
     def execute(self, context: Context) -> dict[str, Any]:
         run = self._attach(Plan.load(self._work_dir()))

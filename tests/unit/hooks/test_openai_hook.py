@@ -470,7 +470,7 @@ async def test_async_hooks_share_one_client_per_connection_and_loop(openai_conn,
 
 async def test_shared_client_failure_reaches_every_waiter_then_retries(monkeypatch):
     set_conn(monkeypatch, "nokey", conn_type="synth_openai")
-    from airflow_provider_synth.hooks.openai import close_loop_pool
+    from airflow_provider_synth.hooks.openai_pool import close_loop_pool
 
     hooks = [OpenAIBatchAsyncHook("nokey") for _ in range(5)]
     results = await asyncio.gather(*(h.get_async_client() for h in hooks), return_exceptions=True)
@@ -485,7 +485,7 @@ async def test_shared_client_failure_reaches_every_waiter_then_retries(monkeypat
 async def test_shared_entra_credential_closed_by_last_user(monkeypatch):
     import azure.identity.aio
 
-    from airflow_provider_synth.hooks.openai import close_loop_pool
+    from airflow_provider_synth.hooks.openai_pool import close_loop_pool
 
     closed = []
 

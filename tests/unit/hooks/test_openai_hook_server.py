@@ -13,8 +13,8 @@ from airflow_provider_synth.hooks.openai import (
     OpenAIBatchAsyncHook,
     OpenAIBatchHook,
     batch_summary,
-    close_loop_pool,
 )
+from airflow_provider_synth.hooks.openai_pool import close_loop_pool
 from airflow_provider_synth.server.server import Outcome
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 

@@ -8,7 +8,8 @@ from airflow.providers.common.compat.sdk import TaskDeferred
 from airflow.sdk import Connection
 
 from airflow_provider_synth.exceptions import BatchTimeoutError, TriggerEventError
-from airflow_provider_synth.hooks.openai import OpenAIBatchHook, close_loop_pool
+from airflow_provider_synth.hooks.openai import OpenAIBatchHook
+from airflow_provider_synth.hooks.openai_pool import close_loop_pool
 from airflow_provider_synth.sensors.openai_batch import OpenAIBatchSensor, resolve_batch_ids
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
