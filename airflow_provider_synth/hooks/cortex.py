@@ -256,11 +256,12 @@ class CortexAsyncHook(CortexHook):
         self._session: aiohttp.ClientSession | None = None
         self._api_hook: Any = None
 
-    def get_connection(self, conn_id: str) -> Connection:  # type: ignore[override]
+    def get_connection(self, conn_id: str) -> Connection:
         # The provider's token code asks for the connection synchronously; hand it the one fetched async.
         if self._async_conn is not None and conn_id == self.snowflake_conn_id:
             return self._async_conn
-        return super().get_connection(conn_id)
+        conn: Connection = super().get_connection(conn_id)
+        return conn
 
     async def _prepare(self) -> None:
         if self._async_conn is None:

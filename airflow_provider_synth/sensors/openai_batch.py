@@ -164,7 +164,8 @@ class OpenAIBatchSensor(BaseSensorOperator):
         status, message = event.get("status"), event.get("message", "")
         if status == "success":
             self.log.info("%s", message)
-            return event["batches"]
+            batches: dict[str, Any] = event["batches"]
+            return batches
         if status == "timeout":
             raise BatchTimeoutError(message)
         raise TriggerEventError(f"Waiting for the batches failed ({status}): {message}")

@@ -50,6 +50,11 @@ def _without_full_collection(work: Callable[[], None]) -> None:
             gc.enable()
 
 
+def trigger_event(payload: dict[str, Any]) -> TriggerEvent:
+    """A :class:`TriggerEvent` (Airflow declares its constructor without types)."""
+    return TriggerEvent(payload)  # type: ignore[no-untyped-call]
+
+
 def validate_event(event: Mapping[str, Any] | None, key: str) -> dict[str, Any]:
     """Check a trigger event's shape; raise a typed error for a missing or malformed one.
 
@@ -93,7 +98,7 @@ class PollingTrigger(BaseTrigger):
     cancel_on_kill: bool
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # BaseTrigger.__init__ has no types
         self._states: dict[str, Any] = {}
         self._consecutive_errors = 0
 

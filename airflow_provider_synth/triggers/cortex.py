@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.triggers.base import TriggerEvent
 
 from airflow_provider_synth.batch.status import STATEMENTS
-from airflow_provider_synth.triggers.base import PollingTrigger
+from airflow_provider_synth.triggers.base import PollingTrigger, trigger_event
 
 if TYPE_CHECKING:
     from airflow_provider_synth.batch.cortex import StatementStatus
@@ -108,7 +108,7 @@ class CortexStatementTrigger(PollingTrigger):
             q: (self._states.get(q) or StatementStatus(q, "running", "not polled yet")).as_dict()
             for q in self.query_ids
         }
-        return TriggerEvent({"status": status, "message": message, "statements": statements})
+        return trigger_event({"status": status, "message": message, "statements": statements})
 
     def _done_message(self) -> str:
         failed = [q for q in self.query_ids if self._states[q].state == "error"]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.triggers.base import TriggerEvent
 
 from airflow_provider_synth.batch.status import BATCHES
-from airflow_provider_synth.triggers.base import PollingTrigger
+from airflow_provider_synth.triggers.base import PollingTrigger, trigger_event
 
 if TYPE_CHECKING:
     from airflow_provider_synth.hooks.openai import OpenAIBatchAsyncHook
@@ -132,7 +132,7 @@ class OpenAIBatchTrigger(PollingTrigger):
                 "output_file_id": None, "error_file_id": None, "errors": []}
             for batch_id in self.batch_ids
         }
-        return TriggerEvent({"status": status, "message": message, "batches": batches})
+        return trigger_event({"status": status, "message": message, "batches": batches})
 
     def _done_message(self) -> str:
         by_status: dict[str, int] = {}
