@@ -74,9 +74,14 @@ def validate_event(event: Mapping[str, Any] | None, key: str) -> dict[str, Any]:
 class PollingTrigger(BaseTrigger):
     """Poll a set of remote items (batches, statements) until :func:`verdict` ends the wait; yield ONE event.
 
-    Subclasses set :attr:`waited`, :attr:`hooks_module` and implement the ``_`` methods below. Attributes every
-    subclass ``__init__`` sets: ``poll_interval``, ``end_time`` (absolute, epoch seconds: a triggerer restart or
-    a task retry never extends it), ``max_consecutive_errors``, ``cancel_on_kill``.
+    Subclasses set :attr:`waited`, :attr:`hooks_module`, store their connection and ids, then call this
+    ``__init__``, and implement the ``_`` methods below.
+
+    :param poll_interval: seconds between polls.
+    :param end_time: absolute deadline in epoch seconds, fixed at the first submission, so a triggerer restart
+        or a task retry never extends it; ``None``: no deadline.
+    :param max_consecutive_errors: transient polling errors in a row tolerated before giving up.
+    :param cancel_on_kill: cancel what still runs when a user kills the task (Airflow 3.3+).
     """
 
     #: what is waited for (its name in messages, its status table)
@@ -92,21 +97,46 @@ class PollingTrigger(BaseTrigger):
     #: 30 s by default), so a slow API is logged, not cut off silently.
     cancel_timeout: ClassVar[float] = 20.0
 
-    poll_interval: float
-    end_time: float | None
-    max_consecutive_errors: int
-    cancel_on_kill: bool
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # BaseTrigger.__init__ has no types
+    def __init__(
+        self,
+        *,
+        poll_interval: float,
+        end_time: float | None,
+        max_consecutive_errors: int,
+        cancel_on_kill: bool,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # BaseTrigger.__init__ has no types
+        self.poll_interval = float(poll_interval)
+        self.end_time = float(end_time) if end_time is not None else None
+        self.max_consecutive_errors = int(max_consecutive_errors)
+        self.cancel_on_kill = bool(cancel_on_kill)
+        if not self.ids:
+            raise ValueError(f"{type(self).__name__} needs at least one {self.waited.noun} id")
         self._states: dict[str, Any] = {}
         self._consecutive_errors = 0
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Class path and kwargs; the kwargs are a stored schema: add new ones with defaults only."""
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                **self._target_kwargs(),
+                "poll_interval": self.poll_interval,
+                "end_time": self.end_time,
+                "max_consecutive_errors": self.max_consecutive_errors,
+                "cancel_on_kill": self.cancel_on_kill,
+            },
+        )
 
     # -- what a subclass supplies -----------------------------------------------------------------------------
 
     @property
     def ids(self) -> list[str]:
         """The ids waited for."""
+        raise NotImplementedError
+
+    def _target_kwargs(self) -> dict[str, Any]:
+        """The kwargs naming what is waited for (the connection and the ids), for :meth:`serialize`."""
         raise NotImplementedError
 
     def _hook(self) -> Any:

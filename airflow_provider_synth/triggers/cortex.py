@@ -54,29 +54,13 @@ class CortexStatementTrigger(PollingTrigger):
         max_consecutive_errors: int = 5,
         cancel_on_kill: bool = True,
     ) -> None:
-        super().__init__()
         self.snowflake_conn_id = snowflake_conn_id
         self.query_ids = list(query_ids)
-        self.poll_interval = float(poll_interval)
-        self.end_time = float(end_time) if end_time is not None else None
-        self.max_consecutive_errors = int(max_consecutive_errors)
-        self.cancel_on_kill = bool(cancel_on_kill)
-        if not self.query_ids:
-            raise ValueError("CortexStatementTrigger needs at least one query id")
+        super().__init__(poll_interval=poll_interval, end_time=end_time,
+                         max_consecutive_errors=max_consecutive_errors, cancel_on_kill=cancel_on_kill)
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        """Class path and kwargs; the kwargs are a stored schema: add new ones with defaults only."""
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "snowflake_conn_id": self.snowflake_conn_id,
-                "query_ids": list(self.query_ids),
-                "poll_interval": self.poll_interval,
-                "end_time": self.end_time,
-                "max_consecutive_errors": self.max_consecutive_errors,
-                "cancel_on_kill": self.cancel_on_kill,
-            },
-        )
+    def _target_kwargs(self) -> dict[str, Any]:
+        return {"snowflake_conn_id": self.snowflake_conn_id, "query_ids": list(self.query_ids)}
 
     @property
     def ids(self) -> list[str]:

@@ -59,29 +59,13 @@ class OpenAIBatchTrigger(PollingTrigger):
         max_consecutive_errors: int = 5,
         cancel_on_kill: bool = True,
     ) -> None:
-        super().__init__()
         self.conn_id = conn_id
         self.batch_ids = list(batch_ids)
-        self.poll_interval = float(poll_interval)
-        self.end_time = float(end_time) if end_time is not None else None
-        self.max_consecutive_errors = int(max_consecutive_errors)
-        self.cancel_on_kill = bool(cancel_on_kill)
-        if not self.batch_ids:
-            raise ValueError("OpenAIBatchTrigger needs at least one batch id")
+        super().__init__(poll_interval=poll_interval, end_time=end_time,
+                         max_consecutive_errors=max_consecutive_errors, cancel_on_kill=cancel_on_kill)
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        """Class path and kwargs; the kwargs are a stored schema: add new ones with defaults only."""
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "conn_id": self.conn_id,
-                "batch_ids": list(self.batch_ids),
-                "poll_interval": self.poll_interval,
-                "end_time": self.end_time,
-                "max_consecutive_errors": self.max_consecutive_errors,
-                "cancel_on_kill": self.cancel_on_kill,
-            },
-        )
+    def _target_kwargs(self) -> dict[str, Any]:
+        return {"conn_id": self.conn_id, "batch_ids": list(self.batch_ids)}
 
     @property
     def ids(self) -> list[str]:
