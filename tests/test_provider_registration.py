@@ -96,7 +96,10 @@ def _found() -> dict[str, set[str]]:
             if getattr(obj, "__module__", None) != name:
                 continue
             path = f"{name}.{getattr(obj, '__qualname__', '')}"
-            if inspect.isclass(obj) and issubclass(obj, BaseSensorOperator):
+            if name.split(".")[1] == "decorators":  # only the decorator functions; their operators are internal
+                if inspect.isfunction(obj) and "TaskDecorator" in str(inspect.signature(obj).return_annotation):
+                    found["task-decorators"].add(path)
+            elif inspect.isclass(obj) and issubclass(obj, BaseSensorOperator):
                 found["sensors"].add(name)
             elif inspect.isclass(obj) and issubclass(obj, BaseOperator) and not inspect.isabstract(obj):
                 found["operators"].add(name)
@@ -108,8 +111,6 @@ def _found() -> dict[str, set[str]]:
                     found["connection-types"].add(path)
             elif inspect.isclass(obj) and issubclass(obj, BaseOperatorLink):
                 found["extra-links"].add(path)
-            elif name.split(".")[1] == "decorators" and callable(obj) and not inspect.isclass(obj):
-                found["task-decorators"].add(path)
     return found
 
 

@@ -9,6 +9,7 @@ hooks (and the SDKs under them) are imported in a worker thread by :meth:`Pollin
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import gc
 import importlib
@@ -131,26 +132,32 @@ class PollingTrigger(BaseTrigger):
     # -- what a subclass supplies -----------------------------------------------------------------------------
 
     @property
+    @abc.abstractmethod
     def ids(self) -> list[str]:
         """The ids waited for."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def _target_kwargs(self) -> dict[str, Any]:
         """The kwargs naming what is waited for (the connection and the ids), for :meth:`serialize`."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def _hook(self) -> Any:
         """A new async hook (an async context manager); called after :attr:`hooks_module` is imported."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     async def _fetch(self, hook: Any, item_id: str) -> Any:
         """One item's current state."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def _status(self, state: Any) -> str | None:
         """The status of a state :meth:`_fetch` returned."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def _is_transient(self, error: BaseException) -> bool:
         raise NotImplementedError
 
@@ -161,12 +168,15 @@ class PollingTrigger(BaseTrigger):
     def _progress(self, item_id: str, state: Any) -> str:
         return f"{self.waited.noun} {item_id}: {self._status(state)}"
 
+    @abc.abstractmethod
     def _event(self, status: str, message: str) -> TriggerEvent:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def _done_message(self) -> str:
         raise NotImplementedError
 
+    @abc.abstractmethod
     async def _cancel(self, hook: Any, item_id: str) -> str:
         """Cancel one item; returns what to log."""
         raise NotImplementedError
