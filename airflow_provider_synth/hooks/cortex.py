@@ -323,7 +323,7 @@ def _sql_api_hook(owner: CortexAsyncHook) -> Any:
     from airflow.providers.snowflake.hooks.sql_api import SnowflakeSqlApiHook
 
     class _OnFetchedConnection(SnowflakeSqlApiHook):
-        def get_connection(self, conn_id: str) -> Connection:  # type: ignore[override]
+        def get_connection(self, conn_id: str) -> Connection:
             return owner.get_connection(conn_id)
 
     return _OnFetchedConnection(owner.snowflake_conn_id)

@@ -381,7 +381,7 @@ class OpenAIBatchHook(BaseHook):
         """
         headers = {"X-Client-Request-Id": custom_id} if custom_id else {}
         path = url.removeprefix("/v1") if url.startswith("/v1/") else url
-        result = self.client.post(path, cast_to=dict[str, Any], body=dict(body),  # type: ignore[call-overload]
+        result = self.client.post(path, cast_to=dict[str, Any], body=dict(body),
                                   options={"headers": headers})
         return dict(result)
 
