@@ -17,7 +17,7 @@ export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/example_dags
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,cortex,azure]'
+	$(PY) -m pip install -q -e '.[dev,cortex,azure,server]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -4,7 +4,8 @@ Works from an Airflow connection id (resolved the Airflow way: ``AIRFLOW_CONN_<I
 a secrets backend, or the metadata database) and a run's manifest (its ``manifest.json`` or output folder)
 or batch ids. It reuses the operators' own pieces: :class:`~airflow_provider_synth.runs.openai.BatchRun`
 to find, collect and merge a run's batches, and
-:func:`~airflow_provider_synth.operators.cleanup.clean_up_batch_files` to delete old files.
+:func:`~airflow_provider_synth.runs.cleanup.clean_up_batch_files` to delete old files. It imports
+``runs/`` and ``hooks/``, never ``operators/``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from airflow_provider_synth._compat import metastore_connections
+from airflow_provider_synth.batch.paths import as_path
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_CONN_ID = "synth_openai_default"
@@ -190,17 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 # -- targets -----------------------------------------------------------------------------------------------------
 
 
-def _as_path(path: Any) -> Any:
-    from airflow_provider_synth.runs.openai import as_path
-
-    return as_path(path)
-
-
 def _read_manifest(run: str) -> dict[str, Any]:
     from airflow_provider_synth.batch.manifest import read_manifest
 
     try:
-        manifest = read_manifest(_as_path(run))
+        manifest = read_manifest(as_path(run))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise UsageError(f"no manifest at {run!r}: give a manifest.json or the output folder that holds it") \
             from None
@@ -221,7 +219,7 @@ def _load_plan(manifest: dict[str, Any], run: str, required: bool) -> Any:
     try:
         if not work_dir:
             raise FileNotFoundError(work_dir)
-        return Plan.load(_as_path(work_dir))
+        return Plan.load(as_path(work_dir))
     except (FileNotFoundError, OSError, TypeError, ValueError) as exc:
         if required:
             raise UsageError(f"cannot read the run's plan under work_dir {work_dir!r} (from {run!r}): "
@@ -257,7 +255,7 @@ def _batch_run(target: Target) -> Any:
     """The run's batches, found by its key (every shard and retry round, whatever the manifest lists)."""
     from airflow_provider_synth.runs.openai import BatchRun
 
-    run = BatchRun(_hook(target.conn_id), target.plan, _as_path)
+    run = BatchRun(_hook(target.conn_id), target.plan, as_path)
     run.discover()
     return run
 
@@ -346,18 +344,12 @@ def _status_text(result: dict[str, Any]) -> list[str]:
 
 
 def _wait(run: Any, args: argparse.Namespace, out: Output) -> None:
+    """Fresh states; with ``--wait``, the operators' worker-side wait (same verdict, same error tolerance)."""
     run.poll()
-    deadline = time.monotonic() + args.timeout if args.timeout else None
-    last: dict[str, int] = {}
-    while run.running_ids and args.wait:
-        if run.statuses() != last:
-            last = run.statuses()
-            out.note(f"waiting for {len(run.running_ids)} batch(es): {last}")
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-        left = args.poll_interval if deadline is None else deadline - time.monotonic()
-        time.sleep(max(min(args.poll_interval, left), 0.01))
-        run.poll()
+    if args.wait:
+        end_time = time.time() + args.timeout if args.timeout else None
+        run.wait(args.poll_interval, end_time,
+                 progress=lambda s: out.note(f"waiting for {len(run.running_ids)} batch(es): {s}"))
     if run.running_ids:
         hint = f"gave up after {args.timeout:g}s" if args.wait else "run again later, or pass --wait"
         raise CommandFailed(f"{len(run.running_ids)} of {len(run.batches)} batch(es) still running "
@@ -385,7 +377,7 @@ def cmd_download(args: argparse.Namespace, out: Output) -> int:
         run, acct.as_dict(), "completed", **run.costs(acct), collected_by="airflow-synth",
         **{k: source.get(k) for k in ("dag_id", "task_id", "run_id", "map_index", "try_number")},
     )
-    write_manifest(_as_path(plan.output_dir), manifest)
+    write_manifest(as_path(plan.output_dir), manifest)
     out.emit(manifest, lambda: _download_text(manifest))
     return EXIT_OK
 
@@ -417,7 +409,7 @@ def cmd_cancel(args: argparse.Namespace, out: Output) -> int:
             try:
                 entry["status"], entry["action"] = hook.cancel_batch(row["batch_id"]).status, "cancelled"
             except Exception as exc:  # keep cancelling the others; report each failure
-                entry["action"], entry["error"] = "error", _error_text(exc, hook)
+                entry["action"], entry["error"] = "error", _error_text(exc)
                 failed += 1
         results.append(entry)
     summary = {"conn_id": target.conn_id, "batches": results,
@@ -437,7 +429,7 @@ def _cancel_text(summary: dict[str, Any]) -> list[str]:
 
 
 def cmd_cleanup(args: argparse.Namespace, out: Output) -> int:
-    from airflow_provider_synth.operators.cleanup import clean_up_batch_files
+    from airflow_provider_synth.runs.cleanup import clean_up_batch_files
 
     conn_id = args.conn_id or DEFAULT_CONN_ID
     summary = clean_up_batch_files(_hook(conn_id), args.older_than, dry_run=args.dry_run, logger=out)
@@ -512,9 +504,10 @@ class Output:
         self.note(msg % args if args else msg)
 
 
-def _error_text(exc: BaseException, hook: Any = None) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return hook.redact(text) if hook is not None else text
+def _error_text(exc: BaseException) -> str:
+    from airflow.providers.common.compat.sdk import redact
+
+    return str(redact(f"{type(exc).__name__}: {exc}"))
 
 
 def _classify(exc: Exception) -> tuple[int, str] | None:
@@ -542,23 +535,6 @@ def _classify(exc: Exception) -> tuple[int, str] | None:
     return None
 
 
-def _secrets_of(conn_id: str | None) -> list[str]:
-    """The connection's secrets, to scrub them from any message (the hook knows them once it built a client)."""
-    if not conn_id:
-        return []
-    try:
-        from airflow.sdk import BaseHook
-
-        conn = BaseHook.get_connection(conn_id)
-    except Exception:
-        return []
-    extras = conn.extra_dejson
-    nested = extras.get("openai_client_kwargs") or {}
-    values = [conn.password, extras.get("api_key"), extras.get("client_secret"),
-              nested.get("api_key") if isinstance(nested, dict) else None]
-    return [str(v) for v in values if v]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``airflow-synth``; returns the exit code (see ``airflow-synth --help``)."""
     parser = build_parser()
@@ -566,24 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
         return int(exc.code or 0)
-    with _server_context(), _stdout_for_output_only(args.verbose) as stdout:
+    with metastore_connections(), _stdout_for_output_only(args.verbose) as stdout:
         return _run(args, Output(args.json, stdout))
-
-
-@contextlib.contextmanager
-def _server_context() -> Iterator[None]:
-    """Outside a task, Airflow resolves connections from environment variables and secrets backends only;
-    like the ``airflow`` command, also look in the metadata database. Restored afterwards (``main`` may run
-    inside another program)."""
-    key = "_AIRFLOW_PROCESS_CONTEXT"
-    if os.environ.get(key):
-        yield
-        return
-    os.environ[key] = "server"
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
 
 
 @contextlib.contextmanager
@@ -615,15 +575,14 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     try:
         return COMMANDS[args.command](args, out)
     except Exception as exc:
-        from airflow_provider_synth.hooks.openai import redact
+        from airflow.providers.common.compat.sdk import redact  # knows every connection looked up
 
         classified = _classify(exc)
         if classified is None and args.verbose:
             raise
         code, message = classified or (EXIT_FAILURE, f"unexpected error {_error_text(exc)} "
                                                      "(run with --verbose for the traceback)")
-        secrets = _secrets_of(args.conn_id or DEFAULT_CONN_ID)
-        print(f"airflow-synth: error: {redact(message, secrets)}", file=sys.stderr)
+        print(f"airflow-synth: error: {redact(message)}", file=sys.stderr)
         return code
 
 

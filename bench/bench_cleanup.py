@@ -22,7 +22,7 @@ os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="synth-bench-"))
 from airflow.sdk import Connection  # noqa: E402
 
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook  # noqa: E402
-from airflow_provider_synth.operators.cleanup import DELETE_CONCURRENCY, clean_up_batch_files  # noqa: E402
+from airflow_provider_synth.runs.cleanup import DELETE_CONCURRENCY, clean_up_batch_files  # noqa: E402
 from airflow_provider_synth.server.server import BatchServer, ServerConfig  # noqa: E402
 
 KEY = "ab" * 16

@@ -160,7 +160,7 @@ async def run_triggers(triggers: list[Any], cap_s: float) -> dict[str, Any]:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     wall = loop.time() - start
-    from airflow_provider_synth.hooks.openai import close_loop_pool
+    from airflow_provider_synth.hooks.openai_pool import close_loop_pool
 
     await close_loop_pool()
     cpu = time.process_time() - cpu_start

@@ -6,32 +6,89 @@ function reads and writes through file objects, so local paths and ObjectStorage
 
 from __future__ import annotations
 
-from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.errors import (
-    AccountingError,
-    BatchCoreError,
-    InvalidRequestsError,
-    OutputFormatError,
-    Problem,
-)
-from airflow_provider_synth.batch.extract import (
-    extract_embeddings,
-    extract_messages_from_responses,
-    extract_parsed,
-    extract_text,
-    extract_tool_calls,
-    get_requests_by_custom_ids,
-    get_results,
-    get_unsuccessful_requests,
-    iter_parsed,
-    parse_structured,
-)
-from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
-from airflow_provider_synth.batch.requests import build_requests, chat_body, make_request, write_requests
-from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
-from airflow_provider_synth.batch.split import ShardLimits, SplitResult, split_requests
-from airflow_provider_synth.batch.usage import Usage, cost_usd, estimate_request_tokens
-from airflow_provider_synth.batch.validate import validate_requests
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: name -> submodule; imported on first use, so that ``batch.status`` (which triggers import inside the
+#: triggerer's event loop) costs nothing but itself.
+_EXPORTS: dict[str, str] = {
+    "OutputChecks": "checks",
+    "AccountingError": "errors",
+    "BatchCoreError": "errors",
+    "InvalidRequestsError": "errors",
+    "OutputFormatError": "errors",
+    "Problem": "errors",
+    "extract_embeddings": "extract",
+    "extract_messages_from_responses": "extract",
+    "extract_parsed": "extract",
+    "extract_text": "extract",
+    "extract_tool_calls": "extract",
+    "get_requests_by_custom_ids": "extract",
+    "get_results": "extract",
+    "get_unsuccessful_requests": "extract",
+    "iter_parsed": "extract",
+    "parse_structured": "extract",
+    "Accounting": "merge",
+    "ShardOutputs": "merge",
+    "merge_shards": "merge",
+    "pending_requests": "merge",
+    "build_requests": "requests",
+    "chat_body": "requests",
+    "make_request": "requests",
+    "write_requests": "requests",
+    "error_line": "results",
+    "parse_output_line": "results",
+    "success_line": "results",
+    "ShardLimits": "split",
+    "SplitResult": "split",
+    "split_requests": "split",
+    "Usage": "usage",
+    "cost_usd": "usage",
+    "estimate_request_tokens": "usage",
+    "validate_requests": "validate",
+}
+
+if TYPE_CHECKING:
+    from airflow_provider_synth.batch.checks import OutputChecks
+    from airflow_provider_synth.batch.errors import (
+        AccountingError,
+        BatchCoreError,
+        InvalidRequestsError,
+        OutputFormatError,
+        Problem,
+    )
+    from airflow_provider_synth.batch.extract import (
+        extract_embeddings,
+        extract_messages_from_responses,
+        extract_parsed,
+        extract_text,
+        extract_tool_calls,
+        get_requests_by_custom_ids,
+        get_results,
+        get_unsuccessful_requests,
+        iter_parsed,
+        parse_structured,
+    )
+    from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
+    from airflow_provider_synth.batch.requests import build_requests, chat_body, make_request, write_requests
+    from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
+    from airflow_provider_synth.batch.split import ShardLimits, SplitResult, split_requests
+    from airflow_provider_synth.batch.usage import Usage, cost_usd, estimate_request_tokens
+    from airflow_provider_synth.batch.validate import validate_requests
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "Accounting", "AccountingError", "BatchCoreError", "InvalidRequestsError", "OutputChecks", "OutputFormatError",

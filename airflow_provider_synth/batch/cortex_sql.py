@@ -9,11 +9,12 @@ No Airflow imports.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from airflow_provider_synth.batch import keys
 
 _PLAIN_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$")
 
@@ -79,7 +80,7 @@ def table_ref(name: str) -> str:
 
 def run_key(*parts: Any) -> str:
     """A short stable key (16 hex digits) for a run's staging tables."""
-    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:16].upper()
+    return keys.run_key(*parts, sep="\x1f", length=16).upper()
 
 
 def string_literal(text: str) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 import orjson
+
+# re-exported: their 0.1.0 home, still imported by most modules
+from airflow_provider_synth.batch.paths import join_path as join_path
+from airflow_provider_synth.batch.paths import open_path as open_path
 
 #: Bytes read per chunk when streaming a file line by line.
 READ_CHUNK = 1 << 20
@@ -42,36 +45,6 @@ def write_jsonl(fp: IO[bytes], rows: Iterable[Any]) -> int:
         write(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE))
         n += 1
     return n
-
-
-def open_path(path: Any, mode: str = "rb") -> IO[bytes]:
-    """Open a local path, an fsspec URL (``s3://``, ``memory://``...) or an ObjectStoragePath/UPath.
-
-    Writing creates parent folders on filesystems that have them.
-    """
-    writing = "w" in mode or "a" in mode
-    if not isinstance(path, str) and hasattr(path, "protocol") and hasattr(path, "open"):
-        # ObjectStoragePath / UPath: keep the object, it carries the connection's storage options
-        if writing:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        fobj: IO[bytes] = path.open(mode)
-        return fobj
-    path = os.fspath(path)
-    if "://" not in path:
-        if writing:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return open(path, mode)  # noqa: SIM115 - the caller owns the file object
-    import fsspec
-
-    opened: IO[bytes] = fsspec.open(path, mode, auto_mkdir=True).open()
-    return opened
-
-
-def join_path(base: Any, name: str) -> Any:
-    """Join a file name onto a folder given as a local path, a URL string or a path object."""
-    if isinstance(base, str):
-        return base.rstrip("/") + "/" + name
-    return base / name
 
 
 #: Bytes per block when a whole block of lines is decoded at once.

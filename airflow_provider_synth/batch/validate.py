@@ -52,7 +52,7 @@ def check_invalid_requests(value: str) -> InvalidRequests:
     """Validate an operator's ``invalid_requests`` argument."""
     if value not in INVALID_REQUESTS:
         raise ValueError(f"invalid_requests must be one of {INVALID_REQUESTS}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def synthetic_id(line: int) -> str:

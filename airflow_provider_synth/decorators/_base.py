@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import context_merge, determine_kwargs
 
-from airflow_provider_synth.batch.jsonl import join_path, open_path
+from airflow_provider_synth.batch.paths import as_path, join_path, open_path
 from airflow_provider_synth.batch.requests import Endpoint, build_requests, write_requests
-from airflow_provider_synth.runs.openai import as_path
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

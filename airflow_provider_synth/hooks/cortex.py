@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.snowflake.hooks.snowflake import SnowflakeHook
 
+from airflow_provider_synth._compat import snowflake_conn_params
 from airflow_provider_synth.batch.cortex import StatementStatus, status_from_connector, status_from_sql_api
 from airflow_provider_synth.batch.cortex_sql import (
     StagingTables,
@@ -76,6 +77,16 @@ def sql_api_base_url(conn_config: Mapping[str, Any], extras: Mapping[str, Any]) 
     return "https://" + ".".join(p for p in parts if p) + ".snowflakecomputing.com"
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether a polling error may go away by itself (connection reset, timeout).
+
+    :param error: what a call of the hook raised.
+    """
+    import aiohttp
+
+    return isinstance(error, aiohttp.ClientConnectionError | asyncio.TimeoutError | ConnectionError)
+
+
 class CortexHook(SnowflakeHook):
     """Run a Cortex batch's statements through the Snowflake connector.
 
@@ -101,7 +112,7 @@ class CortexHook(SnowflakeHook):
         """A new connector connection that binds values server-side (``paramstyle="qmark"``)."""
         from snowflake.connector import connect
 
-        return connect(**self._get_conn_params(), paramstyle="qmark")
+        return connect(**snowflake_conn_params(self), paramstyle="qmark")
 
     @cached_property
     def client(self) -> SnowflakeConnection:
@@ -246,11 +257,12 @@ class CortexAsyncHook(CortexHook):
         self._session: aiohttp.ClientSession | None = None
         self._api_hook: Any = None
 
-    def get_connection(self, conn_id: str) -> Connection:  # type: ignore[override]
+    def get_connection(self, conn_id: str) -> Connection:
         # The provider's token code asks for the connection synchronously; hand it the one fetched async.
         if self._async_conn is not None and conn_id == self.snowflake_conn_id:
             return self._async_conn
-        return super().get_connection(conn_id)
+        conn: Connection = super().get_connection(conn_id)
+        return conn
 
     async def _prepare(self) -> None:
         if self._async_conn is None:
@@ -312,7 +324,7 @@ def _sql_api_hook(owner: CortexAsyncHook) -> Any:
     from airflow.providers.snowflake.hooks.sql_api import SnowflakeSqlApiHook
 
     class _OnFetchedConnection(SnowflakeSqlApiHook):
-        def get_connection(self, conn_id: str) -> Connection:  # type: ignore[override]
+        def get_connection(self, conn_id: str) -> Connection:
             return owner.get_connection(conn_id)
 
     return _OnFetchedConnection(owner.snowflake_conn_id)

@@ -10,33 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import importlib
 import os
-import ssl
-import time
-import urllib.parse
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
-import aiohttp
-import httpx2
-import orjson
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
+from airflow.providers.common.compat.sdk import redact
 from airflow.sdk import BaseHook
 
-from airflow_provider_synth.batch.jsonl import open_path
+from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.requests import UrlForm, service_url
 from airflow_provider_synth.batch.status import IN_PROGRESS_STATUSES as IN_PROGRESS_STATUSES  # re-exported
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES as TERMINAL_STATUSES  # re-exported
+from airflow_provider_synth.batch.status import batch_state as batch_state  # re-exported
+from airflow_provider_synth.batch.status import batch_summary as batch_summary  # re-exported
 from airflow_provider_synth.exceptions import ConnectionConfigError
 
 if TYPE_CHECKING:
+    import httpx2
     from airflow.sdk import Connection
     from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
     from openai.types import Batch, FileDeleted, FileObject
+
+    from airflow_provider_synth.hooks.openai_pool import Lease
 
 CompletionWindow = Literal["24h"]
 BatchEndpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"]
@@ -45,177 +43,23 @@ OPENAI_CONN_TYPES = frozenset({"synth_openai", "openai"})
 AZURE_CONN_TYPES = frozenset({"synth_azure_openai"})
 #: The Entra ID scope Azure OpenAI accepts tokens for.
 AZURE_TOKEN_SCOPE = "https://cognitiveservices.azure.com/.default"
-#: Extras whose values are secrets: redacted from every message this module builds.
-_SECRET_EXTRAS = ("client_secret", "api_key")
 _DOWNLOAD_CHUNK = 1 << 20
 
 
-def batch_summary(batch: Batch) -> dict[str, Any]:
-    """Reduce a ``Batch`` to the JSON-primitive state that triggers, sensors and XCom carry.
+#: HTTP statuses worth another poll: the API is busy or briefly broken, the batch is fine.
+TRANSIENT_HTTP_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
-    ``output_file_id`` is ``None`` for a batch whose every request failed: callers must read ``error_file_id``.
 
-    :param batch: the SDK's ``Batch``.
-    :return: ``{"status", "request_counts": {"total", "completed", "failed"}, "output_file_id",
-        "error_file_id", "errors"}`` where ``errors`` lists the batch-level errors (e.g. validation) as strings.
+def is_transient(error: BaseException) -> bool:
+    """Whether a polling error may go away by itself (network, timeout, 429, 5xx).
+
+    :param error: what a call of the hook raised.
     """
-    counts = batch.request_counts
-    errors = [
-        f"{e.code or 'error'}: {e.message or ''}" + (f" (line {e.line})" if e.line is not None else "")
-        for e in ((batch.errors.data or []) if batch.errors else [])
-    ]
-    return {
-        "status": batch.status,
-        "request_counts": {
-            "total": counts.total if counts else 0,
-            "completed": counts.completed if counts else 0,
-            "failed": counts.failed if counts else 0,
-        },
-        "output_file_id": batch.output_file_id,
-        "error_file_id": batch.error_file_id,
-        "errors": errors[:20],
-    }
+    import openai
 
-
-def batch_state(data: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`batch_summary` of a batch's JSON as the API returns it, without building the SDK's ``Batch``.
-
-    :param data: the decoded body of ``GET /batches/{batch_id}``.
-    """
-    counts = data.get("request_counts") or {}
-    errors = [
-        f"{e.get('code') or 'error'}: {e.get('message') or ''}"
-        + (f" (line {e['line']})" if e.get("line") is not None else "")
-        for e in ((data.get("errors") or {}).get("data") or [])
-    ]
-    return {
-        "status": data["status"],
-        "request_counts": {
-            "total": counts.get("total", 0),
-            "completed": counts.get("completed", 0),
-            "failed": counts.get("failed", 0),
-        },
-        "output_file_id": data.get("output_file_id"),
-        "error_file_id": data.get("error_file_id"),
-        "errors": errors[:20],
-    }
-
-
-@functools.cache
-def shared_ssl_context() -> ssl.SSLContext:
-    """One TLS context per process, built the way ``httpx2`` builds its default (``SSL_CERT_FILE`` honoured).
-
-    Loading the CA bundle costs about 50 ms of CPU; an async client per trigger would pay it on the
-    triggerer's event loop every time (5 s of lag for 100 triggers starting together).
-    """
-    return httpx2.create_ssl_context()
-
-
-#: Requests one event loop's shared HTTP pool has in flight; more wait on a semaphore. Bounding them before
-#: the pool matters: httpcore scans its whole request queue on every assignment (quadratic with 1,000 queued
-#: polls), and thousands of simultaneous connects overflow a server's accept backlog.
-ASYNC_POOL_MAX_CONNECTIONS = 100
-
-
-class _LoopPool:
-    """The HTTP client and in-flight limit shared by the async hooks of one event loop."""
-
-    def __init__(self) -> None:
-        # the SDK's aiohttp transport: about half the CPU per request of the httpx2 one under concurrency
-        from openai import DefaultAioHttpClient
-        from openai._vendor.httpx_aiohttp import AiohttpTransport
-
-        limits = httpx2.Limits(
-            max_connections=ASYNC_POOL_MAX_CONNECTIONS, max_keepalive_connections=ASYNC_POOL_MAX_CONNECTIONS
-        )
-        # our own aiohttp session under the SDK's transport, so that polls can also use it directly
-        connector = aiohttp.TCPConnector(
-            limit=ASYNC_POOL_MAX_CONNECTIONS, ssl=shared_ssl_context(), keepalive_timeout=limits.keepalive_expiry
-        )
-        self.session = aiohttp.ClientSession(connector=connector)
-        transport = AiohttpTransport(client=self.session, verify=shared_ssl_context(), limits=limits)
-        self.http_client: httpx2.AsyncClient = DefaultAioHttpClient(transport=transport)
-        self.slots = asyncio.Semaphore(ASYNC_POOL_MAX_CONNECTIONS)
-        self.clients: dict[str, _SharedClient] = {}
-        #: hooks holding a shared client of this pool (stale ones past the TTL included)
-        self.users = 0
-
-
-#: Seconds a shared SDK client serves new hooks before the connection is looked up again (rotated keys).
-SHARED_CLIENT_TTL_S = 300.0
-
-
-class _SharedClient:
-    """One connection's SDK client on one loop, shared by the async hooks of that ``conn_id`` while any is open.
-
-    A thousand triggers starting together then make one connection lookup and build one client, instead of
-    a thousand of each in the same loop iteration.
-    """
-
-    def __init__(self) -> None:
-        self.ready: asyncio.Future[tuple[Any, Any, list[str], bool]] = asyncio.get_running_loop().create_future()
-        self.created = time.monotonic()
-        self.users = 0
-        self.credential: Any = None
-        #: ``(url prefix, headers, timeout)`` of direct polls, or ``None`` where only the SDK knows the auth
-        self.direct: tuple[str, dict[str, str], aiohttp.ClientTimeout] | None = None
-
-
-def _direct_poll(client: Any) -> tuple[str, dict[str, str], aiohttp.ClientTimeout] | None:
-    """How to poll a batch without the SDK's request machinery, for a plain ``AsyncOpenAI`` with a static key.
-
-    Azure clients, API-key providers, workload identity, custom auth or default query parameters return
-    ``None``: their requests need the SDK. The SDK's private attributes are read defensively (an attribute
-    that moved disables the direct path).
-    """
-    from openai import AsyncOpenAI
-
-    absent = object()
-    if type(client) is not AsyncOpenAI or client.default_query or client.custom_auth is not None:
-        return None
-    for name in ("_provider_runtime", "_api_key_provider", "workload_identity"):
-        if getattr(client, name, absent) is not None:
-            return None
-    headers = {k: v for k, v in {**client.default_headers, **client.auth_headers}.items() if isinstance(v, str)}
-    if "Authorization" not in headers:
-        return None
-    timeout = client.timeout
-    if isinstance(timeout, httpx2.Timeout):
-        client_timeout = aiohttp.ClientTimeout(sock_connect=timeout.connect, sock_read=timeout.read,
-                                               connect=timeout.pool)
-    else:
-        client_timeout = aiohttp.ClientTimeout(total=float(timeout) if timeout is not None else None)
-    return str(client.base_url).rstrip("/") + "/batches/", headers, client_timeout
-
-
-_loop_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool] = weakref.WeakKeyDictionary()
-
-
-def _loop_pool() -> _LoopPool:
-    """The running loop's shared pool: one set of kept-alive connections whatever the number of triggers.
-
-    It holds no credentials: each hook's SDK client adds its own auth headers per request.
-    """
-    loop = asyncio.get_running_loop()
-    pool = _loop_pools.get(loop)
-    if pool is None or pool.http_client.is_closed:
-        pool = _loop_pools[loop] = _LoopPool()
-    return pool
-
-
-async def close_loop_pool() -> None:
-    """Close the running loop's shared HTTP pool (before the loop ends: scripts, tests). Hooks reopen one."""
-    pool = _loop_pools.pop(asyncio.get_running_loop(), None)
-    if pool is not None:
-        await pool.http_client.aclose()
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    """Replace every occurrence of each secret in ``text`` with ``***``."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
+    if isinstance(error, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    return isinstance(error, openai.APIStatusError) and error.status_code in TRANSIENT_HTTP_STATUSES
 
 
 def token_provider_import_allowed() -> bool:
@@ -284,7 +128,6 @@ class OpenAIBatchHook(BaseHook):
         super().__init__(**kwargs)
         self.conn_id = conn_id
         self.client_options = dict(client_options or {})
-        self._secrets: list[str] = []
         self._is_azure: bool | None = None
         self._credential: Any = None
 
@@ -306,7 +149,8 @@ class OpenAIBatchHook(BaseHook):
         """Turn a connection and its extras into the SDK client's keyword arguments.
 
         The one place connection fields are read; the sync and async clients both come from it.
-        Also records which secrets to redact and whether the connection is Azure.
+        Also records whether the connection is Azure. Airflow's secret masker already knows the connection's
+        secrets (it registers them when the connection is looked up), so messages go through ``redact``.
         """
         conn_type = (conn.conn_type or "").replace("-", "_")
         # form fields may arrive prefixed (``extra__<conn_type>__<name>``) from older Airflow UIs
@@ -329,9 +173,6 @@ class OpenAIBatchHook(BaseHook):
             kwargs["timeout"] = timeout
         if max_retries is not None:
             kwargs["max_retries"] = max_retries
-        self._secrets = [s for s in [conn.password, *(str(extras.get(k) or "") for k in _SECRET_EXTRAS)] if s]
-        if isinstance(kwargs.get("api_key"), str):
-            self._secrets.append(kwargs["api_key"])
         kwargs.update(self.client_options)
         return kwargs
 
@@ -442,10 +283,6 @@ class OpenAIBatchHook(BaseHook):
         """How this service spells endpoints in batch lines and ``batches.create``: ``openai``
         (``/v1/chat/completions``) or ``azure`` (``/chat/completions``, as Azure's docs write it)."""
         return "azure" if self.is_azure else "openai"
-
-    def redact(self, text: str) -> str:
-        """Remove this connection's secrets from ``text`` (for messages built from SDK errors)."""
-        return redact(text, self._secrets)
 
     # -- files -----------------------------------------------------------------------------------------------
 
@@ -591,7 +428,7 @@ class OpenAIBatchHook(BaseHook):
         """
         headers = {"X-Client-Request-Id": custom_id} if custom_id else {}
         path = url.removeprefix("/v1") if url.startswith("/v1/") else url
-        result = self.client.post(path, cast_to=dict[str, Any], body=dict(body),  # type: ignore[call-overload]
+        result = self.client.post(path, cast_to=dict[str, Any], body=dict(body),
                                   options={"headers": headers})
         return dict(result)
 
@@ -600,7 +437,7 @@ class OpenAIBatchHook(BaseHook):
         try:
             self.client.models.list()
         except Exception as e:
-            return False, self.redact(f"{type(e).__name__}: {e}")
+            return False, str(redact(f"{type(e).__name__}: {e}"))
         return True, "Connection successfully tested"
 
 
@@ -643,11 +480,10 @@ class AzureOpenAIBatchHook(OpenAIBatchHook):
 class OpenAIBatchAsyncHook(OpenAIBatchHook):
     """The async side of :class:`OpenAIBatchHook`, for triggers: never blocks the event loop.
 
-    The connection comes from the async lookup. Hooks of one ``conn_id`` on one event loop share one
-    ``AsyncOpenAI``/``AsyncAzureOpenAI`` (and, for Entra ID, one async credential) while any of them is open,
-    looked up again after :data:`SHARED_CLIENT_TTL_S`; all share one pooled HTTP client per loop with at most
-    :data:`ASYNC_POOL_MAX_CONNECTIONS` requests in flight. So a thousand triggers make one lookup and open a
-    bounded number of sockets. With ``client_options`` the hook builds and owns its own client.
+    The connection comes from the async lookup. Hooks of one ``conn_id`` on one event loop lease one shared
+    ``AsyncOpenAI``/``AsyncAzureOpenAI`` (and, for Entra ID, one async credential) over one pooled HTTP client
+    per loop (:mod:`~airflow_provider_synth.hooks.openai_pool`): a thousand triggers make one connection lookup
+    and open a bounded number of sockets. With ``client_options`` the hook builds and owns its own client.
     Use it as ``async with``, or call :meth:`close`.
 
     :param conn_id: id of a ``synth_openai``, ``synth_azure_openai`` or ``openai`` connection.
@@ -666,9 +502,7 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
     ) -> None:
         super().__init__(conn_id, client_options=client_options, **kwargs)
         self._async_client: AsyncOpenAI | AsyncAzureOpenAI | None = None
-        self._slots: asyncio.Semaphore | None = None
-        self._shared: _SharedClient | None = None
-        self._pool: _LoopPool | None = None
+        self._lease: Lease | None = None
         # concurrent first calls (a trigger polls its batches with gather) must attach one client, not several
         self._attach_lock = asyncio.Lock()
 
@@ -678,59 +512,33 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         if self._async_client is None:
             async with self._attach_lock:
                 if self._async_client is None and self.client_options:
-                    self._async_client = await self._build_async_client(None)
+                    self._async_client = (await self._build_async_client(None))[0]
                 elif self._async_client is None:
-                    await self._attach_shared_client()
+                    from airflow_provider_synth.hooks.openai_pool import lease
+
+                    self._lease = await lease(self.conn_id, self._build_shared_client)
+                    self._async_client, self._is_azure = self._lease.client, self._lease.is_azure
         assert self._async_client is not None
         return self._async_client
 
-    async def _build_async_client(self, http_client: httpx2.AsyncClient | None) -> AsyncOpenAI | AsyncAzureOpenAI:
+    async def _build_async_client(
+        self, http_client: httpx2.AsyncClient | None
+    ) -> tuple[AsyncOpenAI | AsyncAzureOpenAI, dict[str, Any]]:
         from openai import AsyncAzureOpenAI, AsyncOpenAI
 
         conn = await get_async_connection(self.conn_id, hook=self)
         kwargs = self._client_kwargs(conn, await get_async_extra_dejson(conn))
         if http_client is not None:
             kwargs["http_client"] = http_client
-        return AsyncAzureOpenAI(**kwargs) if self._is_azure else AsyncOpenAI(**kwargs)
+        return (AsyncAzureOpenAI(**kwargs) if self._is_azure else AsyncOpenAI(**kwargs)), kwargs
 
-    async def _attach_shared_client(self) -> None:
-        pool = _loop_pool()
-        while True:
-            entry = pool.clients.get(self.conn_id)
-            if entry is None or time.monotonic() - entry.created > SHARED_CLIENT_TTL_S:
-                entry = pool.clients[self.conn_id] = _SharedClient()
-                entry.users += 1
-                try:
-                    client = await self._build_async_client(pool.http_client)
-                except BaseException as error:
-                    entry.users -= 1
-                    if pool.clients.get(self.conn_id) is entry:
-                        del pool.clients[self.conn_id]
-                    if isinstance(error, asyncio.CancelledError):
-                        entry.ready.cancel()
-                    else:
-                        entry.ready.set_exception(error)
-                        entry.ready.exception()  # retrieved: waiters re-raise it, nobody else must log it
-                    raise
-                entry.credential, self._credential = self._credential, None
-                entry.direct = _direct_poll(client)
-                entry.ready.set_result((client, entry.credential, list(self._secrets), bool(self._is_azure)))
-            else:
-                entry.users += 1
-            try:
-                client, _, secrets, is_azure = await asyncio.shield(entry.ready)
-            except asyncio.CancelledError:
-                entry.users -= 1
-                if entry.ready.cancelled():  # its creator was cancelled, not us: build it ourselves
-                    continue
-                raise
-            except BaseException:
-                entry.users -= 1
-                raise
-            break
-        pool.users += 1
-        self._shared, self._pool, self._slots = entry, pool, pool.slots
-        self._async_client, self._secrets, self._is_azure = client, secrets, is_azure
+    async def _build_shared_client(self, http_client: httpx2.AsyncClient) -> tuple[Any, dict[str, Any], Any, bool]:
+        client, kwargs = await self._build_async_client(http_client)
+        credential, self._credential = self._credential, None  # the shared client owns it now
+        return client, kwargs, credential, bool(self._is_azure)
+
+    def _slots(self) -> asyncio.Semaphore | contextlib.nullcontext[None]:
+        return self._lease.pool.slots if self._lease is not None else contextlib.nullcontext()
 
     async def aget_batch(self, batch_id: str) -> Batch:
         """Retrieve a batch without blocking the loop.
@@ -738,7 +546,7 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         :param batch_id: the batch id.
         """
         client = await self.get_async_client()
-        async with self._slots or contextlib.nullcontext():
+        async with self._slots():
             return await client.batches.retrieve(batch_id)
 
     async def aget_batch_state(self, batch_id: str) -> dict[str, Any]:
@@ -754,30 +562,13 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         :param batch_id: the batch id.
         """
         await self.get_async_client()
-        pool, shared = self._pool, self._shared
-        if pool is not None and shared is not None and shared.direct is not None:
-            state = await self._direct_state(pool, shared.direct, batch_id)
-            if state is not None:
-                return state
-        return batch_summary(await self.aget_batch(batch_id))
+        if self._lease is not None:
+            from airflow_provider_synth.hooks.openai_pool import direct_batch_state
 
-    async def _direct_state(
-        self, pool: _LoopPool, direct: tuple[str, dict[str, str], aiohttp.ClientTimeout], batch_id: str
-    ) -> dict[str, Any] | None:
-        """The batch's state from one GET on the pool's aiohttp session; ``None`` for anything unexpected."""
-        prefix, headers, timeout = direct
-        data: Any = None
-        try:
-            async with self._slots or contextlib.nullcontext():
-                url = prefix + urllib.parse.quote(batch_id, safe="")
-                async with pool.session.get(url, headers=headers, timeout=timeout) as response:
-                    if response.status == 200:
-                        data = orjson.loads(await response.read())
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
-            return None
-        if isinstance(data, dict) and isinstance(data.get("status"), str):
-            return batch_state(data)
-        return None
+            data = await direct_batch_state(self._lease, batch_id)
+            if data is not None:
+                return batch_state(data)
+        return batch_summary(await self.aget_batch(batch_id))
 
     async def acancel_batch(self, batch_id: str) -> Batch:
         """Cancel a batch without blocking the loop.
@@ -785,42 +576,22 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
         :param batch_id: the batch id.
         """
         client = await self.get_async_client()
-        async with self._slots or contextlib.nullcontext():
+        async with self._slots():
             return await client.batches.cancel(batch_id)
 
     async def close(self) -> None:
         """Release the client (idempotent): the hook's own is closed; a shared one when its last user leaves."""
         client, self._async_client = self._async_client, None
         credential, self._credential = self._credential, None
-        shared, self._shared = self._shared, None
-        pool, self._pool = self._pool, None
-        self._slots = None
-        if shared is not None and pool is not None:
-            shared.users -= 1
-            if shared.users == 0:
-                credential = shared.credential
-                if pool.clients.get(self.conn_id) is shared:
-                    del pool.clients[self.conn_id]
-            await self._release_pool(pool)
+        held, self._lease = self._lease, None
+        if held is not None:
+            from airflow_provider_synth.hooks.openai_pool import release
+
+            await release(held, self.conn_id)
         elif client is not None:
             await client.close()
         if credential is not None:
             await credential.close()
-
-    @staticmethod
-    async def _release_pool(pool: _LoopPool) -> None:
-        """Close the loop's HTTP pool when its last user leaves.
-
-        A triggerer keeps its pool while any trigger waits; ``dag.test()`` and tests, which run each trigger
-        in a fresh loop, leave no open connection behind.
-        """
-        pool.users -= 1
-        if pool.users > 0:
-            return
-        loop = asyncio.get_running_loop()
-        if _loop_pools.get(loop) is pool:
-            del _loop_pools[loop]  # first, so a hook attaching meanwhile builds a new pool
-        await pool.http_client.aclose()
 
     async def __aenter__(self) -> OpenAIBatchAsyncHook:
         return self

@@ -101,7 +101,7 @@ def lineage_dataset(path: Any) -> tuple[str, str]:
 
 
 def _exists(path: str) -> bool:
-    from airflow_provider_synth.runs.openai import as_path
+    from airflow_provider_synth.batch.paths import as_path
 
     found = as_path(path)
     return bool(found.exists()) if not isinstance(found, str) else os.path.exists(found)
@@ -114,7 +114,7 @@ def _run_facet_class() -> type[Any]:
     from openlineage.client.facet_v2 import RunFacet
 
     @define
-    class SynthBatchRunFacet(RunFacet):  # type: ignore[misc]
+    class SynthBatchRunFacet(RunFacet):
         """One batch run's outcome: backend, model, counts, token usage and cost (USD, None when unpriced)."""
 
         backend: str

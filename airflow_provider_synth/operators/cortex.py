@@ -28,6 +28,7 @@ from airflow_provider_synth.runs.cortex import (
     RunIdentity,
     RunState,
 )
+from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.cortex import CortexStatementTrigger
 
 if TYPE_CHECKING:
@@ -187,8 +188,7 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
     def execute_complete(self, context: Context, event: Mapping[str, Any] | None = None,
                          run: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger: read the answers back, or cancel at the deadline."""
-        if not event or event.get("status") not in ("success", "error", "timeout"):
-            raise TriggerEventError(f"CortexStatementTrigger sent an unusable event: {event!r}")
+        event = validate_event(event, CortexStatementTrigger.event_key)
         state = RunState.from_dict(run) if run else self._recover_run(context)
         if event["status"] == "error":
             raise TriggerEventError(f"Polling the Cortex statements failed: {event.get('message')}. The statements "

@@ -7,35 +7,29 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.configuration import conf
 from airflow.sdk import BaseOperator
 
 from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.jsonl import join_path, open_path
 from airflow_provider_synth.batch.manifest import write_manifest
+from airflow_provider_synth.batch.paths import as_path, join_path, open_path
 from airflow_provider_synth.batch.requests import CHAT, Endpoint, build_requests, write_requests
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
+from airflow_provider_synth.batch.status import Next
 from airflow_provider_synth.batch.usage import Price, estimate_cost
 from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests, skipped_summary
 from airflow_provider_synth.exceptions import (
     BatchFailedError,
     BatchTimeoutError,
     BudgetExceededError,
-    TriggerEventError,
 )
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.links import OpenAIBatchLink
 from airflow_provider_synth.operators._native import ManifestPublisherMixin
-from airflow_provider_synth.runs.openai import (
-    INVALID_FILE,
-    BatchRun,
-    Plan,
-    as_path,
-    idempotency_key,
-    run_manifest,
-)
+from airflow_provider_synth.runs.openai import INVALID_FILE, BatchRun, Plan, idempotency_key, run_manifest
+from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:
@@ -178,6 +172,8 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     template_fields: Sequence[str] = ("input_path", "output_path", "requests", "model")
     operator_extra_links = (OpenAIBatchLink(),)
     ui_color = "#d7f0e6"
+    #: this operator plans a run from its input; :class:`OpenAIBatchResultsOperator` finds a planned one
+    _plans_input: ClassVar[bool] = True
 
     @property
     def requests(self) -> Any:
@@ -195,7 +191,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         self,
         *,
         conn_id: str = OpenAIBatchHook.default_conn_name,
-        output_path: Any,
+        output_path: Any = None,
         input_path: Any = None,
         requests: Any = None,
         model: str | None = None,
@@ -220,8 +216,10 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if (input_path is None) == (requests is None):
+        if self._plans_input and (input_path is None) == (requests is None):
             raise ValueError("give exactly one of input_path or requests")
+        if self._plans_input and output_path is None:
+            raise ValueError("output_path is required")
         if not 0.0 <= max_failed_ratio <= 1.0:
             raise ValueError(f"max_failed_ratio must be within [0, 1], got {max_failed_ratio}")
         if retry_failed_requests < 0 or poll_interval <= 0:
@@ -322,7 +320,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         return self._wait_or_finish(context, run)
 
     def _attach(self, plan: Plan) -> BatchRun:
-        run = BatchRun(self.hook, plan, as_path, self.checks)
+        run = BatchRun(OpenAIBatchHook(plan.conn_id), plan, as_path, self.checks)
         run.discover()
         if run.batches:
             self.log.info("found %d batch(es) of this run (key %s): %s", len(run.batches), plan.key, run.statuses())
@@ -359,7 +357,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
             end_time = self._end_time(run)
             if self.deferrable:
                 self.defer(
-                    trigger=OpenAIBatchTrigger(conn_id=self.conn_id, batch_ids=run.running_ids,
+                    trigger=OpenAIBatchTrigger(conn_id=run.plan.conn_id, batch_ids=run.running_ids,
                                                poll_interval=self.poll_interval, end_time=end_time,
                                                cancel_on_kill=self.cancel_on_kill),
                     method_name="execute_complete",
@@ -368,19 +366,13 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
             self._wait_in_worker(run, end_time)
 
     def _wait_in_worker(self, run: BatchRun, end_time: float) -> None:
-        last: dict[str, int] = {}
-        while run.running_ids:
-            if time.time() >= end_time:
-                self._on_timeout(run)
-            time.sleep(self.poll_interval)
-            run.poll()
-            if run.statuses() != last:
-                last = run.statuses()
-                self.log.info("batches: %s", last)
+        result = run.wait(self.poll_interval, end_time, progress=lambda s: self.log.info("batches: %s", s))
+        if result.next is Next.TIMEOUT:
+            self._on_timeout(run)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger: collect, maybe start a retry round (and defer again), or merge."""
-        event = validate_trigger_event(event)
+        event = validate_event(event, OpenAIBatchTrigger.event_key)
         run = self._attach(Plan.load(self._work_dir()))
         run.refresh(event["batches"])
         if event["status"] == "timeout":
@@ -397,7 +389,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         running = run.running_ids
         if self.cancel_on_kill:
             for batch_id in running:
-                self.hook.cancel_batch(batch_id)
+                run.hook.cancel_batch(batch_id)
         raise BatchTimeoutError(f"timeout of {self.timeout_s:.0f}s passed with {len(running)} batch(es) still "
                                 f"running{' (cancelled)' if self.cancel_on_kill else ''}: {running}. Retry the "
                                 "task to collect what finished; it re-attaches and pays for nothing twice.")
@@ -440,7 +432,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
             return
         for batch_id in run.running_ids:
             try:
-                self.hook.cancel_batch(batch_id)
+                run.hook.cancel_batch(batch_id)
                 self.log.info("cancelled batch %s", batch_id)
             except Exception as exc:  # best effort: the kill must go on
                 self.log.warning("could not cancel batch %s: %s", batch_id, type(exc).__name__)
@@ -451,23 +443,21 @@ class OpenAIBatchResultsOperator(OpenAIBatchOperator):
     not), run the retry rounds, merge into the output folder and return the manifest.
 
     :param submitted: the submitting task's manifest (its XCom), or its output folder.
-    :param kwargs: the same policy arguments as :class:`OpenAIBatchOperator`.
+    :param kwargs: the same policy arguments as :class:`OpenAIBatchOperator`; the connection and the output
+        folder are the submitting task's (its plan records them).
     """
 
     template_fields: Sequence[str] = ("submitted",)
 
-    def __init__(self, *, submitted: Any, conn_id: str = OpenAIBatchHook.default_conn_name, **kwargs: Any) -> None:
-        kwargs.setdefault("output_path", "")
-        super().__init__(conn_id=conn_id, requests=[], **kwargs)
+    _plans_input = False
+
+    def __init__(self, *, submitted: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.submitted = submitted
 
     def _work_dir(self) -> Any:
         sub = self.submitted
         return as_path(sub["work_dir"] if isinstance(sub, Mapping) else join_path(str(sub), "_work"))
-
-    def _attach(self, plan: Plan) -> BatchRun:
-        self.conn_id, self.output_path = plan.conn_id, plan.output_dir
-        return super()._attach(plan)
 
     def execute(self, context: Context) -> dict[str, Any]:
         run = self._attach(Plan.load(self._work_dir()))
@@ -480,12 +470,3 @@ def _load_plan(work_dir: str) -> Plan | None:
         return Plan.load(as_path(work_dir))
     except (FileNotFoundError, OSError):
         return None
-
-
-def validate_trigger_event(event: dict[str, Any] | None) -> dict[str, Any]:
-    """Check a trigger event's shape; raise a typed error for a missing or malformed one."""
-    if not event or not isinstance(event, dict):
-        raise TriggerEventError("the trigger sent no event")
-    if event.get("status") not in ("success", "error", "timeout") or not isinstance(event.get("batches"), dict):
-        raise TriggerEventError(f"malformed trigger event: status={event.get('status')!r}")
-    return event

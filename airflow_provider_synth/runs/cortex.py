@@ -45,7 +45,9 @@ from airflow_provider_synth.batch.jsonl import dumps, open_path
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, add_invalid, merge_shard
 from airflow_provider_synth.batch.results import error_line, success_line
+from airflow_provider_synth.batch.status import STATEMENTS, Next, PollError, verdict
 from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary
+from airflow_provider_synth.exceptions import BatchFailedError
 
 if TYPE_CHECKING:
     from airflow_provider_synth.batch.checks import OutputChecks
@@ -323,20 +325,27 @@ class CortexRun:
                                              for q in query_ids}
         errors = 0
         while True:
+            failure: Exception | None = None
             try:
                 for qid in query_ids:
                     if states[qid]["state"] == "running":
                         states[qid] = self.status(qid).as_dict()
                 errors = 0
             except Exception as exc:  # the connector's network or server errors: poll again, up to a bound
-                errors += 1
-                if errors > MAX_POLL_ERRORS:
-                    raise
-                log.warning("Polling the statements failed (%d in a row): %s: %s", errors, type(exc).__name__, exc)
-            if all(s["state"] != "running" for s in states.values()):
-                return states, False
-            if _now() >= end_time:
-                return states, True
+                errors, failure = errors + 1, exc
+            result = verdict({q: s["state"] for q, s in states.items()}, kind=STATEMENTS,
+                             error=PollError.TRANSIENT if failure is not None else PollError.NONE,
+                             consecutive_errors=errors, max_consecutive_errors=MAX_POLL_ERRORS,
+                             end_time=end_time, now=_now())
+            if result.next is Next.FAILED and failure is not None:
+                raise failure
+            if result.next is Next.UNKNOWN:
+                raise BatchFailedError(result.message)
+            if result.over:
+                return states, result.next is Next.TIMEOUT
+            if failure is not None:
+                log.warning("Polling the statements failed (%d in a row): %s: %s", errors, type(failure).__name__,
+                            failure)
             _sleep(min(poll_interval, max(end_time - _now(), 0.0)))
 
     def cancel(self, query_ids: Sequence[str]) -> None:

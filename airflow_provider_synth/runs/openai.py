@@ -10,21 +10,32 @@ This module orchestrates the hook and the core; it holds no Airflow context.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.common.compat.sdk import redact
+
 from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.jsonl import iter_jsonl, join_path, loads, open_path
+from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
+from airflow_provider_synth.batch.keys import run_key
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
+from airflow_provider_synth.batch.paths import exists, join_path, open_path
 from airflow_provider_synth.batch.results import ParsedOutput
-from airflow_provider_synth.batch.status import TERMINAL_STATUSES
+from airflow_provider_synth.batch.status import (
+    DEFAULT_MAX_CONSECUTIVE_ERRORS,
+    TERMINAL_STATUSES,
+    Next,
+    PollError,
+    Verdict,
+    verdict,
+)
 from airflow_provider_synth.batch.usage import Usage, cost_usd
-from airflow_provider_synth.hooks.openai import batch_summary
+from airflow_provider_synth.exceptions import BatchFailedError
+from airflow_provider_synth.hooks.openai import batch_summary, is_transient
 from airflow_provider_synth.runs.openai_direct import DirectRounds, answer_round, estimate_direct_cost
 
 if TYPE_CHECKING:
@@ -51,17 +62,6 @@ CREATED_BY = "airflow-provider-synth"
 UPLOAD_PREFIX = "synth-"
 
 
-def as_path(path: Any) -> Any:
-    """Object-storage URLs become ``ObjectStoragePath`` (connection-aware); local paths stay strings."""
-    if isinstance(path, str) and path.startswith("file://"):
-        return path[len("file://"):]
-    if isinstance(path, str) and "://" in path:
-        from airflow.sdk import ObjectStoragePath
-
-        return ObjectStoragePath(path)
-    return path
-
-
 def run_manifest(run: BatchRun, accounting: Mapping[str, Any] | None, status: str, **fields: Any) -> dict[str, Any]:
     """The manifest of a run: the plan's facts, the batches, the accounting, and ``fields`` (who wrote it:
     dag_id, task_id, run_id, map_index, try_number; cost_usd...). One shape for the operator and the CLI."""
@@ -79,8 +79,7 @@ def run_manifest(run: BatchRun, accounting: Mapping[str, Any] | None, status: st
 
 def idempotency_key(dag_id: str, task_id: str, run_id: str, map_index: int, fingerprint: str, endpoint: str) -> str:
     """The run's key: the same task instance over the same input always gets the same key."""
-    raw = "|".join([dag_id, task_id, run_id, str(map_index), endpoint, fingerprint])
-    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+    return run_key(dag_id, task_id, run_id, map_index, endpoint, fingerprint, sep="|", length=32)
 
 
 def retry_worthy(out: ParsedOutput) -> bool:
@@ -231,11 +230,78 @@ class BatchRun:
             if not ref.terminal and state.get("status") in TERMINAL_STATUSES:
                 ref.state = dict(state)
 
-    def poll(self) -> None:
-        """Retrieve every batch not yet terminal (the worker-side wait)."""
+    def poll(self, *, tolerate_errors: bool = False) -> list[tuple[str, Exception]]:
+        """Retrieve every batch not yet terminal.
+
+        :param tolerate_errors: return ``(batch_id, error)`` for each retrieve that failed (the batch keeps
+            its last state) instead of raising the first error.
+        """
+        errors: list[tuple[str, Exception]] = []
         for ref in self.batches.values():
-            if not ref.terminal:
+            if ref.terminal:
+                continue
+            try:
                 ref.state = batch_summary(self.hook.get_batch(ref.batch_id))
+            except Exception as error:
+                if not tolerate_errors:
+                    raise
+                errors.append((ref.batch_id, error))
+        return errors
+
+    def verdict(self, errors: Sequence[tuple[str, BaseException]] = (), *, consecutive_errors: int = 0,
+                max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
+                end_time: float | None = None) -> Verdict:
+        """:func:`~airflow_provider_synth.batch.status.verdict` on the run's batches after a poll.
+
+        :param errors: the poll's errors (:meth:`poll` with ``tolerate_errors``).
+        :param consecutive_errors: polls in a row that failed, this one included.
+        :param max_consecutive_errors: transient failures in a row tolerated.
+        :param end_time: the run's deadline, epoch seconds.
+        """
+        worst = next(((b, e) for b, e in errors if not is_transient(e)), errors[0] if errors else None)
+        return verdict({ref.batch_id: ref.state.get("status") for ref in self.batches.values()},
+                       error=PollError.of(is_transient(e) for _, e in errors),
+                       last_error=(worst[0], str(redact(repr(worst[1])))) if worst else None,
+                       consecutive_errors=consecutive_errors, max_consecutive_errors=max_consecutive_errors,
+                       end_time=end_time)
+
+    def wait(self, poll_interval: float, end_time: float | None, *,
+             max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
+             sleep: Any = time.sleep, progress: Any = None) -> Verdict:
+        """Wait in this process (the worker-side wait, the CLI) until every batch is terminal or the
+        deadline passes: the trigger's rules, with blocking calls. Judges the states known now first, then
+        sleeps and polls.
+
+        :param poll_interval: seconds between polls.
+        :param end_time: the deadline, epoch seconds; ``None``: none.
+        :param max_consecutive_errors: transient polling errors in a row tolerated.
+        :param sleep: ``time.sleep`` (tests pass a fake clock's).
+        :param progress: called with :meth:`statuses` whenever they change.
+        :return: a ``DONE`` or ``TIMEOUT`` verdict.
+        :raises BatchFailedError: on an unknown status, or too many transient polling errors in a row; a
+            polling error that is not transient propagates as raised.
+        """
+        errors: list[tuple[str, Exception]] = []
+        consecutive, last = 0, None
+        while True:
+            result = self.verdict(errors, consecutive_errors=consecutive,
+                                  max_consecutive_errors=max_consecutive_errors, end_time=end_time)
+            fatal = [e for _, e in errors if not is_transient(e)]
+            if result.next is Next.FAILED and fatal:
+                raise fatal[0]  # as raised: its type says what is wrong (credentials, a missing batch...)
+            if result.next in (Next.FAILED, Next.UNKNOWN):
+                raise BatchFailedError(f"waiting for batches failed: {result.message}")
+            if result.over:
+                return result
+            if progress is not None and self.statuses() != last:
+                last = self.statuses()
+                progress(last)
+            delay = poll_interval if end_time is None else min(poll_interval, max(end_time - time.time(), 0.0))
+            sleep(delay)
+            errors = self.poll(tolerate_errors=True)
+            consecutive = consecutive + 1 if errors else 0
+            for batch_id, error in errors:
+                log.warning("polling batch %s failed: %s", batch_id, redact(repr(error)))
 
     @property
     def batch_ids(self) -> list[str]:
@@ -310,7 +376,7 @@ class BatchRun:
                 if not file_id:
                     continue
                 dest = self._output(shard, rnd, kind)
-                if not _exists(dest):
+                if not exists(dest):
                     self.hook.download_file(file_id, dest)
                 files.append(dest)
                 rounds.append(rnd)
@@ -444,15 +510,3 @@ class BatchRun:
             counts[status] = counts.get(status, 0) + 1
         return counts
 
-
-def _exists(path: Any) -> bool:
-    if isinstance(path, str) and "://" not in path:
-        import os
-
-        return os.path.exists(path)
-    if isinstance(path, str):
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        return bool(fs.exists(p))
-    return bool(path.exists())

@@ -17,6 +17,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.common.compat.sdk import redact
+
 from airflow_provider_synth.batch.jsonl import iter_jsonl, join_path, loads, open_path
 from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
 from airflow_provider_synth.batch.usage import (
@@ -120,9 +122,9 @@ def _answer(hook: OpenAIBatchHook, raw: bytes) -> bytes:
     except openai.APIStatusError as exc:
         err = (exc.body or {}).get("error", exc.body) if isinstance(exc.body, dict) else None
         code = str((err or {}).get("code") or (err or {}).get("type") or f"http_{exc.status_code}")
-        return error_line(cid, code, hook.redact(str(exc))[:500], status_code=exc.status_code)
+        return error_line(cid, code, str(redact(str(exc)))[:500], status_code=exc.status_code)
     except (openai.APIConnectionError, openai.APITimeoutError) as exc:  # SDK retries spent: a retryable miss
-        return error_line(cid, "request_timeout", hook.redact(f"{type(exc).__name__}: {exc}")[:500])
+        return error_line(cid, "request_timeout", str(redact(f"{type(exc).__name__}: {exc}"))[:500])
     return success_line(cid, body, request_id=str(body.get("id") or "") or None)
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_synth.batch.jsonl import dumps, iter_jsonl, loads
+from airflow_provider_synth.batch.requests import CHAT, COMPLETIONS, EMBEDDINGS
 from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
 from airflow_provider_synth.runs.vllm_process import guard_engine
 
@@ -46,9 +47,6 @@ EXIT_NO_VLLM = 3
 EXIT_MODEL_LOAD = 4
 EXIT_ENGINE = 5
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-EMBEDDINGS = "/v1/embeddings"
 
 #: OpenAI body keys -> vLLM ``SamplingParams`` names. Keys absent here and in ``_IGNORED`` pass through
 #: unchanged when ``SamplingParams`` knows them (top_k, min_p, repetition_penalty, min_tokens, ...).

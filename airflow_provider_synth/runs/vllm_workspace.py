@@ -5,7 +5,6 @@ No Airflow imports: the operator in :mod:`airflow_provider_synth.operators.vllm`
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,8 +13,9 @@ from typing import Any
 
 from airflow_provider_synth.batch.checks import sum_checks
 from airflow_provider_synth.batch.errors import AccountingError
-from airflow_provider_synth.batch.jsonl import dumps, join_path, loads, open_path
+from airflow_provider_synth.batch.jsonl import dumps, loads
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths, read_manifest, write_manifest
+from airflow_provider_synth.batch.paths import exists, join_path, local_path, open_path
 from airflow_provider_synth.batch.usage import Usage
 
 #: The engine's own state inside the output folder: its raw output lines (the resume state) and a stamp of
@@ -82,23 +82,23 @@ class EngineWorkspace:
     def create(cls, input_path: Any, output_path: Any, scratch: Path) -> EngineWorkspace:
         state_dir = join_path(output_path, STATE_DIR)
         remote_output = join_path(state_dir, ENGINE_OUTPUT)
-        remote = _local_path(output_path) is None
-        local_input = _local_path(input_path)
+        remote = local_path(output_path) is None
+        local_input = local_path(input_path)
         if local_input is None:
             local_input = scratch / "input.jsonl"
             _copy(input_path, local_input)
-        local_output = scratch / ENGINE_OUTPUT if remote else Path(_local_path(remote_output) or "")
+        local_output = scratch / ENGINE_OUTPUT if remote else Path(local_path(remote_output) or "")
         return cls(scratch, local_input, local_output, remote_output, join_path(state_dir, STATE_FILE), remote)
 
     def restore_state(self, fingerprint: str, log: Any) -> None:
         """Keep the saved answers if they answer this very input, model and sampling; else start afresh."""
         saved = _read_json(self.remote_state)
-        if (saved or {}).get("fingerprint") != fingerprint and _exists(self.remote_output):
+        if (saved or {}).get("fingerprint") != fingerprint and exists(self.remote_output):
             log.warning("The saved vLLM answers in %s were not made for this input, model and sampling: "
                         "starting afresh", self.remote_output)
             with open_path(self.remote_output, "wb"):
                 pass
-        if self.remote and _exists(self.remote_output):
+        if self.remote and exists(self.remote_output):
             _copy(self.remote_output, self.local_output)
         self.local_output.parent.mkdir(parents=True, exist_ok=True)
         with open_path(self.remote_state, "wb") as fp:
@@ -113,29 +113,9 @@ class EngineWorkspace:
             fp.write(data[: data.rfind(b"\n") + 1])
 
 
-def _local_path(path: Any) -> Path | None:
-    """The local filesystem path of ``path``, or None when it lives in object storage."""
-    protocol = getattr(path, "protocol", None)
-    if protocol is not None:
-        protocol = protocol[0] if isinstance(protocol, tuple | list) else protocol
-        return Path(str(getattr(path, "path", path))) if protocol in ("file", "local", "") else None
-    text = os.fspath(path)
-    if text.startswith("file://"):
-        return Path(text[len("file://"):])
-    return None if "://" in text else Path(text)
-
-
 def _copy(src: Any, dst: Any) -> None:
     with open_path(src, "rb") as fin, open_path(dst, "wb") as fout:
         shutil.copyfileobj(fin, fout, 1 << 20)
-
-
-def _exists(path: Any) -> bool:
-    try:
-        with open_path(path, "rb"):
-            return True
-    except (FileNotFoundError, OSError):
-        return False
 
 
 def _read_json(path: Any) -> dict[str, Any] | None:

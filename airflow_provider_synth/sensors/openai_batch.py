@@ -10,12 +10,13 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import conf
+from airflow.providers.common.compat.sdk import conf, redact
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
-from airflow_provider_synth.batch.status import TERMINAL_STATUSES
-from airflow_provider_synth.exceptions import BatchTimeoutError, TriggerEventError
-from airflow_provider_synth.hooks.openai import OpenAIBatchHook, batch_summary
+from airflow_provider_synth.batch.status import TERMINAL_STATUSES, Next, PollError, verdict
+from airflow_provider_synth.exceptions import BatchFailedError, BatchTimeoutError, TriggerEventError
+from airflow_provider_synth.hooks.openai import OpenAIBatchHook, batch_summary, is_transient
+from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
     :param poll_interval: seconds between polls (also the poke interval).
     :param deferrable: defer to the triggerer instead of holding a worker slot; default from
         ``[operators] default_deferrable``.
-    :param max_consecutive_errors: transient polling errors in a row tolerated in deferrable mode.
+    :param max_consecutive_errors: transient polling errors in a row tolerated (both modes).
     :return: ``{batch_id: {"status", "request_counts", "output_file_id", "error_file_id", "errors"}}``.
     """
 
@@ -89,6 +90,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
         self.deferrable = deferrable
         self.max_consecutive_errors = max_consecutive_errors
         self._states: dict[str, dict[str, Any]] = {}
+        self._consecutive_errors = 0
 
     @cached_property
     def hook(self) -> OpenAIBatchHook:
@@ -119,28 +121,51 @@ class OpenAIBatchSensor(BaseSensorOperator):
         )
 
     def poke(self, context: Context) -> PokeReturnValue:
-        """Retrieve the batches not yet terminal; done when all of them are."""
-        for batch_id in resolve_batch_ids(self.batch_ids):
+        """Retrieve the batches not yet terminal; done when all of them are.
+
+        A transient error (network, 429, 5xx) is logged and the next poke tries again, up to
+        ``max_consecutive_errors`` pokes in a row; any other error propagates as raised.
+        """
+        ids = resolve_batch_ids(self.batch_ids)
+        errors: list[tuple[str, Exception]] = []
+        for batch_id in ids:
             if self._states.get(batch_id, {}).get("status") in TERMINAL_STATUSES:
                 continue
-            state = batch_summary(self.hook.get_batch(batch_id))
+            try:
+                state = batch_summary(self.hook.get_batch(batch_id))
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                self.log.warning("Polling batch %s failed: %s", batch_id, redact(repr(error)))
+                errors.append((batch_id, error))
+                continue
             counts = state["request_counts"]
             self.log.info(
                 "batch %s: %s, %d/%d completed, %d failed",
                 batch_id, state["status"], counts["completed"], counts["total"], counts["failed"],
             )
             self._states[batch_id] = state
-        done = all(s["status"] in TERMINAL_STATUSES for s in self._states.values())
+        self._consecutive_errors = self._consecutive_errors + 1 if errors else 0
+        result = verdict(
+            {b: self._states.get(b, {}).get("status") for b in ids},
+            error=PollError.of(True for _ in errors),
+            last_error=(errors[-1][0], str(redact(repr(errors[-1][1])))) if errors else None,
+            consecutive_errors=self._consecutive_errors,
+            max_consecutive_errors=self.max_consecutive_errors,
+        )
+        if result.next in (Next.FAILED, Next.UNKNOWN):
+            raise BatchFailedError(result.message)
+        done = result.next is Next.DONE
         return PokeReturnValue(is_done=done, xcom_value=dict(self._states) if done else None)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Turn the trigger's terminal event into the batches' states, or a typed error."""
-        if not event or not isinstance(event.get("batches"), dict):
-            raise TriggerEventError(f"The batch trigger sent no usable event: {event!r}")
+        event = validate_event(event, OpenAIBatchTrigger.event_key)
         status, message = event.get("status"), event.get("message", "")
         if status == "success":
             self.log.info("%s", message)
-            return event["batches"]
+            batches: dict[str, Any] = event["batches"]
+            return batches
         if status == "timeout":
             raise BatchTimeoutError(message)
         raise TriggerEventError(f"Waiting for the batches failed ({status}): {message}")

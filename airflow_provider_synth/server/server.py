@@ -179,7 +179,8 @@ class BatchServer:
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         """A copy of a batch as the API shows it."""
-        return json.loads(json.dumps(self.app.store.batches[batch_id].api))
+        copy: dict[str, Any] = json.loads(json.dumps(self.app.store.batches[batch_id].api))
+        return copy
 
     def batches(self) -> list[dict[str, Any]]:
         """Copies of every batch, oldest first."""

@@ -369,10 +369,11 @@ class FakeCortex:
             return fake._execute_async(cursor, command, params, *args, **kwargs)
 
         def status(conn: Any, query_id: str) -> QueryStatus:
-            return fake._status(query_id)
+            status: QueryStatus = fake._status(query_id)
+            return status
 
         def status_or_raise(conn: Any, query_id: str) -> QueryStatus:
-            result = fake._status(query_id)
+            result: QueryStatus = fake._status(query_id)
             if result.name in ("FAILED_WITH_ERROR", "ABORTED"):
                 q = fake.queries.get(query_id)
                 message = q.error if q is not None and q.error else f"statement {query_id} failed"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import importlib
-import sys
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
+
+from airflow_provider_synth.batch.status import STATEMENTS
+from airflow_provider_synth.triggers.base import PollingTrigger, trigger_event
 
 if TYPE_CHECKING:
     from airflow_provider_synth.batch.cortex import StatementStatus
@@ -20,26 +19,7 @@ if TYPE_CHECKING:
 _HOOKS_MODULE = "airflow_provider_synth.hooks.cortex"
 
 
-async def _import_hooks() -> None:
-    if _HOOKS_MODULE not in sys.modules:
-        await asyncio.to_thread(importlib.import_module, _HOOKS_MODULE)
-
-#: Seconds ``on_kill`` may spend cancelling statements (Airflow bounds it too; stay well inside that).
-_CANCEL_TIMEOUT_S = 30.0
-
-
-def _now() -> float:
-    return time.time()
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether a polling error may go away by itself (connection reset, timeout)."""
-    import aiohttp
-
-    return isinstance(error, aiohttp.ClientConnectionError | asyncio.TimeoutError | ConnectionError)
-
-
-class CortexStatementTrigger(BaseTrigger):
+class CortexStatementTrigger(PollingTrigger):
     """Wait until every statement of a Cortex batch has finished; yield ONE event with each one's final state.
 
     Polls ``GET /api/v2/statements/{query_id}`` for all statements concurrently through
@@ -59,6 +39,12 @@ class CortexStatementTrigger(BaseTrigger):
     :param cancel_on_kill: cancel the statements still running when a user kills the task (Airflow 3.3+).
     """
 
+    waited = STATEMENTS
+    hooks_module = _HOOKS_MODULE
+    #: the key of the event's per-statement states
+    event_key = "statements"
+    cancel_timeout = 30.0
+
     def __init__(
         self,
         snowflake_conn_id: str,
@@ -68,39 +54,36 @@ class CortexStatementTrigger(BaseTrigger):
         max_consecutive_errors: int = 5,
         cancel_on_kill: bool = True,
     ) -> None:
-        super().__init__()
         self.snowflake_conn_id = snowflake_conn_id
         self.query_ids = list(query_ids)
-        self.poll_interval = float(poll_interval)
-        self.end_time = float(end_time) if end_time is not None else None
-        self.max_consecutive_errors = int(max_consecutive_errors)
-        self.cancel_on_kill = bool(cancel_on_kill)
-        if not self.query_ids:
-            raise ValueError("CortexStatementTrigger needs at least one query id")
-        self._states: dict[str, StatementStatus] = {}
-        self._consecutive_errors = 0
+        super().__init__(poll_interval=poll_interval, end_time=end_time,
+                         max_consecutive_errors=max_consecutive_errors, cancel_on_kill=cancel_on_kill)
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        """Class path and kwargs; the kwargs are a stored schema: add new ones with defaults only."""
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "snowflake_conn_id": self.snowflake_conn_id,
-                "query_ids": list(self.query_ids),
-                "poll_interval": self.poll_interval,
-                "end_time": self.end_time,
-                "max_consecutive_errors": self.max_consecutive_errors,
-                "cancel_on_kill": self.cancel_on_kill,
-            },
-        )
+    def _target_kwargs(self) -> dict[str, Any]:
+        return {"snowflake_conn_id": self.snowflake_conn_id, "query_ids": list(self.query_ids)}
+
+    @property
+    def ids(self) -> list[str]:
+        return self.query_ids
 
     def _hook(self) -> CortexAsyncHook:
         from airflow_provider_synth.hooks.cortex import CortexAsyncHook
 
         return CortexAsyncHook(self.snowflake_conn_id)
 
-    def _running(self) -> list[str]:
-        return [q for q in self.query_ids if q not in self._states or self._states[q].state == "running"]
+    async def _fetch(self, hook: CortexAsyncHook, item_id: str) -> StatementStatus:
+        return await hook.poll_statement(item_id)
+
+    def _status(self, state: StatementStatus) -> str | None:
+        return state.state
+
+    def _is_transient(self, error: BaseException) -> bool:
+        from airflow_provider_synth.hooks.cortex import is_transient
+
+        return is_transient(error)
+
+    def _progress(self, item_id: str, state: StatementStatus) -> str:
+        return f"Statement {item_id}: {state.state} ({state.message})"
 
     def _event(self, status: str, message: str) -> TriggerEvent:
         from airflow_provider_synth.batch.cortex import StatementStatus
@@ -109,89 +92,13 @@ class CortexStatementTrigger(BaseTrigger):
             q: (self._states.get(q) or StatementStatus(q, "running", "not polled yet")).as_dict()
             for q in self.query_ids
         }
-        return TriggerEvent({"status": status, "message": message, "statements": statements})
+        return trigger_event({"status": status, "message": message, "statements": statements})
 
-    async def _poll(self, hook: CortexAsyncHook) -> list[tuple[str, BaseException]]:
-        pending = self._running()
-        results = await asyncio.gather(*(hook.poll_statement(q) for q in pending), return_exceptions=True)
-        errors: list[tuple[str, BaseException]] = []
-        for query_id, result in zip(pending, results, strict=True):
-            if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                errors.append((query_id, result))
-                continue
-            if result != self._states.get(query_id):
-                self.log.info("Statement %s: %s (%s)", query_id, result.state, result.message)
-            self._states[query_id] = result
-        return errors
+    def _done_message(self) -> str:
+        failed = [q for q in self.query_ids if self._states[q].state == "error"]
+        message = f"All {len(self.query_ids)} statements finished"
+        return message + (f"; {len(failed)} failed: {', '.join(failed)}." if failed else ", all succeeded.")
 
-    def _verdict(self, errors: list[tuple[str, BaseException]]) -> TriggerEvent | None:
-        """The terminal event after one poll, if the wait is over; ``None`` to keep polling."""
-        for query_id, error in errors:
-            if not is_transient(error):
-                return self._event("error", f"Polling statement {query_id} failed: {type(error).__name__}: "
-                                   f"{error}")
-        if errors and self._consecutive_errors > self.max_consecutive_errors:
-            query_id, error = errors[0]
-            return self._event("error", f"Polling failed {self._consecutive_errors} times in a row "
-                               f"(max_consecutive_errors={self.max_consecutive_errors}); last, statement "
-                               f"{query_id}: {type(error).__name__}: {error}")
-        running = self._running()
-        if not running:
-            failed = [q for q in self.query_ids if self._states[q].state == "error"]
-            message = f"All {len(self.query_ids)} statements finished"
-            message += f"; {len(failed)} failed: {', '.join(failed)}." if failed else ", all succeeded."
-            return self._event("success", message)
-        if self.end_time is not None and _now() >= self.end_time:
-            return self._event("timeout", f"Deadline (end_time={self.end_time:.0f}) passed with {len(running)} of "
-                               f"{len(self.query_ids)} statements still running: {', '.join(running)}.")
-        return None
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        """Poll until every statement finished, the deadline passes, or polling fails; yield one event."""
-        self._consecutive_errors = 0
-        await _import_hooks()
-        async with self._hook() as hook:
-            event = await self._wait(hook)
-        # the session is closed before the event leaves: a runner that stops iterating after the first event
-        # (dag.test() does) never leaves it to a generator finalizer ("Unclosed connector")
-        yield event
-
-    async def _wait(self, hook: CortexAsyncHook) -> TriggerEvent:
-        while True:
-            errors = await self._poll(hook)
-            self._consecutive_errors = self._consecutive_errors + 1 if errors else 0
-            for query_id, error in errors:
-                self.log.warning("Polling statement %s failed: %s: %s", query_id, type(error).__name__, error)
-            event = self._verdict(errors)
-            if event is not None:
-                return event
-            delay = self.poll_interval
-            if self.end_time is not None:
-                delay = max(0.0, min(delay, self.end_time - _now()))
-            await asyncio.sleep(delay)
-
-    async def on_kill(self) -> None:
-        """Cancel the statements that may still be running, when a user kills the task (Airflow 3.3+)."""
-        if not self.cancel_on_kill:
-            return
-        running = self._running()
-        if not running:
-            return
-        await _import_hooks()
-        async with self._hook() as hook:
-            try:
-                results = await asyncio.wait_for(
-                    asyncio.gather(*(hook.acancel_statement(q) for q in running), return_exceptions=True),
-                    timeout=_CANCEL_TIMEOUT_S,
-                )
-            except TimeoutError:  # the kill must go on; say what may still run
-                self.log.warning("Cancelling statements took over %.0f s; they may still be running: %s",
-                                 _CANCEL_TIMEOUT_S, ", ".join(running))
-                return
-        for query_id, result in zip(running, results, strict=True):
-            if isinstance(result, BaseException):
-                self.log.warning("Cancelling statement %s failed: %s: %s", query_id, type(result).__name__, result)
-            else:
-                self.log.info("Cancel of statement %s: %s", query_id, result.message)
+    async def _cancel(self, hook: CortexAsyncHook, item_id: str) -> str:
+        result = await hook.acancel_statement(item_id)
+        return f"Cancel of statement {item_id}: {result.message}"

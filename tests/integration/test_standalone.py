@@ -390,6 +390,12 @@ def test_quickstart_defers_to_a_real_triggerer(cluster: Cluster) -> None:
                        if p.name == "attempt=1.log" and f"task_id={TASK_ID}" in str(p))
     assert "Pausing task as DEFERRED" in task_log, context
 
+    # our trigger never blocked the triggerer's loop: Airflow's own detector logged nothing once it started
+    started_at = json.loads(trigger_log.splitlines()[0])["timestamp"]
+    blocked = [line for line in cluster.procs.log("triggerer").read_text(errors="replace").splitlines()
+               if "async thread was blocked" in line and line[:27] >= started_at[:27]]
+    assert blocked == [], (started_at, blocked)
+
     # every request is accounted for; one batch; the triggerer polled while it ran (every 2 s for ~14 s)
     assert_all_answered(cluster, run)
     after = cluster.server("counters")

@@ -436,44 +436,46 @@ def count_lookups(monkeypatch) -> list[str]:
 
 
 async def test_async_hooks_share_one_client_per_connection_and_loop(openai_conn, monkeypatch):
-    import airflow_provider_synth.hooks.openai as mod
+    from airflow.providers.common.compat.sdk import redact
+
+    import airflow_provider_synth.hooks.openai_pool as pool_mod
 
     lookups = count_lookups(monkeypatch)
     hooks = [OpenAIBatchAsyncHook(openai_conn) for _ in range(50)]
     try:
         clients = await asyncio.gather(*(h.get_async_client() for h in hooks))
         assert len(lookups) == 1 and len({id(c) for c in clients}) == 1  # one lookup, one client
-        assert clients[0]._client is mod._loop_pool().http_client
-        assert hooks[0]._slots._value == mod.ASYNC_POOL_MAX_CONNECTIONS
-        assert all(h.redact(f"key {API_KEY}") == "key ***" for h in hooks)  # secrets known to every user
+        assert clients[0]._client is pool_mod.loop_pool().http_client
+        assert hooks[0]._slots()._value == pool_mod.ASYNC_POOL_MAX_CONNECTIONS
+        assert redact(f"key {API_KEY}") == "key ***"  # Airflow's masker learnt the key at the lookup
         for hook in hooks[:-1]:
             await hook.close()
-        assert mod._loop_pool().clients[openai_conn].users == 1  # the last user keeps it
+        assert pool_mod.loop_pool().clients[openai_conn].users == 1  # the last user keeps it
         http_client = clients[0]._client
         await hooks[-1].close()
-        assert asyncio.get_running_loop() not in mod._loop_pools  # last client gone: pool closed
+        assert asyncio.get_running_loop() not in pool_mod._loop_pools  # last client gone: pool closed
         assert http_client.is_closed
         again = OpenAIBatchAsyncHook(openai_conn)
         await again.get_async_client()
         assert len(lookups) == 2  # released when its last user left: looked up again
-        monkeypatch.setattr(mod, "SHARED_CLIENT_TTL_S", 0.0)
+        monkeypatch.setattr(pool_mod, "SHARED_CLIENT_TTL_S", 0.0)
         await OpenAIBatchAsyncHook(openai_conn).get_async_client()
         assert len(lookups) == 3  # past the TTL: looked up again (rotated keys)
-        assert len(mod._loop_pool().clients) == 1 and not again._async_client._client.is_closed
-        stale = mod._loop_pool().clients[openai_conn]
+        assert len(pool_mod.loop_pool().clients) == 1 and not again._async_client._client.is_closed
+        stale = pool_mod.loop_pool().clients[openai_conn]
         newer = OpenAIBatchAsyncHook(openai_conn)
         await newer.get_async_client()  # past the TTL again: a new entry replaces the one `again` holds
-        assert mod._loop_pool().clients[openai_conn] is not stale
+        assert pool_mod.loop_pool().clients[openai_conn] is not stale
         await newer.close()
         # `again` still holds the stale client: the pool stays open for it
         assert not again._async_client._client.is_closed
     finally:
-        await mod.close_loop_pool()
+        await pool_mod.close_loop_pool()
 
 
 async def test_shared_client_failure_reaches_every_waiter_then_retries(monkeypatch):
     set_conn(monkeypatch, "nokey", conn_type="synth_openai")
-    from airflow_provider_synth.hooks.openai import close_loop_pool
+    from airflow_provider_synth.hooks.openai_pool import close_loop_pool
 
     hooks = [OpenAIBatchAsyncHook("nokey") for _ in range(5)]
     results = await asyncio.gather(*(h.get_async_client() for h in hooks), return_exceptions=True)
@@ -488,7 +490,7 @@ async def test_shared_client_failure_reaches_every_waiter_then_retries(monkeypat
 async def test_shared_entra_credential_closed_by_last_user(monkeypatch):
     import azure.identity.aio
 
-    from airflow_provider_synth.hooks.openai import close_loop_pool
+    from airflow_provider_synth.hooks.openai_pool import close_loop_pool
 
     closed = []
 
@@ -529,15 +531,15 @@ def test_upload_and_download_through_an_fsspec_url(hook, api):
 
 async def test_concurrent_first_calls_attach_one_client(openai_conn, api, monkeypatch):
     """A trigger polls its batches with gather: the hook's first calls race to build the client."""
-    import airflow_provider_synth.hooks.openai as mod
+    import airflow_provider_synth.hooks.openai_pool as pool_mod
 
     lookups = count_lookups(monkeypatch)
     shared = OpenAIBatchAsyncHook(openai_conn)
     clients = await asyncio.gather(*(shared.get_async_client() for _ in range(5)))
     assert len(lookups) == 1 and len({id(c) for c in clients}) == 1
-    assert mod._loop_pool().users == 1
+    assert pool_mod.loop_pool().users == 1
     await shared.close()
-    assert asyncio.get_running_loop() not in mod._loop_pools  # released: nothing left open
+    assert asyncio.get_running_loop() not in pool_mod._loop_pools  # released: nothing left open
 
     own = OpenAIBatchAsyncHook(openai_conn, client_options={"http_client": api.async_client()})
     clients = await asyncio.gather(*(own.get_async_client() for _ in range(5)))

@@ -13,8 +13,8 @@ from airflow_provider_synth.hooks.openai import (
     OpenAIBatchAsyncHook,
     OpenAIBatchHook,
     batch_summary,
-    close_loop_pool,
 )
+from airflow_provider_synth.hooks.openai_pool import close_loop_pool
 from airflow_provider_synth.server.server import Outcome
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
@@ -182,14 +182,14 @@ async def test_a_multi_batch_trigger_leaves_no_connection_open(server, openai_co
     """As dag.test() runs it: take the first event, drop the generator; the loop's pool is closed already."""
     import asyncio
 
-    import airflow_provider_synth.hooks.openai as mod
+    import airflow_provider_synth.hooks.openai_pool as pool_mod
 
     hook = OpenAIBatchHook(openai_conn)
     file_id = hook.upload_file(write_requests(tmp_path, 2)).id
     ids = [hook.create_batch(file_id, "/v1/chat/completions").id for _ in range(3)]
     event = await anext(OpenAIBatchTrigger(openai_conn, ids, poll_interval=0.05).run())
     assert event.payload["status"] == "success"
-    assert asyncio.get_running_loop() not in mod._loop_pools
+    assert asyncio.get_running_loop() not in pool_mod._loop_pools
 
 
 async def test_trigger_polls_skip_the_sdk_on_a_plain_openai_connection(server, openai_conn, tmp_path, monkeypatch):
@@ -229,4 +229,4 @@ async def test_direct_poll_falls_back_to_the_sdk(server, openai_conn, tmp_path):
 async def test_azure_polls_go_through_the_sdk(server, azure_conns, tmp_path):
     async with OpenAIBatchAsyncHook("az_key") as async_hook:
         await async_hook.get_async_client()
-        assert async_hook._shared is not None and async_hook._shared.direct is None
+        assert async_hook._lease is not None and async_hook._lease.entry.direct is None

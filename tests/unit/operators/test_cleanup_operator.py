@@ -10,12 +10,8 @@ from airflow.sdk import Connection
 
 from airflow_provider_synth.exceptions import SynthError
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
-from airflow_provider_synth.operators.cleanup import (
-    MAX_LISTED_IDS,
-    OpenAIBatchCleanupOperator,
-    clean_up_batch_files,
-    is_our_upload,
-)
+from airflow_provider_synth.operators.cleanup import OpenAIBatchCleanupOperator
+from airflow_provider_synth.runs.cleanup import MAX_LISTED_IDS, clean_up_batch_files, is_our_upload
 from airflow_provider_synth.runs.openai import CREATED_BY, CREATED_BY_META, KEY_META
 
 API_KEY = "sk-cleanup-SECRET-24681357"

@@ -233,7 +233,8 @@ def test_trigger_polling_error_then_a_retry_reattaches(fake: FakeCortex, tmp_pat
     op = _op(tmp_path)
     first = _defer(op, 1)
     with pytest.raises(TriggerEventError, match="a retry re-attaches"):
-        op.execute_complete(_ctx(1), {"status": "error", "message": "SQL API unreachable"}, first.kwargs["run"])  # type: ignore[index]
+        op.execute_complete(_ctx(1), {"status": "error", "message": "SQL API unreachable", "statements": {}},
+                            first.kwargs["run"])  # type: ignore[index]
     again = _defer(op, 2)
     assert again.trigger.query_ids == first.trigger.query_ids  # type: ignore[attr-defined]
     assert again.trigger.end_time == first.trigger.end_time  # type: ignore[attr-defined]

@@ -8,7 +8,8 @@ from airflow.providers.common.compat.sdk import TaskDeferred
 from airflow.sdk import Connection
 
 from airflow_provider_synth.exceptions import BatchTimeoutError, TriggerEventError
-from airflow_provider_synth.hooks.openai import OpenAIBatchHook, close_loop_pool
+from airflow_provider_synth.hooks.openai import OpenAIBatchHook
+from airflow_provider_synth.hooks.openai_pool import close_loop_pool
 from airflow_provider_synth.sensors.openai_batch import OpenAIBatchSensor, resolve_batch_ids
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
@@ -111,3 +112,34 @@ async def test_deferred_trigger_then_execute_complete(server_conn, tmp_path):
     await close_loop_pool()
     result = sensor.execute_complete({}, events[0])
     assert result[batch_id]["status"] == "completed"
+
+
+def test_poke_follows_the_verdict(monkeypatch):
+    """Poke mode tolerates transient errors up to max_consecutive_errors and stops on an unknown status."""
+    from airflow_provider_synth.exceptions import BatchFailedError
+    from airflow_provider_synth.testing.mock_transport import FakeBatchAPI
+
+    conn = Connection(conn_id="fk", conn_type="synth_openai", password=API_KEY, host="http://fake.local/v1",
+                      extra=json.dumps({"max_retries": 0}))
+    monkeypatch.setenv("AIRFLOW_CONN_FK", conn.as_json())
+    api = FakeBatchAPI()
+    ok, odd = api.add_batch(["in_progress", "completed"]), api.add_batch(["in_progress", "on_holiday"])
+
+    def sensor_for(batch_ids, max_errors):
+        sensor = OpenAIBatchSensor(task_id="poke", batch_ids=batch_ids, conn_id="fk",
+                                   max_consecutive_errors=max_errors)
+        sensor.hook = OpenAIBatchHook("fk", client_options={"http_client": api.sync_client()})
+        return sensor
+
+    sensor = sensor_for([ok], 2)
+    api.fail_next(503, 503)
+    assert [sensor.poke({}).is_done for _ in range(4)] == [False, False, False, True]
+    api.fail_next(503, 503, 503)
+    sensor = sensor_for([ok], 2)
+    assert [sensor.poke({}).is_done for _ in range(2)] == [False, False]
+    with pytest.raises(BatchFailedError, match="3 times in a row"):
+        sensor.poke({})
+    sensor = sensor_for([odd], 2)
+    assert sensor.poke({}).is_done is False
+    with pytest.raises(BatchFailedError, match="unknown status 'on_holiday'"):
+        sensor.poke({})

@@ -23,7 +23,7 @@ def request(cid: str, url: str = "/v1/chat/completions", model: str = "gpt-4o-mi
 
 @pytest.fixture
 def conn(monkeypatch, batch_server):
-    c = Connection(conn_id="srv", conn_type="synth_openai", password="sk-test", host=batch_server.base_url,
+    c = Connection(conn_id="srv", conn_type="synth_openai", password="sk-direct-7f3a", host=batch_server.base_url,
                    extra=json.dumps({"max_retries": 0}))
     monkeypatch.setenv("AIRFLOW_CONN_SRV", c.as_json())
     az = Connection(conn_id="az", conn_type="synth_azure_openai", password="k", host=batch_server.azure_endpoint,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_synth.testing.cortex import FakeSqlApi
-from airflow_provider_synth.triggers import cortex as trigger_module
+from airflow_provider_synth.triggers import base as trigger_base
 from airflow_provider_synth.triggers.cortex import CortexStatementTrigger
 
 PAT = "pat-trigger-secret"
@@ -62,7 +62,7 @@ async def test_failed_statement_is_reported_per_statement(api: FakeSqlApi):
 async def test_deadline_is_absolute_and_survives_recreation(api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch):
     api.running_polls = 10**6
     clock = {"now": 1_000.0}
-    monkeypatch.setattr(trigger_module, "_now", lambda: clock["now"])
+    monkeypatch.setattr(trigger_base, "_now", lambda: clock["now"])
     trigger = CortexStatementTrigger("sf_trig", ["q-slow"], poll_interval=0.01, end_time=1_000.5)
     recreated = CortexStatementTrigger(**trigger.serialize()[1])
     assert recreated.end_time == 1_000.5
@@ -122,7 +122,7 @@ async def test_on_kill_gives_up_on_a_cancel_that_hangs(api: FakeSqlApi, monkeypa
         await never.wait()
 
     monkeypatch.setattr("airflow_provider_synth.hooks.cortex.CortexAsyncHook.acancel_statement", hang)
-    monkeypatch.setattr(trigger_module, "_CANCEL_TIMEOUT_S", 0.01)
+    monkeypatch.setattr(CortexStatementTrigger, "cancel_timeout", 0.01)
     trigger = CortexStatementTrigger("sf_trig", ["q-1", "q-2"], poll_interval=0.01)
     await trigger.on_kill()  # returns (the kill goes on) instead of raising TimeoutError
     assert "may still be running: q-1, q-2" in "".join(capfd.readouterr())
@@ -163,13 +163,13 @@ async def test_blocking_work_runs_off_the_loop_and_no_sync_lookup(api: FakeSqlAp
     import threading
 
     from airflow.providers.snowflake.hooks.snowflake import SnowflakeHook
-    from airflow.providers.snowflake.utils._rest_auth import SnowflakeRestTokenProvider
+    from airflow.providers.snowflake.hooks.sql_api import SnowflakeSqlApiHook
 
     from airflow_provider_synth.hooks.cortex import CortexHook
 
     loop_thread = threading.get_ident()
     threads: list[int] = []
-    build, params = SnowflakeRestTokenProvider.build_auth_headers, SnowflakeHook._get_conn_params
+    build, params = SnowflakeSqlApiHook.get_headers, SnowflakeHook._get_conn_params
 
     def spy_build(self: Any) -> Any:
         threads.append(threading.get_ident())
@@ -182,7 +182,7 @@ async def test_blocking_work_runs_off_the_loop_and_no_sync_lookup(api: FakeSqlAp
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("blocking call from the trigger")
 
-    monkeypatch.setattr(SnowflakeRestTokenProvider, "build_auth_headers", spy_build)
+    monkeypatch.setattr(SnowflakeSqlApiHook, "get_headers", spy_build)
     monkeypatch.setattr(SnowflakeHook, "_get_conn_params", spy_params)
     monkeypatch.setattr("airflow.sdk.bases.hook.BaseHook.get_connection", classmethod(forbidden))
     monkeypatch.setattr(CortexHook, "get_statement_status", forbidden)
@@ -194,7 +194,7 @@ async def test_blocking_work_runs_off_the_loop_and_no_sync_lookup(api: FakeSqlAp
 
 def test_the_triggerer_imports_the_trigger_without_the_hook() -> None:
     """The triggerer imports a trigger's class path inside its event loop: the snowflake provider and the batch
-    core are imported by ``run`` in a worker thread instead."""
+    core (all but its stdlib-only ``status`` module) are imported by ``run`` in a worker thread instead."""
     import subprocess
     import sys
 
@@ -202,8 +202,9 @@ def test_the_triggerer_imports_the_trigger_without_the_hook() -> None:
 import asyncio, sys
 import airflow.triggers.base
 import airflow_provider_synth.triggers.cortex as t
-assert t._HOOKS_MODULE not in sys.modules and "airflow_provider_synth.batch" not in sys.modules
-asyncio.run(t._import_hooks())
+core = [m for m in sys.modules if m.startswith("airflow_provider_synth.batch.") and m != "airflow_provider_synth.batch.status"]
+assert t._HOOKS_MODULE not in sys.modules and not core, core
+asyncio.run(t.CortexStatementTrigger._prepare())
 assert t._HOOKS_MODULE in sys.modules
 print("ok")
 """

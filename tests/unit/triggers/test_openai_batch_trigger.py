@@ -9,7 +9,7 @@ import httpx2
 import pytest
 from airflow.sdk import Connection
 
-import airflow_provider_synth.triggers.openai_batch as trigger_module
+import airflow_provider_synth.triggers.base as trigger_base
 from airflow_provider_synth.hooks.openai import OpenAIBatchAsyncHook, OpenAIBatchHook
 from airflow_provider_synth.testing.mock_transport import FakeBatchAPI
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
@@ -42,15 +42,15 @@ def use_transport(monkeypatch, handler) -> None:
         client = httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
         return OpenAIBatchAsyncHook(*args, client_options={"http_client": client}, **kwargs)
 
-    monkeypatch.setattr(trigger_module, "OpenAIBatchAsyncHook", hook_factory)
+    monkeypatch.setattr(OpenAIBatchTrigger, "_hook", lambda self: hook_factory(self.conn_id))
 
 
 def fake_trigger_sleep(monkeypatch, sleep) -> None:
-    """Replace ``asyncio.sleep`` as the trigger module sees it, and only there: the event loop, the HTTP
+    """Replace ``asyncio.sleep`` as the triggers' poll loop (triggers/base.py) sees it, and only there: the event loop, the HTTP
     client and every other module keep the real one."""
     import types
 
-    monkeypatch.setattr(trigger_module, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": sleep}))
+    monkeypatch.setattr(trigger_base, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": sleep}))
 
 
 def poll_spy(monkeypatch) -> tuple[list[str], dict[int, asyncio.Event]]:
@@ -211,7 +211,7 @@ async def test_deadline_times_out_and_a_recreated_trigger_keeps_it(api, monkeypa
     monkeypatch.setattr(OpenAIBatchTrigger, "jitter", 0.0)
     monkeypatch.setattr(OpenAIBatchTrigger, "start_spread", 0.0)
     clock = [1_000.0]
-    monkeypatch.setattr(trigger_module, "_now", lambda: clock[0])
+    monkeypatch.setattr(trigger_base, "_now", lambda: clock[0])
     sleeps = []
 
     async def fake_sleep(delay):
@@ -239,7 +239,7 @@ async def test_deadline_times_out_and_a_recreated_trigger_keeps_it(api, monkeypa
 
 
 async def test_finished_at_the_deadline_is_success(api, monkeypatch):
-    monkeypatch.setattr(trigger_module, "_now", lambda: 5_000.0)
+    monkeypatch.setattr(trigger_base, "_now", lambda: 5_000.0)
     batch_id = api.add_batch([done()])
     events = await collect(OpenAIBatchTrigger(CONN_ID, [batch_id], end_time=4_000.0))
     assert events[0]["status"] == "success"
@@ -291,13 +291,13 @@ async def test_bad_connection_is_an_error_event(monkeypatch, api):
 def spy_hooks(monkeypatch) -> list:
     """The hooks the trigger creates, in order."""
     hooks = []
-    factory = trigger_module.OpenAIBatchAsyncHook
+    factory = OpenAIBatchTrigger._hook
 
-    def spy(*a, **k):
-        hooks.append(factory(*a, **k))
+    def spy(self):
+        hooks.append(factory(self))
         return hooks[-1]
 
-    monkeypatch.setattr(trigger_module, "OpenAIBatchAsyncHook", spy)
+    monkeypatch.setattr(OpenAIBatchTrigger, "_hook", spy)
     return hooks
 
 
@@ -360,7 +360,7 @@ async def test_on_kill_survives_api_errors(api, capsys):
 
 async def test_on_kill_gives_up_after_its_own_timeout(api, monkeypatch, capsys):
     batch_id = api.add_batch(["in_progress"])
-    monkeypatch.setattr(trigger_module, "_CANCEL_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(OpenAIBatchTrigger, "cancel_timeout", 0.05)
 
     never = asyncio.Event()
 
@@ -369,7 +369,7 @@ async def test_on_kill_gives_up_after_its_own_timeout(api, monkeypatch, capsys):
 
     monkeypatch.setattr(OpenAIBatchAsyncHook, "acancel_batch", hang)
     await asyncio.wait_for(OpenAIBatchTrigger(CONN_ID, [batch_id]).on_kill(), timeout=30)
-    assert f"Cancelling batches {batch_id} timed out" in logs(capsys)
+    assert f"Cancelling batches took over 0 s; they may still be running: {batch_id}" in logs(capsys)
 
 
 async def test_polls_are_jittered(api, monkeypatch):
@@ -406,11 +406,11 @@ def spy(name, *a):
         threads.append(threading.current_thread() is threading.main_thread())
     return real(name, *a)
 t.importlib.import_module = spy
-asyncio.run(t._import_hooks())
+asyncio.run(t.OpenAIBatchTrigger._prepare())
 assert "openai" in sys.modules and threads == [False], threads
-import airflow_provider_synth.hooks.openai as hooks
-assert hooks.shared_ssl_context.cache_info().currsize == 1  # the TLS context is built there too
-asyncio.run(t._import_hooks())  # done once per process
+import airflow_provider_synth.hooks.openai_pool as pool
+assert pool.shared_ssl_context.cache_info().currsize == 1  # the TLS context is built there too
+asyncio.run(t.OpenAIBatchTrigger._prepare())  # done once per process
 assert threads == [False], threads
 print("ok")
 """

@@ -1,0 +1,84 @@
+"""Paths, the one way: a local path, an fsspec URL (``s3://``, ``memory://``...) or an ObjectStoragePath/UPath.
+
+Every layer opens, joins and tests files through these, so the task that submits and the task that downloads
+may run on different machines and the same code serves local folders and object storage.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import IO, Any
+
+
+def as_path(path: Any) -> Any:
+    """Object-storage URLs become ``ObjectStoragePath`` (connection-aware) where Airflow is installed; local
+    paths (and ``file://`` URLs) become plain strings; path objects are kept.
+
+    :param path: what a user or a stored plan gave.
+    """
+    if isinstance(path, str) and path.startswith("file://"):
+        return path[len("file://"):]
+    if isinstance(path, str) and "://" in path:
+        try:
+            from airflow.sdk import ObjectStoragePath
+        except ImportError:  # the vLLM engine's interpreter has no Airflow: fsspec reads the URL itself
+            return path
+        return ObjectStoragePath(path)
+    return path
+
+
+def open_path(path: Any, mode: str = "rb") -> IO[bytes]:
+    """Open a local path, an fsspec URL or an ObjectStoragePath/UPath.
+
+    Writing creates parent folders on filesystems that have them.
+    """
+    writing = "w" in mode or "a" in mode
+    if not isinstance(path, str) and hasattr(path, "protocol") and hasattr(path, "open"):
+        # ObjectStoragePath / UPath: keep the object, it carries the connection's storage options
+        if writing:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fobj: IO[bytes] = path.open(mode)
+        return fobj
+    path = os.fspath(path)
+    if "://" not in path:
+        if writing:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return open(path, mode)  # noqa: SIM115 - the caller owns the file object
+    import fsspec
+
+    opened: IO[bytes] = fsspec.open(path, mode, auto_mkdir=True).open()
+    return opened
+
+
+def join_path(base: Any, name: str) -> Any:
+    """Join a file name onto a folder given as a local path, a URL string or a path object."""
+    if isinstance(base, str):
+        return base.rstrip("/") + "/" + name
+    return base / name
+
+
+def exists(path: Any) -> bool:
+    """Whether a file exists, wherever it lives."""
+    if isinstance(path, str) and "://" not in path:
+        return os.path.exists(path)
+    if isinstance(path, str):
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        return bool(fs.exists(p))
+    if isinstance(path, os.PathLike) and not hasattr(path, "protocol"):
+        return os.path.exists(path)
+    return bool(path.exists())
+
+
+def local_path(path: Any) -> Path | None:
+    """The local filesystem path of ``path``, or ``None`` when it lives in object storage."""
+    protocol = getattr(path, "protocol", None)
+    if protocol is not None:
+        protocol = protocol[0] if isinstance(protocol, tuple | list) else protocol
+        return Path(str(getattr(path, "path", path))) if protocol in ("file", "local", "") else None
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    return None if "://" in text else Path(text)
