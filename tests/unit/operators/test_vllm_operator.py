@@ -205,6 +205,31 @@ def test_engine_config_kwargs() -> None:
                                 "enforce_eager": False, "quantization": "awq", "seed": 3}
 
 
+def test_parser_options_reach_the_runner_not_vllm_llm(requests_file, tmp_path, fake_python, context,
+                                                      monkeypatch) -> None:
+    from airflow_provider_synth.runs import vllm_runner
+
+    engine = VLLMEngineConfig(tool_call_parser="pythonic", enable_auto_tool_choice=True,
+                              reasoning_parser="deepseek_r1")
+    assert set(engine.llm_kwargs()) == {"tensor_parallel_size", "dtype", "enforce_eager"}
+    written: list[dict] = []
+    real_write = Path.write_bytes
+
+    def spy(self: Path, data: bytes) -> int:
+        if self.name == "runner.json":
+            written.append(orjson.loads(data))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", spy)
+    manifest = operator(str(requests_file), str(tmp_path / "out"), fake_python, engine=engine).execute(context)
+    assert manifest["succeeded"] == 59
+    (config,) = written
+    assert (config["tool_call_parser"], config["enable_auto_tool_choice"], config["reasoning_parser"]) == (
+        "pythonic", True, "deepseek_r1")
+    runner_cfg = vllm_runner.RunnerConfig(**config)  # the runner takes every key the operator writes
+    assert runner_cfg.tool_call_parser == "pythonic"
+
+
 def test_constructor_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="chunk_size"):
         VLLMBatchOperator(task_id="x", input_path="i", output_path="o", model="m", chunk_size=0)
