@@ -151,7 +151,8 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         request's body overrides them. Without ``max_tokens`` a request may generate up to the context length,
         as in the OpenAI API.
     :param python: the interpreter that has vLLM (vLLM cannot share Airflow's environment).
-    :param chunk_size: requests per engine call and per flush of the answers (the most a kill can lose).
+    :param chunk_size: requests in the engine at once (embeddings, scores: per engine call), and the most
+        answers held before they are written and synced (with at most a second's wait): what a kill can lose.
     :param env: environment variables for the engine process (``CUDA_VISIBLE_DEVICES``, ``HF_TOKEN``...),
         taken as given. Of the worker's own environment the engine inherits only what vLLM, CUDA, Hugging Face
         and the model need (see :mod:`airflow_provider_synth.runs.vllm_process`), never connections or
