@@ -81,5 +81,20 @@ def build(out_dir: str | Path, *, vocab_size: int = 512, layers: int = 2, hidden
     return out
 
 
-if __name__ == "__main__":
-    print(build(sys.argv[1]))
+def build_scorer(out_dir: str | Path) -> Path:
+    """The same tiny Llama as a cross-encoder (``LlamaForSequenceClassification``, one label): vLLM serves it
+    for ``/score`` and ``/rerank`` (``LLM.score``)."""
+    import torch
+    from transformers import AutoConfig, LlamaForSequenceClassification
+
+    out = build(out_dir)
+    config = AutoConfig.from_pretrained(out)
+    config.num_labels = 1
+    config.architectures = ["LlamaForSequenceClassification"]
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).to(torch.float32).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+if __name__ == "__main__":  # python tests/vllm_tiny_model.py OUT_DIR [--scorer]
+    print(build_scorer(sys.argv[1]) if "--scorer" in sys.argv[2:] else build(sys.argv[1]))

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 EVENT_PREFIX = b'{"synth_vllm":'
 SERVED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
 #: One shard holding every valid line: the engine's input under ``invalid_requests="skip"``.
+#: VLLMEngineConfig fields the runner reads itself (never ``vllm.LLM`` keyword arguments)
+_RUNNER_OPTIONS = ("served_model_names", "tool_call_parser", "enable_auto_tool_choice", "reasoning_parser")
 _ONE_SHARD = ShardLimits(max_requests=1 << 62, max_bytes=1 << 62, max_embedding_inputs=1 << 62)
 
 
@@ -61,6 +63,12 @@ class VLLMEngineConfig:
     :param served_model_names: the names a request line's ``model`` may use for this engine (the first is
         written in the answers), as ``--served-model-name`` does for vLLM's server; default: the operator's
         ``model``. A line naming another model is invalid. Use it for files that name the hub id.
+    :param tool_call_parser: vLLM's tool parser (``"hermes"``, ``"llama3_json"``, ``"pythonic"``...) that turns
+        answers into ``message.tool_calls``, as ``run_batch --tool-call-parser``; needed for ``tool_choice``
+        "required" or a named function.
+    :param enable_auto_tool_choice: parse tool calls for ``tool_choice: "auto"`` (``--enable-auto-tool-choice``).
+    :param reasoning_parser: vLLM's reasoning parser (``"deepseek_r1"``, ``"qwen3"``...) that moves the
+        reasoning into ``message.reasoning`` (``--reasoning-parser``).
     """
 
     tensor_parallel_size: int = 1
@@ -71,11 +79,14 @@ class VLLMEngineConfig:
     seed: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     served_model_names: Sequence[str] | None = None
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    reasoning_parser: str | None = None
 
     def llm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``vllm.LLM`` (JSON-serializable; the runner receives them in a file)."""
         kwargs = {k: v for k, v in asdict(self).items()
-                  if k not in ("extra", "served_model_names") and v is not None}
+                  if k not in ("extra", *_RUNNER_OPTIONS) and v is not None}
         kwargs.update(self.extra)
         return kwargs
 
@@ -88,6 +99,11 @@ class VLLMEngineConfig:
         if engine_names:
             return [engine_names] if isinstance(engine_names, str) else list(engine_names)
         return [model]
+
+    def runner_options(self) -> dict[str, Any]:
+        """What the runner itself does with the answers (vLLM's OpenAI parsers), not ``vllm.LLM`` settings."""
+        return {"tool_call_parser": self.tool_call_parser, "enable_auto_tool_choice": self.enable_auto_tool_choice,
+                "reasoning_parser": self.reasoning_parser}
 
 
 def gpu_pod_override(gpus: int = 1, *, image: str | None = None, memory: str | None = None,
@@ -135,7 +151,8 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         request's body overrides them. Without ``max_tokens`` a request may generate up to the context length,
         as in the OpenAI API.
     :param python: the interpreter that has vLLM (vLLM cannot share Airflow's environment).
-    :param chunk_size: requests per engine call and per flush of the answers (the most a kill can lose).
+    :param chunk_size: requests in the engine at once (embeddings, scores: per engine call), and the most
+        answers held before they are written and synced (with at most a second's wait): what a kill can lose.
     :param env: environment variables for the engine process (``CUDA_VISIBLE_DEVICES``, ``HF_TOKEN``...),
         taken as given. Of the worker's own environment the engine inherits only what vLLM, CUDA, Hugging Face
         and the model need (see :mod:`airflow_provider_synth.runs.vllm_process`), never connections or
@@ -244,8 +261,9 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
     def _fingerprint(self) -> str:
         """What the engine's saved answers depend on: the input's bytes, the model and the sampling."""
         names = self.engine.served_model_names
+        options = {k: v for k, v in self.engine.runner_options().items() if v}  # parsers change the answers
         digest = hashlib.sha256(dumps([self.model, self.sampling, self.engine.llm_kwargs(),
-                                       *([list(names)] if names else [])]))
+                                       *([list(names)] if names else []), *([options] if options else [])]))
         with open_path(self.input_path, "rb") as fp:
             for block in iter(lambda: fp.read(1 << 20), b""):
                 digest.update(block)
@@ -256,7 +274,7 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         config = {"input": str(work.local_input), "output": str(work.local_output), "model": self.model,
                   "llm_kwargs": self.engine.llm_kwargs(), "sampling": self.sampling,
                   "chunk_size": self.chunk_size, "served_model_names": served,
-                  "served_model_name": served[0]}
+                  "served_model_name": served[0], **self.engine.runner_options()}
         config_path = work.scratch / "runner.json"
         config_path.write_bytes(dumps(config))
         cmd = [python, "-m", "airflow_provider_synth.runs.vllm_runner", "--config", str(config_path)]

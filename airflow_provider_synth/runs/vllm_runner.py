@@ -6,13 +6,22 @@ vLLM, the standard library and this provider's core (``airflow_provider_synth.ba
     python -m airflow_provider_synth.runs.vllm_runner --config run.json
 
 ``run.json`` holds ``input`` and ``output`` (local paths), ``model``, ``llm_kwargs`` (for ``vllm.LLM``),
-``sampling`` (default sampling parameters, in vLLM's names; each request's body overrides them) and
-``chunk_size``. The runner streams the input in chunks through ``LLM.chat`` (``/v1/chat/completions``),
-``LLM.generate`` (``/v1/completions``) or ``LLM.embed`` (``/v1/embeddings``) and appends one OpenAI-format
-output line per request to ``output``, flushed and synced after every chunk.
+``sampling`` (default sampling parameters, in vLLM's names; each request's body overrides them),
+``chunk_size`` (requests in the engine at once, and the most answers held before a write),
+``flush_interval`` (seconds between writes), ``served_model_names`` (the names a line's ``model`` may use;
+default ``[model]``) and, as ``run_batch``'s flags, ``tool_call_parser``, ``enable_auto_tool_choice`` and
+``reasoning_parser``.
 
-* A request the engine refuses (an over-long prompt, a bad sampling value) becomes an error line; the run
-  goes on.
+* **A pipelined engine loop** (``/v1/chat/completions``, ``/v1/completions``): requests are added to vLLM's
+  engine one by one (``LLM.enqueue_chat`` / ``LLM.enqueue``) while ``LLM.llm_engine.step()`` runs it, so the
+  engine always has up to ``chunk_size`` requests and no chunk boundary drains it; each answer is appended to
+  ``output`` as it finishes, written, flushed and synced every ``chunk_size`` answers or ``flush_interval``
+  seconds. Embeddings, ``/score`` and ``/rerank`` (vLLM's fields, as ``run_batch`` writes them) go through
+  ``LLM.embed`` / ``LLM.score`` in chunks of ``chunk_size``.
+* Chat bodies are answered as vLLM's ``run_batch`` answers them (:mod:`~airflow_provider_synth.runs.vllm_chat`):
+  tool calls, reasoning, logprobs, structured outputs, ``system_fingerprint``.
+* A line naming a model the engine does not serve gets a 404 error line (code ``model_not_found``); a request
+  the engine refuses (an over-long prompt, a bad sampling value) an error line (400); the run goes on.
 * Resume: on start the runner reads ``output``, cuts a torn last line (a kill mid-write), and skips every
   custom_id already answered for good (a success, or a failure a retry cannot fix), so a rerun finishes the
   rest and never answers a finished request twice.
@@ -34,9 +43,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, Protocol
 
-from airflow_provider_synth.batch.jsonl import dumps, iter_jsonl, loads
+from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
 from airflow_provider_synth.batch.requests import CHAT, COMPLETIONS, EMBEDDINGS
 from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
 from airflow_provider_synth.runs.vllm_process import guard_engine
@@ -47,6 +56,21 @@ EXIT_NO_VLLM = 3
 EXIT_MODEL_LOAD = 4
 EXIT_ENGINE = 5
 
+GENERATE_URLS = (CHAT, COMPLETIONS)
+#: run_batch matches these by suffix (``/score``, ``/v1/score``, ``/rerank``, ``/v1/rerank``, ``/v2/rerank``)
+SCORE = "/score"
+RERANK = "/rerank"
+
+
+def pooling_kind(url: str) -> str | None:
+    """``"embed"``, ``"score"`` or ``"rerank"`` for a pooling endpoint; None for a generation endpoint."""
+    if url == EMBEDDINGS:
+        return "embed"
+    if url.endswith(RERANK):
+        return "rerank"
+    if url.endswith(SCORE):
+        return "score"
+    return None
 
 #: OpenAI body keys -> vLLM ``SamplingParams`` names. Keys absent here and in ``_IGNORED`` pass through
 #: unchanged when ``SamplingParams`` knows them (top_k, min_p, repetition_penalty, min_tokens, ...).
@@ -74,8 +98,17 @@ class RunnerConfig:
     :param model: a path or model id the node can load.
     :param llm_kwargs: keyword arguments for ``vllm.LLM`` (dtype, tensor_parallel_size, max_model_len...).
     :param sampling: default sampling parameters (vLLM names); each request's body overrides them.
-    :param chunk_size: requests per engine call, and per flush of the output.
-    :param served_model_name: the ``model`` written in response bodies (default: ``model``).
+    :param chunk_size: requests in the engine at once (embeddings: per engine call), and the most answers
+        held in memory before they are written and synced.
+    :param served_model_name: the ``model`` written in response bodies (kept for old configurations; the
+        first of ``served_model_names`` wins).
+    :param served_model_names: the names a line's ``model`` may use for this engine (as vLLM's
+        ``--served-model-name``); the first is written in response bodies. Default: ``llm_kwargs``'
+        ``served_model_name``, else ``[model]``.
+    :param tool_call_parser: vLLM's tool parser for ``message.tool_calls`` (``run_batch --tool-call-parser``).
+    :param enable_auto_tool_choice: parse tool calls for ``tool_choice: "auto"`` (``--enable-auto-tool-choice``).
+    :param reasoning_parser: vLLM's reasoning parser for ``message.reasoning`` (``--reasoning-parser``).
+    :param flush_interval: the most seconds a finished answer waits before it is written and synced.
     """
 
     input: str
@@ -86,12 +119,26 @@ class RunnerConfig:
     chunk_size: int = 1024
     served_model_name: str | None = None
     served_model_names: list[str] | None = None
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    reasoning_parser: str | None = None
+    flush_interval: float = 1.0
 
     @classmethod
     def from_file(cls, path: str) -> RunnerConfig:
         with open(path, "rb") as fp:
             data = loads(fp.read())
         return cls(**data)
+
+    def served_names(self) -> list[str]:
+        """The model names this engine answers to; the first is the one written in response bodies. Without
+        ``served_model_names``, vLLM's own ``served_model_name`` engine argument counts."""
+        if self.served_model_names:
+            return list(self.served_model_names)
+        engine_names = self.llm_kwargs.get("served_model_name")
+        if engine_names:
+            return [engine_names] if isinstance(engine_names, str) else list(engine_names)
+        return [self.served_model_name or self.model]
 
 
 @dataclass
@@ -109,10 +156,10 @@ class Request:
 def recover_output(path: str) -> set[str]:
     """Read an existing output file; return the custom_ids it answers for good.
 
-    Lines are appended one chunk per ``write``, so a kill can only tear the tail. The file is cut back to
-    the end of its last complete, parseable line, so the next append starts on a fresh line and no request
-    is answered twice. A success or a failure a retry cannot fix (a 400) is final; a failure a retry can fix
-    (the engine aborted the request, a 5xx) is run again, and the merge keeps its latest answer.
+    Answers are appended by whole lines in one ``write`` per flush, so a kill can only tear the tail. The file
+    is cut back to the end of its last complete, parseable line, so the next append starts on a fresh line and
+    no request is answered twice. A success or a failure a retry cannot fix (a 400) is final; a failure a retry
+    can fix (the engine aborted the request, a 5xx) is run again, and the merge keeps its latest answer.
     """
     done: set[str] = set()
     if not os.path.exists(path):
@@ -155,9 +202,8 @@ def _peek_id(raw: bytes) -> str | None:
     return cid if isinstance(cid, str) else None
 
 
-def iter_chunks(path: str, done: set[str], chunk_size: int) -> Iterator[list[Request]]:
-    """Stream the requests not yet answered, ``chunk_size`` at a time, in input order."""
-    chunk: list[Request] = []
+def iter_requests(path: str, done: set[str]) -> Iterator[Request]:
+    """Stream the requests not yet answered, in input order."""
     with open(path, "rb") as fp:
         for lineno, raw in iter_jsonl(fp):
             try:
@@ -168,12 +214,18 @@ def iter_chunks(path: str, done: set[str], chunk_size: int) -> Iterator[list[Req
                 # the operator validates before starting; a standalone run reports and goes on
                 emit("invalid_line", line=lineno, reason=f"{type(exc).__name__}: {exc}")
                 continue
-            if req.custom_id in done:
-                continue
-            chunk.append(req)
-            if len(chunk) >= chunk_size:
-                yield chunk
-                chunk = []
+            if req.custom_id not in done:
+                yield req
+
+
+def iter_chunks(path: str, done: set[str], chunk_size: int) -> Iterator[list[Request]]:
+    """Stream the requests not yet answered, ``chunk_size`` at a time, in input order."""
+    chunk: list[Request] = []
+    for req in iter_requests(path, done):
+        chunk.append(req)
+        if len(chunk) >= chunk_size:
+            yield chunk
+            chunk = []
     if chunk:
         yield chunk
 
@@ -209,6 +261,17 @@ def structured_outputs_kwargs(body: dict[str, Any]) -> dict[str, Any] | None:
     raise ValueError(f"unsupported response_format type {fmt['type']!r}")
 
 
+def completion_prompt(value: Any) -> Any:
+    """The one prompt of a ``/v1/completions`` body: a string or token ids (a list of one of those too)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return {"prompt_token_ids": value}
+    raise ValueError("body.prompt must be one string or one list of token ids")
+
+
 def embedding_prompts(value: Any) -> list[Any]:
     """The prompts of one embeddings request: a string, strings, token ids, or lists of token ids."""
     if isinstance(value, str):
@@ -220,6 +283,29 @@ def embedding_prompts(value: Any) -> list[Any]:
     raise ValueError("body.input must be a string, a list of strings, or token ids")
 
 
+def scoring_pairs(url: str, body: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """The (query, document) pairs of one ``/score`` or ``/rerank`` body, paired as vLLM's server pairs them:
+    1 -> 1, 1 -> N or N -> N."""
+    if url.endswith(RERANK):
+        left, right = body.get("query"), body.get("documents")
+        if left is None or right is None:
+            raise ValueError("a rerank body needs query and documents")
+    else:
+        for a, b in (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"), ("queries", "items")):
+            if a in body and b in body:
+                left, right = body[a], body[b]
+                break
+        else:
+            raise ValueError("a score body needs text_1 and text_2 (or queries and documents)")
+    lefts = left if isinstance(left, list) else [left]
+    rights = right if isinstance(right, list) else [right]
+    if len(lefts) == 1:
+        lefts = lefts * len(rights)
+    if not rights or len(lefts) != len(rights):
+        raise ValueError("score inputs pair one with many or as many with as many")
+    return lefts, rights
+
+
 def _encode_embedding(values: Sequence[float], encoding_format: str) -> Any:
     if encoding_format == "base64":
         return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
@@ -228,7 +314,9 @@ def _encode_embedding(values: Sequence[float], encoding_format: str) -> Any:
 
 def classify_error(exc: BaseException) -> tuple[int, str]:
     """(HTTP status, error code) of an exception the engine raised for a request."""
-    if getattr(exc, "parameter", None) == "input_tokens" or "maximum context length" in str(exc):
+    text = str(exc)
+    if (getattr(exc, "parameter", None) == "input_tokens" or "maximum context length" in text
+            or "longer than the maximum model length" in text):
         return 400, "context_length_exceeded"
     names = {cls.__name__ for cls in type(exc).__mro__}
     if names & {"VLLMClientError", "ValueError", "TypeError", "KeyError", "TemplateError"}:
@@ -238,6 +326,65 @@ def classify_error(exc: BaseException) -> tuple[int, str]:
 
 def _engine_dead(exc: BaseException) -> bool:
     return any(cls.__name__ == "EngineDeadError" for cls in type(exc).__mro__)
+
+
+# ----------------------------------------------------------------------------------------------------- codecs
+
+
+class Codec(Protocol):
+    """Maps one request onto the engine, and the engine's finished output back onto a response body."""
+
+    def enqueue(self, req: Request) -> tuple[list[str], Any]:
+        """Add ``req`` to the engine; return the engine's request ids and what :meth:`body` needs of it.
+        Raises when the request is refused (its line becomes an error line)."""
+        ...
+
+    def body(self, req: Request, state: Any, out: Any, rid: str) -> dict[str, Any]:
+        """The response body for a finished ``RequestOutput``."""
+        ...
+
+
+class PlainCodec:
+    """OpenAI body keys mapped by name onto sampling parameters; bodies built here. Serves
+    ``/v1/completions`` (``run_batch`` does not), and chat where vLLM's OpenAI protocol is not at hand.
+
+    :param llm: the engine (``enqueue_chat``/``enqueue``, as ``vllm.LLM``).
+    :param cfg: the run's configuration.
+    :param make_sampling: builds ``SamplingParams`` from keyword arguments and structured-output kwargs.
+    :param known_sampling: the names ``SamplingParams`` accepts.
+    """
+
+    def __init__(self, llm: Any, cfg: RunnerConfig, make_sampling: Callable[..., Any],
+                 known_sampling: frozenset[str]) -> None:
+        self.llm = llm
+        self.cfg = cfg
+        self.make_sampling = make_sampling
+        self.known_sampling = known_sampling
+        self.model_name = cfg.served_names()[0]
+
+    def enqueue(self, req: Request) -> tuple[list[str], Any]:
+        kwargs = sampling_kwargs(req.body, self.cfg.sampling, self.known_sampling)
+        params = self.make_sampling(kwargs, structured_outputs_kwargs(req.body))
+        if req.url == COMPLETIONS:
+            return list(self.llm.enqueue(completion_prompt(req.body.get("prompt")), params, use_tqdm=False)), None
+        ids = self.llm.enqueue_chat(req.body["messages"], params, use_tqdm=False, tools=req.body.get("tools"),
+                                    chat_template_kwargs=req.body.get("chat_template_kwargs"))
+        return list(ids), None
+
+    def body(self, req: Request, state: Any, out: Any, rid: str) -> dict[str, Any]:
+        prompt = len(out.prompt_token_ids or ())
+        completion = sum(len(c.token_ids) for c in out.outputs)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                 "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens or 0}}
+        if req.url == COMPLETIONS:
+            choices = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                       for c in out.outputs]
+            return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
+                    "model": self.model_name, "choices": choices, "usage": usage}
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None, "finish_reason": c.finish_reason} for c in out.outputs]
+        return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices, "usage": usage}
 
 
 # ------------------------------------------------------------------------------------------------ processor
@@ -253,143 +400,221 @@ class Tally:
     completion_tokens: int = 0
 
 
+@dataclass
+class _InFlight:
+    req: Request
+    state: Any
+    ids: tuple[str, ...]
+
+
 class Processor:
-    """Turns chunks of requests into output lines with one engine. Engine-agnostic enough to unit test:
-    ``llm`` needs ``chat``/``generate``/``embed``, ``make_sampling``/``make_pooling`` build parameter objects.
+    """Drives one engine: requests in (:meth:`submit`), finished answers out (:meth:`step`) as output lines.
+    Engine-agnostic enough to unit test: ``llm`` needs ``llm_engine.step()`` and ``embed``; the ``codec`` adds
+    requests and builds response bodies.
 
     :param llm: a ``vllm.LLM``.
     :param cfg: the run's configuration.
-    :param make_sampling: builds ``SamplingParams`` from keyword arguments (raises on bad values).
-    :param make_pooling: builds ``PoolingParams`` from keyword arguments.
-    :param known_sampling: the names ``SamplingParams`` accepts.
+    :param codec: maps requests onto the engine and outputs onto bodies (:class:`Codec`).
+    :param make_pooling: builds ``PoolingParams`` from keyword arguments (embeddings).
+    :param url: the run's endpoint (a pooling run serves embeddings, or scores and reranks).
     """
 
-    def __init__(self, llm: Any, cfg: RunnerConfig, make_sampling: Callable[..., Any],
-                 make_pooling: Callable[..., Any], known_sampling: frozenset[str]) -> None:
+    def __init__(self, llm: Any, cfg: RunnerConfig, codec: Codec, make_pooling: Callable[..., Any],
+                 url: str = CHAT) -> None:
         self.llm = llm
         self.cfg = cfg
-        self.make_sampling = make_sampling
+        self.codec = codec
         self.make_pooling = make_pooling
-        self.known_sampling = known_sampling
-        self.model_name = cfg.served_model_name or cfg.model
+        self.served = frozenset(cfg.served_names())
+        self.model_name = cfg.served_names()[0]
         self.tally = Tally()
+        self._pending: dict[str, _InFlight] = {}
+        self.in_flight = 0
+        #: what a pooling run does: "embed", or "score" (``/score`` and ``/rerank`` through ``LLM.score``)
+        self.pool_kind = "score" if pooling_kind(url) in ("score", "rerank") else "embed"
 
-    def process(self, chunk: list[Request]) -> list[bytes]:
-        """Answer one chunk; return its output lines (newline-terminated) in the chunk's order."""
-        lines: dict[str, bytes] = {}
-        groups: dict[tuple[str, bytes], list[tuple[Request, Any]]] = {}
-        for req in chunk:
-            try:
-                params = self._params(req)
-            except Exception as exc:  # a bad value in one body must not stop the run
-                lines[req.custom_id] = self._error(req, exc)
-                continue
-            key = (req.url, dumps([req.body.get("tools"), req.body.get("chat_template_kwargs")]))
-            groups.setdefault(key, []).append((req, params))
-        for (url, _), items in groups.items():
-            for req, line in self._isolate(url, items):
-                lines[req.custom_id] = line
-        return [lines[req.custom_id] + b"\n" for req in chunk]
+    # --------------------------------------------------------------------------------------- generation
 
-    def _params(self, req: Request) -> Any:
-        if req.url == EMBEDDINGS:
-            dims = req.body.get("dimensions")
-            return self.make_pooling(dimensions=dims) if dims else None
-        if req.url not in (CHAT, COMPLETIONS):
-            raise ValueError(f"the vLLM runner does not serve {req.url!r}")
-        kwargs = sampling_kwargs(req.body, self.cfg.sampling, self.known_sampling)
-        structured = structured_outputs_kwargs(req.body)
-        return self.make_sampling(kwargs, structured)
-
-    def _isolate(self, url: str, items: list[tuple[Request, Any]]) -> list[tuple[Request, bytes]]:
-        """Run ``items`` in one engine call; when the engine refuses the call, bisect to find the bad
-        request(s), so one bad line costs an error line, not the run."""
+    def submit(self, req: Request) -> bytes | None:
+        """Add one request to the engine; return its error line (newline-terminated) when it is refused."""
+        refused = self._unserved_model(req)
+        if refused is not None:
+            return refused
         try:
-            outputs = self._call(url, items)
+            if req.url not in GENERATE_URLS:
+                raise ValueError(f"the vLLM runner does not serve {req.url!r} in a generation run")
+            ids, state = self.codec.enqueue(req)
+        except Exception as exc:  # a bad value in one body must not stop the run
+            if _engine_dead(exc):
+                raise
+            return self._error(req, exc)
+        # vLLM returns its internal id ("<id>-<random>"), and its outputs carry the id it was given
+        keys = tuple({i for rid in ids for i in (rid, rid.rsplit("-", 1)[0])})
+        entry = _InFlight(req, state, keys)
+        for key in keys:
+            self._pending[key] = entry
+        self.in_flight += 1
+        return None
+
+    def _unserved_model(self, req: Request) -> bytes | None:
+        """The 404 line vLLM's server writes for a ``model`` it does not serve (a line without one is served)."""
+        model = req.body.get("model")
+        if not model or model in self.served:
+            return None
+        return self._count_failure(error_line(
+            req.custom_id, "model_not_found",
+            f"The model `{model}` does not exist. Valid aliases: {', '.join(sorted(self.served))}.",
+            status_code=404, request_id=f"vllm-{uuid.uuid4().hex}"))
+
+    def step(self) -> list[bytes]:
+        """Run one engine step; return the output lines of the requests it finished."""
+        engine = self.llm.llm_engine
+        if not engine.has_unfinished_requests():
+            return self._lost()
+        lines = []
+        for out in engine.step():
+            if not out.finished:
+                continue
+            entry = self._pending.get(out.request_id)
+            if entry is None:
+                continue
+            for key in entry.ids:
+                self._pending.pop(key, None)
+            self.in_flight -= 1
+            lines.append(self._line(entry, out))
+        return lines
+
+    def _lost(self) -> list[bytes]:
+        """Requests the engine no longer holds but never answered: retryable error lines, never a hang."""
+        lost = {id(e): e for e in self._pending.values()}.values()
+        self._pending.clear()
+        self.in_flight = 0
+        return [self._count_failure(error_line(e.req.custom_id, "server_error", "the engine returned no answer",
+                                               status_code=500)) for e in lost]
+
+    def _line(self, entry: _InFlight, out: Any) -> bytes:
+        req = entry.req
+        rid = f"vllm-{uuid.uuid4().hex}"
+        bad = [c for c in out.outputs if c.finish_reason in ("abort", "error")]
+        if bad or getattr(out, "error", None) is not None:
+            msg = str(getattr(out, "error", None) or f"generation ended with {bad[0].finish_reason!r}")
+            return self._count_failure(error_line(req.custom_id, "server_error", msg, status_code=500,
+                                                  request_id=rid))
+        try:
+            body = self.codec.body(req, entry.state, out, rid)
+        except Exception as exc:  # a parser that chokes on one answer must not stop the run
+            return self._error(req, exc, status=500)
+        self._count(len(out.prompt_token_ids or ()), sum(len(c.token_ids) for c in out.outputs))
+        return success_line(req.custom_id, body, request_id=rid) + b"\n"
+
+    # ------------------------------------------------------------------------------ embeddings, scores
+
+    def pool_chunk(self, chunk: list[Request]) -> list[bytes]:
+        """Answer one chunk of embeddings (or score and rerank) requests in one engine call; return its output
+        lines in the chunk's order."""
+        lines: dict[str, bytes] = {}
+        items: list[tuple[Request, Any]] = []
+        for req in chunk:
+            refused = self._unserved_model(req)
+            if refused is not None:
+                lines[req.custom_id] = refused
+                continue
+            try:
+                items.append((req, self._pool_input(req)))
+            except Exception as exc:
+                lines[req.custom_id] = self._error(req, exc)
+        for req, line in self._isolate(items):
+            lines[req.custom_id] = line
+        return [lines[req.custom_id] for req in chunk]
+
+    def _pool_input(self, req: Request) -> Any:
+        kind = pooling_kind(req.url)
+        if kind is None or (kind == "embed") != (self.pool_kind == "embed"):
+            raise ValueError(f"the vLLM runner does not serve {req.url!r} in a {self.pool_kind} run")
+        if kind == "embed":
+            dims = req.body.get("dimensions")
+            params = self.make_pooling(dimensions=dims) if dims else self.make_pooling()
+            return [(p, params) for p in embedding_prompts(req.body.get("input"))]
+        return list(zip(*scoring_pairs(req.url, req.body), strict=True))
+
+    def _isolate(self, items: list[tuple[Request, Any]]) -> list[tuple[Request, bytes]]:
+        """Pool ``items`` in one engine call; when the engine refuses the call, bisect to find the bad
+        request(s), so one bad line costs an error line, not the run."""
+        if not items:
+            return []
+        try:
+            outputs = self._pool(items)
         except Exception as exc:
             if _engine_dead(exc):
                 raise
             if len(items) == 1:
                 return [(items[0][0], self._error(items[0][0], exc))]
             mid = len(items) // 2
-            return self._isolate(url, items[:mid]) + self._isolate(url, items[mid:])
-        return [(req, self._line(url, req, out)) for (req, _), out in zip(items, outputs, strict=True)]
+            return self._isolate(items[:mid]) + self._isolate(items[mid:])
+        return [(req, self._pooling_line(req, out)) for (req, _), out in zip(items, outputs, strict=True)]
 
-    def _call(self, url: str, items: list[tuple[Request, Any]]) -> list[Any]:
-        if url == EMBEDDINGS:
-            return self._embed(items)
-        params = [p for _, p in items]
-        if url == COMPLETIONS:
-            return list(self.llm.generate([r.body["prompt"] for r, _ in items], params, use_tqdm=False))
-        first = items[0][0].body
-        return list(self.llm.chat([r.body["messages"] for r, _ in items], params, use_tqdm=False,
-                                  tools=first.get("tools"), chat_template_kwargs=first.get("chat_template_kwargs")))
-
-    def _embed(self, items: list[tuple[Request, Any]]) -> list[Any]:
-        """One ``LLM.embed`` call for every input of every request; regrouped per request."""
-        prompts: list[Any] = []
-        pooling: list[Any] = []
-        sizes: list[int] = []
-        for req, params in items:
-            these = embedding_prompts(req.body.get("input"))
-            prompts.extend(these)
-            pooling.extend([params if params is not None else self.make_pooling()] * len(these))
-            sizes.append(len(these))
-        outs = self.llm.embed(prompts, pooling_params=pooling, use_tqdm=False)
+    def _pool(self, items: list[tuple[Request, Any]]) -> list[Any]:
+        """One ``LLM.embed`` (or ``LLM.score``) call for every input of every request; regrouped per request."""
+        flat = [pair for _, inputs in items for pair in inputs]
+        if self.pool_kind == "embed":
+            outs = self.llm.embed([p for p, _ in flat], pooling_params=[q for _, q in flat], use_tqdm=False)
+        else:
+            outs = self.llm.score([q for q, _ in flat], [d for _, d in flat], use_tqdm=False)
         grouped, start = [], 0
-        for n in sizes:
-            grouped.append(outs[start:start + n])
-            start += n
+        for _, inputs in items:
+            grouped.append(outs[start:start + len(inputs)])
+            start += len(inputs)
         return grouped
 
-    def _line(self, url: str, req: Request, out: Any) -> bytes:
-        if url == EMBEDDINGS:
-            return self._embedding_line(req, out)
-        rid = f"vllm-{uuid.uuid4().hex}"
-        bad = [c for c in out.outputs if c.finish_reason in ("abort", "error")]
-        if bad or getattr(out, "error", None) is not None:
-            self.tally.done += 1
-            self.tally.failed += 1
-            msg = str(getattr(out, "error", None) or f"generation ended with {bad[0].finish_reason!r}")
-            return error_line(req.custom_id, "server_error", msg, status_code=500, request_id=rid)
-        prompt = len(out.prompt_token_ids or ())
-        completion = sum(len(c.token_ids) for c in out.outputs)
-        self._count(prompt, completion)
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                 "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens or 0}}
-        if url == COMPLETIONS:
-            choices = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-                       for c in out.outputs]
-            body = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()),
-                    "model": self.model_name, "choices": choices, "usage": usage}
-        else:
-            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": None, "finish_reason": c.finish_reason} for c in out.outputs]
-            body = {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()),
-                    "model": self.model_name, "choices": choices, "usage": usage}
-        return success_line(req.custom_id, body, request_id=rid)
-
-    def _embedding_line(self, req: Request, outs: list[Any]) -> bytes:
+    def _pooling_line(self, req: Request, outs: list[Any]) -> bytes:
         rid = f"vllm-{uuid.uuid4().hex}"
         errors = [o.error for o in outs if getattr(o, "error", None) is not None]
         if errors:
-            self.tally.done += 1
-            self.tally.failed += 1
-            return error_line(req.custom_id, "server_error", str(errors[0]), status_code=500, request_id=rid)
-        fmt = req.body.get("encoding_format") or "float"
-        data = [{"object": "embedding", "index": i, "embedding": _encode_embedding(o.outputs.embedding, fmt)}
-                for i, o in enumerate(outs)]
+            return self._count_failure(error_line(req.custom_id, "server_error", str(errors[0]), status_code=500,
+                                                  request_id=rid))
         prompt = sum(len(o.prompt_token_ids or ()) for o in outs)
         self._count(prompt, 0)
-        body = {"object": "list", "data": data, "model": self.model_name,
-                "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
-        return success_line(req.custom_id, body, request_id=rid)
+        kind = pooling_kind(req.url)
+        if kind == "embed":
+            fmt = req.body.get("encoding_format") or "float"
+            data = [{"object": "embedding", "index": i, "embedding": _encode_embedding(o.outputs.embedding, fmt)}
+                    for i, o in enumerate(outs)]
+            body: dict[str, Any] = {"object": "list", "data": data, "model": self.model_name,
+                                    "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
+        elif kind == "rerank":
+            body = self._rerank_body(req, outs, rid, prompt)
+        else:  # the fields of vLLM's ScoreResponse
+            body = {"id": f"score-{rid}", "object": "list", "created": int(time.time()), "model": self.model_name,
+                    "data": [{"index": i, "object": "score", "score": o.outputs.score} for i, o in enumerate(outs)],
+                    "usage": {"prompt_tokens": prompt, "total_tokens": prompt, "completion_tokens": 0,
+                              "prompt_tokens_details": None, "completion_tokens_details": None}}
+        return success_line(req.custom_id, body, request_id=rid) + b"\n"
 
-    def _error(self, req: Request, exc: BaseException) -> bytes:
-        status, code = classify_error(exc)
+    def _rerank_body(self, req: Request, outs: list[Any], rid: str, prompt: int) -> dict[str, Any]:
+        """vLLM's RerankResponse: documents by relevance, the ``top_n`` first (all when 0)."""
+        docs = req.body["documents"] if isinstance(req.body["documents"], list) else [req.body["documents"]]
+        results = [{"index": i, "relevance_score": o.outputs.score,
+                    "document": ({"text": d, "multi_modal": None} if isinstance(d, str)
+                                 else {"text": None, "multi_modal": d.get("content", [])})}
+                   for i, (d, o) in enumerate(zip(docs, outs, strict=True))]
+        results.sort(key=lambda r: r["relevance_score"], reverse=True)
+        top_n = int(req.body.get("top_n") or 0)
+        return {"id": f"rerank-{rid}", "model": self.model_name, "usage": {"prompt_tokens": prompt,
+                                                                            "total_tokens": prompt},
+                "results": results[:top_n] if top_n > 0 else results}
+
+    # ------------------------------------------------------------------------------------------ tallies
+
+    def _error(self, req: Request, exc: BaseException, status: int | None = None) -> bytes:
+        code_status, code = classify_error(exc)
+        status = status or code_status
+        return self._count_failure(error_line(req.custom_id, code if status < 500 else "server_error",
+                                              f"{type(exc).__name__}: {exc}", status_code=status))
+
+    def _count_failure(self, line: bytes) -> bytes:
         self.tally.done += 1
         self.tally.failed += 1
-        return error_line(req.custom_id, code, f"{type(exc).__name__}: {exc}", status_code=status)
+        return line + b"\n"
 
     def _count(self, prompt: int, completion: int) -> None:
         self.tally.done += 1
@@ -397,22 +622,70 @@ class Processor:
         self.tally.completion_tokens += completion
 
 
+# --------------------------------------------------------------------------------------------------- output
+
+
+class OutputWriter:
+    """Appends finished answers to the output file: one ``write`` of whole lines per flush, then ``fsync``, so
+    a kill can only tear the file's tail. Flushes when ``max_lines`` answers wait or the oldest has waited
+    ``interval`` seconds.
+
+    :param fp: the output file, opened for appending in binary mode.
+    :param max_lines: the most answers held in memory.
+    :param interval: the most seconds an answer is held.
+    :param clock: a monotonic clock (tests pass their own).
+    """
+
+    def __init__(self, fp: IO[bytes], max_lines: int, interval: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.fp = fp
+        self.max_lines = max(1, max_lines)
+        self.interval = interval
+        self.clock = clock
+        self.buffer: list[bytes] = []
+        self.since = 0.0
+        self.flushes = 0
+
+    def add(self, lines: Sequence[bytes]) -> None:
+        if lines and not self.buffer:
+            self.since = self.clock()
+        self.buffer.extend(lines)
+
+    def due(self) -> bool:
+        return bool(self.buffer) and (len(self.buffer) >= self.max_lines
+                                      or self.clock() - self.since >= self.interval)
+
+    def flush(self) -> bool:
+        """Write, flush and sync what waits; return whether anything was written."""
+        if not self.buffer:
+            return False
+        self.fp.write(b"".join(self.buffer))
+        self.fp.flush()
+        os.fsync(self.fp.fileno())
+        self.buffer.clear()
+        self.flushes += 1
+        return True
+
+
 # ----------------------------------------------------------------------------------------------------- engine
 
 
 def engine_kwargs(cfg: RunnerConfig, url: str) -> dict[str, Any]:
-    """``vllm.LLM`` keyword arguments; an embeddings run asks for a pooling runner unless told otherwise."""
+    """``vllm.LLM`` keyword arguments; an embeddings, score or rerank run asks for a pooling runner (embeddings:
+    converting the model to an embedder) unless told otherwise."""
     kwargs = dict(cfg.llm_kwargs)
-    if url == EMBEDDINGS:
+    kind = pooling_kind(url)
+    if kind:
         kwargs.setdefault("runner", "pooling")
+    if kind == "embed":
         kwargs.setdefault("convert", "embed")
     return kwargs
 
 
 def first_url(path: str, done: set[str]) -> str:
     """The endpoint of the first pending request (one batch file serves one endpoint)."""
-    for chunk in iter_chunks(path, done, 1):
-        return chunk[0].url
+    for req in iter_requests(path, done):
+        return req.url
     return CHAT
 
 
@@ -438,13 +711,16 @@ def load_processor(cfg: RunnerConfig, url: str) -> Processor:
         raise SystemExit(EXIT_MODEL_LOAD) from None
     emit("loaded", model=cfg.model, vllm_version=vllm.__version__, load_s=round(time.monotonic() - started, 2),
          runner=kwargs.get("runner", "generate"))
-    return processor_for(llm, cfg)
+    return processor_for(llm, cfg, url)
 
 
-def processor_for(llm: Any, cfg: RunnerConfig) -> Processor:
-    """A :class:`Processor` over an already loaded ``vllm.LLM``."""
+def processor_for(llm: Any, cfg: RunnerConfig, url: str = CHAT) -> Processor:
+    """A :class:`Processor` over an already loaded ``vllm.LLM``: chat through vLLM's OpenAI protocol (as
+    ``run_batch``), completions through :class:`PlainCodec`; ``url`` is the run's endpoint."""
     from vllm import PoolingParams, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
+
+    from airflow_provider_synth.runs.vllm_chat import OpenAIChatCodec
 
     def make_sampling(kwargs: dict[str, Any], structured: dict[str, Any] | None) -> Any:
         if structured is not None:
@@ -452,40 +728,82 @@ def processor_for(llm: Any, cfg: RunnerConfig) -> Processor:
         return SamplingParams(**kwargs)
 
     known = frozenset(getattr(SamplingParams, "__struct_fields__", ()))
-    return Processor(llm, cfg, make_sampling, PoolingParams, known)
+    plain = PlainCodec(llm, cfg, make_sampling, known)
+    codec: Codec = plain if pooling_kind(url) else OpenAIChatCodec(llm, cfg, plain)
+    return Processor(llm, cfg, codec, PoolingParams, url)
 
 
-def run(cfg: RunnerConfig, processor_factory: Callable[[RunnerConfig, str], Processor] = load_processor) -> int:
-    """Answer every request of ``cfg.input`` not yet in ``cfg.output``; return the process exit code."""
+def run(cfg: RunnerConfig, processor_factory: Callable[[RunnerConfig, str], Processor] = load_processor, *,
+        keep_engine: bool = False) -> int:
+    """Answer every request of ``cfg.input`` not yet in ``cfg.output``; return the process exit code. The engine
+    is shut down after a complete run unless ``keep_engine`` (for a caller that reuses it)."""
     done = recover_output(cfg.output)
     total, answered = count_requests(cfg.input, done)
     emit("start", total=total, already_done=answered, pending=total - answered)
     if answered >= total:
         emit("done", total=total, done=answered, failed=0, elapsed_s=0.0)
         return 0
-    processor = processor_factory(cfg, first_url(cfg.input, done))
+    url = first_url(cfg.input, done)
+    processor = processor_factory(cfg, url)
     tally = processor.tally
     started = time.monotonic()
+
+    def progress(event: str = "progress") -> None:
+        elapsed = max(time.monotonic() - started, 1e-9)
+        emit(event, done=answered + tally.done, total=total, failed=tally.failed,
+             prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
+             elapsed_s=round(elapsed, 2), requests_per_s=round(tally.done / elapsed, 2),
+             tokens_per_s=round((tally.prompt_tokens + tally.completion_tokens) / elapsed, 1))
+
     with open(cfg.output, "ab") as out:
-        for chunk in iter_chunks(cfg.input, done, cfg.chunk_size):
-            try:
-                lines = processor.process(chunk)
-            except Exception as exc:
-                emit("error", kind="engine", message=f"the engine failed: {type(exc).__name__}: {exc}")
-                return EXIT_ENGINE
-            out.write(b"".join(lines))  # one write per chunk: a kill can only tear the file's tail
-            out.flush()
-            os.fsync(out.fileno())
-            elapsed = max(time.monotonic() - started, 1e-9)
-            emit("progress", done=answered + tally.done, total=total, failed=tally.failed,
-                 prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
-                 elapsed_s=round(elapsed, 2), requests_per_s=round(tally.done / elapsed, 2),
-                 tokens_per_s=round((tally.prompt_tokens + tally.completion_tokens) / elapsed, 1))
-    emit("done", total=total, done=answered + tally.done, failed=tally.failed,
-         prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
-         elapsed_s=round(time.monotonic() - started, 2))
-    shutdown_engine(processor.llm)
+        writer = OutputWriter(out, cfg.chunk_size, cfg.flush_interval)
+        try:
+            if pooling_kind(url):
+                pool_all(processor, iter_chunks(cfg.input, done, cfg.chunk_size), writer, progress)
+            else:
+                pipeline(processor, iter_requests(cfg.input, done), writer, cfg.chunk_size, progress)
+        except Exception as exc:
+            if writer.flush():  # the answers the engine gave before it failed are good answers
+                progress()
+            emit("error", kind="engine", message=f"the engine failed: {type(exc).__name__}: {exc}")
+            return EXIT_ENGINE
+    progress("done")
+    if not keep_engine:
+        shutdown_engine(processor.llm)
     return 0
+
+
+def pipeline(processor: Processor, requests: Iterator[Request], writer: OutputWriter, window: int,
+             progress: Callable[[], None]) -> None:
+    """The engine loop: keep up to ``window`` requests in the engine, adding one as soon as another finishes,
+    and hand each finished answer to ``writer`` (which writes it within its size and time bounds)."""
+    exhausted = False
+    while True:
+        while not exhausted and processor.in_flight < window:
+            req = next(requests, None)
+            if req is None:
+                exhausted = True
+            else:
+                refused = processor.submit(req)
+                if refused is not None:
+                    writer.add([refused])
+        if processor.in_flight == 0:
+            break
+        writer.add(processor.step())
+        if writer.due() and writer.flush():
+            progress()
+    if writer.flush():
+        progress()
+
+
+def pool_all(processor: Processor, chunks: Iterator[list[Request]], writer: OutputWriter,
+             progress: Callable[[], None]) -> None:
+    """Embeddings, scores, reranks: one ``LLM.embed`` or ``LLM.score`` call per chunk (pooling has no decode
+    phase to keep busy)."""
+    for chunk in chunks:
+        writer.add(processor.pool_chunk(chunk))
+        writer.flush()
+        progress()
 
 
 def shutdown_engine(llm: Any, timeout: float = 10.0) -> None:

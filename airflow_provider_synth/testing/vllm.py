@@ -1,13 +1,15 @@
 """A stand-in for vLLM's ``LLM`` so that DAGs using :class:`VLLMBatchOperator` run without vLLM or a GPU.
 
-It answers through the real runner (:mod:`airflow_provider_synth.runs.vllm_runner`): resume, chunking, error
-lines and progress events are the real ones; only the engine is fake. Point the operator's ``python`` at an
+It answers through the real runner (:mod:`airflow_provider_synth.runs.vllm_runner`): the engine loop, resume,
+error lines and progress events are the real ones; only the engine is fake (and answers chat with the
+runner's plain codec, not vLLM's OpenAI protocol). Point the operator's ``python`` at an
 executable that runs ``python -m airflow_provider_synth.testing.vllm "$@"`` (see :func:`write_fake_python`).
 
-The fake engine: a prompt token is a whitespace-separated word; the answer is ``"echo: <last user words>"``
-cut to ``max_tokens`` words; a message containing ``RAISE`` makes the engine refuse the whole call (as vLLM
-does for an over-long prompt); ``DIE`` kills the engine. ``SYNTH_FAKE_VLLM_DELAY`` (seconds) slows each call;
-``SYNTH_FAKE_VLLM_DIE_AFTER`` (a count) kills the engine after that many calls;
+The fake engine: a prompt token is a whitespace-separated word; the answer is ``"echo: <the words>"`` cut to
+``max_tokens`` words, generated one word per engine step for up to 16 requests at once (short answers finish
+first); a message containing ``RAISE`` is refused when it is added (as vLLM refuses an over-long prompt);
+``DIE`` kills the engine. ``SYNTH_FAKE_VLLM_DELAY`` (seconds) slows each engine step;
+``SYNTH_FAKE_VLLM_DIE_AFTER`` (a count) kills the engine after that many answers;
 ``SYNTH_FAKE_VLLM_ABORT_AT_EXIT=1`` aborts the process (SIGABRT) after the run, as vLLM's teardown sometimes does.
 """
 
@@ -76,13 +78,17 @@ class _Completion:
     text: str
     token_ids: list[int]
     finish_reason: str
+    stop_reason: Any = None
+    logprobs: Any = None
 
 
 @dataclass
 class _RequestOutput:
+    request_id: str
     prompt_token_ids: list[int]
     outputs: list[_Completion]
     num_cached_tokens: int = 0
+    finished: bool = True
 
 
 @dataclass
@@ -97,67 +103,163 @@ class _EmbeddingOutput:
     error: Any = None
 
 
+@dataclass
+class _Sequence:
+    """One request in the fake engine: its answer is generated one word per step."""
+
+    request_id: str
+    prompt: list[str]
+    params: FakeSamplingParams
+    generated: int = 0
+
+    @property
+    def reply(self) -> list[str]:
+        limit = self.params.max_tokens if self.params.max_tokens is not None else 16
+        return ["echo:", *self.prompt][:limit]
+
+
+@dataclass
+class _Score:
+    score: float
+
+
+@dataclass
+class _ScoreOutput:
+    prompt_token_ids: list[int]
+    outputs: _Score
+    error: Any = None
+
+
 def _words(messages: Sequence[dict[str, Any]]) -> list[str]:
     return " ".join(str(m.get("content", "")) for m in messages).split()
 
 
-class FakeLLM:
-    """Implements the part of ``vllm.LLM`` the runner calls: ``chat``, ``generate`` and ``embed``.
+class FakeEngine:
+    """Stands for vLLM's ``LLMEngine``: each :meth:`step` admits waiting requests up to ``max_num_seqs``, then
+    generates one word of every running answer; an answer is returned in the step that finishes it, so short
+    answers overtake long ones, as in vLLM's continuous batching.
 
-    :param delay: seconds each call sleeps (to kill a run mid-way in tests).
-    :param max_model_len: prompts longer than this (in words) are refused, like vLLM's context check.
-    :param die_after: the engine dies on the call after this many calls.
+    :param llm: the :class:`FakeLLM` it belongs to (its ``delay`` and ``die_after``).
+    :param max_num_seqs: requests decoded together.
     """
 
-    def __init__(self, delay: float = 0.0, max_model_len: int = 256, die_after: int | None = None) -> None:
+    def __init__(self, llm: FakeLLM, max_num_seqs: int) -> None:
+        self.llm = llm
+        self.max_num_seqs = max_num_seqs
+        self.waiting: list[_Sequence] = []
+        self.running: list[_Sequence] = []
+        self.answered = 0
+        #: (requests in the engine, answers given so far) at the start of each step
+        self.in_flight_at_step: list[tuple[int, int]] = []
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def step(self) -> list[_RequestOutput]:
+        llm = self.llm
+        if llm.die_after is not None and self.answered >= llm.die_after:
+            raise EngineDeadError("the engine core died")
+        if llm.delay:
+            time.sleep(llm.delay)
+        self.in_flight_at_step.append((self.get_num_unfinished_requests(), self.answered))
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            self.running.append(self.waiting.pop(0))
+        finished: list[_Sequence] = []
+        for seq in self.running:
+            if "DIE" in seq.prompt:
+                raise EngineDeadError("the engine core died")
+            seq.generated += 1
+            if seq.generated >= len(seq.reply):
+                finished.append(seq)
+        if llm.die_after is not None:
+            finished = finished[:llm.die_after - self.answered]
+        self.answered += len(finished)
+        self.running = [s for s in self.running if s not in finished]
+        return [self._output(s) for s in finished]
+
+    @staticmethod
+    def _output(seq: _Sequence) -> _RequestOutput:
+        reply = seq.reply
+        finish = "length" if len(seq.prompt) + 1 > len(reply) else "stop"
+        outs = [_Completion(i, " ".join(reply), list(range(len(reply))), finish) for i in range(seq.params.n)]
+        return _RequestOutput(seq.request_id, list(range(len(seq.prompt))), outs)
+
+
+class FakeLLM:
+    """Implements the part of ``vllm.LLM`` the runner calls: ``enqueue_chat``, ``enqueue``, ``llm_engine``
+    and ``embed``. A request is checked when it is added (``RAISE`` and over-long prompts are refused there,
+    as vLLM's input processor refuses them); ``DIE`` kills the engine when it runs.
+
+    :param delay: seconds each engine step (and each ``embed`` call) sleeps (to kill a run mid-way in tests).
+    :param max_model_len: prompts longer than this (in words) are refused, like vLLM's context check.
+    :param die_after: the engine dies after giving this many answers.
+    :param max_num_seqs: requests the engine decodes together.
+    """
+
+    def __init__(self, delay: float = 0.0, max_model_len: int = 256, die_after: int | None = None,
+                 max_num_seqs: int = 16) -> None:
         self.delay = delay
         self.max_model_len = max_model_len
         self.die_after = die_after
+        self.llm_engine = FakeEngine(self, max_num_seqs)
         self.calls: list[int] = []
+        self._counter = 0
 
-    def _check(self, prompts: list[list[str]]) -> None:
-        if self.die_after is not None and len(self.calls) >= self.die_after:
-            raise EngineDeadError("the engine core died")
-        self.calls.append(len(prompts))
-        if self.delay:
-            time.sleep(self.delay)
-        for words in prompts:
-            if "DIE" in words:
-                raise EngineDeadError("the engine core died")
-            if "RAISE" in words:
-                raise FakeValidationError("refused by the engine")
-            if len(words) > self.max_model_len:
-                raise FakeValidationError(f"This model's maximum context length is {self.max_model_len} tokens",
-                                          "input_tokens")
+    def _add(self, words: list[str], params: FakeSamplingParams) -> list[str]:
+        if "RAISE" in words:
+            raise FakeValidationError("refused by the engine")
+        if len(words) > self.max_model_len:
+            raise FakeValidationError(f"The decoder prompt (length {len(words)}) is longer than the maximum "
+                                      f"model length of {self.max_model_len}.", "input_tokens")
+        rid = str(self._counter)
+        self._counter += 1
+        self.llm_engine.waiting.append(_Sequence(rid, words, params))
+        return [f"{rid}-{os.urandom(4).hex()}"]  # vLLM returns its internal id, outputs carry the given one
 
-    def chat(self, messages: Sequence[Sequence[dict[str, Any]]], sampling_params: Sequence[FakeSamplingParams],
-             use_tqdm: bool = False, **_: Any) -> list[_RequestOutput]:
-        prompts = [_words(m) for m in messages]
-        self._check(prompts)
-        return [self._answer(words, params) for words, params in zip(prompts, sampling_params, strict=True)]
+    def enqueue_chat(self, messages: Sequence[dict[str, Any]], sampling_params: FakeSamplingParams,
+                     use_tqdm: bool = False, **_: Any) -> list[str]:
+        return self._add(_words(messages), sampling_params)
 
-    def generate(self, prompts: Sequence[str], sampling_params: Sequence[FakeSamplingParams],
-                 use_tqdm: bool = False, **_: Any) -> list[_RequestOutput]:
-        words = [p.split() for p in prompts]
-        self._check(words)
-        return [self._answer(w, params) for w, params in zip(words, sampling_params, strict=True)]
+    def enqueue(self, prompt: Any, sampling_params: FakeSamplingParams, use_tqdm: bool = False,
+                **_: Any) -> list[str]:
+        words = prompt.split() if isinstance(prompt, str) else [str(t) for t in prompt["prompt_token_ids"]]
+        return self._add(words, sampling_params)
 
     def embed(self, prompts: Sequence[Any], pooling_params: Sequence[FakePooling] | None = None,
               use_tqdm: bool = False, **_: Any) -> list[_EmbeddingOutput]:
         words = [p.split() if isinstance(p, str) else [str(t) for t in p["prompt_token_ids"]] for p in prompts]
-        self._check(words)
+        if self.die_after is not None and len(self.calls) >= self.die_after:
+            raise EngineDeadError("the engine core died")
+        self.calls.append(len(words))
+        if self.delay:
+            time.sleep(self.delay)
+        for w in words:
+            if "DIE" in w:
+                raise EngineDeadError("the engine core died")
+            if "RAISE" in w:
+                raise FakeValidationError("refused by the engine")
         pooling: Sequence[FakePooling | None] = pooling_params or [None] * len(words)
         dims = [(p.dimensions if p is not None else None) or 4 for p in pooling]
         return [_EmbeddingOutput(list(range(len(w))), _Embedding([float(len(w)) + i / 10 for i in range(d)]))
                 for w, d in zip(words, dims, strict=True)]
 
-    @staticmethod
-    def _answer(words: list[str], params: FakeSamplingParams) -> _RequestOutput:
-        limit = params.max_tokens if params.max_tokens is not None else 16
-        reply = ["echo:", *words][:limit]
-        finish = "length" if len(words) + 1 > limit else "stop"
-        outs = [_Completion(i, " ".join(reply), list(range(len(reply))), finish) for i in range(params.n)]
-        return _RequestOutput(list(range(len(words))), outs)
+    def score(self, queries: Sequence[str], documents: Sequence[str], use_tqdm: bool = False,
+              **_: Any) -> list[_ScoreOutput]:
+        """A cross-encoder over N -> N pairs (``LLM.score``)."""
+        self.calls.append(len(documents))
+        if any("RAISE" in d.split() for d in documents):
+            raise FakeValidationError("refused by the engine")
+        return [_ScoreOutput(list(range(len(q.split()) + len(d.split()))), _Score(_overlap(q, d)))
+                for q, d in zip(queries, documents, strict=True)]
+
+
+def _overlap(query: str, document: str) -> float:
+    """The fake cross-encoder's score: the share of the query's words found in the document."""
+    words = query.split()
+    return sum(w in document.split() for w in words) / max(len(words), 1)
 
 
 def fake_processor(cfg: vllm_runner.RunnerConfig, url: str, llm: FakeLLM | None = None) -> vllm_runner.Processor:
@@ -168,7 +270,8 @@ def fake_processor(cfg: vllm_runner.RunnerConfig, url: str, llm: FakeLLM | None 
                       max_model_len=int(cfg.llm_kwargs.get("max_model_len") or 256),
                       die_after=int(die_after) if die_after else None)
     vllm_runner.emit("loaded", model=cfg.model, vllm_version="fake", load_s=0.0)
-    return vllm_runner.Processor(llm, cfg, make_sampling, FakePooling, KNOWN_SAMPLING)
+    codec = vllm_runner.PlainCodec(llm, cfg, make_sampling, KNOWN_SAMPLING)
+    return vllm_runner.Processor(llm, cfg, codec, FakePooling, url)
 
 
 def write_fake_python(path: str | os.PathLike[str]) -> str:

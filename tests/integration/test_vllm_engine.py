@@ -6,6 +6,7 @@ costs 30-60 s on CPU, so each test shares as much as it can with one run.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import orjson
 import pytest
@@ -42,8 +44,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-def chat(cid: str, text: str, **params: object) -> dict:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": text}], **params}
+def chat(cid: str, text: str, model: str = "tiny", **params: object) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], **params}
     return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}
 
 
@@ -289,3 +291,146 @@ def test_smollm2_answers_with_real_text_through_its_chat_template(smollm2, tmp_p
         person_text = bodies[f"person-{i}"]["choices"][0]["message"]["content"]
         parsed = orjson.loads(person_text)
         assert set(parsed) == {"name", "age"} and isinstance(parsed["age"], int) and parsed["name"].strip()
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
+
+
+def shape(value: Any) -> Any:
+    """Keys and value types, not values: a random model's text differs between two runs, its shape does not.
+    A list of scalars is "list" (a token's UTF-8 ``bytes`` can be empty), a list of objects the first one's shape."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(value[0])] if value and isinstance(value[0], (dict, list)) else "list"
+    return type(value).__name__
+
+
+def test_chat_answers_like_run_batch_field_by_field(tiny_model, tmp_path) -> None:
+    """The same file through the runner and through vLLM's own ``run_batch``, with the same tool parser."""
+    rows = [chat("plain", "Write about item 1.", max_tokens=8),
+            chat("logprobs", "Write about item 2.", max_tokens=6, logprobs=True, top_logprobs=2),
+            chat("prompt_logprobs", "Write about item 3.", max_tokens=3, prompt_logprobs=1),
+            chat("schema", "Give me JSON.", max_tokens=60,
+                 response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}),
+            chat("json_object", "Give me JSON.", max_tokens=30, response_format={"type": "json_object"}),
+            chat("named", "Weather?", max_tokens=60, tools=TOOLS,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}}),
+            chat("required", "Weather?", max_tokens=80, tools=TOOLS, tool_choice="required"),
+            chat("auto", "Weather?", max_tokens=8, tools=TOOLS, tool_choice="auto"),
+            chat("n2", "Two answers.", max_tokens=5, n=2),
+            chat("other_model", "hi", "gpt-4o", max_tokens=4),
+            chat("stream", "hi", max_tokens=4, stream=True)]
+    mine, reference = run_both(tmp_path, tiny_model, rows,
+                               {"tool_call_parser": "pythonic", "enable_auto_tool_choice": True},
+                               ["--tool-call-parser", "pythonic", "--enable-auto-tool-choice"])
+    for cid, ref in reference.items():
+        got = mine[cid]
+        assert got["response"]["status_code"] == ref["response"]["status_code"], cid
+        if ref["response"]["status_code"] != 200:
+            continue
+        expected = shape(ref)
+        # deliberate: cached prompt tokens are always reported (the manifest's usage reads them), as
+        # run_batch reports them with --enable-prompt-tokens-details
+        expected["response"]["body"]["usage"]["prompt_tokens_details"] = {
+            "cached_tokens": "int", "created_cache_tokens": "NoneType", "multimodal_tokens": "NoneType"}
+        assert shape(got) == expected, (cid, json.dumps(got)[:3000], json.dumps(ref)[:3000])
+
+    body = {cid: r["response"]["body"] for cid, r in mine.items()}
+    # vllm-<version>-<hash of the engine's configuration> (the two engines' configurations differ)
+    assert body["plain"]["model"] == "tiny" and body["plain"]["system_fingerprint"].startswith("vllm-0.")
+    top = body["logprobs"]["choices"][0]["logprobs"]["content"]
+    assert len(top) == body["logprobs"]["usage"]["completion_tokens"] and all(len(t["top_logprobs"]) == 2
+                                                                                for t in top)
+    schema_choice = body["schema"]["choices"][0]
+    if schema_choice["finish_reason"] == "stop":  # guided decoding: a complete answer is valid JSON
+        assert isinstance(json.loads(schema_choice["message"]["content"])["a"], int)
+    prompt_lp = body["prompt_logprobs"]["prompt_logprobs"]
+    assert prompt_lp[0] is None and len(prompt_lp) == body["prompt_logprobs"]["usage"]["prompt_tokens"]
+    named = body["named"]["choices"][0]["message"]["tool_calls"]
+    assert [c["function"]["name"] for c in named] == ["get_weather"]
+    assert len(body["n2"]["choices"]) == 2
+    # errors keep the OpenAI Batch API's shape (run_batch writes its own): code and message in body.error
+    other = mine["other_model"]["response"]
+    assert other["status_code"] == 404 and other["body"]["error"]["code"] == "model_not_found"
+    assert "`gpt-4o` does not exist" in other["body"]["error"]["message"]
+    assert "stream mode" in mine["stream"]["response"]["body"]["error"]["message"]
+
+
+def test_chat_codec_with_vllm_parsers(tiny_model) -> None:
+    """Tool-call and reasoning parsing, tool_choice checks, logprobs and defaults with vLLM's own protocol and
+    parsers on fixed text (no engine: a random model never writes a tool call)."""
+    proc = subprocess.run([str(VLLM_PYTHON), str(REPO / "tests" / "vllm_chat_probe.py"), tiny_model],
+                          env={**os.environ, **ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def run_both(tmp_path: Path, model: str, rows: list[dict], runner_options: dict[str, Any],
+             run_batch_flags: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The same file through the runner and through vLLM's ``run_batch``, the two engines started together
+    (start-up is most of the time, and mostly one core each); returns each one's lines by custom_id."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "run_batch.jsonl"
+    config = {"input": str(src), "output": str(ours), "model": model, "served_model_names": ["tiny"],
+              "llm_kwargs": {**ENGINE.llm_kwargs(), "kv_cache_memory_bytes": 256 << 20}, **runner_options}
+    (tmp_path / "runner.json").write_text(json.dumps(config))
+    env = {**os.environ, **ENV, "PYTHONPATH": str(REPO)}
+    runner = subprocess.Popen([str(VLLM_PYTHON), "-m", "airflow_provider_synth.runs.vllm_runner", "--config",
+                               str(tmp_path / "runner.json")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    run_batch = subprocess.run(
+        [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.run_batch", "-i", str(src), "-o", str(theirs),
+         "--model", model, "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "256",
+         "--enforce-eager", "--seed", "0", "--kv-cache-memory-bytes", str(256 << 20), *run_batch_flags],
+        env=env, capture_output=True, timeout=600)
+    log, _ = runner.communicate(timeout=600)
+    assert runner.returncode == 0, log[-3000:]
+    assert run_batch.returncode == 0, run_batch.stdout[-3000:] + run_batch.stderr[-3000:]
+    mine = {r["custom_id"]: r for r in lines(ours)}
+    reference = {r["custom_id"]: r for r in lines(theirs)}
+    assert sorted(mine) == sorted(reference) == sorted(r["custom_id"] for r in rows)
+    return mine, reference
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("tiny-scorer")
+    subprocess.run([str(VLLM_PYTHON), str(REPO / "tests" / "vllm_tiny_model.py"), str(out), "--scorer"],
+                   check=True, env={**os.environ, **ENV}, capture_output=True, timeout=300)
+    return str(out)
+
+
+def test_score_and_rerank_match_run_batch(tiny_scorer, tmp_path) -> None:
+    def line(cid: str, url: str, **body: Any) -> dict:
+        return {"custom_id": cid, "method": "POST", "url": url, "body": {"model": "tiny", **body}}
+
+    rows = [line("one_to_many", "/v1/score", text_1="what is a fox", text_2=["The quick brown fox", "Airflow"]),
+            line("many_to_many", "/score", queries=["a b", "c d"], documents=["e f", "g h"]),
+            line("rerank_top2", "/v1/rerank", query="fox", documents=["The quick brown fox", "Airflow", "umbrella"],
+                 top_n=2),
+            line("rerank_all", "/rerank", query="fox", documents=["one", "two"]),
+            line("other_model", "/v1/score", text_1="a", text_2="b", model="gpt-4o")]
+    mine, reference = run_both(tmp_path, tiny_scorer, rows, {}, ["--runner", "pooling"])
+    for cid, ref in reference.items():
+        got = mine[cid]
+        assert got["response"]["status_code"] == ref["response"]["status_code"], cid
+        if ref["response"]["status_code"] != 200:
+            continue
+        ours_body, ref_body = got["response"]["body"], ref["response"]["body"]
+        assert shape(ours_body) == shape(ref_body), cid
+        # the same engine on the same pairs: the same scores and token counts, not only the same fields
+        assert ours_body["usage"] == ref_body["usage"], cid
+        if "results" in ref_body:
+            assert [r["index"] for r in ours_body["results"]] == [r["index"] for r in ref_body["results"]]
+            assert [r["relevance_score"] for r in ours_body["results"]] == pytest.approx(
+                [r["relevance_score"] for r in ref_body["results"]], abs=1e-5)
+        else:
+            assert [d["score"] for d in ours_body["data"]] == pytest.approx(
+                [d["score"] for d in ref_body["data"]], abs=1e-5)
+    assert len(mine["rerank_top2"]["response"]["body"]["results"]) == 2
+    assert mine["other_model"]["response"]["body"]["error"]["code"] == "model_not_found"

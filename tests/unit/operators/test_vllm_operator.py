@@ -127,12 +127,13 @@ def test_retry_resumes_from_the_saved_answers(requests_file, tmp_path, fake_pyth
                                               capsys) -> None:
     out = tmp_path / "out"
     with pytest.raises(VLLMEngineError, match="engine, exit code 5"):
-        operator(str(requests_file), str(out), fake_python, env={"SYNTH_FAKE_VLLM_DIE_AFTER": "3"}).execute(context)
+        operator(str(requests_file), str(out), fake_python, env={"SYNTH_FAKE_VLLM_DIE_AFTER": "24"}).execute(context)
     saved = read_lines(str(out / "_vllm" / "engine-output.jsonl"))
-    assert [r["custom_id"] for r in saved] == [f"r{i:03d}" for i in range(24)]
+    # the 24 answers given before the engine died, and r007's refusal (written when it was refused)
+    assert sorted(r["custom_id"] for r in saved) == [f"r{i:03d}" for i in range(25)]
     capsys.readouterr()
     manifest = operator(str(requests_file), str(out), fake_python).execute(context)
-    assert "'already_done': 24" in capsys.readouterr().out
+    assert "'already_done': 25" in capsys.readouterr().out
     assert (manifest["succeeded"], manifest["failed"], manifest["duplicates"]) == (59, 1, 0)
     ids = [r["custom_id"] for r in read_lines(str(out / "_vllm" / "engine-output.jsonl"))]
     assert sorted(ids) == [f"r{i:03d}" for i in range(60)]
@@ -149,7 +150,7 @@ def test_a_crash_after_the_engine_finished_keeps_its_answers(requests_file, tmp_
 
 def test_a_crash_before_the_engine_finished_fails_the_task(requests_file, tmp_path, fake_python, context,
                                                            monkeypatch) -> None:
-    env = {"SYNTH_FAKE_VLLM_ABORT_AT_EXIT": "1", "SYNTH_FAKE_VLLM_DIE_AFTER": "2"}
+    env = {"SYNTH_FAKE_VLLM_ABORT_AT_EXIT": "1", "SYNTH_FAKE_VLLM_DIE_AFTER": "16"}
     with pytest.raises(VLLMEngineError, match="engine, exit code -6"):
         operator(str(requests_file), str(tmp_path / "out"), fake_python, env=env).execute(context)
 
@@ -202,6 +203,31 @@ def test_engine_config_kwargs() -> None:
     cfg = VLLMEngineConfig(dtype="float32", max_model_len=512, extra={"quantization": "awq", "seed": 3})
     assert cfg.llm_kwargs() == {"tensor_parallel_size": 1, "dtype": "float32", "max_model_len": 512,
                                 "enforce_eager": False, "quantization": "awq", "seed": 3}
+
+
+def test_parser_options_reach_the_runner_not_vllm_llm(requests_file, tmp_path, fake_python, context,
+                                                      monkeypatch) -> None:
+    from airflow_provider_synth.runs import vllm_runner
+
+    engine = VLLMEngineConfig(tool_call_parser="pythonic", enable_auto_tool_choice=True,
+                              reasoning_parser="deepseek_r1")
+    assert set(engine.llm_kwargs()) == {"tensor_parallel_size", "dtype", "enforce_eager"}
+    written: list[dict] = []
+    real_write = Path.write_bytes
+
+    def spy(self: Path, data: bytes) -> int:
+        if self.name == "runner.json":
+            written.append(orjson.loads(data))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", spy)
+    manifest = operator(str(requests_file), str(tmp_path / "out"), fake_python, engine=engine).execute(context)
+    assert manifest["succeeded"] == 59
+    (config,) = written
+    assert (config["tool_call_parser"], config["enable_auto_tool_choice"], config["reasoning_parser"]) == (
+        "pythonic", True, "deepseek_r1")
+    runner_cfg = vllm_runner.RunnerConfig(**config)  # the runner takes every key the operator writes
+    assert runner_cfg.tool_call_parser == "pythonic"
 
 
 def test_constructor_rejects_bad_arguments() -> None:
