@@ -520,7 +520,7 @@ def _error_text(exc: BaseException, hook: Any = None) -> str:
 def _classify(exc: Exception) -> tuple[int, str] | None:
     """Exit code and message for errors a user can act on; ``None`` for unexpected ones."""
     import openai
-    from airflow.sdk.exceptions import AirflowNotFoundException
+    from airflow.providers.common.compat.sdk import AirflowNotFoundException
 
     from airflow_provider_synth.exceptions import ConnectionConfigError, SynthError
 
@@ -547,7 +547,7 @@ def _secrets_of(conn_id: str | None) -> list[str]:
     if not conn_id:
         return []
     try:
-        from airflow.sdk import BaseHook
+        from airflow.providers.common.compat.sdk import BaseHook
 
         conn = BaseHook.get_connection(conn_id)
     except Exception:

@@ -25,7 +25,7 @@ import aiohttp
 import httpx2
 import orjson
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
-from airflow.sdk import BaseHook
+from airflow.providers.common.compat.sdk import BaseHook
 
 from airflow_provider_synth.batch.jsonl import open_path
 from airflow_provider_synth.batch.requests import UrlForm, service_url
@@ -34,7 +34,7 @@ from airflow_provider_synth.batch.status import TERMINAL_STATUSES as TERMINAL_ST
 from airflow_provider_synth.exceptions import ConnectionConfigError
 
 if TYPE_CHECKING:
-    from airflow.sdk import Connection
+    from airflow.providers.common.compat.sdk import Connection
     from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
     from openai.types import Batch, FileDeleted, FileObject
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
+from airflow.providers.common.compat.sdk import BaseOperator
 
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 from airflow_provider_synth.exceptions import SynthError
@@ -34,7 +34,7 @@ from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.runs.openai import CREATED_BY, CREATED_BY_META, UPLOAD_PREFIX
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
     from openai.types import Batch, FileObject
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.configuration import conf
-from airflow.sdk import BaseOperator
+from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import join_path, open_path
@@ -34,12 +33,13 @@ from airflow_provider_synth.runs.openai import (
     Plan,
     as_path,
     idempotency_key,
+    path_exists,
     run_manifest,
 )
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 #: the Batch API's window is 24 h; leave room for finalizing and one retry round
 DEFAULT_TIMEOUT = timedelta(hours=26)
@@ -255,7 +255,11 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
 
     def _source(self, work: Any) -> Any:
         if self.input_path is not None:
-            return as_path(self.input_path)
+            source = as_path(self.input_path)
+            if not path_exists(source):
+                raise FileNotFoundError(f"input_path {self.input_path} does not exist; nothing was submitted. Write "
+                                        "the request JSONL there first (e.g. in an upstream task) or pass requests=")
+            return source
         items = list(self.requests)
         if not all(_is_request_line(i) for i in items):
             if not self.model:
@@ -309,6 +313,7 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     # -- execution --------------------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any]:
+        OpenAIBatchLink.start(self)
         plan = self._plan(context)
         existing = _load_plan(plan.work_dir)
         if existing is not None and existing.key == plan.key:
@@ -430,8 +435,9 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     def _persist_links(self, context: Context, run: BatchRun) -> None:
         """Store the dashboard link before deferring, so it works while the task waits."""
         if run.batch_ids:
-            OpenAIBatchLink.persist(context, run.batch_ids, azure=run.hook.is_azure,
-                                    resource_id=run.hook.resource_id)
+            azure = run.hook.is_azure
+            OpenAIBatchLink.persist(context, run.batch_ids, azure=azure, resource_id=run.hook.resource_id,
+                                    base_url=None if azure else str(run.hook.client.base_url))
 
     def on_kill(self) -> None:
         """Cancel the batches of this run that are still running (worker-side wait)."""
@@ -470,6 +476,7 @@ class OpenAIBatchResultsOperator(OpenAIBatchOperator):
         return super()._attach(plan)
 
     def execute(self, context: Context) -> dict[str, Any]:
+        OpenAIBatchLink.start(self)
         run = self._attach(Plan.load(self._work_dir()))
         self._persist_links(context, run)
         return self._wait_or_finish(context, run)

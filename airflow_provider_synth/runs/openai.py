@@ -56,7 +56,7 @@ def as_path(path: Any) -> Any:
     if isinstance(path, str) and path.startswith("file://"):
         return path[len("file://"):]
     if isinstance(path, str) and "://" in path:
-        from airflow.sdk import ObjectStoragePath
+        from airflow.providers.common.compat.sdk import ObjectStoragePath
 
         return ObjectStoragePath(path)
     return path
@@ -310,7 +310,7 @@ class BatchRun:
                 if not file_id:
                     continue
                 dest = self._output(shard, rnd, kind)
-                if not _exists(dest):
+                if not path_exists(dest):
                     self.hook.download_file(file_id, dest)
                 files.append(dest)
                 rounds.append(rnd)
@@ -445,7 +445,8 @@ class BatchRun:
         return counts
 
 
-def _exists(path: Any) -> bool:
+def path_exists(path: Any) -> bool:
+    """Whether a local path, an fsspec URL or an ObjectStoragePath exists."""
     if isinstance(path, str) and "://" not in path:
         import os
 

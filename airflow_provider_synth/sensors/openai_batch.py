@@ -10,8 +10,7 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import conf
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnValue, conf
 
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 from airflow_provider_synth.exceptions import BatchTimeoutError, TriggerEventError
@@ -19,7 +18,7 @@ from airflow_provider_synth.hooks.openai import OpenAIBatchHook, batch_summary
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 #: Extra seconds the deferral's hard timeout leaves after the trigger's own deadline, so the trigger's
 #: "timeout" event (with each batch's state) arrives before Airflow gives up on the trigger.
