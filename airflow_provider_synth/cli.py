@@ -394,8 +394,10 @@ def _download_text(m: dict[str, Any]) -> list[str]:
     lines = [f"{m['succeeded']} succeeded, {m['failed']} failed, {m['missing']} missing of {m['total']} "
              f"request(s) from {len(m['batch_ids'])} batch(es)",
              f"results:  {m['results_path']}", f"failures: {m['failures_path']}", f"manifest: {m['manifest_path']}"]
+    from airflow_provider_synth.batch.usage import format_usd
+
     usage = m.get("usage") or {}
-    cost = "unknown (model has no price)" if m.get("cost_usd") is None else f"${m['cost_usd']:.4f}"
+    cost = format_usd(m.get("cost_usd"))
     lines.append(f"usage: {usage.get('prompt_tokens', 0):,} prompt + {usage.get('completion_tokens', 0):,} "
                  f"completion tokens; cost {cost}")
     if m.get("retryable"):

@@ -16,7 +16,7 @@ from airflow_provider_synth.batch.jsonl import join_path, open_path
 from airflow_provider_synth.batch.manifest import write_manifest
 from airflow_provider_synth.batch.requests import CHAT, Endpoint, build_requests, write_requests
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
-from airflow_provider_synth.batch.usage import Price, estimate_cost
+from airflow_provider_synth.batch.usage import Price, estimate_cost, format_usd
 from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests, skipped_summary
 from airflow_provider_synth.exceptions import (
     BatchFailedError,
@@ -307,8 +307,8 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
                                       "prices= to estimate the cost; nothing was submitted")
         if est > float(self.max_cost_usd or 0):
             raise BudgetExceededError(
-                f"estimated cost ${est:.4f} ({tokens_in:,} input tokens, up to {tokens_out:,} output tokens at "
-                f"batch prices for {model}) is over max_cost_usd=${self.max_cost_usd}; nothing was submitted")
+                f"estimated cost {format_usd(est)} ({tokens_in:,} input tokens, up to {tokens_out:,} output "
+                f"tokens at batch prices for {model}) is over max_cost_usd=${self.max_cost_usd}; nothing was submitted")
 
     # -- execution --------------------------------------------------------------------------------------------
 
@@ -416,8 +416,8 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         self.publish_manifest(context, manifest)
         failed = acct.failed + acct.missing
         ratio = failed / acct.total if acct.total else 0.0
-        self.log.info("%d succeeded, %d failed, %d missing of %d; usage %s; cost $%s", acct.succeeded,
-                      acct.failed, acct.missing, acct.total, acct.usage.as_dict(), cost)
+        self.log.info("%d succeeded, %d failed, %d missing of %d; usage %s; cost %s", acct.succeeded,
+                      acct.failed, acct.missing, acct.total, acct.usage.as_dict(), format_usd(cost))
         if ratio > self.max_failed_ratio:
             codes = ", ".join(f"{c}: {n}" for c, n in acct.error_codes.most_common(5))
             raise BatchFailedError(

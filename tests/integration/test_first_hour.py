@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from airflow_provider_synth.testing.dags import load_dag
@@ -23,3 +30,61 @@ def test_a_missing_input_path_fails_naming_the_path_without_link_noise(airflow_d
     # Airflow reads the task's links as it ends: a link never persisted must not be looked up in XCom
     assert "XCom not found" not in log
     assert not openai_conn.batches()
+
+
+# -- make ui (scripts/ui.py) ---------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_ui(monkeypatch, home: Path):
+    """scripts/ui.py as `make ui` runs it, on the Airflow home ``home``."""
+    monkeypatch.setenv("SYNTH_QUICKSTART_HOME", str(home))
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    for name in ("quickstart", "ui"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return importlib.import_module("ui")
+
+
+def test_ui_binds_loopback_on_fixed_ports_with_kept_state_and_a_fitting_parallelism(monkeypatch,
+                                                                                    tmp_path) -> None:
+    from airflow_provider_synth.server.server import config_from_args
+
+    ui = load_ui(monkeypatch, tmp_path)
+    config = config_from_args(ui.server_args())  # the server's own parser takes them
+    assert (config.host, config.port, config.state_dir) == ("127.0.0.1", 8787, str(tmp_path / "server-state"))
+    env = ui.standalone_env()
+    assert (env["AIRFLOW__API__HOST"], env["AIRFLOW__API__PORT"]) == ("127.0.0.1", "8080")
+    assert int(env["AIRFLOW__CORE__PARALLELISM"]) == max(2, os.cpu_count() or 2)
+    assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] == "False"
+    assert env["AIRFLOW_HOME"] == str(tmp_path)
+    # the connection comes from the metadata database, where the UI shows it and other shells find it
+    assert "AIRFLOW_CONN_SYNTH_OPENAI_DEFAULT" not in env
+
+
+@pytest.mark.integration
+def test_ui_connection_is_found_by_airflow_synth_from_another_shell(monkeypatch, tmp_path, batch_server) -> None:
+    from openai import OpenAI
+
+    home = tmp_path / "airflow-home"
+    home.mkdir()
+    ui = load_ui(monkeypatch, home)
+    for name in [k for k in os.environ if k.startswith(("AIRFLOW_CONN_", "AIRFLOW__"))] + ["AIRFLOW_HOME"]:
+        monkeypatch.delenv(name, raising=False)
+    subprocess.run([str(ui.BIN / "airflow"), "db", "migrate"], env=ui.airflow_env(), check=True,
+                   capture_output=True, timeout=300)
+    env_file = ui.write_connection(batch_server.port)
+    client = OpenAI(base_url=batch_server.base_url, api_key="sk-any")
+    upload = client.files.create(file=("in.jsonl", b'{"custom_id": "a", "method": "POST", "url": '
+                                       b'"/v1/chat/completions", "body": {"model": "gpt-4o-mini", "messages": '
+                                       b'[{"role": "user", "content": "hi"}]}}\n'), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    # a new shell: nothing but what synth.env exports
+    shell_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(["bash", "-c", f"source {env_file} && airflow-synth --json status --batch-id {batch.id}"],
+                          env=shell_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(done.stdout)
+    assert data["conn_id"] == "synth_openai_default"
+    assert [b["batch_id"] for b in data["batches"]] == [batch.id]
