@@ -35,3 +35,11 @@ class BudgetExceededError(SynthError):
 
 class VLLMEngineError(SynthError):
     """The vLLM engine could not start (no vLLM in the interpreter, the model did not load) or died mid-run."""
+
+
+class ServerUnreachableError(SynthError):
+    """The connection's API server could not be reached (not running, wrong host or port, network)."""
+
+
+class BatchGoneError(SynthError):
+    """A batch this run recorded is no longer on the server (a server restarted without its state)."""

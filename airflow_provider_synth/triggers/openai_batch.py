@@ -196,11 +196,14 @@ class OpenAIBatchTrigger(BaseTrigger):
                 return self._event("error", hook.redact(f"Polling batch {batch_id} failed: {error!r}"))
         if errors and self._consecutive_errors > self.max_consecutive_errors:
             batch_id, error = errors[0]
+            request = getattr(error, "request", None)
+            where = f"{request.url} " if request is not None else ""
             return self._event(
                 "error",
                 hook.redact(
                     f"Polling failed {self._consecutive_errors} times in a row "
-                    f"(max_consecutive_errors={self.max_consecutive_errors}); last, batch {batch_id}: {error!r}"
+                    f"(max_consecutive_errors={self.max_consecutive_errors}); last, batch {batch_id}: {error!r} "
+                    f"({where}connection {self.conn_id!r})"
                 ),
             )
         for batch_id, state in self._states.items():

@@ -88,3 +88,75 @@ def test_ui_connection_is_found_by_airflow_synth_from_another_shell(monkeypatch,
     data = json.loads(done.stdout)
     assert data["conn_id"] == "synth_openai_default"
     assert [b["batch_id"] for b in data["batches"]] == [batch.id]
+
+
+# -- errors that name the server, the connection and the way out --------------------------------------------
+
+CHAT = "/v1/chat/completions"
+
+
+def _use_server(monkeypatch, base_url: str) -> str:
+    from airflow.sdk import Connection
+
+    conn = Connection(conn_id="synth_first_hour", conn_type="synth_openai", password="sk-first-hour",
+                      host=base_url, extra=json.dumps({"max_retries": 0, "timeout": 5}))
+    monkeypatch.setenv("AIRFLOW_CONN_SYNTH_FIRST_HOUR", conn.as_json())
+    return "synth_first_hour"
+
+
+def _plan(tmp_path: Path, conn_id: str):
+    import orjson
+
+    from airflow_provider_synth.batch.jsonl import join_path, open_path
+    from airflow_provider_synth.batch.split import split_requests
+    from airflow_provider_synth.runs.openai import Plan
+
+    src = tmp_path / "requests.jsonl"
+    src.write_bytes(b"".join(orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": CHAT, "body": {
+        "model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q {i}"}]}}) + b"\n" for i in range(3)))
+    work = str(tmp_path / "out" / "_work")
+    split = split_requests(str(src), lambda i: open_path(join_path(work, f"shards/shard-{i:05d}-r0.jsonl"), "wb"),
+                           name=str(src))
+    plan = Plan(key="f1f2f3f4f5f6f7f8f9f0a1a2a3a4a5a6", conn_id=conn_id, endpoint=CHAT, model=split.model,
+                completion_window="24h", work_dir=work, output_dir=str(tmp_path / "out"),
+                shards=[s.as_dict() for s in split.shards], total=split.total, fingerprint=split.fingerprint)
+    plan.save(work)
+    return plan
+
+
+def test_an_unreachable_server_is_named_with_its_connection(monkeypatch, tmp_path) -> None:
+    import socket
+
+    from airflow_provider_synth.exceptions import ServerUnreachableError
+    from airflow_provider_synth.hooks.openai import OpenAIBatchHook
+    from airflow_provider_synth.runs.openai import BatchRun
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conn_id = _use_server(monkeypatch, f"http://127.0.0.1:{port}/v1")
+    run = BatchRun(OpenAIBatchHook(conn_id), _plan(tmp_path, conn_id))
+    with pytest.raises(ServerUnreachableError, match=rf"cannot reach http://127\.0\.0\.1:{port}/v1/ "
+                                                     r"\(connection 'synth_first_hour'\)"):
+        run.discover()
+
+
+def test_a_batch_the_server_forgot_says_how_to_start_over(monkeypatch, tmp_path, batch_server_factory) -> None:
+    from airflow_provider_synth.exceptions import BatchGoneError
+    from airflow_provider_synth.hooks.openai import OpenAIBatchHook
+    from airflow_provider_synth.runs.openai import BatchRun, Plan
+
+    conn_id = _use_server(monkeypatch, batch_server_factory().base_url)
+    plan = _plan(tmp_path, conn_id)
+    run = BatchRun(OpenAIBatchHook(conn_id), plan)
+    run.submit(run.next_round(0))
+    assert len(run.batch_ids) == 1
+    # the server restarted without its state: a fresh one on another port, the connection pointed at it
+    fresh = batch_server_factory()
+    _use_server(monkeypatch, fresh.base_url)
+    again = BatchRun(OpenAIBatchHook(conn_id), Plan.load(plan.work_dir))
+    with pytest.raises(BatchGoneError) as err:
+        again.discover()
+    message = str(err.value)
+    assert run.batch_ids[0] in message and fresh.base_url in message and "'synth_first_hour'" in message
+    assert f"delete its work folder {plan.work_dir} and retry the task" in message
