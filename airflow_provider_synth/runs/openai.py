@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_synth.batch.checks import OutputChecks
@@ -51,6 +52,42 @@ CREATED_BY = "airflow-provider-synth"
 UPLOAD_PREFIX = "synth-"
 
 
+#: Object-storage schemes whose filesystem comes from an extra: the extra, and the modules it installs
+#: (Airflow's ObjectStoragePath takes s3:// from the Amazon provider, gs:// from the Google one, each on fsspec).
+STORAGE_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "s3": ("s3", ("airflow.providers.amazon", "s3fs")),
+    "s3a": ("s3", ("airflow.providers.amazon", "s3fs")),
+    "gs": ("gcs", ("airflow.providers.google", "gcsfs")),
+    "gcs": ("gcs", ("airflow.providers.google", "gcsfs")),
+}
+
+
+@cache
+def _missing_modules(modules: tuple[str, ...]) -> tuple[str, ...]:
+    import importlib.util
+
+    def missing(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ModuleNotFoundError:  # a parent package is missing
+            return True
+
+    return tuple(m for m in modules if missing(m))
+
+
+def check_storage(url: str) -> None:
+    """Fail early, naming the extra to install, when ``url``'s filesystem is not installed.
+
+    :raises ImportError: e.g. ``pip install 'airflow-provider-synth[s3]'`` for an ``s3://`` URL without it.
+    """
+    scheme = url.split("://", 1)[0].lower()
+    extra, modules = STORAGE_EXTRAS.get(scheme, ("", ()))
+    missing = _missing_modules(modules)
+    if missing:
+        raise ImportError(f"{url}: {scheme}:// paths need {' and '.join(missing)}, which are not installed: "
+                          f"pip install 'airflow-provider-synth[{extra}]'")
+
+
 def as_path(path: Any) -> Any:
     """Object-storage URLs become ``ObjectStoragePath`` (connection-aware); local paths stay strings."""
     if isinstance(path, str) and path.startswith("file://"):
@@ -58,6 +95,7 @@ def as_path(path: Any) -> Any:
     if isinstance(path, str) and "://" in path:
         from airflow.providers.common.compat.sdk import ObjectStoragePath
 
+        check_storage(path)
         return ObjectStoragePath(path)
     return path
 

@@ -111,6 +111,7 @@ def _plan(tmp_path: Path, conn_id: str):
     from airflow_provider_synth.batch.split import split_requests
     from airflow_provider_synth.runs.openai import Plan
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     src = tmp_path / "requests.jsonl"
     src.write_bytes(b"".join(orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": CHAT, "body": {
         "model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q {i}"}]}}) + b"\n" for i in range(3)))
@@ -160,3 +161,65 @@ def test_a_batch_the_server_forgot_says_how_to_start_over(monkeypatch, tmp_path,
     message = str(err.value)
     assert run.batch_ids[0] in message and fresh.base_url in message and "'synth_first_hour'" in message
     assert f"delete its work folder {plan.work_dir} and retry the task" in message
+
+
+# -- object storage extras ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "extra", "modules"), [
+    ("s3://bucket/synth/run-1", "s3", ("apache-airflow-providers-amazon", "s3fs")),
+    ("gs://bucket/synth/run-1", "gcs", ("apache-airflow-providers-google", "gcsfs")),
+])
+def test_an_object_store_url_without_its_extra_names_the_extra(url, extra, modules) -> None:
+    import importlib.util
+    import tomllib
+
+    from airflow_provider_synth.runs.openai import STORAGE_EXTRAS, as_path
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]
+    assert all(any(d.startswith(m) for d in declared) for m in modules), declared
+    needed = STORAGE_EXTRAS[url.split(":")[0]][1]
+    if all(importlib.util.find_spec(m.split(".")[0]) and importlib.util.find_spec(m) for m in needed):
+        pytest.skip(f"the {extra} extra is installed here")
+    with pytest.raises(ImportError, match=rf"pip install 'airflow-provider-synth\[{extra}\]'"):
+        as_path(url)
+    assert as_path("memory://bucket/x").protocol == "memory"  # fsspec's own filesystems need no extra
+
+
+# -- airflow-synth cleanup RUN ----------------------------------------------------------------------------------
+
+
+def test_cleanup_of_one_run_deletes_that_runs_files_only(monkeypatch, tmp_path, batch_server_factory,
+                                                         capsys) -> None:
+    from airflow_provider_synth.batch.manifest import build_manifest, write_manifest
+    from airflow_provider_synth.cli import EXIT_OK, main
+    from airflow_provider_synth.hooks.openai import OpenAIBatchHook
+    from airflow_provider_synth.runs.openai import BatchRun
+
+    server = batch_server_factory()
+    conn_id = _use_server(monkeypatch, server.base_url)
+    outs = {}
+    for name, key in (("a", "a" * 32), ("b", "b" * 32)):
+        plan = _plan(tmp_path / name, conn_id)
+        plan.key = key
+        plan.save(plan.work_dir)
+        run = BatchRun(OpenAIBatchHook(conn_id), plan)
+        run.submit(run.next_round(0))
+        write_manifest(plan.output_dir, build_manifest(
+            backend="openai", accounting={"total": plan.total}, output_dir=plan.output_dir, status="submitted",
+            batch_ids=run.batch_ids, idempotency_key=key, work_dir=plan.work_dir, conn_id=conn_id, dag_id="d",
+            task_id="t", run_id=name, map_index=-1, try_number=1))
+        outs[name] = plan.output_dir
+    server.wait_idle()
+    client = OpenAIBatchHook(conn_id).client
+    before = {f.id: f.filename for f in client.files.list()}
+    assert len(before) == 4  # an upload and an output per run
+
+    capsys.readouterr()
+    assert main(["--json", "cleanup", outs["a"]]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["run_key"] == "a" * 32 and data["deleted"] == 2 and data["older_than_days"] == 0
+    left = {f.id: f.filename for f in client.files.list()}
+    assert len(left) == 2 and any(name.startswith("synth-" + "b" * 32) for name in left.values())
+    assert set(data["file_ids"]) == set(before) - set(left)
+    assert main(["cleanup"]) == 2  # neither a run nor --older-than
