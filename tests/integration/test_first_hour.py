@@ -223,3 +223,28 @@ def test_cleanup_of_one_run_deletes_that_runs_files_only(monkeypatch, tmp_path, 
     assert len(left) == 2 and any(name.startswith("synth-" + "b" * 32) for name in left.values())
     assert set(data["file_ids"]) == set(before) - set(left)
     assert main(["cleanup"]) == 2  # neither a run nor --older-than
+
+
+# -- the local server's outcome kinds ------------------------------------------------------------------------
+
+
+def test_an_unknown_outcome_kind_is_refused_with_the_kinds_listed_and_documented(batch_server) -> None:
+    import urllib.error
+    import urllib.request
+
+    from airflow_provider_synth.server.config import FAULT_KINDS, OUTCOME_KINDS
+
+    assert OUTCOME_KINDS == ("success", "error", "batch_expired", "request_timeout")
+    body = json.dumps({"add_outcomes": [{"pattern": "x*", "outcome": {"kind": "failure"}}]}).encode()
+    request = urllib.request.Request(batch_server.base_url.removesuffix("/v1") + "/_synth/config", data=body,
+                                     headers={"Authorization": "Bearer x", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 400
+    message = json.loads(err.value.read())["error"]["message"]
+    assert "unknown outcome kind 'failure'; the kinds are success, error, batch_expired, request_timeout" in message
+    docs = (REPO / "docs" / "testing_server.md").read_text()
+    outcomes = docs[docs.index("## Outcomes"):docs.index("## Faults")]
+    faults = docs[docs.index("## Faults"):docs.index("## Settings")]
+    assert all(f"| `{kind}` |" in outcomes for kind in OUTCOME_KINDS)
+    assert all(f"| `{kind}` |" in faults for kind in FAULT_KINDS)
