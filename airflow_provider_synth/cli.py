@@ -54,6 +54,7 @@ examples:
   # delete files this provider left on the account more than 7 days ago (preview first)
   airflow-synth cleanup --older-than 7 --dry-run
   airflow-synth cleanup --older-than 7
+  airflow-synth cleanup /data/synth/run-1 --dry-run
 
   # machine-readable output
   airflow-synth --json status /data/synth/run-1 | jq .totals
@@ -165,12 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "batches keep the answers they finished (collect them with download).")
     _target_args(cancel, run_help)
 
-    cleanup = command("cleanup", "delete files this provider left on the account, older than N days",
+    cleanup = command("cleanup", "delete files this provider left on the account: older than N days, or a run's",
                       "Delete the inputs this provider uploaded (synth-<key>-s<shard>-r<round>.jsonl) and the "
-                      "output and error files of the batches it created, older than --older-than days. Never "
-                      "other files of the account, never a file a running batch uses.")
-    cleanup.add_argument("--older-than", type=_days, required=True, metavar="DAYS",
-                         help="delete files created more than DAYS days ago (fractions allowed)")
+                      "output and error files of the batches it created, older than --older-than days, or all "
+                      "those of one run (MANIFEST). Never other files of the account, never a file a running "
+                      "batch uses.")
+    cleanup.add_argument("run", nargs="?", metavar="MANIFEST", help=f"{run_help}: only this run's files")
+    cleanup.add_argument("--older-than", type=_days, default=None, metavar="DAYS",
+                         help="delete files created more than DAYS days ago (fractions allowed); required "
+                              "without MANIFEST, default 0 with it")
     cleanup.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
 
     staging = command("cortex-staging", "list (or drop) the staging tables Cortex runs left in Snowflake",
@@ -386,8 +390,10 @@ def _download_text(m: dict[str, Any]) -> list[str]:
     lines = [f"{m['succeeded']} succeeded, {m['failed']} failed, {m['missing']} missing of {m['total']} "
              f"request(s) from {len(m['batch_ids'])} batch(es)",
              f"results:  {m['results_path']}", f"failures: {m['failures_path']}", f"manifest: {m['manifest_path']}"]
+    from airflow_provider_synth.batch.usage import format_usd
+
     usage = m.get("usage") or {}
-    cost = "unknown (model has no price)" if m.get("cost_usd") is None else f"${m['cost_usd']:.4f}"
+    cost = format_usd(m.get("cost_usd"))
     lines.append(f"usage: {usage.get('prompt_tokens', 0):,} prompt + {usage.get('completion_tokens', 0):,} "
                  f"completion tokens; cost {cost}")
     if m.get("retryable"):
@@ -431,9 +437,20 @@ def _cancel_text(summary: dict[str, Any]) -> list[str]:
 def cmd_cleanup(args: argparse.Namespace, out: Output) -> int:
     from airflow_provider_synth.runs.cleanup import clean_up_batch_files
 
-    conn_id = args.conn_id or DEFAULT_CONN_ID
-    summary = clean_up_batch_files(_hook(conn_id), args.older_than, dry_run=args.dry_run, logger=out)
-    result = {"conn_id": conn_id, **summary.as_dict()}
+    run_key = None
+    if args.run:
+        target = resolve_target(args)
+        run_key = (target.manifest or {}).get("idempotency_key")
+        if not run_key:
+            raise UsageError(f"the manifest at {args.run!r} names no run key (idempotency_key)")
+        conn_id = target.conn_id
+    elif args.older_than is None:
+        raise UsageError("give --older-than DAYS, or a run (manifest or output folder) to clean up")
+    else:
+        conn_id = args.conn_id or DEFAULT_CONN_ID
+    older_than = 0.0 if args.older_than is None else args.older_than
+    summary = clean_up_batch_files(_hook(conn_id), older_than, dry_run=args.dry_run, logger=out, run_key=run_key)
+    result = {"conn_id": conn_id, "run_key": run_key, **summary.as_dict()}
     out.emit(result, lambda: _cleanup_text(result))
     return EXIT_FAILURE if summary.errors else EXIT_OK
 
@@ -441,7 +458,8 @@ def cmd_cleanup(args: argparse.Namespace, out: Output) -> int:
 def _cleanup_text(r: dict[str, Any]) -> list[str]:
     verb = "would delete" if r["dry_run"] else "deleted"
     lines = [f"{verb} {r['deleted']} file(s), {r['bytes']:,} bytes ({r['uploads']} uploaded inputs, "
-             f"{r['outputs']} batch outputs) older than {r['older_than_days']:g} days (before {r['cutoff']})",
+             f"{r['outputs']} batch outputs) older than {r['older_than_days']:g} days (before {r['cutoff']})"
+             + (f" of run {r['run_key']}" if r.get("run_key") else ""),
              f"kept {r['kept_recent']} newer file(s) and {r['kept_running']} used by running batches; "
              "other files of the account are never touched"]
     lines.extend(f"could not delete {e['file_id']}: {e['error']}" for e in r["errors"])
@@ -513,7 +531,7 @@ def _error_text(exc: BaseException) -> str:
 def _classify(exc: Exception) -> tuple[int, str] | None:
     """Exit code and message for errors a user can act on; ``None`` for unexpected ones."""
     import openai
-    from airflow.sdk.exceptions import AirflowNotFoundException
+    from airflow.providers.common.compat.sdk import AirflowNotFoundException
 
     from airflow_provider_synth.exceptions import ConnectionConfigError, SynthError
 

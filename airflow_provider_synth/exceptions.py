@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from airflow.sdk.exceptions import AirflowException
+from airflow.providers.common.compat.sdk import AirflowException
 
 
 class SynthError(AirflowException):
@@ -35,3 +35,11 @@ class BudgetExceededError(SynthError):
 
 class VLLMEngineError(SynthError):
     """The vLLM engine could not start (no vLLM in the interpreter, the model did not load) or died mid-run."""
+
+
+class ServerUnreachableError(SynthError):
+    """The connection's API server could not be reached (not running, wrong host or port, network)."""
+
+
+class BatchGoneError(SynthError):
+    """A batch this run recorded is no longer on the server (a server restarted without its state)."""

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from airflow.sdk import Asset, dag, task
 from pydantic import BaseModel
 
+from airflow_provider_synth.batch.usage import format_usd
 from airflow_provider_synth.operators.openai_batch import RequestTemplate
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
@@ -65,11 +66,14 @@ def example_synth_quiz_curate() -> None:
     @task(inlets=[RAW_QUIZ])
     def newest_quiz(triggering_asset_events: Any = None, inlet_events: Any = None) -> dict[str, Any]:
         """The event that triggered this run, else (a manual run) the newest one of the asset."""
-        events = list((triggering_asset_events or {}).get(RAW_QUIZ, [])) or list(inlet_events[RAW_QUIZ])
+        # indexed, never hashed: an Asset is not hashable on Airflow 3.1
+        events = list(triggering_asset_events[RAW_QUIZ]) if triggering_asset_events else []
+        events = events or list(inlet_events[RAW_QUIZ])
         if not events:
             raise ValueError(f"no asset event for {RAW_QUIZ.uri} yet: run example_synth_quiz_generate first")
         extra = dict(events[-1].extra)
-        print(f"judging {extra['succeeded']} answers of {extra['run_id']} (cost so far ${extra['cost_usd']})")
+        print(f"judging {extra['succeeded']} answers of {extra['run_id']} (cost so far "
+              f"{format_usd(extra['cost_usd'])})")
         return extra
 
     @task.synth_openai_batch(

@@ -23,7 +23,8 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-HOME = REPO / ".airflow"
+# a second Airflow version needs its own home: `make test-oldest` sets SYNTH_QUICKSTART_HOME=.airflow-oldest
+HOME = Path(os.environ.get("SYNTH_QUICKSTART_HOME") or REPO / ".airflow")
 OUTPUT = REPO / ".synth-output"
 BIN = Path(sys.executable).parent
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -116,7 +117,10 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def start_server(upstream_port: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(upstream_port: int | None = None, options: list[str] | None = None
+                 ) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the local Batch API server (``options``: its address and state; default any free port),
+    as a gateway to vLLM's server on ``upstream_port`` when given."""
     port_file = HOME / "server.port"
     port_file.unlink(missing_ok=True)
     log = open(HOME / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
@@ -124,7 +128,7 @@ def start_server(upstream_port: int | None = None) -> tuple[subprocess.Popen[byt
         "--upstream", f"http://127.0.0.1:{upstream_port}/v1", "--upstream-model", SERVED_MODEL,
         "--upstream-concurrency", "32"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "airflow_provider_synth.server", "--port", "0", "--port-file",
+        [sys.executable, "-m", "airflow_provider_synth.server", *(options or ["--port", "0"]), "--port-file",
          str(port_file), "--validating-s", "1", "--in-progress-s", "4", "--finalizing-s", "1", *upstream],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 30
@@ -148,18 +152,41 @@ def summary(run_start: float, note: str) -> None:
         samples.append((line["custom_id"], (extract_text(line) or "").replace("\n", " ")[:110]))
         if len(samples) == 3:
             break
+    from airflow_provider_synth.batch.usage import format_usd
+
     u = m["usage"]
     print("\n=== synth quickstart: done ===")
     print(f"requests   {m['total']}: {m['succeeded']} succeeded, {m['failed']} failed, {m['missing']} missing "
           f"({len(m['batch_ids'])} batch(es), {m['rounds']} round(s))")
     print(f"tokens     {u['prompt_tokens']:,} prompt ({u['cached_tokens']:,} cached), "
           f"{u['completion_tokens']:,} completion")
-    print(f"cost       ${m['cost_usd']:.4f} had this run on OpenAI's Batch API ({m['model']}, 50% batch price)")
+    print(f"cost       {format_usd(m['cost_usd'])} had this run on OpenAI's Batch API ({m['model']}, "
+          "50% batch price)")
     print(f"output     {m['output_dir']}")
     print("           results.jsonl, failures.jsonl, manifest.json")
     for cid, text in samples:
         print(f"sample     {cid}: {text}")
     print("\n" + note)
+    next_steps()
+
+
+def next_steps() -> None:
+    """Where to go from here: the UI, the CLI, real answers, and what the run left on disk."""
+    print(f"""
+next steps
+  make ui           the Airflow UI on http://127.0.0.1:8080 with these DAGs and the local server on
+                    127.0.0.1:8787 (trigger synth_quickstart there)
+  airflow-synth status <output folder>
+                    a run's batches, counts and progress (this run's server has stopped): with `make ui`
+                    running, in another shell `source {HOME}/synth.env`, then give it the folder of a run
+                    triggered there, under {OUTPUT}/
+  real answers      OpenAI: give the connection your key and no host:
+                      airflow connections add synth_openai_default --conn-type synth_openai --conn-password sk-...
+                    a self-hosted model (vLLM, llama.cpp... any OpenAI-compatible server) behind the local
+                    Batch API: python -m airflow_provider_synth.server --port 8787 --upstream http://HOST:8000/v1
+  _work/            in the output folder: the run's plan (plan.json, the run key), the request shards it
+                    uploaded, batches.json and the downloaded outputs. A retried task re-attaches from it and
+                    pays for nothing twice; delete it only to start the run over.""")
 
 
 def main() -> int:

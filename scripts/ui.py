@@ -1,52 +1,117 @@
 """``make ui``: click through the example DAGs in the Airflow UI, against the local Batch API server.
 
-Starts the local Batch API server (state kept in .airflow/server-state, so batches survive a restart) and
-``airflow standalone`` (scheduler, triggerer, API server with the UI) on SQLite in .airflow/, with the
-connection ``synth_openai_default`` pointing at the server. Open http://localhost:8080 (the admin password is
-printed by Airflow and stored in .airflow/simple_auth_manager_passwords.json.generated). Ctrl-C stops both.
+Starts the local Batch API server on http://127.0.0.1:8787 (state kept in .airflow/server-state, so batches
+survive a restart) and ``airflow standalone`` (scheduler, triggerer, API server with the UI on
+http://127.0.0.1:8080) on SQLite in .airflow/. The connection ``synth_openai_default`` pointing at the server
+is stored in .airflow's metadata database, where the UI, the tasks, ``airflow`` and ``airflow-synth`` all find
+it; .airflow/synth.env sets up another shell for them. New DAGs start unpaused. The admin password is printed
+by Airflow and stored in .airflow/simple_auth_manager_passwords.json.generated. Ctrl-C stops both.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from quickstart import BIN, HOME, airflow_env, start_server
+from quickstart import BIN, HOME, OUTPUT, REPO, airflow_env, start_server
+
+CONN_ID = "synth_openai_default"
+#: the local Batch API server's port: fixed, so the stored connection stays right across restarts
+SERVER_PORT = 8787
+API_PORT = 8080
+LOCALHOST = "127.0.0.1"
+
+
+def server_args() -> list[str]:
+    """The local Batch API server's options: loopback only, a fixed port, state that survives restarts."""
+    return ["--host", LOCALHOST, "--port", str(SERVER_PORT), "--state-dir", str(HOME / "server-state")]
+
+
+def parallelism() -> int:
+    """LocalExecutor worker processes: one per core (Airflow's default of 32 swamps a laptop; deferred batch
+    tasks hold no worker while they wait)."""
+    return max(2, os.cpu_count() or 2)
+
+
+def standalone_env() -> dict[str, str]:
+    """``airflow standalone``'s environment: the UI on loopback, a parallelism that fits, DAGs unpaused."""
+    env = airflow_env()
+    env.update({
+        "AIRFLOW__API__HOST": LOCALHOST,
+        "AIRFLOW__API__PORT": str(API_PORT),
+        "AIRFLOW__CORE__PARALLELISM": str(parallelism()),
+        # a DAG triggered from the UI or the REST API runs at once instead of waiting, queued, for an unpause
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "SYNTH_POLL_INTERVAL": "5",
+    })
+    return env
+
+
+def write_connection(port: int = SERVER_PORT) -> Path:
+    """Store the connection in .airflow's metadata database and write .airflow/synth.env for other shells.
+
+    :return: the env file (``source`` it to use ``airflow`` and ``airflow-synth`` on this Airflow home).
+    """
+    env = airflow_env()
+    conn = {"conn_type": "synth_openai", "password": "sk-local-ui", "host": f"http://{LOCALHOST}:{port}/v1"}
+    # the local server takes any non-empty key; a real key belongs in the connection, never in a file
+    subprocess.run([str(BIN / "airflow"), "connections", "delete", CONN_ID], env=env, capture_output=True)
+    subprocess.run([str(BIN / "airflow"), "connections", "add", CONN_ID, "--conn-json", json.dumps(conn)],
+                   env=env, check=True, capture_output=True)
+    env_file = HOME / "synth.env"
+    env_file.write_text(
+        "# source this file to use `airflow` and `airflow-synth` on the Airflow home of `make ui`\n"
+        f"export AIRFLOW_HOME={HOME}\n"
+        f"export AIRFLOW__CORE__DAGS_FOLDER={REPO / 'example_dags'}\n"
+        "export AIRFLOW__CORE__LOAD_EXAMPLES=False\n"
+        f"export PATH={BIN}:$PATH\n"
+    )
+    return env_file
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _stop(*procs: subprocess.Popen[bytes]) -> None:
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # stop both children on SIGTERM too, not only Ctrl-C
     HOME.mkdir(exist_ok=True)
     subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=airflow_env(), check=True, capture_output=True)
-    server, port = start_server()
-    print(f"local Batch API server on http://127.0.0.1:{port}/v1 (answers are stand-ins, not a model)")
-    env = airflow_env(port)
-    env["SYNTH_POLL_INTERVAL"] = "5"
-    airflow = subprocess.Popen([str(BIN / "airflow"), "standalone"], env=env, start_new_session=True)
-    print("airflow standalone starting: open http://localhost:8080 and trigger synth_quickstart "
-          "(Ctrl-C to stop)", flush=True)
+    server, port = start_server(options=server_args())
+    env_file = write_connection(port)
+    print(f"local Batch API server on http://{LOCALHOST}:{port}/v1 (answers are stand-ins, not a model); "
+          f"state in {HOME / 'server-state'}")
+    airflow = subprocess.Popen([str(BIN / "airflow"), "standalone"], env=standalone_env(), start_new_session=True)
+    print(f"""airflow standalone starting ({parallelism()} worker processes): open http://{LOCALHOST}:{API_PORT} and
+trigger synth_quickstart (new DAGs start unpaused; one paused earlier: `airflow dags unpause DAG_ID`).
+connection {CONN_ID} -> the local server, stored in {HOME / 'airflow.db'}; in another shell:
+  source {env_file}
+  airflow-synth status {OUTPUT}/synth_quickstart/<run_id>
+Ctrl-C stops both.""", flush=True)
     try:
         while airflow.poll() is None and server.poll() is None:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
-        for proc in (airflow, server):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        _stop(airflow, server)
     return 0
 
 

@@ -12,9 +12,9 @@ EXAMPLES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "exa
 
 @pytest.fixture(scope="module")
 def dagbag():
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow_provider_synth.testing.dags import dag_bag
 
-    return DagBag()
+    return dag_bag()
 
 
 def test_no_import_errors(dagbag) -> None:

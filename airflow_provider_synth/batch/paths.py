@@ -6,9 +6,44 @@ may run on different machines and the same code serves local folders and object 
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from functools import cache
 from pathlib import Path
 from typing import IO, Any
+
+#: Object-storage schemes whose filesystem comes from an extra: the extra, and the modules it installs
+#: (Airflow's ObjectStoragePath takes s3:// from the Amazon provider, gs:// from the Google one, each on fsspec).
+STORAGE_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "s3": ("s3", ("airflow.providers.amazon", "s3fs")),
+    "s3a": ("s3", ("airflow.providers.amazon", "s3fs")),
+    "gs": ("gcs", ("airflow.providers.google", "gcsfs")),
+    "gcs": ("gcs", ("airflow.providers.google", "gcsfs")),
+}
+
+
+@cache
+def _missing_modules(modules: tuple[str, ...]) -> tuple[str, ...]:
+    def missing(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ModuleNotFoundError:  # a parent package is missing
+            return True
+
+    return tuple(m for m in modules if missing(m))
+
+
+def check_storage(url: str) -> None:
+    """Fail early, naming the extra to install, when ``url``'s filesystem is not installed.
+
+    :raises ImportError: e.g. ``pip install 'airflow-provider-synth[s3]'`` for an ``s3://`` URL without it.
+    """
+    scheme = url.split("://", 1)[0].lower()
+    extra, modules = STORAGE_EXTRAS.get(scheme, ("", ()))
+    missing = _missing_modules(modules)
+    if missing:
+        raise ImportError(f"{url}: {scheme}:// paths need {' and '.join(missing)}, which are not installed: "
+                          f"pip install 'airflow-provider-synth[{extra}]'")
 
 
 def as_path(path: Any) -> Any:
@@ -24,6 +59,7 @@ def as_path(path: Any) -> Any:
             from airflow.sdk import ObjectStoragePath
         except ImportError:  # the vLLM engine's interpreter has no Airflow: fsspec reads the URL itself
             return path
+        check_storage(path)
         return ObjectStoragePath(path)
     return path
 

@@ -146,6 +146,15 @@ def cost_usd(
     return round(total * (discount if batch else 1.0), 6)
 
 
+def format_usd(value: float | None) -> str:
+    """A cost in plain dollars for people: ``$12.35``, ``$0.0043``, ``$0.000033`` (never ``$3.3e-05``)."""
+    if value is None:
+        return "unknown (no price for the model)"
+    if value == 0 or abs(value) >= 1:
+        return f"${value:,.2f}"
+    return f"${value:.4f}" if abs(value) >= 0.0001 else f"${value:.6f}"
+
+
 def estimate_cost(
     input_tokens: int,
     output_tokens: int,

@@ -40,7 +40,7 @@ from airflow_provider_synth.batch.cortex_sql import (
 
 if TYPE_CHECKING:
     import aiohttp
-    from airflow.sdk import Connection
+    from airflow.providers.common.compat.sdk import Connection
     from snowflake.connector import SnowflakeConnection
 
 #: Rows per bulk write when staging requests (one Parquet file and one COPY each).

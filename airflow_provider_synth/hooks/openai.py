@@ -17,8 +17,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
-from airflow.providers.common.compat.sdk import redact
-from airflow.sdk import BaseHook
+from airflow.providers.common.compat.sdk import BaseHook, redact
 
 from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.requests import UrlForm, service_url
@@ -30,7 +29,7 @@ from airflow_provider_synth.exceptions import ConnectionConfigError
 
 if TYPE_CHECKING:
     import httpx2
-    from airflow.sdk import Connection
+    from airflow.providers.common.compat.sdk import Connection
     from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
     from openai.types import Batch, FileDeleted, FileObject
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
+from airflow.providers.common.compat.sdk import BaseOperator
 
 from airflow_provider_synth.exceptions import SynthError
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
@@ -26,7 +26,7 @@ from airflow_provider_synth.runs.cleanup import (  # noqa: F401
 )
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 
 class OpenAIBatchCleanupOperator(BaseOperator):

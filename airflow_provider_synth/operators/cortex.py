@@ -11,8 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.configuration import conf
-from airflow.sdk import BaseOperator
+from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.cortex_sql import TableSource
@@ -32,7 +31,7 @@ from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.cortex import CortexStatementTrigger
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 __all__ = ["READ_BLOCK_ROWS", "CortexBatchOperator", "CortexStaging", "TableSource"]
 

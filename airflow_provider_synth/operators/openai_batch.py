@@ -9,16 +9,16 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from airflow.configuration import conf
-from airflow.sdk import BaseOperator
+from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.manifest import write_manifest
 from airflow_provider_synth.batch.paths import as_path, join_path, open_path
+from airflow_provider_synth.batch.paths import exists as path_exists
 from airflow_provider_synth.batch.requests import CHAT, Endpoint, build_requests, write_requests
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
 from airflow_provider_synth.batch.status import Next
-from airflow_provider_synth.batch.usage import Price, estimate_cost
+from airflow_provider_synth.batch.usage import Price, estimate_cost, format_usd
 from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests, skipped_summary
 from airflow_provider_synth.exceptions import (
     BatchFailedError,
@@ -33,7 +33,7 @@ from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 #: the Batch API's window is 24 h; leave room for finalizing and one retry round
 DEFAULT_TIMEOUT = timedelta(hours=26)
@@ -253,7 +253,11 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
 
     def _source(self, work: Any) -> Any:
         if self.input_path is not None:
-            return as_path(self.input_path)
+            source = as_path(self.input_path)
+            if not path_exists(source):
+                raise FileNotFoundError(f"input_path {self.input_path} does not exist; nothing was submitted. Write "
+                                        "the request JSONL there first (e.g. in an upstream task) or pass requests=")
+            return source
         items = list(self.requests)
         if not all(_is_request_line(i) for i in items):
             if not self.model:
@@ -301,12 +305,13 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
                                       "prices= to estimate the cost; nothing was submitted")
         if est > float(self.max_cost_usd or 0):
             raise BudgetExceededError(
-                f"estimated cost ${est:.4f} ({tokens_in:,} input tokens, up to {tokens_out:,} output tokens at "
-                f"batch prices for {model}) is over max_cost_usd=${self.max_cost_usd}; nothing was submitted")
+                f"estimated cost {format_usd(est)} ({tokens_in:,} input tokens, up to {tokens_out:,} output "
+                f"tokens at batch prices for {model}) is over max_cost_usd=${self.max_cost_usd}; nothing was submitted")
 
     # -- execution --------------------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any]:
+        OpenAIBatchLink.start(self)
         plan = self._plan(context)
         existing = _load_plan(plan.work_dir)
         if existing is not None and existing.key == plan.key:
@@ -403,8 +408,8 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
         self.publish_manifest(context, manifest)
         failed = acct.failed + acct.missing
         ratio = failed / acct.total if acct.total else 0.0
-        self.log.info("%d succeeded, %d failed, %d missing of %d; usage %s; cost $%s", acct.succeeded,
-                      acct.failed, acct.missing, acct.total, acct.usage.as_dict(), cost)
+        self.log.info("%d succeeded, %d failed, %d missing of %d; usage %s; cost %s", acct.succeeded,
+                      acct.failed, acct.missing, acct.total, acct.usage.as_dict(), format_usd(cost))
         if ratio > self.max_failed_ratio:
             codes = ", ".join(f"{c}: {n}" for c, n in acct.error_codes.most_common(5))
             raise BatchFailedError(
@@ -422,8 +427,9 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     def _persist_links(self, context: Context, run: BatchRun) -> None:
         """Store the dashboard link before deferring, so it works while the task waits."""
         if run.batch_ids:
-            OpenAIBatchLink.persist(context, run.batch_ids, azure=run.hook.is_azure,
-                                    resource_id=run.hook.resource_id)
+            azure = run.hook.is_azure
+            OpenAIBatchLink.persist(context, run.batch_ids, azure=azure, resource_id=run.hook.resource_id,
+                                    base_url=None if azure else str(run.hook.client.base_url))
 
     def on_kill(self) -> None:
         """Cancel the batches of this run that are still running (worker-side wait)."""
@@ -460,6 +466,7 @@ class OpenAIBatchResultsOperator(OpenAIBatchOperator):
         return as_path(sub["work_dir"] if isinstance(sub, Mapping) else join_path(str(sub), "_work"))
 
     def execute(self, context: Context) -> dict[str, Any]:
+        OpenAIBatchLink.start(self)
         run = self._attach(Plan.load(self._work_dir()))
         self._persist_links(context, run)
         return self._wait_or_finish(context, run)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
+from airflow.providers.common.compat.sdk import BaseOperator
 
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import dumps, join_path, loads, open_path
@@ -39,7 +39,7 @@ from airflow_provider_synth.runs.vllm_process import engine_env, reclaim_output
 from airflow_provider_synth.runs.vllm_workspace import STATE_DIR, EngineWorkspace, merge_output_folders
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 EVENT_PREFIX = b'{"synth_vllm":'
 SERVED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)

@@ -31,7 +31,7 @@ from airflow.providers.common.compat.sdk import redact
 
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
-from airflow_provider_synth.runs.openai import CREATED_BY, CREATED_BY_META, UPLOAD_PREFIX
+from airflow_provider_synth.runs.openai import CREATED_BY, CREATED_BY_META, KEY_META, UPLOAD_PREFIX
 
 if TYPE_CHECKING:
     from openai.types import Batch, FileObject
@@ -114,15 +114,16 @@ class CleanupSummary:
         }
 
 
-def _scan_batches(batches: Iterable[Batch]) -> tuple[set[str], set[str]]:
-    """Split the account's batches into the files still in use and the outputs of our finished batches."""
+def _scan_batches(batches: Iterable[Batch], run_key: str | None = None) -> tuple[set[str], set[str]]:
+    """Split the account's batches into the files still in use and the outputs of our finished batches (of
+    the run ``run_key`` only, when given)."""
     in_use: set[str] = set()
     our_outputs: set[str] = set()
     for batch in batches:
         ids = {batch.input_file_id, batch.output_file_id, batch.error_file_id} - {None, ""}
         if batch.status not in TERMINAL_STATUSES:
             in_use |= ids  # type: ignore[arg-type]
-        elif is_our_batch(batch):
+        elif is_our_batch(batch) and (run_key is None or (batch.metadata or {}).get(KEY_META) == run_key):
             our_outputs |= {batch.output_file_id, batch.error_file_id} - {None, ""}  # type: ignore[arg-type]
     return in_use, our_outputs
 
@@ -149,6 +150,7 @@ def clean_up_batch_files(
     now: float | None = None,
     logger: Any = None,
     concurrency: int = DELETE_CONCURRENCY,
+    run_key: str | None = None,
 ) -> CleanupSummary:
     """Delete this provider's files older than ``older_than_days`` (see the module docstring for which).
 
@@ -162,6 +164,7 @@ def clean_up_batch_files(
     :param now: the current time in epoch seconds (tests); default: now.
     :param logger: a ``logging.Logger``-like object to log each file to (default: this module's logger).
     :param concurrency: delete calls in flight at once (the sync client is thread-safe).
+    :param run_key: only the files of this run (its key: the manifest's ``idempotency_key``).
     :return: the counts, bytes and ids.
     """
     if older_than_days < 0:
@@ -169,10 +172,12 @@ def clean_up_batch_files(
     logger = logger or log
     now = time.time() if now is None else now
     summary = CleanupSummary(dry_run=dry_run, older_than_days=older_than_days, cutoff=now - older_than_days * DAY_S)
-    in_use, our_outputs = _scan_batches(hook.list_batches())
+    in_use, our_outputs = _scan_batches(hook.list_batches(), run_key)
+    upload_prefix = f"{UPLOAD_PREFIX}{run_key}-" if run_key else UPLOAD_PREFIX
     chosen: list[tuple[FileObject, str]] = []
     for file in hook.list_files():
-        kind = "upload" if is_our_upload(file) else "output" if file.id in our_outputs else None
+        ours = is_our_upload(file) and (file.filename or "").startswith(upload_prefix)
+        kind = "upload" if ours else "output" if file.id in our_outputs else None
         if kind is None:
             continue  # not ours: never touched
         if file.id in in_use:

@@ -189,10 +189,23 @@ class BatchRun:
 
     # -- discovery --------------------------------------------------------------------------------------------
 
+    def where(self) -> str:
+        """The server and connection, for messages: ``http://127.0.0.1:8787/v1/ (connection 'x')``."""
+        return f"{self.hook.client.base_url} (connection {self.hook.conn_id!r})"
+
     def discover(self) -> None:
         """Find every batch the run created (any try), newest state first."""
+        import openai
+
+        from airflow_provider_synth.exceptions import ServerUnreachableError
+
         self.direct = DirectRounds.load(self._work())
-        found = self.hook.find_batches({KEY_META: self.plan.key}, created_after=self.plan.created_at - 3600)
+        try:
+            found = self.hook.find_batches({KEY_META: self.plan.key}, created_after=self.plan.created_at - 3600)
+        except openai.APIConnectionError as exc:  # APITimeoutError included
+            raise ServerUnreachableError(
+                f"cannot reach {self.where()}: {exc}. Is the server running, and is the connection's host "
+                "(base URL) right?") from exc
         for batch in found:
             meta = batch.metadata or {}
             ref = (int(meta.get(SHARD_META, -1)), int(meta.get(ROUND_META, 0)))
@@ -204,8 +217,22 @@ class BatchRun:
             known = self.batches.get(ref)
             # the record names a later batch than a lagging list shows (a resubmission after a token-limit refusal)
             if known is None or (known.token_limited and known.batch_id != rec["batch_id"]):
-                batch = self.hook.get_batch(rec["batch_id"])
+                batch = self._recorded_batch(rec["batch_id"])
                 self.batches[ref] = BatchRef(ref[0], ref[1], batch.id, batch_summary(batch), batch.created_at)
+
+    def _recorded_batch(self, batch_id: str) -> Batch:
+        import openai
+
+        from airflow_provider_synth.exceptions import BatchGoneError
+
+        try:
+            return self.hook.get_batch(batch_id)
+        except openai.NotFoundError as exc:
+            raise BatchGoneError(
+                f"batch {batch_id}, recorded in {self._work(BATCHES_FILE)}, is not on {self.where()} any more "
+                "(a server restarted without its state forgets its batches, e.g. the local server without "
+                f"--state-dir). To submit this run afresh, delete its work folder {self.plan.work_dir} and "
+                "retry the task.") from exc
 
     def _recorded(self) -> list[dict[str, Any]]:
         try:

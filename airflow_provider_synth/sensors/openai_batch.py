@@ -10,8 +10,7 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import conf, redact
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnValue, conf, redact
 
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES, Next, PollError, verdict
 from airflow_provider_synth.exceptions import BatchFailedError, BatchTimeoutError, TriggerEventError
@@ -20,7 +19,7 @@ from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 #: Extra seconds the deferral's hard timeout leaves after the trigger's own deadline, so the trigger's
 #: "timeout" event (with each batch's state) arrives before Airflow gives up on the trigger.

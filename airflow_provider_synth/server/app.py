@@ -553,9 +553,9 @@ class SynthBatchApp:
     # --- start / stop ---------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.web_runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
+        self.web_runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.web_runner.setup()
-        site = web.TCPSite(self.web_runner, self.config.host, self.config.port, backlog=4096, shutdown_timeout=1.0)
+        site = web.TCPSite(self.web_runner, self.config.host, self.config.port, backlog=4096)
         await site.start()
         self.port = int(self.web_runner.addresses[0][1])
         self.runner.resume_all()

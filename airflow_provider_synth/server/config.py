@@ -12,7 +12,7 @@ import ipaddress
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 OutcomeKind = Literal["success", "error", "batch_expired", "request_timeout"]
 FaultKind = Literal["status", "delay", "drop"]
@@ -31,6 +31,11 @@ _DEFAULT_MESSAGES = {
     404: "The requested model or resource was not found (status 404).",
     429: "Rate limit reached for requests (status 429).",
 }
+
+
+#: ``Outcome.kind`` values (``{"kind": ...}`` in JSON settings), and ``Fault.kind`` values
+OUTCOME_KINDS: tuple[str, ...] = get_args(OutcomeKind)
+FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,8 @@ class Outcome:
     def from_dict(cls, data: Mapping[str, Any]) -> Outcome:
         """Build from ``{"kind": "error", "status": 500, ...}``; unknown keys are an error."""
         out = cls(**dict(data))
-        if out.kind not in ("success", "error", "batch_expired", "request_timeout"):
-            raise ValueError(f"unknown outcome kind {out.kind!r}")
+        if out.kind not in OUTCOME_KINDS:
+            raise ValueError(f"unknown outcome kind {out.kind!r}; the kinds are {', '.join(OUTCOME_KINDS)}")
         return out
 
 
@@ -156,8 +161,8 @@ class Fault:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Fault:
         fault = cls(**dict(data))
-        if fault.kind not in ("status", "delay", "drop"):
-            raise ValueError(f"unknown fault kind {fault.kind!r}")
+        if fault.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {fault.kind!r}; the kinds are {', '.join(FAULT_KINDS)}")
         return fault
 
 

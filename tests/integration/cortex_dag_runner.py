@@ -15,11 +15,11 @@ from typing import Any
 
 
 def main(config: dict[str, Any]) -> dict[str, Any]:
-    from airflow.dag_processing.dagbag import DagBag
     from airflow.utils import db
     from snowflake.connector.errors import ProgrammingError
 
     from airflow_provider_synth.testing.cortex import FakeCortex, FakeSqlApi
+    from airflow_provider_synth.testing.dags import dag_bag
 
     db.initdb()
     extra: dict[str, Any] = {"account": "acct", "database": "SYNTH_DB", "warehouse": "WH"}
@@ -38,7 +38,7 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
             api.account = fake  # the SQL API reports the statements' real state
         for pattern, message in config.get("fail_next", []):
             fake.fail_next(pattern, ProgrammingError(msg=message, errno=1))
-        bag = DagBag(dag_folder=config["dag_file"])
+        bag = dag_bag(dag_folder=config["dag_file"])
         assert not bag.import_errors, bag.import_errors
         dag_run = bag.dags[config["dag_id"]].test()
         tis = {ti.task_id: {"state": str(ti.state), "try_number": ti.try_number}

@@ -42,10 +42,10 @@ class StatsdListener:
 
 
 def main(config: dict[str, Any], statsd: StatsdListener) -> dict[str, Any]:
-    from airflow.dag_processing.dagbag import DagBag
     from airflow.utils import db
 
     from airflow_provider_synth.server.server import BatchServer, ServerConfig
+    from airflow_provider_synth.testing.dags import dag_bag
     from airflow_provider_synth.testing.pytest_plugin import FAST
 
     db.initdb()
@@ -53,7 +53,7 @@ def main(config: dict[str, Any], statsd: StatsdListener) -> dict[str, Any]:
     try:
         os.environ["AIRFLOW_CONN_SYNTH_OPENAI_DEFAULT"] = json.dumps(
             {"conn_type": "synth_openai", "password": "sk-test", "host": server.base_url})
-        bag = DagBag()
+        bag = dag_bag()
         assert not bag.import_errors, bag.import_errors
         runs = {}
         for dag_id, run_conf in config["dags"].items():

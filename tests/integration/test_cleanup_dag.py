@@ -20,8 +20,9 @@ def upload(client, name: str):
 @pytest.mark.integration
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_cleanup_dag_deletes_our_old_files_only(airflow_db, openai_conn, monkeypatch, dry_run) -> None:
-    from airflow.dag_processing.dagbag import DagBag
     from openai import OpenAI
+
+    from airflow_provider_synth.testing.dags import dag_bag
 
     if dry_run:
         monkeypatch.setenv("SYNTH_CLEANUP_DRY_RUN", "1")
@@ -35,7 +36,7 @@ def test_cleanup_dag_deletes_our_old_files_only(airflow_db, openai_conn, monkeyp
     openai_conn.age([ours.id, output_id, foreign.id, batch.id], 8 * 86400)
     recent = upload(client, f"synth-{KEY}-s00001-r0.jsonl")
 
-    bag = DagBag()
+    bag = dag_bag()
     assert not bag.import_errors, bag.import_errors
     dr = bag.get_dag("example_openai_cleanup").test()
     assert dr.state == "success"

