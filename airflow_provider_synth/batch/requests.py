@@ -20,17 +20,35 @@ EMBEDDINGS: Endpoint = "/v1/embeddings"
 RESPONSES: Endpoint = "/v1/responses"
 COMPLETIONS: Endpoint = "/v1/completions"
 
+#: vLLM's scoring endpoints (cross-encoders), served offline by the vLLM backend only: the Batch APIs refuse
+#: them. ``run_batch`` takes ``/score``, ``/v1/score``, ``/rerank``, ``/v1/rerank`` and ``/v2/rerank``.
+SCORE = "/v1/score"
+RERANK = "/v1/rerank"
+#: What each backend serves, in canonical form. A line's endpoint outside its backend's set is invalid.
+OPENAI_ENDPOINTS: tuple[str, ...] = ENDPOINTS
+VLLM_ENDPOINTS: tuple[str, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, SCORE, RERANK)
+#: Other spellings of an endpoint -> its canonical form (beside Azure's form without ``/v1``).
+_ALIASES: dict[str, str] = {"/v2/rerank": RERANK}
+
 #: Azure's own spelling of the endpoints in batch lines and ``batches.create`` (its dated API versions' docs
 #: write ``"url": "/chat/completions"``); Azure's v1 API and OpenAI take the ``/v1/...`` form.
 AZURE_FORMS: dict[str, str] = {e: e.removeprefix("/v1") for e in ENDPOINTS}
 UrlForm = Literal["openai", "azure"]
 
 
-def canonical_url(url: str) -> str | None:
-    """The endpoint a line's ``url`` names, in OpenAI's ``/v1/...`` form (Azure's form accepted), else ``None``."""
-    if url in ENDPOINTS:
-        return url
-    return "/v1" + url if "/v1" + url in ENDPOINTS else None
+def canonical_url(url: str, served: Sequence[str] = OPENAI_ENDPOINTS) -> str | None:
+    """The endpoint a line's ``url`` names, in its ``/v1/...`` form, if ``served`` holds it, else ``None``.
+    Accepted spellings: the ``/v1/...`` form, the form without ``/v1`` (Azure's ``/chat/completions``; vLLM's
+    ``/score`` and ``/rerank``) and ``/v2/rerank``.
+
+    :param url: the line's ``url``.
+    :param served: the canonical endpoints the backend serves (:data:`OPENAI_ENDPOINTS`,
+        :data:`VLLM_ENDPOINTS`).
+    """
+    for candidate in (url, "/v1" + url, _ALIASES.get(url)):
+        if candidate in served:
+            return candidate
+    return None
 
 
 def service_url(endpoint: str, form: UrlForm) -> str:
@@ -41,7 +59,40 @@ def service_url(endpoint: str, form: UrlForm) -> str:
 
 
 #: The body field that carries a record's text, per endpoint.
-INPUT_FIELD: dict[str, str] = {CHAT: "messages", EMBEDDINGS: "input", RESPONSES: "input", COMPLETIONS: "prompt"}
+INPUT_FIELD: dict[str, str] = {CHAT: "messages", EMBEDDINGS: "input", RESPONSES: "input", COMPLETIONS: "prompt",
+                               RERANK: "documents", SCORE: "text_2"}
+#: The body fields of one scoring request, as vLLM's server reads them: rerank takes ``query`` and
+#: ``documents``; score takes the first pair present.
+RERANK_FIELDS = ("query", "documents")
+SCORE_FIELDS = (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"), ("queries", "items"))
+
+
+def scoring_pairs(endpoint: str, body: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
+    """The (query, document) pairs of one score or rerank body (``endpoint``: :data:`SCORE` or :data:`RERANK`),
+    paired as vLLM's server pairs them: one with one, one with many, or as many with as many.
+
+    :raises ValueError: the body lacks its fields or cannot be paired.
+    """
+    if endpoint == RERANK:
+        left, right = body.get("query"), body.get("documents")
+        if left is None or right is None:
+            raise ValueError("a rerank body needs query and documents")
+    else:
+        for a, b in SCORE_FIELDS:
+            if a in body and b in body:
+                left, right = body[a], body[b]
+                break
+        else:
+            raise ValueError("a score body needs text_1 and text_2 (or queries and documents)")
+    lefts = left if isinstance(left, list) else [left]
+    rights = right if isinstance(right, list) else [right]
+    if not rights or len(lefts) not in (1, len(rights)):
+        raise ValueError(f"cannot pair {len(lefts)} quer(ies) with {len(rights)} document(s): score pairs one "
+                         "with many, or as many with as many")
+    lefts = lefts * len(rights) if len(lefts) == 1 else lefts
+    if any(v is None for v in (*lefts, *rights)):
+        raise ValueError("a score or rerank text is null")
+    return lefts, rights
 
 Builder = Callable[[Mapping[str, Any]], Any]
 
@@ -163,6 +214,13 @@ def _body_from(value: Any, endpoint: str, model: str, system: str | None) -> dic
 
 
 def _default_value(record: Mapping[str, Any], endpoint: str, template: str | None) -> Any:
+    if endpoint in (SCORE, RERANK):  # a body of the record's scoring fields
+        fields = RERANK_FIELDS if endpoint == RERANK else tuple(f for pair in SCORE_FIELDS for f in pair)
+        body = {f: record[f] for f in fields if f in record}
+        if not body:
+            raise ValueError(f"cannot build a {endpoint} request from record keys {sorted(record)}: give a builder "
+                             f"or the fields {', '.join(dict.fromkeys(fields))}")
+        return body
     if template is not None:
         return template.format_map(record)
     for key in (INPUT_FIELD[endpoint], "messages", "prompt", "input", "text"):
@@ -178,7 +236,7 @@ def build_requests(
     records: Iterable[Mapping[str, Any]],
     *,
     model: str,
-    endpoint: Endpoint = CHAT,
+    endpoint: str = CHAT,
     builder: Builder | None = None,
     prompt_template: str | None = None,
     system: str | None = None,
@@ -197,7 +255,8 @@ def build_requests(
 
     :param records: the records (dicts), e.g. rows of a seed list or an upstream task's XCom.
     :param model: the model for every request (on Azure, the deployment name).
-    :param endpoint: one of :data:`ENDPOINTS`.
+    :param endpoint: one of :data:`ENDPOINTS`, or (vLLM) :data:`SCORE` / :data:`RERANK`, whose records carry
+        their body's fields (``query`` and ``documents``; ``text_1`` and ``text_2``...) unless a builder is given.
     :param builder: a callable building one request body from one record.
     :param prompt_template: a ``str.format`` template over the record's fields (the user message).
     :param system: a system message (chat) or ``instructions`` (responses) added to every request.
@@ -207,8 +266,9 @@ def build_requests(
     :param tools: function tools for every chat request.
     :param params: other body fields for every request (``temperature``, ``max_completion_tokens``...).
     """
-    if endpoint not in ENDPOINTS:
-        raise ValueError(f"unsupported endpoint {endpoint!r}; expected one of {', '.join(ENDPOINTS)}")
+    known = dict.fromkeys((*ENDPOINTS, *VLLM_ENDPOINTS))
+    if endpoint not in known:
+        raise ValueError(f"unsupported endpoint {endpoint!r}; expected one of {', '.join(known)}")
     shared: dict[str, Any] = dict(params or {})
     if response_format is not None:
         shared["response_format"] = response_format_for(response_format)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from airflow_provider_synth.batch.jsonl import dumps, loads
-from airflow_provider_synth.batch.requests import UrlForm, service_url
+from airflow_provider_synth.batch.requests import OPENAI_ENDPOINTS, UrlForm, service_url
 from airflow_provider_synth.batch.usage import declared_output_tokens, estimate_request_tokens
 from airflow_provider_synth.batch.validate import (
     DEFAULT_MAX_LINE_BYTES,
@@ -180,6 +180,7 @@ def split_requests(
     open_rejected: Callable[[], IO[bytes]] | None = None,
     models: Iterable[str] | None = None,
     url_form: UrlForm = "openai",
+    endpoints: Iterable[str] = OPENAI_ENDPOINTS,
 ) -> SplitResult:
     """Validate ``source`` and write it into shards, streaming; the lines are copied byte for byte, except a
     ``url`` not in the service's form (``/v1/chat/completions`` for OpenAI, ``/chat/completions`` for Azure),
@@ -200,6 +201,7 @@ def split_requests(
     :param open_rejected: returns a new writable binary file object for the failure rows (``"skip"`` only).
     :param models: the models served (vLLM); default: any one model per file.
     :param url_form: the form of the ``url`` of every written line: ``openai`` or ``azure``.
+    :param endpoints: the endpoints the backend serves (default: the Batch APIs'; vLLM: ``VLLM_ENDPOINTS``).
     :raises InvalidRequestsError: listing every problem found, before anything can be uploaded; under
         ``"skip"`` only for a problem with the whole input or when no valid line is left.
     """
@@ -208,7 +210,8 @@ def split_requests(
     estimate = estimate_tokens or limits.max_tokens is not None
     result, checker = checked_passes(
         src, lambda checker: _split_pass(src, open_shard, checker, limits, estimate, url_form), lambda r: r.total,
-        invalid_requests=invalid_requests, open_rejected=open_rejected, models=models, max_line_bytes=max_line_bytes)
+        invalid_requests=invalid_requests, open_rejected=open_rejected, models=models, max_line_bytes=max_line_bytes,
+        endpoints=endpoints)
     if checker.rejected is not None:
         result.invalid, result.synthetic_ids = checker.rejected.count, checker.rejected.synthetic
     result.endpoint, result.model = checker.endpoint, checker.model

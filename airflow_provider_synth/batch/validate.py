@@ -27,9 +27,13 @@ from airflow_provider_synth.batch.requests import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
-    ENDPOINTS,
+    OPENAI_ENDPOINTS,
+    RERANK,
     RESPONSES,
+    SCORE,
+    VLLM_ENDPOINTS,
     canonical_url,
+    scoring_pairs,
 )
 
 #: Default per-request size limit. The Batch API caps files (200 MB), not lines; one huge line is almost
@@ -140,6 +144,15 @@ class _Body(msgspec.Struct, gc=False):
     input: msgspec.Raw = msgspec.Raw(b"null")
     prompt: msgspec.Raw = msgspec.Raw(b"null")
     stream: bool | None = None
+    # score and rerank (vLLM): kept raw, decoded only for a line of those endpoints
+    query: msgspec.Raw = msgspec.Raw(b"")
+    documents: msgspec.Raw = msgspec.Raw(b"")
+    text_1: msgspec.Raw = msgspec.Raw(b"")
+    text_2: msgspec.Raw = msgspec.Raw(b"")
+    data_1: msgspec.Raw = msgspec.Raw(b"")
+    data_2: msgspec.Raw = msgspec.Raw(b"")
+    queries: msgspec.Raw = msgspec.Raw(b"")
+    items: msgspec.Raw = msgspec.Raw(b"")
 
 
 class _Line(msgspec.Struct, gc=False):
@@ -217,6 +230,8 @@ class LineChecker:
     :param name: the file or source name used in problem reports.
     :param max_line_bytes: the per-request size limit.
     :param endpoint: the expected endpoint; by default the first line's endpoint is expected everywhere.
+    :param endpoints: the endpoints the backend serves, canonical (default: the Batch APIs'); a line naming
+        another is invalid.
     :param models: the models served (vLLM): a line naming another is invalid, and lines may name any of
         them. ``None`` (the Batch APIs): any model, but one per file.
     :param rejected: set: ``invalid_requests="skip"``, each invalid line goes there and the valid ones go on.
@@ -226,6 +241,7 @@ class LineChecker:
     name: str = "<requests>"
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     endpoint: str | None = None
+    endpoints: tuple[str, ...] = OPENAI_ENDPOINTS
     models: frozenset[str] | None = None
     rejected: Rejected | None = None
     known_duplicates: dict[int, str] = field(default_factory=dict)
@@ -276,7 +292,7 @@ class LineChecker:
             self.problem(lineno, cid, reason)
         if reasons:
             return None
-        url = canonical_url(line.url) or line.url
+        url = canonical_url(line.url, self.endpoints) or line.url
         inputs = _embedding_inputs(body) if url == EMBEDDINGS else 0
         return CheckedLine(cid, url, body.model, inputs, line.url)
 
@@ -320,10 +336,11 @@ class LineChecker:
             reasons.append("custom_id is empty")
         if line.method != "POST":
             reasons.append(f"method must be 'POST', got {line.method!r}")
-        url = canonical_url(line.url)
+        url = canonical_url(line.url, self.endpoints)
         if url is None:
-            reasons.append(f"unsupported url {line.url!r}; expected one of {', '.join(ENDPOINTS)} "
-                           "(or Azure's form without /v1)")
+            hint = " (VLLMBatchOperator serves it)" if canonical_url(line.url, VLLM_ENDPOINTS) else ""
+            reasons.append(f"unsupported url {line.url!r}{hint}: this backend serves {', '.join(self.endpoints)} "
+                           "(also spelled without /v1)")
         elif self.endpoint is None:
             self.endpoint = url
         elif url != self.endpoint:
@@ -418,22 +435,48 @@ def _body_problems(url: str, body: _Body) -> list[str]:
         reasons.append("body.stream is true: the Batch API does not stream")
     if not body.model:
         reasons.append("body.model is missing")
-    if url == CHAT:
-        if not body.messages:
-            reasons.append("body.messages is missing or empty")
-        else:
-            bad = sorted({m.role for m in body.messages if m.role not in CHAT_ROLES})
-            if bad:
-                reasons.append(f"unknown message role(s) {bad}")
-    elif url in (EMBEDDINGS, RESPONSES):
-        value = _raw_json(body.input)
-        if value is None or value == "" or value == []:
-            reasons.append("body.input is missing or empty")
-        elif url == EMBEDDINGS and not _is_embedding_input(value):
-            reasons.append("body.input must be a string, a list of strings, or token ids")
-    elif url == COMPLETIONS and _raw_json(body.prompt) in (None, "", []):
-        reasons.append("body.prompt is missing or empty")
+    check = _ENDPOINT_CHECKS.get(url)
+    if check is not None:
+        reasons.extend(check(url, body))
     return reasons
+
+
+def _chat_problems(url: str, body: _Body) -> list[str]:
+    if not body.messages:
+        return ["body.messages is missing or empty"]
+    bad = sorted({m.role for m in body.messages if m.role not in CHAT_ROLES})
+    return [f"unknown message role(s) {bad}"] if bad else []
+
+
+def _input_problems(url: str, body: _Body) -> list[str]:
+    value = _raw_json(body.input)
+    if value is None or value == "" or value == []:
+        return ["body.input is missing or empty"]
+    if url == EMBEDDINGS and not _is_embedding_input(value):
+        return ["body.input must be a string, a list of strings, or token ids"]
+    return []
+
+
+def _prompt_problems(url: str, body: _Body) -> list[str]:
+    return ["body.prompt is missing or empty"] if _raw_json(body.prompt) in (None, "", []) else []
+
+
+_SCORING_FIELDS = ("query", "documents", "text_1", "text_2", "data_1", "data_2", "queries", "items")
+
+
+def _scoring_problems(url: str, body: _Body) -> list[str]:
+    fields = {name: _raw_json(raw) for name in _SCORING_FIELDS if len(raw := getattr(body, name))}
+    try:
+        scoring_pairs(url, fields)
+    except ValueError as exc:
+        return [f"body: {exc}"]
+    return []
+
+
+_ENDPOINT_CHECKS: dict[str, Callable[[str, _Body], list[str]]] = {
+    CHAT: _chat_problems, EMBEDDINGS: _input_problems, RESPONSES: _input_problems, COMPLETIONS: _prompt_problems,
+    SCORE: _scoring_problems, RERANK: _scoring_problems,
+}
 
 
 def _is_embedding_input(value: Any) -> bool:
@@ -505,7 +548,7 @@ class Source:
 
 def validate_requests(
     source: Any, *, name: str | None = None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-    models: Iterable[str] | None = None,
+    models: Iterable[str] | None = None, endpoints: Iterable[str] = OPENAI_ENDPOINTS,
 ) -> ValidationSummary:
     """Validate a JSONL file (path, URL, path object or binary file object) or an iterable of request dicts.
 
@@ -513,10 +556,11 @@ def validate_requests(
     :param name: the name used in problem reports (default: the path).
     :param max_line_bytes: the per-request size limit.
     :param models: the models served (see :class:`LineChecker`); default: any one model.
+    :param endpoints: the endpoints served (see :class:`LineChecker`); default: the Batch APIs'.
     :raises InvalidRequestsError: listing every problem found.
     """
     src = Source(source, name)
-    checker = LineChecker(name=src.name, max_line_bytes=max_line_bytes,
+    checker = LineChecker(name=src.name, max_line_bytes=max_line_bytes, endpoints=tuple(endpoints),
                           models=frozenset(models) if models is not None else None)
     summary = ValidationSummary()
     for lineno, raw in src.lines():
@@ -547,6 +591,7 @@ def checked_passes(
     src: Source, one_pass: Callable[[LineChecker], R], total_of: Callable[[R], int], *,
     invalid_requests: InvalidRequests = "fail", open_rejected: Callable[[], IO[bytes]] | None = None,
     models: Iterable[str] | None = None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    endpoints: Iterable[str] = OPENAI_ENDPOINTS,
 ) -> tuple[R, LineChecker]:
     """The one decision on invalid request lines, for every backend. ``one_pass`` reads ``src`` once, checks
     each line with the checker it is given and uses the valid ones (writes shards, stages rows...); then
@@ -561,6 +606,7 @@ def checked_passes(
     :param open_rejected: returns a new writable binary file for the failure rows (``"skip"`` only).
     :param models: the models served (see :class:`LineChecker`).
     :param max_line_bytes: the per-request size limit.
+    :param endpoints: the endpoints the backend serves (see :class:`LineChecker`).
     :returns: the last pass's result and its checker (``checker.rejected`` counts what was set aside).
     :raises InvalidRequestsError: every problem (``"fail"``); a problem with the whole input or no valid line
         left (``"skip"``).
@@ -574,7 +620,7 @@ def checked_passes(
         fp = open_rejected() if skip and open_rejected is not None else None
         try:
             checker = LineChecker(name=src.name, max_line_bytes=max_line_bytes, models=served, known_duplicates=known,
-                                  rejected=Rejected(fp) if fp is not None else None)
+                                  endpoints=tuple(endpoints), rejected=Rejected(fp) if fp is not None else None)
             result = one_pass(checker)
             found = locate_duplicates(checker, src) if not known else {}
             if skip and found:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import context_merge, determine_kwargs
 
 from airflow_provider_synth.batch.paths import as_path, join_path, open_path
-from airflow_provider_synth.batch.requests import Endpoint, build_requests, write_requests
+from airflow_provider_synth.batch.requests import build_requests, write_requests
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -45,7 +45,7 @@ def is_request_line(item: Mapping[str, Any]) -> bool:
     return "custom_id" in item and "body" in item
 
 
-def as_request_lines(items: list[Mapping[str, Any]], *, model: str | None, endpoint: Endpoint,
+def as_request_lines(items: list[Mapping[str, Any]], *, model: str | None, endpoint: str,
                      template: RequestTemplate) -> list[Mapping[str, Any]]:
     """Request lines as given, or built from records with ``template`` (which then needs ``model``)."""
     if all(is_request_line(i) for i in items):

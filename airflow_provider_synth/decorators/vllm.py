@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.common.compat.sdk import DecoratedOperator, task_decorator_factory
 
-from airflow_provider_synth.batch.requests import CHAT, Endpoint
+from airflow_provider_synth.batch.requests import CHAT
 from airflow_provider_synth.decorators._base import as_request_lines, call_for_records, write_request_file
 from airflow_provider_synth.operators.openai_batch import RequestTemplate
 from airflow_provider_synth.operators.vllm import VLLMBatchOperator
@@ -26,7 +26,8 @@ class VLLMBatchDecoratedOperator(DecoratedOperator, VLLMBatchOperator):
     :param python_callable: the function returning the records or request lines.
     :param op_args: positional arguments of the function (templated).
     :param op_kwargs: keyword arguments of the function (templated).
-    :param endpoint: the endpoint of requests built from records (chat, completions or embeddings).
+    :param endpoint: the endpoint of requests built from records: chat, completions, embeddings, or
+        ``/v1/score`` and ``/v1/rerank`` (whose records carry ``text_1``/``text_2`` or ``query``/``documents``).
     :param template: how records become requests (:class:`RequestTemplate`).
     :param kwargs: the operator's arguments (``output_path``, ``model``, ``python``, ``engine``...).
     """
@@ -39,7 +40,7 @@ class VLLMBatchDecoratedOperator(DecoratedOperator, VLLMBatchOperator):
     custom_operator_name = "@task.synth_vllm_batch"
 
     def __init__(self, *, python_callable: Callable[..., Any], op_args: Collection[Any] | None = None,
-                 op_kwargs: Mapping[str, Any] | None = None, endpoint: Endpoint = CHAT,
+                 op_kwargs: Mapping[str, Any] | None = None, endpoint: str = CHAT,
                  template: RequestTemplate | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("input_path", "")  # the file written from what the function returns
         super().__init__(python_callable=python_callable, op_args=op_args, op_kwargs=op_kwargs, **kwargs)

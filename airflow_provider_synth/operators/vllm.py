@@ -25,7 +25,7 @@ from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import dumps, join_path, loads, open_path
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
 from airflow_provider_synth.batch.merge import ShardOutputs, merge_shards
-from airflow_provider_synth.batch.requests import CHAT, COMPLETIONS, EMBEDDINGS
+from airflow_provider_synth.batch.requests import VLLM_ENDPOINTS
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
 from airflow_provider_synth.batch.validate import (
     InvalidRequests,
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
 EVENT_PREFIX = b'{"synth_vllm":'
-SERVED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
+#: chat, completions, embeddings, score and rerank; a line naming another endpoint is invalid
+SERVED_ENDPOINTS = VLLM_ENDPOINTS
 #: One shard holding every valid line: the engine's input under ``invalid_requests="skip"``.
 #: VLLMEngineConfig fields the runner reads itself (never ``vllm.LLM`` keyword arguments)
 _RUNNER_OPTIONS = ("served_model_names", "tool_call_parser", "enable_auto_tool_choice", "reasoning_parser")
@@ -218,7 +219,7 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="synth-vllm-", dir=self.work_dir) as scratch:
-            engine_input, invalid = self._screen(Path(scratch))
+            engine_input, invalid, endpoint = self._screen(Path(scratch))
             python = self._resolve_python()
             work = EngineWorkspace.create(engine_input, self.output_path, Path(scratch))
             work.restore_state(self._fingerprint(), self.log)
@@ -226,30 +227,28 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
             self._run_engine(python, work)
             work.checkpoint()
             elapsed = time.monotonic() - started
-            return self._finish(context, work, elapsed, engine_input, invalid)
+            return self._finish(context, work, elapsed, engine_input, invalid, endpoint)
 
-    def _screen(self, scratch: Path) -> tuple[Any, Any]:
+    def _screen(self, scratch: Path) -> tuple[Any, Any, str | None]:
         """Validate the input against what the engine serves (nothing runs before this passes). Returns the
-        engine's input (under ``"skip"``: a local file of the valid lines) and the invalid lines' failure rows
-        (``None`` when there are none)."""
+        engine's input (under ``"skip"``: a local file of the valid lines), the invalid lines' failure rows
+        (``None`` when there are none) and the requests' endpoint."""
         served = self.engine.served_names(self.model)
         invalid_path = join_path(join_path(self.output_path, STATE_DIR), "invalid.jsonl")
         if self.invalid_requests == "fail":
-            summary = validate_requests(self.input_path, name=str(self.input_path), models=served)
+            summary = validate_requests(self.input_path, name=str(self.input_path), models=served,
+                                        endpoints=SERVED_ENDPOINTS)
             endpoint, total, engine_input, invalid, synthetic = summary.endpoint, summary.total, self.input_path, 0, 0
         else:
             engine_input = scratch / "valid-requests.jsonl"
             split = split_requests(self.input_path, lambda _: open(engine_input, "wb"), limits=_ONE_SHARD,
                                    name=str(self.input_path), invalid_requests="skip", models=served,
-                                   open_rejected=lambda: open_path(invalid_path, "wb"))
+                                   endpoints=SERVED_ENDPOINTS, open_rejected=lambda: open_path(invalid_path, "wb"))
             endpoint, total, invalid, synthetic = split.endpoint, split.total, split.invalid, split.synthetic_ids
-        if endpoint not in SERVED_ENDPOINTS:
-            raise ValueError(f"{self.input_path}: the vLLM backend serves {', '.join(SERVED_ENDPOINTS)}; "
-                             f"these requests use {endpoint!r}")
         self.log.info("Validated %d %s requests in %s", total, endpoint, self.input_path)
         if invalid:
             self.log.warning(skipped_summary(invalid, synthetic, output_paths(self.output_path)["failures_path"]))
-        return engine_input, invalid_path if invalid else None
+        return engine_input, invalid_path if invalid else None, endpoint
 
     def _resolve_python(self) -> str:
         found = shutil.which(self.python) or (self.python if os.access(self.python, os.X_OK) else None)
@@ -316,7 +315,7 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         return engine_env(self.env, pythonpath=str(shim))
 
     def _finish(self, context: Context, work: EngineWorkspace, elapsed: float, requests: Any,
-                invalid: Any) -> dict[str, Any]:
+                invalid: Any, endpoint: str | None) -> dict[str, Any]:
         paths = output_paths(self.output_path)
         with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
             acct = merge_shards([ShardOutputs(requests=requests, outputs=[work.remote_output])],
@@ -324,7 +323,7 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         ti = context["ti"]
         manifest = build_manifest(
             backend="vllm", accounting=acct.as_dict(), output_dir=self.output_path, model=self.model,
-            batch_ids=[], cost_usd=None, engine_output_path=str(work.remote_output),
+            endpoint=endpoint, batch_ids=[], cost_usd=None, engine_output_path=str(work.remote_output),
             engine=_public(self.engine.llm_kwargs()), elapsed_s=round(elapsed, 2),
             requests_per_s=round(acct.total / elapsed, 2) if elapsed > 0 else None,
             try_number=ti.try_number, dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,

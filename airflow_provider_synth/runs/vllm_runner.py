@@ -46,7 +46,16 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
-from airflow_provider_synth.batch.requests import CHAT, COMPLETIONS, EMBEDDINGS
+from airflow_provider_synth.batch.requests import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    RERANK,
+    SCORE,
+    VLLM_ENDPOINTS,
+    canonical_url,
+    scoring_pairs,
+)
 from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
 from airflow_provider_synth.runs.vllm_process import guard_engine
 
@@ -57,20 +66,13 @@ EXIT_MODEL_LOAD = 4
 EXIT_ENGINE = 5
 
 GENERATE_URLS = (CHAT, COMPLETIONS)
-#: run_batch matches these by suffix (``/score``, ``/v1/score``, ``/rerank``, ``/v1/rerank``, ``/v2/rerank``)
-SCORE = "/score"
-RERANK = "/rerank"
+_POOLING_KINDS = {EMBEDDINGS: "embed", SCORE: "score", RERANK: "rerank"}
 
 
 def pooling_kind(url: str) -> str | None:
-    """``"embed"``, ``"score"`` or ``"rerank"`` for a pooling endpoint; None for a generation endpoint."""
-    if url == EMBEDDINGS:
-        return "embed"
-    if url.endswith(RERANK):
-        return "rerank"
-    if url.endswith(SCORE):
-        return "score"
-    return None
+    """``"embed"``, ``"score"`` or ``"rerank"`` for a pooling endpoint (``/score``, ``/v1/score``, ``/rerank``,
+    ``/v1/rerank``, ``/v2/rerank`` as ``run_batch`` spells them); None for a generation endpoint."""
+    return _POOLING_KINDS.get(canonical_url(url, VLLM_ENDPOINTS) or url)
 
 #: OpenAI body keys -> vLLM ``SamplingParams`` names. Keys absent here and in ``_IGNORED`` pass through
 #: unchanged when ``SamplingParams`` knows them (top_k, min_p, repetition_penalty, min_tokens, ...).
@@ -208,8 +210,8 @@ def iter_requests(path: str, done: set[str]) -> Iterator[Request]:
         for lineno, raw in iter_jsonl(fp):
             try:
                 line = loads(raw)
-                url = line.get("url", CHAT)  # Azure's form (/chat/completions) names the same endpoint
-                req = Request(line["custom_id"], url if url.startswith("/v1/") else "/v1" + url, line.get("body") or {})
+                url = line.get("url", CHAT)  # every spelling of an endpoint (/chat/completions, /v2/rerank...)
+                req = Request(line["custom_id"], canonical_url(url, VLLM_ENDPOINTS) or url, line.get("body") or {})
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 # the operator validates before starting; a standalone run reports and goes on
                 emit("invalid_line", line=lineno, reason=f"{type(exc).__name__}: {exc}")
@@ -281,29 +283,6 @@ def embedding_prompts(value: Any) -> list[Any]:
     if isinstance(value, list) and value:
         return [v if isinstance(v, str) else {"prompt_token_ids": list(v)} for v in value]
     raise ValueError("body.input must be a string, a list of strings, or token ids")
-
-
-def scoring_pairs(url: str, body: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-    """The (query, document) pairs of one ``/score`` or ``/rerank`` body, paired as vLLM's server pairs them:
-    1 -> 1, 1 -> N or N -> N."""
-    if url.endswith(RERANK):
-        left, right = body.get("query"), body.get("documents")
-        if left is None or right is None:
-            raise ValueError("a rerank body needs query and documents")
-    else:
-        for a, b in (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"), ("queries", "items")):
-            if a in body and b in body:
-                left, right = body[a], body[b]
-                break
-        else:
-            raise ValueError("a score body needs text_1 and text_2 (or queries and documents)")
-    lefts = left if isinstance(left, list) else [left]
-    rights = right if isinstance(right, list) else [right]
-    if len(lefts) == 1:
-        lefts = lefts * len(rights)
-    if not rights or len(lefts) != len(rights):
-        raise ValueError("score inputs pair one with many or as many with as many")
-    return lefts, rights
 
 
 def _encode_embedding(values: Sequence[float], encoding_format: str) -> Any:

@@ -6,6 +6,7 @@ No Airflow imports: the operator in :mod:`airflow_provider_synth.operators.vllm`
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from airflow_provider_synth.batch.checks import sum_checks
 from airflow_provider_synth.batch.errors import AccountingError
 from airflow_provider_synth.batch.jsonl import dumps, loads
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths, read_manifest, write_manifest
+from airflow_provider_synth.batch.merge import MAX_EXAMPLES
 from airflow_provider_synth.batch.paths import exists, join_path, local_path, open_path
 from airflow_provider_synth.batch.usage import Usage
 
@@ -23,6 +25,9 @@ from airflow_provider_synth.batch.usage import Usage
 STATE_DIR = "_vllm"
 ENGINE_OUTPUT = "engine-output.jsonl"
 STATE_FILE = "state.json"
+#: The shards' manifest counts that add up into the combined manifest's.
+_SUMMED = ("total", "succeeded", "failed", "missing", "retryable", "duplicates", "unknown", "invalid",
+           "synthetic_ids")
 
 
 def merge_output_folders(folders: Sequence[Any], output_path: Any, **extra: Any) -> dict[str, Any]:
@@ -35,7 +40,10 @@ def merge_output_folders(folders: Sequence[Any], output_path: Any, **extra: Any)
     :returns: the combined manifest.
     """
     usage = Usage()
-    counts = dict.fromkeys(("total", "succeeded", "failed", "missing", "retryable", "duplicates", "unknown"), 0)
+    counts = dict.fromkeys(_SUMMED, 0)
+    error_codes: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {"unknown_examples": [], "duplicate_examples": []}
+    costs: list[float] = []
     batch_ids: list[str] = []
     checks: list[dict[str, Any]] = []
     paths = output_paths(output_path)
@@ -44,6 +52,10 @@ def merge_output_folders(folders: Sequence[Any], output_path: Any, **extra: Any)
             shard = read_manifest(folder)
             for key in counts:
                 counts[key] += int(shard.get(key) or 0)
+            error_codes.update(shard.get("error_codes") or {})
+            for key, kept in examples.items():
+                kept += (shard.get(key) or [])[:MAX_EXAMPLES - len(kept)]
+            costs += [float(shard["cost_usd"])] if shard.get("cost_usd") is not None else []
             usage.add(Usage.from_dict(shard.get("usage") or {}))
             batch_ids.extend(shard.get("batch_ids") or [])
             checks += [shard["checks"]] if shard.get("checks") else []
@@ -51,7 +63,8 @@ def merge_output_folders(folders: Sequence[Any], output_path: Any, **extra: Any)
             _copy_into(shard["failures_path"], failures)
     if counts["succeeded"] + counts["failed"] + counts["missing"] != counts["total"]:
         raise AccountingError(f"the shards' manifests do not add up: {counts}")
-    accounting: dict[str, Any] = {**counts, "usage": usage.as_dict()}
+    accounting: dict[str, Any] = {**counts, **examples, "error_codes": dict(error_codes), "usage": usage.as_dict(),
+                                  "cost_usd": round(sum(costs), 6) if costs else None}
     if checks:
         accounting["checks"] = sum_checks(checks)
     manifest = build_manifest(backend=extra.pop("backend", "vllm"), accounting=accounting,

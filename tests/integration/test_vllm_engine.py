@@ -434,3 +434,43 @@ def test_score_and_rerank_match_run_batch(tiny_scorer, tmp_path) -> None:
                 [d["score"] for d in ref_body["data"]], abs=1e-5)
     assert len(mine["rerank_top2"]["response"]["body"]["results"]) == 2
     assert mine["other_model"]["response"]["body"]["error"]["code"] == "model_not_found"
+
+
+def test_rerank_file_through_the_operator_with_vllms_own_spellings(tiny_scorer, tmp_path) -> None:
+    """vLLM's own rerank test input (``/rerank``, ``/v1/rerank``, ``/v2/rerank`` in one file) through
+    VLLMBatchOperator with the real engine; under "skip" the lines it cannot serve are set aside before the
+    engine starts. The rerank scores agree with /score on the same pairs (one cross-encoder, two endpoints)."""
+    docs = ["The capital of Brazil is Brasilia.", "The capital of France is Paris.", "Airflow schedules DAGs."]
+
+    def line(cid: str, url: str, **body: Any) -> dict:
+        return {"custom_id": cid, "method": "POST", "url": url, "body": {"model": "tiny", **body}}
+
+    rows = [line("request-1", "/rerank", query="What is the capital of France?", documents=docs),
+            line("request-2", "/v1/rerank", query="What is the capital of France?", documents=docs, top_n=1),
+            line("request-3", "/v2/rerank", query="Which tool schedules DAGs?", documents=docs),
+            line("score-line", "/v1/score", text_1="a", text_2="b"),  # another endpoint: set aside
+            line("no-query", "/v1/rerank", documents=docs)]
+    src = tmp_path / "rerank.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    manifest = make_operator(tiny_scorer, src, tmp_path / "out", invalid_requests="skip",
+                             max_failed_ratio=0.5).execute(context())
+    assert (manifest["total"], manifest["succeeded"], manifest["invalid"], manifest["endpoint"]) == (
+        5, 3, 2, "/v1/rerank")
+    failures = {f["custom_id"]: f["error"]["message"] for f in lines(manifest["failures_path"])}
+    assert "differs from the batch's endpoint" in failures["score-line"]
+    assert "needs query and documents" in failures["no-query"]
+    results = {r["custom_id"]: r["response"]["body"] for r in lines(manifest["results_path"])}
+    full = results["request-1"]["results"]
+    assert sorted(r["index"] for r in full) == [0, 1, 2]
+    assert [r["relevance_score"] for r in full] == sorted((r["relevance_score"] for r in full), reverse=True)
+    assert [r["index"] for r in results["request-2"]["results"]] == [full[0]["index"]]
+    assert results["request-1"]["usage"]["prompt_tokens"] > 0 and manifest["usage"]["prompt_tokens"] > 0
+
+    score_src = tmp_path / "score.jsonl"
+    score_src.write_bytes(orjson.dumps(line("s", "/score", text_1="What is the capital of France?",
+                                            text_2=docs)) + b"\n")
+    scored = make_operator(tiny_scorer, score_src, tmp_path / "scored").execute(context())
+    [answer] = lines(scored["results_path"])
+    by_index = {r["index"]: r["relevance_score"] for r in full}
+    assert [d["score"] for d in answer["response"]["body"]["data"]] == pytest.approx(
+        [by_index[i] for i in range(3)], abs=1e-5)

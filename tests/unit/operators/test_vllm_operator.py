@@ -107,8 +107,67 @@ def test_unserved_endpoint_fails_before_the_engine_starts(tmp_path, fake_python,
     path = tmp_path / "resp.jsonl"
     path.write_bytes(jsonl([{"custom_id": "a", "method": "POST", "url": "/v1/responses",
                              "body": {"model": "tiny", "input": "hi"}}]))
-    with pytest.raises(ValueError, match="vLLM backend serves"):
+    with pytest.raises(InvalidRequestsError, match="resp.jsonl:1 custom_id='a': unsupported url '/v1/responses': "
+                       "this backend serves .*/v1/score, /v1/rerank"):
         operator(str(path), str(tmp_path / "out"), fake_python).execute(context)
+    assert not (tmp_path / "out").exists()
+
+
+def scoring(cid: str, url: str, **body: object) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": url, "body": {"model": "tiny", **body}}
+
+
+def test_score_and_rerank_lines_run_through_the_operator(tmp_path, fake_python, context) -> None:
+    """vLLM's own spellings (/rerank, /v1/rerank, /v2/rerank; /score, /v1/score), one engine call per chunk."""
+    rerank = [scoring("r1", "/rerank", query="brown fox", documents=["a brown fox", "airflow", "a fox"]),
+              scoring("r2", "/v1/rerank", query="fox", documents=["fox", "dog"], top_n=1),
+              scoring("r3", "/v2/rerank", query="dog", documents=["a dog"])]
+    src = tmp_path / "rerank.jsonl"
+    src.write_bytes(jsonl(rerank))
+    manifest = operator(str(src), str(tmp_path / "rr"), fake_python).execute(context)
+    assert (manifest["total"], manifest["succeeded"], manifest["endpoint"]) == (3, 3, "/v1/rerank")
+    results = {r["custom_id"]: r["response"]["body"] for r in read_lines(manifest["results_path"])}
+    assert [x["index"] for x in results["r1"]["results"]] == [0, 2, 1]  # by relevance, as vLLM's server sorts
+    assert [x["document"]["text"] for x in results["r2"]["results"]] == ["fox"]
+    assert results["r3"]["results"][0]["relevance_score"] == 1.0
+    assert manifest["usage"]["prompt_tokens"] > 0
+
+    score = [scoring("s1", "/score", text_1="fox", text_2=["a fox", "a dog"]),
+             scoring("s2", "/v1/score", queries=["a b", "c"], documents=["a", "d"])]
+    src = tmp_path / "score.jsonl"
+    src.write_bytes(jsonl(score))
+    manifest = operator(str(src), str(tmp_path / "sc"), fake_python).execute(context)
+    assert (manifest["total"], manifest["succeeded"], manifest["endpoint"]) == (2, 2, "/v1/score")
+    results = {r["custom_id"]: r["response"]["body"] for r in read_lines(manifest["results_path"])}
+    assert [d["score"] for d in results["s1"]["data"]] == [1.0, 0.0]
+    assert [d["score"] for d in results["s2"]["data"]] == [0.5, 0.0]
+
+
+def test_bad_score_lines_are_refused_or_set_aside(tmp_path, fake_python, context) -> None:
+    rows = [scoring("ok", "/v1/score", text_1="fox", text_2=["a fox", "a dog"]),
+            scoring("unpaired", "/v1/score", text_1=["a", "b"], text_2=["c", "d", "e"]),
+            scoring("no-text-2", "/score", text_1="a"),
+            scoring("rerank", "/v1/rerank", query="fox", documents=["fox"]),  # another endpoint in the file
+            scoring("chat", "/v1/chat/completions", messages=[{"role": "user", "content": "hi"}]),
+            scoring("other-model", "/v1/score", text_1="a", text_2="b", model="gpt-4o"),
+            scoring("ok-2", "/score", text_1="dog", text_2="a dog")]
+    src = tmp_path / "score.jsonl"
+    src.write_bytes(jsonl(rows))
+    with pytest.raises(InvalidRequestsError) as info:
+        operator(str(src), str(tmp_path / "refused"), fake_python).execute(context)
+    assert [p.line for p in info.value.problems] == [2, 3, 4, 5, 6]
+    text = str(info.value)
+    assert "cannot pair 2 quer(ies) with 3 document(s)" in text and "needs text_1 and text_2" in text
+    assert "differs from the batch's endpoint '/v1/score'" in text and "not served here" in text
+    assert not (tmp_path / "refused").exists()
+
+    manifest = operator(str(src), str(tmp_path / "out"), fake_python, invalid_requests="skip",
+                        max_failed_ratio=1.0).execute(context)
+    assert (manifest["total"], manifest["succeeded"], manifest["failed"], manifest["invalid"]) == (7, 2, 5, 5)
+    failures = {f["custom_id"]: f for f in read_lines(manifest["failures_path"])}
+    assert sorted(failures) == ["chat", "no-text-2", "other-model", "rerank", "unpaired"]
+    assert failures["other-model"]["status_code"] == 404 and failures["unpaired"]["line"] == 2
+    assert sorted(r["custom_id"] for r in read_lines(manifest["results_path"])) == ["ok", "ok-2"]
 
 
 def test_missing_interpreter_is_a_clear_error(requests_file, tmp_path, context) -> None:
@@ -277,6 +336,34 @@ def test_merge_output_folders_refuses_manifests_that_do_not_add_up(tmp_path) -> 
                                          accounting={"total": 3, "succeeded": 1, "failed": 0, "missing": 0}))
     with pytest.raises(AccountingError, match="do not add up"):
         merge_output_folders([str(shard)], str(tmp_path / "merged"))
+
+
+def test_merge_output_folders_adds_up_every_count_of_the_shards(tmp_path, fake_python, context) -> None:
+    """Two shards run by the operator (each with an invalid line set aside and an engine-refused request):
+    the combined manifest sums counts, error codes, invalid lines and usage, and concatenates the files."""
+    from airflow_provider_synth.operators.vllm import merge_output_folders
+
+    folders = []
+    for shard in range(2):
+        rows = [chat(f"s{shard}-{i}", f"question {i}") for i in range(5)]
+        rows[1]["body"]["temperature"] = -1  # refused by the engine: an invalid_request error line
+        rows[3]["body"]["messages"] = []  # invalid: set aside before the engine starts
+        src = tmp_path / f"in-{shard}.jsonl"
+        src.write_bytes(jsonl(rows))
+        out = tmp_path / f"shard-{shard}"
+        operator(str(src), str(out), fake_python, invalid_requests="skip", max_failed_ratio=1.0).execute(context)
+        folders.append(str(out))
+    shards = [orjson.loads((Path(f) / "manifest.json").read_bytes()) for f in folders]
+    merged = merge_output_folders(folders, str(tmp_path / "merged"), dag_id="d")
+    assert (merged["total"], merged["succeeded"], merged["failed"], merged["invalid"]) == (10, 6, 4, 2)
+    assert merged["error_codes"] == {code: sum(s["error_codes"].get(code, 0) for s in shards)
+                                     for code in shards[0]["error_codes"]}
+    assert sum(merged["error_codes"].values()) == 4
+    assert merged["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in shards)
+    assert (merged["shards"], merged["dag_id"], merged["cost_usd"]) == (2, "d", None)
+    assert [r["custom_id"] for r in read_lines(merged["results_path"])] == [
+        "s0-0", "s0-2", "s0-4", "s1-0", "s1-2", "s1-4"]
+    assert sorted(f["custom_id"] for f in read_lines(merged["failures_path"])) == ["s0-1", "s0-3", "s1-1", "s1-3"]
 
 
 def test_retry_reruns_only_failures_a_retry_can_fix(requests_file, tmp_path, fake_python, context) -> None:
