@@ -155,8 +155,9 @@ class StagingTables:
               for col in ("INTENT", "SESSION_ID", "QUERY_TAG")],
         ]
 
-    def drop(self) -> list[Statement]:
-        return [(f"DROP TABLE IF EXISTS {t}", ()) for t in (self.requests, self.results, self.statements)]
+    def drop(self, suffixes: Sequence[str] = TABLE_SUFFIXES) -> list[Statement]:
+        """``DROP TABLE IF EXISTS`` for the run's tables (only those of ``suffixes``)."""
+        return [(f"DROP TABLE IF EXISTS {self._name(s)}", ()) for s in TABLE_SUFFIXES if s in suffixes]
 
     def count_requests(self) -> Statement:
         return (f"SELECT COUNT(*) FROM {self.requests}", ())

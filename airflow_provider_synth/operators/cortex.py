@@ -1,7 +1,9 @@
 """Batch synthesis with Snowflake Cortex: one set-based ``AI_COMPLETE`` statement per chunk of a staged table.
 
 The run itself (stage, submit, re-attach after a crash, wait, read back) is
-:class:`~airflow_provider_synth.runs.cortex.CortexRun`; this operator maps the Airflow context onto it.
+:class:`~airflow_provider_synth.runs.cortex.CortexRun`; :class:`CortexBatchOperator` maps the Airflow context
+onto it. :class:`CortexStagingCleanupOperator` drops the staging tables failed runs left, with
+:func:`~airflow_provider_synth.runs.cortex_staging.staging_report` (what ``airflow-synth cortex-staging`` runs).
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.cortex_sql import TableSource
 from airflow_provider_synth.batch.jsonl import join_path
 from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests
-from airflow_provider_synth.exceptions import BatchFailedError, BatchTimeoutError, TriggerEventError
+from airflow_provider_synth.exceptions import (
+    BatchFailedError,
+    BatchTimeoutError,
+    SynthError,
+    TriggerEventError,
+)
 from airflow_provider_synth.hooks.cortex import CortexHook
 from airflow_provider_synth.operators._native import ManifestPublisherMixin
 from airflow_provider_synth.runs.cortex import (
@@ -27,13 +34,14 @@ from airflow_provider_synth.runs.cortex import (
     RunIdentity,
     RunState,
 )
+from airflow_provider_synth.runs.cortex_staging import staging_report, staging_report_text
 from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.cortex import CortexStatementTrigger
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
-__all__ = ["READ_BLOCK_ROWS", "CortexBatchOperator", "CortexStaging", "TableSource"]
+__all__ = ["READ_BLOCK_ROWS", "CortexBatchOperator", "CortexStaging", "CortexStagingCleanupOperator", "TableSource"]
 
 
 class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
@@ -232,3 +240,81 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
         if not outcome.ok and raise_on_failures:
             raise BatchFailedError(outcome.message)
         return outcome.manifest
+
+
+class CortexStagingCleanupOperator(BaseOperator):
+    """Drop the staging tables that Cortex runs left in Snowflake, older than N days, or those of one run.
+
+    :class:`CortexBatchOperator` keeps a run's three staging tables after a failure, so that a retry resumes
+    without paying twice; a run nobody retries leaves them behind, prompts and answers included. This drops,
+    per run, only tables named ``<table_prefix>_<16 hex>_{REQUESTS,RESULTS,STATEMENTS}`` that carry this
+    provider's comment, never another table, and never those of a run whose statements may still be running
+    (one reported running, or an intent younger than ``SETTLE_S``). Returns a report: the runs found (with the
+    dag_id, task_id, run_id and model their comment names), the ones dropped, those kept and why. Fails (after
+    dropping what it could) when some tables could not be dropped.
+
+    Choose ``older_than_days`` longer than your longest run, retries included: a retry resumes from the tables.
+
+    .. seealso:: :ref:`howto/operator:CortexStagingCleanupOperator`
+
+    :param older_than_days: drop the tables of runs created more than this many days ago (fractions allowed;
+        ``0``: every run). Required unless ``run_prefix`` is given.
+    :param run_prefix: only this run's tables: its prefix ``<table_prefix>_<16 hex>``, as the report, a failed
+        run's error message and ``airflow-synth cortex-staging`` name it.
+    :param snowflake_conn_id: the Snowflake connection.
+    :param database: the staging database (default: the connection's).
+    :param schema: the staging schema (default: every schema of the database).
+    :param table_prefix: the ``table_prefix`` of the runs' ``CortexStaging``.
+    :param dry_run: log and return what would be dropped, drop nothing.
+    """
+
+    template_fields: Sequence[str] = ("snowflake_conn_id", "database", "schema", "run_prefix")
+    ui_color = "#f0e6d7"
+
+    def __init__(
+        self,
+        *,
+        older_than_days: float | None = None,
+        run_prefix: str | None = None,
+        snowflake_conn_id: str = "snowflake_default",
+        database: str | None = None,
+        schema: str | None = None,
+        table_prefix: str = "SYNTH_CORTEX",
+        dry_run: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if older_than_days is None and not run_prefix:
+            raise ValueError("give older_than_days or run_prefix (older_than_days=0 drops every finished run)")
+        if older_than_days is not None and (isinstance(older_than_days, bool)
+                                            or not isinstance(older_than_days, int | float)
+                                            or not older_than_days >= 0):
+            raise ValueError(f"older_than_days must be a number >= 0, got {older_than_days!r}")
+        self.older_than_days = None if older_than_days is None else float(older_than_days)
+        self.run_prefix = run_prefix
+        self.snowflake_conn_id = snowflake_conn_id
+        self.database = database
+        self.schema = schema
+        self.table_prefix = table_prefix
+        # not ``self.dry_run``: that name is BaseOperator's method
+        self.is_dry_run = dry_run
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        hook = CortexHook(self.snowflake_conn_id)
+        try:
+            report = staging_report(hook, database=self.database or None, schema=self.schema or None,
+                                    table_prefix=self.table_prefix, older_than_days=self.older_than_days,
+                                    prefixes=[self.run_prefix] if self.run_prefix else [], drop=True,
+                                    dry_run=self.is_dry_run)
+        finally:
+            hook.close()
+        for line in staging_report_text(report):
+            self.log.info("%s", line)
+        if report["not_found"]:
+            self.log.warning("No staging tables of run(s) %s (dropped already?)", ", ".join(report["not_found"]))
+        if report["errors"]:
+            first = "; ".join(f"{e['prefix']}: {e['error']}" for e in report["errors"][:5])
+            raise SynthError(f"could not drop the tables of {len(report['errors'])} run(s) ({first}); those of "
+                             f"{len(report['dropped'])} other(s) were dropped. Run again to retry.")
+        return {"snowflake_conn_id": self.snowflake_conn_id, "database": self.database, "schema": self.schema,
+                "table_prefix": self.table_prefix, **report}

@@ -1,7 +1,9 @@
 """The staging tables Cortex runs leave behind (kept after a failure, so that a retry resumes): list them per
 run and drop them, touching only tables this provider created, never those of a run that may still be running.
 
-``airflow-synth cortex-staging`` drives this module; it holds no Airflow context.
+``airflow-synth cortex-staging`` and
+:class:`~airflow_provider_synth.operators.cortex.CortexStagingCleanupOperator` drive this module; it holds no
+Airflow context.
 """
 
 from __future__ import annotations
@@ -13,16 +15,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.common.compat.sdk import redact
+
 from airflow_provider_synth.batch.cortex_sql import (
     STAGING_COMMENT,
     TABLE_SUFFIXES,
     StagingTables,
+    Statement,
     staging_tables_listing,
 )
 from airflow_provider_synth.runs.cortex import SETTLE_S
 
 if TYPE_CHECKING:
     from airflow_provider_synth.hooks.cortex import CortexHook
+
+
+DAY_S = 86400.0
 
 
 def _now() -> float:
@@ -54,6 +62,11 @@ class StagingRun:
     def staging(self) -> StagingTables:
         return StagingTables(self.database, '"' + self.schema.replace('"', '""') + '"', self.prefix)
 
+    def drop(self) -> list[Statement]:
+        """Drop the tables found, and only those: a table of the run's name without this provider's comment
+        is not ours."""
+        return self.staging.drop([t.rsplit("_", 1)[1] for t in self.tables])
+
     def as_dict(self) -> dict[str, Any]:
         return {"database": self.database, "schema": self.schema, "prefix": self.prefix, "tables": self.tables,
                 **self.info}
@@ -76,11 +89,17 @@ def list_staging_runs(hook: CortexHook, *, database: str | None = None, schema: 
         run = runs.setdefault((str(table_schema), prefix), StagingRun(database, str(table_schema), prefix))
         run.tables.append(str(table_name))
         run.info = run.info or (info if isinstance(info, dict) else {})
-    found = list(runs.values())
-    if older_than_days is not None:
-        cutoff = _now() - older_than_days * 86400
-        found = [r for r in found if r.created_at < cutoff]
-    return found
+    return split_by_age(list(runs.values()), older_than_days)[0]
+
+
+def split_by_age(runs: Sequence[StagingRun], older_than_days: float | None) -> tuple[list[StagingRun],
+                                                                                      list[StagingRun]]:
+    """``(older, recent)``: the runs created more than ``older_than_days`` ago, and the others (``None``: every
+    run is old enough)."""
+    if older_than_days is None:
+        return list(runs), []
+    cutoff = _now() - older_than_days * DAY_S
+    return [r for r in runs if r.created_at < cutoff], [r for r in runs if r.created_at >= cutoff]
 
 
 def drop_staging_runs(hook: CortexHook, runs: Sequence[StagingRun], *, dry_run: bool = False) -> dict[str, Any]:
@@ -95,10 +114,10 @@ def drop_staging_runs(hook: CortexHook, runs: Sequence[StagingRun], *, dry_run: 
                 summary["kept_running"].append(run.prefix)
                 continue
             if not dry_run:
-                hook.run_statements(run.staging.drop())
+                hook.run_statements(run.drop())
             summary["dropped"].append(run.prefix)
         except Exception as exc:
-            summary["errors"].append({"prefix": run.prefix, "error": f"{type(exc).__name__}: {exc}"})
+            summary["errors"].append({"prefix": run.prefix, "error": str(redact(f"{type(exc).__name__}: {exc}"))})
     return summary
 
 
@@ -116,15 +135,21 @@ def staging_report(hook: CortexHook, *, database: str | None = None, schema: str
                    table_prefix: str = "SYNTH_CORTEX", older_than_days: float | None = None,
                    prefixes: Sequence[str] = (), drop: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """List the runs whose staging tables are left (``prefixes`` and ``older_than_days`` narrow the list) and,
-    with ``drop``, drop them (see :func:`drop_staging_runs`). What ``airflow-synth cortex-staging`` prints."""
-    found = list_staging_runs(hook, database=database, schema=schema, table_prefix=table_prefix,
-                              older_than_days=older_than_days)
+    with ``drop``, drop them (see :func:`drop_staging_runs`). What ``airflow-synth cortex-staging`` prints, and
+    what ``CortexStagingCleanupOperator`` returns.
+
+    :returns: ``{"runs": [...], "not_found": [prefix...], "older_than_days", "kept_recent": [prefix...]}``:
+        the runs chosen, the ``prefixes`` with no tables, and the runs left out for being younger than
+        ``older_than_days``; with ``drop``, :func:`drop_staging_runs`'s keys too.
+    """
+    found = list_staging_runs(hook, database=database, schema=schema, table_prefix=table_prefix)
     wanted = {p.upper() for p in prefixes}
     if wanted:
         found = [r for r in found if r.prefix.upper() in wanted]
-    report: dict[str, Any] = {"runs": [r.as_dict() for r in found],
-                              "not_found": sorted(wanted - {r.prefix.upper() for r in found}),
-                              "older_than_days": older_than_days}
+    not_found = sorted(wanted - {r.prefix.upper() for r in found})
+    found, recent = split_by_age(found, older_than_days)
+    report: dict[str, Any] = {"runs": [r.as_dict() for r in found], "not_found": not_found,
+                              "older_than_days": older_than_days, "kept_recent": [r.prefix for r in recent]}
     if drop:
         report.update(drop_staging_runs(hook, found, dry_run=dry_run))
     return report
@@ -138,6 +163,9 @@ def staging_report_text(report: Mapping[str, Any]) -> list[str]:
              for r in report["runs"]]
     lines.append(f"{len(report['runs'])} run(s) with staging tables left")
     lines.extend(f"no staging tables of run {p}" for p in report["not_found"])
+    if report.get("kept_recent"):
+        lines.append(f"left out {len(report['kept_recent'])} run(s) created less than {report['older_than_days']:g} "
+                     "day(s) ago")
     if "dropped" in report:
         verb = "would drop" if report["dry_run"] else "dropped"
         lines.append(f"{verb} the tables of {len(report['dropped'])} run(s)")

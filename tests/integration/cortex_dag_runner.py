@@ -10,8 +10,29 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+
+def leave_staging_tables(runs: list[dict[str, Any]]) -> None:
+    """Create the staging tables runs left, as ``CortexBatchOperator`` creates them: ``{"key", "run_id",
+    "age_days", "submitting"}``; ``submitting``: an intent written just now and no query id yet (a worker in the
+    middle of a submit: its statement may be running)."""
+    from airflow_provider_synth.batch.cortex_sql import STAGING_COMMENT, StagingTables
+    from airflow_provider_synth.hooks.cortex import CortexHook
+
+    hook = CortexHook()
+    try:
+        for run in runs:
+            tables = StagingTables(None, None, f"SYNTH_CORTEX_{run['key']}")
+            info = {"dag_id": "example_cortex_synthesis", "task_id": "synthesize", "run_id": run["run_id"],
+                    "map_index": -1, "model": "llama3.1-8b", "created_at": time.time() - run["age_days"] * 86400}
+            hook.run_statements(tables.create(f"{STAGING_COMMENT} {json.dumps(info)}"))
+            if run.get("submitting"):
+                hook.run_statements([tables.record_intent(0, "intent-0", 1, time.time(), hook.session_id, "{}")])
+    finally:
+        hook.close()
 
 
 def main(config: dict[str, Any]) -> dict[str, Any]:
@@ -38,18 +59,23 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
             api.account = fake  # the SQL API reports the statements' real state
         for pattern, message in config.get("fail_next", []):
             fake.fail_next(pattern, ProgrammingError(msg=message, errno=1))
+        leave_staging_tables(config.get("staging_runs", []))
+        for sql in config.get("sql", []):
+            fake.query(sql)
         bag = dag_bag(dag_folder=config["dag_file"])
         assert not bag.import_errors, bag.import_errors
         dag_run = bag.dags[config["dag_id"]].test()
         tis = {ti.task_id: {"state": str(ti.state), "try_number": ti.try_number}
                for ti in dag_run.get_task_instances()}
         leftover = [str(r) for r in fake.query("SHOW TABLES") if "SYNTH_" in str(r)]
+        tables = sorted(str(r[1]) for r in fake.query("SHOW TABLES"))
+        xcoms = {t: dag_run.get_task_instance(t).xcom_pull(task_ids=t) for t in config.get("xcom_tasks", [])}
         fake.wait_idle()
         chunks = sorted(q.query_id for q in fake.queries.values() if q.query_type == "INSERT" and "_RESULTS" in q.text)
         return {"state": str(dag_run.state), "run_id": dag_run.run_id, "tasks": tis, "calls": fake.calls,
                 "chunk_statements": chunks,
                 "cancelled": fake.cancelled, "polls": api.polls, "auth_headers": sorted(set(api.auth_headers)),
-                "leftover_tables": leftover}
+                "leftover_tables": leftover, "tables": tables, "xcoms": xcoms}
 
 
 if __name__ == "__main__":

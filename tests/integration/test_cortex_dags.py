@@ -149,3 +149,33 @@ def test_taskflow_cortex_decorator_answers_the_records_it_returns(tmp_path: Path
     assert len(summary["calls"]) == 8
     if deferrable:  # the resumed task found its run again from the request file in the output folder
         assert all(n == 3 for n in summary["polls"].values()) and len(summary["polls"]) == 2
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_cleanup_dag_drops_old_staging_tables_of_finished_runs_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    dry_run: bool):
+    if dry_run:
+        monkeypatch.setenv("SYNTH_CLEANUP_DRY_RUN", "1")
+    old, submitting, recent = "0123456789ABCDEF", "1111111111111111", "2222222222222222"
+    staging_runs = [{"key": old, "run_id": "old", "age_days": 9},
+                    {"key": submitting, "run_id": "submitting", "age_days": 9, "submitting": True},
+                    {"key": recent, "run_id": "recent", "age_days": 2}]
+    not_ours = ["CREATE TABLE SYNTH_CORTEX_3333333333333333_REQUESTS (X VARCHAR)",
+                "CREATE TABLE SYNTH_CORTEX_NOTES (X VARCHAR) COMMENT = 'airflow-provider-synth cortex staging'"]
+    summary, logs = run_dag(tmp_path, "example_cortex_cleanup", staging_runs=staging_runs, sql=not_ours,
+                            xcom_tasks=["drop_old_staging_tables"])
+    assert summary["state"] == "success", summary
+    report = summary["xcoms"]["drop_old_staging_tables"]
+    assert report["dry_run"] is dry_run and report["older_than_days"] == 7.0
+    assert report["dropped"] == [f"SYNTH_CORTEX_{old}"]
+    assert report["kept_running"] == [f"SYNTH_CORTEX_{submitting}"]
+    assert report["kept_recent"] == [f"SYNTH_CORTEX_{recent}"] and report["errors"] == []
+    assert {r["run_id"] for r in report["runs"]} == {"old", "submitting"}
+    suffixes = ("REQUESTS", "RESULTS", "STATEMENTS")
+    left = {f"SYNTH_CORTEX_{k}_{s}" for k in (submitting, recent) for s in suffixes}
+    left |= {"SYNTH_CORTEX_3333333333333333_REQUESTS", "SYNTH_CORTEX_NOTES"}
+    if dry_run:
+        left |= {f"SYNTH_CORTEX_{old}_{s}" for s in suffixes}
+    assert set(summary["tables"]) == left
+    assert ("would drop" if dry_run else "dropped") + " the tables of 1 run(s)" in logs
+    assert SECRET not in logs and SECRET not in json.dumps(report)
