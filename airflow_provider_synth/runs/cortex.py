@@ -428,7 +428,7 @@ def failure_message(acct: Accounting, failed_ratio: float, max_failed_ratio: flo
         parts.append(f"{acct.missing} have no answer (their statement failed or was cancelled): a retry answers "
                      "only these.")
     parts.append(f"The staging tables {tables.prefix}_{{{','.join(TABLE_SUFFIXES)}}} are kept; list or drop "
-                 "them with `airflow-synth cortex-staging`.")
+                 "them with `airflow-synth cortex-staging` or on a schedule with CortexStagingCleanupOperator.")
     return " ".join(parts)
 
 
