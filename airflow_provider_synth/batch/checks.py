@@ -3,8 +3,8 @@
 A billed answer can still be useless: cut off (``finish_reason: "length"``), refused (``message.refusal``, a
 ``content_filter`` stop), or structured output that does not fit the schema the request asked for. With
 :class:`OutputChecks` the merge sends such answers to ``failures.jsonl`` (with the reason and the raw text),
-never to ``results.jsonl``, and the retry rounds resubmit them alone. With a pydantic model (or a JSON
-schema) the results lines carry the validated object under ``"parsed"``.
+never to ``results.jsonl``, and the retry rounds resubmit them alone (vLLM: inside the running engine). With a
+pydantic model (or a JSON schema) the results lines carry the validated object under ``"parsed"``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class OutputChecks:
     :param schema: a pydantic model class, a JSON schema, or a ``response_format`` dict; the answer's text
         must validate against it (``json_object``: any JSON object). The OpenAI operator uses its template's
         ``response_format`` when this is unset.
-    :param retry: resubmit unusable answers in the retry rounds (``retry_failed_requests``), alone.
+    :param retry: resubmit unusable answers in the retry rounds (``retry_failed_requests``), alone (vLLM: at
+        once, inside the running engine).
     :param retry_body: body fields to change when a kind is retried, e.g.
         ``{"truncated": {"max_completion_tokens": 2000}}``; keys are kinds (or finish reasons).
     :param parsed: with a schema, write the validated object into each results line as ``"parsed"``.
@@ -325,14 +326,19 @@ def sum_checks(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     return total
 
 
-def retry_line(raw: bytes, changes: Mapping[str, Any]) -> bytes:
-    """A request line with ``changes`` applied to its body (``None`` values remove a field)."""
-    request = loads(raw)
-    body = dict(request.get("body") or {})
+def changed_body(body: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a request body with ``changes`` applied (``None`` values remove a field)."""
+    out = dict(body)
     for key, value in changes.items():
         if value is None:
-            body.pop(key, None)
+            out.pop(key, None)
         else:
-            body[key] = value
-    request["body"] = body
+            out[key] = value
+    return out
+
+
+def retry_line(raw: bytes, changes: Mapping[str, Any]) -> bytes:
+    """A request line with ``changes`` applied to its body (see :func:`changed_body`)."""
+    request = loads(raw)
+    request["body"] = changed_body(request.get("body") or {}, changes)
     return dumps(request)

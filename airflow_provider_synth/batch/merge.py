@@ -62,7 +62,8 @@ class ShardOutputs:
     :param requests: the shard's request JSONL.
     :param outputs: output and error files of round 0, then of each retry round.
     :param rounds: the round of each output file (default: its position); read by the output checks' count of
-        the rounds spent on unusable answers.
+        the rounds spent on unusable answers. A file holding several rounds (vLLM's engine output, where a
+        request asked again is appended) puts a line in the round after the id's last unusable answer.
     """
 
     requests: Source
@@ -186,6 +187,8 @@ class _Answers:
     unusable_usage: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     unusable_retried: int = 0
     retry_rounds: set[int] = field(default_factory=set)
+    #: unusable answers per id so far: an answer that replaces the n-th one is of retry round n at least
+    unusable_seen: Counter[str] = field(default_factory=Counter)
 
     def add_one(self, out: Any, raw: bytes, acct: Accounting | None, rnd: int = 0) -> None:
         """One answer: a success is never replaced; a later answer replaces an earlier failure."""
@@ -201,7 +204,7 @@ class _Answers:
             return
         if seen and isinstance(self.failed[cid][0], Unusable):
             self.unusable_retried += 1
-            self.retry_rounds.add(rnd)
+            self.retry_rounds.add(max(rnd, self.unusable_seen[cid]))
         if is_ok(out):
             line, counts = success_raw_and_usage(out, raw)
             if self.checker is not None:
@@ -220,6 +223,7 @@ class _Answers:
     def _unusable(self, verdict: Unusable, line: bytes) -> None:
         """A billed answer the checks refused: a failure (a later round may replace it), its tokens counted."""
         self.unusable[verdict.kind] += 1
+        self.unusable_seen[verdict.custom_id] += 1
         if verdict.usage is not None:
             self.unusable_usage.append(verdict.usage)
         self.failed[verdict.custom_id] = (verdict, line)

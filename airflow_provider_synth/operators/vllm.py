@@ -163,8 +163,12 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
     :param checkpoint_interval: seconds between uploads of the engine's answers when ``output_path`` is
         remote, so that a lost node costs at most this much work.
     :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`): answers cut off,
-        refused or off-schema go to ``failures.jsonl`` with their text, never to results; the manifest counts
-        them under ``checks``.
+        refused or off-schema go to ``failures.jsonl`` with their text, never to results, unless a retry
+        answers them; the manifest counts them under ``checks``. Chat and completions only (embeddings, scores
+        and reranks have nothing to check).
+    :param retry_failed_requests: retry rounds for unusable answers (``checks``): the running engine asks such
+        a request again at once, alone (with ``checks.retry_body`` for its kind), up to this many times; 0
+        reports them only. Failures of the engine itself (an aborted request) run again on a task retry.
     :param invalid_requests: ``"fail"`` (default): an invalid line (bad JSON or fields, an unserved url or
         model, a duplicate id) refuses the input before the engine starts, naming every one. ``"skip"``: the
         engine answers the valid lines; each invalid one is a failure row in ``failures.jsonl`` (a 404 for a
@@ -190,12 +194,15 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         max_failed_ratio: float = 0.0,
         checkpoint_interval: float = 300.0,
         checks: OutputChecks | None = None,
+        retry_failed_requests: int = 2,
         invalid_requests: InvalidRequests = "fail",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if retry_failed_requests < 0:
+            raise ValueError(f"retry_failed_requests must be >= 0, got {retry_failed_requests}")
         if not 0.0 <= max_failed_ratio <= 1.0:
             raise ValueError(f"max_failed_ratio must be between 0 and 1, got {max_failed_ratio}")
         self.input_path = input_path
@@ -212,6 +219,7 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         if checks is not None and checks.direct_tail:
             raise ValueError("checks.direct_tail is for the OpenAI and Azure Batch API only")
         self.checks = checks
+        self.retry_failed_requests = retry_failed_requests
         self.invalid_requests = check_invalid_requests(invalid_requests)
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -273,7 +281,10 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
         config = {"input": str(work.local_input), "output": str(work.local_output), "model": self.model,
                   "llm_kwargs": self.engine.llm_kwargs(), "sampling": self.sampling,
                   "chunk_size": self.chunk_size, "served_model_names": served,
-                  "served_model_name": served[0], **self.engine.runner_options()}
+                  "served_model_name": served[0], **self.engine.runner_options(),
+                  # a pydantic model travels as its JSON schema: the engine's interpreter has no DAG code
+                  "checks": self.checks.to_spec() if self.checks is not None else None,
+                  "retry_failed_requests": self.retry_failed_requests}
         config_path = work.scratch / "runner.json"
         config_path.write_bytes(dumps(config))
         cmd = [python, "-m", "airflow_provider_synth.runs.vllm_runner", "--config", str(config_path)]

@@ -10,7 +10,7 @@ vLLM, the standard library and this provider's core (``airflow_provider_synth.ba
 ``chunk_size`` (requests in the engine at once, and the most answers held before a write),
 ``flush_interval`` (seconds between writes), ``served_model_names`` (the names a line's ``model`` may use;
 default ``[model]``) and, as ``run_batch``'s flags, ``tool_call_parser``, ``enable_auto_tool_choice`` and
-``reasoning_parser``.
+``reasoning_parser``, and ``checks`` (:meth:`OutputChecks.to_spec`) with ``retry_failed_requests``.
 
 * **A pipelined engine loop** (``/v1/chat/completions``, ``/v1/completions``): requests are added to vLLM's
   engine one by one (``LLM.enqueue_chat`` / ``LLM.enqueue``) while ``LLM.llm_engine.step()`` runs it, so the
@@ -20,11 +20,18 @@ default ``[model]``) and, as ``run_batch``'s flags, ``tool_call_parser``, ``enab
   ``LLM.embed`` / ``LLM.score`` in chunks of ``chunk_size``.
 * Chat bodies are answered as vLLM's ``run_batch`` answers them (:mod:`~airflow_provider_synth.runs.vllm_chat`):
   tool calls, reasoning, logprobs, structured outputs, ``system_fingerprint``.
+* **Output checks** (``checks``, ``retry_failed_requests`` > 0): a chat or completions answer the checks judge
+  unusable (cut off, refused, off-schema; :mod:`airflow_provider_synth.batch.checks`) is written like any
+  answer (it was paid for, and the merge accounts it) and its request is added to the engine again at once, alone, with the
+  checks' ``retry_body`` for its kind, until the id has had ``retry_failed_requests`` retries; the merge keeps
+  the latest answer. Embeddings, scores and reranks have nothing to check.
 * A line naming a model the engine does not serve gets a 404 error line (code ``model_not_found``); a request
   the engine refuses (an over-long prompt, a bad sampling value) an error line (400); the run goes on.
 * Resume: on start the runner reads ``output``, cuts a torn last line (a kill mid-write), and skips every
   custom_id already answered for good (a success, or a failure a retry cannot fix), so a rerun finishes the
-  rest and never answers a finished request twice.
+  rest and never answers a finished request twice. With output checks, an id whose latest answer is unusable
+  and that has retries left (counted from its unusable answers in ``output``) is asked again, with its retry
+  body; one that spent them is finished.
 * Progress goes to stdout as JSON lines ``{"synth_vllm": "<event>", ...}`` (events ``start``, ``loaded``,
   ``progress``, ``done``, ``error``), which the operator relays to the task log.
 * Exit codes: 0 done, 2 bad configuration, 3 vLLM not importable, 4 the model could not load, 5 the engine
@@ -45,6 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
+from airflow_provider_synth.batch.checks import Checker, OutputChecks, Unusable, changed_body
 from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
 from airflow_provider_synth.batch.requests import (
     CHAT,
@@ -111,6 +119,11 @@ class RunnerConfig:
     :param enable_auto_tool_choice: parse tool calls for ``tool_choice: "auto"`` (``--enable-auto-tool-choice``).
     :param reasoning_parser: vLLM's reasoning parser for ``message.reasoning`` (``--reasoning-parser``).
     :param flush_interval: the most seconds a finished answer waits before it is written and synced.
+    :param checks: output checks as :meth:`~airflow_provider_synth.batch.checks.OutputChecks.to_spec` writes
+        them (a pydantic model as its JSON schema); with ``retry_failed_requests`` > 0 and ``retry`` set,
+        unusable answers are asked again inside the engine.
+    :param retry_failed_requests: the most times one request is asked again for an unusable answer (0: the
+        checks are left to the merge, which reports unusable answers).
     """
 
     input: str
@@ -125,6 +138,8 @@ class RunnerConfig:
     enable_auto_tool_choice: bool = False
     reasoning_parser: str | None = None
     flush_interval: float = 1.0
+    checks: dict[str, Any] | None = None
+    retry_failed_requests: int = 0
 
     @classmethod
     def from_file(cls, path: str) -> RunnerConfig:
@@ -145,23 +160,80 @@ class RunnerConfig:
 
 @dataclass
 class Request:
-    """One pending request line."""
+    """One pending request line.
+
+    :param original: the input's body, when ``body`` carries a retry's changes.
+    """
 
     custom_id: str
     url: str
     body: dict[str, Any]
+    original: dict[str, Any] | None = None
+
+
+class Rechecks:
+    """Output checks inside the engine loop: which answers are asked again, and with what body.
+
+    An answer the checks judge unusable is kept in the output (it was paid for) and its request asked again,
+    alone, with the checks' ``retry_body`` for its kind applied to the input's body (as the OpenAI operator's
+    retry rounds do), until the id has had ``rounds`` retries. The state is rebuilt from the output file on a
+    resume, so a killed run goes on where it stopped.
+
+    :param checker: the compiled checks.
+    :param rounds: the most retries of one request.
+    """
+
+    def __init__(self, checker: Checker, rounds: int) -> None:
+        self.checker = checker
+        self.rounds = rounds
+        #: unusable answers so far, per id that had one
+        self.spent: dict[str, int] = {}
+        #: ids to ask again -> the kind of their latest unusable answer
+        self.pending: dict[str, str] = {}
+
+    @classmethod
+    def of(cls, cfg: RunnerConfig) -> Rechecks | None:
+        """The run's rechecks, or ``None`` when it retries nothing (no checks, ``retry`` off, no rounds)."""
+        checks = OutputChecks.from_spec(cfg.checks)
+        if checks is None or not checks.retry or cfg.retry_failed_requests < 1:
+            return None
+        checker = checks.checker()
+        return cls(checker, cfg.retry_failed_requests) if checker is not None else None
+
+    def judge(self, custom_id: str, line: bytes) -> str | None:
+        """Judge a success line (without its newline): the kind of unusable answer to ask again for, or
+        ``None`` when the id is finished (a usable answer, or its retries spent)."""
+        verdict = self.checker.judge(line)
+        if not isinstance(verdict, Unusable):
+            self.pending.pop(custom_id, None)
+            return None
+        spent = self.spent[custom_id] = self.spent.get(custom_id, 0) + 1
+        if spent > self.rounds:
+            self.pending.pop(custom_id, None)
+            return None
+        self.pending[custom_id] = verdict.kind
+        return verdict.kind
+
+    def again(self, req: Request) -> Request:
+        """``req`` as it is asked again: the input's body with the retry changes for its latest kind."""
+        base = req.original if req.original is not None else req.body
+        kind = self.pending.get(req.custom_id)
+        changes = self.checker.retry_body(kind) if kind is not None else None
+        return Request(req.custom_id, req.url, changed_body(base, changes) if changes else base, base)
 
 
 # --------------------------------------------------------------------------------------------------- resume
 
 
-def recover_output(path: str) -> set[str]:
+def recover_output(path: str, rechecks: Rechecks | None = None) -> set[str]:
     """Read an existing output file; return the custom_ids it answers for good.
 
     Answers are appended by whole lines in one ``write`` per flush, so a kill can only tear the tail. The file
     is cut back to the end of its last complete, parseable line, so the next append starts on a fresh line and
     no request is answered twice. A success or a failure a retry cannot fix (a 400) is final; a failure a retry
-    can fix (the engine aborted the request, a 5xx) is run again, and the merge keeps its latest answer.
+    can fix (the engine aborted the request, a 5xx) is run again, and the merge keeps its latest answer. With
+    ``rechecks``, a success the checks refuse is final only once its id spent its retries (``rechecks`` is
+    brought up to date with every line read).
     """
     done: set[str] = set()
     if not os.path.exists(path):
@@ -175,7 +247,9 @@ def recover_output(path: str) -> set[str]:
                 out = parse_output_line(raw[:-1])
             except ValueError:
                 break
-            if out.ok or not out.retryable:
+            if out.ok and (rechecks is None or rechecks.judge(out.custom_id, out.raw) is None):
+                done.add(out.custom_id)
+            elif not out.ok and not out.retryable:
                 done.add(out.custom_id)
             good_end += len(raw)
         size = fp.seek(0, os.SEEK_END)
@@ -204,8 +278,9 @@ def _peek_id(raw: bytes) -> str | None:
     return cid if isinstance(cid, str) else None
 
 
-def iter_requests(path: str, done: set[str]) -> Iterator[Request]:
-    """Stream the requests not yet answered, in input order."""
+def iter_requests(path: str, done: set[str], rechecks: Rechecks | None = None) -> Iterator[Request]:
+    """Stream the requests not yet answered, in input order; one whose latest answer was unusable comes with
+    its retry body (see :class:`Rechecks`)."""
     with open(path, "rb") as fp:
         for lineno, raw in iter_jsonl(fp):
             try:
@@ -216,8 +291,9 @@ def iter_requests(path: str, done: set[str]) -> Iterator[Request]:
                 # the operator validates before starting; a standalone run reports and goes on
                 emit("invalid_line", line=lineno, reason=f"{type(exc).__name__}: {exc}")
                 continue
-            if req.custom_id not in done:
-                yield req
+            if req.custom_id in done:
+                continue
+            yield rechecks.again(req) if rechecks is not None and req.custom_id in rechecks.pending else req
 
 
 def iter_chunks(path: str, done: set[str], chunk_size: int) -> Iterator[list[Request]]:
@@ -377,6 +453,8 @@ class Tally:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: unusable answers whose request was asked again (their tokens are counted, the request is not done)
+    retried: int = 0
 
 
 @dataclass
@@ -396,7 +474,11 @@ class Processor:
     :param codec: maps requests onto the engine and outputs onto bodies (:class:`Codec`).
     :param make_pooling: builds ``PoolingParams`` from keyword arguments (embeddings).
     :param url: the run's endpoint (a pooling run serves embeddings, or scores and reranks).
+
+    Its ``rechecks`` (:class:`Rechecks`, set by :func:`run`) ask requests with unusable answers again.
     """
+
+    rechecks: Rechecks | None = None
 
     def __init__(self, llm: Any, cfg: RunnerConfig, codec: Codec, make_pooling: Callable[..., Any],
                  url: str = CHAT) -> None:
@@ -460,7 +542,7 @@ class Processor:
             for key in entry.ids:
                 self._pending.pop(key, None)
             self.in_flight -= 1
-            lines.append(self._line(entry, out))
+            lines.extend(self._line(entry, out))
         return lines
 
     def _lost(self) -> list[bytes]:
@@ -471,20 +553,29 @@ class Processor:
         return [self._count_failure(error_line(e.req.custom_id, "server_error", "the engine returned no answer",
                                                status_code=500)) for e in lost]
 
-    def _line(self, entry: _InFlight, out: Any) -> bytes:
+    def _line(self, entry: _InFlight, out: Any) -> list[bytes]:
+        """The output line of a finished request; an unusable answer's request is added again (its line first,
+        then the error line of a retry the engine refuses)."""
         req = entry.req
         rid = f"vllm-{uuid.uuid4().hex}"
         bad = [c for c in out.outputs if c.finish_reason in ("abort", "error")]
         if bad or getattr(out, "error", None) is not None:
             msg = str(getattr(out, "error", None) or f"generation ended with {bad[0].finish_reason!r}")
-            return self._count_failure(error_line(req.custom_id, "server_error", msg, status_code=500,
-                                                  request_id=rid))
+            return [self._count_failure(error_line(req.custom_id, "server_error", msg, status_code=500,
+                                                   request_id=rid))]
         try:
             body = self.codec.body(req, entry.state, out, rid)
         except Exception as exc:  # a parser that chokes on one answer must not stop the run
-            return self._error(req, exc, status=500)
-        self._count(len(out.prompt_token_ids or ()), sum(len(c.token_ids) for c in out.outputs))
-        return success_line(req.custom_id, body, request_id=rid) + b"\n"
+            return [self._error(req, exc, status=500)]
+        line = success_line(req.custom_id, body, request_id=rid) + b"\n"
+        rechecks = self.rechecks
+        kind = rechecks.judge(req.custom_id, line[:-1]) if rechecks is not None else None
+        self._count(len(out.prompt_token_ids or ()), sum(len(c.token_ids) for c in out.outputs), done=kind is None)
+        if kind is None or rechecks is None:
+            return [line]
+        self.tally.retried += 1  # the unusable answer is written (it was paid for), and asked again at once
+        refused = self.submit(rechecks.again(req))
+        return [line] if refused is None else [line, refused]
 
     # ------------------------------------------------------------------------------ embeddings, scores
 
@@ -595,8 +686,8 @@ class Processor:
         self.tally.failed += 1
         return line + b"\n"
 
-    def _count(self, prompt: int, completion: int) -> None:
-        self.tally.done += 1
+    def _count(self, prompt: int, completion: int, done: bool = True) -> None:
+        self.tally.done += done
         self.tally.prompt_tokens += prompt
         self.tally.completion_tokens += completion
 
@@ -716,20 +807,23 @@ def run(cfg: RunnerConfig, processor_factory: Callable[[RunnerConfig, str], Proc
         keep_engine: bool = False) -> int:
     """Answer every request of ``cfg.input`` not yet in ``cfg.output``; return the process exit code. The engine
     is shut down after a complete run unless ``keep_engine`` (for a caller that reuses it)."""
-    done = recover_output(cfg.output)
+    rechecks = Rechecks.of(cfg)
+    done = recover_output(cfg.output, rechecks)
     total, answered = count_requests(cfg.input, done)
-    emit("start", total=total, already_done=answered, pending=total - answered)
+    emit("start", total=total, already_done=answered, pending=total - answered,
+         **({"unusable_to_retry": len(rechecks.pending)} if rechecks is not None else {}))
     if answered >= total:
         emit("done", total=total, done=answered, failed=0, elapsed_s=0.0)
         return 0
     url = first_url(cfg.input, done)
     processor = processor_factory(cfg, url)
+    processor.rechecks = rechecks
     tally = processor.tally
     started = time.monotonic()
 
     def progress(event: str = "progress") -> None:
         elapsed = max(time.monotonic() - started, 1e-9)
-        emit(event, done=answered + tally.done, total=total, failed=tally.failed,
+        emit(event, done=answered + tally.done, total=total, failed=tally.failed, retried=tally.retried,
              prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
              elapsed_s=round(elapsed, 2), requests_per_s=round(tally.done / elapsed, 2),
              tokens_per_s=round((tally.prompt_tokens + tally.completion_tokens) / elapsed, 1))
@@ -740,7 +834,7 @@ def run(cfg: RunnerConfig, processor_factory: Callable[[RunnerConfig, str], Proc
             if pooling_kind(url):
                 pool_all(processor, iter_chunks(cfg.input, done, cfg.chunk_size), writer, progress)
             else:
-                pipeline(processor, iter_requests(cfg.input, done), writer, cfg.chunk_size, progress)
+                pipeline(processor, iter_requests(cfg.input, done, rechecks), writer, cfg.chunk_size, progress)
         except Exception as exc:
             if writer.flush():  # the answers the engine gave before it failed are good answers
                 progress()

@@ -6,8 +6,11 @@ runner's plain codec, not vLLM's OpenAI protocol). Point the operator's ``python
 executable that runs ``python -m airflow_provider_synth.testing.vllm "$@"`` (see :func:`write_fake_python`).
 
 The fake engine: a prompt token is a whitespace-separated word; the answer is ``"echo: <the words>"`` cut to
-``max_tokens`` words, generated one word per engine step for up to 16 requests at once (short answers finish
-first); a message containing ``RAISE`` is refused when it is added (as vLLM refuses an over-long prompt);
+``max_tokens`` words (``finish_reason: "length"`` when cut, so a larger ``max_tokens`` completes it), generated
+one word per engine step for up to 16 requests at once (short answers finish first). A prompt
+``JSON <a> <b> ...`` answers the word ``<a>`` the first time this engine is asked it, ``<b>`` the second time,
+and its last word after that: JSON that fits a schema only when asked again (``JSON {"n":"x"} {"n":1}``), or
+never (``JSON {"n":"x"}``). A message containing ``RAISE`` is refused when it is added (as vLLM refuses an over-long prompt);
 ``DIE`` kills the engine. ``SYNTH_FAKE_VLLM_DELAY`` (seconds) slows each engine step;
 ``SYNTH_FAKE_VLLM_DIE_AFTER`` (a count) kills the engine after that many answers;
 ``SYNTH_FAKE_VLLM_ABORT_AT_EXIT=1`` aborts the process (SIGABRT) after the run, as vLLM's teardown sometimes does.
@@ -19,6 +22,7 @@ import os
 import stat
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,11 +115,20 @@ class _Sequence:
     prompt: list[str]
     params: FakeSamplingParams
     generated: int = 0
+    #: how many times the engine was asked this prompt before
+    asked: int = 0
+
+    @property
+    def full(self) -> list[str]:
+        """The whole answer, before ``max_tokens`` cuts it."""
+        if self.prompt[:1] == ["JSON"] and len(self.prompt) > 1:
+            return [self.prompt[1:][min(self.asked, len(self.prompt) - 2)]]
+        return ["echo:", *self.prompt]
 
     @property
     def reply(self) -> list[str]:
         limit = self.params.max_tokens if self.params.max_tokens is not None else 16
-        return ["echo:", *self.prompt][:limit]
+        return self.full[:limit]
 
 
 @dataclass
@@ -183,7 +196,7 @@ class FakeEngine:
     @staticmethod
     def _output(seq: _Sequence) -> _RequestOutput:
         reply = seq.reply
-        finish = "length" if len(seq.prompt) + 1 > len(reply) else "stop"
+        finish = "length" if len(seq.full) > len(reply) else "stop"
         outs = [_Completion(i, " ".join(reply), list(range(len(reply))), finish) for i in range(seq.params.n)]
         return _RequestOutput(seq.request_id, list(range(len(seq.prompt))), outs)
 
@@ -207,6 +220,8 @@ class FakeLLM:
         self.llm_engine = FakeEngine(self, max_num_seqs)
         self.calls: list[int] = []
         self._counter = 0
+        #: prompts asked so far, with how often
+        self.asked: Counter[tuple[str, ...]] = Counter()
 
     def _add(self, words: list[str], params: FakeSamplingParams) -> list[str]:
         if "RAISE" in words:
@@ -216,7 +231,8 @@ class FakeLLM:
                                       f"model length of {self.max_model_len}.", "input_tokens")
         rid = str(self._counter)
         self._counter += 1
-        self.llm_engine.waiting.append(_Sequence(rid, words, params))
+        self.llm_engine.waiting.append(_Sequence(rid, words, params, asked=self.asked[tuple(words)]))
+        self.asked[tuple(words)] += 1
         return [f"{rid}-{os.urandom(4).hex()}"]  # vLLM returns its internal id, outputs carry the given one
 
     def enqueue_chat(self, messages: Sequence[dict[str, Any]], sampling_params: FakeSamplingParams,

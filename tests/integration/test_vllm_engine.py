@@ -140,6 +140,39 @@ def test_kill_mid_run_then_retry_answers_every_id_exactly_once(tiny_model, tmp_p
     assert manifest["usage"]["requests"] == 397 and manifest["usage"]["completion_tokens"] > 397
 
 
+def test_truncated_answers_are_asked_again_inside_the_running_engine(tiny_model, tmp_path) -> None:
+    """Output checks with the real engine: a ``max_tokens: 1`` answer stops with "length"; the runner writes it and
+    adds the request to the same engine again at once with the retry body. A random model almost never samples
+    its end-of-sequence token, so eight more tokens would end with "length" too: the retry body also biases that
+    token, and the retried answers stop."""
+    from airflow_provider_synth.batch.checks import OutputChecks
+
+    eos = json.loads((Path(tiny_model) / "config.json").read_text())["eos_token_id"]
+    rows = [chat(f"r{i}", f"Write about item {i}.", max_tokens=1) for i in range(8)]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    checks = OutputChecks(finish_reasons={"length"},
+                          retry_body={"truncated": {"max_tokens": 8, "logit_bias": {str(eos): 100}}})
+    out = tmp_path / "out"
+    manifest = make_operator(tiny_model, src, out, checks=checks).execute(context())
+    assert (manifest["total"], manifest["succeeded"], manifest["failed"]) == (8, 8, 0)
+    engine: dict[str, list[dict]] = {}
+    for line in lines(out / "_vllm" / "engine-output.jsonl"):
+        engine.setdefault(line["custom_id"], []).append(line)
+    bodies = {cid: [x["response"]["body"] for x in answers] for cid, answers in engine.items()}
+    cut = [cid for cid, answers in bodies.items() if answers[0]["choices"][0]["finish_reason"] == "length"]
+    assert len(cut) >= 7  # the first sampled token is the end-of-sequence one 1 time in 512
+    for cid in cut:  # the cut answer, then the retry's, with max_tokens 8 and the bias from the retry body
+        first, again = bodies[cid]
+        assert first["usage"]["completion_tokens"] == 1 and again["choices"][0]["finish_reason"] == "stop"
+    results = lines(manifest["results_path"])
+    assert [r["custom_id"] for r in results] == [f"r{i}" for i in range(8)]
+    assert all(r["response"]["body"]["choices"][0]["finish_reason"] == "stop" for r in results)
+    found = manifest["checks"]
+    assert (found["truncated"], found["retried"], found["rounds"]) == (len(cut), len(cut), 1)
+    assert (found["usage"]["requests"], found["usage"]["completion_tokens"]) == (len(cut), len(cut))
+
+
 def test_embeddings(tiny_model, tmp_path) -> None:
     rows = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
              "body": {"model": "tiny", "input": [f"text {i}", "another text"] if i % 3 == 0 else f"text {i}"}}

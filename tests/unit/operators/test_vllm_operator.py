@@ -294,6 +294,8 @@ def test_constructor_rejects_bad_arguments() -> None:
         VLLMBatchOperator(task_id="x", input_path="i", output_path="o", model="m", chunk_size=0)
     with pytest.raises(ValueError, match="max_failed_ratio"):
         VLLMBatchOperator(task_id="x", input_path="i", output_path="o", model="m", max_failed_ratio=2)
+    with pytest.raises(ValueError, match="retry_failed_requests"):
+        VLLMBatchOperator(task_id="x", input_path="i", output_path="o", model="m", retry_failed_requests=-1)
 
 
 def test_gpu_pod_override_asks_for_gpus() -> None:
@@ -389,7 +391,7 @@ def test_output_checks_send_cut_off_answers_to_failures(tmp_path, fake_python, c
     path = tmp_path / "in.jsonl"
     path.write_bytes(jsonl(rows))
     checks = OutputChecks(finish_reasons={"length"})
-    manifest = operator(str(path), str(tmp_path / "out"), fake_python, checks=checks,
+    manifest = operator(str(path), str(tmp_path / "out"), fake_python, checks=checks, retry_failed_requests=0,
                         max_failed_ratio=0.25).execute(context)
     assert (manifest["succeeded"], manifest["failed"]) == (16, 4)
     assert manifest["checks"]["truncated"] == 4 and manifest["checks"]["usage"]["requests"] == 4
