@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from airflow.providers.common.compat.sdk import AirflowException
+from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
 
 class SynthError(AirflowException):
@@ -43,3 +43,9 @@ class ServerUnreachableError(SynthError):
 
 class BatchGoneError(SynthError):
     """A batch this run recorded is no longer on the server (a server restarted without its state)."""
+
+
+class OutputFolderClaimedError(SynthError, AirflowFailException):
+    """Another task instance of the same DAG run claimed the task's output folder (a mapped task whose
+    ``output_path`` lacks ``{{ ti.map_index }}``, or two tasks given one folder). Nothing was submitted; the task
+    fails without retrying, since a retry would meet the same claim."""

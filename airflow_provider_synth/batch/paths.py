@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import posixpath
 from functools import cache
 from pathlib import Path
 from typing import IO, Any
@@ -106,6 +107,32 @@ def exists(path: Any) -> bool:
     if isinstance(path, os.PathLike) and not hasattr(path, "protocol"):
         return os.path.exists(path)
     return bool(path.exists())
+
+
+def list_names(folder: Any) -> list[str]:
+    """The names of the entries of a folder, wherever it lives, sorted; none when the folder does not exist.
+
+    Listed afresh: a filesystem's cached listing (s3fs, gcsfs) is dropped first, so that what another worker
+    wrote a moment ago is seen.
+    """
+    if isinstance(folder, str) and "://" not in folder or (
+            isinstance(folder, os.PathLike) and not hasattr(folder, "protocol")):
+        try:
+            return sorted(os.listdir(folder))
+        except FileNotFoundError:
+            return []
+    if isinstance(folder, str):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(folder)
+    else:
+        fs, path = folder.fs, folder.path
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
 
 
 def local_path(path: Any) -> Path | None:

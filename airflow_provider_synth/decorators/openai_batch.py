@@ -40,6 +40,7 @@ class OpenAIBatchDecoratedOperator(DecoratedOperator, OpenAIBatchOperator):
         super().__init__(python_callable=python_callable, op_args=op_args, op_kwargs=op_kwargs, **kwargs)
 
     def execute(self, context: Context) -> Any:
+        self.claim_output(context)  # before anything is written into the output folder
         self.requests = call_for_records(self, context)
         return super().execute(context)
 

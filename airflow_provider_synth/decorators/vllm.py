@@ -47,6 +47,7 @@ class VLLMBatchDecoratedOperator(DecoratedOperator, VLLMBatchOperator):
         self.endpoint, self.template = endpoint, template or RequestTemplate()
 
     def execute(self, context: Context) -> Any:
+        self.claim_output(context)  # before anything is written into the output folder
         lines = as_request_lines(call_for_records(self, context), model=self.model, endpoint=self.endpoint,
                                  template=self.template)
         self.input_path = write_request_file(self.output_path, lines)

@@ -1,8 +1,13 @@
-"""What every batch operator tells Airflow once its manifest is written: an asset event, lineage, metrics.
+"""What every batch operator tells Airflow about its output folder: whose it is, and what landed in it.
 
-One mixin, :class:`ManifestPublisherMixin`, shared by the OpenAI/Azure, Cortex and vLLM operators. The operator
-calls :meth:`~ManifestPublisherMixin.publish_manifest` right after writing ``manifest.json``; from that one
-dict come
+Two mixins, shared by the OpenAI/Azure, Cortex and vLLM operators (and their TaskFlow decorators).
+
+:class:`OutputClaimMixin`: the operator calls :meth:`~OutputClaimMixin.claim_output` first thing in ``execute``,
+so that a task instance never writes a folder another task instance of its DAG run writes
+(:mod:`airflow_provider_synth.batch.claims`).
+
+:class:`ManifestPublisherMixin`: the operator calls :meth:`~ManifestPublisherMixin.publish_manifest` right after
+writing ``manifest.json``; from that one dict come
 
 * the **asset event**: every :class:`~airflow.sdk.Asset` in the task's ``outlets`` gets an event whose
   ``extra`` holds the run's counts, tokens, cost and output paths (Airflow records it when the task succeeds);
@@ -15,9 +20,14 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+from airflow_provider_synth.batch.claims import Claim, claim_output, conflict_message
+from airflow_provider_synth.exceptions import OutputFolderClaimedError
 
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
@@ -144,6 +154,46 @@ def run_facet(manifest: Mapping[str, Any]) -> Any:
         usage={k: int(usage.get(k) or 0) for k in TOKEN_KEYS}, costUsd=manifest.get("cost_usd"),
         batchIds=[str(b) for b in (manifest.get("batch_ids") or manifest.get("query_ids") or [])],
     )
+
+
+class OutputClaimMixin(_Base):
+    """Claims the output folder for the running task instance before anything is written into it.
+
+    Call :meth:`claim_output` at the very start of ``execute`` (a TaskFlow decorator that writes into the folder
+    before the operator's ``execute`` calls it first; the second call is then a no-op). Not in
+    ``execute_complete``: a resumed task instance holds its claim already. Override :meth:`output_folder` where
+    the operator writes its folder through another path form.
+    """
+
+    _claimed: tuple[Any, ...] | None = None
+
+    def output_folder(self) -> Any:
+        """The output folder, as the operator writes it (``None``: nothing to claim)."""
+        return getattr(self, "output_path", None)
+
+    def claim_output(self, context: Context) -> None:
+        """Claim :meth:`output_folder` for this task instance; skipped when the context has no task instance.
+
+        :raises OutputFolderClaimedError: another task instance of this DAG run claimed the folder; nothing was
+            written or submitted.
+        """
+        ti = context.get("ti")
+        folder = self.output_folder()
+        if ti is None or folder is None:
+            return
+        claim = Claim(dag_id=str(ti.dag_id), task_id=str(ti.task_id), run_id=str(ti.run_id),
+                      map_index=-1 if ti.map_index is None else int(ti.map_index),
+                      try_number=int(getattr(ti, "try_number", None) or 0),
+                      hostname=str(getattr(ti, "hostname", None) or socket.gethostname()),
+                      claimed_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        # the same operator object may run several task instances (dag.test()): remember whose claim this was
+        key = (claim.dag_id, claim.task_id, claim.run_id, claim.map_index, claim.try_number, str(folder))
+        if self._claimed == key:
+            return
+        others = claim_output(folder, claim)
+        if others:
+            raise OutputFolderClaimedError(conflict_message(folder, claim, others))
+        self._claimed = key
 
 
 class ManifestPublisherMixin(_Base):

@@ -26,7 +26,7 @@ from airflow_provider_synth.exceptions import (
     TriggerEventError,
 )
 from airflow_provider_synth.hooks.cortex import CortexHook
-from airflow_provider_synth.operators._native import ManifestPublisherMixin
+from airflow_provider_synth.operators._native import ManifestPublisherMixin, OutputClaimMixin
 from airflow_provider_synth.runs.cortex import (
     READ_BLOCK_ROWS,
     CortexRun,
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["READ_BLOCK_ROWS", "CortexBatchOperator", "CortexStaging", "CortexStagingCleanupOperator", "TableSource"]
 
 
-class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
+class CortexBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator):
     """Answer a batch of chat requests with Snowflake Cortex, inside the warehouse, and write the output folder.
 
     The requests (an OpenAI-format chat JSONL file, or an existing table) are validated, then staged into a
@@ -57,7 +57,8 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
     .. seealso::
         :ref:`howto/operator:CortexBatchOperator`
 
-    :param output_path: the output folder (local path, URL or ObjectStoragePath).
+    :param output_path: the output folder (local path, URL or ObjectStoragePath), one per task instance (with
+        ``{{ ti.map_index }}`` when mapped: see :mod:`~airflow_provider_synth.batch.claims`).
     :param input_path: an OpenAI-format ``/v1/chat/completions`` JSONL file; or
     :param source_table: an existing table of prompts or conversations (:class:`TableSource`).
     :param model: the Cortex model; default: the model the requests name.
@@ -164,6 +165,7 @@ class CortexBatchOperator(ManifestPublisherMixin, BaseOperator):
             run.close()
 
     def execute(self, context: Context) -> dict[str, Any]:
+        self.claim_output(context)
         run = self._run(context)
         try:
             state = run.submit(self._stage(run))

@@ -27,7 +27,7 @@ from airflow_provider_synth.exceptions import (
 )
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.links import OpenAIBatchLink
-from airflow_provider_synth.operators._native import ManifestPublisherMixin
+from airflow_provider_synth.operators._native import ManifestPublisherMixin, OutputClaimMixin
 from airflow_provider_synth.runs.openai import INVALID_FILE, BatchRun, Plan, idempotency_key, run_manifest
 from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
@@ -110,7 +110,7 @@ class PromptRecords(Sequence[Any]):
     __repr__ = __str__ = serialize
 
 
-class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
+class OpenAIBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator):
     """Run requests through the OpenAI or Azure OpenAI Batch API and land every answer in object storage.
 
     Validates and splits the input to the service's limits (nothing is uploaded if any line is bad), refuses
@@ -125,8 +125,9 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
     .. seealso:: :ref:`howto/operator:OpenAIBatchOperator`
 
     :param conn_id: a ``synth_openai``, ``synth_azure_openai`` or ``openai`` connection.
-    :param output_path: the output folder (local path, ``s3://``..., or ``ObjectStoragePath``). Work files
-        (shards, downloads, the plan) go to ``<output_path>/_work``.
+    :param output_path: the output folder (local path, ``s3://``..., or ``ObjectStoragePath``), one per task
+        instance (with ``{{ ti.map_index }}`` when mapped: see :mod:`~airflow_provider_synth.batch.claims`).
+        Work files (shards, downloads, the plan) go to ``<output_path>/_work``.
     :param input_path: an OpenAI batch JSONL file (local, URL or ``ObjectStoragePath``).
     :param requests: instead of ``input_path``: request lines, or records built with ``template`` (an XCom
         reference such as a task's output works too). Airflow's rendered fields show only their count and first
@@ -310,7 +311,11 @@ class OpenAIBatchOperator(ManifestPublisherMixin, BaseOperator):
 
     # -- execution --------------------------------------------------------------------------------------------
 
+    def output_folder(self) -> Any:
+        return None if self.output_path is None else as_path(self.output_path)
+
     def execute(self, context: Context) -> dict[str, Any]:
+        self.claim_output(context)
         OpenAIBatchLink.start(self)
         plan = self._plan(context)
         existing = _load_plan(plan.work_dir)

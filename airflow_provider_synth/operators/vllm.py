@@ -34,7 +34,7 @@ from airflow_provider_synth.batch.validate import (
     validate_requests,
 )
 from airflow_provider_synth.exceptions import BatchFailedError, VLLMEngineError
-from airflow_provider_synth.operators._native import ManifestPublisherMixin
+from airflow_provider_synth.operators._native import ManifestPublisherMixin, OutputClaimMixin
 from airflow_provider_synth.runs.vllm_process import engine_env, reclaim_output
 from airflow_provider_synth.runs.vllm_workspace import STATE_DIR, EngineWorkspace, merge_output_folders
 
@@ -126,7 +126,7 @@ def gpu_pod_override(gpus: int = 1, *, image: str | None = None, memory: str | N
     return {"pod_override": k8s.V1Pod(spec=spec)}
 
 
-class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
+class VLLMBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator):
     """Answer an OpenAI-format batch JSONL with a vLLM engine on this worker, and write the output folder.
 
     The input is validated first (every problem named by file, line and custom_id, before the engine starts).
@@ -145,7 +145,8 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
 
     :param input_path: the request JSONL (local path, URL or ObjectStoragePath); chat completions,
         completions or embeddings.
-    :param output_path: the output folder (local path, URL or ObjectStoragePath).
+    :param output_path: the output folder (local path, URL or ObjectStoragePath), one per task instance (with
+        ``{{ ti.map_index }}`` when mapped: see :mod:`~airflow_provider_synth.batch.claims`).
     :param model: a local path or model id the worker can load (weights are never downloaded by the tests).
     :param engine: ``vllm.LLM`` settings (:class:`VLLMEngineConfig`).
     :param sampling: default sampling parameters in vLLM's names (``max_tokens``, ``temperature``...); each
@@ -226,6 +227,7 @@ class VLLMBatchOperator(ManifestPublisherMixin, BaseOperator):
     # ------------------------------------------------------------------------------------------------ execute
 
     def execute(self, context: Context) -> dict[str, Any]:
+        self.claim_output(context)
         with tempfile.TemporaryDirectory(prefix="synth-vllm-", dir=self.work_dir) as scratch:
             engine_input, invalid, endpoint = self._screen(Path(scratch))
             python = self._resolve_python()

@@ -35,6 +35,17 @@ def leave_staging_tables(runs: list[dict[str, Any]]) -> None:
         hook.close()
 
 
+def set_poll_interval(dag: Any, seconds: float) -> None:
+    """Poll every ``seconds`` in the DAG's Cortex tasks, mapped ones included."""
+    from airflow_provider_synth.operators.cortex import CortexBatchOperator
+
+    for task in dag.tasks:
+        if isinstance(task, CortexBatchOperator):
+            task.poll_interval = seconds
+        elif issubclass(getattr(task, "operator_class", object), CortexBatchOperator):
+            task.partial_kwargs["poll_interval"] = seconds
+
+
 def main(config: dict[str, Any]) -> dict[str, Any]:
     from airflow.utils import db
     from snowflake.connector.errors import ProgrammingError
@@ -64,16 +75,24 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
             fake.query(sql)
         bag = dag_bag(dag_folder=config["dag_file"])
         assert not bag.import_errors, bag.import_errors
-        dag_run = bag.dags[config["dag_id"]].test()
-        tis = {ti.task_id: {"state": str(ti.state), "try_number": ti.try_number}
+        dag = bag.dags[config["dag_id"]]
+        if "poll_interval" in config:  # the examples poll every 10 s; a test needs no such patience
+            set_poll_interval(dag, float(config["poll_interval"]))
+        dag_run = dag.test()
+        # a mapped task instance is "task_id[map_index]"
+        tis = {ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]":
+               {"state": str(ti.state), "try_number": ti.try_number,
+                "xcom": ti.xcom_pull(task_ids=ti.task_id, map_indexes=ti.map_index)}
                for ti in dag_run.get_task_instances()}
         leftover = [str(r) for r in fake.query("SHOW TABLES") if "SYNTH_" in str(r)]
         tables = sorted(str(r[1]) for r in fake.query("SHOW TABLES"))
         xcoms = {t: dag_run.get_task_instance(t).xcom_pull(task_ids=t) for t in config.get("xcom_tasks", [])}
         fake.wait_idle()
-        chunks = sorted(q.query_id for q in fake.queries.values() if q.query_type == "INSERT" and "_RESULTS" in q.text)
+        chunk_queries = [q for q in fake.queries.values() if q.query_type == "INSERT" and "_RESULTS" in q.text]
+        chunks = sorted(q.query_id for q in chunk_queries)
         return {"state": str(dag_run.state), "run_id": dag_run.run_id, "tasks": tis, "calls": fake.calls,
                 "chunk_statements": chunks,
+                "chunk_tags": {q.query_id: json.loads(q.query_tag or "{}") for q in chunk_queries},
                 "cancelled": fake.cancelled, "polls": api.polls, "auth_headers": sorted(set(api.auth_headers)),
                 "leftover_tables": leftover, "tables": tables, "xcoms": xcoms}
 

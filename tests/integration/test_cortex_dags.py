@@ -179,3 +179,61 @@ def test_cleanup_dag_drops_old_staging_tables_of_finished_runs_only(tmp_path: Pa
     assert set(summary["tables"]) == left
     assert ("would drop" if dry_run else "dropped") + " the tables of 1 run(s)" in logs
     assert SECRET not in logs and SECRET not in json.dumps(report)
+
+
+MAPPED = {"dag_file": str(ROOT / "example_dags" / "example_cortex_taskflow.py"), "poll_interval": 0.2}
+
+
+def check_mapped_run(summary: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """Three map indexes, each a Cortex run of its category's 4 products in its own folder, with its own
+    staging tables and statements; the rain jacket (outdoor) fails in its own run. Returns the manifests."""
+    assert summary["state"] == "success", summary
+    assert {t: s["state"] for t, s in summary["tasks"].items()} == {
+        "categories": "success", "describe_category[0]": "success", "describe_category[1]": "success",
+        "describe_category[2]": "success", "report": "success"}
+    manifests = sorted(summary["manifests"], key=lambda m: m["map_index"])
+    assert [m["map_index"] for m in manifests] == [0, 1, 2]
+    tags = summary["chunk_tags"]
+    for category, m in zip(("outdoor", "kitchen", "office"), manifests, strict=True):
+        ti = summary["tasks"][f"describe_category[{m['map_index']}]"]
+        assert m == ti["xcom"] and m["try_number"] == ti["try_number"]  # the XCom is the manifest
+        assert m["output_dir"] == str(out / "example_cortex_taskflow_mapped" / summary["run_id"]
+                                      / str(m["map_index"]))
+        skus = [f"{category}-{i:02d}" for i in range(4)]
+        assert [r["custom_id"] for r in _lines(m["output_dir"] + "/_work/requests.jsonl")] == skus
+        failed = ["outdoor-01"] if category == "outdoor" else []
+        assert [r["custom_id"] for r in _lines(m["results_path"])] == [s for s in skus if s not in failed]
+        assert [r["custom_id"] for r in _lines(m["failures_path"])] == failed
+        assert (m["total"], m["succeeded"], m["failed"], m["answered_twice"]) == (
+            4, 4 - len(failed), len(failed), 0)
+        # its own statements, tagged with its map index and its own staging tables
+        assert {tags[q]["map_index"] for q in m["query_ids"]} == {m["map_index"]}
+    assert len({tags[q]["synth_run"] for m in manifests for q in m["query_ids"]}) == 3
+    assert summary["leftover_tables"] == []  # each run dropped its own tables after success
+    assert summary["tasks"]["report"]["xcom"] == {"total": 12, "succeeded": 11, "failed": 1, "runs": 3}
+    return manifests
+
+
+@pytest.mark.parametrize("deferrable", [False, True])
+def test_mapped_cortex_decorator_runs_one_cortex_run_per_map_index(tmp_path: Path, deferrable: bool):
+    summary, logs = run_dag(tmp_path, "example_cortex_taskflow_mapped", fail_marker="rain jacket",
+                            deferrable=deferrable, **MAPPED)
+    manifests = check_mapped_run(summary, tmp_path / "out")
+    assert all(m["try_number"] == 1 and len(m["query_ids"]) == 2 for m in manifests)  # 4 requests, chunk_size=2
+    assert sorted(q for m in manifests for q in m["query_ids"]) == summary["chunk_statements"]
+    assert len(summary["calls"]) == 12  # one model call per request
+    if deferrable:  # each resumed instance found its own run again from the request file in its folder
+        assert sorted(summary["polls"]) == summary["chunk_statements"]
+        assert all(n == 3 for n in summary["polls"].values())  # running, running, success
+    assert SECRET not in logs
+
+
+def test_a_killed_map_index_retries_alone_and_pays_only_for_its_missing_rows(tmp_path: Path):
+    # call 7 dies: the second map index to run has its chunk 0 (2 rows) committed, its chunk 1 rolled back
+    summary, _ = run_dag(tmp_path, "example_cortex_taskflow_mapped", fail_marker="rain jacket", abort_after=6,
+                         **MAPPED)
+    manifests = check_mapped_run(summary, tmp_path / "out")
+    assert sorted(m["try_number"] for m in manifests) == [1, 1, 2]  # only the killed map index ran again
+    # its chunk 0, its killed chunk 1 and chunk 1 again; the others' two chunks
+    assert sorted(len(m["query_ids"]) for m in manifests) == [2, 2, 3]
+    assert len(summary["calls"]) == 12  # 4 + 2 (its chunk 0) + 2 (its chunk 1, on try 2) + 4: none twice

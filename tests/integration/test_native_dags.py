@@ -44,6 +44,38 @@ def test_taskflow_openai_batch_expands_one_run_per_topic(airflow_db, openai_conn
     assert report["total"] == 120 and report["runs"] == 3
 
 
+def test_taskflow_openai_batch_with_one_folder_for_every_topic_fails_before_paying_twice(
+        airflow_db, openai_conn, tmp_path, monkeypatch, capfd) -> None:
+    """``output_path`` without ``{{ ti.map_index }}``: the first map index's run lands intact; the next one fails
+    naming both task instances, before uploading anything; a later DAG run may reuse the folder."""
+    dag = load_dag("example_openai_batch_taskflow")
+    quiz = dag.get_task("quiz")
+    shared = tmp_path / "shared"
+    quiz.partial_kwargs.update(output_path=str(shared), poll_interval=0.2)
+    dr = dag.test(run_conf={"topics": ["chess", "jazz"], "per_topic": 12})
+    assert dr.state == "failed"
+    tis = [ti for ti in dr.get_task_instances() if ti.task_id == "quiz"]
+    (won,) = [ti for ti in tis if ti.state == "success"]
+    (lost,) = [ti for ti in tis if ti.state == "failed"]
+    topic = ("chess", "jazz")[won.map_index]
+    m = won.xcom_pull(task_ids="quiz", map_indexes=won.map_index)
+    assert (m["output_dir"], m["map_index"], m["succeeded"]) == (str(shared), won.map_index, 12)
+    assert orjson.loads((shared / "manifest.json").read_bytes())["idempotency_key"] == m["idempotency_key"]
+    assert read_ids(shared / "results.jsonl") == [f"{topic}-{i:04d}" for i in range(12)]
+    assert read_ids(shared / "_work" / "requests.jsonl") == [f"{topic}-{i:04d}" for i in range(12)]
+    # one file, one batch, twelve requests: the refused map index uploaded and paid for nothing
+    assert openai_conn.counters["files_created"] == 1 and openai_conn.counters["batches_created"] == 1
+    assert openai_conn.counters["requests_processed"] == 12
+    assert lost.try_number == 1 and lost.xcom_pull(task_ids="quiz", map_indexes=lost.map_index) is None
+    message = next(line for line in capfd.readouterr().out.splitlines() if "already claimed" in line)
+    assert f"task_id=quiz map_index={won.map_index} (try 1" in message
+    assert f"(task_id=quiz map_index={lost.map_index})" in message and "{{ ti.map_index }}" in message
+
+    dr2 = dag.test(run_conf={"topics": ["ecology"], "per_topic": 5})  # another run, same folder: not refused
+    assert dr2.state == "success"
+    assert read_ids(shared / "results.jsonl") == [f"ecology-{i:04d}" for i in range(5)]
+
+
 def asset_events(uri: str) -> list[dict]:
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session

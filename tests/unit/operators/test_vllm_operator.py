@@ -100,7 +100,7 @@ def test_invalid_input_fails_before_the_engine_starts(tmp_path, context) -> None
         op.execute(context)
     assert "bad.jsonl:2 custom_id='b': body.messages is missing" in str(err.value)
     assert "duplicate custom_id" in str(err.value)
-    assert not (tmp_path / "out").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["_claims"]  # nothing but the task's claim
 
 
 def test_unserved_endpoint_fails_before_the_engine_starts(tmp_path, fake_python, context) -> None:
@@ -110,7 +110,7 @@ def test_unserved_endpoint_fails_before_the_engine_starts(tmp_path, fake_python,
     with pytest.raises(InvalidRequestsError, match="resp.jsonl:1 custom_id='a': unsupported url '/v1/responses': "
                        "this backend serves .*/v1/score, /v1/rerank"):
         operator(str(path), str(tmp_path / "out"), fake_python).execute(context)
-    assert not (tmp_path / "out").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["_claims"]  # nothing but the task's claim
 
 
 def scoring(cid: str, url: str, **body: object) -> dict:
@@ -159,7 +159,7 @@ def test_bad_score_lines_are_refused_or_set_aside(tmp_path, fake_python, context
     text = str(info.value)
     assert "cannot pair 2 quer(ies) with 3 document(s)" in text and "needs text_1 and text_2" in text
     assert "differs from the batch's endpoint '/v1/score'" in text and "not served here" in text
-    assert not (tmp_path / "refused").exists()
+    assert [p.name for p in (tmp_path / "refused").iterdir()] == ["_claims"]  # nothing but the task's claim
 
     manifest = operator(str(src), str(tmp_path / "out"), fake_python, invalid_requests="skip",
                         max_failed_ratio=1.0).execute(context)
