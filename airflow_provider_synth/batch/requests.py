@@ -266,9 +266,11 @@ def build_requests(
     :param tools: function tools for every chat request.
     :param params: other body fields for every request (``temperature``, ``max_completion_tokens``...).
     """
-    known = dict.fromkeys((*ENDPOINTS, *VLLM_ENDPOINTS))
-    if endpoint not in known:
+    known = tuple(dict.fromkeys((*ENDPOINTS, *VLLM_ENDPOINTS)))
+    canonical = canonical_url(endpoint, known)  # any spelling: /chat/completions, /rerank, /v2/rerank...
+    if canonical is None:
         raise ValueError(f"unsupported endpoint {endpoint!r}; expected one of {', '.join(known)}")
+    endpoint = canonical
     shared: dict[str, Any] = dict(params or {})
     if response_format is not None:
         shared["response_format"] = response_format_for(response_format)

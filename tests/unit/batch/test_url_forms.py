@@ -140,5 +140,10 @@ def test_scoring_requests_build_from_records() -> None:
                     "body": {"model": "rr", "query": "fox", "documents": ["a fox", "a dog"], "top_n": 1}}
     [line] = build_requests([{"text_1": "a", "text_2": "b"}], model="rr", endpoint=SCORE)
     assert line["body"] == {"model": "rr", "text_1": "a", "text_2": "b"}
+    for spelling in ("/rerank", "/v2/rerank"):  # run_batch's spellings name the same endpoint
+        [line] = build_requests(records, model="rr", endpoint=spelling, id_field="id")
+        assert line["url"] == RERANK and line["body"]["query"] == "fox"
+    with pytest.raises(ValueError, match="unsupported endpoint '/v3/rerank'"):
+        list(build_requests(records, model="rr", endpoint="/v3/rerank"))
     with pytest.raises(ValueError, match="give a builder or the fields query, documents"):
         list(build_requests([{"text": "x"}], model="rr", endpoint=RERANK))

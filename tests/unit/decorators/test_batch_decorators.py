@@ -86,6 +86,21 @@ def test_vllm_decorator_writes_the_requests_into_the_output_folder_and_runs_them
     assert op.input_path == str(tmp_path / "out" / "_work" / "requests.jsonl")
 
 
+def test_vllm_decorator_builds_rerank_requests_from_records(tmp_path: Path) -> None:
+    def make() -> list[dict[str, Any]]:
+        return [{"id": "q0", "query": "brown fox", "documents": ["a brown fox", "a dog"]},
+                {"id": "q1", "query": "dog", "documents": ["a dog", "a fox", "dogs"]}]
+
+    op = build(task.synth_vllm_batch, make, model="tiny", output_path=str(tmp_path / "out"),
+               python=write_fake_python(tmp_path / "py"), endpoint="/rerank",
+               template=RequestTemplate(id_field="id", params={"top_n": 2}))
+    manifest = op.execute({**ctx(), "outlet_events": {}})
+    assert (manifest["total"], manifest["succeeded"], manifest["endpoint"]) == (2, 2, "/v1/rerank")
+    results = [orjson.loads(x) for x in Path(manifest["results_path"]).read_bytes().splitlines()]
+    assert [len(r["response"]["body"]["results"]) for r in results] == [2, 2]
+    assert results[0]["response"]["body"]["results"][0]["document"]["text"] == "a brown fox"
+
+
 def test_decorator_refuses_a_second_input() -> None:
     def make() -> list[dict[str, Any]]:
         return [{"prompt": "x"}]
