@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 # batch_server / batch_server_factory: the local OpenAI/Azure Batch API server (airflow_provider_synth.testing)
@@ -28,3 +30,20 @@ def airflow_db() -> str:
     db.resetdb()
     return os.environ["AIRFLOW_HOME"]
 
+
+
+@pytest.fixture
+def group_members() -> Callable[[int], list[psutil.Process]]:
+    """The live (not zombie) processes of a process group: what is left of an engine after its task died."""
+
+    def members(pgid: int) -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["status"]):
+            try:
+                if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return found
+
+    return members

@@ -95,17 +95,24 @@ def join_path(base: Any, name: str) -> Any:
     return base / name
 
 
-def exists(path: Any) -> bool:
-    """Whether a file exists, wherever it lives."""
-    if isinstance(path, str) and "://" not in path:
-        return os.path.exists(path)
-    if isinstance(path, str):
+def _filesystem(location: Any) -> tuple[Any, str]:
+    """The fsspec filesystem and path of a remote location: a URL, or a path object (ObjectStoragePath, UPath)."""
+    if isinstance(location, str):
         import fsspec
 
-        fs, p = fsspec.core.url_to_fs(path)
+        fs, path = fsspec.core.url_to_fs(location)
+        return fs, path
+    return location.fs, location.path
+
+
+def exists(path: Any) -> bool:
+    """Whether a file exists, wherever it lives."""
+    local = local_path(path)
+    if local is not None:
+        return local.exists()
+    if isinstance(path, str):
+        fs, p = _filesystem(path)
         return bool(fs.exists(p))
-    if isinstance(path, os.PathLike) and not hasattr(path, "protocol"):
-        return os.path.exists(path)
     return bool(path.exists())
 
 
@@ -115,18 +122,13 @@ def list_names(folder: Any) -> list[str]:
     Listed afresh: a filesystem's cached listing (s3fs, gcsfs) is dropped first, so that what another worker
     wrote a moment ago is seen.
     """
-    if isinstance(folder, str) and "://" not in folder or (
-            isinstance(folder, os.PathLike) and not hasattr(folder, "protocol")):
+    local = local_path(folder)
+    if local is not None:
         try:
-            return sorted(os.listdir(folder))
+            return sorted(os.listdir(local))
         except FileNotFoundError:
             return []
-    if isinstance(folder, str):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(folder)
-    else:
-        fs, path = folder.fs, folder.path
+    fs, path = _filesystem(folder)
     fs.invalidate_cache(path)
     try:
         entries = fs.ls(path, detail=False)

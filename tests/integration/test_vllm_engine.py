@@ -213,20 +213,7 @@ VLLMBatchOperator(task_id="vllm", input_path=src, output_path=out, model=model, 
 """
 
 
-def _engine_group(pgid: int) -> list:
-    import psutil
-
-    alive = []
-    for proc in psutil.process_iter(["status", "name"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return alive
-
-
-def test_the_engine_dies_with_its_task_and_a_rerun_answers_every_id_once(tiny_model, tmp_path) -> None:
+def test_the_engine_dies_with_its_task_and_a_rerun_answers_every_id_once(tiny_model, tmp_path, group_members) -> None:
     """The task's whole process group is SIGKILLed (a lost worker: no on_kill): every process of the engine
     (runner, vLLM's engine core, the watchdog) is gone within 2 s; the rerun answers every id exactly once."""
     from dataclasses import asdict
@@ -250,15 +237,15 @@ def test_the_engine_dies_with_its_task_and_a_rerun_answers_every_id_once(tiny_mo
             assert task.poll() is None and time.monotonic() < deadline, (tmp_path / "task.log").read_text()[-3000:]
             time.sleep(0.02)
         owner = read_owner(engine_output)
-        members = _engine_group(owner["pgid"])
+        members = group_members(owner["pgid"])
         assert len(members) >= 3, members  # the runner, its watchdog and vLLM's engine core at least
         os.killpg(task.pid, signal.SIGKILL)
         killed = time.monotonic()
         task.wait()
-        while _engine_group(owner["pgid"]) and time.monotonic() - killed < 10:
+        while group_members(owner["pgid"]) and time.monotonic() - killed < 10:
             time.sleep(0.02)
         gone_after = time.monotonic() - killed
-        assert not _engine_group(owner["pgid"]), _engine_group(owner["pgid"])
+        assert not group_members(owner["pgid"]), group_members(owner["pgid"])
         assert gone_after < 2.0, gone_after
         print(f"engine of {len(members)} processes gone {gone_after:.3f} s after the task's SIGKILL")
     finally:

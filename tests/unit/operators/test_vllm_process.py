@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import orjson
-import psutil
 import pytest
 
 from airflow_provider_synth.runs import vllm_process
@@ -41,18 +40,6 @@ def chat(cid: str) -> bytes:
 
 def context() -> dict:
     return {"ti": SimpleNamespace(try_number=1, dag_id="d", task_id="t", run_id="r", map_index=-1)}
-
-
-def group_members(pgid: int) -> list[psutil.Process]:
-    """Live (not zombie) processes of a process group."""
-    found = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return found
 
 
 def test_engine_env_is_an_allow_list() -> None:
@@ -162,7 +149,7 @@ VLLMBatchOperator(task_id="v", input_path=src, output_path=out, model="tiny", py
 """
 
 
-def test_the_engine_dies_with_its_task(tmp_path) -> None:
+def test_the_engine_dies_with_its_task(tmp_path, group_members) -> None:
     """SIGKILL the task's whole process group: no on_kill, no clean-up. The python is a wrapper script that does
     not exec (so no parent-death signal reaches the runner), and each engine call takes 4 s (so no write to the
     dead task's pipe stops the runner sooner): the watchdog alone ends the engine, within 2 s."""
