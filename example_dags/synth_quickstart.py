@@ -16,7 +16,8 @@ from airflow.sdk import dag, task
 from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, RequestTemplate
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
-POLL_INTERVAL = float(os.environ.get("SYNTH_POLL_INTERVAL", "60"))
+# None: the operator's default (60 s against a service, 2 s against a server on this machine)
+POLL_INTERVAL = float(os.environ["SYNTH_POLL_INTERVAL"]) if os.environ.get("SYNTH_POLL_INTERVAL") else None
 SEEDS = ["a lighthouse keeper", "a retired astronaut", "a beekeeper", "a night-shift nurse", "a chess prodigy",
          "a street musician", "a glacier scientist", "a bakery owner", "a train conductor", "a museum guard",
          "a deep-sea diver", "a wedding photographer", "a mountain guide", "a translator", "a firefighter",

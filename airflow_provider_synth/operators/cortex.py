@@ -35,7 +35,7 @@ from airflow_provider_synth.runs.cortex import (
     RunState,
 )
 from airflow_provider_synth.runs.cortex_staging import staging_report, staging_report_text
-from airflow_provider_synth.triggers.base import validate_event
+from airflow_provider_synth.triggers.base import check_trigger_connection, validate_event
 from airflow_provider_synth.triggers.cortex import CortexStatementTrigger
 
 if TYPE_CHECKING:
@@ -166,6 +166,8 @@ class CortexBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator
 
     def execute(self, context: Context) -> dict[str, Any]:
         self.claim_output(context)
+        if self.deferrable:
+            check_trigger_connection(self.snowflake_conn_id)
         run = self._run(context)
         try:
             state = run.submit(self._stage(run))

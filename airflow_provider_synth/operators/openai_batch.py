@@ -29,7 +29,7 @@ from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.links import OpenAIBatchLink
 from airflow_provider_synth.operators._native import ManifestPublisherMixin, OutputClaimMixin
 from airflow_provider_synth.runs.openai import INVALID_FILE, BatchRun, Plan, idempotency_key, run_manifest
-from airflow_provider_synth.triggers.base import validate_event
+from airflow_provider_synth.triggers.base import check_trigger_connection, validate_event
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
 if TYPE_CHECKING:
@@ -138,7 +138,8 @@ class OpenAIBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator
     :param template: how records become requests.
     :param limits: shard limits (requests, bytes, embedding inputs, estimated tokens per batch).
     :param completion_window: the batch window (``24h``).
-    :param poll_interval: seconds between status checks.
+    :param poll_interval: seconds between status checks; default: 60 against a service, 2 against a server on
+        this machine (``127.0.0.1``/``localhost``, e.g. the local Batch API server).
     :param timeout: the whole run's budget, counted from the first submission (a retry never extends it);
         on expiry the batches are cancelled.
     :param deferrable: wait in the triggerer instead of a worker slot.
@@ -200,7 +201,7 @@ class OpenAIBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator
         template: RequestTemplate | None = None,
         limits: ShardLimits | None = None,
         completion_window: str = "24h",
-        poll_interval: float = 60.0,
+        poll_interval: float | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         wait_for_completion: bool = True,
@@ -223,14 +224,15 @@ class OpenAIBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator
             raise ValueError("output_path is required")
         if not 0.0 <= max_failed_ratio <= 1.0:
             raise ValueError(f"max_failed_ratio must be within [0, 1], got {max_failed_ratio}")
-        if retry_failed_requests < 0 or poll_interval <= 0:
+        if retry_failed_requests < 0 or (poll_interval is not None and poll_interval <= 0):
             raise ValueError("retry_failed_requests must be >= 0 and poll_interval > 0")
         if (max_active_batches is not None and max_active_batches < 1) or token_limit_resubmits < 0:
             raise ValueError("max_active_batches must be >= 1 (or None) and token_limit_resubmits >= 0")
         self.model, self.endpoint, self.template = model, endpoint, template or RequestTemplate()
         self.conn_id, self.output_path, self.input_path, self.requests = conn_id, output_path, input_path, requests
         self.limits = limits or ShardLimits()
-        self.completion_window, self.poll_interval = completion_window, float(poll_interval)
+        self.completion_window = completion_window
+        self.poll_interval = None if poll_interval is None else float(poll_interval)
         self.timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
         self.deferrable, self.wait_for_completion = deferrable, wait_for_completion
         self.max_failed_ratio, self.retry_failed_requests = max_failed_ratio, retry_failed_requests
@@ -318,6 +320,8 @@ class OpenAIBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator
         self.claim_output(context)
         OpenAIBatchLink.start(self)
         plan = self._plan(context)
+        if self.deferrable and self.wait_for_completion:
+            check_trigger_connection(plan.conn_id)
         existing = _load_plan(plan.work_dir)
         if existing is not None and existing.key == plan.key:
             plan.created_at = existing.created_at  # a retry keeps the first try's clock
@@ -368,15 +372,18 @@ class OpenAIBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator
             if self.deferrable:
                 self.defer(
                     trigger=OpenAIBatchTrigger(conn_id=run.plan.conn_id, batch_ids=run.running_ids,
-                                               poll_interval=self.poll_interval, end_time=end_time,
+                                               poll_interval=self._poll_interval(run), end_time=end_time,
                                                cancel_on_kill=self.cancel_on_kill),
                     method_name="execute_complete",
                     timeout=timedelta(seconds=max(end_time - time.time(), 0) + 600),
                 )
             self._wait_in_worker(run, end_time)
 
+    def _poll_interval(self, run: BatchRun) -> float:
+        return self.poll_interval if self.poll_interval is not None else run.hook.default_poll_interval
+
     def _wait_in_worker(self, run: BatchRun, end_time: float) -> None:
-        result = run.wait(self.poll_interval, end_time, progress=lambda s: self.log.info("batches: %s", s))
+        result = run.wait(self._poll_interval(run), end_time, progress=lambda s: self.log.info("batches: %s", s))
         if result.next is Next.TIMEOUT:
             self._on_timeout(run)
 
