@@ -18,7 +18,13 @@ from airflow_provider_synth.batch.paths import exists as path_exists
 from airflow_provider_synth.batch.requests import CHAT, Endpoint, build_requests, write_requests
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
 from airflow_provider_synth.batch.status import Next
-from airflow_provider_synth.batch.usage import Price, estimate_cost, format_usd
+from airflow_provider_synth.batch.usage import (
+    Price,
+    estimate_cost,
+    format_usd,
+    price_known,
+    unknown_price_message,
+)
 from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests, skipped_summary
 from airflow_provider_synth.exceptions import (
     BatchFailedError,
@@ -290,6 +296,8 @@ class OpenAIBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator
         est = estimate_cost(split.est_input_tokens, split.est_output_tokens, split.model, self.prices)
         if self.max_cost_usd is not None:
             self._check_budget(est, split.model, split.est_input_tokens, split.est_output_tokens)
+        elif not price_known(split.model, self.prices):
+            self.log.warning("%s; cost_usd will be unknown (null)", unknown_price_message(split.model))
         plan = Plan(key=key, conn_id=self.conn_id, endpoint=split.endpoint or self.endpoint, model=split.model,
                     completion_window=self.completion_window, work_dir=str(work), output_dir=str(output),
                     shards=[s.as_dict() for s in split.shards], total=split.total, fingerprint=split.fingerprint,
@@ -304,12 +312,13 @@ class OpenAIBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator
 
     def _check_budget(self, est: float | None, model: str | None, tokens_in: int, tokens_out: int) -> None:
         if est is None:
-            raise BudgetExceededError(f"max_cost_usd is set but model {model!r} has no known price: add it to "
-                                      "prices= to estimate the cost; nothing was submitted")
+            raise BudgetExceededError(f"max_cost_usd is set but the cost cannot be estimated: "
+                                      f"{unknown_price_message(model)}; nothing was submitted")
+        estimate = (f"estimated cost {format_usd(est)} ({tokens_in:,} input tokens, up to {tokens_out:,} output "
+                    f"tokens at batch prices for {model})")
         if est > float(self.max_cost_usd or 0):
-            raise BudgetExceededError(
-                f"estimated cost {format_usd(est)} ({tokens_in:,} input tokens, up to {tokens_out:,} output "
-                f"tokens at batch prices for {model}) is over max_cost_usd=${self.max_cost_usd}; nothing was submitted")
+            raise BudgetExceededError(f"{estimate} is over max_cost_usd=${self.max_cost_usd}; nothing was submitted")
+        self.log.info("round 0: %s, within max_cost_usd=$%s", estimate, self.max_cost_usd)
 
     # -- execution --------------------------------------------------------------------------------------------
 
@@ -420,8 +429,10 @@ class OpenAIBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator
         self.publish_manifest(context, manifest)
         failed = acct.failed + acct.missing
         ratio = failed / acct.total if acct.total else 0.0
-        self.log.info("%d succeeded, %d failed, %d missing of %d; usage %s; cost %s", acct.succeeded,
-                      acct.failed, acct.missing, acct.total, acct.usage.as_dict(), format_usd(cost))
+        billed = manifest.get("billed_usage", acct.usage.as_dict())
+        self.log.info("%d succeeded, %d failed, %d missing of %d; billed %s token(s) for %s answer(s) (results "
+                      "and unusable ones, usage %s); cost %s", acct.succeeded, acct.failed, acct.missing,
+                      acct.total, f"{billed['total_tokens']:,}", f"{billed['requests']:,}", billed, format_usd(cost))
         if ratio > self.max_failed_ratio:
             codes = ", ".join(f"{c}: {n}" for c, n in acct.error_codes.most_common(5))
             raise BatchFailedError(
