@@ -138,8 +138,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def vllm_command(model: Path, port: int, dtype: str) -> list[str]:
-    """vLLM's OpenAI server on 127.0.0.1 (``vllm serve`` needs package metadata the CPU build lacks)."""
+def vllm_command(model: Path, port: int, dtype: str | None = None) -> list[str]:
+    """vLLM's OpenAI server on 127.0.0.1 (``vllm serve`` needs package metadata the CPU build lacks), in
+    ``dtype`` (default: the one this CPU runs natively)."""
+    if dtype is None:
+        from airflow_provider_synth.runs.vllm_process import cpu_dtype
+
+        dtype = cpu_dtype()[0]
     return [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--served-model-name", SERVED_MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
             "--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30)]

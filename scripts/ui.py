@@ -32,8 +32,8 @@ from quickstart import (
 
 CONN_ID = "synth_openai_default"
 #: the local Batch API server's port: fixed, so the stored connection stays right across restarts
-SERVER_PORT = 8787
-API_PORT = 8080
+SERVER_PORT = int(os.environ.get("SYNTH_UI_SERVER_PORT") or 8787)
+API_PORT = int(os.environ.get("SYNTH_UI_API_PORT") or 8080)
 LOCALHOST = "127.0.0.1"
 
 
