@@ -72,7 +72,7 @@ def test_backends_without_moderations_refuse_them_clearly(served: tuple[str, ...
 
 
 def test_cortex_refuses_moderations_before_staging() -> None:
-    from airflow_provider_synth.batch import cortex
+    from airflow_provider_synth.runs import cortex_mapping as cortex
 
     with pytest.raises(InvalidRequestsError, match="custom_id='m'.*Cortex runs /v1/chat/completions requests only"):
         cortex.check_requests([line("m", "hello")], name="in.jsonl")
