@@ -16,6 +16,25 @@ from airflow_provider_synth.batch.jsonl import iter_jsonl, loads, open_path
 
 T = TypeVar("T")
 
+#: The one forced tool that carries an Anthropic answer's structured output where the Messages API version has
+#: no ``output_config`` (``2023-06-01``): its input is the answer's text.
+STRUCTURED_OUTPUT_TOOL = "synth_response_format"
+
+
+def anthropic_text(content: Any) -> str | None:
+    """The text of an Anthropic message's content blocks: its text blocks joined, or, when it has none, the
+    input of the structured-output tool (:data:`STRUCTURED_OUTPUT_TOOL`) as JSON; ``None`` otherwise."""
+    blocks = [b for b in content or () if isinstance(b, Mapping)]
+    texts = [b["text"] for b in blocks if b.get("type") == "text" and isinstance(b.get("text"), str)]
+    if texts:
+        return "".join(texts)
+    for b in blocks:
+        if b.get("type") == "tool_use" and b.get("name") == STRUCTURED_OUTPUT_TOOL:
+            from airflow_provider_synth.batch.jsonl import dumps
+
+            return dumps(b.get("input")).decode()
+    return None
+
 
 def iter_output(path: Any) -> Iterator[dict[str, Any]]:
     """Iterate the lines of a results, failures, output or request file as dicts."""
@@ -31,9 +50,12 @@ def _body(line: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def extract_text(line: Mapping[str, Any]) -> str | None:
-    """The answer's text: chat ``message.content``, completions ``text``, or responses ``output_text``.
-    ``None`` for a null content (e.g. a tool-call-only answer) or a failed line."""
+    """The answer's text: chat ``message.content``, completions ``text``, responses ``output_text``, or an
+    Anthropic message's text blocks (see :func:`anthropic_text`). ``None`` for a null content (e.g. a
+    tool-call-only answer) or a failed line."""
     body = _body(line)
+    if body.get("type") == "message" and "content" in body:
+        return anthropic_text(body.get("content"))
     choices = body.get("choices")
     if choices:
         first = choices[0]
@@ -61,6 +83,10 @@ def extract_tool_calls(line: Mapping[str, Any]) -> list[dict[str, Any]]:
         for call in (choice.get("message") or {}).get("tool_calls") or ():
             fn = call.get("function") or {}
             raw_calls.append((call.get("id"), fn.get("name"), fn.get("arguments")))
+    if body.get("type") == "message":  # Anthropic: tool_use blocks, their input already parsed
+        for block in body.get("content") or ():
+            if block.get("type") == "tool_use" and block.get("name") != STRUCTURED_OUTPUT_TOOL:
+                raw_calls.append((block.get("id"), block.get("name"), block.get("input")))
     for item in body.get("output") or ():
         if item.get("type") == "function_call":
             raw_calls.append((item.get("call_id") or item.get("id"), item.get("name"), item.get("arguments")))

@@ -35,7 +35,8 @@ class Usage:
         return self
 
     def add_usage(self, usage: Mapping[str, Any] | None) -> None:
-        """Add one response body's ``usage`` object (chat, completions, embeddings or responses shape)."""
+        """Add one response body's ``usage`` object (chat, completions, embeddings, responses or Anthropic
+        shape; an Anthropic prompt counts its cache writes and reads, its cached tokens are the reads)."""
         self.requests += 1
         if not usage:
             return
@@ -43,9 +44,13 @@ class Usage:
         completion = usage.get("completion_tokens", usage.get("output_tokens")) or 0
         p_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
         c_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+        cached = p_details.get("cached_tokens") or 0
+        if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:  # Anthropic
+            cached = usage.get("cache_read_input_tokens") or 0
+            prompt += (usage.get("cache_creation_input_tokens") or 0) + cached
         self.prompt_tokens += prompt
         self.completion_tokens += completion
-        self.cached_tokens += p_details.get("cached_tokens") or 0
+        self.cached_tokens += cached
         self.reasoning_tokens += c_details.get("reasoning_tokens") or 0
         self.total_tokens += usage.get("total_tokens") or (prompt + completion)
 
