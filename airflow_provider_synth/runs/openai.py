@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from openai.types import Batch
 
     from airflow_provider_synth.batch.split import ShardLimits
-
     from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 
 log = logging.getLogger(__name__)
