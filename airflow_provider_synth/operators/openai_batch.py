@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_synth.batch.paths import as_path, join_path, open_path
 from airflow_provider_synth.batch.paths import exists as path_exists
-from airflow_provider_synth.batch.requests import CHAT, Endpoint, RequestTemplate, write_requests
+from airflow_provider_synth.batch.requests import (
+    AZURE_ENDPOINTS,
+    CHAT,
+    OPENAI_ENDPOINTS,
+    Endpoint,
+    RequestTemplate,
+    write_requests,
+)
 from airflow_provider_synth.batch.split import split_requests
 from airflow_provider_synth.batch.usage import estimate_cost, format_usd
 from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary
@@ -270,7 +277,8 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
                                limits=cfg.shard_limits, name=str(source),
                                estimate_tokens=cfg.max_cost_usd is not None, invalid_requests=self.invalid_requests,
                                open_rejected=lambda: open_path(join_path(work, INVALID_FILE), "wb"),
-                               url_form=self.hook.url_form)
+                               url_form=self.hook.url_form,
+                               endpoints=AZURE_ENDPOINTS if self.hook.is_azure else OPENAI_ENDPOINTS)
         key = self.identity(context).run_key(split.endpoint or "", split.fingerprint, sep="|", length=32)
         est = estimate_cost(split.est_input_tokens, split.est_output_tokens, split.model, cfg.prices)
         if cfg.max_cost_usd is not None:
