@@ -8,11 +8,11 @@ own knobs are :class:`~airflow_provider_synth.runs.openai.OpenAIBatchConfig`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_synth.batch.checks import checks_for
 from airflow_provider_synth.batch.paths import as_path, join_path, open_path
 from airflow_provider_synth.batch.paths import exists as path_exists
 from airflow_provider_synth.batch.requests import (
@@ -251,8 +251,7 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
         self.model, self.endpoint, self.template = model, endpoint, template or RequestTemplate()
         self.input_path, self.requests = input_path, requests
         self._wait_for_completion = wait_for_completion
-        if checks is not None and checks.schema is None and self.template.response_format is not None:
-            self.checks = dataclasses.replace(checks, schema=self.template.response_format)
+        self.checks = checks_for(checks, self.template.response_format)  # a schema the user wrote is checked
 
     @property
     def wait_for_completion(self) -> bool:
