@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -23,12 +22,23 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from quickstart import BIN, HOME, OUTPUT, REPO, airflow_env, start_server
+from quickstart import (
+    BIN,
+    HOME,
+    OUTPUT,
+    REPO,
+    airflow_env,
+    handle_signals,
+    run_child,
+    spawn,
+    start_server,
+    stop_all,
+)
 
 CONN_ID = "synth_openai_default"
 #: the local Batch API server's port: fixed, so the stored connection stays right across restarts
-SERVER_PORT = 8787
-API_PORT = 8080
+SERVER_PORT = int(os.environ.get("SYNTH_UI_SERVER_PORT") or 8787)
+API_PORT = int(os.environ.get("SYNTH_UI_API_PORT") or 8080)
 LOCALHOST = "127.0.0.1"
 #: a DAG run queued this long is explained on the terminal (the scheduler starts one within seconds)
 QUEUED_NOTICE_S = 30.0
@@ -87,9 +97,9 @@ def unpause_dags(env: dict[str, str]) -> str:
 
     :return: the command's output (the DAGs it unpaused), or why it unpaused none.
     """
-    proc = subprocess.run([str(BIN / "airflow"), "dags", "unpause", "--treat-dag-id-as-regex", ".*", "--yes",
-                           "--output", "plain"], env=env, capture_output=True, text=True)
-    return (proc.stdout if proc.returncode == 0 else proc.stderr).strip()
+    proc = run_child([str(BIN / "airflow"), "dags", "unpause", "--treat-dag-id-as-regex", ".*", "--yes",
+                      "--output", "plain"], env=env)
+    return (proc.stdout if proc.returncode == 0 else proc.stderr).decode(errors="replace").strip()
 
 
 def _utc(value: object) -> datetime | None:
@@ -129,22 +139,6 @@ def queued_runs(db: Path, now: datetime, older_than_s: float = QUEUED_NOTICE_S) 
     return lines
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _stop(*procs: subprocess.Popen[bytes]) -> None:
-    for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def _explain_queued(told: set[str]) -> set[str]:
     """Print, once per run, why a DAG run sits queued; the runs it printed."""
     db = HOME / "airflow.db"
@@ -159,15 +153,24 @@ def _explain_queued(told: set[str]) -> set[str]:
 
 
 def main() -> int:
-    signal.signal(signal.SIGTERM, _interrupt)  # stop both children on SIGTERM too, not only Ctrl-C
+    handle_signals()  # SIGTERM and SIGHUP stop everything too, not only Ctrl-C
+    try:
+        return ui()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop_all()  # the server, airflow standalone and its components (each process group, SIGKILL if need be)
+
+
+def ui() -> int:
     HOME.mkdir(exist_ok=True)
-    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=airflow_env(), check=True, capture_output=True)
+    run_child([str(BIN / "airflow"), "db", "migrate"], env=airflow_env()).check_returncode()
     server, port = start_server(options=server_args())
     env_file = write_connection(port)
     print(f"unpaused the DAGs already in {HOME / 'airflow.db'}: {unpause_dags(airflow_env()) or 'none'}")
     print(f"local Batch API server on http://{LOCALHOST}:{port}/v1 (answers are stand-ins, not a model); "
           f"state in {HOME / 'server-state'}")
-    airflow = subprocess.Popen([str(BIN / "airflow"), "standalone"], env=standalone_env(), start_new_session=True)
+    airflow = spawn([str(BIN / "airflow"), "standalone"], env=standalone_env())
     print(f"""airflow standalone starting ({parallelism()} worker processes): open http://{LOCALHOST}:{API_PORT} and
 trigger synth_quickstart (every example DAG is unpaused; a run that stays queued is explained here).
 connection {CONN_ID} -> the local server, stored in {HOME / 'airflow.db'}; in another shell:
@@ -175,14 +178,9 @@ connection {CONN_ID} -> the local server, stored in {HOME / 'airflow.db'}; in an
   airflow-synth status {OUTPUT}/synth_quickstart/<run_id>
 Ctrl-C stops both.""", flush=True)
     told: set[str] = set()
-    try:
-        while airflow.poll() is None and server.poll() is None:
-            time.sleep(1)
-            told |= _explain_queued(told)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        _stop(airflow, server)
+    while airflow.poll() is None and server.poll() is None:
+        time.sleep(1)
+        told |= _explain_queued(told)
     return 0
 
 
