@@ -81,7 +81,7 @@ def _free_port() -> int:
 
 def start_vllm(model: Path, timeout: float = 600.0) -> tuple[subprocess.Popen[bytes], int] | None:
     """vLLM's OpenAI server on 127.0.0.1 (``vllm serve`` needs package metadata the CPU build lacks)."""
-    from airflow_provider_synth.runs.vllm_process import engine_env
+    from airflow_provider_synth.engine.vllm.process import engine_env
 
     port = _free_port()
     log_path = HOME / "vllm-server.log"
