@@ -42,9 +42,9 @@ class CortexBatchDecoratedOperator(SynthBatchDecoratedOperator, CortexBatchOpera
         self.checks = checks_for(self.checks, self.template.response_format)  # a schema the user wrote is checked
 
     def execute_complete(self, context: Context, event: Mapping[str, Any] | None = None,
-                         run: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                         run: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
         self.input_path = requests_path(self.output_path)  # a resumed task finds its run from this file
-        return super().execute_complete(context, event, run)
+        return super().execute_complete(context, event, run, **kwargs)
 
 
 def synth_cortex_batch_task(python_callable: Callable[..., Any] | None = None, **kwargs: Any) -> TaskDecorator:
