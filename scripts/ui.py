@@ -6,7 +6,7 @@ http://127.0.0.1:8080) on SQLite in .airflow/. The connection ``synth_openai_def
 is stored in .airflow's metadata database, where the UI, the tasks, ``airflow`` and ``airflow-synth`` all find
 it; .airflow/synth.env sets up another shell for them. Every example DAG is unpaused: new ones start unpaused,
 and those already in the database (``make quickstart``'s ``airflow dags test`` writes them all, paused, as
-Airflow's ``dags_are_paused_at_creation`` default says) are unpaused at start. A DAG run that stays queued is
+Airflow's ``dags_are_paused_at_creation`` default says) are unpaused as soon as the API server is up. A DAG run that stays queued is
 explained on the terminal (a DAG paused since, a scheduler that is not up). The admin password is printed by
 Airflow and stored in .airflow/simple_auth_manager_passwords.json.generated. Ctrl-C stops both.
 """
@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -112,6 +113,15 @@ def unpause_dags(env: dict[str, str]) -> str:
     return f"`airflow dags unpause` failed: {(proc.stderr.decode(errors='replace') or out).strip()[-500:]}"
 
 
+def api_up() -> bool:
+    """Whether Airflow's API server (the UI, and what every task process reports to) answers its health check."""
+    try:
+        with urllib.request.urlopen(f"http://{LOCALHOST}:{API_PORT}/api/v2/monitor/health", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
 def _utc(value: object) -> datetime | None:
     """A timestamp as Airflow's SQLite database stores it (UTC, ``YYYY-MM-DD HH:MM:SS[.ffffff]``)."""
     if not isinstance(value, str):
@@ -180,19 +190,25 @@ def ui() -> int:
     run_child([str(BIN / "airflow"), "db", "migrate"], env=airflow_env()).check_returncode()
     server, port = start_server(options=server_args())
     env_file = write_connection(port)
-    print(f"unpaused the DAGs already in {HOME / 'airflow.db'}: {unpause_dags(airflow_env())}", flush=True)
     print(f"local Batch API server on http://{LOCALHOST}:{port}/v1 (answers are stand-ins, not a model); "
           f"state in {HOME / 'server-state'}")
     airflow = spawn([str(BIN / "airflow"), "standalone"], env=standalone_env())
     print(f"""airflow standalone starting ({parallelism()} worker processes): open http://{LOCALHOST}:{API_PORT} and
-trigger synth_quickstart (every example DAG is unpaused; a run that stays queued is explained here).
+trigger synth_quickstart (every example DAG is unpaused once the UI is up; a run that stays queued is
+explained here).
 connection {CONN_ID} -> the local server, stored in {HOME / 'airflow.db'}; in another shell:
   source {env_file}
   airflow-synth status {OUTPUT}/synth_quickstart/<run_id>
 Ctrl-C stops both.""", flush=True)
     told: set[str] = set()
+    unpaused = False
     while airflow.poll() is None and server.poll() is None:
         time.sleep(1)
+        if not unpaused and api_up():
+            # only now: a task started before the API server listens fails at once ("Connection refused"),
+            # which a scheduled DAG unpaused earlier would meet on a slow machine
+            print(f"unpaused the DAGs already in {HOME / 'airflow.db'}: {unpause_dags(airflow_env())}", flush=True)
+            unpaused = True
         told |= _explain_queued(told)
     return 0
 
