@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 #: ``processing_status`` -> finished for good; ``canceling`` still runs (it ends with partial results).
 MESSAGE_BATCH_PHASES: Mapping[str | None, bool] = {None: False, "in_progress": False, "canceling": False,
                                                    "ended": True}
+#: What the trigger and the run wait for. This module imports no SDK at import time, so the trigger module
+#: (imported inside the triggerer's event loop) can take it from here.
 MESSAGE_BATCHES = Waited("message batch", "message batches", MESSAGE_BATCH_PHASES)
 #: the platforms that serve Message Batches (the official provider's FIRST_PARTY_PLATFORMS)
 FIRST_PARTY_PLATFORMS = frozenset({"anthropic", "aws"})
