@@ -303,11 +303,28 @@ class SynthBatchApp:
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError
+        if fault.kind == "truncate" and request.match_info.get("file_id"):
+            await self._truncated_download(request, fault)
         headers = {"retry-after": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
         body = Outcome.error(fault.status, message=f"Injected fault: status {fault.status}.").error_body()
         if messages_api.is_anthropic_path(request.path):
             body = messages_api.error_body(fault.status, body["error"]["message"])
         return _json(body, fault.status, headers)
+
+    async def _truncated_download(self, request: web.Request, fault: Fault) -> None:
+        """Send the file's full length in the headers, then only its first ``after_bytes`` bytes, then hang up."""
+        record = self._file(request)
+        data = self.store.file_path(record.id).read_bytes()
+        cut = len(data) // 2 if fault.after_bytes is None else min(fault.after_bytes, len(data))
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                               "Content-Length": str(len(data))})
+        await response.prepare(request)
+        await response.write(data[:cut])
+        if fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError
 
     # --- routes ---------------------------------------------------------------------------------------------
 
