@@ -33,7 +33,7 @@ from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
 from airflow_provider_synth.batch.keys import run_key
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
-from airflow_provider_synth.batch.paths import exists, join_path, local_path, open_path
+from airflow_provider_synth.batch.paths import exists, join_path, local_path, open_path, path_url
 from airflow_provider_synth.batch.results import ParsedOutput
 from airflow_provider_synth.batch.split import ShardInfo, ShardLimits
 from airflow_provider_synth.batch.usage import (
@@ -199,7 +199,7 @@ def plan_run(source: Any, *, work_dir: Any, output_dir: Any, conn_id: str, ident
         est = anthropic_cost(Usage(prompt_tokens=est_in, completion_tokens=est_out), 0, model, prices)
     return AnthropicPlan(
         key=anthropic_run_key(*identity, fingerprint), conn_id=conn_id, model=model,
-        api_version=options.api_version, work_dir=str(work_dir), output_dir=str(output_dir),
+        api_version=options.api_version, work_dir=path_url(work_dir), output_dir=path_url(output_dir),
         shards=[s.as_dict() for s in shards.infos], total=summary.total, fingerprint=fingerprint,
         translation=asdict(options), est_input_tokens=est_in, est_output_tokens=est_out, est_cost_usd=est,
         checks=checks.to_spec() if checks is not None else None, dropped=summary.dropped,
