@@ -30,7 +30,7 @@ BATCH_PHASES: Mapping[str | None, bool] = {
     **dict.fromkeys(IN_PROGRESS_STATUSES, False),
     **dict.fromkeys(TERMINAL_STATUSES, True),
 }
-#: Every Cortex statement state (:class:`~airflow_provider_synth.batch.cortex.StatementStatus`) -> finished.
+#: Every statement state (:class:`~airflow_provider_synth.hooks.cortex.StatementStatus`) -> finished.
 STATEMENT_PHASES: Mapping[str | None, bool] = {None: False, "running": False, "success": True, "error": True}
 #: Transient polling errors in a row a waiter tolerates by default.
 DEFAULT_MAX_CONSECUTIVE_ERRORS = 5
