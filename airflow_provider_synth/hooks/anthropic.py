@@ -41,6 +41,8 @@ MESSAGE_BATCH_PHASES: Mapping[str | None, bool] = {None: False, "in_progress": F
 #: What the trigger and the run wait for. This module imports no SDK at import time, so the trigger module
 #: (imported inside the triggerer's event loop) can take it from here.
 MESSAGE_BATCHES = Waited("message batch", "message batches", MESSAGE_BATCH_PHASES)
+#: the official anthropic provider's connection type, read unchanged
+CONN_TYPE = "anthropic"
 #: the platforms that serve Message Batches (the official provider's FIRST_PARTY_PLATFORMS)
 FIRST_PARTY_PLATFORMS = frozenset({"anthropic", "aws"})
 #: HTTP statuses worth another poll: the API is busy (429, 529 overloaded) or briefly broken (5xx).
@@ -89,10 +91,9 @@ class AnthropicBatchHook(BaseHook):
         connection's settings. Never put secrets here.
     """
 
+    # the connection type (and its form) is the official anthropic provider's: this hook declares none
     conn_name_attr = "conn_id"
     default_conn_name = "anthropic_default"
-    conn_type = "anthropic"
-    hook_name = "Anthropic Message Batches (synth)"
 
     def __init__(self, conn_id: str = default_conn_name, *, client_options: Mapping[str, Any] | None = None,
                  **kwargs: Any) -> None:
@@ -101,22 +102,14 @@ class AnthropicBatchHook(BaseHook):
         self.client_options = dict(client_options or {})
         self._api_version: str | None = None
 
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """The official provider's connection form, for Airflow versions that do not read ``conn-fields``."""
-        return {"hidden_fields": ["schema", "port", "login"],
-                "relabeling": {"password": "API Key", "host": "Base URL"},
-                "placeholders": {"extra": '{"anthropic_client_kwargs": {"timeout": 600, "max_retries": 5}, '
-                                          '"api_version": "2026-10-21"}'}}
-
     # -- connection -> client -----------------------------------------------------------------------------------
 
     def _client_kwargs(self, conn: Connection, extras: Mapping[str, Any]) -> dict[str, Any]:
         """The SDK client's keyword arguments from a connection: the one place its fields are read (the sync
         and the async client both come from here)."""
-        if (conn.conn_type or "") != self.conn_type:
+        if (conn.conn_type or "") != CONN_TYPE:
             raise ConnectionConfigError(f"Connection {self.conn_id!r} has type {conn.conn_type!r}; expected "
-                                        f"{self.conn_type!r} (the official anthropic provider's)")
+                                        f"{CONN_TYPE!r} (the official anthropic provider's)")
         platform = str(extras.get("platform") or "anthropic").lower()
         if platform not in FIRST_PARTY_PLATFORMS:
             raise ConnectionConfigError(
