@@ -85,9 +85,9 @@ class AnthropicBatchTrigger(PollingTrigger):
         return str(redact(repr(error)))
 
     def _progress(self, item_id: str, state: dict[str, Any]) -> str:
-        c = state["request_counts"]
-        return (f"message batch {item_id}: {state['status']}, {c['succeeded']} succeeded, {c['errored']} errored, "
-                f"{c['processing']} processing of {c['total']}")
+        c = state.get("request_counts") or {}
+        return (f"message batch {item_id}: {state['status']}, {c.get('succeeded', 0)} succeeded, "
+                f"{c.get('errored', 0)} errored, {c.get('processing', 0)} processing of {c.get('total', 0)}")
 
     def _event(self, status: str, message: str) -> TriggerEvent:
         batches = {b: self._states.get(b) or {"status": None, "request_counts": {}} for b in self.batch_ids}
