@@ -12,18 +12,28 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from quickstart import BIN, HOME, OUTPUT, REPO, airflow_env, start_server
+from quickstart import (
+    BIN,
+    HOME,
+    OUTPUT,
+    REPO,
+    airflow_env,
+    handle_signals,
+    run_child,
+    spawn,
+    start_server,
+    stop_all,
+)
 
 CONN_ID = "synth_openai_default"
 #: the local Batch API server's port: fixed, so the stored connection stays right across restarts
-SERVER_PORT = 8787
-API_PORT = 8080
+SERVER_PORT = int(os.environ.get("SYNTH_UI_SERVER_PORT") or 8787)
+API_PORT = int(os.environ.get("SYNTH_UI_API_PORT") or 8080)
 LOCALHOST = "127.0.0.1"
 
 
@@ -74,44 +84,32 @@ def write_connection(port: int = SERVER_PORT) -> Path:
     return env_file
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _stop(*procs: subprocess.Popen[bytes]) -> None:
-    for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def main() -> int:
-    signal.signal(signal.SIGTERM, _interrupt)  # stop both children on SIGTERM too, not only Ctrl-C
+    handle_signals()  # SIGTERM and SIGHUP stop everything too, not only Ctrl-C
+    try:
+        return ui()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop_all()  # the server, airflow standalone and its components (each process group, SIGKILL if need be)
+
+
+def ui() -> int:
     HOME.mkdir(exist_ok=True)
-    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=airflow_env(), check=True, capture_output=True)
+    run_child([str(BIN / "airflow"), "db", "migrate"], env=airflow_env()).check_returncode()
     server, port = start_server(options=server_args())
     env_file = write_connection(port)
     print(f"local Batch API server on http://{LOCALHOST}:{port}/v1 (answers are stand-ins, not a model); "
           f"state in {HOME / 'server-state'}")
-    airflow = subprocess.Popen([str(BIN / "airflow"), "standalone"], env=standalone_env(), start_new_session=True)
+    airflow = spawn([str(BIN / "airflow"), "standalone"], env=standalone_env())
     print(f"""airflow standalone starting ({parallelism()} worker processes): open http://{LOCALHOST}:{API_PORT} and
 trigger synth_quickstart (new DAGs start unpaused; one paused earlier: `airflow dags unpause DAG_ID`).
 connection {CONN_ID} -> the local server, stored in {HOME / 'airflow.db'}; in another shell:
   source {env_file}
   airflow-synth status {OUTPUT}/synth_quickstart/<run_id>
 Ctrl-C stops both.""", flush=True)
-    try:
-        while airflow.poll() is None and server.poll() is None:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        _stop(airflow, server)
+    while airflow.poll() is None and server.poll() is None:
+        time.sleep(1)
     return 0
 
 

@@ -65,7 +65,7 @@ from airflow_provider_synth.batch.requests import (
     scoring_pairs,
 )
 from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
-from airflow_provider_synth.runs.vllm_process import guard_engine
+from airflow_provider_synth.runs.vllm_process import cpu_dtype, guard_engine
 
 EVENT_KEY = "synth_vllm"
 EXIT_BAD_CONFIG = 2
@@ -740,10 +740,14 @@ class OutputWriter:
 # ----------------------------------------------------------------------------------------------------- engine
 
 
-def engine_kwargs(cfg: RunnerConfig, url: str) -> dict[str, Any]:
+def engine_kwargs(cfg: RunnerConfig, url: str, *, on_cpu: bool = False) -> dict[str, Any]:
     """``vllm.LLM`` keyword arguments; an embeddings, score or rerank run asks for a pooling runner (embeddings:
-    converting the model to an embedder) unless told otherwise."""
+    converting the model to an embedder) unless told otherwise. On a CPU (``on_cpu``), the default dtype
+    (``"auto"``) becomes the one this CPU runs natively (:func:`cpu_dtype`), and an event says which and why."""
     kwargs = dict(cfg.llm_kwargs)
+    if on_cpu and kwargs.get("dtype", "auto") == "auto":
+        kwargs["dtype"], why = cpu_dtype()
+        emit("dtype", dtype=kwargs["dtype"], message=f"dtype 'auto' on a CPU node runs as {kwargs['dtype']}: {why}")
     kind = pooling_kind(url)
     if kind:
         kwargs.setdefault("runner", "pooling")
@@ -771,7 +775,9 @@ def load_processor(cfg: RunnerConfig, url: str) -> Processor:
     if cfg.model.startswith(("/", "./", "~")) and not os.path.exists(os.path.expanduser(cfg.model)):
         emit("error", kind="model_load", message=f"model path {cfg.model!r} does not exist on this node")
         raise SystemExit(EXIT_MODEL_LOAD)
-    kwargs = engine_kwargs(cfg, url)
+    from vllm.platforms import current_platform
+
+    kwargs = engine_kwargs(cfg, url, on_cpu=current_platform.is_cpu())
     started = time.monotonic()
     try:
         llm = LLM(model=cfg.model, **kwargs)
