@@ -27,6 +27,7 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.hooks.openai"]},
         ],
         "operators": [
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.anthropic"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.openai_batch"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.vllm"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.cortex"]},
@@ -49,6 +50,8 @@ def get_provider_info() -> dict[str, Any]:
              "name": "synth_cortex_batch"},
             {"class-name": "airflow_provider_synth.decorators.vllm.synth_vllm_batch_task",
              "name": "synth_vllm_batch"},
+            {"class-name": "airflow_provider_synth.decorators.anthropic.synth_anthropic_batch_task",
+             "name": "synth_anthropic_batch"},
         ],
         "extra-links": ["airflow_provider_synth.links.OpenAIBatchLink"],
         "config": {

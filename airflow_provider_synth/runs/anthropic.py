@@ -17,7 +17,6 @@ This module orchestrates the hook and the core; it holds no Airflow context.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -30,7 +29,7 @@ import orjson
 
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
-from airflow_provider_synth.batch.keys import run_key
+from airflow_provider_synth.batch.keys import InputDigest
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
 from airflow_provider_synth.batch.paths import exists, join_path, local_path, open_path, path_url
@@ -54,6 +53,7 @@ from airflow_provider_synth.runs.anthropic_messages import (
     anthropic_cost,
     result_lines,
 )
+from airflow_provider_synth.runs.base import RunIdentity, SynthRun
 
 if TYPE_CHECKING:
     from airflow_provider_synth.hooks.anthropic import AnthropicBatchHook
@@ -70,9 +70,10 @@ CLOCK_SLACK_S = 300.0
 ANTHROPIC_LIMITS = ShardLimits(max_requests=MAX_BATCH_REQUESTS, max_bytes=MAX_BATCH_BYTES)
 
 
-def anthropic_run_key(dag_id: str, task_id: str, run_id: str, map_index: int, fingerprint: str) -> str:
-    """The run's key: the same task instance over the same (translated) input always gets the same key."""
-    return run_key(dag_id, task_id, run_id, map_index, "anthropic", fingerprint, sep="|", length=32)
+def anthropic_run_key(identity: RunIdentity, fingerprint: str) -> str:
+    """The run's key: the same task instance over the same (translated) input always gets the same key (the
+    separator and length are pinned: changing them would orphan earlier runs)."""
+    return identity.run_key("anthropic", fingerprint, sep="|", length=32)
 
 
 def retry_worthy(out: ParsedOutput) -> bool:
@@ -126,7 +127,7 @@ class _Shards:
         self.work, self.limits = work, limits
         self.infos: list[ShardInfo] = []
         self.fp: IO[bytes] | None = None
-        self.digest = hashlib.sha256()
+        self.digest = InputDigest()
 
     def write(self, lineno: int, req: Request, tokens: int) -> None:
         line = orjson.dumps({"custom_id": req.custom_id, "anthropic_id": req.anthropic_id, "params": req.params})
@@ -142,7 +143,7 @@ class _Shards:
             self.fp = open_path(join_path(self.work, f"shards/shard-{cur.index:05d}-r0.jsonl"), "wb")
         assert self.fp is not None
         self.fp.write(line + b"\n")
-        self.digest.update(line + b"\n")
+        self.digest.line(line)
         cur.requests += 1
         cur.bytes += size
         cur.est_tokens += tokens
@@ -167,13 +168,13 @@ def _tokens(req: Request) -> tuple[int, int]:
     return estimate_request_tokens(params) + count_text_tokens(text), declared_output_tokens(params)
 
 
-def plan_run(source: Any, *, work_dir: Any, output_dir: Any, conn_id: str, identity: tuple[str, str, str, int],
+def plan_run(source: Any, *, work_dir: Any, output_dir: Any, conn_id: str, identity: RunIdentity,
              options: Translation, limits: ShardLimits = ANTHROPIC_LIMITS, checks: OutputChecks | None = None,
              prices: Mapping[str, Price | tuple[float, float, float]] | None = None) -> AnthropicPlan:
     """Translate ``source`` (a JSONL path) into shards and the plan; nothing is sent. Every line that cannot be
     translated is reported at once (file, line, custom_id) before anything can be paid for.
 
-    :param identity: (dag_id, task_id, run_id, map_index) of the task instance.
+    :param identity: the task instance.
     :raises InvalidRequestsError: the lines that cannot be sent.
     """
     limits = ShardLimits(max_requests=min(limits.max_requests, MAX_BATCH_REQUESTS),
@@ -198,7 +199,7 @@ def plan_run(source: Any, *, work_dir: Any, output_dir: Any, conn_id: str, ident
     if model is not None:
         est = anthropic_cost(Usage(prompt_tokens=est_in, completion_tokens=est_out), 0, model, prices)
     return AnthropicPlan(
-        key=anthropic_run_key(*identity, fingerprint), conn_id=conn_id, model=model,
+        key=anthropic_run_key(identity, fingerprint), conn_id=conn_id, model=model,
         api_version=options.api_version, work_dir=path_url(work_dir), output_dir=path_url(output_dir),
         shards=[s.as_dict() for s in shards.infos], total=summary.total, fingerprint=fingerprint,
         translation=asdict(options), est_input_tokens=est_in, est_output_tokens=est_out, est_cost_usd=est,
@@ -245,7 +246,7 @@ class _Row(msgspec.Struct):
 _row = msgspec.json.Decoder(_Row)
 
 
-class AnthropicRun:
+class AnthropicRun(SynthRun):
     """Submit, re-attach, poll, cancel, run the retry rounds and collect the batches of one run.
 
     :param hook: the sync hook of the run's connection.
@@ -361,11 +362,8 @@ class AnthropicRun:
         return [i.batch_id for i in sorted(self.intents, key=lambda i: (i.shard, i.round)) if i.batch_id]
 
     def states(self) -> dict[str, str | None]:
+        """Every batch of the run -> its ``processing_status``."""
         return {b: self.states_by_id.get(b, {}).get("status") for b in self.batch_ids}
-
-    @property
-    def running(self) -> list[str]:
-        return [b for b, s in self.states().items() if not MESSAGE_BATCHES.phases.get(s, False)]
 
     def is_transient(self, error: BaseException) -> bool:
         return is_transient(error)

@@ -20,10 +20,11 @@ from airflow_provider_synth.batch.split import ShardLimits  # noqa: E402
 from airflow_provider_synth.hooks.anthropic import AnthropicBatchHook  # noqa: E402
 from airflow_provider_synth.runs.anthropic import AnthropicPlan, AnthropicRun, plan_run  # noqa: E402
 from airflow_provider_synth.runs.anthropic_messages import Translation  # noqa: E402
+from airflow_provider_synth.runs.base import RunIdentity  # noqa: E402
 from airflow_provider_synth.server.config import Outcome, OutcomeRule  # noqa: E402
 
 API_KEY = "sk-ant-local-secret"
-IDENTITY = ("dag", "task", "run-1", -1)
+IDENTITY = RunIdentity("dag", "task", "run-1")
 
 
 @pytest.fixture
