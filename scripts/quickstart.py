@@ -142,7 +142,7 @@ def vllm_command(model: Path, port: int, dtype: str | None = None) -> list[str]:
     """vLLM's OpenAI server on 127.0.0.1 (``vllm serve`` needs package metadata the CPU build lacks), in
     ``dtype`` (default: the one this CPU runs natively)."""
     if dtype is None:
-        from airflow_provider_synth.runs.vllm_process import cpu_dtype
+        from airflow_provider_synth.engine.vllm.process import cpu_dtype
 
         dtype = cpu_dtype()[0]
     return [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
@@ -152,7 +152,7 @@ def vllm_command(model: Path, port: int, dtype: str | None = None) -> list[str]:
 
 def start_vllm(model: Path, timeout: float = 600.0) -> tuple[subprocess.Popen[bytes], int] | None:
     """Start vLLM's server in the dtype this CPU runs natively (:func:`cpu_dtype`, said in the output)."""
-    from airflow_provider_synth.runs.vllm_process import cpu_dtype, engine_env
+    from airflow_provider_synth.engine.vllm.process import cpu_dtype, engine_env
 
     port = _free_port()
     log_path = HOME / "vllm-server.log"

@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 import pytest
 
+from airflow_provider_synth.engine.vllm.process import cpu_dtype
 from airflow_provider_synth.exceptions import VLLMEngineError
 from airflow_provider_synth.operators.vllm import VLLMBatchOperator, VLLMEngineConfig
-from airflow_provider_synth.runs.vllm_process import cpu_dtype
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -221,7 +221,7 @@ def test_the_engine_dies_with_its_task_and_a_rerun_answers_every_id_once(tiny_mo
     (runner, vLLM's engine core, the watchdog) is gone within 2 s; the rerun answers every id exactly once."""
     from dataclasses import asdict
 
-    from airflow_provider_synth.runs.vllm_process import read_owner
+    from airflow_provider_synth.engine.vllm.process import read_owner
 
     rows = [chat(f"k{i:04d}", f"Write about item {i}.", max_tokens=32, temperature=0.8) for i in range(300)]
     src = tmp_path / "in.jsonl"
@@ -404,7 +404,7 @@ def run_both(tmp_path: Path, model: str, rows: list[dict], runner_options: dict[
               "llm_kwargs": {**ENGINE.llm_kwargs(), "kv_cache_memory_bytes": 256 << 20}, **runner_options}
     (tmp_path / "runner.json").write_text(json.dumps(config))
     env = {**os.environ, **ENV, "PYTHONPATH": str(REPO)}
-    runner = subprocess.Popen([str(VLLM_PYTHON), "-m", "airflow_provider_synth.runs.vllm_runner", "--config",
+    runner = subprocess.Popen([str(VLLM_PYTHON), "-m", "airflow_provider_synth.engine.vllm", "--config",
                                str(tmp_path / "runner.json")], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)
     run_batch = subprocess.run(

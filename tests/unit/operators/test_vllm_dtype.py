@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from airflow_provider_synth.runs import vllm_runner
-from airflow_provider_synth.runs.vllm_process import cpu_dtype
-from airflow_provider_synth.runs.vllm_runner import RunnerConfig, engine_kwargs
+from airflow_provider_synth.engine.vllm import runner as vllm_runner
+from airflow_provider_synth.engine.vllm.config import RunnerConfig
+from airflow_provider_synth.engine.vllm.process import cpu_dtype
+from airflow_provider_synth.engine.vllm.runner import engine_kwargs
 
 REPO = Path(__file__).resolve().parents[3]
 # the machine of issue 24: AVX2, no AVX-512 (an AMD EPYC; most laptops are like it)
@@ -61,7 +62,7 @@ def test_a_chosen_dtype_and_a_gpu_are_left_alone(capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize(("cpuinfo", "dtype"), [(EPYC, "float32"), (SAPPHIRE_RAPIDS, "bfloat16")])
 def test_the_quickstart_starts_vllm_in_the_native_dtype(cpuinfo: str, dtype: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from airflow_provider_synth.runs import vllm_process
+    from airflow_provider_synth.engine.vllm import process as vllm_process
 
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     monkeypatch.delitem(sys.modules, "quickstart", raising=False)
