@@ -187,6 +187,19 @@ def exists(path: Any) -> bool:
     return bool(path.exists())
 
 
+def file_size(path: Any) -> int:
+    """The size of a file in bytes, wherever it lives (a remote listing is read afresh).
+
+    :raises FileNotFoundError: there is no such file.
+    """
+    local = local_path(path)
+    if local is not None:
+        return local.stat().st_size
+    fs, p = _filesystem(path)
+    fs.invalidate_cache(p)
+    return int(fs.info(p)["size"])
+
+
 def list_names(folder: Any) -> list[str]:
     """The names of the entries of a folder, wherever it lives, sorted; none when the folder does not exist.
 

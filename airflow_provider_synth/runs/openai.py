@@ -23,7 +23,8 @@ from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
 from airflow_provider_synth.batch.keys import run_key
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
-from airflow_provider_synth.batch.paths import exists, join_path, open_path
+from airflow_provider_synth.batch.landing import IncompleteFileError, landed
+from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.results import ParsedOutput
 from airflow_provider_synth.batch.status import (
     DEFAULT_MAX_CONSECUTIVE_ERRORS,
@@ -35,7 +36,7 @@ from airflow_provider_synth.batch.status import (
 )
 from airflow_provider_synth.batch.usage import Usage, cost_usd
 from airflow_provider_synth.exceptions import BatchFailedError
-from airflow_provider_synth.hooks.openai import batch_summary, is_transient
+from airflow_provider_synth.hooks.openai import batch_summary, is_transient, stream_errors
 from airflow_provider_synth.runs.openai_direct import DirectRounds, answer_round, estimate_direct_cost
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ TOKEN_LIMIT_CODE = "token_limit_exceeded"
 #: metadata keys on every batch this provider creates (the cleanup operator and the CLI match on them)
 KEY_META, SHARD_META, ROUND_META, CREATED_BY_META = "synth_key", "synth_shard", "synth_round", "created_by"
 CREATED_BY = "airflow-provider-synth"
+#: attempts at one output or error file download within a try, when the stream is cut short
+DOWNLOAD_ATTEMPTS = 3
 #: file names of uploads start with this, so cleanup never touches anybody else's files
 UPLOAD_PREFIX = "synth-"
 
@@ -169,6 +172,8 @@ class BatchRun:
         self.direct = DirectRounds(self._work())
         #: how many requests each pending ``(shard, round)`` holds (written by :meth:`next_round`)
         self.pending: dict[tuple[int, int], int] = {}
+        #: output and error files landed and checked by this process
+        self._landed: set[str] = set()
 
     # -- paths ------------------------------------------------------------------------------------------------
 
@@ -403,11 +408,34 @@ class BatchRun:
                 if not file_id:
                     continue
                 dest = self._output(shard, rnd, kind)
-                if not exists(dest):
-                    self.hook.download_file(file_id, dest)
+                self._download(file_id, dest)
                 files.append(dest)
                 rounds.append(rnd)
         return files, rounds
+
+    def _download(self, file_id: str, dest: Any) -> None:
+        """Land a batch's output or error file at ``dest`` once: whole, and as large as the Files API says. A
+        file an earlier try left of another size (cut short by a crash or a full disk) is fetched again; a
+        download cut mid-stream is tried again up to ``DOWNLOAD_ATTEMPTS`` times in this try."""
+        if str(dest) in self._landed:
+            return
+        expected = self.hook.get_file(file_id).bytes
+        if landed(dest, expected):
+            self._landed.add(str(dest))
+            return
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                self.hook.download_file(file_id, dest, expected_bytes=expected)
+                break
+            except (IncompleteFileError, *stream_errors()) as exc:
+                if attempt == DOWNLOAD_ATTEMPTS:
+                    raise IncompleteFileError(
+                        f"downloading file {file_id} from {self.where()} to {dest} failed {attempt} times, last: "
+                        f"{redact(str(exc))} ({type(exc).__name__}); nothing was kept. Retry the task: it "
+                        "re-attaches to the batch and downloads the file again, paying nothing twice") from exc
+                log.warning("downloading file %s to %s was cut short (%s: %s); downloading it again (%d of %d)",
+                            file_id, dest, type(exc).__name__, redact(str(exc)), attempt + 1, DOWNLOAD_ATTEMPTS)
+        self._landed.add(str(dest))
 
     def next_round(self, max_rounds: int, token_limit_resubmits: int = 0) -> list[tuple[int, int]]:
         """Write, per shard whose batches are all terminal, the requests a new round should retry; return the

@@ -66,3 +66,71 @@ def test_openai_run_writes_every_file_to_s3_through_the_connection(server, s3_bu
     assert plan["work_dir"] == f"s3://aws_default@{s3_bucket.bucket}/synth/run1/_work"
     assert manifest["results_path"].startswith(f"s3://aws_default@{s3_bucket.bucket}/")
     assert server.counters["files_created"] == 3 and server.counters["batches_created"] == 3
+
+
+# -- downloads: atomic and verified --------------------------------------------------------------------------------
+
+
+def test_a_download_cut_mid_stream_is_fetched_again_and_never_kept_half(server, tmp_path) -> None:
+    """The server sends the full Content-Length, half the bytes, then hangs up (twice): nothing half-written is
+    kept under the file's name, and the third attempt lands the whole file."""
+    server.add_fault("GET /v1/files/*/content", "truncate", times=2)
+    manifest = make_op(tmp_path / "out", n=8, per_shard=8).execute(context())
+    assert (manifest["succeeded"], manifest["failed"]) == (8, 0)
+    outputs = tmp_path / "out" / "_work" / "outputs"
+    assert [p.name for p in outputs.iterdir()] == ["shard-00000-r0-output.jsonl"]
+    assert server.counters["faults_injected"] == 2 and server.counters["batches_created"] == 1
+
+
+WORKER = """
+import json, sys
+from types import SimpleNamespace
+from airflow_provider_synth.batch.split import ShardLimits
+from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, RequestTemplate
+
+class TI(SimpleNamespace):
+    def xcom_push(self, key, value):
+        pass
+
+n, out = int(sys.argv[1]), sys.argv[2]
+op = OpenAIBatchOperator(task_id="t", requests=[{"id": f"r{i}", "topic": f"t{i}"} for i in range(n)],
+                         model="gpt-4o-mini", output_path=out, deferrable=False, poll_interval=0.05,
+                         template=RequestTemplate(prompt_template="About {topic}", id_field="id"),
+                         limits=ShardLimits(max_requests=n))
+op.execute({"ti": TI(dag_id="d", task_id="t", run_id="manual__1", map_index=-1, try_number=1)})
+"""
+
+
+def test_worker_killed_mid_download_then_retried_lands_every_paid_answer(server, tmp_path) -> None:
+    """SIGKILL of the worker process while it downloads an output file (1.2 MB of it on disk), then a retry:
+    the retry downloads the file again and every answer lands, with one upload and one batch. (Before, the
+    retry reused the half file and failed on its cut-off line, on every later try too.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    n, out = 3000, tmp_path / "out"
+    server.add_fault("GET /v1/files/*/content", "truncate", after_bytes=1_200_000, delay_s=120, times=1)
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(n), str(out)], env=env, cwd=repo,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    outputs = out / "_work" / "outputs"
+    try:
+        deadline = time.monotonic() + 240
+        while not (outputs.is_dir() and any(p.stat().st_size >= 1_000_000 for p in outputs.iterdir())):
+            assert worker.poll() is None, "the worker ended before the download started"
+            assert time.monotonic() < deadline, "the download never started"
+            time.sleep(0.1)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert server.counters["batches_created"] == 1
+    manifest = make_op(out, n=n, per_shard=n).execute(context(try_number=2))
+    assert (manifest["total"], manifest["succeeded"], manifest["failed"], manifest["missing"]) == (n, n, 0, 0)
+    assert server.counters["files_created"] == 1 and server.counters["batches_created"] == 1
+    assert [p.name for p in outputs.iterdir()] == ["shard-00000-r0-output.jsonl"]  # the killed try's partial is gone
+    assert len((out / "results.jsonl").read_bytes().splitlines()) == n
