@@ -47,6 +47,11 @@ class OutputChecks:
         synchronous API (bounded concurrency, the SDK's retries, the direct price) instead of another batch.
         0 (default): never.
     :param direct_concurrency: the most direct requests in flight at once.
+    :param direct_service_tier: the tail's ``service_tier``: ``"flex"`` (slower answers billed at batch prices,
+        for the models that offer it; a 15-minute timeout per request; a 429 "resource unavailable" is a
+        retryable failure for the next round), ``"default"``, or ``None`` (the project's default tier).
+    :param direct_tier_fallback: when flex has no capacity (429 after the SDK's retries), answer that request at
+        the default tier and direct price instead; the budget then counts the tail at the direct price.
     """
 
     finish_reasons: Collection[str] = frozenset()
@@ -57,12 +62,16 @@ class OutputChecks:
     parsed: bool = True
     direct_tail: int = 0
     direct_concurrency: int = 8
+    direct_service_tier: str | None = None
+    direct_tier_fallback: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.finish_reasons, str):
             raise TypeError("finish_reasons is a collection of reasons, e.g. {'length'}, not a string")
         if self.direct_tail < 0 or self.direct_concurrency < 1:
             raise ValueError("direct_tail must be >= 0 and direct_concurrency >= 1")
+        if self.direct_service_tier not in (None, "flex", "default"):
+            raise ValueError(f"direct_service_tier must be 'flex', 'default' or None, got {self.direct_service_tier!r}")
 
     @property
     def active(self) -> bool:

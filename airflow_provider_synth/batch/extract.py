@@ -164,3 +164,51 @@ def iter_parsed(path: Any, model: type[T] | None = None) -> Iterator[tuple[str, 
     """``(custom_id, parsed object)`` for every line of a results file, in its order (input order)."""
     for line in iter_output(path):
         yield line["custom_id"], extract_parsed(line, model)
+
+
+class Moderation(msgspec.Struct, frozen=True):
+    """One request's moderation verdict (``/v1/moderations``), over every input it classified.
+
+    :param custom_id: the request's id.
+    :param flagged: whether any input was flagged.
+    :param categories: the categories flagged on any input, sorted.
+    :param scores: each category's highest score over the inputs.
+    """
+
+    custom_id: str
+    flagged: bool
+    categories: tuple[str, ...]
+    scores: dict[str, float]
+
+
+def extract_moderation(line: Mapping[str, Any]) -> Moderation | None:
+    """The moderation verdict of one output line, or ``None`` for a line that is not a moderation answer."""
+    results = _body(line).get("results")
+    if not isinstance(results, list) or not results:
+        return None
+    flagged, categories, scores = False, set[str](), dict[str, float]()
+    for result in results:
+        flagged = flagged or bool(result.get("flagged"))
+        categories.update(name for name, on in (result.get("categories") or {}).items() if on)
+        for name, score in (result.get("category_scores") or {}).items():
+            scores[name] = max(float(score), scores.get(name, 0.0))
+    return Moderation(str(line.get("custom_id")), flagged, tuple(sorted(categories)), scores)
+
+
+def iter_moderations(path: Any) -> Iterator[Moderation]:
+    """Each moderation verdict of a results file (a moderation run's ``results.jsonl``), in file order."""
+    for line in iter_output(path):
+        verdict = extract_moderation(line)
+        if verdict is not None:
+            yield verdict
+
+
+def flagged_ids(path: Any, *, threshold: float | None = None) -> set[str]:
+    """The custom_ids a moderation run flagged; with ``threshold``, also those with any category score at or
+    above it (a stricter filter than the service's own flags).
+
+    :param path: the moderation run's ``results.jsonl``.
+    :param threshold: a score (0-1) that flags on its own.
+    """
+    return {m.custom_id for m in iter_moderations(path)
+            if m.flagged or (threshold is not None and any(s >= threshold for s in m.scores.values()))}

@@ -83,6 +83,26 @@ class Usage:
         return cls(**{f.name: int(data.get(f.name, 0) or 0) for f in fields(cls)})
 
 
+#: Relative difference between a run's own token sum and the service's that is logged as a mismatch.
+USAGE_TOLERANCE = 0.03
+
+
+def usage_mismatch(own: Usage, service: Usage, tolerance: float = USAGE_TOLERANCE) -> dict[str, Any] | None:
+    """Where the run's own sum of its answers' usage and the service's count (the Batch object's ``usage``)
+    differ by more than ``tolerance`` (relative), per token kind; ``None`` when they agree. A mismatch means
+    answers the merge missed (or counted twice), or a service billing what it did not return.
+
+    :param own: the usage summed over the answers the run read (results and unusable answers).
+    :param service: the usage the service reported for the same batches.
+    """
+    diffs = {}
+    for name in ("prompt_tokens", "completion_tokens"):
+        mine, theirs = getattr(own, name), getattr(service, name)
+        if abs(mine - theirs) > tolerance * max(theirs, mine, 1):
+            diffs[name] = {"run": mine, "service": theirs}
+    return diffs or None
+
+
 def usage_from_body(body: Mapping[str, Any] | None) -> Usage:
     """The usage of one response body."""
     usage = Usage()
@@ -115,6 +135,9 @@ DEFAULT_PRICES: dict[str, Price] = {
     "text-embedding-3-small": Price(0.02, 0.02, 0.0),
     "text-embedding-3-large": Price(0.13, 0.13, 0.0),
     "text-embedding-ada-002": Price(0.10, 0.10, 0.0),
+    # moderations are free on OpenAI (checked 2026-11): counted, at $0 (``omni-moderation-latest``, dated snapshots)
+    "omni-moderation": Price(0.0, 0.0, 0.0),
+    "text-moderation": Price(0.0, 0.0, 0.0),
 }
 
 

@@ -222,6 +222,9 @@ class ServerConfig:
     :param upstream_timeout_s: timeout of one upstream request.
     :param upstream_retries: attempts per request on 429, 5xx, timeouts and connection errors.
     :param upstream_model: model name sent upstream instead of the request's own.
+    :param flex_unavailable: custom_id patterns (``X-Client-Request-Id`` of the synchronous routes) whose
+        ``service_tier: "flex"`` requests are answered 429 "resource unavailable", as flex answers when it has
+        no capacity (``["*"]``: flex never has any). Answers name the tier that served them (``service_tier``).
     """
 
     host: str = "127.0.0.1"
@@ -252,6 +255,7 @@ class ServerConfig:
     upstream_timeout_s: float = 60.0
     upstream_retries: int = 3
     upstream_model: str | None = None
+    flex_unavailable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.invalid_input not in ("reject", "fail"):
@@ -280,6 +284,8 @@ class ServerConfig:
             )
         if "faults" in changes:
             changes["faults"] = tuple(f if isinstance(f, Fault) else Fault.from_dict(f) for f in changes["faults"])
+        if "flex_unavailable" in changes:
+            changes["flex_unavailable"] = tuple(changes["flex_unavailable"])
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,7 +29,10 @@ from airflow_provider_synth.server.state import BatchRecord, FileRecord, Store, 
 
 log = logging.getLogger(__name__)
 
-BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions")
+BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions", "/v1/moderations")
+#: Endpoints answered by the stand-in even in gateway mode: an OpenAI-compatible engine (vLLM) has no moderation
+#: classifier.
+LOCAL_ENDPOINTS = ("/v1/moderations",)
 MAX_EMBEDDING_INPUTS = 50_000
 MAX_PROBLEMS = 20
 #: Steps this small run inline on the event loop; larger ones go to a worker thread.
