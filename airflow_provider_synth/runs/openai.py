@@ -21,7 +21,7 @@ from airflow.providers.common.compat.sdk import redact
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
 from airflow_provider_synth.batch.keys import run_key
-from airflow_provider_synth.batch.landing import IncompleteFileError, landed
+from airflow_provider_synth.batch.landing import IncompleteFileError, landed, landing
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
 from airflow_provider_synth.batch.paths import join_path, open_path
@@ -117,7 +117,7 @@ class Plan:
 
     def save(self, work_dir: Any) -> str:
         path = join_path(work_dir, PLAN_FILE)
-        with open_path(path, "wb") as fp:
+        with landing(path) as fp:
             import orjson
 
             fp.write(orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2))
@@ -251,7 +251,7 @@ class BatchRun:
         import orjson
 
         rows = [{"shard": s, "round": r, "batch_id": b.batch_id} for (s, r), b in sorted(self.batches.items())]
-        with open_path(self._work(BATCHES_FILE), "wb") as fp:
+        with landing(self._work(BATCHES_FILE)) as fp:
             fp.write(orjson.dumps(rows))
 
     def refresh(self, states: Mapping[str, Mapping[str, Any]]) -> None:
@@ -423,11 +423,12 @@ class BatchRun:
         if landed(dest, expected):
             self._landed.add(str(dest))
             return
+        again: tuple[type[BaseException], ...] = (IncompleteFileError, *stream_errors())
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
                 self.hook.download_file(file_id, dest, expected_bytes=expected)
                 break
-            except (IncompleteFileError, *stream_errors()) as exc:
+            except again as exc:
                 if attempt == DOWNLOAD_ATTEMPTS:
                     raise IncompleteFileError(
                         f"downloading file {file_id} from {self.where()} to {dest} failed {attempt} times, last: "
@@ -466,7 +467,7 @@ class BatchRun:
             if last >= max_rounds:
                 continue
             base = self.shard_input(shard, 0)
-            with open_path(self.shard_input(shard, last + 1), "wb") as out:
+            with landing(self.shard_input(shard, last + 1)) as out:
                 n = pending_requests(base, self._outputs_of(shard)[0], out, retryable_only=False, keep=retry_worthy,
                                      checks=self.checker)
             if n:
@@ -490,7 +491,7 @@ class BatchRun:
         counts = self.resubmit_counts()
         key = f"{shard}-{rnd}"
         counts[key] = counts.get(key, 0) + 1
-        with open_path(self._work(RESUBMITS_FILE), "wb") as fp:
+        with landing(self._work(RESUBMITS_FILE)) as fp:
             fp.write(orjson.dumps(counts))
         return counts[key]
 
@@ -499,7 +500,7 @@ class BatchRun:
         out = output_paths(self._path(self.plan.output_dir))
         shards = [ShardOutputs(self.shard_input(i, 0), *self._outputs_of(i)) for i in range(len(self.plan.shards))]
         invalid = self._work(INVALID_FILE) if self.plan.invalid else None
-        with open_path(out["results_path"], "wb") as rf, open_path(out["failures_path"], "wb") as ff:
+        with landing(out["results_path"]) as rf, landing(out["failures_path"]) as ff:
             return merge_shards(shards, rf, ff, self.checker, invalid=invalid)
 
     # -- the direct-API tail ----------------------------------------------------------------------------------
