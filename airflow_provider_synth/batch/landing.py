@@ -14,54 +14,18 @@ path and what to do; nothing that failed looks finished, so a later try lands th
 
 from __future__ import annotations
 
-import errno
 import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import IO, Any
 
-from airflow_provider_synth.batch.errors import BatchCoreError
-from airflow_provider_synth.batch.paths import file_size, local_path, open_path
+from airflow_provider_synth.batch.errors import IncompleteFileError, StorageError
+from airflow_provider_synth.batch.paths import file_size, local_path, open_path, storage_error
+
+__all__ = ["IncompleteFileError", "StorageError", "landed", "landing", "storage_error"]
 
 PARTIAL = ".partial-"
-
-_HINTS = {
-    errno.ENOSPC: "the disk or volume is full: free space (or give the task a larger volume) and retry the task",
-    errno.EDQUOT: "the disk quota is exhausted: free space and retry the task",
-    errno.EACCES: "permission denied: give the worker's user (or the connection's credentials) write access, then "
-                  "retry the task",
-    errno.EPERM: "operation not permitted: check the folder's permissions (or the bucket policy), then retry",
-    errno.EROFS: "the filesystem is read-only: point output_path at a writable location",
-}
-
-
-class StorageError(BatchCoreError, OSError):
-    """Writing or reading the output or work folder failed (disk full, permission denied, a storage outage).
-
-    Nothing was claimed as done: a later try (once the cause is gone) lands the file again without paying again.
-    """
-
-
-class IncompleteFileError(StorageError):
-    """A file landed with another size than the service said it holds (a download cut short)."""
-
-
-def storage_error(exc: BaseException, path: Any, action: str = "writing") -> StorageError:
-    """A :class:`StorageError` naming ``path``, the cause, and what to check."""
-    if isinstance(exc, StorageError):
-        return exc
-    code = getattr(exc, "errno", None)
-    hint = _HINTS.get(code) if isinstance(code, int) else None
-    if hint is None and isinstance(exc, PermissionError):
-        hint = _HINTS[errno.EACCES]
-    hint = hint or ("the storage did not answer or refused the request: check that it is reachable and that the "
-                    "connection's credentials are right, then retry the task (what was paid for is re-attached, "
-                    "never paid again)")
-    detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    error = StorageError(f"{action} {path} failed: {detail} ({type(exc).__name__}); {hint}")
-    error.errno = code if isinstance(code, int) else None
-    return error
 
 
 class _Counted:

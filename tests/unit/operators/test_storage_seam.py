@@ -134,3 +134,138 @@ def test_worker_killed_mid_download_then_retried_lands_every_paid_answer(server,
     assert server.counters["files_created"] == 1 and server.counters["batches_created"] == 1
     assert [p.name for p in outputs.iterdir()] == ["shard-00000-r0-output.jsonl"]  # the killed try's partial is gone
     assert len((out / "results.jsonl").read_bytes().splitlines()) == n
+
+
+# -- corrupt service output ------------------------------------------------------------------------------------------
+
+
+def test_corrupt_service_output_lands_the_readable_answers_and_retries_the_rest(server, tmp_path, caplog) -> None:
+    """An output file holding an HTML 502 page and a cut-off line where two answers should be: the other answers
+    land, both lines are counted (file, line) in the manifest, and the retry round asks for those two ids again
+    (and only them), so every request ends in results."""
+    from airflow_provider_synth.server.server import Outcome
+
+    server.set_outcome("r3", Outcome.unreadable(), times=1)
+    server.set_outcome("r7", Outcome.cut_off(), times=1)
+    manifest = make_op(tmp_path / "out", n=10, per_shard=10, retry_failed_requests=1).execute(context())
+    assert (manifest["succeeded"], manifest["failed"], manifest["missing"]) == (10, 0, 0)
+    assert manifest["unreadable"] == 2
+    lines = manifest["unreadable_lines"]
+    assert {(b["file"].rsplit("/", 1)[-1], b["custom_id"]) for b in lines} == {
+        ("shard-00000-r0-output.jsonl", None), ("shard-00000-r0-output.jsonl", "r7")}
+    assert all(b["line"] >= 1 for b in lines)
+    assert server.counters["batches_created"] == 2
+    retried = (tmp_path / "out" / "_work" / "shards" / "shard-00000-r1.jsonl").read_bytes()
+    assert sorted(json.loads(x)["custom_id"] for x in retried.splitlines()) == ["r3", "r7"]
+    assert "could not be read" in caplog.text and "output_unreadable" in caplog.text
+
+
+def test_corrupt_output_without_retry_rounds_ends_as_output_unreadable_failures(server, tmp_path) -> None:
+    from airflow_provider_synth.server.server import Outcome
+
+    server.set_outcome("r2", Outcome.unreadable())
+    manifest = make_op(tmp_path / "out", n=6, per_shard=6, retry_failed_requests=0,
+                       max_failed_ratio=0.5).execute(context())
+    assert (manifest["succeeded"], manifest["failed"], manifest["error_codes"]) == (5, 1, {"output_unreadable": 1})
+    row = json.loads((tmp_path / "out" / "failures.jsonl").read_bytes())
+    assert (row["custom_id"], row["error"]["code"], row["retryable"]) == ("r2", "output_unreadable", True)
+
+
+# -- disk full, permission denied, a storage outage ---------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB tmpfs (root only: mount -t tmpfs)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_disk_full_while_landing_fails_clearly_and_the_retry_pays_nothing_twice(server, small_disk) -> None:
+    """ENOSPC on a real tmpfs while the output file lands: a clear error naming the path, no half file under
+    its name, no results.jsonl; once space is freed, the next try completes with the same one upload and batch."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from airflow_provider_synth.batch.errors import StorageError
+
+    out = small_disk / "out"
+    with pytest.raises(TaskDeferred):
+        make_op(out, n=400, per_shard=400, deferrable=True).execute(context())
+    server.wait_idle()
+    ballast = small_disk / "ballast"
+    free = __import__("shutil").disk_usage(small_disk).free
+    ballast.write_bytes(b"\0" * max(free - 8 * 1024, 0))  # room for less than the output file
+    with pytest.raises(StorageError) as info:
+        make_op(out, n=400, per_shard=400).execute(context(try_number=2))
+    message = str(info.value)
+    assert "shard-00000-r0-output.jsonl" in message and "No space left on device" in message
+    assert "full" in message
+    outputs = out / "_work" / "outputs"
+    assert not (outputs / "shard-00000-r0-output.jsonl").exists()
+    assert not (out / "results.jsonl").exists() and not (out / "manifest.json").exists()
+    ballast.unlink()
+    manifest = make_op(out, n=400, per_shard=400).execute(context(try_number=3))
+    assert (manifest["succeeded"], manifest["failed"]) == (400, 0)
+    assert server.counters["files_created"] == 1 and server.counters["batches_created"] == 1
+    assert [p.name for p in outputs.iterdir()] == ["shard-00000-r0-output.jsonl"]
+
+
+def test_permission_denied_names_the_path(server, tmp_path) -> None:
+    import os
+
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from airflow_provider_synth.batch.errors import StorageError
+
+    if os.geteuid() == 0:
+        pytest.skip("root ignores file permissions")
+    out = tmp_path / "out"
+    with pytest.raises(TaskDeferred):
+        make_op(out, deferrable=True).execute(context())
+    server.wait_idle()
+    (out / "_work").chmod(0o500)
+    try:
+        with pytest.raises(StorageError, match="permission denied"):
+            make_op(out).execute(context(try_number=2))
+    finally:
+        (out / "_work").chmod(0o700)
+    assert make_op(out).execute(context(try_number=3))["succeeded"] == 10
+    assert server.counters["batches_created"] == 3
+
+
+def test_s3_outage_during_the_merge_fails_clearly_and_the_retry_completes(server, s3_bucket, monkeypatch) -> None:
+    """moto's S3 server stops while the merge reads the downloaded outputs: the try fails with an error naming
+    the path, nothing is claimed as done (no results.jsonl, no manifest), and once S3 is back the next try
+    completes with the same 1 upload and 1 batch."""
+    import contextlib
+
+    from airflow_provider_synth.batch.errors import StorageError
+    from airflow_provider_synth.runs.openai import BatchRun
+
+    out = s3_bucket.url("lake/run", conn=False)
+    merge = BatchRun.merge
+    outage = contextlib.ExitStack()
+
+    def merge_in_an_outage(self):
+        outage.enter_context(s3_bucket.outage())
+        return merge(self)
+
+    monkeypatch.setattr(BatchRun, "merge", merge_in_an_outage)
+    with outage, pytest.raises(StorageError) as info:
+        make_op(out, n=6, per_shard=6).execute(context())
+    assert f"{s3_bucket.bucket}/lake/run/" in str(info.value) and "reachable" in str(info.value)
+    keys = s3_bucket.keys("lake/run/")
+    assert "lake/run/_work/outputs/shard-00000-r0-output.jsonl" in keys
+    assert "lake/run/results.jsonl" not in keys and "lake/run/manifest.json" not in keys
+    monkeypatch.setattr(BatchRun, "merge", merge)
+    manifest = make_op(out, n=6, per_shard=6).execute(context(try_number=2))
+    assert (manifest["succeeded"], manifest["failed"]) == (6, 0)
+    assert len(s3_bucket.read("lake/run/results.jsonl").splitlines()) == 6
+    assert server.counters["files_created"] == 1 and server.counters["batches_created"] == 1
