@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make quickstart   runs the main job (an example DAG end to end, no API key)
-#   make test         lint, types and the whole test suite
+#   make test         lint, types, the docs site and the whole test suite
+#   make docs         the docs site (docs/_build/html), warnings as errors
 #   make test-oldest  the quickstart and the example-DAG tests on the lowest declared versions (Airflow 3.1)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -19,12 +20,12 @@ export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/example_dags
 
-.PHONY: venv vllm-venv oldest-venv smollm2 quickstart ui test test-oldest lint unit bench clean
+.PHONY: venv vllm-venv oldest-venv smollm2 quickstart ui docs test test-oldest lint unit bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,cortex,azure,server]'
+	$(PY) -m pip install -q -e '.[dev,cortex,azure,server,docs]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -65,9 +66,17 @@ quickstart: $(STAMP)
 ui: $(STAMP)
 	$(PY) scripts/ui.py
 
+# the same options tests/test_docs_build.py builds with when run alone (SPHINX_OPTIONS there)
+SPHINXOPTS := -W --keep-going -q -b html
+docs: $(STAMP)
+	rm -rf docs/_build
+	$(PY) -m sphinx $(SPHINXOPTS) docs docs/_build/html
+
+# the docs are built once, here; tests/test_docs_build.py checks what that build rendered
 test: $(STAMP) $(VLLM_STAMP)
 	$(MAKE) lint
-	$(VENV)/bin/pytest -q
+	$(MAKE) docs
+	SYNTH_DOCS_HTML=$(CURDIR)/docs/_build/html $(VENV)/bin/pytest -q
 
 # the package is installed (not editable) into the second environment, afresh each time: what pip users get;
 # the quickstart with stand-in answers (the real-model path does not depend on the Airflow version)
@@ -81,4 +90,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_core.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(OLDEST_VENV) .airflow .airflow-oldest .synth-output
+	rm -rf $(VENV) $(VLLM_VENV) $(OLDEST_VENV) .airflow .airflow-oldest .synth-output docs/_build

@@ -44,8 +44,8 @@ def main() -> dict[str, Any]:
     os.environ["AIRFLOW_CONN_SNOWFLAKE_DEFAULT"] = json.dumps(
         {"conn_type": "snowflake", "login": "u", "password": "p", "schema": "PUBLIC",
          "extra": {"account": "acct", "database": "SYNTH_DB", "warehouse": "WH"}})
-    from airflow_provider_synth.batch import cortex
     from airflow_provider_synth.operators.cortex import CortexBatchOperator
+    from airflow_provider_synth.runs import cortex_mapping as cortex
     from airflow_provider_synth.testing.cortex import FakeCortex
 
     requests = work / "requests.jsonl"

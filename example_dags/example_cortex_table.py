@@ -15,8 +15,8 @@ from datetime import timedelta
 from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
 from airflow.sdk import dag
 
-from airflow_provider_synth.batch.cortex_sql import TableSource
 from airflow_provider_synth.operators.cortex import CortexBatchOperator, CortexStaging
+from airflow_provider_synth.runs.cortex_sql import TableSource
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
 

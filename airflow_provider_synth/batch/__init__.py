@@ -18,14 +18,18 @@ _EXPORTS: dict[str, str] = {
     "InvalidRequestsError": "errors",
     "OutputFormatError": "errors",
     "Problem": "errors",
+    "Moderation": "extract",
     "extract_embeddings": "extract",
+    "extract_moderation": "extract",
     "extract_messages_from_responses": "extract",
     "extract_parsed": "extract",
     "extract_text": "extract",
     "extract_tool_calls": "extract",
     "get_requests_by_custom_ids": "extract",
     "get_results": "extract",
+    "flagged_ids": "extract",
     "get_unsuccessful_requests": "extract",
+    "iter_moderations": "extract",
     "iter_parsed": "extract",
     "parse_structured": "extract",
     "Accounting": "merge",
@@ -35,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "build_requests": "requests",
     "chat_body": "requests",
     "make_request": "requests",
+    "moderation_input": "requests",
     "write_requests": "requests",
     "error_line": "results",
     "parse_output_line": "results",
@@ -58,19 +63,29 @@ if TYPE_CHECKING:
         Problem,
     )
     from airflow_provider_synth.batch.extract import (
+        Moderation,
         extract_embeddings,
         extract_messages_from_responses,
+        extract_moderation,
         extract_parsed,
         extract_text,
         extract_tool_calls,
+        flagged_ids,
         get_requests_by_custom_ids,
         get_results,
         get_unsuccessful_requests,
+        iter_moderations,
         iter_parsed,
         parse_structured,
     )
     from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
-    from airflow_provider_synth.batch.requests import build_requests, chat_body, make_request, write_requests
+    from airflow_provider_synth.batch.requests import (
+        build_requests,
+        chat_body,
+        make_request,
+        moderation_input,
+        write_requests,
+    )
     from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
     from airflow_provider_synth.batch.split import ShardLimits, SplitResult, split_requests
     from airflow_provider_synth.batch.usage import Usage, cost_usd, estimate_request_tokens
@@ -91,11 +106,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Accounting", "AccountingError", "BatchCoreError", "InvalidRequestsError", "OutputChecks", "OutputFormatError",
-    "Problem",
+    "Accounting", "AccountingError", "BatchCoreError", "InvalidRequestsError", "Moderation", "OutputChecks",
+    "OutputFormatError", "Problem",
     "ShardLimits", "ShardOutputs", "SplitResult", "Usage", "build_requests", "chat_body", "cost_usd",
     "error_line", "estimate_request_tokens", "extract_embeddings", "extract_messages_from_responses", "extract_parsed",
-    "extract_text", "extract_tool_calls", "get_requests_by_custom_ids", "get_results",
-    "get_unsuccessful_requests", "iter_parsed", "make_request", "merge_shards", "parse_output_line", "parse_structured",
+    "extract_moderation", "extract_text", "extract_tool_calls", "flagged_ids", "get_requests_by_custom_ids",
+    "get_results", "get_unsuccessful_requests", "iter_moderations", "iter_parsed", "make_request", "merge_shards",
+    "moderation_input", "parse_output_line", "parse_structured",
     "pending_requests", "split_requests", "success_line", "validate_requests", "write_requests",
 ]

@@ -1,7 +1,7 @@
 """Output checks: the one decision on whether a ``200`` answer is usable data, for every backend.
 
-A billed answer can still be useless: cut off (``finish_reason: "length"``), refused (``message.refusal``, a
-``content_filter`` stop), or structured output that does not fit the schema the request asked for. With
+A billed answer can still be useless: cut off (``finish_reason: "length"``, Anthropic's ``stop_reason:
+"max_tokens"``), refused (``message.refusal``, a ``content_filter`` stop, Anthropic's ``refusal`` stop), or structured output that does not fit the schema the request asked for. With
 :class:`OutputChecks` the merge sends such answers to ``failures.jsonl`` (with the reason and the raw text),
 never to ``results.jsonl``, and the retry rounds resubmit them alone (vLLM: inside the running engine). With a
 pydantic model (or a JSON schema) the results lines carry the validated object under ``"parsed"``.
@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from airflow_provider_synth.batch.extract import STRUCTURED_OUTPUT_TOOL
 from airflow_provider_synth.batch.jsonl import dumps, loads
 
 #: The kinds of unusable answers, as failure codes and manifest counts.
@@ -46,6 +47,11 @@ class OutputChecks:
         synchronous API (bounded concurrency, the SDK's retries, the direct price) instead of another batch.
         0 (default): never.
     :param direct_concurrency: the most direct requests in flight at once.
+    :param direct_service_tier: the tail's ``service_tier``: ``"flex"`` (slower answers billed at batch prices,
+        for the models that offer it; a 15-minute timeout per request; a 429 "resource unavailable" is a
+        retryable failure for the next round), ``"default"``, or ``None`` (the project's default tier).
+    :param direct_tier_fallback: when flex has no capacity (429 after the SDK's retries), answer that request at
+        the default tier and direct price instead; the budget then counts the tail at the direct price.
     """
 
     finish_reasons: Collection[str] = frozenset()
@@ -56,12 +62,16 @@ class OutputChecks:
     parsed: bool = True
     direct_tail: int = 0
     direct_concurrency: int = 8
+    direct_service_tier: str | None = None
+    direct_tier_fallback: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.finish_reasons, str):
             raise TypeError("finish_reasons is a collection of reasons, e.g. {'length'}, not a string")
         if self.direct_tail < 0 or self.direct_concurrency < 1:
             raise ValueError("direct_tail must be >= 0 and direct_concurrency >= 1")
+        if self.direct_service_tier not in (None, "flex", "default"):
+            raise ValueError(f"direct_service_tier must be 'flex', 'default' or None, got {self.direct_service_tier!r}")
 
     @property
     def active(self) -> bool:
@@ -128,6 +138,9 @@ class _Part(msgspec.Struct, gc=False):
     type: str | None = None
     text: Any = None
     refusal: Any = None
+    # an Anthropic tool_use block
+    name: Any = None
+    input: Any = None
 
 
 class _Item(msgspec.Struct, gc=False):
@@ -144,6 +157,10 @@ class _Body(msgspec.Struct, gc=False):
     output: list[_Item] | None = None
     status: str | None = None
     incomplete_details: _Incomplete | None = None
+    # an Anthropic message (the Messages API, the Message Batches API, Claude on Bedrock)
+    type: str | None = None
+    content: list[_Part] | None = None
+    stop_reason: str | None = None
 
 
 class _Resp(msgspec.Struct, gc=False):
@@ -173,8 +190,28 @@ def _text_of(content: Any) -> str | None:
     return None
 
 
+#: How an Anthropic ``stop_reason`` reads as a chat ``finish_reason`` (``refusal`` is also a refusal).
+_STOP_REASONS = {"max_tokens": "length", "model_context_window_exceeded": "length", "refusal": "content_filter",
+                 "end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls"}
+
+
+def _anthropic_answer(body: _Body) -> _Answer:
+    parts = body.content or []
+    texts = [p.text for p in parts if p.type == "text" and isinstance(p.text, str)]
+    text = "".join(texts) if texts else None
+    if text is None:
+        tool = next((p for p in parts if p.type == "tool_use" and p.name == STRUCTURED_OUTPUT_TOOL), None)
+        text = dumps(tool.input).decode() if tool is not None else None
+    reason = _STOP_REASONS.get(body.stop_reason or "", body.stop_reason)
+    refusal = (text or "the model refused (stop_reason 'refusal')") if body.stop_reason == "refusal" else None
+    return _Answer(reason, refusal, text)
+
+
 def _answers(body: _Body) -> list[_Answer]:
-    """Each choice of a chat/completions body, or the one answer of a Responses body."""
+    """Each choice of a chat/completions body, the one answer of a Responses body, or of an Anthropic
+    message."""
+    if body.type == "message" and body.content is not None:
+        return [_anthropic_answer(body)]
     if body.choices:
         out = []
         for c in body.choices:

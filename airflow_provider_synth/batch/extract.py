@@ -16,6 +16,25 @@ from airflow_provider_synth.batch.jsonl import iter_jsonl, loads, open_path
 
 T = TypeVar("T")
 
+#: The one forced tool that carries an Anthropic answer's structured output where the Messages API version has
+#: no ``output_config`` (``2023-06-01``): its input is the answer's text.
+STRUCTURED_OUTPUT_TOOL = "synth_response_format"
+
+
+def anthropic_text(content: Any) -> str | None:
+    """The text of an Anthropic message's content blocks: its text blocks joined, or, when it has none, the
+    input of the structured-output tool (:data:`STRUCTURED_OUTPUT_TOOL`) as JSON; ``None`` otherwise."""
+    blocks = [b for b in content or () if isinstance(b, Mapping)]
+    texts = [b["text"] for b in blocks if b.get("type") == "text" and isinstance(b.get("text"), str)]
+    if texts:
+        return "".join(texts)
+    for b in blocks:
+        if b.get("type") == "tool_use" and b.get("name") == STRUCTURED_OUTPUT_TOOL:
+            from airflow_provider_synth.batch.jsonl import dumps
+
+            return dumps(b.get("input")).decode()
+    return None
+
 
 def iter_output(path: Any) -> Iterator[dict[str, Any]]:
     """Iterate the lines of a results, failures, output or request file as dicts."""
@@ -31,9 +50,12 @@ def _body(line: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def extract_text(line: Mapping[str, Any]) -> str | None:
-    """The answer's text: chat ``message.content``, completions ``text``, or responses ``output_text``.
-    ``None`` for a null content (e.g. a tool-call-only answer) or a failed line."""
+    """The answer's text: chat ``message.content``, completions ``text``, responses ``output_text``, or an
+    Anthropic message's text blocks (see :func:`anthropic_text`). ``None`` for a null content (e.g. a
+    tool-call-only answer) or a failed line."""
     body = _body(line)
+    if body.get("type") == "message" and "content" in body:
+        return anthropic_text(body.get("content"))
     choices = body.get("choices")
     if choices:
         first = choices[0]
@@ -61,6 +83,10 @@ def extract_tool_calls(line: Mapping[str, Any]) -> list[dict[str, Any]]:
         for call in (choice.get("message") or {}).get("tool_calls") or ():
             fn = call.get("function") or {}
             raw_calls.append((call.get("id"), fn.get("name"), fn.get("arguments")))
+    if body.get("type") == "message":  # Anthropic: tool_use blocks, their input already parsed
+        for block in body.get("content") or ():
+            if block.get("type") == "tool_use" and block.get("name") != STRUCTURED_OUTPUT_TOOL:
+                raw_calls.append((block.get("id"), block.get("name"), block.get("input")))
     for item in body.get("output") or ():
         if item.get("type") == "function_call":
             raw_calls.append((item.get("call_id") or item.get("id"), item.get("name"), item.get("arguments")))
@@ -138,3 +164,51 @@ def iter_parsed(path: Any, model: type[T] | None = None) -> Iterator[tuple[str, 
     """``(custom_id, parsed object)`` for every line of a results file, in its order (input order)."""
     for line in iter_output(path):
         yield line["custom_id"], extract_parsed(line, model)
+
+
+class Moderation(msgspec.Struct, frozen=True):
+    """One request's moderation verdict (``/v1/moderations``), over every input it classified.
+
+    :param custom_id: the request's id.
+    :param flagged: whether any input was flagged.
+    :param categories: the categories flagged on any input, sorted.
+    :param scores: each category's highest score over the inputs.
+    """
+
+    custom_id: str
+    flagged: bool
+    categories: tuple[str, ...]
+    scores: dict[str, float]
+
+
+def extract_moderation(line: Mapping[str, Any]) -> Moderation | None:
+    """The moderation verdict of one output line, or ``None`` for a line that is not a moderation answer."""
+    results = _body(line).get("results")
+    if not isinstance(results, list) or not results:
+        return None
+    flagged, categories, scores = False, set[str](), dict[str, float]()
+    for result in results:
+        flagged = flagged or bool(result.get("flagged"))
+        categories.update(name for name, on in (result.get("categories") or {}).items() if on)
+        for name, score in (result.get("category_scores") or {}).items():
+            scores[name] = max(float(score), scores.get(name, 0.0))
+    return Moderation(str(line.get("custom_id")), flagged, tuple(sorted(categories)), scores)
+
+
+def iter_moderations(path: Any) -> Iterator[Moderation]:
+    """Each moderation verdict of a results file (a moderation run's ``results.jsonl``), in file order."""
+    for line in iter_output(path):
+        verdict = extract_moderation(line)
+        if verdict is not None:
+            yield verdict
+
+
+def flagged_ids(path: Any, *, threshold: float | None = None) -> set[str]:
+    """The custom_ids a moderation run flagged; with ``threshold``, also those with any category score at or
+    above it (a stricter filter than the service's own flags).
+
+    :param path: the moderation run's ``results.jsonl``.
+    :param threshold: a score (0-1) that flags on its own.
+    """
+    return {m.custom_id for m in iter_moderations(path)
+            if m.flagged or (threshold is not None and any(s >= threshold for s in m.scores.values()))}

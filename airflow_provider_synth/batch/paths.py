@@ -47,9 +47,60 @@ def check_storage(url: str) -> None:
                           f"pip install 'airflow-provider-synth[{extra}]'")
 
 
+#: The connection a scheme's paths use when none is named (``s3://bucket/key``), as Airflow users expect and the
+#: providers' hooks default to; the environment's credentials only where that connection does not exist.
+DEFAULT_CONN_IDS: dict[str, str] = {
+    "s3": "aws_default", "s3a": "aws_default", "s3n": "aws_default",
+    "gs": "google_cloud_default", "gcs": "google_cloud_default",
+}
+
+
+def _connection_exists(conn_id: str) -> bool:
+    try:
+        from airflow.sdk import BaseHook
+        from airflow.sdk.exceptions import AirflowNotFoundException
+    except ImportError:
+        return False
+    try:
+        BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return False
+    return True
+
+
+def default_conn_id(scheme: str) -> str | None:
+    """The connection paths of ``scheme`` use when they name none: the scheme's default connection
+    (``aws_default`` for ``s3://``, ``google_cloud_default`` for ``gs://``) when it is defined, else ``None``
+    (the filesystem's own credential chain: environment, instance profile...)."""
+    conn_id = DEFAULT_CONN_IDS.get(scheme.lower())
+    return conn_id if conn_id is not None and _connection_exists(conn_id) else None
+
+
+def _split_conn(url: str) -> tuple[str, str | None, str]:
+    """``s3://conn@bucket/key`` -> ``("s3", "conn", "s3://bucket/key")``; no connection named: ``None``."""
+    scheme, _, rest = url.partition("://")
+    netloc, sep, tail = rest.partition("/")
+    if "@" in netloc:
+        conn_id, _, bucket = netloc.rpartition("@")
+        return scheme, conn_id or None, f"{scheme}://{bucket}{sep}{tail}"
+    return scheme, None, url
+
+
+def _through_connection(url: str) -> bool:
+    """Whether a URL string opens through an Airflow connection: a scheme with a default connection, or one
+    naming its connection (``scheme://conn@...``). Other schemes (``memory://``) go to fsspec as they are."""
+    scheme, sep, rest = url.partition("://")
+    return bool(sep) and (scheme.lower() in DEFAULT_CONN_IDS or "@" in rest.partition("/")[0])
+
+
 def as_path(path: Any) -> Any:
-    """Object-storage URLs become ``ObjectStoragePath`` (connection-aware) where Airflow is installed; local
-    paths (and ``file://`` URLs) become plain strings; path objects are kept.
+    """Object-storage URLs become ``ObjectStoragePath`` with their connection where Airflow is installed; local
+    paths (and ``file://`` URLs) become plain strings; other path objects are kept.
+
+    ``s3://conn_id@bucket/key`` uses the connection ``conn_id``, as Airflow's ``ObjectStoragePath`` defines it;
+    ``s3://bucket/key`` (and an ``ObjectStoragePath`` made without ``conn_id``) uses the scheme's default
+    connection (:func:`default_conn_id`). ``str()`` of the result names its connection, so a stored path string
+    (the plan's work folder, a manifest's paths) opens through the same connection on any worker.
 
     :param path: what a user or a stored plan gave.
     """
@@ -61,8 +112,21 @@ def as_path(path: Any) -> Any:
         except ImportError:  # the vLLM engine's interpreter has no Airflow: fsspec reads the URL itself
             return path
         check_storage(path)
-        return ObjectStoragePath(path)
+        scheme, conn_id, bare = _split_conn(path)
+        conn_id = conn_id or default_conn_id(scheme)
+        return ObjectStoragePath(bare, conn_id=conn_id) if conn_id else ObjectStoragePath(path)
+    if type(path).__name__ == "ObjectStoragePath" and getattr(path, "conn_id", "") is None:
+        protocol = path.protocol[0] if isinstance(path.protocol, tuple | list) else path.protocol
+        conn_id = default_conn_id(str(protocol))
+        if conn_id:
+            return type(path)(str(path), conn_id=conn_id)
     return path
+
+
+def path_url(path: Any) -> str:
+    """The string to store for a path (plan, manifest, claims): an object-storage URL names its connection
+    (``s3://aws_default@bucket/key``), so :func:`as_path` reopens it through the same connection."""
+    return str(as_path(path)) if isinstance(path, str) else str(path)
 
 
 def open_path(path: Any, mode: str = "rb") -> IO[bytes]:
@@ -78,6 +142,10 @@ def open_path(path: Any, mode: str = "rb") -> IO[bytes]:
         fobj: IO[bytes] = path.open(mode)
         return fobj
     path = os.fspath(path)
+    if _through_connection(path):
+        located = as_path(path)
+        if not isinstance(located, str):
+            return open_path(located, mode)
     if "://" not in path:
         if writing:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -98,6 +166,9 @@ def join_path(base: Any, name: str) -> Any:
 def _filesystem(location: Any) -> tuple[Any, str]:
     """The fsspec filesystem and path of a remote location: a URL, or a path object (ObjectStoragePath, UPath)."""
     if isinstance(location, str):
+        located = as_path(location) if _through_connection(location) else location
+        if not isinstance(located, str):
+            return located.fs, located.path
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(location)

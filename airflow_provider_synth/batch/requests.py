@@ -13,12 +13,14 @@ from typing import IO, Any, Literal, get_args
 
 from airflow_provider_synth.batch.jsonl import write_jsonl
 
-Endpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"]
+Endpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions", "/v1/moderations"]
 ENDPOINTS: tuple[str, ...] = get_args(Endpoint)
 CHAT: Endpoint = "/v1/chat/completions"
 EMBEDDINGS: Endpoint = "/v1/embeddings"
 RESPONSES: Endpoint = "/v1/responses"
 COMPLETIONS: Endpoint = "/v1/completions"
+#: OpenAI's moderation classifier: a safety filter over generated rows (OpenAI's Batch API only; free today).
+MODERATIONS: Endpoint = "/v1/moderations"
 
 #: vLLM's scoring endpoints (cross-encoders), served offline by the vLLM backend only: the Batch APIs refuse
 #: them. ``run_batch`` takes ``/score``, ``/v1/score``, ``/rerank``, ``/v1/rerank`` and ``/v2/rerank``.
@@ -26,9 +28,18 @@ SCORE = "/v1/score"
 RERANK = "/v1/rerank"
 #: What each backend serves, in canonical form. A line's endpoint outside its backend's set is invalid.
 OPENAI_ENDPOINTS: tuple[str, ...] = ENDPOINTS
+#: Azure's global batch serves no moderations (Azure has no moderation endpoint; its content filter is built in).
+AZURE_ENDPOINTS: tuple[str, ...] = (CHAT, EMBEDDINGS, RESPONSES, COMPLETIONS)
 VLLM_ENDPOINTS: tuple[str, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, SCORE, RERANK)
 #: Other spellings of an endpoint -> its canonical form (beside Azure's form without ``/v1``).
 _ALIASES: dict[str, str] = {"/v2/rerank": RERANK}
+#: Endpoints the OpenAI Batch API takes that this provider refuses, and why (a line naming one is invalid).
+UNSUPPORTED_ENDPOINTS: dict[str, str] = {
+    "/v1/images/generations": "image generation is not supported yet: its answers are images priced per image, "
+                              "not tokens, and land as base64 files; run it outside this provider",
+    "/v1/images/edits": "image edits are not supported yet (images priced per image, multipart inputs)",
+    "/v1/videos": "OpenAI's Videos API shut down on 2026-09-24: batches no longer accept /v1/videos",
+}
 
 #: Azure's own spelling of the endpoints in batch lines and ``batches.create`` (its dated API versions' docs
 #: write ``"url": "/chat/completions"``); Azure's v1 API and OpenAI take the ``/v1/...`` form.
@@ -60,7 +71,7 @@ def service_url(endpoint: str, form: UrlForm) -> str:
 
 #: The body field that carries a record's text, per endpoint.
 INPUT_FIELD: dict[str, str] = {CHAT: "messages", EMBEDDINGS: "input", RESPONSES: "input", COMPLETIONS: "prompt",
-                               RERANK: "documents", SCORE: "text_2"}
+                               MODERATIONS: "input", RERANK: "documents", SCORE: "text_2"}
 #: The body fields of one scoring request, as vLLM's server reads them: rerank takes ``query`` and
 #: ``documents``; score takes the first pair present.
 RERANK_FIELDS = ("query", "documents")
@@ -118,6 +129,19 @@ def user_message(text: str, *, images: Sequence[str] = (), detail: str | None = 
             image["detail"] = detail
         parts.append({"type": "image_url", "image_url": image})
     return {"role": "user", "content": parts}
+
+
+def moderation_input(text: str, *, images: Sequence[str] = ()) -> str | list[dict[str, Any]]:
+    """A ``/v1/moderations`` ``input``: the text alone, or (``omni-moderation-*`` models) text and image parts.
+
+    :param text: the text to classify (e.g. a generated answer).
+    :param images: image URLs or ``data:`` URIs classified with it.
+    """
+    if not images:
+        return text
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    parts += [{"type": "image_url", "image_url": {"url": url}} for url in images]
+    return parts
 
 
 def response_format_for(schema: Any, *, name: str | None = None, strict: bool = True) -> dict[str, Any]:
@@ -221,6 +245,14 @@ def _default_value(record: Mapping[str, Any], endpoint: str, template: str | Non
             raise ValueError(f"cannot build a {endpoint} request from record keys {sorted(record)}: give a builder "
                              f"or the fields {', '.join(dict.fromkeys(fields))}")
         return body
+    if endpoint == MODERATIONS:
+        text = template.format_map(record) if template is not None else record.get("input", record.get("text"))
+        if text is None and not record.get("images"):
+            raise ValueError(f"cannot build a {endpoint} request from record keys {sorted(record)}: give a "
+                             "prompt_template, a builder, or an 'input'/'text' field (and 'images' for image URLs)")
+        if isinstance(text, list):
+            return {"input": text}
+        return {"input": moderation_input(str(text or ""), images=record.get("images") or ())}
     if template is not None:
         return template.format_map(record)
     for key in (INPUT_FIELD[endpoint], "messages", "prompt", "input", "text"):
@@ -257,6 +289,8 @@ def build_requests(
     :param model: the model for every request (on Azure, the deployment name).
     :param endpoint: one of :data:`ENDPOINTS`, or (vLLM) :data:`SCORE` / :data:`RERANK`, whose records carry
         their body's fields (``query`` and ``documents``; ``text_1`` and ``text_2``...) unless a builder is given.
+        :data:`MODERATIONS` classifies the template's text (or the record's ``input``/``text`` field), with the
+        record's ``images`` (URLs) as image parts (:func:`moderation_input`).
     :param builder: a callable building one request body from one record.
     :param prompt_template: a ``str.format`` template over the record's fields (the user message).
     :param system: a system message (chat) or ``instructions`` (responses) added to every request.
@@ -271,6 +305,8 @@ def build_requests(
     if canonical is None:
         raise ValueError(f"unsupported endpoint {endpoint!r}; expected one of {', '.join(known)}")
     endpoint = canonical
+    if endpoint == MODERATIONS and (system is not None or response_format is not None or tools):
+        raise ValueError(f"{endpoint} classifies its input: system, response_format and tools do not apply")
     shared: dict[str, Any] = dict(params or {})
     if response_format is not None:
         shared["response_format"] = response_format_for(response_format)

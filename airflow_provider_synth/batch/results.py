@@ -60,14 +60,21 @@ class _Usage(msgspec.Struct, gc=False):
     completion_tokens_details: _Details | None = None
     input_tokens_details: _Details | None = None
     output_tokens_details: _Details | None = None
+    # Anthropic: input_tokens leaves out the tokens written to and read from the prompt cache
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
 
     def counts(self) -> tuple[int, int, int, int, int]:
-        """(prompt, cached, completion, reasoning, total), whichever API shape reported them."""
+        """(prompt, cached, completion, reasoning, total), whichever API shape reported them. An Anthropic
+        usage's prompt is every input token (uncached, cache writes, cache reads); its cached, the reads."""
         prompt = self.prompt_tokens if self.prompt_tokens is not None else (self.input_tokens or 0)
         completion = self.completion_tokens if self.completion_tokens is not None else (self.output_tokens or 0)
         pd = self.prompt_tokens_details or self.input_tokens_details
         cd = self.completion_tokens_details or self.output_tokens_details
         cached = (pd.cached_tokens or 0) if pd is not None else 0
+        if self.cache_creation_input_tokens is not None or self.cache_read_input_tokens is not None:
+            cached = self.cache_read_input_tokens or 0
+            prompt += (self.cache_creation_input_tokens or 0) + cached
         reasoning = (cd.reasoning_tokens or 0) if cd is not None else 0
         total = self.total_tokens if self.total_tokens is not None else prompt + completion
         return prompt, cached, completion, reasoning, total

@@ -30,7 +30,7 @@ BATCH_PHASES: Mapping[str | None, bool] = {
     **dict.fromkeys(IN_PROGRESS_STATUSES, False),
     **dict.fromkeys(TERMINAL_STATUSES, True),
 }
-#: Every Cortex statement state (:class:`~airflow_provider_synth.batch.cortex.StatementStatus`) -> finished.
+#: Every statement state (:class:`~airflow_provider_synth.hooks.cortex.StatementStatus`) -> finished.
 STATEMENT_PHASES: Mapping[str | None, bool] = {None: False, "running": False, "success": True, "error": True}
 #: Every Amazon Bedrock batch inference job status -> finished. ``Stopping`` still runs (it may still write the
 #: output of the records it processed); ``PartiallyCompleted`` finished with some records failed: the run reads
@@ -218,24 +218,22 @@ def batch_summary(batch: Batch) -> dict[str, Any]:
 
     :param batch: the SDK's ``Batch``.
     :return: ``{"status", "request_counts": {"total", "completed", "failed"}, "output_file_id",
-        "error_file_id", "errors"}`` where ``errors`` lists the batch-level errors (e.g. validation) as strings.
+        "error_file_id", "errors", "usage", "model"}`` where ``errors`` lists the batch-level errors (e.g.
+        validation) as strings, and ``usage`` is the service's own token count for the batch (``None`` where it
+        reports none).
     """
-    counts = batch.request_counts
-    errors = [
-        f"{e.code or 'error'}: {e.message or ''}" + (f" (line {e.line})" if e.line is not None else "")
-        for e in ((batch.errors.data or []) if batch.errors else [])
-    ]
-    return {
-        "status": batch.status,
-        "request_counts": {
-            "total": counts.total if counts else 0,
-            "completed": counts.completed if counts else 0,
-            "failed": counts.failed if counts else 0,
-        },
-        "output_file_id": batch.output_file_id,
-        "error_file_id": batch.error_file_id,
-        "errors": errors[:20],
-    }
+    return batch_state(batch.model_dump(mode="json"))
+
+
+def _service_usage(usage: Mapping[str, Any] | None) -> dict[str, int] | None:
+    """The Batch object's ``usage`` (input/output tokens and their details) in :class:`Usage`'s names."""
+    if not usage:
+        return None
+    return {"prompt_tokens": int(usage.get("input_tokens") or 0),
+            "cached_tokens": int((usage.get("input_tokens_details") or {}).get("cached_tokens") or 0),
+            "completion_tokens": int(usage.get("output_tokens") or 0),
+            "reasoning_tokens": int((usage.get("output_tokens_details") or {}).get("reasoning_tokens") or 0),
+            "total_tokens": int(usage.get("total_tokens") or 0)}
 
 
 def batch_state(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -259,6 +257,8 @@ def batch_state(data: Mapping[str, Any]) -> dict[str, Any]:
         "output_file_id": data.get("output_file_id"),
         "error_file_id": data.get("error_file_id"),
         "errors": errors[:20],
+        "usage": _service_usage(data.get("usage")),
+        "model": data.get("model"),
     }
 
 

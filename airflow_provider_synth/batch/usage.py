@@ -35,7 +35,8 @@ class Usage:
         return self
 
     def add_usage(self, usage: Mapping[str, Any] | None) -> None:
-        """Add one response body's ``usage`` object (chat, completions, embeddings or responses shape)."""
+        """Add one response body's ``usage`` object (chat, completions, embeddings, responses or Anthropic
+        shape; an Anthropic prompt counts its cache writes and reads, its cached tokens are the reads)."""
         self.requests += 1
         if not usage:
             return
@@ -43,9 +44,13 @@ class Usage:
         completion = usage.get("completion_tokens", usage.get("output_tokens")) or 0
         p_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
         c_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+        cached = p_details.get("cached_tokens") or 0
+        if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:  # Anthropic
+            cached = usage.get("cache_read_input_tokens") or 0
+            prompt += (usage.get("cache_creation_input_tokens") or 0) + cached
         self.prompt_tokens += prompt
         self.completion_tokens += completion
-        self.cached_tokens += p_details.get("cached_tokens") or 0
+        self.cached_tokens += cached
         self.reasoning_tokens += c_details.get("reasoning_tokens") or 0
         self.total_tokens += usage.get("total_tokens") or (prompt + completion)
 
@@ -76,6 +81,26 @@ class Usage:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Usage:
         return cls(**{f.name: int(data.get(f.name, 0) or 0) for f in fields(cls)})
+
+
+#: Relative difference between a run's own token sum and the service's that is logged as a mismatch.
+USAGE_TOLERANCE = 0.03
+
+
+def usage_mismatch(own: Usage, service: Usage, tolerance: float = USAGE_TOLERANCE) -> dict[str, Any] | None:
+    """Where the run's own sum of its answers' usage and the service's count (the Batch object's ``usage``)
+    differ by more than ``tolerance`` (relative), per token kind; ``None`` when they agree. A mismatch means
+    answers the merge missed (or counted twice), or a service billing what it did not return.
+
+    :param own: the usage summed over the answers the run read (results and unusable answers).
+    :param service: the usage the service reported for the same batches.
+    """
+    diffs = {}
+    for name in ("prompt_tokens", "completion_tokens"):
+        mine, theirs = getattr(own, name), getattr(service, name)
+        if abs(mine - theirs) > tolerance * max(theirs, mine, 1):
+            diffs[name] = {"run": mine, "service": theirs}
+    return diffs or None
 
 
 def usage_from_body(body: Mapping[str, Any] | None) -> Usage:
@@ -110,6 +135,9 @@ DEFAULT_PRICES: dict[str, Price] = {
     "text-embedding-3-small": Price(0.02, 0.02, 0.0),
     "text-embedding-3-large": Price(0.13, 0.13, 0.0),
     "text-embedding-ada-002": Price(0.10, 0.10, 0.0),
+    # moderations are free on OpenAI (checked 2026-11): counted, at $0 (``omni-moderation-latest``, dated snapshots)
+    "omni-moderation": Price(0.0, 0.0, 0.0),
+    "text-moderation": Price(0.0, 0.0, 0.0),
 }
 
 

@@ -27,10 +27,12 @@ from airflow_provider_synth.batch.requests import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
+    MODERATIONS,
     OPENAI_ENDPOINTS,
     RERANK,
     RESPONSES,
     SCORE,
+    UNSUPPORTED_ENDPOINTS,
     VLLM_ENDPOINTS,
     canonical_url,
     scoring_pairs,
@@ -338,9 +340,7 @@ class LineChecker:
             reasons.append(f"method must be 'POST', got {line.method!r}")
         url = canonical_url(line.url, self.endpoints)
         if url is None:
-            hint = " (VLLMBatchOperator serves it)" if canonical_url(line.url, VLLM_ENDPOINTS) else ""
-            reasons.append(f"unsupported url {line.url!r}{hint}: this backend serves {', '.join(self.endpoints)} "
-                           "(also spelled without /v1)")
+            reasons.append(_unsupported_url(line.url, self.endpoints))
         elif self.endpoint is None:
             self.endpoint = url
         elif url != self.endpoint:
@@ -425,6 +425,20 @@ def _peek_custom_id(raw: bytes) -> str | None:
     return cid if isinstance(cid, str) else None
 
 
+def _unsupported_url(url: str, served: tuple[str, ...]) -> str:
+    """Why a line's ``url`` is refused, with where it is served if elsewhere."""
+    unsupported = UNSUPPORTED_ENDPOINTS.get(url) or UNSUPPORTED_ENDPOINTS.get("/v1" + url)
+    if unsupported:
+        return f"unsupported url {url!r}: {unsupported}"
+    if canonical_url(url, VLLM_ENDPOINTS):
+        hint = " (VLLMBatchOperator serves it)"
+    elif canonical_url(url, OPENAI_ENDPOINTS) == MODERATIONS:
+        hint = " (only OpenAI's Batch API serves it: OpenAIBatchOperator on an OpenAI connection)"
+    else:
+        hint = ""
+    return f"unsupported url {url!r}{hint}: this backend serves {', '.join(served)} (also spelled without /v1)"
+
+
 def _raw_json(value: msgspec.Raw) -> Any:
     return _any_decoder.decode(value) if len(value) else None
 
@@ -457,6 +471,29 @@ def _input_problems(url: str, body: _Body) -> list[str]:
     return []
 
 
+def _moderation_problems(url: str, body: _Body) -> list[str]:
+    """``input``: a text, a list of texts, or (omni-moderation models) a list of text and image_url parts."""
+    value = _raw_json(body.input)
+    if value is None or value == "" or value == []:
+        return ["body.input is missing or empty"]
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        return ["body.input must be a string, a list of strings, or a list of text and image_url parts"]
+    reasons = []
+    for i, part in enumerate(value):
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            continue
+        if kind == "image_url" and isinstance((part.get("image_url") or {}).get("url"), str):
+            if not str(body.model or "").startswith("omni-moderation"):
+                reasons.append(f"body.input[{i}] is an image: only omni-moderation models classify images")
+            continue
+        reasons.append(f"body.input[{i}] must be {{'type': 'text', 'text': ...}} or "
+                       "{'type': 'image_url', 'image_url': {'url': ...}}")
+    return reasons
+
+
 def _prompt_problems(url: str, body: _Body) -> list[str]:
     return ["body.prompt is missing or empty"] if _raw_json(body.prompt) in (None, "", []) else []
 
@@ -475,7 +512,7 @@ def _scoring_problems(url: str, body: _Body) -> list[str]:
 
 _ENDPOINT_CHECKS: dict[str, Callable[[str, _Body], list[str]]] = {
     CHAT: _chat_problems, EMBEDDINGS: _input_problems, RESPONSES: _input_problems, COMPLETIONS: _prompt_problems,
-    SCORE: _scoring_problems, RERANK: _scoring_problems,
+    MODERATIONS: _moderation_problems, SCORE: _scoring_problems, RERANK: _scoring_problems,
 }
 
 

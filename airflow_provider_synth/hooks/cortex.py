@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -28,15 +30,6 @@ from airflow.providers.common.compat.connection import get_async_connection, get
 from airflow.providers.snowflake.hooks.snowflake import SnowflakeHook
 
 from airflow_provider_synth._compat import snowflake_conn_params
-from airflow_provider_synth.batch.cortex import StatementStatus, status_from_connector, status_from_sql_api
-from airflow_provider_synth.batch.cortex_sql import (
-    StagingTables,
-    Statement,
-    cancel_query,
-    current_session,
-    history_of_session,
-    set_query_tag,
-)
 
 if TYPE_CHECKING:
     import aiohttp
@@ -77,14 +70,193 @@ def sql_api_base_url(conn_config: Mapping[str, Any], extras: Mapping[str, Any]) 
     return "https://" + ".".join(p for p in parts if p) + ".snowflakecomputing.com"
 
 
+# -- SQL of the hook's own calls, and identifier quoting ----------------------------------------------------
+
+_PLAIN_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$")
+
+#: One statement as the connector's ``qmark`` binding takes it: ``(text, params)``.
+Statement = tuple[str, tuple[Any, ...]]
+
+
+def quote_ident(name: str) -> str:
+    """Quote one identifier part.
+
+    :param name: ``my_table`` (resolved as ``MY_TABLE``, like Snowflake) or ``"My Table"`` (case kept).
+    :raises ValueError: for an empty name or an unquoted name with characters a plain identifier cannot have.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("an identifier must be a non-empty string")
+    if len(name) >= 2 and name[0] == '"' and name[-1] == '"':
+        inner = name[1:-1].replace('""', '"')
+        if not inner:
+            raise ValueError("an identifier must be a non-empty string")
+        return '"' + inner.replace('"', '""') + '"'
+    if not _PLAIN_IDENT.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a plain Snowflake identifier (letters, digits, _ and $, not starting with a digit); "
+            'wrap it in double quotes, e.g. \'"My Table"\', to use it as a quoted identifier'
+        )
+    return '"' + name.upper() + '"'
+
+
+def qualified(*parts: str | None) -> str:
+    """Join quoted parts, skipping ``None`` (an unset database or schema falls back to the session's)."""
+    return ".".join(quote_ident(p) for p in parts if p)
+
+
+def string_literal(text: str) -> str:
+    """A Snowflake single-quoted string literal, for the few places that cannot take a bind parameter (a table
+    ``COMMENT``, ``ALTER SESSION SET QUERY_TAG``): backslashes and quotes are escaped, control characters
+    refused, so the text can never end the literal."""
+    if any(ord(ch) < 32 for ch in text):
+        raise ValueError("a string literal here may not hold control characters")
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def history_of_session(session_id: str, marker: str, limit: int = 10_000, database: str | None = None) -> Statement:
+    """The statements of one session whose ``QUERY_TAG`` contains ``marker`` (a run's table prefix), running
+    or finished: ``(query_id, query_tag, execution_status, error_message, query_type, query_text[:20])``.
+
+    ``INFORMATION_SCHEMA.QUERY_HISTORY_BY_SESSION`` returns running queries too when no
+    ``END_TIME_RANGE_END`` is given, and the most recent ``RESULT_LIMIT`` (at most 10,000) of the session; a
+    session of this provider submits a run's chunks one after the other and stops at its first error, so a
+    statement whose record was lost is among its last queries. The type and the start of the text tell the
+    chunk's ``INSERT`` from the ``ALTER SESSION`` that sets the tag back (whichever tag Snowflake records for
+    that one). ``database``: whose ``INFORMATION_SCHEMA`` to ask (the staging database; default: the
+    session's current database).
+    """
+    info = qualified(database, "INFORMATION_SCHEMA") if database else "INFORMATION_SCHEMA"
+    return (
+        "SELECT QUERY_ID, QUERY_TAG, EXECUTION_STATUS, ERROR_MESSAGE, QUERY_TYPE, LEFT(QUERY_TEXT, 20) "
+        f"FROM TABLE({info}.QUERY_HISTORY_BY_SESSION(SESSION_ID => ?, RESULT_LIMIT => ?)) "
+        "WHERE CONTAINS(QUERY_TAG, ?) ORDER BY START_TIME",
+        (int(session_id) if session_id.isdigit() else session_id, int(limit), marker),
+    )
+
+
+def current_session() -> Statement:
+    return ("SELECT CURRENT_SESSION()", ())
+
+
+def set_query_tag(tag: str | None) -> Statement:
+    """``ALTER SESSION SET QUERY_TAG`` (``UNSET`` for ``None``); the tag is a literal (no bind here)."""
+    if tag is None:
+        return ("ALTER SESSION UNSET QUERY_TAG", ())
+    if len(tag) > 2000:
+        raise ValueError("a QUERY_TAG holds at most 2,000 characters")
+    return (f"ALTER SESSION SET QUERY_TAG = {string_literal(tag)}", ())
+
+
+def cancel_query(query_id: str) -> Statement:
+    return ("SELECT SYSTEM$CANCEL_QUERY(?)", (query_id,))
+
+
+# -- the hook's classification: its states and errors, as the verdict takes them -----------------------------
+# The hook only names what it saw; the verdict (``batch.status``) decides what a waiter does with it. A state
+# no table knows is passed on under its own name (the verdict stops on it: UNKNOWN), and an HTTP answer that
+# says nothing about the statement (429, 5xx, 401, 404...) is a polling error, transient or not.
+
+_CONNECTOR_RUNNING = frozenset({"RUNNING", "RESUMING_WAREHOUSE", "QUEUED", "QUEUED_REPARING_WAREHOUSE",
+                                "QUEUED_REPAIRING_WAREHOUSE", "BLOCKED", "NO_DATA"})
+_CONNECTOR_ERROR = frozenset({"ABORTING", "ABORTED", "FAILED_WITH_ERROR", "FAILED_WITH_INCIDENT", "DISCONNECTED",
+                              "RESTARTED"})
+#: HTTP answers of the SQL API about a statement that ended in error: 422 (execution failed, with
+#: Snowflake's code and SQL state) and 408 (it ran past its ``STATEMENT_TIMEOUT_IN_SECONDS`` and was cancelled).
+_SQL_API_STATEMENT_FAILED = frozenset({408, 422})
+#: HTTP answers that may go away by themselves (throttled, briefly unavailable).
+_SQL_API_TRANSIENT = frozenset({429, 500, 502, 503, 504})
+#: The connector's errors that may go away by themselves (after its own retries): network, throttling, 5xx.
+_CONNECTOR_TRANSIENT = ("OperationalError", "ServiceUnavailableError", "GatewayTimeoutError", "BadGatewayError",
+                        "InternalServerError", "OtherHTTPRetryableError", "TooManyRequests", "RequestTimeoutError",
+                        "RequestExceedMaxRetryError")
+
+
+@dataclass(frozen=True)
+class StatementStatus:
+    """Where one statement stands.
+
+    :param query_id: the statement's query id (the SQL API's statement handle).
+    :param state: ``running``, ``success`` or ``error`` (:data:`~airflow_provider_synth.batch.status.
+        STATEMENT_PHASES`), or the connector's own name of a state no table knows (the verdict stops on it).
+    :param message: Snowflake's message (never contains credentials).
+    """
+
+    query_id: str
+    state: str
+    message: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"query_id": self.query_id, "state": self.state, "message": self.message}
+
+
+class StatementPollError(Exception):
+    """The SQL API answered a poll without saying how the statement stands (HTTP 429, 5xx, 401, 403, 404...).
+
+    :param query_id: the statement polled.
+    :param http_status: the HTTP status.
+    :param message: Snowflake's message (never contains credentials).
+    """
+
+    def __init__(self, query_id: str, http_status: int, message: str) -> None:
+        self.query_id = query_id
+        self.http_status = http_status
+        super().__init__(message)
+
+    @property
+    def transient(self) -> bool:
+        return self.http_status in _SQL_API_TRANSIENT
+
+
+def status_from_connector(query_id: str, status_name: str) -> StatementStatus:
+    """Name a ``snowflake.connector.constants.QueryStatus`` in the verdict's terms (an unknown one as itself)."""
+    if status_name == "SUCCESS":
+        return StatementStatus(query_id, "success", "statement succeeded")
+    if status_name in _CONNECTOR_RUNNING:
+        return StatementStatus(query_id, "running", status_name)
+    if status_name in _CONNECTOR_ERROR:
+        return StatementStatus(query_id, "error", f"statement ended {status_name}")
+    return StatementStatus(query_id, status_name or "<empty>", f"unknown statement status {status_name!r}")
+
+
+def status_from_sql_api(query_id: str, http_status: int, payload: Mapping[str, Any] | None) -> StatementStatus:
+    """Name an answer of ``GET /api/v2/statements/{handle}`` in the verdict's terms.
+
+    200 is success, 202 still running, 422 and 408 a statement that ended in error (with Snowflake's code and
+    SQL state).
+
+    :raises StatementPollError: for any other answer (429 and 5xx are transient, 401, 403, 404... are not):
+        the answer says nothing about the statement.
+    """
+    payload = payload or {}
+    message = str(payload.get("message") or "")
+    if http_status == 200:
+        return StatementStatus(query_id, "success", message or "statement succeeded")
+    if http_status == 202:
+        return StatementStatus(query_id, "running", message or "HTTP 202")
+    details = [f"{k}: {payload[k]}" for k in ("code", "sqlState") if payload.get(k)]
+    suffix = f" ({', '.join(details)})" if details else ""
+    text = f"HTTP {http_status}: {message or 'no message'}{suffix}"
+    if http_status in _SQL_API_STATEMENT_FAILED:
+        return StatementStatus(query_id, "error", text)
+    raise StatementPollError(query_id, http_status, text)
+
+
 def is_transient(error: BaseException) -> bool:
-    """Whether a polling error may go away by itself (connection reset, timeout).
+    """Whether a polling error may go away by itself: a connection reset, a timeout, a throttled or briefly
+    unavailable service (the SQL API's 429 and 5xx, the connector's network and HTTP-retryable errors).
 
     :param error: what a call of the hook raised.
     """
-    import aiohttp
-
-    return isinstance(error, aiohttp.ClientConnectionError | asyncio.TimeoutError | ConnectionError)
+    if isinstance(error, StatementPollError):
+        return error.transient
+    if type(error).__module__.startswith("snowflake.connector"):
+        if type(error).__name__ == "NonRetryableTlsError":
+            return False
+        return any(cls.__name__ in _CONNECTOR_TRANSIENT for cls in type(error).__mro__)
+    if isinstance(error, asyncio.TimeoutError | ConnectionError):
+        return True
+    aiohttp = sys.modules.get("aiohttp")  # an aiohttp error comes only from a process that loaded it
+    return aiohttp is not None and isinstance(error, aiohttp.ClientConnectionError)
 
 
 class CortexHook(SnowflakeHook):
@@ -151,24 +323,25 @@ class CortexHook(SnowflakeHook):
             while rows := cur.fetchmany(batch_rows):
                 yield from rows
 
-    def bulk_write(self, tables: StagingTables, rows: Iterable[Sequence[Any]],
+    def bulk_write(self, table: tuple[str | None, str | None, str], rows: Iterable[Sequence[Any]],
                    batch_rows: int = STAGE_BATCH_ROWS) -> int:
-        """Append rows of :data:`STAGING_COLUMNS` to the requests table with the connector's bulk writer.
+        """Append rows of :data:`STAGING_COLUMNS` to a table with the connector's bulk writer.
 
+        :param table: ``(database, schema, table)``, unquoted, as the bulk writer takes them.
         :return: the number of rows written.
         """
         import pandas as pd
         from snowflake.connector.pandas_tools import write_pandas
 
-        database, schema, table = tables.plain_names()
+        database, schema, name = table
         written, batch = 0, list[Sequence[Any]]()
 
         def flush() -> int:
             frame = pd.DataFrame(batch, columns=list(STAGING_COLUMNS))
-            ok, _, nrows, _ = write_pandas(self.client, frame, table, database=database, schema=schema,
+            ok, _, nrows, _ = write_pandas(self.client, frame, name, database=database, schema=schema,
                                            quote_identifiers=True, auto_create_table=False)
             if not ok:
-                raise RuntimeError(f"bulk write into {tables.requests} failed")
+                raise RuntimeError(f"bulk write into {'.'.join(p for p in table if p)} failed")
             batch.clear()
             return int(nrows)
 
@@ -295,7 +468,10 @@ class CortexAsyncHook(CortexHook):
             return resp.status, payload if isinstance(payload, dict) else {}
 
     async def poll_statement(self, query_id: str) -> StatementStatus:
-        """``GET /api/v2/statements/{query_id}``, classified (429 and 5xx count as still running)."""
+        """``GET /api/v2/statements/{query_id}``, classified by :func:`status_from_sql_api`.
+
+        :raises StatementPollError: for an answer that says nothing about the statement (429, 5xx, 401, 404...).
+        """
         status, payload = await self._request("GET", f"/api/v2/statements/{_segment(query_id)}")
         return status_from_sql_api(query_id, status, payload)
 

@@ -20,7 +20,7 @@ from airflow.providers.common.compat.connection import get_async_connection, get
 from airflow.providers.common.compat.sdk import BaseHook, redact
 
 from airflow_provider_synth.batch.paths import open_path
-from airflow_provider_synth.batch.requests import UrlForm, service_url
+from airflow_provider_synth.batch.requests import Endpoint, UrlForm, service_url
 from airflow_provider_synth.batch.status import IN_PROGRESS_STATUSES as IN_PROGRESS_STATUSES  # re-exported
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES as TERMINAL_STATUSES  # re-exported
 from airflow_provider_synth.batch.status import batch_state as batch_state  # re-exported
@@ -30,13 +30,14 @@ from airflow_provider_synth.exceptions import ConnectionConfigError
 if TYPE_CHECKING:
     import httpx2
     from airflow.providers.common.compat.sdk import Connection
-    from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
+    from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI, RequestOptions
     from openai.types import Batch, FileDeleted, FileObject
 
     from airflow_provider_synth.hooks.openai_pool import Lease
 
 CompletionWindow = Literal["24h"]
-BatchEndpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions"]
+#: the endpoints a batch serves (the core's one list)
+BatchEndpoint = Endpoint
 
 OPENAI_CONN_TYPES = frozenset({"synth_openai", "openai"})
 AZURE_CONN_TYPES = frozenset({"synth_azure_openai"})
@@ -413,7 +414,8 @@ class OpenAIBatchHook(BaseHook):
 
     # -- synchronous requests --------------------------------------------------------------------------------
 
-    def create_direct(self, url: str, body: Mapping[str, Any], *, custom_id: str | None = None) -> dict[str, Any]:
+    def create_direct(self, url: str, body: Mapping[str, Any], *, custom_id: str | None = None,
+                      timeout: float | None = None) -> dict[str, Any]:
         """Send one request of a batch file through the synchronous API, at the direct price, with the SDK's
         retries (``max_retries``); the body is sent as written (fields the SDK's typed methods do not know
         included). On Azure the body's ``model`` is the deployment.
@@ -422,13 +424,17 @@ class OpenAIBatchHook(BaseHook):
             ``/v1/completions``).
         :param body: the request line's ``body``.
         :param custom_id: sent as ``X-Client-Request-Id``, so the request can be traced on the service's side.
+        :param timeout: this request's timeout in seconds (flex processing answers slowly: OpenAI advises 15
+            minutes); default: the client's.
         :return: the response body.
         :raises openai.APIStatusError: the service answered an error after the SDK's retries.
         """
         headers = {"X-Client-Request-Id": custom_id} if custom_id else {}
         path = url.removeprefix("/v1") if url.startswith("/v1/") else url
-        result = self.client.post(path, cast_to=dict[str, Any], body=dict(body),
-                                  options={"headers": headers})
+        options: RequestOptions = {"headers": headers}
+        if timeout is not None:
+            options["timeout"] = timeout
+        result = self.client.post(path, cast_to=dict[str, Any], body=dict(body), options=options)
         return dict(result)
 
     def test_connection(self) -> tuple[bool, str]:

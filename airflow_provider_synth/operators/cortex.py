@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.cortex_sql import TableSource
 from airflow_provider_synth.batch.jsonl import join_path
 from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests
 from airflow_provider_synth.exceptions import (
@@ -34,6 +33,7 @@ from airflow_provider_synth.runs.cortex import (
     RunIdentity,
     RunState,
 )
+from airflow_provider_synth.runs.cortex_sql import TableSource
 from airflow_provider_synth.runs.cortex_staging import staging_report, staging_report_text
 from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.cortex import CortexStatementTrigger

@@ -15,7 +15,14 @@ from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.manifest import write_manifest
 from airflow_provider_synth.batch.paths import as_path, join_path, open_path
 from airflow_provider_synth.batch.paths import exists as path_exists
-from airflow_provider_synth.batch.requests import CHAT, Endpoint, build_requests, write_requests
+from airflow_provider_synth.batch.requests import (
+    AZURE_ENDPOINTS,
+    CHAT,
+    OPENAI_ENDPOINTS,
+    Endpoint,
+    build_requests,
+    write_requests,
+)
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
 from airflow_provider_synth.batch.status import Next
 from airflow_provider_synth.batch.usage import Price, estimate_cost, format_usd
@@ -29,6 +36,7 @@ from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.links import OpenAIBatchLink
 from airflow_provider_synth.operators._native import ManifestPublisherMixin, OutputClaimMixin
 from airflow_provider_synth.runs.openai import INVALID_FILE, BatchRun, Plan, idempotency_key, run_manifest
+from airflow_provider_synth.runs.openai_direct import Tier
 from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
@@ -281,7 +289,8 @@ class OpenAIBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator
                                limits=self.limits, name=str(source),
                                estimate_tokens=self.max_cost_usd is not None, invalid_requests=self.invalid_requests,
                                open_rejected=lambda: open_path(join_path(work, INVALID_FILE), "wb"),
-                               url_form=self.hook.url_form)
+                               url_form=self.hook.url_form,
+                               endpoints=AZURE_ENDPOINTS if self.hook.is_azure else OPENAI_ENDPOINTS)
         ti = context["ti"]
         map_index = ti.map_index if ti.map_index is not None else -1
         key = idempotency_key(ti.dag_id, ti.task_id, ti.run_id, map_index, split.fingerprint, split.endpoint or "")
@@ -346,7 +355,8 @@ class OpenAIBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator
             budget = None
             if self.max_cost_usd is not None:
                 budget = self.max_cost_usd - (run.plan.est_cost_usd or 0.0)
-            rest = run.answer_directly(todo, checks.direct_tail, checks.direct_concurrency, budget, self.prices)
+            rest = run.answer_directly(todo, checks.direct_tail, checks.direct_concurrency, budget, self.prices,
+                                       Tier(checks.direct_service_tier, checks.direct_tier_fallback))
             if rest == todo:
                 break
             todo = run.next_round(self.retry_failed_requests, self.token_limit_resubmits)

@@ -32,27 +32,27 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_synth.batch import cortex
-from airflow_provider_synth.batch.cortex_sql import (
+from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
+from airflow_provider_synth.batch.jsonl import dumps, open_path
+from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
+from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, add_invalid, merge_shard
+from airflow_provider_synth.batch.results import error_line, success_line
+from airflow_provider_synth.batch.status import STATEMENT_PHASES, STATEMENTS, Next, PollError, verdict
+from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary
+from airflow_provider_synth.exceptions import BatchFailedError
+from airflow_provider_synth.hooks.cortex import is_transient
+from airflow_provider_synth.runs import cortex_mapping as cortex
+from airflow_provider_synth.runs.cortex_sql import (
     STAGING_COMMENT,
     TABLE_SUFFIXES,
     StagingTables,
     TableSource,
     run_key,
 )
-from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
-from airflow_provider_synth.batch.jsonl import dumps, open_path
-from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
-from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, add_invalid, merge_shard
-from airflow_provider_synth.batch.results import error_line, success_line
-from airflow_provider_synth.batch.status import STATEMENTS, Next, PollError, verdict
-from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary
-from airflow_provider_synth.exceptions import BatchFailedError
 
 if TYPE_CHECKING:
     from airflow_provider_synth.batch.checks import OutputChecks
-    from airflow_provider_synth.batch.cortex import StatementStatus
-    from airflow_provider_synth.hooks.cortex import CortexHook
+    from airflow_provider_synth.hooks.cortex import CortexHook, StatementStatus
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class CortexRun:
                 self.hook.run_statements([tables.truncate_requests()])
                 rows = (cortex.staging_row(seq, call)
                         for seq, call in cortex.iter_calls(input_path, check.invalid_lines))
-                written = self.hook.bulk_write(tables, rows)
+                written = self.hook.bulk_write(tables.plain_names(), rows)
                 log.info("Staged %d requests into %s", written, tables.requests)
         return RunState(tables, model, check.total)
 
@@ -279,7 +279,8 @@ class CortexRun:
             by_chunk.setdefault(int(chunk), []).append(str(qid))
         waiting: list[str] = []
         for chunk, _count in self.hook.fetch_all(tables.pending_chunks(self.chunk_size)):
-            running = [q for q in by_chunk.get(int(chunk), []) if self.status(q).state == "running"]
+            # a state the verdict does not know is waited on too: the verdict, not this loop, decides on it
+            running = [q for q in by_chunk.get(int(chunk), []) if not STATEMENT_PHASES.get(self.status(q).state)]
             if running:
                 log.info("Chunk %d: re-attaching to statement(s) %s of an earlier try", chunk, ", ".join(running))
                 self.counts["reattached"] += len(running)
@@ -331,10 +332,11 @@ class CortexRun:
                     if states[qid]["state"] == "running":
                         states[qid] = self.status(qid).as_dict()
                 errors = 0
-            except Exception as exc:  # the connector's network or server errors: poll again, up to a bound
+            except Exception as exc:  # the hook classifies it; the verdict decides
                 errors, failure = errors + 1, exc
             result = verdict({q: s["state"] for q, s in states.items()}, kind=STATEMENTS,
-                             error=PollError.TRANSIENT if failure is not None else PollError.NONE,
+                             error=PollError.of([is_transient(failure)] if failure is not None else []),
+                             last_error=("?", f"{type(failure).__name__}: {failure}") if failure else None,
                              consecutive_errors=errors, max_consecutive_errors=MAX_POLL_ERRORS,
                              end_time=end_time, now=_now())
             if result.next is Next.FAILED and failure is not None:

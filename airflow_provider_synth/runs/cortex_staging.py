@@ -17,17 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import redact
 
-from airflow_provider_synth.batch.cortex_sql import (
+from airflow_provider_synth.runs.cortex import SETTLE_S
+from airflow_provider_synth.runs.cortex_sql import (
     STAGING_COMMENT,
     TABLE_SUFFIXES,
     StagingTables,
-    Statement,
     staging_tables_listing,
 )
-from airflow_provider_synth.runs.cortex import SETTLE_S
 
 if TYPE_CHECKING:
-    from airflow_provider_synth.hooks.cortex import CortexHook
+    from airflow_provider_synth.hooks.cortex import CortexHook, Statement
 
 
 DAY_S = 86400.0

@@ -33,10 +33,10 @@ from airflow_provider_synth.batch.status import (
     Verdict,
     verdict,
 )
-from airflow_provider_synth.batch.usage import Usage, cost_usd
+from airflow_provider_synth.batch.usage import USAGE_TOLERANCE, Usage, cost_usd, usage_mismatch
 from airflow_provider_synth.exceptions import BatchFailedError
 from airflow_provider_synth.hooks.openai import batch_summary, is_transient
-from airflow_provider_synth.runs.openai_direct import DirectRounds, answer_round, estimate_direct_cost
+from airflow_provider_synth.runs.openai_direct import DirectRounds, Tier, answer_round, estimate_direct_cost
 
 if TYPE_CHECKING:
     from openai.types import Batch
@@ -477,8 +477,8 @@ class BatchRun:
     # -- the direct-API tail ----------------------------------------------------------------------------------
 
     def answer_directly(self, todo: list[tuple[int, int]], limit: int, concurrency: int,
-                        budget_usd: float | None = None, prices: Mapping[str, Any] | None = None
-                        ) -> list[tuple[int, int]]:
+                        budget_usd: float | None = None, prices: Mapping[str, Any] | None = None,
+                        tier: Tier | None = None) -> list[tuple[int, int]]:
         """Answer the retry rounds of ``todo`` through the synchronous API when, together, they hold at most
         ``limit`` requests and their direct cost fits ``budget_usd`` (what ``max_cost_usd`` leaves after the
         batch estimate and earlier direct rounds); a direct round a crash interrupted is always finished.
@@ -488,7 +488,7 @@ class BatchRun:
         if not limit or sum(self.pending.get(t, 0) for t in fresh) > limit:
             fresh = []
         requests = {t: self._round_requests(*t) for t in [*resumed, *fresh]}
-        est = estimate_direct_cost([r for t in fresh for r in requests[t]], self.plan.model, prices)
+        est = estimate_direct_cost([r for t in fresh for r in requests[t]], self.plan.model, prices, tier)
         if fresh and budget_usd is not None:
             left = budget_usd - self.direct.est_cost_usd
             if est is None or est > left:
@@ -501,7 +501,7 @@ class BatchRun:
         if fresh:
             self.direct.save()
         for shard, rnd in [*resumed, *fresh]:
-            answer_round(self.hook, self.direct, shard, rnd, requests[(shard, rnd)], concurrency)
+            answer_round(self.hook, self.direct, shard, rnd, requests[(shard, rnd)], concurrency, tier)
         return [t for t in todo if t not in resumed and t not in fresh]
 
     def costs(self, acct: Accounting, prices: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -514,6 +514,7 @@ class BatchRun:
         batch_usage = Usage(**{k: max(v - direct["direct_usage"][k], 0) for k, v in billed.as_dict().items()})
         batch_cost = cost_usd(batch_usage, model, prices)
         out: dict[str, Any] = {"cost_usd": batch_cost}
+        out.update(self._service_usage(batch_usage))
         if direct["direct_rounds"]:
             out.update(direct)
             dc = direct["direct_cost_usd"]
@@ -524,6 +525,29 @@ class BatchRun:
         if plan.est_input_tokens and acct.succeeded and sent:
             expected = plan.est_input_tokens * acct.succeeded / sent
             out["input_tokens_ratio"] = round(acct.usage.prompt_tokens / expected, 4)
+        return out
+
+    def _service_usage(self, own: Usage) -> dict[str, Any]:
+        """The service's own usage for the run's batches (``service_usage``, where every batch reports one),
+        beside the run's sum; a difference over :data:`~airflow_provider_synth.batch.usage.USAGE_TOLERANCE` is
+        logged and kept as ``usage_mismatch``."""
+        reported = [ref.state.get("usage") for ref in self.batches.values()]
+        if not reported or any(u is None for u in reported):
+            return {}
+        service = Usage()
+        for u in reported:
+            service.add(Usage.from_dict(u or {}))
+        service.requests = own.requests
+        out: dict[str, Any] = {"service_usage": service.as_dict()}
+        models = sorted({str(m) for ref in self.batches.values() if (m := ref.state.get("model"))})
+        if models:
+            out["service_model"] = models[0] if len(models) == 1 else models
+        mismatch = usage_mismatch(own, service)
+        if mismatch:
+            log.warning("the run's own token count differs from what the service reports for its batches by over "
+                        "%.0f%%: %s (answers the merge did not read, or tokens billed for answers never returned)",
+                        USAGE_TOLERANCE * 100, mismatch)
+            out["usage_mismatch"] = mismatch
         return out
 
     def _round_requests(self, shard: int, rnd: int) -> list[bytes]:

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 #: ``{"shard-round": {"requests", "parts", "done", "est_cost_usd"}}`` of the run's direct rounds.
 DIRECT_FILE = "direct.json"
+#: Flex processing answers slowly: OpenAI advises a 15-minute timeout per request (the SDK's default is 10).
+FLEX_TIMEOUT_S = 900.0
+#: The failure code of a request flex had no capacity for (a 429; retryable: the next round asks again).
+FLEX_UNAVAILABLE = "flex_resource_unavailable"
 #: A part file is written at least this often (seconds) and every PART_LINES answers.
 PART_SECONDS, PART_LINES = 5.0, 200
 
@@ -88,8 +92,10 @@ class DirectRounds:
 
     def summary(self, model: str | None, prices: Mapping[str, Price | tuple[float, float, float]] | None
                 ) -> dict[str, Any]:
-        """``direct_requests`` (requests sent), their usage and cost at the direct price, for the manifest."""
-        usage = Usage()
+        """``direct_requests`` (requests sent), their usage, which service tier answered how many
+        (``direct_tiers``, from each answer's ``service_tier``), and their cost: flex answers at the batch
+        price, the others at the direct price; for the manifest."""
+        usage, by_tier = Usage(), dict[str, Usage]()
         for shard, rnd in self.pairs():
             for path in self.outputs(shard, rnd):
                 with open_path(path, "rb") as fp:
@@ -97,41 +103,89 @@ class DirectRounds:
                         out = parse_output_line(raw)
                         if out.ok:
                             usage.add_counts(out.usage)
+                            tier = str(((loads(raw).get("response") or {}).get("body") or {}).get("service_tier")
+                                       or "default")
+                            by_tier.setdefault(tier, Usage()).add_counts(out.usage)
+        costs = [cost_usd(u, model, prices, batch=tier == "flex") for tier, u in by_tier.items()]
+        total = None if any(c is None for c in costs) else round(sum(c or 0.0 for c in costs), 6)
         return {"direct_requests": sum(int(r.get("requests", 0)) for r in self.rounds.values()),
                 "direct_rounds": len(self.rounds), "direct_usage": usage.as_dict(),
-                "direct_cost_usd": cost_usd(usage, model, prices, batch=False)}
+                "direct_tiers": {tier: u.requests for tier, u in sorted(by_tier.items())},
+                "direct_cost_usd": total}
+
+
+@dataclass(frozen=True)
+class Tier:
+    """The service tier the direct tail asks for.
+
+    :param name: ``"flex"``, ``"default"``, or ``None`` (the project's default, no ``service_tier`` sent).
+    :param fallback: answer at the default tier a request flex had no capacity for.
+    """
+
+    name: str | None = None
+    fallback: bool = False
+
+    @property
+    def flex(self) -> bool:
+        return self.name == "flex"
+
+    @property
+    def batch_priced(self) -> bool:
+        """Whether the budget may count the tail at the batch price: flex only, with no fallback to the
+        direct price."""
+        return self.flex and not self.fallback
 
 
 def estimate_direct_cost(requests: Sequence[bytes], model: str | None,
-                         prices: Mapping[str, Price | tuple[float, float, float]] | None) -> float | None:
-    """The most these requests may cost at the direct price (their input, and the output they allow)."""
+                         prices: Mapping[str, Price | tuple[float, float, float]] | None,
+                         tier: Tier | None = None) -> float | None:
+    """The most these requests may cost through the synchronous API (their input, and the output they allow):
+    at the batch price on the flex tier without fallback, else at the direct price."""
     bodies = [loads(raw) for raw in requests]
     tokens_in = sum(estimate_request_tokens(b) for b in bodies)
     tokens_out = sum(declared_output_tokens(b) for b in bodies)
-    return estimate_cost(tokens_in, tokens_out, model, prices, batch=False)
+    return estimate_cost(tokens_in, tokens_out, model, prices, batch=(tier or Tier()).batch_priced)
 
 
-def _answer(hook: OpenAIBatchHook, raw: bytes) -> bytes:
+def _error(cid: str, exc: Any) -> bytes:
+    err = (exc.body or {}).get("error", exc.body) if isinstance(exc.body, dict) else None
+    code = str((err or {}).get("code") or (err or {}).get("type") or f"http_{exc.status_code}")
+    return error_line(cid, code, str(redact(str(exc)))[:500], status_code=exc.status_code)
+
+
+def _answer(hook: OpenAIBatchHook, raw: bytes, tier: Tier | None = None) -> bytes:
     """One request line through the synchronous API, as a batch output line (a success or an error)."""
     import openai
 
+    tier = tier or Tier()
     request = loads(raw)
     cid = str(request["custom_id"])
+    body = dict(request.get("body") or {})
+    if tier.name is not None:
+        body["service_tier"] = tier.name
     try:
-        body = hook.create_direct(request["url"], request.get("body") or {}, custom_id=cid)
+        try:
+            slow: dict[str, Any] = {"timeout": FLEX_TIMEOUT_S} if tier.flex else {}
+            answer = hook.create_direct(request["url"], body, custom_id=cid, **slow)
+        except openai.RateLimitError as exc:  # the SDK's retries spent
+            if not tier.flex:
+                raise
+            if not tier.fallback:
+                return error_line(cid, FLEX_UNAVAILABLE, "flex processing had no capacity (429) after the SDK's "
+                                  f"retries: {str(redact(str(exc)))[:400]}", status_code=429)
+            log.info("%s: flex had no capacity; answered at the default tier (direct price)", cid)
+            answer = hook.create_direct(request["url"], {**body, "service_tier": "default"}, custom_id=cid)
     except openai.APIStatusError as exc:
-        err = (exc.body or {}).get("error", exc.body) if isinstance(exc.body, dict) else None
-        code = str((err or {}).get("code") or (err or {}).get("type") or f"http_{exc.status_code}")
-        return error_line(cid, code, str(redact(str(exc)))[:500], status_code=exc.status_code)
+        return _error(cid, exc)
     except (openai.APIConnectionError, openai.APITimeoutError) as exc:  # SDK retries spent: a retryable miss
         return error_line(cid, "request_timeout", str(redact(f"{type(exc).__name__}: {exc}"))[:500])
-    return success_line(cid, body, request_id=str(body.get("id") or "") or None)
+    return success_line(cid, answer, request_id=str(answer.get("id") or "") or None)
 
 
 def answer_round(hook: OpenAIBatchHook, rounds: DirectRounds, shard: int, rnd: int, requests: Sequence[bytes],
-                 concurrency: int) -> int:
-    """Answer a round's requests through the synchronous API, ``concurrency`` at a time, skipping those a
-    recorded part already answered; mark the round done. Returns how many calls were made."""
+                 concurrency: int, tier: Tier | None = None) -> int:
+    """Answer a round's requests through the synchronous API, ``concurrency`` at a time (on ``tier``),
+    skipping those a recorded part already answered; mark the round done. Returns how many calls were made."""
     rec = rounds.rounds.setdefault(_key(shard, rnd), {"requests": len(requests), "parts": 0, "done": False})
     rounds.save()  # before any call: a task that crashes from here on re-attaches to this round
     answered: set[str] = set()
@@ -159,7 +213,7 @@ def answer_round(hook: OpenAIBatchHook, rounds: DirectRounds, shard: int, rnd: i
 
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="synth-direct")
     try:
-        pending: set[Future[bytes]] = {pool.submit(_answer, hook, raw) for raw in todo}
+        pending: set[Future[bytes]] = {pool.submit(_answer, hook, raw, tier) for raw in todo}
         while pending:
             done, pending = wait(pending, timeout=PART_SECONDS, return_when=FIRST_COMPLETED)
             lines.extend(f.result() for f in done if f.exception() is None)

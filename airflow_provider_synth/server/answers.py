@@ -266,6 +266,10 @@ def answer(url: str, body: dict[str, Any], custom_id: str, content: str | None =
     path = url.removeprefix("/v1")
     if path == "/embeddings":
         return embeddings(body, custom_id)
+    if path == "/moderations":
+        from airflow_provider_synth.server.moderations import moderation
+
+        return moderation(body, custom_id)
     if path == "/responses":
         return responses(body, custom_id, content)
     if path == "/completions":

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import hmac
 import logging
 import shutil
@@ -49,6 +50,13 @@ STARTUP_ONLY = frozenset({
     "upstream_url", "upstream_api_key", "upstream_model", "upstream_concurrency", "upstream_timeout_s",
     "upstream_retries",
 })
+
+
+def _tiered(answer: dict[str, Any], tier: str, endpoint: str) -> dict[str, Any]:
+    """Chat and Responses answers name the service tier that served them, as OpenAI's do."""
+    if endpoint.removeprefix("/v1") in ("/chat/completions", "/responses"):
+        answer["service_tier"] = tier
+    return answer
 
 
 class APIError(Exception):
@@ -290,9 +298,26 @@ class SynthBatchApp:
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError
+        if fault.kind == "truncate" and request.match_info.get("file_id"):
+            await self._truncated_download(request, fault)
         headers = {"retry-after": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
         body = Outcome.error(fault.status, message=f"Injected fault: status {fault.status}.").error_body()
         return _json(body, fault.status, headers)
+
+    async def _truncated_download(self, request: web.Request, fault: Fault) -> None:
+        """Send the file's full length in the headers, then only its first ``after_bytes`` bytes, then hang up."""
+        record = self._file(request)
+        data = self.store.file_path(record.id).read_bytes()
+        cut = len(data) // 2 if fault.after_bytes is None else min(fault.after_bytes, len(data))
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                               "Content-Length": str(len(data))})
+        await response.prepare(request)
+        await response.write(data[:cut])
+        if fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError
 
     # --- routes ---------------------------------------------------------------------------------------------
 
@@ -489,8 +514,17 @@ class SynthBatchApp:
             body.setdefault("model", request.match_info["deployment"])
         self.counters.inc("direct_requests")
         custom_id = request.headers.get(CLIENT_REQUEST_ID_HEADER)
+        body = body if isinstance(body, dict) else {}
+        tier = "flex" if body.get("service_tier") == "flex" else "default"
+        if tier == "flex":
+            self.counters.inc("direct_requests_flex")
+            if any(fnmatch.fnmatchcase(custom_id or "", p) for p in self.config.flex_unavailable):
+                self.counters.inc("direct_flex_unavailable")
+                return _json(Outcome.error(429, code="resource_unavailable", message=(
+                    "Resource Unavailable: flex processing has no capacity for this request now; retry later or "
+                    "use the default service tier.")).error_body(), 429)
         if not custom_id:
-            return _json(answers.answer(endpoint, body if isinstance(body, dict) else {}, "direct"))
+            return _json(_tiered(answers.answer(endpoint, body, "direct"), tier, endpoint))
         # a client request id names the request as a custom_id does: the same outcome rules apply
         outcome = self.rules.outcome_for(custom_id)
         if outcome.kind == "error":
@@ -498,9 +532,9 @@ class SynthBatchApp:
         if outcome.kind != "success":
             return _json(Outcome.error(408, code="request_timeout", message=outcome.message).error_body(), 408)
         self.counters.inc("direct_requests_answered")
-        answer = answers.answer(endpoint, body if isinstance(body, dict) else {}, custom_id, outcome.content)
+        answer = answers.answer(endpoint, body, custom_id, outcome.content)
         answers.shape_answer(answer, outcome.finish_reason, outcome.refusal)
-        return _json(answer, headers={CLIENT_REQUEST_ID_HEADER: custom_id})
+        return _json(_tiered(answer, tier, endpoint), headers={CLIENT_REQUEST_ID_HEADER: custom_id})
 
     async def get_config(self, request: web.Request) -> web.Response:
         return _json(self.config_view())

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-OutcomeKind = Literal["success", "error", "batch_expired", "request_timeout"]
-FaultKind = Literal["status", "delay", "drop"]
+OutcomeKind = Literal["success", "error", "batch_expired", "request_timeout", "unreadable", "cut_off"]
+FaultKind = Literal["status", "delay", "drop", "truncate"]
 InvalidInputMode = Literal["reject", "fail"]
 
 _DEFAULT_ERROR_CODES = {
@@ -66,6 +66,17 @@ class Outcome:
     def success(cls, content: str | None = None) -> Outcome:
         """A 200 line with a generated (or the given) answer."""
         return cls("success", 200, content=content)
+
+    @classmethod
+    def unreadable(cls, text: str | None = None) -> Outcome:
+        """The output line is not JSON at all (by default a proxy's HTML 502 page on one line): corrupt service
+        output, in the output file as the service holds it (its ``bytes`` count it)."""
+        return cls("unreadable", 200, content=text)
+
+    @classmethod
+    def cut_off(cls) -> Outcome:
+        """The output line stops half way (a service that lost the end of its output file)."""
+        return cls("cut_off", 200)
 
     @classmethod
     def truncated(cls, content: str | None = None) -> Outcome:
@@ -144,11 +155,14 @@ class Fault:
     :param route: glob on ``"METHOD /path"``, Azure paths normalised to ``/v1/...``, e.g.
         ``"POST /v1/files"`` or ``"GET /v1/batches/*"``.
     :param kind: ``status`` (answer ``status`` with an OpenAI error body), ``delay`` (sleep ``delay_s``,
-        then answer normally) or ``drop`` (close the connection without an answer).
+        then answer normally), ``drop`` (close the connection without an answer) or ``truncate`` (a file
+        download, ``GET /v1/files/*/content``, sends its full ``Content-Length`` but only the first
+        ``after_bytes`` bytes, waits ``delay_s``, then closes the connection: a download cut mid-stream).
     :param status: the status of a ``status`` fault.
     :param retry_after: value of the ``retry-after`` header of a ``status`` fault (seconds).
     :param delay_s: the delay of a ``delay`` fault.
     :param times: how many matching requests get the fault; ``None`` = all of them.
+    :param after_bytes: the bytes a ``truncate`` fault sends before it cuts (``None``: half of the file).
     """
 
     route: str
@@ -157,6 +171,7 @@ class Fault:
     retry_after: float | None = None
     delay_s: float = 0.0
     times: int | None = 1
+    after_bytes: int | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Fault:
@@ -207,6 +222,9 @@ class ServerConfig:
     :param upstream_timeout_s: timeout of one upstream request.
     :param upstream_retries: attempts per request on 429, 5xx, timeouts and connection errors.
     :param upstream_model: model name sent upstream instead of the request's own.
+    :param flex_unavailable: custom_id patterns (``X-Client-Request-Id`` of the synchronous routes) whose
+        ``service_tier: "flex"`` requests are answered 429 "resource unavailable", as flex answers when it has
+        no capacity (``["*"]``: flex never has any). Answers name the tier that served them (``service_tier``).
     """
 
     host: str = "127.0.0.1"
@@ -237,6 +255,7 @@ class ServerConfig:
     upstream_timeout_s: float = 60.0
     upstream_retries: int = 3
     upstream_model: str | None = None
+    flex_unavailable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.invalid_input not in ("reject", "fail"):
@@ -265,6 +284,8 @@ class ServerConfig:
             )
         if "faults" in changes:
             changes["faults"] = tuple(f if isinstance(f, Fault) else Fault.from_dict(f) for f in changes["faults"])
+        if "flex_unavailable" in changes:
+            changes["flex_unavailable"] = tuple(changes["flex_unavailable"])
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

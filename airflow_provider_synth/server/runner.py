@@ -29,7 +29,10 @@ from airflow_provider_synth.server.state import BatchRecord, FileRecord, Store, 
 
 log = logging.getLogger(__name__)
 
-BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions")
+BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions", "/v1/moderations")
+#: Endpoints answered by the stand-in even in gateway mode: an OpenAI-compatible engine (vLLM) has no moderation
+#: classifier.
+LOCAL_ENDPOINTS = ("/v1/moderations",)
 MAX_EMBEDDING_INPUTS = 50_000
 MAX_PROBLEMS = 20
 #: Steps this small run inline on the event loop; larger ones go to a worker thread.
@@ -37,6 +40,8 @@ INLINE_ITEMS = 64
 #: Output files this small are published inline too (1,000 batches finishing together stay quick).
 INLINE_BYTES = 1 << 16
 
+#: what an ``Outcome.unreadable()`` line holds: a proxy's error page where a JSON line should be
+BAD_GATEWAY_PAGE = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
 _NULL_MESSAGES = {
     "batch_expired": "This request could not be executed before the completion window expired.",
     "batch_cancelled": "This request was not executed because the batch was cancelled.",
@@ -185,6 +190,12 @@ def outcome_result(item: Item, outcome: Outcome) -> Result:
         return Result(True, output_line(item.custom_id, 200, body), answers.usage_of(body))
     if outcome.kind == "error":
         return Result(False, output_line(item.custom_id, outcome.status, outcome.error_body()))
+    if outcome.kind == "unreadable":  # in the output file, counted as completed: the service thinks it answered
+        return Result(True, (outcome.content or BAD_GATEWAY_PAGE).replace("\n", " ").encode() + b"\n")
+    if outcome.kind == "cut_off":
+        body = answers.answer(item.url, item.body, item.custom_id, None)
+        line = output_line(item.custom_id, 200, body)
+        return Result(True, line[: len(line) // 2] + b"\n")
     return Result(False, null_line(item.custom_id, outcome.kind, outcome.message))
 
 

@@ -152,9 +152,10 @@ class BatchServer:
         retry_after: float | None = None,
         delay_s: float = 0.0,
         times: int | None = 1,
+        after_bytes: int | None = None,
     ) -> None:
         """Inject an HTTP fault on routes matching ``route`` (glob on ``"METHOD /v1/path"``); see :class:`Fault`."""
-        self.app.rules.add_fault(Fault(route, kind, status, retry_after, delay_s, times))
+        self.app.rules.add_fault(Fault(route, kind, status, retry_after, delay_s, times, after_bytes))
 
     def reset(self) -> None:
         """Zero the counters and drop every outcome rule and fault."""

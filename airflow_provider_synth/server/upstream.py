@@ -19,7 +19,15 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from airflow_provider_synth.server import answers
 from airflow_provider_synth.server.config import Rules, ServerConfig
-from airflow_provider_synth.server.runner import Item, Result, null_line, outcome_result, output_line
+from airflow_provider_synth.server.runner import (
+    LOCAL_ENDPOINTS,
+    Item,
+    Result,
+    normalize_endpoint,
+    null_line,
+    outcome_result,
+    output_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +113,7 @@ class UpstreamProcessor:
 
     async def _one(self, item: Item) -> Result:
         outcome = self.rules.outcome_for(item.custom_id)
-        if outcome.kind != "success" or outcome.content is not None:
+        if outcome.kind != "success" or outcome.content is not None or normalize_endpoint(item.url) in LOCAL_ENDPOINTS:
             return outcome_result(item, outcome)
         cfg = self.config()
         session, semaphore = self._client()

@@ -11,8 +11,7 @@ from airflow_provider_synth.batch.status import STATEMENTS
 from airflow_provider_synth.triggers.base import PollingTrigger, trigger_event
 
 if TYPE_CHECKING:
-    from airflow_provider_synth.batch.cortex import StatementStatus
-    from airflow_provider_synth.hooks.cortex import CortexAsyncHook
+    from airflow_provider_synth.hooks.cortex import CortexAsyncHook, StatementStatus
 
 # The triggerer imports a trigger's class path inside its event loop: the hook (the snowflake provider, the
 # batch core) is imported in a thread by run() and on_kill() instead.
@@ -86,10 +85,9 @@ class CortexStatementTrigger(PollingTrigger):
         return f"Statement {item_id}: {state.state} ({state.message})"
 
     def _event(self, status: str, message: str) -> TriggerEvent:
-        from airflow_provider_synth.batch.cortex import StatementStatus
-
+        not_polled = {"state": "running", "message": "not polled yet"}
         statements = {
-            q: (self._states.get(q) or StatementStatus(q, "running", "not polled yet")).as_dict()
+            q: state.as_dict() if (state := self._states.get(q)) else {"query_id": q, **not_polled}
             for q in self.query_ids
         }
         return trigger_event({"status": status, "message": message, "statements": statements})

@@ -19,8 +19,8 @@ def leave_staging_tables(runs: list[dict[str, Any]]) -> None:
     """Create the staging tables runs left, as ``CortexBatchOperator`` creates them: ``{"key", "run_id",
     "age_days", "submitting"}``; ``submitting``: an intent written just now and no query id yet (a worker in the
     middle of a submit: its statement may be running)."""
-    from airflow_provider_synth.batch.cortex_sql import STAGING_COMMENT, StagingTables
     from airflow_provider_synth.hooks.cortex import CortexHook
+    from airflow_provider_synth.runs.cortex_sql import STAGING_COMMENT, StagingTables
 
     hook = CortexHook()
     try:

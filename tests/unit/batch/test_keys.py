@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from airflow_provider_synth.batch.cortex_sql import run_key as cortex_run_key
+from airflow_provider_synth.runs.cortex_sql import run_key as cortex_run_key
 from airflow_provider_synth.runs.openai import idempotency_key
 
 

@@ -29,6 +29,7 @@ BODIES = {
     "/v1/embeddings": {"model": "m", "input": "hi"},
     "/v1/responses": {"model": "m", "input": "hi"},
     "/v1/completions": {"model": "m", "prompt": "hi"},
+    "/v1/moderations": {"model": "omni-moderation-latest", "input": "hi"},
 }
 
 

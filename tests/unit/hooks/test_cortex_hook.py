@@ -8,9 +8,18 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_synth.batch import cortex
-from airflow_provider_synth.batch.cortex_sql import StagingTables
-from airflow_provider_synth.hooks.cortex import CortexAsyncHook, CortexHook, sql_api_base_url
+from airflow_provider_synth.batch.status import STATEMENTS, Next, PollError, verdict
+from airflow_provider_synth.hooks.cortex import (
+    CortexAsyncHook,
+    CortexHook,
+    StatementPollError,
+    is_transient,
+    sql_api_base_url,
+    status_from_connector,
+    status_from_sql_api,
+)
+from airflow_provider_synth.runs import cortex_mapping as cortex
+from airflow_provider_synth.runs.cortex_sql import StagingTables
 from airflow_provider_synth.testing.cortex import FakeCortex, FakeSqlApi
 
 PAT = "pat-secret-0123456789"
@@ -49,7 +58,7 @@ def test_stage_submit_status_and_read_back(fake: FakeCortex):
     hook = CortexHook("sf_test")
     tables = StagingTables(None, None, "T_HOOK")
     hook.run_statements(tables.create())
-    assert hook.bulk_write(tables, iter(_calls("a", "b", "c")), batch_rows=2) == 3
+    assert hook.bulk_write(tables.plain_names(), iter(_calls("a", "b", "c")), batch_rows=2) == 3
     assert hook.fetch_all(tables.count_requests()) == [(3,)]
     query_id = hook.submit(tables.complete_chunk("llama3.1-8b", 0, 10))
     assert hook.get_statement_status(query_id).state == "success"
@@ -69,7 +78,7 @@ def test_values_cannot_inject_sql(fake: FakeCortex):
     tables = StagingTables(None, None, "T_EVIL")
     hook.run_statements(tables.create())
     call = cortex.map_chat_body(evil, {"messages": [{"role": "user", "content": evil}]})
-    hook.bulk_write(tables, [cortex.staging_row(1, call)])
+    hook.bulk_write(tables.plain_names(), [cortex.staging_row(1, call)])
     hook.submit(tables.complete_chunk(evil, 0, 10))
     assert fake.calls == [evil]
     (cid, answered, output), = hook.iter_rows(tables.read_back())
@@ -166,3 +175,55 @@ async def test_query_ids_are_one_quoted_path_segment(sql_api: FakeSqlApi) -> Non
         await hook.acancel_statement(odd)
     assert status.state == "running", "the statement's own route answered (202), not another one"
     assert sql_api.polls == {odd: 1} and sql_api.cancelled == [odd]
+
+
+# -- the hook names what it saw; the verdict decides ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "state"),
+    [("SUCCESS", "success"), ("RUNNING", "running"), ("QUEUED", "running"), ("RESUMING_WAREHOUSE", "running"),
+     ("FAILED_WITH_ERROR", "error"), ("ABORTED", "error")],
+)
+def test_connector_status_classification(name, state):
+    assert status_from_connector("q", name).state == state
+
+
+def test_an_unknown_connector_state_is_passed_on_for_the_verdict_to_stop_on():
+    """Old main made an unknown state a terminal "error" (the run then read back and accounted its rows as
+    missing): the hook decided before the verdict. Now the verdict sees the state and says UNKNOWN."""
+    status = status_from_connector("q", "SOMETHING_NEW")
+    assert status.state == "SOMETHING_NEW" and "unknown statement status" in status.message
+    assert verdict({"q": status.state}, kind=STATEMENTS).next is Next.UNKNOWN
+
+
+def test_sql_api_statement_answers():
+    assert status_from_sql_api("q", 200, {"message": "ok"}).state == "success"
+    assert status_from_sql_api("q", 202, {"message": "in progress"}).state == "running"
+    failed = status_from_sql_api("q", 422, {"message": "boom", "code": "100132", "sqlState": "P0000"})
+    assert failed.state == "error" and failed.message == "HTTP 422: boom (code: 100132, sqlState: P0000)"
+    assert status_from_sql_api("q", 408, {"message": "timeout"}).state == "error"
+
+
+@pytest.mark.parametrize(("http_status", "transient"), [(429, True), (500, True), (503, True), (504, True),
+                                                          (401, False), (403, False), (404, False), (400, False)])
+def test_sql_api_answers_about_no_statement_are_polling_errors(http_status, transient):
+    """Old main made 429/5xx "running" (never counted against max_consecutive_errors: a throttled poll waited
+    forever) and 401/403/404 a failed statement. Now they are polling errors the verdict counts or stops on."""
+    with pytest.raises(StatementPollError) as err:
+        status_from_sql_api("q", http_status, {"message": "no"})
+    assert is_transient(err.value) is transient
+    outcome = verdict({"q": "running"}, kind=STATEMENTS, error=PollError.of([transient]),
+                      last_error=("q", str(err.value)), consecutive_errors=6, max_consecutive_errors=5)
+    assert outcome.next is Next.FAILED
+
+
+def test_connector_errors_are_classified():
+    from snowflake.connector import errors
+
+    assert is_transient(errors.OperationalError("Failed to connect"))
+    assert is_transient(errors.ServiceUnavailableError())
+    assert not is_transient(errors.ProgrammingError("SQL compilation error"))
+    assert not is_transient(errors.ForbiddenError())
+    assert not is_transient(ValueError("bad private key"))
+    assert is_transient(ConnectionResetError())

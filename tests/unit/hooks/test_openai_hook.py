@@ -349,14 +349,24 @@ def test_batch_summary_shapes():
         "output_file_id": None,
         "error_file_id": "file-err",
         "errors": ["invalid_json: bad (line 2)", "error: "],
+        "usage": None,
+        "model": None,
     }
     # the trigger's direct polls build the same state from the JSON, without the SDK's model
     assert batch_state(payload) == batch_summary(batch)
     bare = {**payload, "status": "validating", "request_counts": None, "errors": None, "error_file_id": None}
     assert batch_state(bare) == batch_summary(Batch.model_validate(bare)) == {
         "status": "validating", "request_counts": {"total": 0, "completed": 0, "failed": 0},
-        "output_file_id": None, "error_file_id": None, "errors": [],
+        "output_file_id": None, "error_file_id": None, "errors": [], "usage": None, "model": None,
     }
+    # the service's own usage and model, in the core's names
+    usage = {"input_tokens": 120, "input_tokens_details": {"cached_tokens": 20}, "output_tokens": 40,
+             "output_tokens_details": {"reasoning_tokens": 5}, "total_tokens": 160}
+    billed = {**payload, "usage": usage, "model": "gpt-4o-mini-2024-07-18"}
+    assert batch_state(billed) == batch_summary(Batch.model_validate(billed))
+    assert batch_state(billed)["usage"] == {"prompt_tokens": 120, "cached_tokens": 20, "completion_tokens": 40,
+                                            "reasoning_tokens": 5, "total_tokens": 160}
+    assert batch_state(billed)["model"] == "gpt-4o-mini-2024-07-18"
 
 
 # -- async hook -------------------------------------------------------------------------------------------------

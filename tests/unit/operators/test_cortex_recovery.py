@@ -20,11 +20,11 @@ import pytest
 import snowflake.connector
 from airflow.exceptions import TaskDeferred
 
-from airflow_provider_synth.batch.cortex_sql import StagingTables
 from airflow_provider_synth.exceptions import TriggerEventError
 from airflow_provider_synth.hooks.cortex import CortexHook
 from airflow_provider_synth.operators.cortex import CortexBatchOperator
 from airflow_provider_synth.runs import cortex as runs_cortex
+from airflow_provider_synth.runs.cortex_sql import StagingTables
 from airflow_provider_synth.testing.cortex import FakeCortex, SimulatedKill
 
 N, CHUNK = 16, 4
@@ -290,3 +290,22 @@ def test_cancel_at_the_deadline_rolls_the_statements_back(fake: FakeCortex, tmp_
     op.timeout = 3600  # a new budget: the retry answers only what is missing
     manifest = _complete(op, fake, _defer(op, 2), 2)
     _assert_landed(fake, tmp_path, manifest)
+
+
+def test_a_fatal_status_error_ends_the_worker_wait_at_once(fake: FakeCortex, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    """The hook classifies its own errors: a revoked grant (ProgrammingError) is not waited out five times as
+    old main did (it treated every exception as transient); the wait fails at the first such poll."""
+    fake.hold()
+    polls: list[str] = []
+
+    def denied(self: object, query_id: str) -> object:
+        polls.append(query_id)
+        raise snowflake.connector.errors.ProgrammingError(msg="simulated: insufficient privileges", errno=3001)
+
+    slept: list[float] = []
+    monkeypatch.setattr(runs_cortex, "_sleep", slept.append)
+    monkeypatch.setattr("airflow_provider_synth.hooks.cortex.CortexHook.get_statement_status", denied)
+    with pytest.raises(snowflake.connector.errors.ProgrammingError):
+        _op(tmp_path).execute(_ctx(1))
+    assert slept == [] and len(polls) == 1

@@ -112,8 +112,8 @@ def test_a_metrics_backend_that_fails_does_not_fail_the_task(vllm_op: VLLMBatchO
 
 def test_cortex_table_input_is_named_like_the_snowflake_provider(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("airflow.providers.openlineage")
-    from airflow_provider_synth.batch.cortex_sql import TableSource
     from airflow_provider_synth.operators.cortex import CortexBatchOperator
+    from airflow_provider_synth.runs.cortex_sql import TableSource
 
     monkeypatch.setenv("AIRFLOW_CONN_SNOWFLAKE_DEFAULT", json.dumps(
         {"conn_type": "snowflake", "login": "u", "password": "p", "schema": "PUBLIC",

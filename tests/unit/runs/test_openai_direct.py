@@ -107,3 +107,33 @@ def test_direct_cost_estimate_is_at_the_full_price() -> None:
     est = estimate_direct_cost(reqs, "gpt-4o-mini", None)
     assert est is not None and est >= 10 * 50 * 0.60 / 1e6  # at least the output the requests allow, full price
     assert estimate_direct_cost(reqs, "unknown-model", None) is None
+
+
+def test_flex_tail_is_estimated_at_batch_prices_unless_it_may_fall_back() -> None:
+    from airflow_provider_synth.runs.openai_direct import Tier
+
+    reqs = [request(f"r{i}") for i in range(10)]
+    direct = estimate_direct_cost(reqs, "gpt-4o-mini", None)
+    assert estimate_direct_cost(reqs, "gpt-4o-mini", None, Tier("flex")) == pytest.approx(direct / 2, abs=1e-6)
+    assert estimate_direct_cost(reqs, "gpt-4o-mini", None, Tier("flex", fallback=True)) == direct
+
+
+def test_flex_requests_carry_the_tier_and_the_longer_timeout(conn, tmp_path, monkeypatch) -> None:
+    from airflow_provider_synth.runs.openai_direct import FLEX_TIMEOUT_S, Tier
+
+    hook = OpenAIBatchHook("srv")
+    real, seen = hook.create_direct, []
+
+    def spy(url, body, *, custom_id=None, **options):
+        seen.append((body.get("service_tier"), options.get("timeout")))
+        return real(url, body, custom_id=custom_id, **options)
+
+    monkeypatch.setattr(hook, "create_direct", spy)
+    rounds = DirectRounds(str(tmp_path))
+    answer_round(hook, rounds, 0, 1, [request("a"), request("b")], concurrency=2, tier=Tier("flex"))
+    assert seen == [("flex", FLEX_TIMEOUT_S)] * 2
+    summary = rounds.summary("gpt-4o-mini", None)
+    assert summary["direct_tiers"] == {"flex": 2}
+    from airflow_provider_synth.batch.usage import Usage, cost_usd
+
+    assert summary["direct_cost_usd"] == cost_usd(Usage.from_dict(summary["direct_usage"]), "gpt-4o-mini")

@@ -72,16 +72,32 @@ async def test_deadline_is_absolute_and_survives_recreation(api: FakeSqlApi, mon
     assert api.polls["q-slow"] == 1
 
 
-async def test_unknown_http_answer_is_an_error_state(api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch):
+async def test_an_answer_about_no_statement_ends_the_wait_as_a_polling_error(api: FakeSqlApi,
+                                                                              monkeypatch: pytest.MonkeyPatch):
+    """A 404 says nothing about the statement: the verdict stops on a fatal polling error (old main made it a
+    failed statement and reported success)."""
     async def not_found(self: Any, query_id: str) -> Any:
-        from airflow_provider_synth.batch.cortex import status_from_sql_api
+        from airflow_provider_synth.hooks.cortex import status_from_sql_api
 
         return status_from_sql_api(query_id, 404, {"message": "Statement not found"})
 
     monkeypatch.setattr("airflow_provider_synth.hooks.cortex.CortexAsyncHook.poll_statement", not_found)
     (event,) = await _events(CortexStatementTrigger("sf_trig", ["q-x"], poll_interval=0.01))
-    assert event["statements"]["q-x"] == {"query_id": "q-x", "state": "error",
-                                          "message": "HTTP 404: Statement not found"}
+    assert event["status"] == "error" and "HTTP 404: Statement not found" in event["message"]
+    assert event["statements"]["q-x"]["state"] == "running"
+
+
+async def test_throttled_polls_count_against_max_consecutive_errors(api: FakeSqlApi,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    """429 is a transient polling error, counted: old main took it for "still running" and waited forever."""
+    async def throttled(self: Any, query_id: str) -> Any:
+        from airflow_provider_synth.hooks.cortex import status_from_sql_api
+
+        return status_from_sql_api(query_id, 429, {"message": "Too many requests"})
+
+    monkeypatch.setattr("airflow_provider_synth.hooks.cortex.CortexAsyncHook.poll_statement", throttled)
+    events = await _events(CortexStatementTrigger("sf_trig", ["q"], poll_interval=0.001, max_consecutive_errors=2))
+    assert len(events) == 1 and events[0]["status"] == "error" and "3 times in a row" in events[0]["message"]
 
 
 async def test_transient_polling_errors_then_give_up(api: FakeSqlApi, monkeypatch: pytest.MonkeyPatch):

@@ -149,7 +149,8 @@ async def test_one_terminal_event_with_every_batch(api, caplog, capsys):
     assert event["batches"][b1]["status"] == "completed"
     assert event["batches"][b2]["status"] == "cancelled"
     assert event["batches"][b3] == {"status": "completed", "output_file_id": None, "error_file_id": "file-err",
-                                    "request_counts": {"total": 3, "completed": 0, "failed": 3}, "errors": []}
+                                    "request_counts": {"total": 3, "completed": 0, "failed": 3}, "errors": [],
+                                    "usage": None, "model": None}
     assert "1 cancelled, 2 completed" in event["message"]
     assert f"every request failed): {b3}" in event["message"]
     # terminal batches are not polled again; progress is logged on change only

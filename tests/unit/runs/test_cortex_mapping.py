@@ -1,4 +1,4 @@
-"""OpenAI chat bodies -> Cortex arguments, request-file checks, status classification, answers back."""
+"""OpenAI chat bodies -> Cortex arguments, request-file checks, answers back."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from airflow_provider_synth.batch import cortex
 from airflow_provider_synth.batch.errors import InvalidRequestsError
+from airflow_provider_synth.runs import cortex_mapping as cortex
 
 
 def _body(messages: list[dict], **params: object) -> dict:
@@ -137,25 +137,6 @@ def test_table_problems_list_every_issue():
     assert reasons == ["1 row(s) have a NULL id", "2 row(s) have a NULL or empty prompt", "duplicate id (2 rows)"]
     assert err.value.problems[-1].custom_id == "a"
     cortex.table_problems("T", {"rows": 1, "null_ids": 0, "empty_inputs": 0}, [])
-
-
-@pytest.mark.parametrize(
-    ("name", "state"),
-    [("SUCCESS", "success"), ("RUNNING", "running"), ("QUEUED", "running"), ("RESUMING_WAREHOUSE", "running"),
-     ("FAILED_WITH_ERROR", "error"), ("ABORTED", "error"), ("SOMETHING_NEW", "error")],
-)
-def test_connector_status_classification(name, state):
-    assert cortex.status_from_connector("q", name).state == state
-
-
-def test_sql_api_status_classification():
-    assert cortex.status_from_sql_api("q", 200, {"message": "ok"}).state == "success"
-    assert cortex.status_from_sql_api("q", 202, {"message": "in progress"}).state == "running"
-    assert cortex.status_from_sql_api("q", 429, None).state == "running"
-    assert cortex.status_from_sql_api("q", 503, None).state == "running"
-    failed = cortex.status_from_sql_api("q", 422, {"message": "boom", "code": "100132", "sqlState": "P0000"})
-    assert failed.state == "error" and failed.message == "HTTP 422: boom (code: 100132, sqlState: P0000)"
-    assert cortex.status_from_sql_api("q", 404, {}).state == "error"
 
 
 def test_classify_rows_of_both_call_shapes():

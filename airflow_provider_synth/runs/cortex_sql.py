@@ -1,45 +1,30 @@
-"""The SQL of a Cortex batch run, as ``(text, params)`` pairs for the connector's ``qmark`` binding.
+"""The SQL of a Cortex batch run (its staging tables and source tables), as ``(text, params)`` pairs for the
+connector's ``qmark`` binding; the hook's own calls (session, query tag, history, cancel) and identifier
+quoting live with the hook (:mod:`~airflow_provider_synth.hooks.cortex`).
 
 Values (model names, ids, prompts, ranges, query ids) are always bind parameters, never spliced into the
-text. Identifiers (database, schema, table, column names) cannot be bound: :func:`quote_ident` accepts a plain
+text. Identifiers (database, schema, table, column names) cannot be bound: ``quote_ident`` accepts a plain
 Snowflake identifier (upper-cased, as Snowflake resolves it unquoted) or a double-quoted one (case kept), and
 always emits it double-quoted with inner quotes doubled, so no name can close the quote and inject SQL.
-No Airflow imports.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_synth.batch import keys
-
-_PLAIN_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$")
-
-Statement = tuple[str, tuple[Any, ...]]
-
-
-def quote_ident(name: str) -> str:
-    """Quote one identifier part.
-
-    :param name: ``my_table`` (resolved as ``MY_TABLE``, like Snowflake) or ``"My Table"`` (case kept).
-    :raises ValueError: for an empty name or an unquoted name with characters a plain identifier cannot have.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError("an identifier must be a non-empty string")
-    if len(name) >= 2 and name[0] == '"' and name[-1] == '"':
-        inner = name[1:-1].replace('""', '"')
-        if not inner:
-            raise ValueError("an identifier must be a non-empty string")
-        return '"' + inner.replace('"', '""') + '"'
-    if not _PLAIN_IDENT.fullmatch(name):
-        raise ValueError(
-            f"{name!r} is not a plain Snowflake identifier (letters, digits, _ and $, not starting with a digit); "
-            'wrap it in double quotes, e.g. \'"My Table"\', to use it as a quoted identifier'
-        )
-    return '"' + name.upper() + '"'
+from airflow_provider_synth.hooks.cortex import (
+    Statement,
+    cancel_query,
+    current_session,
+    history_of_session,
+    qualified,
+    quote_ident,
+    set_query_tag,
+    string_literal,
+)
 
 
 def split_name(name: str) -> list[str]:
@@ -68,11 +53,6 @@ def split_name(name: str) -> list[str]:
     return parts
 
 
-def qualified(*parts: str | None) -> str:
-    """Join quoted parts, skipping ``None`` (an unset database or schema falls back to the session's)."""
-    return ".".join(quote_ident(p) for p in parts if p)
-
-
 def table_ref(name: str) -> str:
     """Quote a user-given ``[db.][schema.]table`` name."""
     return ".".join(quote_ident(p) for p in split_name(name))
@@ -81,15 +61,6 @@ def table_ref(name: str) -> str:
 def run_key(*parts: Any) -> str:
     """A short stable key (16 hex digits) for a run's staging tables."""
     return keys.run_key(*parts, sep="\x1f", length=16).upper()
-
-
-def string_literal(text: str) -> str:
-    """A Snowflake single-quoted string literal, for the few places that cannot take a bind parameter (a table
-    ``COMMENT``, ``ALTER SESSION SET QUERY_TAG``): backslashes and quotes are escaped, control characters
-    refused, so the text can never end the literal."""
-    if any(ord(ch) < 32 for ch in text):
-        raise ValueError("a string literal here may not hold control characters")
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 #: Every staging table this provider creates carries a COMMENT starting with this; clean-up drops no other table.
@@ -253,40 +224,6 @@ class StagingTables:
         return (f"SELECT COUNT(*) - COUNT(DISTINCT CUSTOM_ID) FROM {self.results}", ())
 
 
-def history_of_session(session_id: str, marker: str, limit: int = 10_000, database: str | None = None) -> Statement:
-    """The statements of one session whose ``QUERY_TAG`` contains ``marker`` (a run's table prefix), running
-    or finished: ``(query_id, query_tag, execution_status, error_message, query_type, query_text[:20])``.
-
-    ``INFORMATION_SCHEMA.QUERY_HISTORY_BY_SESSION`` returns running queries too when no
-    ``END_TIME_RANGE_END`` is given, and the most recent ``RESULT_LIMIT`` (at most 10,000) of the session; a
-    session of this provider submits a run's chunks one after the other and stops at its first error, so a
-    statement whose record was lost is among its last queries. The type and the start of the text tell the
-    chunk's ``INSERT`` from the ``ALTER SESSION`` that sets the tag back (whichever tag Snowflake records for
-    that one). ``database``: whose ``INFORMATION_SCHEMA`` to ask (the staging database; default: the
-    session's current database).
-    """
-    info = qualified(database, "INFORMATION_SCHEMA") if database else "INFORMATION_SCHEMA"
-    return (
-        "SELECT QUERY_ID, QUERY_TAG, EXECUTION_STATUS, ERROR_MESSAGE, QUERY_TYPE, LEFT(QUERY_TEXT, 20) "
-        f"FROM TABLE({info}.QUERY_HISTORY_BY_SESSION(SESSION_ID => ?, RESULT_LIMIT => ?)) "
-        "WHERE CONTAINS(QUERY_TAG, ?) ORDER BY START_TIME",
-        (int(session_id) if session_id.isdigit() else session_id, int(limit), marker),
-    )
-
-
-def current_session() -> Statement:
-    return ("SELECT CURRENT_SESSION()", ())
-
-
-def set_query_tag(tag: str | None) -> Statement:
-    """``ALTER SESSION SET QUERY_TAG`` (``UNSET`` for ``None``); the tag is a literal (no bind here)."""
-    if tag is None:
-        return ("ALTER SESSION UNSET QUERY_TAG", ())
-    if len(tag) > 2000:
-        raise ValueError("a QUERY_TAG holds at most 2,000 characters")
-    return (f"ALTER SESSION SET QUERY_TAG = {string_literal(tag)}", ())
-
-
 def staging_tables_listing(database: str | None, schema: str | None, table_prefix: str) -> Statement:
     """``(schema, table, comment)`` of the tables that look like this provider's staging tables: named
     ``<table_prefix>_<16 hex>_<suffix>`` and commented :data:`STAGING_COMMENT`."""
@@ -351,10 +288,6 @@ class TableSource:
             f"?, ? FROM {src} t",
             (model_parameters, response_format),
         )
-
-
-def cancel_query(query_id: str) -> Statement:
-    return ("SELECT SYSTEM$CANCEL_QUERY(?)", (query_id,))
 
 
 def all_statements(tables: StagingTables, model: str, chunk_size: int) -> Sequence[Statement]:

@@ -1,4 +1,4 @@
-"""Snowflake Cortex, provider-neutral: OpenAI chat bodies to ``AI_COMPLETE`` arguments and back.
+"""Snowflake Cortex requests: OpenAI chat bodies to ``AI_COMPLETE`` arguments and back.
 
 A request whose messages are one user message maps to ``AI_COMPLETE(model, prompt, model_parameters,
 response_format, show_details => TRUE, return_error_details => TRUE)``: a per-row error comes back as data,
@@ -8,7 +8,7 @@ string), which gives NULL on a per-row error, again without failing the statemen
 
 Everything a request asks for that Cortex cannot do (tools, images, ``n > 1``, logprobs, stop sequences,
 temperature over 1...) is refused here, before anything runs in Snowflake, with the file, line and custom_id.
-No Airflow imports.
+Part of the Cortex run (:mod:`~airflow_provider_synth.runs.cortex`); no Airflow imports.
 """
 
 from __future__ import annotations
@@ -379,64 +379,6 @@ def table_problems(name: str, counts: Mapping[str, int], duplicates: list[tuple[
         problems.append(Problem(name, 0, str(value), f"duplicate id ({n} rows)"))
     if problems:
         raise InvalidRequestsError(problems)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Statement status: one classification for the connector's QueryStatus names and the SQL API's HTTP answers.
-
-State = Literal["running", "success", "error"]
-
-_CONNECTOR_RUNNING = frozenset({"RUNNING", "RESUMING_WAREHOUSE", "QUEUED", "QUEUED_REPARING_WAREHOUSE",
-                                "QUEUED_REPAIRING_WAREHOUSE", "BLOCKED", "NO_DATA"})
-_CONNECTOR_ERROR = frozenset({"ABORTING", "ABORTED", "FAILED_WITH_ERROR", "FAILED_WITH_INCIDENT", "DISCONNECTED",
-                              "RESTARTED"})
-#: HTTP answers of the SQL API that mean "ask again later": still running, throttled, or briefly unavailable.
-_SQL_API_TRANSIENT = frozenset({202, 429, 500, 502, 503, 504})
-
-
-@dataclass(frozen=True)
-class StatementStatus:
-    """Where one statement stands.
-
-    :param query_id: the statement's query id (the SQL API's statement handle).
-    :param state: ``running``, ``success`` or ``error``.
-    :param message: Snowflake's message (never contains credentials).
-    """
-
-    query_id: str
-    state: State
-    message: str = ""
-
-    def as_dict(self) -> dict[str, str]:
-        return {"query_id": self.query_id, "state": self.state, "message": self.message}
-
-
-def status_from_connector(query_id: str, status_name: str) -> StatementStatus:
-    """Classify a ``snowflake.connector.constants.QueryStatus`` name."""
-    if status_name == "SUCCESS":
-        return StatementStatus(query_id, "success", "statement succeeded")
-    if status_name in _CONNECTOR_RUNNING:
-        return StatementStatus(query_id, "running", status_name)
-    if status_name in _CONNECTOR_ERROR:
-        return StatementStatus(query_id, "error", f"statement ended {status_name}")
-    return StatementStatus(query_id, "error", f"unknown statement status {status_name!r}")
-
-
-def status_from_sql_api(query_id: str, http_status: int, payload: Mapping[str, Any] | None) -> StatementStatus:
-    """Classify an answer of ``GET /api/v2/statements/{handle}``.
-
-    200 is success, 202 still running, 422 a failed statement (with Snowflake's code and SQL state); 429 and
-    5xx are transient (polled again). Anything else (401, 403, 404...) is an error.
-    """
-    payload = payload or {}
-    message = str(payload.get("message") or "")
-    if http_status == 200:
-        return StatementStatus(query_id, "success", message or "statement succeeded")
-    if http_status in _SQL_API_TRANSIENT:
-        return StatementStatus(query_id, "running", message or f"HTTP {http_status}")
-    details = [f"{k}: {payload[k]}" for k in ("code", "sqlState") if payload.get(k)]
-    suffix = f" ({', '.join(details)})" if details else ""
-    return StatementStatus(query_id, "error", f"HTTP {http_status}: {message or 'no message'}{suffix}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,15 +10,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from sqlglot import exp
 
-from airflow_provider_synth.batch.cortex_sql import (
+from airflow_provider_synth.hooks.cortex import history_of_session, quote_ident, set_query_tag, string_literal
+from airflow_provider_synth.runs.cortex_sql import (
     StagingTables,
     TableSource,
     all_statements,
-    history_of_session,
-    quote_ident,
-    set_query_tag,
     split_name,
-    string_literal,
     table_ref,
 )
 
