@@ -21,6 +21,12 @@ from typing import Any
 from airflow_provider_synth.batch.requests import CHAT, EMBEDDINGS
 from airflow_provider_synth.batch.results import error_line, success_line
 from airflow_provider_synth.batch.usage import Price
+from airflow_provider_synth.runs.anthropic_messages import (
+    API_VERSION_2023,
+    Translation,
+    TranslationError,
+    chat_to_params,
+)
 
 #: ``anthropic_version`` of every Claude body on Bedrock (the Messages API as Bedrock serves it).
 ANTHROPIC_VERSION = "bedrock-2023-05-31"
@@ -237,6 +243,24 @@ def titan_embedding_input(body: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Claude on Bedrock speaks the Messages API of ``anthropic-version: 2023-06-01`` (it takes ``temperature`` and
+#: ``top_p``; structured output goes as one forced tool), named ``bedrock-2023-05-31`` in the body.
+_CLAUDE = Translation(api_version=API_VERSION_2023)
+
+
+def claude_input(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Anthropic Claude: the Anthropic backend's own translation (:mod:`~airflow_provider_synth.runs.
+    anthropic_messages`), without ``model`` (the job names it) and ``metadata`` (Bedrock's body has none),
+    with ``anthropic_version: bedrock-2023-05-31``."""
+    try:
+        params, _ = chat_to_params({**body, "model": body.get("model") or "bedrock"}, _CLAUDE)
+    except TranslationError as exc:
+        raise Unsupported(f"Anthropic Claude: {exc}") from None
+    params.pop("model", None)
+    params.pop("metadata", None)
+    return {"anthropic_version": ANTHROPIC_VERSION, **params}
+
+
 # -- native outputs -> OpenAI bodies ---------------------------------------------------------------------------
 
 _FINISH = {"stop": "stop", "end_turn": "stop", "stop_sequence": "stop", "length": "length",
@@ -257,6 +281,14 @@ def _chat_body(rid: str, model: str, text: str | None, finish: str | None, promp
         body["usage"] = {"prompt_tokens": prompt or 0, "completion_tokens": completion or 0,
                          "total_tokens": (prompt or 0) + (completion or 0)}
     return body
+
+
+def claude_output(rid: str, model: str, out: Mapping[str, Any]) -> dict[str, Any]:
+    """Claude's message as it came, as the Anthropic backend lands it (the core reads its text, tool calls,
+    ``stop_reason`` and usage)."""
+    if out.get("type") != "message" or not isinstance(out.get("content"), list):
+        raise ValueError("not an Anthropic message")
+    return dict(out)
 
 
 def llama_output(rid: str, model: str, out: Mapping[str, Any]) -> dict[str, Any]:
@@ -312,6 +344,7 @@ class Family:
 
 
 FAMILIES: list[Family] = [
+    Family("Anthropic Claude", ("anthropic.claude",), CHAT, claude_input, claude_output),
     Family("Meta Llama", ("meta.llama3",), CHAT, llama_input, llama_output),
     Family("Mistral", ("mistral.",), CHAT, mistral_input, mistral_output, per_record_usage=False),
     Family("Amazon Nova", ("amazon.nova-",), CHAT, nova_input, nova_output),

@@ -223,3 +223,19 @@ def test_titan_embeddings_round_trip(bedrock):
     assert acct.succeeded == 100
     body = read_jsonl(bedrock, "out/results.jsonl")[0]["response"]["body"]
     assert len(body["data"][0]["embedding"]) == 4 and body["usage"]["prompt_tokens"] == 2
+
+
+def test_claude_takes_the_anthropic_translation_with_bedrock_s_anthropic_version(bedrock):
+    model = "us.anthropic.claude-3-5-haiku-20241022-v1:0"
+    lines = chat_lines(100, model=model, temperature=0.2, stop=["END"])
+    run = make_run(bedrock, lines, model=model)
+    staged = read_jsonl(bedrock, f"stage/{run.plan.key}/s00000-r0/records.jsonl")[0]["modelInput"]
+    assert staged == {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 20, "system": "Be brief.",
+                      "messages": [{"role": "user", "content": "question 0 "}], "temperature": 0.2,
+                      "stop_sequences": ["END"]}
+    acct = drive(run)
+    assert acct.succeeded == 100 and acct.usage.prompt_tokens > 0
+    from airflow_provider_synth.batch.extract import extract_text
+
+    assert extract_text(read_jsonl(bedrock, "out/results.jsonl")[0]) == "Answer to: question 0 "
+    assert run.manifest(acct)["cost_usd"] > 0
