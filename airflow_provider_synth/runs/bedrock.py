@@ -40,9 +40,10 @@ from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_s
 from airflow_provider_synth.batch.paths import as_path, exists, join_path, list_names, open_path
 from airflow_provider_synth.batch.requests import CHAT, EMBEDDINGS
 from airflow_provider_synth.batch.results import ParsedOutput, error_line
-from airflow_provider_synth.batch.status import JOB_PHASES
+from airflow_provider_synth.batch.status import JOB_PHASES, JOBS
 from airflow_provider_synth.batch.usage import Usage, cost_usd
 from airflow_provider_synth.batch.validate import InvalidRequests, LineChecker, Source, checked_passes
+from airflow_provider_synth.runs.base import SynthRun
 from airflow_provider_synth.runs.bedrock_mapping import (
     BedrockLimits,
     Family,
@@ -76,6 +77,40 @@ TAG_CREATED_BY = "airflow-provider-synth"
 def retry_worthy(out: ParsedOutput) -> bool:
     """Failures a new round can fix: the core's retryable ones, and the records of a job this task stopped."""
     return out.retryable or out.error_code == "batch_cancelled"
+
+
+@dataclass(frozen=True)
+class BedrockBatchConfig:
+    """Bedrock's own knobs (everything every backend shares is an operator argument).
+
+    :param limits: Bedrock's quotas for the model (records per job, minimum records, file and record size):
+        :class:`~airflow_provider_synth.runs.bedrock_mapping.BedrockLimits`; default: AWS's defaults.
+    :param pad_to_minimum: fill a job below ``limits.min_records`` with padding records (each a copy of the
+        smallest request answering at most one token: billed, dropped from the output) instead of refusing the
+        input; retry rounds below the minimum are padded too (without it they are not submitted).
+    :param retry_failed_requests: retry rounds for the records a retry can fix (429, 5xx, an expired or stopped
+        job's records, answers the output checks refused).
+    :param job_timeout_hours: each job's ``timeoutDurationInHours`` (24 to 168); ``None``: Bedrock's default.
+    :param prices: ``{model id: (input, cached input, output)}`` on-demand USD per 1M tokens, over
+        :data:`~airflow_provider_synth.runs.bedrock_mapping.BEDROCK_PRICES` (batch bills half).
+    :param region_name: overrides the connection's region.
+    :param cancel_on_kill: stop the jobs when the task is killed or times out.
+    """
+
+    limits: BedrockLimits | None = None
+    pad_to_minimum: bool = False
+    retry_failed_requests: int = 2
+    job_timeout_hours: int | None = 24
+    prices: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
+    region_name: str | None = None
+    cancel_on_kill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.retry_failed_requests < 0:
+            raise ValueError(f"retry_failed_requests must be >= 0, got {self.retry_failed_requests}")
+        if self.job_timeout_hours is not None and not 24 <= self.job_timeout_hours <= 168:
+            raise ValueError(f"job_timeout_hours must be between 24 and 168 (Bedrock's range), got "
+                             f"{self.job_timeout_hours}")
 
 
 @dataclass
@@ -280,8 +315,9 @@ class JobRef:
         return JOB_PHASES.get(self.state.get("status"), False)
 
 
-class BedrockRun:
-    """Create, re-attach to, poll, stop and read back the jobs of one run.
+class BedrockRun(SynthRun):
+    """Create, re-attach to, poll, stop and read back the jobs of one run (the backend contract's
+    :class:`~airflow_provider_synth.runs.base.SynthRun`: the wait loop and the finish are written there).
 
     :param hook: the sync hook of the run's ``aws`` connection (``None``: staging only).
     :param plan: the run's plan.
@@ -291,6 +327,7 @@ class BedrockRun:
     """
 
     backend = "bedrock"
+    waited = JOBS
 
     def __init__(self, hook: BedrockBatchHook | None, plan: BedrockPlan, *, max_rounds: int = 2,
                  checks: OutputChecks | None = None, prices: Mapping[str, Any] | None = None) -> None:
@@ -438,9 +475,17 @@ class BedrockRun:
                 log.warning("Stopping Bedrock job %s failed: %s", ref.job_arn, exc)
         return stopped
 
-    def next_round(self) -> bool:
+    @property
+    def output_dir(self) -> Any:
+        return as_path(self.plan.output_dir)
+
+    @property
+    def started_at(self) -> float | None:
+        return self.first_created_at
+
+    def next_round(self) -> list[tuple[int, int]]:
         """Stage, per shard whose last job finished, a follow-up job of only the records a retry can fix;
-        ``True`` when one is staged. A round below Bedrock's minimum is padded (``pad_to_minimum``) or left
+        return the ``(shard, round)`` pairs staged and not submitted yet. A round below Bedrock's minimum is padded (``pad_to_minimum``) or left
         out, its records staying failures."""
         for shard in range(len(self.plan.shards)):
             last = max([r for (s, r) in self.jobs if s == shard], default=-1)
@@ -462,7 +507,7 @@ class BedrockRun:
             self.plan.save()
             self.todo.append((shard, last + 1))
             log.info("shard %d: %d record(s) to retry in round %d", shard, len(lines), last + 1)
-        return bool(self.todo)
+        return list(self.todo)
 
     def _pending(self, shard: int) -> list[bytes]:
         import io
@@ -605,15 +650,29 @@ class BedrockRun:
             billed = Usage(prompt_tokens=tokens["input_tokens"], completion_tokens=tokens["output_tokens"])
         return cost_usd(billed, self.plan.model_id, prices)
 
-    def manifest(self, acct: Accounting, **fields: Any) -> dict[str, Any]:
+    def manifest(self, acct: Accounting | None, status: str, **fields: Any) -> dict[str, Any]:
         """The run's manifest: the accounting, the jobs, cost, and ``fields`` (who wrote it)."""
         plan = self.plan
         return build_manifest(
-            backend=self.backend, accounting=acct.as_dict(), output_dir=plan.output_dir, model=plan.model_id,
+            backend=self.backend, accounting=acct.as_dict() if acct is not None else {"total": plan.total},
+            output_dir=plan.output_dir, status=status, model=plan.model_id,
             family=plan.family, endpoint=plan.endpoint, job_arns=[j.job_arn for _, j in sorted(self.jobs.items())],
             jobs={j.job_arn: {"shard": s, "round": r, "status": j.state.get("status"),
                               "message": j.state.get("message")} for (s, r), j in sorted(self.jobs.items())},
             shards=len(plan.shards), rounds=max((r for _, r in self.jobs), default=0) + 1, idempotency_key=plan.key,
             staging=plan.staging, conn_id=plan.conn_id, padding_records=sum(plan.padding.values()),
             bedrock_tokens=self.bedrock_tokens(), unreadable_output_lines=len(self.unreadable),
-            cost_usd=self.cost(acct), **fields)
+            cost_usd=self.cost(acct) if acct is not None else None, **fields)
+
+    def failure_hints(self, acct: Accounting) -> list[str]:
+        hints = []
+        failed = [j for j in self.jobs.values() if j.state.get("status") == "Failed"]
+        if failed:
+            hints.append(f"{len(failed)} Bedrock job(s) failed: {failed[0].state.get('message') or 'no message'} "
+                         "(check the role's S3 and Bedrock permissions, the model's access and quotas); their "
+                         "records are final failures.")
+        if acct.retryable:
+            hints.append(f"{acct.retryable} failure(s) were retryable but the retry rounds "
+                         f"(retry_failed_requests={self.max_rounds}) are spent or a round fell below Bedrock's "
+                         "minimum records (pad_to_minimum=True pads it); a retry of the task runs them again.")
+        return hints

@@ -75,7 +75,7 @@ def test_a_completed_job_lands_every_answer_matched_to_its_custom_id(bedrock):
     assert staged[0]["recordId"] == "R0000000000" and staged[0]["modelInput"]["max_gen_len"] == 20
     assert staged[0]["modelInput"]["prompt"].startswith("<|begin_of_text|><|start_header_id|>system")
     assert bedrock.counters["jobs_created"] == 1
-    manifest = run.manifest(acct)
+    manifest = run.manifest(acct, "completed")
     assert manifest["cost_usd"] > 0 and manifest["job_arns"] == list(run.states())
 
 
@@ -212,7 +212,7 @@ def test_other_chat_families_round_trip(bedrock, model):
     assert acct.succeeded == 100
     body = read_jsonl(bedrock, "out/results.jsonl")[0]["response"]["body"]
     assert body["choices"][0]["message"]["content"].endswith("question 0 ")
-    assert run.manifest(acct)["cost_usd"] > 0  # Mistral: from the jobs' manifests (no per-record usage)
+    assert run.manifest(acct, "completed")["cost_usd"] > 0  # Mistral: from the jobs' manifests (no per-record usage)
 
 
 def test_titan_embeddings_round_trip(bedrock):
@@ -238,4 +238,4 @@ def test_claude_takes_the_anthropic_translation_with_bedrock_s_anthropic_version
     from airflow_provider_synth.batch.extract import extract_text
 
     assert extract_text(read_jsonl(bedrock, "out/results.jsonl")[0]) == "Answer to: question 0 "
-    assert run.manifest(acct)["cost_usd"] > 0
+    assert run.manifest(acct, "completed")["cost_usd"] > 0
