@@ -271,7 +271,7 @@ def _batch_rows(target: Target) -> list[dict[str, Any]]:
 
     if target.plan is not None:
         run = _batch_run(target)
-        run.poll()
+        run.poll(tolerate_errors=False)
         return [{"batch_id": ref.batch_id, "shard": ref.shard, "round": ref.round, **ref.state}
                 for _, ref in sorted(run.batches.items())]
     hook, rows = _hook(target.conn_id), []
@@ -349,7 +349,7 @@ def _status_text(result: dict[str, Any]) -> list[str]:
 
 def _wait(run: Any, args: argparse.Namespace, out: Output) -> None:
     """Fresh states; with ``--wait``, the operators' worker-side wait (same verdict, same error tolerance)."""
-    run.poll()
+    run.poll(tolerate_errors=False)
     if args.wait:
         end_time = time.time() + args.timeout if args.timeout else None
         run.wait(args.poll_interval, end_time,

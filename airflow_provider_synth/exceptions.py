@@ -25,6 +25,11 @@ class TriggerEventError(SynthError):
     """A trigger event was missing, malformed or reported an error."""
 
 
+class WaitFailedError(BatchFailedError, TriggerEventError):
+    """Waiting for a run failed (a fatal polling error, too many transient ones, an unknown status): what was
+    submitted keeps running, and a retry re-attaches to it."""
+
+
 class ConnectionConfigError(SynthError):
     """An Airflow connection lacks a field this provider needs, or has contradictory fields."""
 

@@ -15,7 +15,11 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
-from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, RequestTemplate
+from airflow_provider_synth.operators.openai_batch import (
+    OpenAIBatchConfig,
+    OpenAIBatchOperator,
+    RequestTemplate,
+)
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
 POLL_INTERVAL = float(os.environ.get("SYNTH_POLL_INTERVAL", "60"))
@@ -50,8 +54,7 @@ def example_azure_openai_batch() -> None:
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
         poll_interval=POLL_INTERVAL,
         # USD per 1M tokens (input, cached input, output) at the direct price; the batch discount is applied
-        prices={AZURE_DEPLOYMENT: (0.15, 0.075, 0.60)},
-        max_cost_usd=10.0,
+        config=OpenAIBatchConfig(prices={AZURE_DEPLOYMENT: (0.15, 0.075, 0.60)}, max_cost_usd=10.0),
         max_failed_ratio=0.01,
         deferrable=True,
     )

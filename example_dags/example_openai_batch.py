@@ -15,7 +15,11 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
-from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, RequestTemplate
+from airflow_provider_synth.operators.openai_batch import (
+    OpenAIBatchConfig,
+    OpenAIBatchOperator,
+    RequestTemplate,
+)
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
 TOPICS = ["astronomy", "baking", "chess", "databases", "ecology", "finance", "geology", "history",
@@ -45,8 +49,10 @@ def example_openai_batch() -> None:
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
         poll_interval=60,
         max_failed_ratio=0.01,     # accept up to 1% failed requests (listed in failures.jsonl)
-        retry_failed_requests=2,   # resubmit 429/5xx/expired requests, never finished ones
-        max_cost_usd=50.0,         # refuse to submit a run estimated above this
+        config=OpenAIBatchConfig(
+            retry_failed_requests=2,   # resubmit 429/5xx/expired requests, never finished ones
+            max_cost_usd=50.0,         # refuse to submit a run estimated above this
+        ),
         deferrable=True,           # wait in the triggerer, not in a worker slot
     )
     # [END howto_operator_openai_batch]

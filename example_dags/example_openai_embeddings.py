@@ -15,7 +15,11 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
-from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, RequestTemplate
+from airflow_provider_synth.operators.openai_batch import (
+    OpenAIBatchConfig,
+    OpenAIBatchOperator,
+    RequestTemplate,
+)
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
 POLL_INTERVAL = float(os.environ.get("SYNTH_POLL_INTERVAL", "60"))
@@ -54,7 +58,7 @@ def example_openai_embeddings() -> None:
         ),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
         poll_interval=POLL_INTERVAL,
-        max_cost_usd=5.0,
+        config=OpenAIBatchConfig(max_cost_usd=5.0),
         deferrable=True,
     )
     # [END howto_operator_openai_embeddings]

@@ -18,7 +18,11 @@ from airflow.sdk import dag, task
 from pydantic import BaseModel, Field
 
 from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, RequestTemplate
+from airflow_provider_synth.operators.openai_batch import (
+    OpenAIBatchConfig,
+    OpenAIBatchOperator,
+    RequestTemplate,
+)
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
 TOPICS = ["astronomy", "baking", "chess", "databases", "ecology", "finance", "geology", "history"]
@@ -60,9 +64,8 @@ def example_openai_structured() -> None:
         ),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
         poll_interval=60,
-        retry_failed_requests=2,
         max_failed_ratio=0.02,
-        max_cost_usd=5.0,
+        config=OpenAIBatchConfig(retry_failed_requests=2, max_cost_usd=5.0),
         deferrable=True,
     )
     # [END howto_operator_openai_structured]

@@ -13,7 +13,11 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
-from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, RequestTemplate
+from airflow_provider_synth.operators.openai_batch import (
+    OpenAIBatchConfig,
+    OpenAIBatchOperator,
+    RequestTemplate,
+)
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
 POLL_INTERVAL = float(os.environ.get("SYNTH_POLL_INTERVAL", "60"))
@@ -44,7 +48,7 @@ def synth_quickstart() -> None:
                                  params={"temperature": 0.9, "max_completion_tokens": 120}),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
         poll_interval=POLL_INTERVAL,
-        max_cost_usd=1.0,
+        config=OpenAIBatchConfig(max_cost_usd=1.0),  # refuse to submit a run estimated above $1
         deferrable=True,
     )
 

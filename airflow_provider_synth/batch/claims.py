@@ -19,12 +19,12 @@ run that reuses a folder an earlier run wrote is not refused (the user chose to 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from airflow_provider_synth.batch.jsonl import dumps, loads
+from airflow_provider_synth.batch.keys import dag_run_key
 from airflow_provider_synth.batch.paths import join_path, list_names, open_path
 
 #: where the claims live, inside the output folder
@@ -75,7 +75,7 @@ class Claim:
 
 def run_key(dag_id: str, run_id: str) -> str:
     """A DAG run's folder name under ``_claims`` (run ids hold characters some stores refuse, such as ``:``)."""
-    return hashlib.sha256(f"{dag_id}\n{run_id}".encode()).hexdigest()[:16]
+    return dag_run_key(dag_id, run_id)
 
 
 def claims_folder(output_dir: Any, dag_id: str, run_id: str) -> Any:

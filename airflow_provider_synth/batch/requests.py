@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import IO, Any, Literal, get_args
 
 from airflow_provider_synth.batch.jsonl import write_jsonl
@@ -318,6 +319,36 @@ def build_requests(
         for key, val in shared.items():
             body.setdefault(key, val)
         yield make_request(custom_id_for(record, index, id_field=id_field, prefix=id_prefix), endpoint, body)
+
+
+@dataclass(frozen=True)
+class RequestTemplate:
+    """How to turn records into requests (see :func:`airflow_provider_synth.batch.requests.build_requests`).
+
+    :param prompt_template: a ``str.format`` template over each record's fields (the user message).
+    :param system: a system message (chat) or ``instructions`` (responses) for every request.
+    :param builder: a callable building a body, a list of messages/inputs, or a text from one record.
+    :param id_field: the record field holding a unique id; default: ``request-<index>``.
+    :param params: body fields for every request (``temperature``, ``max_completion_tokens``...).
+    :param response_format: a pydantic model class or JSON schema for structured output.
+    :param tools: function tools for every chat request.
+    """
+
+    prompt_template: str | None = None
+    system: str | None = None
+    builder: Callable[[Mapping[str, Any]], Any] | None = None
+    id_field: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    response_format: Any = None
+    tools: Sequence[Mapping[str, Any]] | None = None
+
+    def build(self, records: Iterable[Mapping[str, Any]], *, model: str, endpoint: str = CHAT
+              ) -> Iterator[dict[str, Any]]:
+        """Request lines from ``records`` (:func:`build_requests` with this template's fields)."""
+        return build_requests(records, model=model, endpoint=endpoint, builder=self.builder,
+                              prompt_template=self.prompt_template, system=self.system, id_field=self.id_field,
+                              params=self.params, response_format=self.response_format, tools=self.tools)
+
 
 
 def write_requests(requests: Iterable[Mapping[str, Any]], fp: IO[bytes]) -> int:

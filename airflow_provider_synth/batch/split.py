@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from airflow_provider_synth.batch.jsonl import dumps, loads
+from airflow_provider_synth.batch.keys import InputDigest
 from airflow_provider_synth.batch.requests import OPENAI_ENDPOINTS, UrlForm, service_url
 from airflow_provider_synth.batch.usage import declared_output_tokens, estimate_request_tokens
 from airflow_provider_synth.batch.validate import (
@@ -223,7 +223,7 @@ def _split_pass(src: Source, open_shard: Callable[[int], IO[bytes]], checker: Li
     """One pass over the input: check every line, write the valid ones into shards."""
     writer = _ShardWriter(open_shard, limits)
     result = SplitResult()
-    digest = hashlib.sha256()
+    digest = InputDigest()
     try:
         for start, block in src.blocks():
             # the block path keeps the lines as they are: OpenAI's form only
@@ -231,8 +231,7 @@ def _split_pass(src: Source, open_shard: Callable[[int], IO[bytes]], checker: Li
             if checked_block is not None and max(map(len, block)) < limits.max_bytes:
                 ids, buf = checked_block
                 result.total += len(block)
-                digest.update(buf)
-                digest.update(b"\n")
+                digest.block(buf)
                 writer.write_block(start, block, ids, buf)
                 continue
             for offset, raw in enumerate(block):
@@ -248,7 +247,7 @@ def _split_pass(src: Source, open_shard: Callable[[int], IO[bytes]], checker: Li
 
 
 def _split_line(lineno: int, raw: bytes, checker: LineChecker, writer: _ShardWriter, result: SplitResult,
-                digest: Any, limits: ShardLimits, estimate: bool, url_form: UrlForm = "openai") -> None:
+                digest: InputDigest, limits: ShardLimits, estimate: bool, url_form: UrlForm = "openai") -> None:
     """Check and write one line (the general path: any endpoint, token estimates, problems)."""
     result.total += 1
     checked = checker.check(lineno, raw)
@@ -256,8 +255,7 @@ def _split_line(lineno: int, raw: bytes, checker: LineChecker, writer: _ShardWri
         return
     if (checked.line_url or checked.url) != (url := service_url(checked.url, url_form)):
         raw = dumps({**loads(raw), "url": url})
-    digest.update(raw)
-    digest.update(b"\n")
+    digest.line(raw)
     tokens = 0
     if estimate:
         request = loads(raw)

@@ -1,19 +1,28 @@
-"""What the batch decorators share: call the function, check what it returned, write it as request JSONL."""
+"""What the batch decorators share: one decorated-operator base (:class:`SynthBatchDecoratedOperator`) that
+calls the function, checks what it returned, and hands it to the backend's operator, and one factory.
+
+A backend's decorator is ``class XDecoratedOperator(SynthBatchDecoratedOperator, XBatchOperator)`` with a
+``custom_operator_name``, and ``x_task = batch_task_decorator(XDecoratedOperator)``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from airflow.providers.common.compat.sdk import context_merge, determine_kwargs
+from airflow.providers.common.compat.sdk import (
+    DecoratedOperator,
+    context_merge,
+    determine_kwargs,
+    task_decorator_factory,
+)
 
 from airflow_provider_synth.batch.paths import as_path, join_path, open_path
-from airflow_provider_synth.batch.requests import build_requests, write_requests
+from airflow_provider_synth.batch.requests import CHAT, RequestTemplate, write_requests
 
 if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import TaskDecorator
     from airflow.sdk import Context
-
-    from airflow_provider_synth.operators.openai_batch import RequestTemplate
 
 #: where a decorated Cortex or vLLM task writes the requests its function returned (the OpenAI operator
 #: writes records it was given to the same file)
@@ -52,10 +61,7 @@ def as_request_lines(items: list[Mapping[str, Any]], *, model: str | None, endpo
         return items
     if not model:
         raise ValueError("building requests from records needs model=")
-    t = template
-    return list(build_requests(items, model=model, endpoint=endpoint, builder=t.builder,
-                               prompt_template=t.prompt_template, system=t.system, id_field=t.id_field,
-                               params=t.params, response_format=t.response_format, tools=t.tools))
+    return list(template.build(items, model=model, endpoint=endpoint))
 
 
 def requests_path(output_path: Any) -> Any:
@@ -68,3 +74,58 @@ def write_request_file(output_path: Any, lines: Iterable[Mapping[str, Any]]) -> 
     with open_path(path, "wb") as fp:
         write_requests(lines, fp)
     return path
+
+
+def decorated_template_fields(operator_fields: Sequence[str], *replaced: str) -> tuple[str, ...]:
+    """A decorated operator's template fields: the function's, then the operator's but those the function's
+    return value replaces (``input_path``, ``requests``)."""
+    return (*DecoratedOperator.template_fields, *(f for f in operator_fields if f not in replaced))
+
+
+class SynthBatchDecoratedOperator(DecoratedOperator):
+    """The base of every batch decorator's operator: put it first, before the backend's operator, in the bases.
+
+    At execution the function runs (with its arguments and the context keys it names); what it returns,
+    records or request lines, becomes the run's input (:meth:`take_records`). Keep it deterministic: a
+    retried task calls it again, and re-attaches to what it paid for only when the requests are the same.
+
+    :param python_callable: the function returning the records or request lines.
+    :param op_args: positional arguments of the function (templated).
+    :param op_kwargs: keyword arguments of the function (templated).
+    :param kwargs: the backend operator's arguments (``output_path``, ``model``, ``conn_id``, ``config``...).
+    """
+
+    template_fields_renderers: ClassVar[dict[str, str]] = {**DecoratedOperator.template_fields_renderers}
+    #: built requests use this endpoint unless the operator has its own ``endpoint``
+    default_endpoint: ClassVar[str] = CHAT
+
+    def __init__(self, *, python_callable: Callable[..., Any], op_args: Collection[Any] | None = None,
+                 op_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(python_callable=python_callable, op_args=op_args, op_kwargs=op_kwargs, **kwargs)
+
+    def take_records(self, items: list[Mapping[str, Any]]) -> None:
+        """Make ``items`` the run's input: request lines (built from records with ``template``) written to
+        ``<output_path>/_work/requests.jsonl``, which becomes ``input_path``."""
+        op: Any = self
+        template = getattr(op, "template", None) or RequestTemplate()
+        lines = as_request_lines(items, model=op.model, endpoint=getattr(op, "endpoint", self.default_endpoint),
+                                 template=template)
+        op.input_path = write_request_file(op.output_path, lines)
+
+    def execute(self, context: Context) -> Any:
+        op: Any = self
+        op.claim_output(context)  # before anything is written into the output folder
+        self.take_records(call_for_records(self, context))
+        return super().execute(context)
+
+
+def batch_task_decorator(operator_class: type[Any], python_callable: Callable[..., Any] | None = None,
+                         **kwargs: Any) -> TaskDecorator:
+    """The TaskFlow decorator of a batch operator: its XCom is the manifest.
+
+    :param operator_class: the backend's :class:`SynthBatchDecoratedOperator` subclass.
+    :param python_callable: the function to decorate.
+    :param kwargs: the operator's arguments.
+    """
+    return task_decorator_factory(python_callable=python_callable, multiple_outputs=False,
+                                  decorated_operator_class=operator_class, **kwargs)

@@ -2,47 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import DecoratedOperator, task_decorator_factory
-
-from airflow_provider_synth.decorators._base import call_for_records
+from airflow_provider_synth.decorators._base import (
+    SynthBatchDecoratedOperator,
+    batch_task_decorator,
+    decorated_template_fields,
+)
 from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import TaskDecorator
-    from airflow.sdk import Context
 
 
-class OpenAIBatchDecoratedOperator(DecoratedOperator, OpenAIBatchOperator):
+class OpenAIBatchDecoratedOperator(SynthBatchDecoratedOperator, OpenAIBatchOperator):
     """:class:`~airflow_provider_synth.operators.openai_batch.OpenAIBatchOperator` whose ``requests`` are
     what the decorated function returns: records (built into requests with ``model`` and ``template``) or
-    request lines. Keep the function deterministic: a retried task calls it again and re-attaches to its
-    batches only when the requests are the same.
+    request lines.
 
     :param python_callable: the function returning the records or request lines.
     :param op_args: positional arguments of the function (templated).
     :param op_kwargs: keyword arguments of the function (templated).
-    :param kwargs: the operator's arguments (``output_path``, ``model``, ``template``, ``conn_id``...).
+    :param kwargs: the operator's arguments (``output_path``, ``model``, ``template``, ``conn_id``, ``config``...).
     """
 
-    template_fields: Sequence[str] = (
-        *DecoratedOperator.template_fields,
-        *(f for f in OpenAIBatchOperator.template_fields if f != "requests"),
-    )
-    template_fields_renderers: ClassVar[dict[str, str]] = {**DecoratedOperator.template_fields_renderers}
+    template_fields: Sequence[str] = decorated_template_fields(OpenAIBatchOperator.template_fields, "requests")
     custom_operator_name = "@task.synth_openai_batch"
 
-    def __init__(self, *, python_callable: Callable[..., Any], op_args: Collection[Any] | None = None,
-                 op_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, python_callable: Callable[..., Any], **kwargs: Any) -> None:
         kwargs.setdefault("requests", [])  # replaced by what the function returns, at execution
-        super().__init__(python_callable=python_callable, op_args=op_args, op_kwargs=op_kwargs, **kwargs)
+        super().__init__(python_callable=python_callable, **kwargs)
 
-    def execute(self, context: Context) -> Any:
-        self.claim_output(context)  # before anything is written into the output folder
-        self.requests = call_for_records(self, context)
-        return super().execute(context)
+    def take_records(self, items: list[Mapping[str, Any]]) -> None:
+        self.requests = items  # built and written with the plan, like records given as requests=
 
 
 def synth_openai_batch_task(python_callable: Callable[..., Any] | None = None, **kwargs: Any) -> TaskDecorator:
@@ -52,5 +45,4 @@ def synth_openai_batch_task(python_callable: Callable[..., Any] | None = None, *
     :param python_callable: the function to decorate.
     :param kwargs: the operator's arguments.
     """
-    return task_decorator_factory(python_callable=python_callable, multiple_outputs=False,
-                                  decorated_operator_class=OpenAIBatchDecoratedOperator, **kwargs)
+    return batch_task_decorator(OpenAIBatchDecoratedOperator, python_callable, **kwargs)

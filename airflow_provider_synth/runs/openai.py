@@ -12,35 +12,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
-
-from airflow.providers.common.compat.sdk import redact
 
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
-from airflow_provider_synth.batch.keys import run_key
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
 from airflow_provider_synth.batch.paths import exists, join_path, open_path
 from airflow_provider_synth.batch.results import ParsedOutput
-from airflow_provider_synth.batch.status import (
-    DEFAULT_MAX_CONSECUTIVE_ERRORS,
-    TERMINAL_STATUSES,
-    Next,
-    PollError,
-    Verdict,
-    verdict,
-)
-from airflow_provider_synth.batch.usage import USAGE_TOLERANCE, Usage, cost_usd, usage_mismatch
-from airflow_provider_synth.exceptions import BatchFailedError
+from airflow_provider_synth.batch.status import TERMINAL_STATUSES
+from airflow_provider_synth.batch.usage import USAGE_TOLERANCE, Price, Usage, cost_usd, usage_mismatch
 from airflow_provider_synth.hooks.openai import batch_summary, is_transient
+from airflow_provider_synth.runs.base import RunIdentity, SynthRun, status_counts
 from airflow_provider_synth.runs.openai_direct import DirectRounds, Tier, answer_round, estimate_direct_cost
 
 if TYPE_CHECKING:
     from openai.types import Batch
 
+    from airflow_provider_synth.batch.split import ShardLimits
     from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 
 log = logging.getLogger(__name__)
@@ -60,6 +52,67 @@ KEY_META, SHARD_META, ROUND_META, CREATED_BY_META = "synth_key", "synth_shard", 
 CREATED_BY = "airflow-provider-synth"
 #: file names of uploads start with this, so cleanup never touches anybody else's files
 UPLOAD_PREFIX = "synth-"
+#: uploads and outputs expire on the service after this (its longest), so nothing piles up in the account
+DEFAULT_EXPIRES_AFTER = timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class OpenAIBatchConfig:
+    """The OpenAI/Azure Batch API's own knobs (everything every backend shares is an operator argument).
+
+    :param limits: shard limits (requests, bytes, embedding inputs, estimated tokens per batch); default: the
+        Batch API's (:class:`~airflow_provider_synth.batch.split.ShardLimits`).
+    :param completion_window: the batch window (``24h``).
+    :param retry_failed_requests: retry rounds: the failures a retry can fix (429, 5xx, expired, timed out,
+        answers the output checks refused) are resubmitted alone, up to this many times.
+    :param max_active_batches: at most this many of the task's batches in flight at once; the other shards
+        wait for them (in waves). With ``limits=ShardLimits(max_tokens=T)`` it keeps the task's enqueued tokens
+        under ``max_active_batches * T``, inside the model's enqueued-token limit. Default: every shard at once.
+    :param token_limit_resubmits: how many times a batch the service refused because the model's
+        enqueued-token limit was full (``token_limit_exceeded``: nothing processed, nothing billed) is submitted
+        again, each time after the batches running beside it finished. It does not count as a retry round.
+    :param max_cost_usd: refuse to submit when the estimated cost is above this (it also bounds the
+        direct-API tail of ``checks.direct_tail``).
+    :param prices: ``{model: (input, cached_input, output)}`` USD per 1M tokens, over the built-in table.
+    :param cancel_on_kill: cancel the running batches when the task is killed or times out.
+    :param expires_after: the service deletes this task's uploads and its batches' output and error files
+        this long after their creation (1 hour to 30 days; default 30 days); ``None`` keeps them until a
+        clean-up deletes them.
+    """
+
+    limits: ShardLimits | None = None
+    completion_window: str = "24h"
+    retry_failed_requests: int = 2
+    max_active_batches: int | None = None
+    token_limit_resubmits: int = 20
+    max_cost_usd: float | None = None
+    prices: Mapping[str, Price | tuple[float, float, float]] = field(default_factory=dict)
+    cancel_on_kill: bool = True
+    expires_after: timedelta | float | None = DEFAULT_EXPIRES_AFTER
+
+    def __post_init__(self) -> None:
+        if self.retry_failed_requests < 0:
+            raise ValueError(f"retry_failed_requests must be >= 0, got {self.retry_failed_requests}")
+        if (self.max_active_batches is not None and self.max_active_batches < 1) or self.token_limit_resubmits < 0:
+            raise ValueError("max_active_batches must be >= 1 (or None) and token_limit_resubmits >= 0")
+        expires = self.expires_after_s
+        if expires is not None and not 3600 <= expires <= 30 * 86400:
+            raise ValueError(f"expires_after must be between 1 hour and 30 days, got {expires}s")
+
+    @property
+    def shard_limits(self) -> ShardLimits:
+        """``limits``, or the Batch API's."""
+        from airflow_provider_synth.batch.split import ShardLimits
+
+        return self.limits or ShardLimits()
+
+    @property
+    def expires_after_s(self) -> int | None:
+        """``expires_after`` in whole seconds (``None``: never)."""
+        value = self.expires_after
+        if value is None:
+            return None
+        return int(value.total_seconds() if isinstance(value, timedelta) else value)
 
 
 def run_manifest(run: BatchRun, accounting: Mapping[str, Any] | None, status: str, **fields: Any) -> dict[str, Any]:
@@ -79,7 +132,7 @@ def run_manifest(run: BatchRun, accounting: Mapping[str, Any] | None, status: st
 
 def idempotency_key(dag_id: str, task_id: str, run_id: str, map_index: int, fingerprint: str, endpoint: str) -> str:
     """The run's key: the same task instance over the same input always gets the same key."""
-    return run_key(dag_id, task_id, run_id, map_index, endpoint, fingerprint, sep="|", length=32)
+    return RunIdentity(dag_id, task_id, run_id, map_index).run_key(endpoint, fingerprint, sep="|", length=32)
 
 
 def retry_worthy(out: ParsedOutput) -> bool:
@@ -148,23 +201,29 @@ class BatchRef:
             str(e).startswith(TOKEN_LIMIT_CODE) for e in self.state.get("errors") or [])
 
 
-class BatchRun:
-    """Submit, re-attach, collect and merge the batches of one run.
+class BatchRun(SynthRun):
+    """Submit, re-attach, collect and merge the batches of one run (the :class:`SynthRun` of the OpenAI and
+    Azure Batch API).
 
     :param hook: the sync hook of the run's connection.
     :param plan: the run's plan.
     :param path_factory: turns a stored path string back into a path object (ObjectStoragePath for URLs).
     :param checks: output checks: unusable answers are failures, retried in the rounds like retryable ones.
         Default: the checks the plan recorded.
+    :param config: the rounds, waves, resubmissions and prices (default: :class:`OpenAIBatchConfig`'s).
     """
 
     def __init__(self, hook: OpenAIBatchHook, plan: Plan, path_factory: Any = None,
-                 checks: OutputChecks | None = None) -> None:
+                 checks: OutputChecks | None = None, config: OpenAIBatchConfig | None = None) -> None:
         self.hook, self.plan = hook, plan
+        self.config = config or OpenAIBatchConfig()
         self._path = path_factory or (lambda p: p)
         self.batches: dict[tuple[int, int], BatchRef] = {}
         checks = checks if checks is not None else OutputChecks.from_spec(plan.checks)
+        self.checks = checks
         self.checker = checks.checker() if checks is not None else None
+        #: the ``(shard, round)`` pairs :meth:`next_round` planned, for :meth:`submit`
+        self._todo: list[tuple[int, int]] = []
         #: rounds answered through the synchronous API (loaded by :meth:`discover`)
         self.direct = DirectRounds(self._work())
         #: how many requests each pending ``(shard, round)`` holds (written by :meth:`next_round`)
@@ -249,6 +308,52 @@ class BatchRun:
         with open_path(self._work(BATCHES_FILE), "wb") as fp:
             fp.write(orjson.dumps(rows))
 
+    # -- the run contract -------------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        return "azure_openai" if self.hook.is_azure else "openai"
+
+    @property
+    def output_dir(self) -> Any:
+        return self._path(self.plan.output_dir)
+
+    def attach(self) -> None:
+        """Re-attach: :meth:`discover`."""
+        self.discover()
+
+    def states(self) -> dict[str, str | None]:
+        return {ref.batch_id: ref.state.get("status") for ref in self.batches.values()}
+
+    def is_transient(self, error: BaseException) -> bool:
+        return is_transient(error)
+
+    def cancel(self) -> list[str]:
+        """Cancel the run's batches still running; a failing cancel is logged."""
+        cancelled = []
+        for batch_id in self.running_ids:
+            try:
+                self.hook.cancel_batch(batch_id)
+                cancelled.append(batch_id)
+                log.info("cancelled batch %s", batch_id)
+            except Exception as exc:  # best effort: a kill or a timeout must go on
+                log.warning("could not cancel batch %s: %s", batch_id, self.describe(exc))
+        return cancelled
+
+    def collect(self) -> Accounting:
+        """:meth:`merge`."""
+        return self.merge()
+
+    @property
+    def started_at(self) -> float | None:
+        return self.first_created_at
+
+    def manifest(self, acct: Accounting | None, status: str, **fields: Any) -> dict[str, Any]:
+        manifest = run_manifest(self, acct.as_dict() if acct is not None else None, status, **fields)
+        if acct is not None:
+            manifest.update(self.costs(acct))
+        return manifest
+
     def refresh(self, states: Mapping[str, Mapping[str, Any]]) -> None:
         """Take terminal batch states from a trigger event where discovery saw them still running (the
         service's list can lag its retrieve)."""
@@ -257,13 +362,13 @@ class BatchRun:
             if not ref.terminal and state.get("status") in TERMINAL_STATUSES:
                 ref.state = dict(state)
 
-    def poll(self, *, tolerate_errors: bool = False) -> list[tuple[str, Exception]]:
+    def poll(self, *, tolerate_errors: bool = True) -> list[tuple[str, BaseException]]:
         """Retrieve every batch not yet terminal.
 
         :param tolerate_errors: return ``(batch_id, error)`` for each retrieve that failed (the batch keeps
-            its last state) instead of raising the first error.
+            its last state); ``False`` raises the first error instead.
         """
-        errors: list[tuple[str, Exception]] = []
+        errors: list[tuple[str, BaseException]] = []
         for ref in self.batches.values():
             if ref.terminal:
                 continue
@@ -274,61 +379,6 @@ class BatchRun:
                     raise
                 errors.append((ref.batch_id, error))
         return errors
-
-    def verdict(self, errors: Sequence[tuple[str, BaseException]] = (), *, consecutive_errors: int = 0,
-                max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
-                end_time: float | None = None) -> Verdict:
-        """:func:`~airflow_provider_synth.batch.status.verdict` on the run's batches after a poll.
-
-        :param errors: the poll's errors (:meth:`poll` with ``tolerate_errors``).
-        :param consecutive_errors: polls in a row that failed, this one included.
-        :param max_consecutive_errors: transient failures in a row tolerated.
-        :param end_time: the run's deadline, epoch seconds.
-        """
-        worst = next(((b, e) for b, e in errors if not is_transient(e)), errors[0] if errors else None)
-        return verdict({ref.batch_id: ref.state.get("status") for ref in self.batches.values()},
-                       error=PollError.of(is_transient(e) for _, e in errors),
-                       last_error=(worst[0], str(redact(repr(worst[1])))) if worst else None,
-                       consecutive_errors=consecutive_errors, max_consecutive_errors=max_consecutive_errors,
-                       end_time=end_time)
-
-    def wait(self, poll_interval: float, end_time: float | None, *,
-             max_consecutive_errors: int = DEFAULT_MAX_CONSECUTIVE_ERRORS,
-             sleep: Any = time.sleep, progress: Any = None) -> Verdict:
-        """Wait in this process (the worker-side wait, the CLI) until every batch is terminal or the
-        deadline passes: the trigger's rules, with blocking calls. Judges the states known now first, then
-        sleeps and polls.
-
-        :param poll_interval: seconds between polls.
-        :param end_time: the deadline, epoch seconds; ``None``: none.
-        :param max_consecutive_errors: transient polling errors in a row tolerated.
-        :param sleep: ``time.sleep`` (tests pass a fake clock's).
-        :param progress: called with :meth:`statuses` whenever they change.
-        :return: a ``DONE`` or ``TIMEOUT`` verdict.
-        :raises BatchFailedError: on an unknown status, or too many transient polling errors in a row; a
-            polling error that is not transient propagates as raised.
-        """
-        errors: list[tuple[str, Exception]] = []
-        consecutive, last = 0, None
-        while True:
-            result = self.verdict(errors, consecutive_errors=consecutive,
-                                  max_consecutive_errors=max_consecutive_errors, end_time=end_time)
-            fatal = [e for _, e in errors if not is_transient(e)]
-            if result.next is Next.FAILED and fatal:
-                raise fatal[0]  # as raised: its type says what is wrong (credentials, a missing batch...)
-            if result.next in (Next.FAILED, Next.UNKNOWN):
-                raise BatchFailedError(f"waiting for batches failed: {result.message}")
-            if result.over:
-                return result
-            if progress is not None and self.statuses() != last:
-                last = self.statuses()
-                progress(last)
-            delay = poll_interval if end_time is None else min(poll_interval, max(end_time - time.time(), 0.0))
-            sleep(delay)
-            errors = self.poll(tolerate_errors=True)
-            consecutive = consecutive + 1 if errors else 0
-            for batch_id, error in errors:
-                log.warning("polling batch %s failed: %s", batch_id, redact(repr(error)))
 
     @property
     def batch_ids(self) -> list[str]:
@@ -351,10 +401,16 @@ class BatchRun:
         prefix = f"{UPLOAD_PREFIX}{self.plan.key}-"
         return {f.filename: f.id for f in self.hook.list_files(purpose="batch") if f.filename.startswith(prefix)}
 
-    def submit(self, todo: Iterable[tuple[int, int]], max_active: int | None = None) -> list[str]:
+    def submit(self, todo: Iterable[tuple[int, int]] | None = None, max_active: int | None = None) -> list[str]:
         """Upload and create the batches of ``(shard, round)`` pairs not created yet (or refused for the
         enqueued-token limit), at most ``max_active`` of this run running at once; reuse uploads a crashed try
-        left behind. Returns the new batch ids; pairs over the cap wait for a later call."""
+        left behind. Returns the new batch ids; pairs over the cap wait for a later call.
+
+        :param todo: the pairs; default: those :meth:`next_round` planned last.
+        :param max_active: default: the config's ``max_active_batches``.
+        """
+        todo = self._todo if todo is None else todo
+        max_active = self.config.max_active_batches if max_active is None else max_active
         todo = [t for t in todo if (t not in self.batches or self.batches[t].token_limited)
                 and self.direct.get(*t) is None]
         if not todo:
@@ -409,7 +465,32 @@ class BatchRun:
                 rounds.append(rnd)
         return files, rounds
 
-    def next_round(self, max_rounds: int, token_limit_resubmits: int = 0) -> list[tuple[int, int]]:
+    def next_round(self, max_rounds: int | None = None,
+                   token_limit_resubmits: int | None = None) -> list[tuple[int, int]]:
+        """Plan the next round: the ``(shard, round)`` pairs to :meth:`submit` (empty: nothing left to retry).
+        With a direct-API tail (``checks.direct_tail``), small retry rounds are answered here instead, through
+        the synchronous API, and a direct round a crashed try left unfinished is finished here whatever the
+        tail is set to now.
+
+        :param max_rounds: retry rounds (default: the config's ``retry_failed_requests``).
+        :param token_limit_resubmits: default: the config's.
+        """
+        cfg = self.config
+        rounds = cfg.retry_failed_requests if max_rounds is None else max_rounds
+        resubmits = cfg.token_limit_resubmits if token_limit_resubmits is None else token_limit_resubmits
+        todo = self.plan_round(rounds, resubmits)
+        checks = self.checks or OutputChecks()
+        while todo and (checks.direct_tail or any(self.direct.get(*t) is not None for t in todo)):
+            budget = None if cfg.max_cost_usd is None else cfg.max_cost_usd - (self.plan.est_cost_usd or 0.0)
+            rest = self.answer_directly(todo, checks.direct_tail, checks.direct_concurrency, budget, cfg.prices,
+                                        Tier(checks.direct_service_tier, checks.direct_tier_fallback))
+            if rest == todo:
+                break
+            todo = self.plan_round(rounds, resubmits)
+        self._todo = todo
+        return todo
+
+    def plan_round(self, max_rounds: int, token_limit_resubmits: int = 0) -> list[tuple[int, int]]:
         """Write, per shard whose batches are all terminal, the requests a new round should retry; return the
         ``(shard, round)`` pairs to submit. A shard with no batch yet gets round 0; a round refused for the
         enqueued-token limit is submitted again as it was (up to ``token_limit_resubmits`` times), without
@@ -509,6 +590,7 @@ class BatchRun:
         price, plus the direct-API tail at the direct price; the tail's and the checks' share; and the ratio of
         the results' actual input tokens to the estimate for as many requests (``input_tokens_ratio``)."""
         model, plan = self.plan.model, self.plan
+        prices = self.config.prices if prices is None else prices
         direct = self.direct.summary(model, prices)
         billed = Usage().add(acct.usage).add(acct.unusable_usage)
         batch_usage = Usage(**{k: max(v - direct["direct_usage"][k], 0) for k, v in billed.as_dict().items()})
@@ -555,9 +637,6 @@ class BatchRun:
             return [bytes(raw) for _, raw in iter_jsonl(fp)]
 
     def statuses(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for ref in self.batches.values():
-            status = str(ref.state.get("status"))
-            counts[status] = counts.get(status, 0) + 1
-        return counts
+        """How many of the run's batches are in each status."""
+        return status_counts(self.states())
 

@@ -69,7 +69,7 @@ def test_execute_defers_one_trigger_for_all_batches(server, tmp_path) -> None:
 
 
 def test_redeferral_keeps_the_first_deadline(server, tmp_path, monkeypatch) -> None:
-    import airflow_provider_synth.operators.openai_batch as op_module
+    import airflow_provider_synth.operators._base as op_module  # the lifecycle, shared by every backend
 
     server.configure(in_progress_s=30)
     op = make_op(tmp_path)

@@ -1,0 +1,238 @@
+"""The backend contract, tested once for every backend's run (as the amazon provider tests every trigger's
+serialization in one place): re-attach after a crash, retry of only what can succeed, cancel on timeout, the
+accounting invariant, the manifest's keys, secrets absent; and the operators' and decorators' signatures.
+
+Each backend is ONE entry of :data:`BACKENDS`: a function that starts its fake service (the real hook and SDK
+over it) and returns a :class:`Backend`. Adding the next backend is adding its entry.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from airflow_provider_synth.exceptions import BatchTimeoutError
+from airflow_provider_synth.operators._base import SHARED_ARGUMENTS, SynthBatchOperator
+from airflow_provider_synth.runs.base import RunIdentity, SynthRun
+
+N = 6
+IDS = [f"r{i}" for i in range(N)]
+#: fails once with an error a retry can fix, then succeeds
+RETRYABLE = "r1"
+#: fails for good (a retry would fail the same way): never sent twice
+FATAL = "r2"
+
+
+class FakeTI(SimpleNamespace):
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.pushed[key] = value
+
+
+def context(try_number: int = 1, run_id: str = "manual__1") -> dict[str, Any]:
+    ti = FakeTI(dag_id="contract", task_id="t", run_id=run_id, map_index=-1, try_number=try_number, pushed={})
+    return {"ti": ti}
+
+
+@dataclass
+class Backend:
+    """One backend's run on its fake service, as the contract tests drive it.
+
+    :param name: the manifest's ``backend``.
+    :param operator: builds the backend's operator for the case's requests (keyword arguments: the shared
+        ones, e.g. ``timeout``, ``max_failed_ratio``).
+    :param sent: how many times the service was asked each custom_id so far.
+    :param created: how many remote units (batches, statements) the service created so far.
+    :param cancelled: the ids the service was asked to cancel.
+    :param slow: make the service take (much) longer than a test's deadline.
+    :param secret: the connection's secret, which must appear nowhere.
+    :param rounds: the backend retries in rounds inside one try (otherwise a task retry does).
+    """
+
+    name: str
+    operator: Callable[..., SynthBatchOperator]
+    sent: Callable[[], Counter[str]]
+    created: Callable[[], int]
+    cancelled: Callable[[], set[str]]
+    slow: Callable[[], None]
+    secret: str
+    rounds: bool = True
+    output: Path = field(default_factory=Path)
+
+    def run(self, try_number: int = 1, run_id: str = "manual__1", **kwargs: Any) -> SynthRun:
+        """The prepared (planned, re-attached) run of a task's try: a new object, as a retried task builds."""
+        return self.operator(**kwargs).start_run(context(try_number, run_id))
+
+
+# -- the backends ------------------------------------------------------------------------------------------------
+
+
+def openai_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    from airflow_provider_synth.batch.requests import RequestTemplate
+    from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator
+    from airflow_provider_synth.runs.openai import OpenAIBatchConfig
+    from airflow_provider_synth.server.config import Outcome, OutcomeRule
+
+    secret = "sk-contract-SECRET-24680"
+    rules = (OutcomeRule(RETRYABLE, Outcome.error(500), times=1), OutcomeRule(FATAL, Outcome.error(400)))
+    server = request.getfixturevalue("batch_server_factory")(outcomes=rules)
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setenv("AIRFLOW_CONN_CONTRACT_OPENAI", json.dumps(
+        {"conn_type": "synth_openai", "password": secret, "host": server.base_url}))
+
+    def count_sent() -> Counter[str]:  # every batch's input file, as the service holds it
+        from airflow_provider_synth.hooks.openai import OpenAIBatchHook
+
+        client, sent = OpenAIBatchHook("contract_openai").client, Counter[str]()
+        for batch in server.batches():
+            text = client.files.content(batch["input_file_id"]).text
+            sent.update(json.loads(line)["custom_id"] for line in text.splitlines() if line.strip())
+        return sent
+
+    def operator(**kwargs: Any) -> SynthBatchOperator:
+        config = OpenAIBatchConfig(retry_failed_requests=kwargs.pop("rounds", 2))
+        kwargs.setdefault("output_path", str(tmp_path / "out"))
+        return OpenAIBatchOperator(task_id="t", conn_id="contract_openai",
+                                   requests=[{"id": i, "topic": i} for i in IDS], model="gpt-4o-mini",
+                                   template=RequestTemplate(prompt_template="About {topic}", id_field="id"),
+                                   poll_interval=0.05, deferrable=False, config=config, **kwargs)
+
+    return Backend(
+        name="openai", operator=operator, sent=count_sent,
+        created=lambda: server.counters["batches_created"],
+        cancelled=lambda: {b["id"] for b in server.batches() if b.get("cancelling_at") or b.get("cancelled_at")},
+        slow=lambda: server.configure(in_progress_s=60.0),
+        secret=secret, output=tmp_path / "out",
+    )
+
+
+#: every backend's entry: the next backend is one more line
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
+    "openai": openai_backend,
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return BACKENDS[request.param](request, tmp_path)
+
+
+def drive(run: SynthRun) -> Any:
+    """What the lifecycle does in a worker: round, submit, wait, until no round is left; then collect."""
+    run.next_round()
+    run.submit()
+    while True:
+        run.wait(0.05, time.time() + 120)
+        if not run.next_round():
+            return run.collect()
+        run.submit()
+
+
+# -- the contract ------------------------------------------------------------------------------------------------
+
+
+def test_a_retried_try_reattaches_instead_of_submitting_again(backend: Backend) -> None:
+    backend.slow()  # still running when the worker dies
+    first = backend.run(1)
+    first.next_round()
+    assert first.submit()
+    ids, created = set(first.states()), backend.created()
+    # the worker dies here; the retry plans the same input again and finds what the first try submitted
+    again = backend.run(2)
+    assert set(again.states()) == ids
+    again.next_round()
+    assert again.submit() == [] and backend.created() == created
+
+
+def test_only_what_can_succeed_is_sent_again(backend: Backend) -> None:
+    acct = drive(backend.run(1))
+    if not backend.rounds:  # no rounds inside a try: the task's retry re-runs what can succeed
+        acct = drive(backend.run(2))
+    sent = backend.sent()
+    assert sent[FATAL] == 1, "a request that fails for good was paid for twice"
+    assert sent[RETRYABLE] == 2
+    assert all(sent[i] == 1 for i in IDS if i not in (FATAL, RETRYABLE))
+    assert (acct.succeeded, acct.failed, acct.missing, acct.total) == (N - 1, 1, 0, N)
+
+
+def test_the_deadline_cancels_what_still_runs(backend: Backend) -> None:
+    backend.slow()
+    with pytest.raises(BatchTimeoutError, match="cancelled") as err:
+        backend.operator(timeout=1.0).execute(context())
+    assert backend.cancelled() and backend.cancelled() <= set(str(err.value).split("'")[1::2])
+
+
+def test_the_accounting_invariant_and_the_manifest(backend: Backend) -> None:
+    manifest = backend.operator(max_failed_ratio=0.5).execute(context())
+    results = [json.loads(x)["custom_id"] for x in (backend.output / "results.jsonl").read_text().splitlines()]
+    failures = [json.loads(x)["custom_id"] for x in (backend.output / "failures.jsonl").read_text().splitlines()]
+    assert sorted(results + failures) == sorted(IDS)  # every request exactly once
+    assert manifest["succeeded"] + manifest["failed"] + manifest["missing"] == manifest["total"] == N
+    assert MANIFEST_KEYS <= set(manifest), MANIFEST_KEYS - set(manifest)
+    assert manifest["backend"].endswith(backend.name) or backend.name in manifest["backend"]
+    assert json.loads((backend.output / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
+    assert {k: manifest[k] for k in ("dag_id", "task_id", "run_id", "map_index", "try_number")} == \
+        RunIdentity.from_context(context()).manifest_fields()
+
+
+def test_the_secret_appears_nowhere(backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    op = backend.operator(max_failed_ratio=0.0)
+    with pytest.raises(Exception) as err:  # over max_failed_ratio: the one exception, with its message
+        op.execute(context())
+    assert "1 of 6 requests failed" in str(err.value)
+    texts = [str(err.value)]
+    backend.slow()  # another DAG run, still running: what its trigger would store
+    other = str(backend.output.parent / "other")
+    run = backend.run(1, run_id="manual__2", output_path=other)
+    run.next_round()
+    run.submit()
+    texts.append(json.dumps(op.make_trigger(run, time.time() + 60).serialize(), default=str))
+    with pytest.raises(BatchTimeoutError) as timeout:
+        backend.operator(timeout=0.5, output_path=other).execute(context(run_id="manual__2"))
+    texts += [str(timeout.value), caplog.text]
+    texts += [p.read_text() for p in backend.output.parent.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl")]
+    assert len(texts) > 5 and not [t for t in texts if backend.secret in t]
+
+
+#: the keys every backend's manifest has
+MANIFEST_KEYS = {"manifest_version", "backend", "created_at", "output_dir", "results_path", "failures_path",
+                 "manifest_path", "total", "succeeded", "failed", "missing", "error_codes", "usage", "cost_usd",
+                 "model", "try_number", "dag_id", "task_id", "run_id", "map_index"}
+
+
+# -- the signatures ---------------------------------------------------------------------------------------------
+
+
+def _batch_operators() -> list[type[SynthBatchOperator]]:
+    import airflow_provider_synth.operators.openai_batch  # noqa: F401  (registers the subclasses)
+
+    found, todo = [], list(SynthBatchOperator.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if not cls.__name__.startswith("_") and "Decorated" not in cls.__name__:
+            found.append(cls)
+    return found
+
+
+def _parameters(cls: type) -> list[str]:
+    sig = inspect.signature(cls.__init__)
+    return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+
+
+@pytest.mark.parametrize("cls", _batch_operators(), ids=lambda c: c.__name__)
+def test_every_batch_operator_takes_at_most_15_parameters_with_the_shared_names(cls: type) -> None:
+    params = _parameters(cls)
+    assert len(params) <= 15, params
+    assert not {"snowflake_conn_id", "chunk_size", "work_dir"} & set(params)  # one name per idea
+    if "submitted" not in params:  # a results operator has its own short signature
+        assert set(SHARED_ARGUMENTS) <= set(params), set(SHARED_ARGUMENTS) - set(params)
