@@ -113,6 +113,8 @@ class BedrockStandIn:
         self.min_records = min_records
         self.jobs: dict[str, Job] = {}
         self.counters: Counter[str] = Counter()
+        #: how many times each record body (``modelInput`` as sorted JSON) was processed, over every job
+        self.processed: Counter[str] = Counter()
         self.record_faults: list[RecordFault] = []
         #: the next N creates answer 429 ThrottlingException
         self.throttle_creates = 0
@@ -334,7 +336,10 @@ class BedrockStandIn:
             totals["error"] += 1
             return {"recordId": None, "error": {"errorCode": 400, "errorMessage": "Malformed input record."}}
         out: dict[str, Any] = {"recordId": rid, "modelInput": model_input}
-        fault = self._fault(json.dumps(model_input, sort_keys=True))
+        text = json.dumps(model_input, sort_keys=True)
+        with self._lock:
+            self.processed[text] += 1
+        fault = self._fault(text)
         if fault is not None:
             totals["error"] += 1
             out["error"] = {"errorCode": fault.code, "errorMessage": _FAULT_MESSAGES.get(fault.code, "Failed.")}

@@ -51,7 +51,7 @@ async def test_one_event_for_all_jobs_and_never_the_sync_client(bedrock, monkeyp
     assert len(events) == 1
     event = events[0]
     assert event["status"] == "success"
-    assert {a: s["status"] for a, s in event["jobs"].items()} == dict(zip(arns, ["Completed", "PartiallyCompleted"]))
+    assert {a: s["status"] for a, s in event["jobs"].items()} == dict(zip(arns, ["Completed", "PartiallyCompleted"], strict=True))
     assert event["message"] == "All 2 Bedrock jobs finished: 1 Completed, 1 PartiallyCompleted."
     assert "testing" not in json.dumps(event)  # no credential in the event
 
