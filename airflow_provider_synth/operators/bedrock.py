@@ -130,7 +130,8 @@ class BedrockBatchOperator(SynthBatchOperator):
         self._run = run
         return run
 
-    def start_run(self, context: Context) -> SynthRun:
+    def _plan(self, context: Context) -> BedrockPlan:
+        """Validate, translate and stage the input, or find the plan an earlier try staged (same run key)."""
         if self.input_path is None:
             raise ValueError("input_path is required")
         source = as_path(self.input_path)
@@ -139,23 +140,24 @@ class BedrockBatchOperator(SynthBatchOperator):
         _hook(self.conn_id, self.config.region_name)  # the extra's absence says so before any work
         ident = self.identity(context)
         cfg = self.config
-        plan = prepare(source, key_parts=(ident.dag_id, ident.task_id, ident.run_id, ident.map_index),
+        return prepare(source, key_parts=(ident.dag_id, ident.task_id, ident.run_id, ident.map_index),
                        model_id=str(self.model), role_arn=str(self.role_arn), staging_prefix=str(self.staging_prefix),
                        conn_id=self.conn_id, output_dir=self.output_path, region_name=cfg.region_name,
                        limits=cfg.limits, invalid_requests=self.invalid_requests, pad_to_minimum=cfg.pad_to_minimum,
                        checks=self.checks, timeout_hours=cfg.job_timeout_hours, name=str(self.input_path))
-        return self._run_of(plan)
+
+    def start_run(self, context: Context) -> SynthRun:
+        return self._run_of(self._plan(context))
 
     def defer_kwargs(self, run: SynthRun) -> dict[str, Any] | None:
         assert isinstance(run, BedrockRun)
         return {"staging": run.plan.staging}
 
     def resume_run(self, context: Context, event: Mapping[str, Any], kwargs: Mapping[str, Any]) -> SynthRun:
-        plan = BedrockPlan.load(str(kwargs["staging"]))
-        if plan is None:
-            raise FileNotFoundError(f"the run's plan is gone from {kwargs['staging']}; retry the task to stage "
-                                    "it again (its jobs are found by their names and tokens)")
-        run = self._run_of(plan)
+        # the plan's folder from the deferral; where it did not come back (dag.test() of Airflow 3.3 resumes
+        # with the event alone), the input's run key finds the same plan again
+        plan = BedrockPlan.load(str(kwargs["staging"])) if kwargs.get("staging") else None
+        run = self._run_of(plan if plan is not None else self._plan(context))
         run.refresh(event[self.trigger_class.event_key])
         return run
 
