@@ -108,16 +108,17 @@ def direct(llm: Any, rows: list[dict[str, Any]]) -> tuple[float, int]:
 
 
 def through_runner(llm: Any, src: Path, work: Path, model: str, chunk_size: int) -> tuple[float, int, float]:
-    from airflow_provider_synth.runs import vllm_runner
+    from airflow_provider_synth.engine.vllm.config import RunnerConfig
+    from airflow_provider_synth.engine.vllm.runner import processor_for, run
 
     out = work / f"out-{time.monotonic_ns()}.jsonl"
-    cfg = vllm_runner.RunnerConfig(input=str(src), output=str(out), model=model, chunk_size=chunk_size,
-                                   served_model_names=["bench"])
+    cfg = RunnerConfig(input=str(src), output=str(out), model=model, chunk_size=chunk_size,
+                       served_model_names=["bench"])
     timed = TimedLLM(llm)
-    processor = vllm_runner.processor_for(timed, cfg)
+    processor = processor_for(timed, cfg)
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the runner's progress events
-        code = vllm_runner.run(cfg, lambda c, url: processor, keep_engine=True)
+        code = run(cfg, lambda c, url: processor, keep_engine=True)
     elapsed = time.perf_counter() - started
     assert code == 0, code
     answered = out.read_bytes().count(b"\n")

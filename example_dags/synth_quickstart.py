@@ -21,6 +21,11 @@ from airflow_provider_synth.operators.openai_batch import (
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
 POLL_INTERVAL = float(os.environ.get("SYNTH_POLL_INTERVAL", "60"))
+#: how many of the 300 records to send (``make quickstart`` sizes the run to what the machine's engine sustains)
+REQUESTS = int(os.environ.get("SYNTH_QUICKSTART_REQUESTS") or 300)
+PROMPT = "Write {style} in the voice of {persona}."
+SYSTEM = "You write short, vivid texts."
+PARAMS = {"temperature": 0.9, "max_completion_tokens": 120}
 SEEDS = ["a lighthouse keeper", "a retired astronaut", "a beekeeper", "a night-shift nurse", "a chess prodigy",
          "a street musician", "a glacier scientist", "a bakery owner", "a train conductor", "a museum guard",
          "a deep-sea diver", "a wedding photographer", "a mountain guide", "a translator", "a firefighter",
@@ -34,18 +39,16 @@ STYLES = ["a haiku", "a two-line joke", "a one-sentence horror story", "a motiva
 def synth_quickstart() -> None:
     @task
     def seed_records() -> list[dict[str, Any]]:
-        """300 records: every persona in every style."""
+        """Up to 300 records: every persona in every style."""
         return [{"id": f"qs-{i:03d}-{j:02d}", "persona": p, "style": s}
-                for i, p in enumerate(SEEDS) for j, s in enumerate(STYLES)]
+                for i, p in enumerate(SEEDS) for j, s in enumerate(STYLES)][:REQUESTS]
 
     synthesize = OpenAIBatchOperator(
         task_id="synthesize",
         conn_id="synth_openai_default",
         requests=seed_records(),
         model="gpt-4o-mini",
-        template=RequestTemplate(prompt_template="Write {style} in the voice of {persona}.", id_field="id",
-                                 system="You write short, vivid texts.",
-                                 params={"temperature": 0.9, "max_completion_tokens": 120}),
+        template=RequestTemplate(prompt_template=PROMPT, id_field="id", system=SYSTEM, params=PARAMS),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
         poll_interval=POLL_INTERVAL,
         config=OpenAIBatchConfig(max_cost_usd=1.0),  # refuse to submit a run estimated above $1

@@ -5,7 +5,7 @@
 #   bash scripts/install_vllm.sh .venv-vllm            # CPU build (CI, laptops)
 #   VLLM_PACKAGE=vllm bash scripts/install_vllm.sh /opt/vllm-venv   # CUDA build on a GPU node
 #
-# The operator starts ``<venv>/bin/python -m airflow_provider_synth.runs.vllm_runner`` and puts this provider's
+# The operator starts ``<venv>/bin/python -m airflow_provider_synth.engine.vllm`` and puts this provider's
 # package (and nothing else from Airflow's environment) on its PYTHONPATH, so the vLLM interpreter needs
 # only vLLM and the core's small dependencies (orjson).
 set -euo pipefail

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "airflow_provider_synth"
-#: imported only by the vLLM engine's own interpreter (runs/vllm_runner.py), never installed beside Airflow
+#: imported only by the vLLM engine's own interpreter (engine/vllm/), never installed beside Airflow
 ENGINE_ONLY = {"vllm"}
 #: Airflow's namespace: the distribution a module path belongs to
 AIRFLOW_PROVIDERS = re.compile(r"^airflow\.providers\.([a-z_]+(?:\.[a-z_]+)?)")

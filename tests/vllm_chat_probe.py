@@ -17,8 +17,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from airflow_provider_synth.batch.requests import CHAT
-from airflow_provider_synth.runs.vllm_chat import OpenAIChatCodec
-from airflow_provider_synth.runs.vllm_runner import Request, RunnerConfig
+from airflow_provider_synth.engine.vllm.chat import OpenAIChatCodec
+from airflow_provider_synth.engine.vllm.config import Request, RunnerConfig
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "weather",

@@ -1,19 +1,13 @@
 """Offline batch inference with vLLM on the worker's own GPUs, same JSONL in and out as every backend.
 
 vLLM cannot share Airflow's environment, so the engine runs in a subprocess of a separate interpreter
-(``python``), driven by :mod:`airflow_provider_synth.runs.vllm_runner`. Nothing here imports vLLM or torch.
+(``python``, :mod:`airflow_provider_synth.engine.vllm`), started, relayed and finished by the run
+(:mod:`airflow_provider_synth.runs.vllm`). Nothing here imports vLLM or torch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import signal
-import subprocess
 import tempfile
-import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,32 +16,19 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import BaseOperator
 
 from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.jsonl import dumps, join_path, loads, open_path
-from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
-from airflow_provider_synth.batch.merge import ShardOutputs, merge_shards
-from airflow_provider_synth.batch.requests import VLLM_ENDPOINTS
-from airflow_provider_synth.batch.split import ShardLimits, split_requests
-from airflow_provider_synth.batch.validate import (
-    InvalidRequests,
-    check_invalid_requests,
-    skipped_summary,
-    validate_requests,
-)
-from airflow_provider_synth.exceptions import BatchFailedError, VLLMEngineError
+from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests
+from airflow_provider_synth.exceptions import BatchFailedError
 from airflow_provider_synth.operators._native import ManifestPublisherMixin, OutputClaimMixin
-from airflow_provider_synth.runs.vllm_process import engine_env, reclaim_output
-from airflow_provider_synth.runs.vllm_workspace import STATE_DIR, EngineWorkspace, merge_output_folders
+from airflow_provider_synth.runs.vllm import Prepared, VLLMRun
+from airflow_provider_synth.runs.vllm_workspace import merge_output_folders
 
 if TYPE_CHECKING:
+    import subprocess
+
     from airflow.providers.common.compat.sdk import Context
 
-EVENT_PREFIX = b'{"synth_vllm":'
-#: chat, completions, embeddings, score and rerank; a line naming another endpoint is invalid
-SERVED_ENDPOINTS = VLLM_ENDPOINTS
-#: One shard holding every valid line: the engine's input under ``invalid_requests="skip"``.
 #: VLLMEngineConfig fields the runner reads itself (never ``vllm.LLM`` keyword arguments)
 _RUNNER_OPTIONS = ("served_model_names", "tool_call_parser", "enable_auto_tool_choice", "reasoning_parser")
-_ONE_SHARD = ShardLimits(max_requests=1 << 62, max_bytes=1 << 62, max_embedding_inputs=1 << 62)
 
 
 @dataclass(frozen=True)
@@ -157,7 +138,7 @@ class VLLMBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator):
         answers held before they are written and synced (with at most a second's wait): what a kill can lose.
     :param env: environment variables for the engine process (``CUDA_VISIBLE_DEVICES``, ``HF_TOKEN``...),
         taken as given. Of the worker's own environment the engine inherits only what vLLM, CUDA, Hugging Face
-        and the model need (see :mod:`airflow_provider_synth.runs.vllm_process`), never connections or
+        and the model need (see :mod:`airflow_provider_synth.engine.vllm.process`), never connections or
         secrets. Never logged.
     :param work_dir: local scratch folder for copies of remote input/output (default: a temporary folder).
     :param max_failed_ratio: the share of failed requests tolerated before the task fails.
@@ -222,216 +203,40 @@ class VLLMBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator):
         self.checks = checks
         self.retry_failed_requests = retry_failed_requests
         self.invalid_requests = check_invalid_requests(invalid_requests)
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._run: VLLMRun | None = None
 
     # ------------------------------------------------------------------------------------------------ execute
 
+    @property
+    def _proc(self) -> subprocess.Popen[bytes] | None:
+        """The engine's process while it runs."""
+        return self._run.proc if self._run is not None else None
+
     def execute(self, context: Context) -> dict[str, Any]:
         self.claim_output(context)
-        with tempfile.TemporaryDirectory(prefix="synth-vllm-", dir=self.work_dir) as scratch:
-            engine_input, invalid, endpoint = self._screen(Path(scratch))
-            python = self._resolve_python()
-            work = EngineWorkspace.create(engine_input, self.output_path, Path(scratch))
-            work.restore_state(self._fingerprint(), self.log)
-            started = time.monotonic()
-            self._run_engine(python, work)
-            work.checkpoint()
-            elapsed = time.monotonic() - started
-            return self._finish(context, work, elapsed, engine_input, invalid, endpoint)
-
-    def _screen(self, scratch: Path) -> tuple[Any, Any, str | None]:
-        """Validate the input against what the engine serves (nothing runs before this passes). Returns the
-        engine's input (under ``"skip"``: a local file of the valid lines), the invalid lines' failure rows
-        (``None`` when there are none) and the requests' endpoint."""
-        served = self.engine.served_names(self.model)
-        invalid_path = join_path(join_path(self.output_path, STATE_DIR), "invalid.jsonl")
-        if self.invalid_requests == "fail":
-            summary = validate_requests(self.input_path, name=str(self.input_path), models=served,
-                                        endpoints=SERVED_ENDPOINTS)
-            endpoint, total, engine_input, invalid, synthetic = summary.endpoint, summary.total, self.input_path, 0, 0
-        else:
-            engine_input = scratch / "valid-requests.jsonl"
-            split = split_requests(self.input_path, lambda _: open(engine_input, "wb"), limits=_ONE_SHARD,
-                                   name=str(self.input_path), invalid_requests="skip", models=served,
-                                   endpoints=SERVED_ENDPOINTS, open_rejected=lambda: open_path(invalid_path, "wb"))
-            endpoint, total, invalid, synthetic = split.endpoint, split.total, split.invalid, split.synthetic_ids
-        self.log.info("Validated %d %s requests in %s", total, endpoint, self.input_path)
-        if invalid:
-            self.log.warning(skipped_summary(invalid, synthetic, output_paths(self.output_path)["failures_path"]))
-        return engine_input, invalid_path if invalid else None, endpoint
-
-    def _resolve_python(self) -> str:
-        found = shutil.which(self.python) or (self.python if os.access(self.python, os.X_OK) else None)
-        if found is None:
-            raise VLLMEngineError(f"the vLLM interpreter {self.python!r} does not exist or is not executable; "
-                                  "build one with scripts/install_vllm.sh and pass its bin/python as `python`")
-        return found
-
-    def _fingerprint(self) -> str:
-        """What the engine's saved answers depend on: the input's bytes, the model and the sampling."""
-        names = self.engine.served_model_names
-        options = {k: v for k, v in self.engine.runner_options().items() if v}  # parsers change the answers
-        digest = hashlib.sha256(dumps([self.model, self.sampling, self.engine.llm_kwargs(),
-                                       *([list(names)] if names else []), *([options] if options else [])]))
-        with open_path(self.input_path, "rb") as fp:
-            for block in iter(lambda: fp.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
-
-    def _run_engine(self, python: str, work: EngineWorkspace) -> None:
-        served = self.engine.served_names(self.model)
-        config = {"input": str(work.local_input), "output": str(work.local_output), "model": self.model,
-                  "llm_kwargs": self.engine.llm_kwargs(), "sampling": self.sampling,
-                  "chunk_size": self.chunk_size, "served_model_names": served,
-                  "served_model_name": served[0], **self.engine.runner_options(),
-                  # a pydantic model travels as its JSON schema: the engine's interpreter has no DAG code
-                  "checks": self.checks.to_spec() if self.checks is not None else None,
-                  "retry_failed_requests": self.retry_failed_requests}
-        config_path = work.scratch / "runner.json"
-        config_path.write_bytes(dumps(config))
-        cmd = [python, "-m", "airflow_provider_synth.runs.vllm_runner", "--config", str(config_path)]
-        reclaim_output(work.local_output, self.log)  # a leftover engine of an earlier try: wait, then end it
-        self.log.info("Starting the vLLM engine: %s (model %s)", " ".join(cmd), self.model)
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      env=self._runner_env(work.scratch), start_new_session=True)
-        relay = _Relay(self.log)
-        last_checkpoint = time.monotonic()
-        assert self._proc.stdout is not None
-        try:
-            for line in self._proc.stdout:
-                relay.line(line)
-                if work.remote and time.monotonic() - last_checkpoint > self.checkpoint_interval:
-                    work.checkpoint()
-                    last_checkpoint = time.monotonic()
-            rc = self._proc.wait()
-        finally:
-            # execution_timeout or any error here: never leave an engine holding the GPU
-            if self._proc.poll() is None:
-                _kill_group(self._proc)
-            else:
-                _kill_leftovers(self._proc)
-            self._proc = None
-        if rc != 0 and relay.finished and relay.error is None:
-            # every answer was fsynced before "done"; the merge below still checks that each request has one
-            self.log.warning("The vLLM engine exited with code %d after finishing its work; its output is kept",
-                             rc)
-        elif rc != 0:
-            raise VLLMEngineError(relay.failure_message(rc))
-
-    def _runner_env(self, scratch: Path) -> dict[str, str]:
-        """The engine's environment: an allow-list of the worker's, ``env``, and this provider's package (and
-        nothing else of Airflow's) on its path."""
-        shim = scratch / "pythonpath"
-        shim.mkdir(exist_ok=True)
-        package = Path(__file__).resolve().parents[1]
-        (shim / package.name).symlink_to(package, target_is_directory=True)
-        return engine_env(self.env, pythonpath=str(shim))
-
-    def _finish(self, context: Context, work: EngineWorkspace, elapsed: float, requests: Any,
-                invalid: Any, endpoint: str | None) -> dict[str, Any]:
-        paths = output_paths(self.output_path)
-        with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
-            acct = merge_shards([ShardOutputs(requests=requests, outputs=[work.remote_output])],
-                                results, failures, self.checks, invalid=invalid)
-        ti = context["ti"]
-        manifest = build_manifest(
-            backend="vllm", accounting=acct.as_dict(), output_dir=self.output_path, model=self.model,
-            endpoint=endpoint, batch_ids=[], cost_usd=None, engine_output_path=str(work.remote_output),
-            engine=_public(self.engine.llm_kwargs()), elapsed_s=round(elapsed, 2),
-            requests_per_s=round(acct.total / elapsed, 2) if elapsed > 0 else None,
-            try_number=ti.try_number, dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
-            map_index=ti.map_index,
+        run = self._run = VLLMRun(
+            input_path=self.input_path, output_path=self.output_path, model=self.model, engine=self.engine,
+            log=self.log, sampling=self.sampling, python=self.python, chunk_size=self.chunk_size, env=self.env,
+            checkpoint_interval=self.checkpoint_interval, checks=self.checks,
+            retry_failed_requests=self.retry_failed_requests, invalid_requests=self.invalid_requests,
         )
-        write_manifest(self.output_path, manifest)
-        self.publish_manifest(context, manifest)
-        self.log.info("vLLM batch: %d succeeded, %d failed, %d missing of %d; usage %s", acct.succeeded,
-                      acct.failed, acct.missing, acct.total, manifest["usage"])
-        failed_ratio = (acct.failed + acct.missing) / acct.total if acct.total else 0.0
-        if failed_ratio > self.max_failed_ratio:
-            raise BatchFailedError(
-                f"{acct.failed + acct.missing} of {acct.total} requests failed ({failed_ratio:.1%} > "
-                f"max_failed_ratio {self.max_failed_ratio:.1%}); see {paths['failures_path']}"
-            )
-        return manifest
+        with tempfile.TemporaryDirectory(prefix="synth-vllm-", dir=self.work_dir) as scratch:
+            prepared = run.prepare(Path(scratch))
+            elapsed = run.answer(prepared)
+            return self._finish(context, run, prepared, elapsed)
+
+    def _finish(self, context: Context, run: VLLMRun, prepared: Prepared, elapsed: float) -> dict[str, Any]:
+        ti = context["ti"]
+        outcome = run.finish(prepared, elapsed, max_failed_ratio=self.max_failed_ratio, try_number=ti.try_number,
+                             dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id, map_index=ti.map_index)
+        self.publish_manifest(context, outcome.manifest)
+        if not outcome.ok:
+            raise BatchFailedError(outcome.message)
+        return outcome.manifest
 
     def on_kill(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            self.log.info("Stopping the vLLM engine (pid %d)", proc.pid)
-            _kill_group(proc)
-
-
-def _public(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Engine settings fit for XCom and logs: anything that looks like a credential is left out."""
-    secret = ("token", "secret", "password", "api_key", "credential")
-    return {k: v for k, v in kwargs.items() if not any(s in k.lower() for s in secret)}
-
-
-def _kill_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM the engine's process group (vLLM starts engine-core children), then SIGKILL after ``grace``."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _kill_leftovers(proc: subprocess.Popen[bytes]) -> None:
-    """After the runner exits, stop whatever of its process group is left (an engine-core child orphaned by a
-    crash would hold the GPU)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-class _Relay:
-    """Relays the engine's output to the task log: progress events as one readable line each, vLLM's own
-    log lines at debug level; keeps the last lines to explain a failure."""
-
-    def __init__(self, log: Any, keep: int = 30) -> None:
-        self.log = log
-        self.tail: deque[str] = deque(maxlen=keep)
-        self.error: dict[str, Any] | None = None
-        self.finished = False
-
-    def line(self, raw: bytes) -> None:
-        if raw.startswith(EVENT_PREFIX):
-            try:
-                event = loads(raw)
-            except ValueError:
-                event = None
-            if isinstance(event, dict):
-                self.event(event)
-                return
-        text = raw.decode("utf-8", "replace").rstrip()
-        if text:
-            self.tail.append(text)
-            self.log.debug("vllm: %s", text)
-
-    def event(self, event: dict[str, Any]) -> None:
-        kind = event.pop("synth_vllm", None)
-        if kind == "progress":
-            self.log.info("vLLM progress: %d/%d requests (%d failed), %.1f requests/s, %.0f tokens/s",
-                          event["done"], event["total"], event["failed"], event["requests_per_s"],
-                          event["tokens_per_s"])
-        elif kind == "error":
-            self.error = event
-            self.log.error("vLLM engine: %s", event.get("message"))
-        elif kind == "warning":
-            self.log.warning("vLLM engine: %s", event.get("message"))
-        else:
-            self.finished = self.finished or kind == "done"
-            self.log.info("vLLM %s: %s", kind, event)
-
-    def failure_message(self, rc: int) -> str:
-        if self.error is not None:
-            head = f"the vLLM engine failed ({self.error.get('kind')}, exit code {rc}): {self.error.get('message')}"
-        else:
-            head = f"the vLLM engine exited with code {rc}"
-        return head + "\nlast engine output:\n" + "\n".join(self.tail)
+        if self._run is not None:
+            self._run.kill()
 
 
 __all__ = ["VLLMBatchOperator", "VLLMEngineConfig", "gpu_pod_override", "merge_output_folders"]

@@ -6,8 +6,12 @@
 * :mod:`~airflow_provider_synth.runs.cortex`: a Snowflake Cortex run (stage, submit with an intent recorded
   first, re-attach after a crash, wait, read back); :mod:`~airflow_provider_synth.runs.cortex_staging`: the
   staging tables failed runs left, listed and dropped per run;
-* :mod:`~airflow_provider_synth.runs.vllm_workspace` and :mod:`~airflow_provider_synth.runs.vllm_runner`: the
-  vLLM engine's workspace and the engine process itself.
+* :mod:`~airflow_provider_synth.runs.cortex_mapping` and :mod:`~airflow_provider_synth.runs.cortex_sql`: a
+  Cortex run's request mapping (OpenAI chat bodies to ``AI_COMPLETE`` and back) and its SQL;
+* :mod:`~airflow_provider_synth.runs.vllm`: a vLLM run, the operator's side of the engine process (start,
+  event relay, kill, resume fingerprint, finish), and :mod:`~airflow_provider_synth.runs.vllm_workspace`:
+  where the engine reads and writes. The engine process itself runs in vLLM's interpreter:
+  :mod:`airflow_provider_synth.engine.vllm`.
 
 Operators, sensors and the CLI drive these; nothing here imports an operator.
 """

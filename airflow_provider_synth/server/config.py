@@ -218,9 +218,13 @@ class ServerConfig:
         generating an answer. The ``upstream_*`` settings are fixed when the server starts: the control API
         cannot point the gateway (and its key) somewhere else.
     :param upstream_api_key: key sent to the upstream (never logged).
-    :param upstream_concurrency: most requests in flight to the upstream, per server.
-    :param upstream_timeout_s: timeout of one upstream request.
-    :param upstream_retries: attempts per request on 429, 5xx, timeouts and connection errors.
+    :param upstream_concurrency: most requests in flight to the upstream, per server: a cap. Within it the
+        gateway sends only as many as the upstream sustains (:mod:`~airflow_provider_synth.server.concurrency`);
+        the rest wait on the gateway's side, never inside the upstream.
+    :param upstream_timeout_s: a request with no answer for ``max(upstream_timeout_s, 10 x the slowest answer
+        so far)`` is hung (given up and retried). Not a guess at how slow the upstream may be: a slow upstream
+        is never a failure.
+    :param upstream_retries: attempts per request on 429, 5xx, hung requests and connection errors.
     :param upstream_model: model name sent upstream instead of the request's own.
     :param flex_unavailable: custom_id patterns (``X-Client-Request-Id`` of the synchronous routes) whose
         ``service_tier: "flex"`` requests are answered 429 "resource unavailable", as flex answers when it has
@@ -252,7 +256,7 @@ class ServerConfig:
     upstream_url: str | None = None
     upstream_api_key: str | None = field(default=None, repr=False)
     upstream_concurrency: int = 8
-    upstream_timeout_s: float = 60.0
+    upstream_timeout_s: float = 300.0
     upstream_retries: int = 3
     upstream_model: str | None = None
     flex_unavailable: tuple[str, ...] = ()

@@ -14,7 +14,7 @@ import math
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,8 @@ MAX_PROBLEMS = 20
 INLINE_ITEMS = 64
 #: Output files this small are published inline too (1,000 batches finishing together stay quick).
 INLINE_BYTES = 1 << 16
+#: A streaming processor's answers are committed at least this often (seconds), as they land.
+COMMIT_EVERY_S = 1.0
 
 #: what an ``Outcome.unreadable()`` line holds: a proxy's error page where a JSON line should be
 BAD_GATEWAY_PAGE = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
@@ -203,6 +205,16 @@ class Processor(Protocol):
     """Runs the requests of one step of a batch."""
 
     async def run(self, items: list[Item]) -> list[Result]: ...
+
+
+class StreamingProcessor(Processor, Protocol):
+    """Runs requests one by one, as many at once as it decides (the gateway): the runner keeps ``window`` of a
+    batch's requests on their way and commits their answers as they land, in input order."""
+
+    @property
+    def window(self) -> int: ...
+
+    async def submit(self, item: Item) -> Result: ...
 
 
 class LocalProcessor:
@@ -439,6 +451,9 @@ class BatchRunner:
             if batch.first_poll_at is not None:
                 await self._sleep(batch, batch.first_poll_at + cfg.complete_after_first_poll_s - time.time())
             steps, interval = 1, 0.0
+        if hasattr(self.processor, "submit"):
+            await self._stream(batch, limit, self.processor)  # type: ignore[arg-type]
+            return
         chunk = max(1, math.ceil(total / steps))
         max_chunk = getattr(self.processor, "max_chunk", None)
         if max_chunk and chunk > max_chunk:
@@ -456,6 +471,39 @@ class BatchRunner:
                 await self._commit(batch, step, await self.processor.run(step))
         finally:
             items.close()
+
+    async def _stream(self, batch: BatchRecord, limit: int, processor: StreamingProcessor) -> None:
+        """Keep ``processor.window`` requests on their way and commit the answered prefix at least every
+        second (``request_counts`` move as answers land; a restart resumes after the last committed one)."""
+        items = iter_items(self.store.input_path(batch), batch.processed)
+        pending: deque[tuple[Item, asyncio.Task[Result]]] = deque()
+        wake = self._wake[batch.id]
+        last_commit = time.monotonic()
+        try:
+            while batch.status == "in_progress":
+                while len(pending) < processor.window and batch.processed + len(pending) < limit:
+                    item = next(items, None)
+                    if item is None:
+                        break
+                    pending.append((item, asyncio.ensure_future(processor.submit(item))))
+                if not pending:
+                    break
+                answered = next((i for i, (_, task) in enumerate(pending) if not task.done()), len(pending))
+                if answered and (answered == len(pending) or time.monotonic() - last_commit >= COMMIT_EVERY_S):
+                    done = [pending.popleft() for _ in range(answered)]
+                    await self._commit(batch, [item for item, _ in done], [task.result() for _, task in done])
+                    last_commit = time.monotonic()
+                    continue
+                woken = asyncio.ensure_future(wake.wait())
+                await asyncio.wait([pending[answered][1], woken], return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=max(0.01, COMMIT_EVERY_S - (time.monotonic() - last_commit)))
+                woken.cancel()
+                wake.clear()
+        finally:
+            items.close()
+            for _, task in pending:
+                task.cancel()
+            await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
 
     async def _commit(self, batch: BatchRecord, step: list[Item], results: list[Result]) -> None:
         out_path, err_path = self.store.work_paths(batch.id)

@@ -217,7 +217,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--poll-delay-s", type=float, help="answer each batch poll after this delay")
     parser.add_argument("--complete-after-first-poll-s", type=float, help="complete batches this long after their first poll")
     parser.add_argument("--upstream", dest="upstream_url", help="run requests against this OpenAI-compatible base URL (…/v1)")
-    parser.add_argument("--upstream-concurrency", type=int, help="most requests in flight to the upstream (default 8)")
+    parser.add_argument("--upstream-concurrency", type=int, help="most requests in flight to the upstream (default 8); "
+                        "within it, as many as the upstream sustains")
+    parser.add_argument("--upstream-timeout-s", type=float, help="a request with no answer for this long (or 10x the "
+                        "slowest answer so far, if longer) is hung (default 300)")
     parser.add_argument("--upstream-model", help="model name sent upstream instead of each request's own")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.epilog = (
@@ -234,7 +237,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
     args = _parser().parse_args(argv)
     data: dict[str, Any] = json.loads(args.config.read_text()) if args.config else {}
     for name in ("host", "port", "state_dir", "validating_s", "in_progress_s", "finalizing_s", "poll_delay_s",
-                 "complete_after_first_poll_s", "upstream_url", "upstream_concurrency", "upstream_model"):
+                 "complete_after_first_poll_s", "upstream_url", "upstream_concurrency", "upstream_timeout_s",
+                 "upstream_model"):
         value = getattr(args, name)
         if value is not None:
             data[name] = value

@@ -2,14 +2,20 @@
 
 With ``--upstream http://host:port/v1`` the server gives any OpenAI-compatible endpoint (``vllm serve``, a
 llama.cpp server, Ollama) the OpenAI Batch API: a DAG written for OpenAI runs unchanged against it.
-Requests go out with bounded concurrency; 429, 5xx, timeouts and connection errors are retried (tenacity,
-honouring ``retry-after``); what still fails lands in the batch's error file as OpenAI would write it.
+A slow upstream is never a failure: requests wait on the gateway's side, and only as many go upstream at once
+as it sustains (:class:`~airflow_provider_synth.server.concurrency.AdaptiveLimit`: AIMD on the time per token,
+vLLM's ``/metrics`` queue, 429/503), at most ``upstream_concurrency``; a request only times out when it is hung
+(no answer for ``max(upstream_timeout_s, 10 x the slowest answer so far)``). 429, 5xx, hung requests and
+connection errors are retried (tenacity, honouring ``retry-after``); what still fails lands in the batch's error
+file as OpenAI would write it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +24,7 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from airflow_provider_synth.server import answers
+from airflow_provider_synth.server.concurrency import AdaptiveLimit
 from airflow_provider_synth.server.config import Rules, ServerConfig
 from airflow_provider_synth.server.runner import (
     LOCAL_ENDPOINTS,
@@ -32,7 +39,12 @@ from airflow_provider_synth.server.runner import (
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+#: answers that mean "too much at once": the limit comes down
+OVERLOAD_STATUSES = frozenset({429, 503})
 MAX_BACKOFF_S = 10.0
+#: seconds between reads of the upstream's queue (vLLM's /metrics) while requests are in flight
+METRICS_INTERVAL_S = 1.0
+WAITING_METRIC = "vllm:num_requests_waiting"
 
 
 class UpstreamRetryableError(Exception):
@@ -73,8 +85,24 @@ def _parse_retry_after(value: str | None) -> float | None:
         return None
 
 
+def parse_waiting(text: str) -> int | None:
+    """The requests an upstream holds in its own queue, from a Prometheus page (vLLM's ``/metrics``), or None
+    when the page has no such figure."""
+    found = None
+    for line in text.splitlines():
+        if line.startswith(WAITING_METRIC) and not line.startswith(WAITING_METRIC + "_"):
+            try:
+                found = (found or 0) + int(float(line.rsplit(" ", 1)[1]))
+            except (IndexError, ValueError):
+                continue
+    return found
+
+
 class UpstreamProcessor:
     """Runs batch requests against ``config.upstream_url``; outcome rules still apply first.
+
+    Requests wait for a slot of :attr:`limit` on this side; :meth:`submit` runs one (the batch runner keeps
+    :attr:`window` of them on their way and commits their answers in input order as they land).
 
     :param rules: the outcome rules (a request given a non-success outcome never reaches the upstream).
     :param config: returns the current settings.
@@ -83,55 +111,84 @@ class UpstreamProcessor:
     def __init__(self, rules: Rules, config: Callable[[], ServerConfig]) -> None:
         self.rules = rules
         self.config = config
+        cfg = config()
+        self.limit = AdaptiveLimit(cfg.upstream_concurrency, cfg.upstream_timeout_s)
         self._session: aiohttp.ClientSession | None = None
-        self._semaphore: asyncio.Semaphore | None = None
+        self._metrics: asyncio.Task[None] | None = None
 
     @property
-    def max_chunk(self) -> int:
-        """Commit progress at least every few rounds of the concurrency budget."""
+    def window(self) -> int:
+        """Requests of one batch on their way at once (in flight or waiting for a slot): enough that one slow
+        answer never idles the upstream while the answers after it wait to be committed in order."""
         return self.config().upstream_concurrency * 4
 
-    def _client(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
-        if self._session is None or self._semaphore is None:
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
             cfg = self.config()
             headers = {"Content-Type": "application/json"}
             if cfg.upstream_api_key:
                 headers["Authorization"] = f"Bearer {cfg.upstream_api_key}"
             self._session = aiohttp.ClientSession(
-                headers=headers, connector=aiohttp.TCPConnector(limit=cfg.upstream_concurrency)
+                headers=headers, connector=aiohttp.TCPConnector(limit=cfg.upstream_concurrency + 1)
             )
-            self._semaphore = asyncio.Semaphore(cfg.upstream_concurrency)
-        return self._session, self._semaphore
+            if cfg.upstream_url:
+                self._metrics = asyncio.get_running_loop().create_task(
+                    self._watch_queue(cfg.upstream_url), name="synth-upstream-metrics")
+        return self._session
 
     async def run(self, items: list[Item]) -> list[Result]:
-        return list(await asyncio.gather(*(self._one(item) for item in items)))
+        return list(await asyncio.gather(*(self.submit(item) for item in items)))
 
     async def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._metrics
+            self._metrics = None
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    async def _one(self, item: Item) -> Result:
+    async def _watch_queue(self, base_url: str) -> None:
+        """Read the upstream's queue while requests are in flight; stop for good where it publishes none."""
+        url = base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+        session = self._client()
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL_S)
+            if self.limit.in_flight == 0:
+                continue
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    waiting = parse_waiting(await resp.text()) if resp.status == 200 else None
+            except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+                continue
+            if waiting is None:
+                log.info("the upstream publishes no %s at %s: concurrency follows its latency only",
+                         WAITING_METRIC, url)
+                return
+            self.limit.observe_queue(waiting)
+
+    async def submit(self, item: Item) -> Result:
+        """Run one request (it waits on this side for a slot first)."""
         outcome = self.rules.outcome_for(item.custom_id)
         if outcome.kind != "success" or outcome.content is not None or normalize_endpoint(item.url) in LOCAL_ENDPOINTS:
             return outcome_result(item, outcome)
         cfg = self.config()
-        session, semaphore = self._client()
+        session = self._client()
         body = dict(item.body)
         if cfg.upstream_model:
             body["model"] = cfg.upstream_model
         url = cfg.upstream_url.rstrip("/") + item.url.removeprefix("/v1") if cfg.upstream_url else item.url
-        async with semaphore:
-            try:
-                status, answer = await self._call(session, url, body, cfg)
-            except UpstreamRetryableError as exc:
-                return Result(False, output_line(item.custom_id, exc.status, _as_error_body(exc.status, exc.body)))
-            except TimeoutError:
-                return Result(False, null_line(item.custom_id, "request_timeout"))
-            except aiohttp.ClientError as exc:
-                log.warning("upstream unreachable for %s: %s", item.custom_id, exc)
-                body502 = _error_body(502, f"upstream unreachable: {type(exc).__name__}", "upstream_unreachable")
-                return Result(False, output_line(item.custom_id, 502, body502))
+        try:
+            status, answer = await self._call(session, url, body, cfg)
+        except UpstreamRetryableError as exc:
+            return Result(False, output_line(item.custom_id, exc.status, _as_error_body(exc.status, exc.body)))
+        except TimeoutError:
+            return Result(False, null_line(item.custom_id, "request_timeout"))
+        except aiohttp.ClientError as exc:
+            log.warning("upstream unreachable for %s: %s", item.custom_id, exc)
+            body502 = _error_body(502, f"upstream unreachable: {type(exc).__name__}", "upstream_unreachable")
+            return Result(False, output_line(item.custom_id, 502, body502))
         if status == 200 and isinstance(answer, dict):
             if cfg.upstream_model:
                 answer["model"] = item.body.get("model", answer.get("model"))
@@ -150,14 +207,32 @@ class UpstreamProcessor:
         )
         async for attempt in retrying:
             with attempt:
-                timeout = aiohttp.ClientTimeout(total=cfg.upstream_timeout_s)
-                async with session.post(url, data=orjson.dumps(body), timeout=timeout) as resp:
-                    raw = await resp.read()
-                    try:
-                        parsed: Any = orjson.loads(raw)
-                    except orjson.JSONDecodeError:
-                        parsed = raw.decode(errors="replace")
-                    if resp.status in RETRY_STATUSES:
-                        raise UpstreamRetryableError(resp.status, parsed, _parse_retry_after(resp.headers.get("retry-after")))
-                    return resp.status, parsed
+                return await self._attempt(session, url, body)
         raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _attempt(self, session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """One POST, inside a slot of the limit; what it learnt goes back to the limit."""
+        await self.limit.acquire()
+        started, latency, tokens, congested = time.monotonic(), None, 0, False
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.limit.hung_after())
+            async with session.post(url, data=orjson.dumps(body), timeout=timeout) as resp:
+                raw = await resp.read()
+                try:
+                    parsed: Any = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    parsed = raw.decode(errors="replace")
+                congested = resp.status in OVERLOAD_STATUSES
+                if resp.status in RETRY_STATUSES:
+                    raise UpstreamRetryableError(resp.status, parsed, _parse_retry_after(resp.headers.get("retry-after")))
+                if resp.status == 200:
+                    latency = time.monotonic() - started
+                    usage = parsed.get("usage") if isinstance(parsed, dict) else None
+                    tokens = int(usage.get("completion_tokens") or 0) if isinstance(usage, dict) else 0
+                return resp.status, parsed
+        except TimeoutError:
+            congested = True
+            log.warning("an upstream request had no answer for %.0f s: hung, given up", time.monotonic() - started)
+            raise
+        finally:
+            self.limit.release(latency, tokens, congested=congested)

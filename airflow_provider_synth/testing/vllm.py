@@ -1,6 +1,6 @@
 """A stand-in for vLLM's ``LLM`` so that DAGs using :class:`VLLMBatchOperator` run without vLLM or a GPU.
 
-It answers through the real runner (:mod:`airflow_provider_synth.runs.vllm_runner`): the engine loop, resume,
+It answers through the real runner (:mod:`airflow_provider_synth.engine.vllm`): the engine loop, resume,
 error lines and progress events are the real ones; only the engine is fake (and answers chat with the
 runner's plain codec, not vLLM's OpenAI protocol). Point the operator's ``python`` at an
 executable that runs ``python -m airflow_provider_synth.testing.vllm "$@"`` (see :func:`write_fake_python`).
@@ -28,8 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_synth.runs import vllm_runner
-from airflow_provider_synth.runs.vllm_process import guard_engine
+from airflow_provider_synth.engine.vllm.codecs import PlainCodec
+from airflow_provider_synth.engine.vllm.config import RunnerConfig, emit
+from airflow_provider_synth.engine.vllm.loop import Processor
+from airflow_provider_synth.engine.vllm.process import guard_engine
+from airflow_provider_synth.engine.vllm.runner import run
 
 
 class EngineDeadError(RuntimeError):
@@ -278,16 +281,16 @@ def _overlap(query: str, document: str) -> float:
     return sum(w in document.split() for w in words) / max(len(words), 1)
 
 
-def fake_processor(cfg: vllm_runner.RunnerConfig, url: str, llm: FakeLLM | None = None) -> vllm_runner.Processor:
-    """A runner :class:`~airflow_provider_synth.runs.vllm_runner.Processor` over a :class:`FakeLLM`."""
+def fake_processor(cfg: RunnerConfig, url: str, llm: FakeLLM | None = None) -> Processor:
+    """A runner :class:`~airflow_provider_synth.engine.vllm.loop.Processor` over a :class:`FakeLLM`."""
     if llm is None:
         die_after = os.environ.get("SYNTH_FAKE_VLLM_DIE_AFTER")
         llm = FakeLLM(delay=float(os.environ.get("SYNTH_FAKE_VLLM_DELAY", "0")),
                       max_model_len=int(cfg.llm_kwargs.get("max_model_len") or 256),
                       die_after=int(die_after) if die_after else None)
-    vllm_runner.emit("loaded", model=cfg.model, vllm_version="fake", load_s=0.0)
-    codec = vllm_runner.PlainCodec(llm, cfg, make_sampling, KNOWN_SAMPLING)
-    return vllm_runner.Processor(llm, cfg, codec, FakePooling, url)
+    emit("loaded", model=cfg.model, vllm_version="fake", load_s=0.0)
+    codec = PlainCodec(llm, cfg, make_sampling, KNOWN_SAMPLING)
+    return Processor(llm, cfg, codec, FakePooling, url)
 
 
 def write_fake_python(path: str | os.PathLike[str]) -> str:
@@ -301,14 +304,14 @@ def write_fake_python(path: str | os.PathLike[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["-m"]:  # called as the vLLM interpreter: drop "-m airflow_provider_synth.runs.vllm_runner"
+    if args[:1] == ["-m"]:  # called as the vLLM interpreter: drop "-m airflow_provider_synth.engine.vllm"
         args = args[2:]
-    cfg = vllm_runner.RunnerConfig.from_file(args[args.index("--config") + 1])
+    cfg = RunnerConfig.from_file(args[args.index("--config") + 1])
     try:
-        guard_engine(cfg.output, vllm_runner.emit)
+        guard_engine(cfg.output, emit)
     except SystemExit as exc:
         return int(exc.code or 0)
-    code = vllm_runner.run(cfg, fake_processor)
+    code = run(cfg, fake_processor)
     if os.environ.get("SYNTH_FAKE_VLLM_ABORT_AT_EXIT") == "1":
         sys.stdout.flush()
         os.abort()

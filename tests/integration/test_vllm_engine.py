@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
+from airflow_provider_synth.engine.vllm.process import cpu_dtype
 from airflow_provider_synth.exceptions import VLLMEngineError
 from airflow_provider_synth.operators.vllm import VLLMBatchOperator, VLLMEngineConfig
 
@@ -30,9 +31,11 @@ pytestmark = [
     pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no vLLM interpreter: run `make vllm-venv`"),
 ]
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-# float32 on CPU; a small fixed KV cache (vLLM's CPU default takes a share of RAM other processes need);
+# the dtype this CPU runs natively (bfloat16 only with AVX-512 BF16 / AMX, else float32), for the runner and for
+# vLLM's run_batch alike; a small fixed KV cache (vLLM's CPU default takes a share of RAM other processes need);
 # eager mode halves start-up (no torch.compile) at the same speed for a model this small
-ENGINE = VLLMEngineConfig(dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+DTYPE, _ = cpu_dtype()
+ENGINE = VLLMEngineConfig(dtype=DTYPE, max_model_len=256, enforce_eager=True, seed=0,
                           extra={"kv_cache_memory_bytes": 256 << 20}, served_model_names=["tiny"])
 
 
@@ -218,7 +221,7 @@ def test_the_engine_dies_with_its_task_and_a_rerun_answers_every_id_once(tiny_mo
     (runner, vLLM's engine core, the watchdog) is gone within 2 s; the rerun answers every id exactly once."""
     from dataclasses import asdict
 
-    from airflow_provider_synth.runs.vllm_process import read_owner
+    from airflow_provider_synth.engine.vllm.process import read_owner
 
     rows = [chat(f"k{i:04d}", f"Write about item {i}.", max_tokens=32, temperature=0.8) for i in range(300)]
     src = tmp_path / "in.jsonl"
@@ -264,7 +267,8 @@ def test_the_engine_dies_with_its_task_and_a_rerun_answers_every_id_once(tiny_mo
 
 
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SMOLLM2_ENGINE = VLLMEngineConfig(dtype="bfloat16", max_model_len=1024, enforce_eager=True,
+# dtype "auto" (the default): the runner picks this CPU's native one and says so in the task log
+SMOLLM2_ENGINE = VLLMEngineConfig(max_model_len=1024, enforce_eager=True,
                                   extra={"kv_cache_memory_bytes": 256 << 20}, served_model_names=[SMOLLM2_NAME])
 
 
@@ -400,12 +404,12 @@ def run_both(tmp_path: Path, model: str, rows: list[dict], runner_options: dict[
               "llm_kwargs": {**ENGINE.llm_kwargs(), "kv_cache_memory_bytes": 256 << 20}, **runner_options}
     (tmp_path / "runner.json").write_text(json.dumps(config))
     env = {**os.environ, **ENV, "PYTHONPATH": str(REPO)}
-    runner = subprocess.Popen([str(VLLM_PYTHON), "-m", "airflow_provider_synth.runs.vllm_runner", "--config",
+    runner = subprocess.Popen([str(VLLM_PYTHON), "-m", "airflow_provider_synth.engine.vllm", "--config",
                                str(tmp_path / "runner.json")], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)
     run_batch = subprocess.run(
         [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.run_batch", "-i", str(src), "-o", str(theirs),
-         "--model", model, "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "256",
+         "--model", model, "--served-model-name", "tiny", "--dtype", DTYPE, "--max-model-len", "256",
          "--enforce-eager", "--seed", "0", "--kv-cache-memory-bytes", str(256 << 20), *run_batch_flags],
         env=env, capture_output=True, timeout=600)
     log, _ = runner.communicate(timeout=600)

@@ -17,9 +17,10 @@ from pydantic import BaseModel
 
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.results import error_line, success_line
+from airflow_provider_synth.engine.vllm.config import RunnerConfig
+from airflow_provider_synth.engine.vllm.resume import Rechecks, iter_requests, recover_output
 from airflow_provider_synth.exceptions import VLLMEngineError
 from airflow_provider_synth.operators.vllm import VLLMBatchOperator
-from airflow_provider_synth.runs.vllm_runner import Rechecks, RunnerConfig, iter_requests, recover_output
 from airflow_provider_synth.testing.vllm import write_fake_python
 
 FIXABLE = "a b c d e f"                     # "echo: a b c d e f": 7 words, cut at 4, whole at 8

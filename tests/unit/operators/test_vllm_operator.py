@@ -266,7 +266,7 @@ def test_engine_config_kwargs() -> None:
 
 def test_parser_options_reach_the_runner_not_vllm_llm(requests_file, tmp_path, fake_python, context,
                                                       monkeypatch) -> None:
-    from airflow_provider_synth.runs import vllm_runner
+    from airflow_provider_synth.engine.vllm.config import RunnerConfig
 
     engine = VLLMEngineConfig(tool_call_parser="pythonic", enable_auto_tool_choice=True,
                               reasoning_parser="deepseek_r1")
@@ -285,7 +285,7 @@ def test_parser_options_reach_the_runner_not_vllm_llm(requests_file, tmp_path, f
     (config,) = written
     assert (config["tool_call_parser"], config["enable_auto_tool_choice"], config["reasoning_parser"]) == (
         "pythonic", True, "deepseek_r1")
-    runner_cfg = vllm_runner.RunnerConfig(**config)  # the runner takes every key the operator writes
+    runner_cfg = RunnerConfig(**config)  # the runner takes every key the operator writes
     assert runner_cfg.tool_call_parser == "pythonic"
 
 
@@ -309,7 +309,7 @@ def test_gpu_pod_override_asks_for_gpus() -> None:
 def test_an_error_while_waiting_stops_the_engine(requests_file, tmp_path, fake_python, context,
                                                  monkeypatch) -> None:
     """execution_timeout raises inside execute(): the engine must not outlive the task."""
-    from airflow_provider_synth.operators import vllm as vllm_operator
+    from airflow_provider_synth.runs import vllm as vllm_run
 
     op = operator(str(requests_file), str(tmp_path / "out"), fake_python, env={"SYNTH_FAKE_VLLM_DELAY": "0.5"})
     started: list = []
@@ -319,7 +319,7 @@ def test_an_error_while_waiting_stops_the_engine(requests_file, tmp_path, fake_p
         if b'"progress"' in raw:
             raise TimeoutError("execution_timeout")
 
-    monkeypatch.setattr(vllm_operator._Relay, "line", timeout_on_progress)
+    monkeypatch.setattr(vllm_run._Relay, "line", timeout_on_progress)
     with pytest.raises(TimeoutError):
         op.execute(context)
     assert started[0].poll() is not None and op._proc is None

@@ -19,13 +19,14 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from airflow_provider_synth.runs import vllm_process
-from airflow_provider_synth.runs.vllm_process import (
+from airflow_provider_synth.engine.vllm.process import (
     EXIT_LOCKED,
+    TASK_PID_ENV,
     acquire_output_lock,
     engine_env,
     read_owner,
     reclaim_output,
+    task_ended,
 )
 from airflow_provider_synth.testing.vllm import write_fake_python
 
@@ -62,7 +63,7 @@ def test_engine_env_is_an_allow_list() -> None:
                          "TORCHINDUCTOR_CACHE_DIR", "TOKENIZERS_PARALLELISM", "LD_LIBRARY_PATH"}
     assert env["HF_TOKEN"] == "hf_given" and env["MY_FLAG"] == "1"  # what the user passes goes as given
     assert env["PYTHONPATH"] == os.pathsep.join(["/shim", "/extra"])  # never the worker's own PYTHONPATH
-    assert env[vllm_process.TASK_PID_ENV] == str(os.getpid())
+    assert env[TASK_PID_ENV] == str(os.getpid())
 
 
 def test_the_engine_process_sees_only_the_allow_list(tmp_path, monkeypatch) -> None:
@@ -101,7 +102,7 @@ def test_a_second_engine_on_the_same_output_refuses_to_start(tmp_path) -> None:
     assert fd is not None and read_owner(output)["pid"] == os.getpid()
     try:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        done = subprocess.run([sys.executable, "-m", "airflow_provider_synth.runs.vllm_runner", "--config",
+        done = subprocess.run([sys.executable, "-m", "airflow_provider_synth.engine.vllm", "--config",
                                str(config)], capture_output=True, env=env, timeout=60, start_new_session=True)
     finally:
         os.close(fd)
@@ -114,7 +115,7 @@ def test_a_second_engine_on_the_same_output_refuses_to_start(tmp_path) -> None:
 def test_a_retry_waits_for_a_leftover_engine_then_ends_it(tmp_path, caplog) -> None:
     output = tmp_path / "engine-output.jsonl"
     holder = subprocess.Popen(  # a leftover engine: holds the lock and never ends on its own
-        [sys.executable, "-c", "import sys, time; from airflow_provider_synth.runs.vllm_process import "
+        [sys.executable, "-c", "import sys, time; from airflow_provider_synth.engine.vllm.process import "
          "acquire_output_lock; assert acquire_output_lock(sys.argv[1]) is not None; print('locked', flush=True); "
          "time.sleep(600)", str(output)],
         stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
@@ -197,7 +198,7 @@ def test_the_engine_dies_with_its_task(tmp_path, group_members) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux only")
 def test_parent_death_signal_is_set() -> None:
-    code = ("import ctypes, signal; from airflow_provider_synth.runs.vllm_process import set_parent_death_signal; "
+    code = ("import ctypes, signal; from airflow_provider_synth.engine.vllm.process import set_parent_death_signal; "
             "assert set_parent_death_signal(signal.SIGKILL); v = ctypes.c_int(); "
             "ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); print(v.value)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -211,7 +212,7 @@ def test_the_watchdog_acts_only_on_the_tasks_death(first: str) -> None:
     task, runner = (short, long) if first == "task" else (long, short)
     try:
         started = time.monotonic()
-        assert vllm_process.task_ended(task.pid, runner.pid, grace=0.2) is (first == "task")
+        assert task_ended(task.pid, runner.pid, grace=0.2) is (first == "task")
         assert time.monotonic() - started < 5
     finally:
         for proc in (short, long):

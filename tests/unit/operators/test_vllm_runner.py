@@ -13,19 +13,18 @@ import orjson
 import pytest
 
 from airflow_provider_synth.batch.results import ParsedOutput, parse_output_line
-from airflow_provider_synth.runs import vllm_runner
-from airflow_provider_synth.runs.vllm_runner import (
+from airflow_provider_synth.engine.vllm.codecs import sampling_kwargs, structured_outputs_kwargs
+from airflow_provider_synth.engine.vllm.config import (
+    EVENT_KEY,
     EXIT_BAD_CONFIG,
     EXIT_ENGINE,
     EXIT_NO_VLLM,
-    OutputWriter,
-    Processor,
     Request,
     RunnerConfig,
-    recover_output,
-    run,
-    sampling_kwargs,
 )
+from airflow_provider_synth.engine.vllm.loop import OutputWriter, Processor
+from airflow_provider_synth.engine.vllm.resume import recover_output
+from airflow_provider_synth.engine.vllm.runner import run, shutdown_engine
 from airflow_provider_synth.testing.vllm import FakeLLM, FakePooling, fake_processor
 
 
@@ -234,12 +233,12 @@ class TestProcessor:
 
     def test_response_format_maps_to_structured_outputs(self) -> None:
         schema = {"type": "object", "properties": {"a": {"type": "string"}}}
-        assert vllm_runner.structured_outputs_kwargs(
+        assert structured_outputs_kwargs(
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
         ) == {"json": schema}
-        assert vllm_runner.structured_outputs_kwargs({"response_format": {"type": "json_object"}}) == {
+        assert structured_outputs_kwargs({"response_format": {"type": "json_object"}}) == {
             "json_object": True}
-        assert vllm_runner.structured_outputs_kwargs({}) is None
+        assert structured_outputs_kwargs({}) is None
 
     def test_embeddings_regrouped_per_request_float_and_base64(self) -> None:
         llm = FakeLLM()
@@ -305,7 +304,7 @@ class TestMain:
     def run_main(self, tmp_path: Path, config: dict) -> subprocess.CompletedProcess[str]:
         path = tmp_path / "cfg.json"
         path.write_text(json.dumps(config))
-        return subprocess.run([sys.executable, "-m", "airflow_provider_synth.runs.vllm_runner", "--config", str(path)],
+        return subprocess.run([sys.executable, "-m", "airflow_provider_synth.engine.vllm", "--config", str(path)],
                               capture_output=True, text=True, timeout=120)
 
     def test_interpreter_without_vllm_fails_before_any_request(self, tmp_path: Path, cfg: RunnerConfig) -> None:
@@ -380,16 +379,16 @@ class TestShutdown:
 
     def test_stops_the_engine_core(self) -> None:
         client = self.Client()
-        vllm_runner.shutdown_engine(self.llm(client), timeout=3)
+        shutdown_engine(self.llm(client), timeout=3)
         assert client.calls == [3]
 
     def test_a_failed_teardown_is_a_warning_event(self, capsys) -> None:
-        vllm_runner.shutdown_engine(self.llm(self.Client(fail=True)))
+        shutdown_engine(self.llm(self.Client(fail=True)))
         event = json.loads(capsys.readouterr().out)
-        assert event[vllm_runner.EVENT_KEY] == "warning" and "teardown broke" in event["message"]
+        assert event[EVENT_KEY] == "warning" and "teardown broke" in event["message"]
 
     def test_an_engine_without_a_client_is_left_alone(self, capsys) -> None:
-        vllm_runner.shutdown_engine(FakeLLM())
-        vllm_runner.shutdown_engine(self.llm(object()))  # an engine core without shutdown()
+        shutdown_engine(FakeLLM())
+        shutdown_engine(self.llm(object()))  # an engine core without shutdown()
         assert capsys.readouterr().out == "", "nothing called, nothing reported"
 

@@ -1,7 +1,7 @@
 """``/v1/chat/completions`` in the vLLM runner the way vLLM's own ``run_batch`` answers it.
 
 Runs in the vLLM interpreter only (it imports vLLM's OpenAI protocol models, parsers and fingerprint). The
-runner's engine loop (:mod:`~airflow_provider_synth.runs.vllm_runner`) feeds the offline engine one request at a
+runner's engine loop (:mod:`~airflow_provider_synth.engine.vllm.loop`) feeds the offline engine one request at a
 time; this module maps one OpenAI chat body onto ``LLM.enqueue_chat`` and one finished ``RequestOutput`` back
 onto the body ``run_batch`` writes, with the same vLLM pieces ``run_batch``'s ``OpenAIServingChat`` uses:
 
@@ -25,7 +25,8 @@ from typing import Any
 import orjson
 
 from airflow_provider_synth.batch.requests import CHAT
-from airflow_provider_synth.runs.vllm_runner import Codec, Request, RunnerConfig, emit
+from airflow_provider_synth.engine.vllm.codecs import Codec
+from airflow_provider_synth.engine.vllm.config import Request, RunnerConfig, emit
 
 #: distinct request settings (a body less its messages) validated once each
 _MAX_PREPARED = 1024

@@ -1,0 +1,323 @@
+"""One vLLM run, the operator's side of the process boundary: validate, start the engine, relay its events,
+resume, finish. No Airflow context: :class:`~airflow_provider_synth.operators.vllm.VLLMBatchOperator` drives it.
+
+vLLM cannot share Airflow's environment, so the engine runs in a subprocess of a separate interpreter
+(``python -m airflow_provider_synth.engine.vllm``, :mod:`airflow_provider_synth.engine.vllm`). This module
+starts it in its own process group with an allow-listed environment, relays its JSON progress events to the
+task log, kills it (and whatever it left) on an error, a timeout or a kill, and merges its answers into the
+output folder. The engine's answers are kept under ``<output_path>/_vllm/`` with a fingerprint of what they
+depend on (:meth:`VLLMRun.fingerprint`), so a retried task on any node resumes instead of answering twice.
+Nothing here imports vLLM or torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from airflow_provider_synth.batch.checks import OutputChecks
+from airflow_provider_synth.batch.jsonl import dumps, join_path, loads, open_path
+from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
+from airflow_provider_synth.batch.merge import ShardOutputs, merge_shards
+from airflow_provider_synth.batch.requests import VLLM_ENDPOINTS
+from airflow_provider_synth.batch.split import ShardLimits, split_requests
+from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary, validate_requests
+from airflow_provider_synth.engine.vllm.process import engine_env, reclaim_output
+from airflow_provider_synth.exceptions import VLLMEngineError
+from airflow_provider_synth.runs.vllm_workspace import STATE_DIR, EngineWorkspace
+
+#: how every progress event of the engine starts (``{"synth_vllm": "<event>", ...}``)
+EVENT_PREFIX = b'{"synth_vllm":'
+#: chat, completions, embeddings, score and rerank; a line naming another endpoint is invalid
+SERVED_ENDPOINTS = VLLM_ENDPOINTS
+#: One shard holding every valid line: the engine's input under ``invalid_requests="skip"``.
+_ONE_SHARD = ShardLimits(max_requests=1 << 62, max_bytes=1 << 62, max_embedding_inputs=1 << 62)
+#: the module the engine's interpreter runs
+ENGINE_MODULE = "airflow_provider_synth.engine.vllm"
+
+
+class EngineSettings(Protocol):
+    """What a run needs of the engine's settings (:class:`~airflow_provider_synth.operators.vllm.
+    VLLMEngineConfig`)."""
+
+    @property
+    def served_model_names(self) -> Sequence[str] | None: ...
+
+    def llm_kwargs(self) -> dict[str, Any]: ...
+
+    def served_names(self, model: str) -> list[str]: ...
+
+    def runner_options(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Prepared:
+    """A run ready to start: the validated input, the interpreter and the engine's workspace.
+
+    :param python: the resolved vLLM interpreter.
+    :param work: the engine's workspace (saved answers restored).
+    :param engine_input: the engine's input (under ``"skip"``: a local file of the valid lines).
+    :param invalid: the invalid lines' failure rows, ``None`` when there are none.
+    :param endpoint: the requests' endpoint.
+    """
+
+    python: str
+    work: EngineWorkspace
+    engine_input: Any
+    invalid: Any
+    endpoint: str | None
+
+
+@dataclass
+class Outcome:
+    """A finished run: the manifest, and whether it is within ``max_failed_ratio`` (else ``message`` says why)."""
+
+    manifest: dict[str, Any]
+    ok: bool
+    message: str
+
+
+@dataclass
+class VLLMRun:
+    """Drive one engine run. See :class:`~airflow_provider_synth.operators.vllm.VLLMBatchOperator` for the
+    meaning of each setting.
+
+    :param log: where progress and the engine's own lines go (the task's logger).
+    """
+
+    input_path: Any
+    output_path: Any
+    model: str
+    engine: EngineSettings
+    log: Any
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    python: str = "python"
+    chunk_size: int = 1024
+    env: Mapping[str, str] = field(default_factory=dict)
+    checkpoint_interval: float = 300.0
+    checks: OutputChecks | None = None
+    retry_failed_requests: int = 2
+    invalid_requests: InvalidRequests = "fail"
+    #: the engine's process while it runs
+    proc: subprocess.Popen[bytes] | None = None
+
+    def prepare(self, scratch: Path) -> Prepared:
+        """Validate the input (nothing starts before it passes), find the interpreter, and set up the
+        workspace with the saved answers that were made for this very input, model and sampling."""
+        engine_input, invalid, endpoint = self.screen(scratch)
+        python = self.resolve_python()
+        work = EngineWorkspace.create(engine_input, self.output_path, scratch)
+        work.restore_state(self.fingerprint(), self.log)
+        return Prepared(python, work, engine_input, invalid, endpoint)
+
+    def answer(self, prepared: Prepared) -> float:
+        """Run the engine to the end and upload its answers; return the seconds it took."""
+        started = time.monotonic()
+        self.run_engine(prepared.python, prepared.work)
+        prepared.work.checkpoint()
+        return time.monotonic() - started
+
+    def screen(self, scratch: Path) -> tuple[Any, Any, str | None]:
+        """Validate the input against what the engine serves. Returns the engine's input, the invalid lines'
+        failure rows (``None`` when there are none) and the requests' endpoint."""
+        served = self.engine.served_names(self.model)
+        invalid_path = join_path(join_path(self.output_path, STATE_DIR), "invalid.jsonl")
+        if self.invalid_requests == "fail":
+            summary = validate_requests(self.input_path, name=str(self.input_path), models=served,
+                                        endpoints=SERVED_ENDPOINTS)
+            endpoint, total, engine_input, invalid, synthetic = summary.endpoint, summary.total, self.input_path, 0, 0
+        else:
+            engine_input = scratch / "valid-requests.jsonl"
+            split = split_requests(self.input_path, lambda _: open(engine_input, "wb"), limits=_ONE_SHARD,
+                                   name=str(self.input_path), invalid_requests="skip", models=served,
+                                   endpoints=SERVED_ENDPOINTS, open_rejected=lambda: open_path(invalid_path, "wb"))
+            endpoint, total, invalid, synthetic = split.endpoint, split.total, split.invalid, split.synthetic_ids
+        self.log.info("Validated %d %s requests in %s", total, endpoint, self.input_path)
+        if invalid:
+            self.log.warning(skipped_summary(invalid, synthetic, output_paths(self.output_path)["failures_path"]))
+        return engine_input, invalid_path if invalid else None, endpoint
+
+    def resolve_python(self) -> str:
+        found = shutil.which(self.python) or (self.python if os.access(self.python, os.X_OK) else None)
+        if found is None:
+            raise VLLMEngineError(f"the vLLM interpreter {self.python!r} does not exist or is not executable; "
+                                  "build one with scripts/install_vllm.sh and pass its bin/python as `python`")
+        return found
+
+    def fingerprint(self) -> str:
+        """What the engine's saved answers depend on: the input's bytes, the model and the sampling."""
+        names = self.engine.served_model_names
+        options = {k: v for k, v in self.engine.runner_options().items() if v}  # parsers change the answers
+        digest = hashlib.sha256(dumps([self.model, dict(self.sampling), self.engine.llm_kwargs(),
+                                       *([list(names)] if names else []), *([options] if options else [])]))
+        with open_path(self.input_path, "rb") as fp:
+            for block in iter(lambda: fp.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def engine_config(self, work: EngineWorkspace) -> dict[str, Any]:
+        """The engine's ``run.json`` (:class:`~airflow_provider_synth.engine.vllm.config.RunnerConfig`)."""
+        served = self.engine.served_names(self.model)
+        return {"input": str(work.local_input), "output": str(work.local_output), "model": self.model,
+                "llm_kwargs": self.engine.llm_kwargs(), "sampling": dict(self.sampling),
+                "chunk_size": self.chunk_size, "served_model_names": served,
+                "served_model_name": served[0], **self.engine.runner_options(),
+                # a pydantic model travels as its JSON schema: the engine's interpreter has no DAG code
+                "checks": self.checks.to_spec() if self.checks is not None else None,
+                "retry_failed_requests": self.retry_failed_requests}
+
+    def run_engine(self, python: str, work: EngineWorkspace) -> None:
+        """Start the engine, relay its events, checkpoint a remote output, and never leave it running."""
+        config_path = work.scratch / "runner.json"
+        config_path.write_bytes(dumps(self.engine_config(work)))
+        cmd = [python, "-m", ENGINE_MODULE, "--config", str(config_path)]
+        reclaim_output(work.local_output, self.log)  # a leftover engine of an earlier try: wait, then end it
+        self.log.info("Starting the vLLM engine: %s (model %s)", " ".join(cmd), self.model)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=self.engine_env(work.scratch), start_new_session=True)
+        relay = _Relay(self.log)
+        last_checkpoint = time.monotonic()
+        assert self.proc.stdout is not None
+        try:
+            for line in self.proc.stdout:
+                relay.line(line)
+                if work.remote and time.monotonic() - last_checkpoint > self.checkpoint_interval:
+                    work.checkpoint()
+                    last_checkpoint = time.monotonic()
+            rc = self.proc.wait()
+        finally:
+            # execution_timeout or any error here: never leave an engine holding the GPU
+            if self.proc.poll() is None:
+                _kill_group(self.proc)
+            else:
+                _kill_leftovers(self.proc)
+            self.proc = None
+        if rc != 0 and relay.finished and relay.error is None:
+            # every answer was fsynced before "done"; the merge still checks that each request has one
+            self.log.warning("The vLLM engine exited with code %d after finishing its work; its output is kept",
+                             rc)
+        elif rc != 0:
+            raise VLLMEngineError(relay.failure_message(rc))
+
+    def engine_env(self, scratch: Path) -> dict[str, str]:
+        """The engine's environment: an allow-list of the worker's, ``env``, and this provider's package (and
+        nothing else of Airflow's) on its path."""
+        shim = scratch / "pythonpath"
+        shim.mkdir(exist_ok=True)
+        package = Path(__file__).resolve().parents[1]
+        (shim / package.name).symlink_to(package, target_is_directory=True)
+        return engine_env(self.env, pythonpath=str(shim))
+
+    def finish(self, prepared: Prepared, elapsed: float, *, max_failed_ratio: float, **fields: Any) -> Outcome:
+        """Merge the engine's answers into the output folder, check the accounting, write the manifest.
+
+        :param fields: more manifest keys (try_number, dag_id, task_id, run_id, map_index).
+        """
+        work = prepared.work
+        paths = output_paths(self.output_path)
+        with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
+            acct = merge_shards([ShardOutputs(requests=prepared.engine_input, outputs=[work.remote_output])],
+                                results, failures, self.checks, invalid=prepared.invalid)
+        manifest = build_manifest(
+            backend="vllm", accounting=acct.as_dict(), output_dir=self.output_path, model=self.model,
+            endpoint=prepared.endpoint, batch_ids=[], cost_usd=None, engine_output_path=str(work.remote_output),
+            engine=_public(self.engine.llm_kwargs()), elapsed_s=round(elapsed, 2),
+            requests_per_s=round(acct.total / elapsed, 2) if elapsed > 0 else None, **fields,
+        )
+        write_manifest(self.output_path, manifest)
+        self.log.info("vLLM batch: %d succeeded, %d failed, %d missing of %d; usage %s", acct.succeeded,
+                      acct.failed, acct.missing, acct.total, manifest["usage"])
+        failed_ratio = (acct.failed + acct.missing) / acct.total if acct.total else 0.0
+        if failed_ratio <= max_failed_ratio:
+            return Outcome(manifest, True, "")
+        return Outcome(manifest, False, f"{acct.failed + acct.missing} of {acct.total} requests failed "
+                       f"({failed_ratio:.1%} > max_failed_ratio {max_failed_ratio:.1%}); see {paths['failures_path']}")
+
+    def kill(self) -> None:
+        """Stop the engine if it runs (the task was killed)."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            self.log.info("Stopping the vLLM engine (pid %d)", proc.pid)
+            _kill_group(proc)
+
+
+def _public(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Engine settings fit for XCom and logs: anything that looks like a credential is left out."""
+    secret = ("token", "secret", "password", "api_key", "credential")
+    return {k: v for k, v in kwargs.items() if not any(s in k.lower() for s in secret)}
+
+
+def _kill_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM the engine's process group (vLLM starts engine-core children), then SIGKILL after ``grace``."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_leftovers(proc: subprocess.Popen[bytes]) -> None:
+    """After the runner exits, stop whatever of its process group is left (an engine-core child orphaned by a
+    crash would hold the GPU)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _Relay:
+    """Relays the engine's output to the task log: progress events as one readable line each, vLLM's own
+    log lines at debug level; keeps the last lines to explain a failure."""
+
+    def __init__(self, log: Any, keep: int = 30) -> None:
+        self.log = log
+        self.tail: deque[str] = deque(maxlen=keep)
+        self.error: dict[str, Any] | None = None
+        self.finished = False
+
+    def line(self, raw: bytes) -> None:
+        if raw.startswith(EVENT_PREFIX):
+            try:
+                event = loads(raw)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                self.event(event)
+                return
+        text = raw.decode("utf-8", "replace").rstrip()
+        if text:
+            self.tail.append(text)
+            self.log.debug("vllm: %s", text)
+
+    def event(self, event: dict[str, Any]) -> None:
+        kind = event.pop("synth_vllm", None)
+        if kind == "progress":
+            self.log.info("vLLM progress: %d/%d requests (%d failed), %.1f requests/s, %.0f tokens/s",
+                          event["done"], event["total"], event["failed"], event["requests_per_s"],
+                          event["tokens_per_s"])
+        elif kind == "error":
+            self.error = event
+            self.log.error("vLLM engine: %s", event.get("message"))
+        elif kind == "warning":
+            self.log.warning("vLLM engine: %s", event.get("message"))
+        else:
+            self.finished = self.finished or kind == "done"
+            self.log.info("vLLM %s: %s", kind, event)
+
+    def failure_message(self, rc: int) -> str:
+        if self.error is not None:
+            head = f"the vLLM engine failed ({self.error.get('kind')}, exit code {rc}): {self.error.get('message')}"
+        else:
+            head = f"the vLLM engine exited with code {rc}"
+        return head + "\nlast engine output:\n" + "\n".join(self.tail)
