@@ -283,7 +283,10 @@ def prepare(source: Any, *, key_parts: tuple[str, str, str, int], model_id: str,
         if plan.invalid:
             with open(rejected, "rb") as src_fp, open_path(run.work(INVALID_FILE), "wb") as dst:
                 dst.write(src_fp.read())
-        sizes = job_sizes(result.valid, plan_jobs(result.valid, result.record_bytes, limits))
+        try:
+            sizes = job_sizes(result.valid, plan_jobs(result.valid, result.record_bytes, limits))
+        except Unsupported as exc:
+            raise InvalidRequestsError([Problem(src.name, 0, None, str(exc))]) from None
         with open(os.path.join(scratch, "requests.jsonl"), "rb") as reqs, \
                 open(os.path.join(scratch, "inputs.jsonl"), "rb") as inputs:
             for shard, size in enumerate(sizes):

@@ -439,7 +439,12 @@ def plan_jobs(total: int, total_bytes: int, limits: BedrockLimits) -> int:
     """How many jobs ``total`` records of ``total_bytes`` need: as few as the limits allow, each holding at
     least ``min_records`` (records are spread evenly, see :func:`job_sizes`)."""
     jobs = max(1, -(-total // limits.max_records), -(-total_bytes // limits.max_file_bytes))
-    return max(1, min(jobs, total // limits.min_records)) if total >= limits.min_records else 1
+    most = max(1, total // limits.min_records)
+    if jobs > most:
+        raise Unsupported(f"{total} records of {total_bytes:,} bytes need {jobs} jobs to keep each file under "
+                          f"{limits.max_file_bytes:,} bytes, but {jobs} jobs cannot each hold the minimum of "
+                          f"{limits.min_records} records: send fewer, smaller or more requests")
+    return jobs
 
 
 def job_sizes(total: int, jobs: int) -> list[int]:
