@@ -53,6 +53,8 @@ TOKEN_LIMIT_CODE = "token_limit_exceeded"
 #: metadata keys on every batch this provider creates (the cleanup operator and the CLI match on them)
 KEY_META, SHARD_META, ROUND_META, CREATED_BY_META = "synth_key", "synth_shard", "synth_round", "created_by"
 CREATED_BY = "airflow-provider-synth"
+#: how far the service's clock may be behind the worker's when listing this run's batches by creation time
+CLOCK_SLACK_S = 2 * 86400
 #: attempts at one output or error file download within a try, when the stream is cut short
 DOWNLOAD_ATTEMPTS = 3
 #: file names of uploads start with this, so cleanup never touches anybody else's files
@@ -169,6 +171,9 @@ class Plan:
     checks: dict[str, Any] | None = None
     #: uploads, outputs and error files expire this long after their creation (``None``: kept until deleted)
     expires_after_s: int | None = None
+    #: when this run first submitted a batch, by the worker's clock (epoch seconds): the deadline's anchor.
+    #: The service's ``created_at`` is never compared with this machine's clock (they may be hours apart).
+    submitted_at: float | None = None
 
     def save(self, work_dir: Any) -> str:
         path = join_path(work_dir, PLAN_FILE)
@@ -267,7 +272,7 @@ class BatchRun(SynthRun):
 
         self.direct = DirectRounds.load(self._work())
         try:
-            found = self.hook.find_batches({KEY_META: self.plan.key}, created_after=self.plan.created_at - 3600)
+            found = self.hook.find_batches({KEY_META: self.plan.key}, created_after=self.plan.created_at - CLOCK_SLACK_S)
         except openai.APIConnectionError as exc:  # APITimeoutError included
             raise ServerUnreachableError(
                 f"cannot reach {self.where()}: {exc}. Is the server running, and is the connection's host "
@@ -353,7 +358,10 @@ class BatchRun(SynthRun):
 
     @property
     def started_at(self) -> float | None:
-        return self.first_created_at
+        """The worker's clock at the first submission (a plan written before it was recorded: its creation)."""
+        if not self.batches and not self.direct.pairs():
+            return None
+        return self.plan.submitted_at or self.plan.created_at
 
     def manifest(self, acct: Accounting | None, status: str, **fields: Any) -> dict[str, Any]:
         manifest = run_manifest(self, acct.as_dict() if acct is not None else None, status, **fields)
@@ -437,6 +445,9 @@ class BatchRun(SynthRun):
             name = self.upload_name(shard, rnd)
             file_id = uploads.get(name) or self.hook.upload_file(
                 self.shard_input(shard, rnd), filename=name, expires_after_s=self.plan.expires_after_s).id
+            if self.plan.submitted_at is None:  # recorded before the first batch exists: a crash keeps it
+                self.plan.submitted_at = time.time()
+                self.plan.save(self._work())
             metadata = {KEY_META: self.plan.key, SHARD_META: str(shard), ROUND_META: str(rnd),
                         CREATED_BY_META: CREATED_BY, **self.plan.labels}
             batch: Batch = self.hook.create_batch(
