@@ -28,7 +28,7 @@ from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.results import ParsedOutput
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 from airflow_provider_synth.batch.usage import USAGE_TOLERANCE, Price, Usage, cost_usd, usage_mismatch
-from airflow_provider_synth.hooks.openai import batch_summary, is_transient, stream_errors
+from airflow_provider_synth.hooks.openai import auth_error, batch_summary, is_transient, stream_errors
 from airflow_provider_synth.runs.base import RunIdentity, SynthRun, status_counts
 from airflow_provider_synth.runs.openai_direct import DirectRounds, Tier, answer_round, estimate_direct_cost
 
@@ -277,6 +277,9 @@ class BatchRun(SynthRun):
             raise ServerUnreachableError(
                 f"cannot reach {self.where()}: {exc}. Is the server running, and is the connection's host "
                 "(base URL) right?") from exc
+        except openai.APIStatusError as exc:
+            self._raise_refused(exc)
+            raise
         for batch in found:
             meta = batch.metadata or {}
             ref = (int(meta.get(SHARD_META, -1)), int(meta.get(ROUND_META, 0)))
@@ -390,6 +393,9 @@ class BatchRun(SynthRun):
             try:
                 ref.state = batch_summary(self.hook.get_batch(ref.batch_id))
             except Exception as error:
+                refused = auth_error(error, self.hook)
+                if refused is not None:
+                    raise refused from error
                 if not tolerate_errors:
                     raise
                 errors.append((ref.batch_id, error))
@@ -416,7 +422,23 @@ class BatchRun(SynthRun):
         prefix = f"{UPLOAD_PREFIX}{self.plan.key}-"
         return {f.filename: f.id for f in self.hook.list_files(purpose="batch") if f.filename.startswith(prefix)}
 
+    def _raise_refused(self, exc: BaseException) -> None:
+        """Raise a 401/403 as :class:`~airflow_provider_synth.exceptions.ConnectionAuthError` (no retry)."""
+        refused = auth_error(exc, self.hook)
+        if refused is not None:
+            raise refused from exc
+
     def submit(self, todo: Iterable[tuple[int, int]] | None = None, max_active: int | None = None) -> list[str]:
+        """:meth:`_submit`; the service refusing the connection's credentials fails the task without retries."""
+        import openai
+
+        try:
+            return self._submit(todo, max_active)
+        except openai.APIStatusError as exc:
+            self._raise_refused(exc)
+            raise
+
+    def _submit(self, todo: Iterable[tuple[int, int]] | None = None, max_active: int | None = None) -> list[str]:
         """Upload and create the batches of ``(shard, round)`` pairs not created yet (or refused for the
         enqueued-token limit), at most ``max_active`` of this run running at once; reuse uploads a crashed try
         left behind. Returns the new batch ids; pairs over the cap wait for a later call.
@@ -486,9 +508,15 @@ class BatchRun(SynthRun):
         """Land a batch's output or error file at ``dest`` once: whole, and as large as the Files API says. A
         file an earlier try left of another size (cut short by a crash or a full disk) is fetched again; a
         download cut mid-stream is tried again up to ``DOWNLOAD_ATTEMPTS`` times in this try."""
+        import openai
+
         if str(dest) in self._landed:
             return
-        expected = self.hook.get_file(file_id).bytes
+        try:
+            expected = self.hook.get_file(file_id).bytes
+        except openai.APIStatusError as exc:
+            self._raise_refused(exc)
+            raise
         if landed(dest, expected):
             self._landed.add(str(dest))
             return

@@ -296,3 +296,34 @@ def test_a_service_clock_hours_behind_never_cancels_a_fresh_batch(server, tmp_pa
     assert server.counters.get("batches_cancelled", 0) == 0 and server.counters["batches_created"] == 3
     plan = json.loads((out / "_work" / "plan.json").read_bytes())
     assert plan["submitted_at"] <= info.value.trigger.serialize()[1]["end_time"] - 3600 + 1
+
+
+# -- credentials -------------------------------------------------------------------------------------------------
+
+
+def test_a_wrong_api_key_names_the_connection_and_host_and_fails_without_retries(batch_server_factory, tmp_path,
+                                                                               monkeypatch) -> None:
+    from airflow.providers.common.compat.sdk import AirflowFailException
+
+    from airflow_provider_synth.exceptions import ConnectionAuthError
+
+    srv = batch_server_factory(api_key="sk-the-right-key-0000")
+    wrong = "sk-wrong-key-abcdef123456"
+    monkeypatch.setenv("AIRFLOW_CONN_SYNTH_OPENAI_DEFAULT", json.dumps(
+        {"conn_type": "synth_openai", "password": wrong, "host": srv.base_url}))
+    with pytest.raises(ConnectionAuthError) as info:
+        make_op(tmp_path / "out").execute(context())
+    message = str(info.value)
+    assert isinstance(info.value, AirflowFailException)  # no retry: it would be refused the same way
+    assert "'synth_openai_default'" in message and srv.base_url.rstrip("/") in message and "HTTP 401" in message
+    assert "API key" in message and wrong not in message and "abcdef" not in message
+    assert srv.counters.get("files_created", 0) == 0 and srv.counters.get("batches_created", 0) == 0
+
+
+def test_a_403_on_batch_creation_says_what_to_check(server, tmp_path) -> None:
+    from airflow_provider_synth.exceptions import ConnectionAuthError
+
+    server.add_fault("POST /v1/batches", status=403, times=None)
+    with pytest.raises(ConnectionAuthError, match=r"HTTP 403.*not allowed to do this.*permissions") as info:
+        make_op(tmp_path / "out").execute(context())
+    assert "'synth_openai_default'" in str(info.value) and SECRET not in str(info.value)
