@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook, redact
 
+from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.requests import Endpoint, UrlForm, service_url
 from airflow_provider_synth.batch.status import IN_PROGRESS_STATUSES as IN_PROGRESS_STATUSES  # re-exported
@@ -60,6 +61,15 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, openai.APIConnectionError):  # includes APITimeoutError
         return True
     return isinstance(error, openai.APIStatusError) and error.status_code in TRANSIENT_HTTP_STATUSES
+
+
+def stream_errors() -> tuple[type[BaseException], ...]:
+    """What a response body cut mid-stream raises (the SDK retries requests, not a body being read):
+    the HTTP transport's errors."""
+    import httpx2
+    import openai
+
+    return (httpx2.TransportError, openai.APIConnectionError)
 
 
 def token_provider_import_allowed() -> bool:
@@ -313,15 +323,26 @@ class OpenAIBatchHook(BaseHook):
             return self.client.files.create(file=(name, fp, "application/jsonl"), purpose=purpose,
                                             expires_after=expiry)  # type: ignore[arg-type]
 
-    def download_file(self, file_id: str, dest: Any) -> int:
-        """Stream a file's content into ``dest`` (local path, URL or ``ObjectStoragePath``).
+    def get_file(self, file_id: str) -> FileObject:
+        """Retrieve a file's record (its ``bytes``: the size a download must have).
+
+        :param file_id: the API file id.
+        """
+        return self.client.files.retrieve(file_id)
+
+    def download_file(self, file_id: str, dest: Any, *, expected_bytes: int | None = None) -> int:
+        """Stream a file's content into ``dest`` (local path, URL or ``ObjectStoragePath``), whole or not at all:
+        see :func:`~airflow_provider_synth.batch.landing.landing`.
 
         :param file_id: the API file id (a batch's ``output_file_id`` or ``error_file_id``).
         :param dest: where to write; parent folders are created.
+        :param expected_bytes: the size the file must have (the Files API ``bytes``); a download of another
+            size is not kept (:class:`~airflow_provider_synth.batch.landing.IncompleteFileError`).
         :return: the number of bytes written.
         """
-        written = 0
-        with self.client.files.with_streaming_response.content(file_id) as response, open_path(dest, "wb") as out:
+        with self.client.files.with_streaming_response.content(file_id) as response, \
+                landing(dest, expected_bytes=expected_bytes) as out:
+            written = 0
             for chunk in response.iter_bytes(_DOWNLOAD_CHUNK):
                 out.write(chunk)
                 written += len(chunk)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import dumps, join_path, loads, open_path
 from airflow_provider_synth.batch.keys import InputDigest, fingerprint
+from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards
 from airflow_provider_synth.batch.requests import VLLM_ENDPOINTS
@@ -196,7 +197,7 @@ class VLLMRun(SynthRun):
     def collect(self) -> Accounting:
         prepared = self._ready()
         paths = output_paths(self.output_path)
-        with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
+        with landing(paths["results_path"]) as results, landing(paths["failures_path"]) as failures:
             return merge_shards([ShardOutputs(requests=prepared.engine_input, outputs=[prepared.work.remote_output])],
                                 results, failures, self.checks, invalid=prepared.invalid)
 
