@@ -19,10 +19,13 @@ Time per token is an answer's latency divided by ``1 + completion tokens``: answ
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 #: a request with no answer for this many times the slowest answer seen so far is hung
 HUNG_FACTOR = 10.0
@@ -110,6 +113,9 @@ class AdaptiveLimit:
             self._congested = True
 
     def _sample(self, latency_s: float, completion_tokens: int) -> None:
+        if latency_s > self.slowest_s:
+            log.info("slowest upstream answer so far: %.1f s (%d tokens); a request is hung after %.0f s",
+                     latency_s, completion_tokens, max(self.floor_s, HUNG_FACTOR * latency_s))
         self.slowest_s = max(self.slowest_s, latency_s)
         per_token = latency_s / (1 + max(0, completion_tokens))
         if self.best_per_token is None or per_token < self.best_per_token:
@@ -149,3 +155,4 @@ class AdaptiveLimit:
             self._changed_at = self.clock()
             self._round.clear()
             self.changes.append(LimitChange(time.time(), self.current, reason))
+            log.info("upstream concurrency %d -> %d: %s", before, self.current, reason)

@@ -17,10 +17,15 @@ CASES = {
     # module: what else it must not import (another backend, the async transport, the request validator)
     "airflow_provider_synth.operators.openai_batch": ("snowflake", "airflow.providers.snowflake", "aiohttp"),
     "airflow_provider_synth.operators.cortex": ("openai", "httpx2"),
+    "airflow_provider_synth.operators.anthropic": ("openai", "snowflake", "airflow.providers.snowflake", "aiohttp",
+                                                   "airflow_provider_synth.hooks.openai"),
     "airflow_provider_synth.operators.vllm": ("openai", "snowflake", "aiohttp", "httpx2"),
     "airflow_provider_synth.operators.cleanup": ("snowflake", "aiohttp", "numpy", "airflow_provider_synth.batch.validate"),
     "airflow_provider_synth.sensors.openai_batch": ("snowflake", "aiohttp", "numpy",
                                                     "airflow_provider_synth.batch.validate"),
+    # the DAG parses without the [bedrock] extra: the hook (amazon provider, boto3) is imported by execute()
+    "airflow_provider_synth.operators.bedrock": ("openai", "snowflake", "boto3", "botocore", "aiobotocore",
+                                                 "airflow.providers.amazon", "aiohttp"),
     "airflow_provider_synth.cli": ("airflow_provider_synth.operators", "snowflake", "aiohttp"),
 }
 
