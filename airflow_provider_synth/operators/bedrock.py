@@ -163,7 +163,7 @@ class BedrockBatchOperator(SynthBatchOperator):
 
     def trigger_conn_id(self, run: SynthRun) -> str:
         assert isinstance(run, BedrockRun)
-        return run.plan.conn_id
+        return run.plan.conn_id or self.conn_id
 
     def make_trigger(self, run: SynthRun, end_time: float) -> BaseTrigger:
         assert isinstance(run, BedrockRun)
