@@ -239,3 +239,18 @@ def test_claude_takes_the_anthropic_translation_with_bedrock_s_anthropic_version
 
     assert extract_text(read_jsonl(bedrock, "out/results.jsonl")[0]) == "Answer to: question 0 "
     assert run.manifest(acct, "completed")["cost_usd"] > 0
+
+
+def test_output_checks_apply_and_their_retry_body_is_translated_again(bedrock):
+    from airflow_provider_synth.batch.checks import OutputChecks
+
+    lines = [line.replace('"max_tokens": 20', '"max_tokens": 2') if i in (4, 9) else line
+             for i, line in enumerate(chat_lines(100))]
+    checks = OutputChecks(finish_reasons={"length"}, retry_body={"truncated": {"max_tokens": 40}})
+    run = make_run(bedrock, lines, checks=checks, pad_to_minimum=True)
+    acct = drive(run)
+    assert (acct.succeeded, acct.failed) == (100, 0)
+    assert acct.unusable["truncated"] == 2 and acct.unusable_retried == 2
+    retried = read_jsonl(bedrock, f"stage/{run.plan.key}/s00000-r1/records.jsonl")
+    assert [r["modelInput"]["max_gen_len"] for r in retried[:2]] == [40, 40]  # the retry body, in Llama's field
+    assert run.manifest(acct, "completed")["checks"]["truncated"] == 2
