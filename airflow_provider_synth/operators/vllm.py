@@ -35,7 +35,9 @@ class VLLMEngineConfig:
     """Settings for ``vllm.LLM``. ``None`` leaves vLLM's default.
 
     :param tensor_parallel_size: GPUs one model replica spans (on one node).
-    :param dtype: weights' dtype (``"auto"``, ``"bfloat16"``, ``"float16"``, ``"float32"``).
+    :param dtype: weights' dtype (``"auto"``, ``"bfloat16"``, ``"float16"``, ``"float32"``). ``"auto"`` on a CPU
+        node is the dtype the CPU computes natively: bfloat16 only with AVX-512 BF16 / AMX, else float32
+        (:func:`~airflow_provider_synth.engine.vllm.process.cpu_dtype`; the task log says which and why).
     :param max_model_len: context length; lower it to fit the KV cache on a small GPU.
     :param gpu_memory_utilization: share of GPU memory vLLM may take (on CPU: of RAM).
     :param enforce_eager: skip CUDA graphs / torch.compile (faster start-up, slower decoding).
