@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import BaseOperator
 
 from airflow_provider_synth.batch.checks import OutputChecks
+from airflow_provider_synth.batch.paths import as_path
 from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests
 from airflow_provider_synth.exceptions import BatchFailedError
 from airflow_provider_synth.operators._native import ManifestPublisherMixin, OutputClaimMixin
@@ -215,7 +216,9 @@ class VLLMBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         self.claim_output(context)
         run = self._run = VLLMRun(
-            input_path=self.input_path, output_path=self.output_path, model=self.model, engine=self.engine,
+            # paths with their connection: what the manifest and the engine state record reopens anywhere
+            input_path=as_path(self.input_path), output_path=as_path(self.output_path), model=self.model,
+            engine=self.engine,
             log=self.log, sampling=self.sampling, python=self.python, chunk_size=self.chunk_size, env=self.env,
             checkpoint_interval=self.checkpoint_interval, checks=self.checks,
             retry_failed_requests=self.retry_failed_requests, invalid_requests=self.invalid_requests,
