@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.jsonl import join_path
+from airflow_provider_synth.batch.paths import join_path
 from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests
 from airflow_provider_synth.exceptions import (
     BatchFailedError,

@@ -33,9 +33,10 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
-from airflow_provider_synth.batch.jsonl import dumps, open_path
+from airflow_provider_synth.batch.jsonl import dumps
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, add_invalid, merge_shard
+from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.results import error_line, success_line
 from airflow_provider_synth.batch.status import STATEMENT_PHASES, STATEMENTS, Next, PollError, verdict
 from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary
