@@ -44,3 +44,45 @@ def snowflake_conn_params(hook: Any) -> dict[str, Any]:
     """
     params: dict[str, Any] = hook._get_conn_params()
     return params
+
+
+class _ManyWithMore:
+    """hypothesis-jsonschema's object strategy calls ``cu.many(...).more()``/``.reject()``, Hypothesis's private
+    collection helper as it was until Hypothesis replaced it with a ``with many(...) as e: for _ in e:`` loop;
+    the same decisions, driven through the new form."""
+
+    def __init__(self, data: Any, **kwargs: Any) -> None:
+        from hypothesis.internal.conjecture import utils as cu
+
+        self._many = cu.many(data, **kwargs)
+        self._many.__enter__()
+        self._steps = iter(self._many)
+
+    def more(self) -> bool:
+        if next(self._steps, StopIteration) is StopIteration:
+            self._many.__exit__(None, None, None)
+            return False
+        return True
+
+    def reject(self, why: str | None = None) -> None:
+        self._many.reject(why)
+
+
+def jsonschema_strategy(schema: dict[str, Any]) -> Any:
+    """hypothesis-jsonschema's ``from_schema(schema)``, strings in ASCII (serialized JSON escapes its control
+    characters, so no answer holds a raw U+2028 or U+0085 that ``str.splitlines`` would split), on every
+    Hypothesis version.
+
+    hypothesis-jsonschema 0.23.1 (its newest) drives Hypothesis's private ``conjecture.utils.many`` through
+    ``more()``, which newer Hypothesis releases no longer have: every object schema fails with
+    ``AttributeError: 'many' object has no attribute 'more'``. Where ``many`` lacks ``more``, its module gets
+    ``_ManyWithMore`` instead (the library's own module only; Hypothesis is untouched).
+    """
+    import types
+
+    from hypothesis.internal.conjecture import utils as cu
+    from hypothesis_jsonschema import _from_schema, from_schema
+
+    if not hasattr(cu.many, "more") and getattr(_from_schema, "cu", None) is cu:
+        setattr(_from_schema, "cu", types.SimpleNamespace(**{**vars(cu), "many": _ManyWithMore}))  # noqa: B010
+    return from_schema(schema, allow_x00=False, codec="ascii")

@@ -46,8 +46,10 @@ REAL_NOTE = (f"NOTE: these answers are real text from {SERVED_MODEL} (a 135M-par
              "run by vLLM's OpenAI server on this machine behind the local server's Batch API gateway.")
 DAG_FILE = REPO / "example_dags" / "synth_quickstart.py"
 LOCAL_KEY = "sk-local-quickstart"  # the local server takes any non-empty key; a real key never leaves the connection
-#: the first run should take about this long (seconds), Airflow's start included
+#: the quickstart should take about this long (seconds), vLLM's and Airflow's start included (not the one-time
+#: installs); the run gets what is left of it after vLLM's start and warm-up, at least a third
 TARGET_S = float(os.environ.get("SYNTH_QUICKSTART_TARGET_S") or 600)
+STARTED_AT = time.monotonic()
 #: Airflow's part of a run (start, validate, merge), measured on 2 busy cores: about 50 s
 AIRFLOW_OVERHEAD_S = 60.0
 #: fewer answers than this in TARGET_S: the machine is too slow for the real model, the stand-in answers
@@ -348,12 +350,17 @@ def measure_speed(vllm_port: int, n: int = WARM_UP_REQUESTS, budget_s: float = W
     return Speed(tokens / max(elapsed, 1e-6), per_answer)
 
 
-def plan_requests(speed: Speed, wanted: int | None, total: int = 300) -> int | None:
-    """How many of the DAG's requests to send so the run takes about :data:`TARGET_S`; ``wanted`` (the
-    user's ``SYNTH_QUICKSTART_REQUESTS``) is kept as asked. None: too slow for even :data:`MIN_REQUESTS`."""
+def run_budget(elapsed: float) -> float:
+    """Seconds the DAG run may take for the quickstart to end after about :data:`TARGET_S`."""
+    return max(TARGET_S / 3, TARGET_S - elapsed)
+
+
+def plan_requests(speed: Speed, wanted: int | None, budget_s: float, total: int = 300) -> int | None:
+    """How many of the DAG's requests to send so the run takes about ``budget_s``; ``wanted`` (the user's
+    ``SYNTH_QUICKSTART_REQUESTS``) is kept as asked. None: too slow for even :data:`MIN_REQUESTS`."""
     if wanted is not None:
         return wanted
-    fits = int((TARGET_S - AIRFLOW_OVERHEAD_S) * speed.tokens_per_s / max(speed.tokens_per_answer, 1.0))
+    fits = int((budget_s - AIRFLOW_OVERHEAD_S) * speed.tokens_per_s / max(speed.tokens_per_answer, 1.0))
     if fits < MIN_REQUESTS:
         return None
     return min(total, fits)
@@ -374,7 +381,9 @@ def size_run(vllm_port: int) -> int | None:
               "stand-in", flush=True)
         return None
     raw = os.environ.get("SYNTH_QUICKSTART_REQUESTS")
-    n = plan_requests(speed, int(raw) if raw else None)
+    elapsed = time.monotonic() - STARTED_AT
+    budget = run_budget(elapsed)
+    n = plan_requests(speed, int(raw) if raw else None, budget)
     line = (f"vLLM answers at {speed.tokens_per_s:.0f} tokens/s here (about {speed.tokens_per_answer:.0f} tokens "
             "an answer)")
     if n is None:
@@ -384,9 +393,10 @@ def size_run(vllm_port: int) -> int | None:
               "runs N real answers anyway).", flush=True)
         return None
     expected = speed.seconds_for(n) + AIRFLOW_OVERHEAD_S
-    sized = "" if n == 300 or raw else f" (of 300, to finish in about {_minutes(TARGET_S)}; " \
+    sized = "" if n == 300 or raw else f" (of 300, to end the quickstart in about {_minutes(TARGET_S)}; " \
         "SYNTH_QUICKSTART_REQUESTS=300 for all)"
-    print(f"{line}: {n} requests{sized}, expected to take about {_minutes(expected)}", flush=True)
+    print(f"{line}: {n} requests{sized}; the run should take about {_minutes(expected)}, the whole quickstart "
+          f"about {_minutes(elapsed + expected)}", flush=True)
     return n
 
 

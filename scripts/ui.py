@@ -4,17 +4,22 @@ Starts the local Batch API server on http://127.0.0.1:8787 (state kept in .airfl
 survive a restart) and ``airflow standalone`` (scheduler, triggerer, API server with the UI on
 http://127.0.0.1:8080) on SQLite in .airflow/. The connection ``synth_openai_default`` pointing at the server
 is stored in .airflow's metadata database, where the UI, the tasks, ``airflow`` and ``airflow-synth`` all find
-it; .airflow/synth.env sets up another shell for them. New DAGs start unpaused. The admin password is printed
-by Airflow and stored in .airflow/simple_auth_manager_passwords.json.generated. Ctrl-C stops both.
+it; .airflow/synth.env sets up another shell for them. Every example DAG is unpaused: new ones start unpaused,
+and those already in the database (``make quickstart``'s ``airflow dags test`` writes them all, paused, as
+Airflow's ``dags_are_paused_at_creation`` default says) are unpaused at start. A DAG run that stays queued is
+explained on the terminal (a DAG paused since, a scheduler that is not up). The admin password is printed by
+Airflow and stored in .airflow/simple_auth_manager_passwords.json.generated. Ctrl-C stops both.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from quickstart import (
@@ -35,6 +40,8 @@ CONN_ID = "synth_openai_default"
 SERVER_PORT = int(os.environ.get("SYNTH_UI_SERVER_PORT") or 8787)
 API_PORT = int(os.environ.get("SYNTH_UI_API_PORT") or 8080)
 LOCALHOST = "127.0.0.1"
+#: a DAG run queued this long is explained on the terminal (the scheduler starts one within seconds)
+QUEUED_NOTICE_S = 30.0
 
 
 def server_args() -> list[str]:
@@ -84,6 +91,67 @@ def write_connection(port: int = SERVER_PORT) -> Path:
     return env_file
 
 
+def unpause_dags(env: dict[str, str]) -> str:
+    """Unpause every DAG already in the metadata database of ``env``'s Airflow home (new DAGs start unpaused
+    through ``AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION``, but that setting never touches a DAG that exists).
+
+    :return: the command's output (the DAGs it unpaused), or why it unpaused none.
+    """
+    proc = run_child([str(BIN / "airflow"), "dags", "unpause", "--treat-dag-id-as-regex", ".*", "--yes",
+                      "--output", "plain"], env=env)
+    return (proc.stdout if proc.returncode == 0 else proc.stderr).decode(errors="replace").strip()
+
+
+def _utc(value: object) -> datetime | None:
+    """A timestamp as Airflow's SQLite database stores it (UTC, ``YYYY-MM-DD HH:MM:SS[.ffffff]``)."""
+    if not isinstance(value, str):
+        return None
+    stamp = datetime.fromisoformat(value.replace(" ", "T"))
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+
+
+def queued_runs(db: Path, now: datetime, older_than_s: float = QUEUED_NOTICE_S) -> list[str]:
+    """Why each DAG run queued for more than ``older_than_s`` is still queued, one line each (read from the
+    metadata database, read-only, as the scheduler leaves it)."""
+    uri = f"file:{db}?mode=ro"
+    with sqlite3.connect(uri, uri=True, timeout=5) as conn:
+        runs = conn.execute("SELECT dr.dag_id, dr.run_id, dr.queued_at, d.is_paused FROM dag_run dr "
+                            "JOIN dag d ON d.dag_id = dr.dag_id WHERE dr.state = 'queued'").fetchall()
+        beat = conn.execute("SELECT MAX(latest_heartbeat) FROM job WHERE job_type = 'SchedulerJob' "
+                            "AND state = 'running'").fetchone()[0]
+    last_beat = _utc(beat)
+    lines = []
+    for dag_id, run_id, queued_at, paused in runs:
+        since = _utc(queued_at)
+        waited = (now - since).total_seconds() if since else 0.0
+        if waited < older_than_s:
+            continue
+        if paused:
+            why = (f"the DAG is paused: unpause it (the toggle beside {dag_id} in the UI, or "
+                   f"`airflow dags unpause {dag_id}` after `source {HOME / 'synth.env'}`)")
+        elif last_beat is None or (now - last_beat).total_seconds() > older_than_s:
+            why = (f"no scheduler is running (last heartbeat: {beat or 'never'}): see the scheduler's output "
+                   "above; it starts a queued run within seconds")
+        else:
+            why = ("the scheduler is up but has not started it: max_active_runs, or every worker slot busy "
+                   f"({parallelism()} with AIRFLOW__CORE__PARALLELISM)")
+        lines.append(f"{dag_id} run {run_id} has been queued for {waited:.0f} s: {why}")
+    return lines
+
+
+def _explain_queued(told: set[str]) -> set[str]:
+    """Print, once per run, why a DAG run sits queued; the runs it printed."""
+    db = HOME / "airflow.db"
+    try:
+        lines = queued_runs(db, datetime.now(UTC)) if db.exists() else []
+    except sqlite3.Error:  # locked or mid-migration: next second
+        return set()
+    fresh = {line.split(" has been", 1)[0]: line for line in lines}
+    for key in fresh.keys() - told:
+        print(fresh[key], flush=True)
+    return set(fresh)
+
+
 def main() -> int:
     handle_signals()  # SIGTERM and SIGHUP stop everything too, not only Ctrl-C
     try:
@@ -99,17 +167,20 @@ def ui() -> int:
     run_child([str(BIN / "airflow"), "db", "migrate"], env=airflow_env()).check_returncode()
     server, port = start_server(options=server_args())
     env_file = write_connection(port)
+    print(f"unpaused the DAGs already in {HOME / 'airflow.db'}: {unpause_dags(airflow_env()) or 'none'}")
     print(f"local Batch API server on http://{LOCALHOST}:{port}/v1 (answers are stand-ins, not a model); "
           f"state in {HOME / 'server-state'}")
     airflow = spawn([str(BIN / "airflow"), "standalone"], env=standalone_env())
     print(f"""airflow standalone starting ({parallelism()} worker processes): open http://{LOCALHOST}:{API_PORT} and
-trigger synth_quickstart (new DAGs start unpaused; one paused earlier: `airflow dags unpause DAG_ID`).
+trigger synth_quickstart (every example DAG is unpaused; a run that stays queued is explained here).
 connection {CONN_ID} -> the local server, stored in {HOME / 'airflow.db'}; in another shell:
   source {env_file}
   airflow-synth status {OUTPUT}/synth_quickstart/<run_id>
 Ctrl-C stops both.""", flush=True)
+    told: set[str] = set()
     while airflow.poll() is None and server.poll() is None:
         time.sleep(1)
+        told |= _explain_queued(told)
     return 0
 
 

@@ -295,7 +295,9 @@ def _content_tokens(content: Any, model: str | None) -> int:
         total = 0
         for part in content:
             if isinstance(part, Mapping):
-                if part.get("type") in ("image_url", "input_image"):
+                if "content" in part:  # a message of a responses ``input`` list
+                    total += TOKENS_PER_MESSAGE + _content_tokens(part["content"], model)
+                elif part.get("type") in ("image_url", "input_image"):
                     total += TOKENS_PER_IMAGE
                 else:
                     total += count_text_tokens(str(part.get("text") or ""), model)
@@ -305,10 +307,25 @@ def _content_tokens(content: Any, model: str | None) -> int:
     return 0
 
 
-def estimate_request_tokens(request: Mapping[str, Any]) -> int:
-    """Estimated input tokens of one request line (or body): message text, tool definitions, images.
+def _schema_of(body: Mapping[str, Any]) -> Any:
+    """The structured-output schema a body sends (chat ``response_format``, responses ``text.format``)."""
+    fmt = body.get("response_format")
+    if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
+        return fmt.get("json_schema")
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, Mapping) else None
+    if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
+        return {k: v for k, v in fmt.items() if k != "type"}
+    return None
 
-    Exact text counts need tiktoken's cached encoding files; otherwise about 4 characters per token.
+
+def estimate_request_tokens(request: Mapping[str, Any]) -> int:
+    """Input tokens of one request line (or body) as the service bills them: message text with the chat
+    format's overhead (3 per message, 3 for the reply), tool definitions, the structured-output schema
+    (``response_format``'s ``json_schema``, compact JSON), images at low detail.
+
+    Exact text counts need tiktoken's cached encoding files; otherwise about 4 characters per token. The local
+    Batch API server bills with this count, so a cost rehearsed on it matches.
     """
     body = request.get("body", request)
     model = body.get("model")
@@ -320,10 +337,14 @@ def estimate_request_tokens(request: Mapping[str, Any]) -> int:
     for key in ("input", "prompt", "instructions"):
         if key in body:
             total += _content_tokens(body[key], model)
-    if body.get("tools"):
+    schema = _schema_of(body)
+    if body.get("tools") or schema:
         from airflow_provider_synth.batch.jsonl import dumps
 
-        total += count_text_tokens(dumps(body["tools"]).decode(), model)
+        if body.get("tools"):
+            total += count_text_tokens(dumps(body["tools"]).decode(), model)
+        if schema:
+            total += count_text_tokens(dumps(schema).decode(), model)
     return total
 
 

@@ -40,9 +40,9 @@ class CortexBatchDecoratedOperator(SynthBatchDecoratedOperator, CortexBatchOpera
         self.template = template or RequestTemplate()
 
     def execute_complete(self, context: Context, event: Mapping[str, Any] | None = None,
-                         run: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                         run: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
         self.input_path = requests_path(self.output_path)  # a resumed task finds its run from this file
-        return super().execute_complete(context, event, run)
+        return super().execute_complete(context, event, run, **kwargs)
 
 
 def synth_cortex_batch_task(python_callable: Callable[..., Any] | None = None, **kwargs: Any) -> TaskDecorator:

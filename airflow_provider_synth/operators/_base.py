@@ -145,6 +145,15 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
         return config
 
     @property
+    def timeout(self) -> float:
+        """The run's budget in seconds (``timeout_s``)."""
+        return self.timeout_s
+
+    @timeout.setter
+    def timeout(self, value: timedelta | float) -> None:
+        self.timeout_s = seconds(value)
+
+    @property
     def cancel_on_kill(self) -> bool:
         """Cancel what still runs when the task is killed or times out (the same policy on every backend; a
         config may turn it off)."""
@@ -189,12 +198,15 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
     def execute(self, context: Context) -> dict[str, Any]:
         self.claim_output(context)
         run = self._run = self.start_run(context)
-        run.next_round()
-        run.submit()
-        self.persist_links(context, run)
-        if not self.wait_for_completion:
-            return run.manifest(None, "submitted", **self.identity(context).manifest_fields())
-        return self.drive(context, run)
+        try:
+            run.next_round()
+            run.submit()
+            self.persist_links(context, run)
+            if not self.wait_for_completion:
+                return run.manifest(None, "submitted", **self.identity(context).manifest_fields())
+            return self.drive(context, run)
+        finally:
+            run.close()
 
     def drive(self, context: Context, run: SynthRun) -> dict[str, Any]:
         """Until the run is finished: the next round when nothing runs, then defer or wait; then finish."""
@@ -228,13 +240,16 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
         checked = validate_event(event, self.trigger_class.event_key)
         reason = Termination.of(checked["status"])
         run = self._run = self.resume_run(context, checked, kwargs)
-        if reason is Termination.TIMEOUT:
-            self.on_timeout(context, run, str(checked.get("message") or ""))
-        if reason is Termination.ERROR:
-            raise WaitFailedError(
-                f"waiting for the {run.waited.plural} failed: {checked.get('message')}. They keep running on the "
-                "service; a retry re-attaches to them and submits nothing they cover.")
-        return self.drive(context, run)
+        try:
+            if reason is Termination.TIMEOUT:
+                self.on_timeout(context, run, str(checked.get("message") or ""))
+            if reason is Termination.ERROR:
+                raise WaitFailedError(
+                    f"waiting for the {run.waited.plural} failed: {checked.get('message')}. They keep running on "
+                    "the service; a retry re-attaches to them and submits nothing they cover.")
+            return self.drive(context, run)
+        finally:
+            run.close()
 
     def on_timeout(self, context: Context, run: SynthRun, message: str = "") -> None:
         """At the deadline: cancel what still runs (unless ``cancel_on_kill`` is off), land what finished where

@@ -8,143 +8,135 @@ onto it. :class:`CortexStagingCleanupOperator` drops the staging tables failed r
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import BaseOperator, conf
+from airflow.providers.common.compat.sdk import BaseOperator
 
-from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.paths import join_path
-from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests
-from airflow_provider_synth.exceptions import (
-    BatchFailedError,
-    BatchTimeoutError,
-    SynthError,
-    TriggerEventError,
-)
+from airflow_provider_synth.batch.validate import InvalidRequests
+from airflow_provider_synth.exceptions import SynthError
 from airflow_provider_synth.hooks.cortex import CortexHook
-from airflow_provider_synth.operators._native import ManifestPublisherMixin, OutputClaimMixin
+from airflow_provider_synth.operators._base import DEFAULT_DEFERRABLE, SynthBatchOperator
+from airflow_provider_synth.runs.base import SynthRun
 from airflow_provider_synth.runs.cortex import (
     READ_BLOCK_ROWS,
+    CortexConfig,
     CortexRun,
     CortexStaging,
-    RunIdentity,
     RunState,
+    query_tag,
 )
 from airflow_provider_synth.runs.cortex_sql import TableSource
 from airflow_provider_synth.runs.cortex_staging import staging_report, staging_report_text
-from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.cortex import CortexStatementTrigger
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
+    from airflow.triggers.base import BaseTrigger
 
-__all__ = ["READ_BLOCK_ROWS", "CortexBatchOperator", "CortexStaging", "CortexStagingCleanupOperator", "TableSource"]
+    from airflow_provider_synth.batch.checks import OutputChecks
+
+__all__ = ["READ_BLOCK_ROWS", "CortexBatchOperator", "CortexConfig", "CortexStaging",
+           "CortexStagingCleanupOperator", "TableSource"]
 
 
-class CortexBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator):
+class CortexBatchOperator(SynthBatchOperator):
     """Answer a batch of chat requests with Snowflake Cortex, inside the warehouse, and write the output folder.
 
     The requests (an OpenAI-format chat JSONL file, or an existing table) are validated, then staged into a
-    table keyed by custom_id. Each chunk of ``chunk_size`` rows (by input order) is answered by ONE asynchronous
-    ``INSERT ... SELECT AI_COMPLETE(...)`` that skips rows already answered, so a retried or resumed task never
-    pays twice; per-row errors come back as data and become failures. The task defers while the statements run
-    (or polls, when not deferrable), then reads the answers back in input order into ``results.jsonl``,
-    ``failures.jsonl`` and ``manifest.json`` under ``output_path`` and returns the manifest.
+    table keyed by custom_id. Each chunk of ``config.chunk_size`` rows (by input order) is answered by ONE
+    asynchronous ``INSERT ... SELECT AI_COMPLETE(...)`` that skips rows already answered, so a retried or
+    resumed task never pays twice; per-row errors come back as data and become failures. The task defers while
+    the statements run (or polls, when not deferrable), then reads the answers back in input order into
+    ``results.jsonl``, ``failures.jsonl`` and ``manifest.json`` under ``output_path`` and returns the manifest.
 
     .. seealso::
         :ref:`howto/operator:CortexBatchOperator`
 
+    :param conn_id: the Snowflake connection (``snowflake_conn_id=`` still works, with a ``DeprecationWarning``).
     :param output_path: the output folder (local path, URL or ObjectStoragePath), one per task instance (with
         ``{{ ti.map_index }}`` when mapped: see :mod:`~airflow_provider_synth.batch.claims`).
     :param input_path: an OpenAI-format ``/v1/chat/completions`` JSONL file; or
     :param source_table: an existing table of prompts or conversations (:class:`TableSource`).
     :param model: the Cortex model; default: the model the requests name.
-    :param snowflake_conn_id: the Snowflake connection.
-    :param chunk_size: rows per statement: bounds one statement's time and blast radius.
-    :param staging: where the staging tables go (:class:`~airflow_provider_synth.runs.cortex.CortexStaging`).
-    :param keep_staging_tables: keep the tables after a successful run (they are always kept after a failure,
-        so that a retry resumes without paying twice).
     :param poll_interval: seconds between status polls.
     :param timeout: seconds the statements may run, counted from the first submission; then they are cancelled.
     :param deferrable: wait in the triggerer instead of a worker slot.
     :param max_failed_ratio: the share of failed or missing requests tolerated before the task fails.
-    :param extra_models: model names to accept beyond the known Cortex models (new or fine-tuned ones).
     :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`): answers cut off,
         refused or off-schema go to ``failures.jsonl`` with their text, never to results; the manifest counts
         them under ``checks``. (Cortex has no retry rounds: a failed task retry does not re-answer them.)
     :param invalid_requests: ``"fail"`` (default): an invalid line refuses the file before anything runs in
         Snowflake. ``"skip"``: only the valid lines are staged; each invalid one is a failure row in
         ``failures.jsonl``, counted in the manifest's ``invalid`` and against ``max_failed_ratio``.
+    :param config: Cortex's own knobs (:class:`CortexConfig`): ``chunk_size``, ``staging``,
+        ``keep_staging_tables``, ``extra_models``. Given as keyword arguments of their own they still work, with
+        a ``DeprecationWarning``.
     """
 
     template_fields: Sequence[str] = ("input_path", "output_path", "model")
     ui_color = "#29b5e8"
+    config_class = CortexConfig
+    trigger_class = CortexStatementTrigger
+    default_conn_id = "snowflake_default"
+    default_poll_interval = 10.0
+    default_timeout = timedelta(hours=6)
+    collect_on_timeout = True
+    renamed = {"snowflake_conn_id": "conn_id"}
+    config: CortexConfig
 
     def __init__(
         self,
         *,
+        conn_id: str = "snowflake_default",
         output_path: Any,
         input_path: Any = None,
         source_table: TableSource | None = None,
         model: str | None = None,
-        snowflake_conn_id: str = "snowflake_default",
-        chunk_size: int = 1_000,
-        staging: CortexStaging | None = None,
-        keep_staging_tables: bool = False,
         poll_interval: float = 10.0,
-        timeout: float = 6 * 3600.0,
-        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        timeout: timedelta | float = 6 * 3600.0,
+        deferrable: bool = DEFAULT_DEFERRABLE,
         max_failed_ratio: float = 0.0,
-        extra_models: Sequence[str] = (),
         checks: OutputChecks | None = None,
         invalid_requests: InvalidRequests = "fail",
+        config: CortexConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
         if (input_path is None) == (source_table is None):
             raise ValueError("set exactly one of input_path and source_table")
         if source_table is not None and not model:
             raise ValueError("model is required with source_table")
-        if chunk_size < 1 or poll_interval <= 0 or timeout <= 0 or not 0 <= max_failed_ratio <= 1:
-            raise ValueError("chunk_size >= 1, poll_interval > 0, timeout > 0 and 0 <= max_failed_ratio <= 1")
-        self.output_path = output_path
+        super().__init__(conn_id=conn_id, output_path=output_path, poll_interval=poll_interval, timeout=timeout,
+                         deferrable=deferrable, max_failed_ratio=max_failed_ratio, checks=checks,
+                         invalid_requests=invalid_requests, config=config, **kwargs)
         self.input_path = input_path
         self.source_table = source_table
         self.model = model
-        self.snowflake_conn_id = snowflake_conn_id
-        self.chunk_size = int(chunk_size)
-        self.staging = staging or CortexStaging()
-        self.keep_staging_tables = keep_staging_tables
-        self.poll_interval = float(poll_interval)
-        self.timeout = float(timeout)
-        self.deferrable = deferrable
-        self.max_failed_ratio = float(max_failed_ratio)
-        self.extra_models = frozenset(extra_models)
-        if checks is not None and checks.direct_tail:
-            raise ValueError("checks.direct_tail is for the OpenAI and Azure Batch API only")
-        self.checks = checks
-        self.invalid_requests = check_invalid_requests(invalid_requests)
-        self._query_ids: list[str] = []
+
+    @property
+    def snowflake_conn_id(self) -> str:
+        """Deprecated: ``conn_id``."""
+        return self.conn_id
 
     # -- the run -------------------------------------------------------------------------------------------
 
-    def _run(self, context: Context) -> CortexRun:
-        ti = context["ti"]
-        ident = RunIdentity(ti.dag_id, ti.task_id, ti.run_id, -1 if ti.map_index is None else ti.map_index,
-                            ti.try_number)
-        hook = CortexHook(self.snowflake_conn_id, query_tag=ident.query_tag())
-        return CortexRun(hook, ident, chunk_size=self.chunk_size, staging=self.staging, timeout=self.timeout,
-                         extra_models=self.extra_models)
+    def _new_run(self, context: Context) -> CortexRun:
+        ident = self.identity(context)
+        cfg = self.config
+        hook = CortexHook(self.conn_id, query_tag=query_tag(ident))
+        return CortexRun(hook, ident, chunk_size=cfg.chunk_size, staging=cfg.staging, timeout=self.timeout_s,
+                         extra_models=frozenset(cfg.extra_models), output_path=self.output_path, checks=self.checks,
+                         invalid=self._invalid_path() if self._skipping_lines else None,
+                         keep_staging_tables=cfg.keep_staging_tables)
 
     @property
     def _skipping_lines(self) -> bool:
         return self.input_path is not None and self.invalid_requests == "skip"
 
     def _invalid_path(self) -> Any:
-        """The failure rows of the invalid lines (``invalid_requests="skip"``), read back by ``_finish``."""
+        """The failure rows of the invalid lines (``invalid_requests="skip"``), read back by the collection."""
         return join_path(join_path(self.output_path, "_cortex"), "invalid.jsonl")
 
     def _stage(self, run: CortexRun, stage: bool = True) -> RunState:
@@ -154,94 +146,40 @@ class CortexBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator
         assert self.source_table is not None and self.model
         return run.stage_table(self.source_table, self.model, stage)
 
-    def _recover_run(self, context: Context) -> RunState:
-        """The run's state, found again from the input and the statements table. Airflow's ``dag.test()``
-        (3.3) resumes a deferred task with the trigger event only, dropping the ``kwargs`` given to ``defer``."""
-        self.log.warning("Resumed without the deferral's kwargs; finding the run's tables again")
-        run = self._run(context)
-        try:
-            return run.find(self._stage(run, stage=False))
-        finally:
-            run.close()
+    def start_run(self, context: Context) -> SynthRun:
+        run = self._new_run(context)
+        self._stage(run)
+        run.attach()
+        return run
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        self.claim_output(context)
-        run = self._run(context)
-        try:
-            state = run.submit(self._stage(run))
-        finally:
-            run.close()
-        self._query_ids = state.query_ids
-        if state.query_ids and self.deferrable:
-            self.defer(
-                trigger=CortexStatementTrigger(self.snowflake_conn_id, state.query_ids, self.poll_interval,
-                                               end_time=state.end_time),
-                method_name="execute_complete",
-                kwargs={"run": state.as_dict()},
-                timeout=timedelta(seconds=max(state.end_time - time.time(), 0) + 600),
-            )
-        if not state.query_ids:
-            return self._finish(context, state, {})
-        run = self._run(context)
-        try:
-            statuses, timed_out = run.wait(state.query_ids, state.end_time, self.poll_interval)
-            if timed_out:
-                run.cancel([q for q, s in statuses.items() if s["state"] == "running"])
-        finally:
-            run.close()
-        if timed_out:
-            self._finish(context, state, statuses, raise_on_failures=False)
-            raise BatchTimeoutError(f"Cortex statements still running at the deadline; cancelled: {state.query_ids}")
-        return self._finish(context, state, statuses)
+    def resume_run(self, context: Context, event: Mapping[str, Any], kwargs: Mapping[str, Any]) -> SynthRun:
+        run = self._new_run(context)
+        saved = kwargs.get("run")
+        if saved:
+            run.state = RunState.from_dict(saved)
+        else:
+            # Airflow's dag.test() (3.3) resumes a deferred task with the trigger event only, dropping the
+            # kwargs given to defer: the run's state is found again from the input and the statements table
+            self.log.warning("Resumed without the deferral's kwargs; finding the run's tables again")
+            self._stage(run, stage=False)
+            for qid in run.recorded_query_ids(run._staged().tables):
+                run.statements[qid] = {"query_id": qid, "state": "success", "message": ""}
+        run.refresh(event["statements"])
+        return run
+
+    def make_trigger(self, run: SynthRun, end_time: float) -> BaseTrigger:
+        return CortexStatementTrigger(self.conn_id, run.running, self.poll_interval, end_time=end_time)
+
+    def defer_kwargs(self, run: SynthRun) -> dict[str, Any] | None:
+        assert isinstance(run, CortexRun)
+        state = run._staged()
+        state.query_ids, state.end_time = run.running, self.end_time(run)
+        return {"run": state.as_dict()}
 
     def execute_complete(self, context: Context, event: Mapping[str, Any] | None = None,
-                         run: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                         run: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
         """Resume after the trigger: read the answers back, or cancel at the deadline."""
-        event = validate_event(event, CortexStatementTrigger.event_key)
-        state = RunState.from_dict(run) if run else self._recover_run(context)
-        if event["status"] == "error":
-            raise TriggerEventError(f"Polling the Cortex statements failed: {event.get('message')}. The statements "
-                                    "keep running; a retry re-attaches to them and submits nothing they cover.")
-        statements = dict(event.get("statements") or {})
-        if event["status"] == "timeout":
-            cortex_run = self._run(context)
-            try:
-                cortex_run.cancel([q for q, s in statements.items() if s.get("state") == "running"])
-            finally:
-                cortex_run.close()
-            self._finish(context, state, statements, raise_on_failures=False)
-            raise BatchTimeoutError(str(event.get("message")))
-        return self._finish(context, state, statements)
-
-    def on_kill(self) -> None:
-        """Cancel the statements this worker is waiting for (the trigger cancels them when deferred)."""
-        if self._query_ids:
-            hook = CortexHook(self.snowflake_conn_id)
-            try:
-                for qid in self._query_ids:
-                    try:
-                        hook.cancel_statement(qid)
-                    except Exception as exc:
-                        self.log.warning("Cancelling statement %s failed: %s", qid, exc)
-            finally:
-                hook.close()
-
-    def _finish(self, context: Context, state: RunState, statuses: Mapping[str, Any],
-                raise_on_failures: bool = True) -> dict[str, Any]:
-        ti = context["ti"]
-        run = self._run(context)
-        try:
-            outcome = run.finish(state, statuses, self.output_path, max_failed_ratio=self.max_failed_ratio,
-                                 keep_staging_tables=self.keep_staging_tables, checks=self.checks,
-                                 invalid=self._invalid_path() if self._skipping_lines else None,
-                                 try_number=ti.try_number,
-                                 dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id, map_index=ti.map_index)
-        finally:
-            run.close()
-        self.publish_manifest(context, outcome.manifest)
-        if not outcome.ok and raise_on_failures:
-            raise BatchFailedError(outcome.message)
-        return outcome.manifest
+        return super().execute_complete(context, event, run=run, **kwargs)
 
 
 class CortexStagingCleanupOperator(BaseOperator):

@@ -15,6 +15,8 @@ A *run* is one task instance's requests on one backend, from its plan to its acc
 ``cancel()``              cancel what is still running (best effort: log, never raise)
 ``next_round()``          plan a retry round of only what can succeed (empty: nothing, or no rounds)
 ``collect()``             merge every answer into the output folder: the core's :class:`Accounting`
+``manifest(...)``         the run's manifest (backend, ids, usage, ``cost_usd``)
+``settle(ok)``, ``close``  release what the run holds (Cortex drops its staging tables after a good run)
 ========================  ==============================================================================
 
 Written once, here, for every backend:
@@ -203,6 +205,10 @@ class SynthRun(abc.ABC):
     def failure_hints(self, acct: Accounting) -> list[str]:
         """What the backend adds to THE failure message: what a retry can and cannot change."""
         return []
+
+    def close(self) -> None:  # noqa: B027  (a hook with a default, not abstract)
+        """Release the run's connections (the lifecycle calls it when a step ends; a later call reopens)."""
+        return None
 
     def settle(self, ok: bool) -> None:  # noqa: B027  (a hook with a default, not abstract)
         """After the finish: release what the run held (``ok``: within ``max_failed_ratio``). Default: nothing."""

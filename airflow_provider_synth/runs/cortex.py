@@ -34,21 +34,20 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
 from airflow_provider_synth.batch.jsonl import dumps
-from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
+from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, add_invalid, merge_shard
 from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.results import error_line, success_line
-from airflow_provider_synth.batch.status import STATEMENT_PHASES, STATEMENTS, Next, PollError, verdict
+from airflow_provider_synth.batch.status import STATEMENTS
 from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary
-from airflow_provider_synth.exceptions import BatchFailedError
 from airflow_provider_synth.hooks.cortex import is_transient
 from airflow_provider_synth.runs import cortex_mapping as cortex
+from airflow_provider_synth.runs.base import RunIdentity, SynthRun
 from airflow_provider_synth.runs.cortex_sql import (
     STAGING_COMMENT,
     TABLE_SUFFIXES,
     StagingTables,
     TableSource,
-    run_key,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 APP = "airflow-provider-synth"
+#: the run key's separator (pinned: see :func:`~airflow_provider_synth.runs.cortex_sql.run_key`)
+RUN_KEY_SEP = "\x1f"
 #: Rows merged at a time when reading answers back (bounds memory, whatever the run's size).
 READ_BLOCK_ROWS = 10_000
 #: Seconds after which an intent whose statement is not in its session's query history is taken as never
@@ -91,21 +92,32 @@ class CortexStaging:
     table_prefix: str = "SYNTH_CORTEX"
 
 
+def query_tag(ident: RunIdentity, **extra: Any) -> str:
+    """The ``QUERY_TAG`` JSON of a run's statements, with ``extra`` keys (chunk, intent...)."""
+    return json.dumps({"app": APP, "backend": "cortex", "dag_id": ident.dag_id, "task_id": ident.task_id,
+                       "run_id": ident.run_id, "map_index": ident.map_index, "try_number": ident.try_number,
+                       **extra})
+
+
 @dataclass(frozen=True)
-class RunIdentity:
-    """Who runs: the task instance (its try number marks the statements it submits)."""
+class CortexConfig:
+    """Snowflake Cortex's own knobs (everything every backend shares is an operator argument).
 
-    dag_id: str
-    task_id: str
-    run_id: str
-    map_index: int = -1
-    try_number: int = 1
+    :param chunk_size: rows per statement: bounds one statement's time and blast radius.
+    :param staging: where the staging tables go (:class:`CortexStaging`).
+    :param keep_staging_tables: keep the tables after a successful run (they are always kept after a failure,
+        so that a retry resumes without paying twice).
+    :param extra_models: model names to accept beyond the known Cortex models (new or fine-tuned ones).
+    """
 
-    def query_tag(self, **extra: Any) -> str:
-        """The ``QUERY_TAG`` JSON of the run's statements, with ``extra`` keys (chunk, intent...)."""
-        return json.dumps({"app": APP, "backend": "cortex", "dag_id": self.dag_id, "task_id": self.task_id,
-                           "run_id": self.run_id, "map_index": self.map_index, "try_number": self.try_number,
-                           **extra})
+    chunk_size: int = 1_000
+    staging: CortexStaging = field(default_factory=CortexStaging)
+    keep_staging_tables: bool = False
+    extra_models: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
 
 @dataclass
@@ -152,8 +164,13 @@ class _Intent:
     submitted_at: float
 
 
-class CortexRun:
-    """Drive one run through a :class:`~airflow_provider_synth.hooks.cortex.CortexHook`.
+class CortexRun(SynthRun):
+    """Drive one run through a :class:`~airflow_provider_synth.hooks.cortex.CortexHook` (the :class:`SynthRun`
+    of Snowflake Cortex: it waits for statements, has no retry rounds, and a task retry answers only the rows
+    still missing).
+
+    Stage first (:meth:`stage_file` or :meth:`stage_table`: the run's :attr:`state`), then :meth:`attach`,
+    :meth:`submit`, wait, :meth:`collect`.
 
     :param hook: the hook (its connection is opened on first use; :meth:`close` closes it).
     :param ident: the task instance.
@@ -161,28 +178,51 @@ class CortexRun:
     :param staging: where the tables live.
     :param timeout: seconds the statements may run, counted from the run's first submission.
     :param extra_models: model names to accept beyond the known Cortex models.
+    :param output_path: the output folder :meth:`collect` writes.
+    :param checks: output checks: unusable answers go to failures with their text, never to results.
+    :param invalid: the failure rows of the lines :meth:`stage_file` set aside (``invalid_requests="skip"``).
+    :param keep_staging_tables: keep the tables after a run within ``max_failed_ratio`` (:meth:`settle`).
     """
+
+    backend = "cortex"
+    waited = STATEMENTS
 
     def __init__(self, hook: CortexHook, ident: RunIdentity, *, chunk_size: int = 1_000,
                  staging: CortexStaging | None = None, timeout: float = 6 * 3600.0,
-                 extra_models: frozenset[str] = frozenset()) -> None:
+                 extra_models: frozenset[str] = frozenset(), output_path: Any = None,
+                 checks: OutputChecks | None = None, invalid: Any = None, keep_staging_tables: bool = False) -> None:
         self.hook = hook
         self.ident = ident
         self.chunk_size = int(chunk_size)
         self.staging = staging or CortexStaging()
         self.timeout = float(timeout)
         self.extra_models = extra_models
+        self._output_path, self.checks, self.invalid = output_path, checks, invalid
+        self.keep_staging_tables = keep_staging_tables
         #: what the last :meth:`submit` did, for the logs and the manifest
         self.counts = {"submitted": 0, "reattached": 0, "recovered": 0, "never_submitted": 0}
+        #: the staged run (set by :meth:`stage_file`, :meth:`stage_table`, or given back after a deferral)
+        self.state: RunState | None = None
+        #: every statement waited for -> ``{"query_id", "state", "message"}``
+        self.statements: dict[str, dict[str, str]] = {}
+        self._twice = 0
 
     def close(self) -> None:
         self.hook.close()
 
+    @property
+    def output_dir(self) -> Any:
+        return self._output_path
+
+    def _staged(self) -> RunState:
+        if self.state is None:
+            raise RuntimeError("stage the run first (stage_file or stage_table)")
+        return self.state
+
     # -- staging ---------------------------------------------------------------------------------------
 
     def _tables(self, fingerprint: str, model: str) -> StagingTables:
-        i = self.ident
-        key = run_key(i.dag_id, i.task_id, i.run_id, i.map_index, fingerprint, model)
+        key = self.ident.run_key(fingerprint, model, sep=RUN_KEY_SEP, length=16).upper()
         return StagingTables(self.staging.database, self.staging.schema, f"{self.staging.table_prefix}_{key}")
 
     def _comment(self, model: str) -> str:
@@ -195,7 +235,7 @@ class CortexRun:
                    invalid_requests: InvalidRequests = "fail", rejected: Any = None) -> RunState:
         """Validate the JSONL (nothing runs in Snowflake before it passes), then bulk-load it unless an earlier
         try already did (``stage=False``: only find the run's tables). ``invalid_requests="skip"``: only the
-        valid lines are staged; the invalid ones become failure rows in ``rejected`` (see :meth:`finish`)."""
+        valid lines are staged; the invalid ones become failure rows in ``rejected`` (see :meth:`collect`)."""
         check = cortex.check_requests(input_path, invalid_requests=invalid_requests,
                                       open_rejected=lambda: open_path(rejected, "wb"))
         if check.invalid_lines and stage:
@@ -213,7 +253,8 @@ class CortexRun:
                         for seq, call in cortex.iter_calls(input_path, check.invalid_lines))
                 written = self.hook.bulk_write(tables.plain_names(), rows)
                 log.info("Staged %d requests into %s", written, tables.requests)
-        return RunState(tables, model, check.total)
+        self.state = RunState(tables, model, check.total)
+        return self.state
 
     def stage_table(self, src: TableSource, model: str, stage: bool = True) -> RunState:
         """Check the source table's ids and prompts in Snowflake, then copy it server-side into staging."""
@@ -229,7 +270,8 @@ class CortexRun:
             self.hook.run_statements(tables.create(self._comment(model)))
             if self.hook.fetch_all(tables.count_requests())[0][0] != counts["rows"]:
                 self.hook.run_statements([tables.truncate_requests(), src.stage(tables, params, rf)])
-        return RunState(tables, model, counts["rows"])
+        self.state = RunState(tables, model, counts["rows"])
+        return self.state
 
     # -- submitting and re-attaching --------------------------------------------------------------------
 
@@ -269,32 +311,122 @@ class CortexRun:
             return True
         return False
 
-    def submit(self, state: RunState) -> RunState:
-        """Re-attach to the run's statements that still run; submit one statement per chunk that still has
-        unanswered rows and no statement running. Returns the state with the query ids to wait for and the
-        deadline (anchored at the run's first submission, whatever the try)."""
-        tables = state.tables
+    # -- the run contract --------------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Settle every intent an earlier try left (nothing is ever submitted blind), then take up every
+        statement of the run (all tries) with its current state."""
+        tables = self._staged().tables
         self.reconcile(tables)
+        for qid in self.recorded_query_ids(tables):
+            if qid not in self.statements:
+                self.statements[qid] = {"query_id": qid, "state": "running", "message": "not polled yet"}
+        errors = self.poll()
+        if errors:
+            raise errors[0][1]  # nothing may be submitted before it is known what still runs
+
+    def submit(self) -> list[str]:
+        """Submit one statement per chunk that still has unanswered rows and no statement running (a running
+        statement of an earlier try is re-attached to); return the new query ids."""
+        state = self._staged()
+        tables = state.tables
         by_chunk: dict[int, list[str]] = {}
         for chunk, qid, _ in self.hook.fetch_all(tables.recorded_statements()):
             by_chunk.setdefault(int(chunk), []).append(str(qid))
-        waiting: list[str] = []
+        created: list[str] = []
         for chunk, _count in self.hook.fetch_all(tables.pending_chunks(self.chunk_size)):
-            # a state the verdict does not know is waited on too: the verdict, not this loop, decides on it
-            running = [q for q in by_chunk.get(int(chunk), []) if not STATEMENT_PHASES.get(self.status(q).state)]
+            # a state no table knows is waited on too (the verdict stops on it): never submitted again
+            running = [q for q in by_chunk.get(int(chunk), []) if q in self.running]
             if running:
                 log.info("Chunk %d: re-attaching to statement(s) %s of an earlier try", chunk, ", ".join(running))
                 self.counts["reattached"] += len(running)
-                waiting.extend(running)
                 continue
-            waiting.append(self._submit_chunk(tables, state.model, int(chunk)))
-        first = self.hook.fetch_all(tables.first_submission())[0][0]
-        first = float(first) if first is not None else _now()
-        return RunState(tables, state.model, state.total, waiting, first + self.timeout)
+            qid = self._submit_chunk(tables, state.model, int(chunk))
+            self.statements[qid] = {"query_id": qid, "state": "running", "message": "submitted"}
+            created.append(qid)
+        state.query_ids = self.running
+        if state.query_ids:
+            state.end_time = (self.started_at or _now()) + self.timeout
+        return created
+
+    def states(self) -> dict[str, str | None]:
+        return {q: s.get("state") for q, s in self.statements.items()}
+
+    def poll(self) -> list[tuple[str, BaseException]]:
+        errors: list[tuple[str, BaseException]] = []
+        for qid in self.running:
+            try:
+                self.statements[qid] = self.status(qid).as_dict()
+            except Exception as exc:  # the hook classifies it (is_transient); the verdict decides
+                errors.append((qid, exc))
+                if not is_transient(exc):
+                    break  # a revoked grant answers every statement alike: the verdict fails the wait at once
+        return errors
+
+    def is_transient(self, error: BaseException) -> bool:
+        return is_transient(error)
+
+    def refresh(self, statements: Mapping[str, Mapping[str, Any]]) -> None:
+        """Take the statements' states from a trigger event."""
+        for qid, st in statements.items():
+            self.statements[str(qid)] = {k: str(v) for k, v in st.items()}
+
+    @property
+    def started_at(self) -> float | None:
+        first = self.hook.fetch_all(self._staged().tables.first_submission())[0][0]
+        return float(first) if first is not None else None
+
+    def collect(self) -> Accounting:
+        """Read every answer back, in input order, into the output folder; the accounting is checked."""
+        state = self._staged()
+        paths = output_paths(self._output_path)
+        acct = Accounting()
+        checker = self.checks.checker() if self.checks is not None else None
+        with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
+            for shard in self._blocks(state.tables, state.model):
+                merge_shard(shard, results, failures, acct, checker)
+            if self.invalid is not None:
+                add_invalid(self.invalid, failures, acct)
+        acct.check()
+        self._twice = int(self.hook.fetch_all(state.tables.count_answered_twice())[0][0] or 0)
+        if self._twice:
+            log.warning("%d row(s) were answered by two statements; the first answer of each was kept", self._twice)
+        return acct
+
+    def manifest(self, acct: Accounting | None, status: str, **fields: Any) -> dict[str, Any]:
+        state = self._staged()
+        return build_manifest(
+            backend=self.backend, accounting=acct.as_dict() if acct is not None else {"total": state.total},
+            output_dir=self._output_path, status=status, model=state.model,
+            query_ids=self.recorded_query_ids(state.tables), statements=dict(self.statements),
+            answered_twice=self._twice, cost_usd=None, chunk_size=self.chunk_size,
+            staging_tables=_table_names(state.tables), **fields,
+        )
+
+    def failure_hints(self, acct: Accounting) -> list[str]:
+        return failure_hints(acct, self._staged().tables)
+
+    def settle(self, ok: bool) -> None:
+        """Drop the staging tables after a run within ``max_failed_ratio`` (unless ``keep_staging_tables``);
+        after one that is not, keep them: a retry answers only the rows still missing."""
+        if ok and not self.keep_staging_tables:
+            self.hook.run_statements(self._staged().tables.drop())
+
+    def cancel(self) -> list[str]:
+        """Cancel the statements still running (``SYSTEM$CANCEL_QUERY``); a failing cancel is logged."""
+        cancelled = []
+        for qid in self.running:
+            try:
+                self.hook.cancel_statement(qid)
+                cancelled.append(qid)
+                log.info("Cancelled statement %s", qid)
+            except Exception as exc:
+                log.warning("Cancelling statement %s failed: %s", qid, exc)
+        return cancelled
 
     def _submit_chunk(self, tables: StagingTables, model: str, chunk: int) -> str:
         intent = uuid.uuid4().hex[:16]
-        tag = self.ident.query_tag(synth_run=tables.prefix, chunk=chunk, intent=intent)
+        tag = query_tag(self.ident, synth_run=tables.prefix, chunk=chunk, intent=intent)
         self.hook.run_statements([tables.record_intent(chunk, intent, self.ident.try_number, _now(),
                                                        self.hook.session_id, tag)])
         query_id = self.hook.submit(tables.complete_chunk(model, chunk, self.chunk_size), query_tag=tag)
@@ -307,58 +439,8 @@ class CortexRun:
         """Every statement of the run, all tries, oldest first."""
         return [str(q) for _, q, _ in self.hook.fetch_all(tables.recorded_statements())]
 
-    def find(self, state: RunState) -> RunState:
-        """The state of a run whose deferral kwargs were lost, from its tables (``state`` from ``stage_*``)."""
-        first = self.hook.fetch_all(state.tables.first_submission())[0][0]
-        first = float(first) if first is not None else _now()
-        return RunState(state.tables, state.model, state.total, self.recorded_query_ids(state.tables),
-                        first + self.timeout)
-
-    # -- waiting ---------------------------------------------------------------------------------------
-
     def status(self, query_id: str) -> StatementStatus:
         return self.hook.get_statement_status(query_id)
-
-    def wait(self, query_ids: Sequence[str], end_time: float, poll_interval: float
-             ) -> tuple[dict[str, dict[str, str]], bool]:
-        """Poll in the worker until every statement finished or ``end_time`` passed: ``(statuses, timed_out)``.
-        Up to :data:`MAX_POLL_ERRORS` failing polls in a row are waited out (a retry re-attaches after more)."""
-        states: dict[str, dict[str, str]] = {q: {"query_id": q, "state": "running", "message": "not polled yet"}
-                                             for q in query_ids}
-        errors = 0
-        while True:
-            failure: Exception | None = None
-            try:
-                for qid in query_ids:
-                    if states[qid]["state"] == "running":
-                        states[qid] = self.status(qid).as_dict()
-                errors = 0
-            except Exception as exc:  # the hook classifies it; the verdict decides
-                errors, failure = errors + 1, exc
-            result = verdict({q: s["state"] for q, s in states.items()}, kind=STATEMENTS,
-                             error=PollError.of([is_transient(failure)] if failure is not None else []),
-                             last_error=("?", f"{type(failure).__name__}: {failure}") if failure else None,
-                             consecutive_errors=errors, max_consecutive_errors=MAX_POLL_ERRORS,
-                             end_time=end_time, now=_now())
-            if result.next is Next.FAILED and failure is not None:
-                raise failure
-            if result.next is Next.UNKNOWN:
-                raise BatchFailedError(result.message)
-            if result.over:
-                return states, result.next is Next.TIMEOUT
-            if failure is not None:
-                log.warning("Polling the statements failed (%d in a row): %s: %s", errors, type(failure).__name__,
-                            failure)
-            _sleep(min(poll_interval, max(end_time - _now(), 0.0)))
-
-    def cancel(self, query_ids: Sequence[str]) -> None:
-        """Cancel statements (``SYSTEM$CANCEL_QUERY``); a failing cancel is logged, not raised."""
-        for qid in query_ids:
-            try:
-                self.hook.cancel_statement(qid)
-                log.info("Cancelled statement %s", qid)
-            except Exception as exc:
-                log.warning("Cancelling statement %s failed: %s", qid, exc)
 
     # -- reading back ----------------------------------------------------------------------------------
 
@@ -379,51 +461,18 @@ class CortexRun:
         if n:
             yield _shard(ids, outs)
 
-    def finish(self, state: RunState, statuses: Mapping[str, Any], output_path: Any, *, max_failed_ratio: float,
-               keep_staging_tables: bool, checks: OutputChecks | None = None, invalid: Any = None,
-               **fields: Any) -> Outcome:
-        """Read every answer back into the output folder, check the accounting, write the manifest, and drop
-        the tables after a run within ``max_failed_ratio`` (unless ``keep_staging_tables``).
-
-        :param checks: output checks: unusable answers go to failures with their text, never to results.
-        :param invalid: the failure rows of the lines :meth:`stage_file` set aside (``invalid_requests="skip"``).
-        :param fields: more manifest keys (try_number, dag_id, task_id, run_id, map_index...).
-        """
-        tables = state.tables
-        paths = output_paths(output_path)
-        acct = Accounting()
-        checker = checks.checker() if checks is not None else None
-        with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
-            for shard in self._blocks(tables, state.model):
-                merge_shard(shard, results, failures, acct, checker)
-            if invalid is not None:
-                add_invalid(invalid, failures, acct)
-        acct.check()
-        twice = int(self.hook.fetch_all(tables.count_answered_twice())[0][0] or 0)
-        query_ids = self.recorded_query_ids(tables)
-        failed_ratio = (acct.failed + acct.missing) / acct.total if acct.total else 0.0
-        ok = failed_ratio <= max_failed_ratio
-        if ok and not keep_staging_tables:
-            self.hook.run_statements(tables.drop())
-        if twice:
-            log.warning("%d row(s) were answered by two statements; the first answer of each was kept", twice)
-        manifest = build_manifest(
-            backend="cortex", accounting=acct.as_dict(), output_dir=output_path, model=state.model,
-            query_ids=query_ids, statements=dict(statuses), answered_twice=twice, cost_usd=None,
-            chunk_size=self.chunk_size, staging_tables=_table_names(tables), **fields,
-        )
-        write_manifest(output_path, manifest)
-        log.info("Cortex batch: %d succeeded, %d failed, %d missing of %d", acct.succeeded, acct.failed,
-                 acct.missing, acct.total)
-        message = "" if ok else failure_message(acct, failed_ratio, max_failed_ratio, paths["failures_path"], tables)
-        return Outcome(manifest, ok, message)
-
-
 def failure_message(acct: Accounting, failed_ratio: float, max_failed_ratio: float, failures_path: Any,
                     tables: StagingTables) -> str:
-    """Say what failed, what a retry can and cannot change, and where the evidence is."""
-    parts = [f"{acct.failed + acct.missing} of {acct.total} requests failed or are missing ({failed_ratio:.1%} > "
-             f"max_failed_ratio {max_failed_ratio:.1%}); see {failures_path}."]
+    """Say what failed, what a retry can and cannot change, and where the evidence is (the operators say it
+    with :func:`~airflow_provider_synth.runs.base.failure_message` and :func:`failure_hints`)."""
+    head = (f"{acct.failed + acct.missing} of {acct.total} requests failed or are missing ({failed_ratio:.1%} > "
+            f"max_failed_ratio {max_failed_ratio:.1%}); see {failures_path}.")
+    return " ".join([head, *failure_hints(acct, tables)])
+
+
+def failure_hints(acct: Accounting, tables: StagingTables) -> list[str]:
+    """What a Cortex retry can and cannot change, and where the staging tables are."""
+    parts = []
     if acct.failed:
         parts.append(f"{acct.failed} got a per-row Cortex error (or an answer the output checks refused): these "
                      "are final, a retry does not ask the model again for them.")
@@ -432,7 +481,7 @@ def failure_message(acct: Accounting, failed_ratio: float, max_failed_ratio: flo
                      "only these.")
     parts.append(f"The staging tables {tables.prefix}_{{{','.join(TABLE_SUFFIXES)}}} are kept; list or drop "
                  "them with `airflow-synth cortex-staging` or on a schedule with CortexStagingCleanupOperator.")
-    return " ".join(parts)
+    return parts
 
 
 def _table_names(tables: StagingTables) -> dict[str, str]:

@@ -1,20 +1,32 @@
 """Deterministic stand-in answers for batch requests, shaped like the real OpenAI response bodies.
 
-The same request always gets the same answer and the same usage, so tests can assert on them.
+The same request always gets the same answer and the same usage, so tests can assert on them. Structured
+answers (``response_format`` with a JSON schema, forced tool calls) are drawn by hypothesis-jsonschema, so they
+satisfy the schema's constraints (bounds, lengths, patterns, enums, required, nested objects and arrays). Input
+tokens are counted as the service bills them, with the provider's own counter
+(:func:`~airflow_provider_synth.batch.usage.estimate_request_tokens`: message overhead, tools, the schema), so a
+cost rehearsed here is the cost a client's tiktoken count predicts.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
-import math
+import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import orjson
+
+from airflow_provider_synth import _compat
+from airflow_provider_synth.batch.usage import count_text_tokens, estimate_request_tokens
+
+log = logging.getLogger(__name__)
 
 _WORDS = (
     "the quick data pipeline synthesizes clear answers from every record while batches wait quietly "
@@ -31,31 +43,10 @@ def digest(*parts: Any) -> bytes:
     return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).digest()
 
 
-def _tokens(text_len: int) -> int:
-    return max(1, math.ceil(text_len / 4))
-
-
-def _text_len(value: Any) -> int:
-    """Characters of text in a message content / input value (strings nested in lists and dicts)."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_len(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_text_len(v) for k, v in value.items() if k in ("content", "text", "input", "prompt"))
-    return 0
-
-
 def input_tokens(body: dict[str, Any]) -> int:
-    """Estimated input tokens of a request body (characters / 4), as counted against enqueued-token limits."""
-    messages = body.get("messages") or []
-    chars = _text_len(messages) + 4 * len(messages) if isinstance(messages, list) else 0
-    for key in ("input", "prompt", "instructions"):
-        value = body.get(key)
-        if isinstance(value, list) and value and isinstance(value[0], int):
-            return len(value)
-        chars += _text_len(value)
-    return _tokens(chars)
+    """Input tokens of a request body as the service bills them (and counts them against enqueued-token
+    limits): the provider's own count, messages with their overhead, tools and the response schema."""
+    return estimate_request_tokens(body)
 
 
 def answer_text(seed: bytes, min_words: int = 6, max_words: int = 40) -> str:
@@ -66,40 +57,124 @@ def answer_text(seed: bytes, min_words: int = 6, max_words: int = 40) -> str:
     return f"Synthetic answer {seed.hex()[:8]}: " + " ".join(words) + "."
 
 
-def instance_of(schema: Any, seed: bytes, depth: int = 0) -> Any:
-    """A small value valid for a (simple) JSON schema: objects, arrays, enums, strings, numbers, booleans."""
-    if not isinstance(schema, dict) or depth > 6:
+#: Schema-valid values drawn per schema, in one Hypothesis run; each request's answer is one of them.
+POOL_SIZE = 32
+
+
+#: Characters ``str.splitlines`` splits on that JSON leaves unescaped: a client reading the output file as text
+#: would see a broken line (JSON escapes the others, below U+0020).
+_LINE_BREAKS = tuple(c.encode() for c in "\x85\u2028\u2029")
+
+
+def _no_extra_keys(node: Any) -> Any:
+    """The schema with ``additionalProperties: false`` wherever an object schema leaves it open: a model answers
+    the keys it was asked for (a pydantic model without ``strict`` leaves them open), not random extra ones. The
+    values still fit the schema as written."""
+    if isinstance(node, list):
+        return [_no_extra_keys(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _no_extra_keys(v) for k, v in node.items()}
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+@lru_cache(maxsize=128)
+def _schema_values(schema_json: bytes) -> tuple[Any, ...]:
+    """Values valid for the schema, drawn by hypothesis-jsonschema; the same ones in every process (the run is
+    seeded by the schema). Empty for a schema no value satisfies (or one the library cannot generate for)."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hypothesis_seed
+
+    try:
+        strategy = _compat.jsonschema_strategy(_no_extra_keys(orjson.loads(schema_json)))
+    except Exception as exc:  # an invalid or unsupported schema: the answer is null, and the checks say so
+        log.warning("no value can be generated for the JSON schema %.200s: %s", schema_json.decode(), exc)
+        return ()
+    found: list[Any] = []
+
+    def keep(value: Any) -> None:
+        try:
+            text = orjson.dumps(value)  # integers past 64 bits: valid JSON that no client's parser takes
+        except orjson.JSONEncodeError:
+            return
+        if not any(sep in text for sep in _LINE_BREAKS):
+            found.append(value)
+
+    run: Any = given(strategy)(keep)  # type: ignore[no-untyped-call]
+    run = settings(database=None, max_examples=POOL_SIZE, phases=[Phase.generate], deadline=None,
+                   suppress_health_check=list(HealthCheck), print_blob=False)(run)
+    try:
+        hypothesis_seed(int.from_bytes(hashlib.sha256(schema_json).digest()[:8], "little"))(run)()
+    except Exception as exc:
+        log.warning("generating values for the JSON schema %.200s failed: %s", schema_json.decode(), exc)
+    unique = {orjson.dumps(v, option=orjson.OPT_SORT_KEYS): v for v in found}
+    return tuple(unique.values())
+
+
+def _plain_text(schema: Mapping[str, Any], seed: bytes) -> str | None:
+    """Readable words for a string schema that asks nothing but a length, fitted to it; ``None`` otherwise."""
+    if schema.get("type") != "string" or any(k in schema for k in ("pattern", "format", "enum", "const")):
         return None
-    if "const" in schema:
-        return schema["const"]
-    if schema.get("enum"):
-        return schema["enum"][seed[depth % len(seed)] % len(schema["enum"])]
-    for key in ("anyOf", "oneOf", "allOf"):
-        if schema.get(key):
-            return instance_of(schema[key][0], seed, depth + 1)
-    kind = schema.get("type", "object" if "properties" in schema else "string")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    makers: dict[str, Callable[[], Any]] = {
-        "object": lambda: {
-            name: instance_of(sub, digest(seed.hex(), name), depth + 1)
-            for name, sub in schema.get("properties", {}).items()
-        },
-        "array": lambda: [
-            instance_of(schema.get("items", {}), digest(seed.hex(), i), depth + 1)
-            for i in range(max(1, int(schema.get("minItems", 1))))
-        ],
-        "string": lambda: " ".join(answer_text(seed, 2, 6).split()[2:]),
-        "integer": lambda: int(seed[0]),
-        "number": lambda: round(seed[0] / 7, 3),
-        "boolean": lambda: bool(seed[0] & 1),
-    }
-    return makers.get(kind, lambda: None)()
+    low, high = int(schema.get("minLength", 0)), int(schema.get("maxLength", 200))
+    text = " ".join(answer_text(seed, 3, 12).split()[3:])
+    text = (text + " " + text * (low // max(len(text), 1) + 1))[:high].rstrip() if len(text) < low else text
+    return text[:high].rstrip() if len(text[:high].rstrip()) >= low else text[:high]
 
 
-def _usage(prompt_chars: int, completion_chars: int, model: str) -> dict[str, Any]:
-    prompt = _tokens(prompt_chars)
-    completion = _tokens(completion_chars)
+def _readable(value: Any, schema: Any, root: Mapping[str, Any], seed: bytes, depth: int = 0) -> Any:
+    """``value`` with its free-text strings as words instead of arbitrary code points (same lengths' bounds)."""
+    if not isinstance(schema, Mapping) or depth > 12:
+        return value
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, Mapping) else {}
+        return _readable(value, target, root, seed, depth + 1)
+    branches = schema.get("anyOf") or schema.get("oneOf")
+    if isinstance(branches, list):  # Optional[str] and unions: the branch of the value's own JSON type
+        kinds: dict[type, str] = {str: "string", dict: "object", list: "array"}
+        kind = kinds.get(type(value))
+        branch = next((b for b in branches if isinstance(b, Mapping) and (b.get("type") == kind or "$ref" in b)),
+                      None)
+        return _readable(value, branch, root, seed, depth + 1) if kind and branch else value
+    if isinstance(value, str):
+        return _plain_text(schema, seed) or value
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        return {k: _readable(v, props.get(k), root, digest(seed.hex(), k), depth + 1) for k, v in value.items()}
+    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        return [_readable(v, schema["items"], root, digest(seed.hex(), i), depth + 1) for i, v in enumerate(value)]
+    return value
+
+
+def instance_of(schema: Any, seed: bytes) -> Any:
+    """A value valid for the JSON ``schema``, picked by ``seed`` among the values hypothesis-jsonschema drew for
+    it (free text as words where that keeps it valid); ``None`` when no value satisfies the schema."""
+    if not isinstance(schema, Mapping):
+        return None
+    values = _answers_for(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
+    return copy.deepcopy(values[int.from_bytes(seed[:8], "little") % len(values)]) if values else None
+
+
+@lru_cache(maxsize=128)
+def _answers_for(schema_json: bytes) -> tuple[Any, ...]:
+    """The schema's values with readable free text, each checked against the schema (once per schema)."""
+    import jsonschema
+
+    schema = orjson.loads(schema_json)
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    out = []
+    for index, value in enumerate(_schema_values(schema_json)):
+        readable = _readable(value, schema, schema, digest(schema_json.hex(), index))
+        out.append(readable if readable == value or validator.is_valid(readable) else value)
+    return tuple(out)
+
+
+def _usage(prompt: int, completion_text: str, model: str) -> dict[str, Any]:
+    completion = count_text_tokens(completion_text, model)
     # Caching applies to prompts of 1,024 tokens and more, in steps of 128.
     cached = (prompt // 2) // 128 * 128 if prompt >= 1024 else 0
     reasoning = completion if model.startswith(("o1", "o3", "o4", "gpt-5")) else 0
@@ -129,13 +204,21 @@ def _forced_tool(body: dict[str, Any]) -> dict[str, Any] | None:
     return dict(tools[0]["function"])
 
 
-def _chat_message(body: dict[str, Any], seed: bytes, content: str | None) -> tuple[dict[str, Any], str, int]:
+def _cut(text: str, limit: int, model: str) -> str:
+    """``text`` cut to at most ``limit`` tokens (an answer that hit ``max_completion_tokens``)."""
+    text = text[: limit * 4]
+    while text and count_text_tokens(text, model) > limit:
+        text = text[: int(len(text) * 0.9)]
+    return text
+
+
+def _chat_message(body: dict[str, Any], seed: bytes, content: str | None) -> tuple[dict[str, Any], str, str]:
     tool = _forced_tool(body) if content is None else None
     if tool is not None:
         args = orjson.dumps(instance_of(tool.get("parameters", {}), seed)).decode()
         call = {"id": "call_" + seed.hex()[:24], "type": "function", "function": {"name": tool["name"], "arguments": args}}
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
-        return message, "tool_calls", len(args)
+        return message, "tool_calls", args
     fmt = body.get("response_format") or {}
     if content is None and fmt.get("type") == "json_schema":
         content = orjson.dumps(instance_of((fmt.get("json_schema") or {}).get("schema", {}), seed)).decode()
@@ -144,20 +227,21 @@ def _chat_message(body: dict[str, Any], seed: bytes, content: str | None) -> tup
     text = content if content is not None else answer_text(seed)
     finish = "stop"
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    if isinstance(limit, int) and _tokens(len(text)) > limit:
-        text, finish = text[: limit * 4], "length"
-    return {"role": "assistant", "content": text, "refusal": None, "annotations": []}, finish, len(text)
+    model = str(body.get("model", ""))
+    if isinstance(limit, int) and count_text_tokens(text, model) > limit:
+        text, finish = _cut(text, limit, model), "length"
+    return {"role": "assistant", "content": text, "refusal": None, "annotations": []}, finish, text
 
 
 def chat_completion(body: dict[str, Any], custom_id: str, content: str | None = None) -> dict[str, Any]:
     """A ``chat.completion`` body for a ``/v1/chat/completions`` request."""
     model = str(body.get("model", "gpt-4o-mini"))
     messages = body.get("messages") or []
-    choices, completion_chars = [], 0
+    choices, completion = [], []
     for index in range(int(body.get("n") or 1)):
         seed = digest(custom_id, messages, index)
-        message, finish, chars = _chat_message(body, seed, content)
-        completion_chars += chars
+        message, finish, text = _chat_message(body, seed, content)
+        completion.append(text)
         choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": finish})
     return {
         "id": "chatcmpl-" + digest(custom_id, messages).hex()[:29],
@@ -165,7 +249,7 @@ def chat_completion(body: dict[str, Any], custom_id: str, content: str | None = 
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": _usage(_text_len(messages) + 4 * len(messages), completion_chars, model),
+        "usage": _usage(input_tokens(body), "".join(completion), model),
         "service_tier": "default",
         "system_fingerprint": "fp_synth_local",
     }
@@ -197,7 +281,7 @@ def embeddings(body: dict[str, Any], custom_id: str) -> dict[str, Any]:
         vector = embedding_vector(item, model, body.get("dimensions"))
         emb: Any = base64.b64encode(vector.tobytes()).decode() if b64 else [float(x) for x in vector]
         data.append({"object": "embedding", "index": index, "embedding": emb})
-    prompt = sum(len(i) if isinstance(i, list) else _tokens(len(str(i))) for i in items)
+    prompt = sum(len(i) if isinstance(i, list) else count_text_tokens(str(i), model) for i in items)
     return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
 
 
@@ -206,7 +290,7 @@ def responses(body: dict[str, Any], custom_id: str, content: str | None = None) 
     model = str(body.get("model", "gpt-4o-mini"))
     seed = digest(custom_id, body.get("input"), body.get("instructions"))
     text = content if content is not None else answer_text(seed)
-    usage = _usage(_text_len(body.get("input")) + _text_len(body.get("instructions")), len(text), model)
+    usage = _usage(input_tokens(body), text, model)
     return {
         "id": "resp_" + seed.hex()[:32],
         "object": "response",
@@ -250,7 +334,7 @@ def completions(body: dict[str, Any], custom_id: str, content: str | None = None
     prompt = body.get("prompt", "")
     seed = digest(custom_id, prompt)
     text = content if content is not None else " " + answer_text(seed)
-    usage = _usage(_text_len(prompt), len(text), model)
+    usage = _usage(input_tokens(body), text, model)
     return {
         "id": "cmpl-" + seed.hex()[:29],
         "object": "text_completion",

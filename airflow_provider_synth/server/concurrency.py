@@ -19,10 +19,13 @@ Time per token is an answer's latency divided by ``1 + completion tokens``: answ
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 #: a request with no answer for this many times the slowest answer seen so far is hung
 HUNG_FACTOR = 10.0
@@ -149,3 +152,4 @@ class AdaptiveLimit:
             self._changed_at = self.clock()
             self._round.clear()
             self.changes.append(LimitChange(time.time(), self.current, reason))
+            log.info("upstream concurrency %d -> %d: %s", before, self.current, reason)

@@ -114,9 +114,52 @@ def openai_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     )
 
 
+def cortex_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    from fakes.cortex import FakeCortex
+
+    from airflow_provider_synth.operators.cortex import CortexBatchOperator, CortexConfig
+
+    secret = "secret-pw-contract-97531"
+    request.getfixturevalue("monkeypatch").setenv("AIRFLOW_CONN_CONTRACT_SNOWFLAKE", json.dumps(
+        {"conn_type": "snowflake", "login": "u", "password": secret, "schema": "PUBLIC",
+         "extra": {"account": "acct", "database": "SYNTH_DB", "warehouse": "WH"}}))
+    # one row per statement: the statement of RETRYABLE dies once (its row rolls back: missing, answered by the
+    # task's retry); FATAL's row gets a per-row Cortex error, which is final
+    fake = FakeCortex(background=True, abort_after=1)
+    fake.__enter__()
+    request.addfinalizer(lambda: fake.__exit__(None, None, None))
+    asked: Counter[str] = Counter()
+    model_call = fake._call
+
+    def counted(text: str) -> None:  # every model call, the aborted one included
+        asked[text.split()[0]] += 1
+        model_call(text)
+
+    fake._call = counted  # type: ignore[method-assign]
+    path = tmp_path / "requests.jsonl"
+    with path.open("w") as fp:
+        for i in IDS:
+            body = {"model": "llama3.1-8b", "messages": [{"role": "user", "content": i + (" [fail]" if i == FATAL else "")}]}
+            fp.write(json.dumps({"custom_id": i, "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+
+    def operator(**kwargs: Any) -> SynthBatchOperator:
+        kwargs.pop("rounds", None)
+        kwargs.setdefault("output_path", str(tmp_path / "out"))
+        return CortexBatchOperator(task_id="t", conn_id="contract_snowflake", input_path=str(path),
+                                   poll_interval=0.05, deferrable=False, config=CortexConfig(chunk_size=1), **kwargs)
+
+    return Backend(
+        name="cortex", operator=operator, sent=lambda: asked,
+        created=lambda: len([q for q in fake.queries.values() if q.query_type == "INSERT" and "_RESULTS" in q.text]),
+        cancelled=lambda: set(fake.cancelled), slow=fake.hold, secret=secret, rounds=False,
+        output=tmp_path / "out",
+    )
+
+
 #: every backend's entry: the next backend is one more line
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
     "openai": openai_backend,
+    "cortex": cortex_backend,
 }
 
 
@@ -188,7 +231,7 @@ def test_the_secret_appears_nowhere(backend: Backend, caplog: pytest.LogCaptureF
     op = backend.operator(max_failed_ratio=0.0)
     with pytest.raises(Exception) as err:  # over max_failed_ratio: the one exception, with its message
         op.execute(context())
-    assert "1 of 6 requests failed" in str(err.value)
+    assert f"of {N} requests failed" in str(err.value)
     texts = [str(err.value)]
     backend.slow()  # another DAG run, still running: what its trigger would store
     other = str(backend.output.parent / "other")
@@ -213,7 +256,8 @@ MANIFEST_KEYS = {"manifest_version", "backend", "created_at", "output_dir", "res
 
 
 def _batch_operators() -> list[type[SynthBatchOperator]]:
-    import airflow_provider_synth.operators.openai_batch  # noqa: F401  (registers the subclasses)
+    import airflow_provider_synth.operators.cortex  # noqa: F401  (registers the subclasses)
+    import airflow_provider_synth.operators.openai_batch  # noqa: F401
 
     found, todo = [], list(SynthBatchOperator.__subclasses__())
     while todo:

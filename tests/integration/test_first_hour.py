@@ -90,6 +90,48 @@ def test_ui_connection_is_found_by_airflow_synth_from_another_shell(monkeypatch,
     assert [b["batch_id"] for b in data["batches"]] == [batch.id]
 
 
+@pytest.mark.integration
+def test_ui_unpauses_the_dags_the_quickstart_left_paused_and_explains_a_queued_run(monkeypatch,
+                                                                                   tmp_path) -> None:
+    """`make quickstart` (``airflow dags test``) writes every example DAG to the database, paused, as Airflow's
+    ``dags_are_paused_at_creation`` default says; `make ui` used to leave them so (README: unpaused), and a
+    triggered run sat queued with no message. Old main: every DAG stays paused."""
+    import sqlite3
+    from datetime import UTC, datetime, timedelta
+
+    home = tmp_path / "airflow-home"
+    home.mkdir()
+    ui = load_ui(monkeypatch, home)
+    for name in [k for k in os.environ if k.startswith(("AIRFLOW_CONN_", "AIRFLOW__"))] + ["AIRFLOW_HOME"]:
+        monkeypatch.delenv(name, raising=False)
+    env = ui.airflow_env()
+
+    def airflow(*args: str) -> None:
+        subprocess.run([str(ui.BIN / "airflow"), *args], env=env, check=True, capture_output=True, timeout=300)
+
+    def paused() -> dict[str, int]:
+        with sqlite3.connect(home / "airflow.db") as conn:
+            return dict(conn.execute("SELECT dag_id, is_paused FROM dag").fetchall())
+
+    airflow("db", "migrate")
+    airflow("dags", "reserialize")  # what the quickstart's `airflow dags test` writes: every DAG of the folder
+    before = paused()
+    assert "synth_quickstart" in before and len(before) >= 10 and all(before.values())
+    ui.unpause_dags(env)
+    assert not any(paused().values()), paused()
+
+    airflow("dags", "pause", "synth_quickstart")
+    airflow("dags", "trigger", "synth_quickstart")  # no scheduler here: the run stays queued
+    later = datetime.now(UTC) + timedelta(seconds=ui.QUEUED_NOTICE_S + 5)
+    assert ui.queued_runs(home / "airflow.db", datetime.now(UTC)) == []  # not yet worth a word
+    (line,) = ui.queued_runs(home / "airflow.db", later)
+    assert line.startswith("synth_quickstart run manual__") and "the DAG is paused" in line
+    assert "airflow dags unpause synth_quickstart" in line
+    airflow("dags", "unpause", "synth_quickstart")
+    (line,) = ui.queued_runs(home / "airflow.db", later)
+    assert "no scheduler is running" in line
+
+
 # -- errors that name the server, the connection and the way out --------------------------------------------
 
 CHAT = "/v1/chat/completions"

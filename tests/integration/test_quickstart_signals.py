@@ -80,6 +80,21 @@ def family(pid: int, mark: str) -> tuple[set[psutil.Process], set[int]]:
     return procs, groups
 
 
+def kill_everything(proc: subprocess.Popen[str], mark: str) -> None:
+    """After a failed test too: nothing the script started may outlive it (its children's groups first, while
+    the script still holds them as descendants)."""
+    procs, groups = family(proc.pid, mark)
+    for group in groups - {os.getpgid(0)}:
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGKILL)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
+
+
 def stop_and_check(proc: subprocess.Popen[str], mark: str, sig: signal.Signals,
                    group_members: Callable[[int], list[psutil.Process]]) -> str:
     children, groups = family(proc.pid, mark)
@@ -107,8 +122,7 @@ def test_quickstart_stops_the_server_and_airflow_on_a_signal(
         time.sleep(3)  # airflow dags test has started its own processes
         out = stop_and_check(proc, mark, sig, group_members)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_everything(proc, mark)
     assert proc.returncode == 130
     assert "ending every process the quickstart started" in out
 
@@ -124,8 +138,7 @@ def test_quickstart_stops_vllms_server_on_a_timeout(
         time.sleep(5)  # vLLM's server is importing, and about to start its engine core process
         stop_and_check(proc, mark, signal.SIGTERM, group_members)  # what `timeout` sends
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_everything(proc, mark)
     assert any("vLLM runs in " in line for line in lines), "the dtype and why are said"
 
 
@@ -141,8 +154,7 @@ def test_ui_stops_standalone_and_the_server_on_sigterm(
         time.sleep(15)  # airflow standalone has started its scheduler, triggerer, dag-processor, api-server
         stop_and_check(proc, mark, signal.SIGTERM, group_members)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_everything(proc, mark)
 
 
 def _name(proc: psutil.Process) -> str:

@@ -86,3 +86,27 @@ def test_known_private_names_only_in_compat() -> None:
     hits = [f"{path.relative_to(PACKAGE)}: {name}" for path in sorted(PACKAGE.rglob("*.py"))
             if path.name != "_compat.py" for name in KNOWN_PRIVATE if name in path.read_text()]
     assert hits == []
+
+
+def test_jsonschema_strategy_draws_objects_on_the_installed_hypothesis() -> None:
+    """hypothesis-jsonschema 0.23.1 calls ``many(...).more()``, which newer Hypothesis lacks; the adapter keeps
+    every object schema drawable (nested, required, bounds), whichever of the two is installed."""
+    import jsonschema
+    from hypothesis import HealthCheck, given, settings
+
+    schema = {"type": "object", "required": ["n", "items"], "additionalProperties": False,
+              "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 5},
+                             "items": {"type": "array", "minItems": 1, "maxItems": 3,
+                                       "items": {"type": "object", "required": ["s"],
+                                                 "properties": {"s": {"type": "string", "maxLength": 3}}}}}}
+    seen = []
+
+    @settings(max_examples=25, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(_compat.jsonschema_strategy(schema))
+    def check(value):
+        jsonschema.validate(value, schema)
+        assert all(ord(c) < 128 for item in value["items"] for c in item["s"])
+        seen.append(value)
+
+    check()
+    assert len(seen) >= 10

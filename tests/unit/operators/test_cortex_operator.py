@@ -217,7 +217,9 @@ def _statements_table(fake: FakeCortex) -> str:
 
 def test_on_kill_cancels_the_statements_it_waits_for(fake: FakeCortex, tmp_path: Path):
     op = _op(tmp_path)
-    op._query_ids = ["q1", "q2"]
+    run = op._new_run(_context())  # the run a worker-side wait holds (the lifecycle keeps it for on_kill)
+    run.statements = {q: {"query_id": q, "state": "running", "message": ""} for q in ("q1", "q2")}
+    op._run = run
     op.on_kill()
     assert fake.cancelled == ["q1", "q2"]
 
@@ -246,7 +248,7 @@ def test_not_deferrable_waits_then_cancels_at_the_deadline(fake: FakeCortex, tmp
     op = _op(tmp_path, chunk_size=2, timeout=0.6, poll_interval=0.1)
     with pytest.raises(BatchTimeoutError, match="still running at the deadline"):
         op.execute(_context())
-    assert len(fake.cancelled) == 2 and sorted(fake.cancelled) == sorted(op._query_ids)
+    assert len(fake.cancelled) == 2 and sorted(fake.cancelled) == sorted(op._run.states())  # type: ignore[union-attr]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["total"] == 3 and all(s["state"] == "running" for s in manifest["statements"].values())
 

