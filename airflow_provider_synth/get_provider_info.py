@@ -22,10 +22,12 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.hooks.anthropic"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.hooks.cortex"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.hooks.openai"]},
         ],
         "operators": [
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.anthropic"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.openai_batch"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.vllm"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.cortex"]},
@@ -35,10 +37,12 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.sensors.openai_batch"]},
         ],
         "triggers": [
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.triggers.anthropic"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.triggers.cortex"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.triggers.openai_batch"]},
         ],
-        # @task.synth_openai_batch / synth_cortex_batch / synth_vllm_batch (common-ai owns llm_batch)
+        # @task.synth_openai_batch / synth_cortex_batch / synth_vllm_batch / synth_anthropic_batch (common-ai owns
+        # llm_batch)
         "task-decorators": [
             {"class-name": "airflow_provider_synth.decorators.openai_batch.synth_openai_batch_task",
              "name": "synth_openai_batch"},
@@ -46,6 +50,8 @@ def get_provider_info() -> dict[str, Any]:
              "name": "synth_cortex_batch"},
             {"class-name": "airflow_provider_synth.decorators.vllm.synth_vllm_batch_task",
              "name": "synth_vllm_batch"},
+            {"class-name": "airflow_provider_synth.decorators.anthropic.synth_anthropic_batch_task",
+             "name": "synth_anthropic_batch"},
         ],
         "extra-links": ["airflow_provider_synth.links.OpenAIBatchLink"],
         "config": {

@@ -6,7 +6,7 @@ http://127.0.0.1:8080) on SQLite in .airflow/. The connection ``synth_openai_def
 is stored in .airflow's metadata database, where the UI, the tasks, ``airflow`` and ``airflow-synth`` all find
 it; .airflow/synth.env sets up another shell for them. Every example DAG is unpaused: new ones start unpaused,
 and those already in the database (``make quickstart``'s ``airflow dags test`` writes them all, paused, as
-Airflow's ``dags_are_paused_at_creation`` default says) are unpaused at start. A DAG run that stays queued is
+Airflow's ``dags_are_paused_at_creation`` default says) are unpaused as soon as the API server is up. A DAG run that stays queued is
 explained on the terminal (a DAG paused since, a scheduler that is not up). The admin password is printed by
 Airflow and stored in .airflow/simple_auth_manager_passwords.json.generated. Ctrl-C stops both.
 """
@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def standalone_env() -> dict[str, str]:
     env.update({
         "AIRFLOW__API__HOST": LOCALHOST,
         "AIRFLOW__API__PORT": str(API_PORT),
+        # where task processes reach the API server: its default (http://localhost:8080/execution/) misses an
+        # API on another port, and "localhost" may resolve to ::1, where nothing listens
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{LOCALHOST}:{API_PORT}/execution/",
         "AIRFLOW__CORE__PARALLELISM": str(parallelism()),
         # a DAG triggered from the UI or the REST API runs at once instead of waiting, queued, for an unpause
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
@@ -95,11 +99,27 @@ def unpause_dags(env: dict[str, str]) -> str:
     """Unpause every DAG already in the metadata database of ``env``'s Airflow home (new DAGs start unpaused
     through ``AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION``, but that setting never touches a DAG that exists).
 
-    :return: the command's output (the DAGs it unpaused), or why it unpaused none.
+    :return: what it did, for the terminal: the DAGs it unpaused, "none was paused", or the command's error.
     """
     proc = run_child([str(BIN / "airflow"), "dags", "unpause", "--treat-dag-id-as-regex", ".*", "--yes",
-                      "--output", "plain"], env=env)
-    return (proc.stdout if proc.returncode == 0 else proc.stderr).decode(errors="replace").strip()
+                      "--output", "json"], env=env)
+    out = proc.stdout.decode(errors="replace")
+    table = next((line for line in out.splitlines() if line.startswith("[")), None)  # after Airflow's warnings
+    if proc.returncode == 0 and table is not None:
+        ids = sorted(row["dag_id"] for row in json.loads(table))
+        return f"{len(ids)} ({', '.join(ids)})"
+    if "No paused DAGs" in out:
+        return "none was paused"
+    return f"`airflow dags unpause` failed: {(proc.stderr.decode(errors='replace') or out).strip()[-500:]}"
+
+
+def api_up() -> bool:
+    """Whether Airflow's API server (the UI, and what every task process reports to) answers its health check."""
+    try:
+        with urllib.request.urlopen(f"http://{LOCALHOST}:{API_PORT}/api/v2/monitor/health", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 def _utc(value: object) -> datetime | None:
@@ -129,9 +149,12 @@ def queued_runs(db: Path, now: datetime, older_than_s: float = QUEUED_NOTICE_S) 
         if paused:
             why = (f"the DAG is paused: unpause it (the toggle beside {dag_id} in the UI, or "
                    f"`airflow dags unpause {dag_id}` after `source {HOME / 'synth.env'}`)")
-        elif last_beat is None or (now - last_beat).total_seconds() > older_than_s:
-            why = (f"no scheduler is running (last heartbeat: {beat or 'never'}): see the scheduler's output "
-                   "above; it starts a queued run within seconds")
+        elif last_beat is None:
+            why = ("the scheduler has not started yet (airflow standalone takes a minute or two on a small "
+                   "machine); it starts the run as soon as it is up")
+        elif (now - last_beat).total_seconds() > older_than_s:
+            why = (f"the scheduler stopped (last heartbeat {beat}): see its output above (the lines marked "
+                   "'scheduler |')")
         else:
             why = ("the scheduler is up but has not started it: max_active_runs, or every worker slot busy "
                    f"({parallelism()} with AIRFLOW__CORE__PARALLELISM)")
@@ -167,19 +190,25 @@ def ui() -> int:
     run_child([str(BIN / "airflow"), "db", "migrate"], env=airflow_env()).check_returncode()
     server, port = start_server(options=server_args())
     env_file = write_connection(port)
-    print(f"unpaused the DAGs already in {HOME / 'airflow.db'}: {unpause_dags(airflow_env()) or 'none'}")
     print(f"local Batch API server on http://{LOCALHOST}:{port}/v1 (answers are stand-ins, not a model); "
           f"state in {HOME / 'server-state'}")
     airflow = spawn([str(BIN / "airflow"), "standalone"], env=standalone_env())
     print(f"""airflow standalone starting ({parallelism()} worker processes): open http://{LOCALHOST}:{API_PORT} and
-trigger synth_quickstart (every example DAG is unpaused; a run that stays queued is explained here).
+trigger synth_quickstart (every example DAG is unpaused once the UI is up; a run that stays queued is
+explained here).
 connection {CONN_ID} -> the local server, stored in {HOME / 'airflow.db'}; in another shell:
   source {env_file}
   airflow-synth status {OUTPUT}/synth_quickstart/<run_id>
 Ctrl-C stops both.""", flush=True)
     told: set[str] = set()
+    unpaused = False
     while airflow.poll() is None and server.poll() is None:
         time.sleep(1)
+        if not unpaused and api_up():
+            # only now: a task started before the API server listens fails at once ("Connection refused"),
+            # which a scheduled DAG unpaused earlier would meet on a slow machine
+            print(f"unpaused the DAGs already in {HOME / 'airflow.db'}: {unpause_dags(airflow_env())}", flush=True)
+            unpaused = True
         told |= _explain_queued(told)
     return 0
 

@@ -82,6 +82,7 @@ def test_every_page_is_in_the_site(site: Path) -> None:
 
 @pytest.mark.parametrize("name,says", [
     ("airflow_provider_synth.operators.openai_batch.RequestTemplate", "prompt_template"),
+    ("airflow_provider_synth.operators.openai_batch.OpenAIBatchConfig", "retry_failed_requests"),
     ("airflow_provider_synth.batch.checks.OutputChecks", "finish_reasons"),
     ("airflow_provider_synth.batch.split.ShardLimits", "max_requests"),
     ("airflow_provider_synth.operators.vllm.VLLMEngineConfig", "tensor_parallel_size"),

@@ -56,7 +56,7 @@ def test_airflow_cli_lists_and_gets_the_provider() -> None:
 def test_task_decorators_registered_and_importable() -> None:
     info = get_provider_info()
     names = {d["name"]: d["class-name"] for d in info["task-decorators"]}
-    assert set(names) == {"synth_openai_batch", "synth_cortex_batch", "synth_vllm_batch"}
+    assert set(names) == {"synth_openai_batch", "synth_cortex_batch", "synth_vllm_batch", "synth_anthropic_batch"}
     assert "llm_batch" not in names  # the common-ai provider's name
     for name, path in names.items():
         module, _, attr = path.rpartition(".")

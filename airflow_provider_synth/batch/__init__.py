@@ -18,6 +18,8 @@ _EXPORTS: dict[str, str] = {
     "InvalidRequestsError": "errors",
     "OutputFormatError": "errors",
     "Problem": "errors",
+    "StorageError": "errors",
+    "IncompleteFileError": "errors",
     "Moderation": "extract",
     "extract_embeddings": "extract",
     "extract_moderation": "extract",
@@ -58,9 +60,11 @@ if TYPE_CHECKING:
     from airflow_provider_synth.batch.errors import (
         AccountingError,
         BatchCoreError,
+        IncompleteFileError,
         InvalidRequestsError,
         OutputFormatError,
         Problem,
+        StorageError,
     )
     from airflow_provider_synth.batch.extract import (
         Moderation,
@@ -107,7 +111,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Accounting", "AccountingError", "BatchCoreError", "InvalidRequestsError", "Moderation", "OutputChecks",
-    "OutputFormatError", "Problem",
+    "OutputFormatError", "Problem", "StorageError", "IncompleteFileError",
     "ShardLimits", "ShardOutputs", "SplitResult", "Usage", "build_requests", "chat_body", "cost_usd",
     "error_line", "estimate_request_tokens", "extract_embeddings", "extract_messages_from_responses", "extract_parsed",
     "extract_moderation", "extract_text", "extract_tool_calls", "flagged_ids", "get_requests_by_custom_ids",

@@ -55,3 +55,14 @@ class AccountingError(BatchCoreError):
 
 class OutputFormatError(BatchCoreError, ValueError):
     """An output or error line could not be parsed."""
+
+
+class StorageError(BatchCoreError, OSError):
+    """Writing or reading the output or work folder failed (disk full, permission denied, a storage outage).
+
+    Nothing was claimed as done: a later try (once the cause is gone) lands the file again without paying again.
+    """
+
+
+class IncompleteFileError(StorageError):
+    """A file landed with another size than the service said it holds (a download cut short)."""

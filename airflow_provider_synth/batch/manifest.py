@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from airflow_provider_synth.batch.jsonl import loads
+from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.paths import join_path, open_path
 
 RESULTS_FILE = "results.jsonl"
@@ -47,7 +48,7 @@ def build_manifest(*, backend: str, accounting: Mapping[str, Any], output_dir: A
 def write_manifest(output_dir: Any, manifest: Mapping[str, Any]) -> str:
     """Write ``manifest.json`` into ``output_dir``; return its path as a string."""
     path = join_path(output_dir, MANIFEST_FILE)
-    with open_path(path, "wb") as fp:
+    with landing(path) as fp:
         fp.write(orjson.dumps(dict(manifest), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
     return str(path)
 

@@ -7,22 +7,25 @@ lines are matched by custom_id, never by position; results come out in input ord
 
 from __future__ import annotations
 
+import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import attrgetter, is_, not_
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import msgspec
 
 from airflow_provider_synth.batch import jsonl
 from airflow_provider_synth.batch.checks import UNUSABLE_KINDS, Checker, OutputChecks, Unusable, retry_line
-from airflow_provider_synth.batch.errors import AccountingError, OutputFormatError
+from airflow_provider_synth.batch.errors import AccountingError
 from airflow_provider_synth.batch.jsonl import dumps, iter_block_bytes, iter_jsonl, loads
 from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.results import (
+    UNREADABLE_CODE,
     ParsedOutput,
     _out_decoder,
     bulk_success,
@@ -33,8 +36,12 @@ from airflow_provider_synth.batch.results import (
 )
 from airflow_provider_synth.batch.usage import Usage
 
-#: How many unknown/duplicate ids the accounting keeps as examples.
+log = logging.getLogger(__name__)
+
+#: How many unknown/duplicate ids (and unreadable lines) the accounting keeps as examples.
 MAX_EXAMPLES = 20
+#: the custom_id of a line that is not JSON any more (cut off, or garbled after its start)
+_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 Source = Any  # a path, URL, path object, or a callable returning a binary file object
 
@@ -45,6 +52,39 @@ class _Id(msgspec.Struct, gc=False):
 
 _id_decoder = msgspec.json.Decoder(_Id)
 _get_id = attrgetter("custom_id")
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A line of a service's output or error file that could not be read: where, why, and its custom_id when
+    that much of it survived."""
+
+    file: str
+    line: int
+    error: str
+    custom_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "error": self.error, "custom_id": self.custom_id}
+
+
+class Unreadable(NamedTuple):
+    """The failure entry of an id whose answer is in a line that could not be read (retryable: a new round asks
+    for it again)."""
+
+    custom_id: str
+    bad: BadLine | None
+
+
+def _bad_line(name: str, lineno: int, raw: bytes, exc: Exception) -> BadLine:
+    found = _CUSTOM_ID.search(raw[:4096])
+    cid = None
+    if found:
+        try:
+            cid = jsonl.loads(b'"' + found.group(1) + b'"')
+        except ValueError:
+            cid = None
+    return BadLine(name, lineno, f"{exc}: {raw[:120]!r}", cid)
 
 
 @contextmanager
@@ -85,6 +125,9 @@ class Accounting:
     unknown: int = 0
     unknown_examples: list[str] = field(default_factory=list)
     duplicate_examples: list[str] = field(default_factory=list)
+    #: lines of the service's files that could not be read, and the first ``MAX_EXAMPLES`` of them (file, line)
+    unreadable: int = 0
+    unreadable_lines: list[BadLine] = field(default_factory=list)
     error_codes: Counter[str] = field(default_factory=Counter)
     usage: Usage = field(default_factory=Usage)
     results_written: int = 0
@@ -114,8 +157,10 @@ class Accounting:
             "retryable": self.retryable, "duplicates": self.duplicates, "unknown": self.unknown,
             "unknown_examples": self.unknown_examples, "duplicate_examples": self.duplicate_examples,
             "error_codes": dict(self.error_codes), "usage": self.usage.as_dict(),
-            "invalid": self.invalid, "synthetic_ids": self.synthetic_ids,
+            "invalid": self.invalid, "synthetic_ids": self.synthetic_ids, "unreadable": self.unreadable,
         }
+        if self.unreadable:
+            data["unreadable_lines"] = [b.as_dict() for b in self.unreadable_lines]
         if self.checked:
             data["checks"] = self.checks_dict()
         return data
@@ -140,9 +185,10 @@ def request_custom_id(raw: bytes) -> str:
     return _id_decoder.decode(raw).custom_id
 
 
-def _decoded(src: Source) -> tuple[list[Any], list[bytes]]:
+def _decoded(src: Source, bad: list[BadLine]) -> tuple[list[Any], list[bytes]]:
     """The decoded output lines of an output or error file and, in parallel, the raw lines (two lists, no
-    per-line tuple: millions of small allocations are what slows a merge down)."""
+    per-line tuple: millions of small allocations are what slows a merge down). A line that is not an output
+    line (an HTML error page, a line cut off) is appended to ``bad`` and skipped: the others are paid for."""
     outs: list[Any] = []
     raws: list[bytes] = []
     start = 1
@@ -166,8 +212,9 @@ def _decoded(src: Source) -> tuple[list[Any], list[bytes]]:
                 try:
                     outs.append(_out_decoder.decode(raw))
                 except msgspec.DecodeError as exc:
-                    raise OutputFormatError(f"{getattr(src, 'name', src)}:{start + offset}: not a batch output "
-                                            f"line ({exc}): {raw[:200]!r}") from None
+                    name = str(getattr(fp, "name", src)) if callable(src) else str(src)
+                    bad.append(_bad_line(name, start + offset, raw, exc))
+                    continue
                 raws.append(raw)
             start += len(lines)
     return outs, raws
@@ -190,6 +237,21 @@ class _Answers:
     retry_rounds: set[int] = field(default_factory=set)
     #: unusable answers per id so far: an answer that replaces the n-th one is of retry round n at least
     unusable_seen: Counter[str] = field(default_factory=Counter)
+    #: lines that could not be read, over every file
+    bad_lines: list[BadLine] = field(default_factory=list)
+
+    def add_bad(self, bad: Sequence[BadLine]) -> None:
+        """Unreadable lines of one file: an id they name that has no success becomes an ``output_unreadable``
+        failure (a later round's answer replaces it)."""
+        self.bad_lines.extend(bad)
+        for line in bad:
+            if line.custom_id is not None and line.custom_id not in self.succeeded:
+                self.failed[line.custom_id] = (Unreadable(line.custom_id, line), b"")
+
+    @property
+    def anonymous_bad(self) -> int:
+        """Unreadable lines whose custom_id could not be read."""
+        return sum(b.custom_id is None for b in self.bad_lines)
 
     def add_one(self, out: Any, raw: bytes, acct: Accounting | None, rnd: int = 0) -> None:
         """One answer: a success is never replaced; a later answer replaces an earlier failure."""
@@ -274,7 +336,9 @@ def _index_outputs(outputs: Sequence[Source], acct: Accounting | None, checker: 
     """Every answer for a shard over all rounds (see :class:`_Answers`)."""
     answers = _Answers(checker=checker)
     for i, src in enumerate(outputs):
-        answers.add_source(*_decoded(src), acct, rounds[i] if i < len(rounds) else i)
+        bad: list[BadLine] = []
+        answers.add_source(*_decoded(src, bad), acct, rounds[i] if i < len(rounds) else i)
+        answers.add_bad(bad)
     return answers
 
 
@@ -285,6 +349,11 @@ def _compiled(checks: OutputChecks | Checker | None) -> Checker | None:
 def _entry_output(entry: tuple[Any, bytes]) -> ParsedOutput:
     """The last failure of an id, classified (an unusable answer is a failure with its kind as the code)."""
     first, raw = entry
+    if isinstance(first, Unreadable):
+        where = f" ({first.bad.file}:{first.bad.line})" if first.bad is not None else ""
+        return ParsedOutput(first.custom_id, False, None, UNREADABLE_CODE,
+                            f"the service's answer for this request could not be read{where}; a retry round asks "
+                            "for it again", True, None, raw)
     if isinstance(first, Unusable):
         return ParsedOutput(first.custom_id, False, 200, first.kind, first.message, first.retryable, first.usage,
                             raw)
@@ -335,8 +404,11 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
     for k in range(0, len(raws), 200):  # one write per many lines (~100 KB: reused memory, not fresh pages)
         results_fp.write(b"\n".join(raws[k:k + 200]) + b"\n")
     unanswered = compress(ids, map(is_, lines, repeat(None))) if len(raws) < len(ids) else ()
+    anonymous = answers.anonymous_bad
     for cid in unanswered:
         entry = answers.failed.pop(cid, None)
+        if entry is None and anonymous:  # its answer may be one of the lines that could not be read
+            entry = (Unreadable(cid, None), b"")
         parsed = _entry_output(entry) if entry is not None else None
         if parsed is None:
             acct.missing += 1
@@ -360,6 +432,8 @@ def merge_shard(shard: ShardOutputs, results_fp: IO[bytes], failures_fp: IO[byte
     acct.usage.add(usage)
     if checker is not None:
         _add_checks(acct, answers)
+    acct.unreadable += len(answers.bad_lines)
+    acct.unreadable_lines.extend(answers.bad_lines[: max(MAX_EXAMPLES - len(acct.unreadable_lines), 0)])
     acct.total += len(ids)
     acct.succeeded += len(raws)
     acct.results_written += len(raws)
@@ -411,6 +485,12 @@ def merge_shards(shards: Sequence[ShardOutputs], results_fp: IO[bytes], failures
     if invalid is not None:
         add_invalid(invalid, failures_fp, acct)
     acct.check()
+    if acct.unreadable:
+        where = ", ".join(f"{b.file}:{b.line}" for b in acct.unreadable_lines[:5])
+        log.warning("%d line(s) of the service's output could not be read (%s%s); the readable answers landed, "
+                    "and the %d request(s) left without an answer are failures with code %r, retried by the "
+                    "retry rounds", acct.unreadable, where, ", ..." if acct.unreadable > 5 else "",
+                    acct.error_codes.get(UNREADABLE_CODE, 0), UNREADABLE_CODE)
     return acct
 
 

@@ -6,12 +6,15 @@ may run on different machines and the same code serves local folders and object 
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import posixpath
 from functools import cache
 from pathlib import Path
 from typing import IO, Any
+
+from airflow_provider_synth.batch.errors import StorageError
 
 #: Object-storage schemes whose filesystem comes from an extra: the extra, and the modules it installs
 #: (Airflow's ObjectStoragePath takes s3:// from the Amazon provider, gs:// from the Google one, each on fsspec).
@@ -21,6 +24,34 @@ STORAGE_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gs": ("gcs", ("airflow.providers.google", "gcsfs")),
     "gcs": ("gcs", ("airflow.providers.google", "gcsfs")),
 }
+
+
+_HINTS = {
+    errno.ENOSPC: "the disk or volume is full: free space (or give the task a larger volume) and retry the task",
+    errno.EDQUOT: "the disk quota is exhausted: free space and retry the task",
+    errno.EACCES: "permission denied: give the worker's user (or the connection's credentials) write access, then "
+                  "retry the task",
+    errno.EPERM: "operation not permitted: check the folder's permissions (or the bucket policy), then retry",
+    errno.EROFS: "the filesystem is read-only: point output_path at a writable location",
+}
+
+
+def storage_error(exc: BaseException, path: Any, action: str = "writing") -> StorageError:
+    """A :class:`~airflow_provider_synth.batch.errors.StorageError` naming ``path``, the cause, and what to
+    check (a full disk, a permission, an unreachable store)."""
+    if isinstance(exc, StorageError):
+        return exc
+    code = getattr(exc, "errno", None)
+    hint = _HINTS.get(code) if isinstance(code, int) else None
+    if hint is None and isinstance(exc, PermissionError):
+        hint = _HINTS[errno.EACCES]
+    hint = hint or ("the storage did not answer or refused the request: check that it is reachable and that the "
+                    "connection's credentials are right, then retry the task (what was paid for is re-attached, "
+                    "never paid again)")
+    detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    error = StorageError(f"{action} {path} failed: {detail} ({type(exc).__name__}); {hint}")
+    error.errno = code if isinstance(code, int) else None
+    return error
 
 
 @cache
@@ -137,9 +168,14 @@ def open_path(path: Any, mode: str = "rb") -> IO[bytes]:
     writing = "w" in mode or "a" in mode
     if not isinstance(path, str) and hasattr(path, "protocol") and hasattr(path, "open"):
         # ObjectStoragePath / UPath: keep the object, it carries the connection's storage options
-        if writing:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        fobj: IO[bytes] = path.open(mode)
+        try:
+            if writing:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            fobj: IO[bytes] = path.open(mode)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # the store's own errors (botocore, google-api-core...) name no path
+            raise storage_error(exc, path, "writing" if writing else "reading") from exc
         return fobj
     path = os.fspath(path)
     if _through_connection(path):
@@ -185,6 +221,19 @@ def exists(path: Any) -> bool:
         fs, p = _filesystem(path)
         return bool(fs.exists(p))
     return bool(path.exists())
+
+
+def file_size(path: Any) -> int:
+    """The size of a file in bytes, wherever it lives (a remote listing is read afresh).
+
+    :raises FileNotFoundError: there is no such file.
+    """
+    local = local_path(path)
+    if local is not None:
+        return local.stat().st_size
+    fs, p = _filesystem(path)
+    fs.invalidate_cache(p)
+    return int(fs.info(p)["size"])
 
 
 def list_names(folder: Any) -> list[str]:

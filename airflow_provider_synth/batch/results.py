@@ -18,9 +18,11 @@ import msgspec
 from airflow_provider_synth.batch.errors import OutputFormatError
 from airflow_provider_synth.batch.jsonl import dumps
 
+#: The failure code of a request whose answer is in a line of the service's output that could not be read.
+UNREADABLE_CODE = "output_unreadable"
 #: Line-level error codes a new batch can fix.
 RETRYABLE_ERROR_CODES = frozenset({"batch_expired", "request_timeout", "missing", "rate_limit_exceeded",
-                                   "server_error", "timeout", "internal_error"})
+                                   "server_error", "timeout", "internal_error", UNREADABLE_CODE})
 #: HTTP statuses a retry can fix.
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import importlib
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,13 +20,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook, redact
 
+from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.requests import Endpoint, UrlForm, service_url
 from airflow_provider_synth.batch.status import IN_PROGRESS_STATUSES as IN_PROGRESS_STATUSES  # re-exported
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES as TERMINAL_STATUSES  # re-exported
 from airflow_provider_synth.batch.status import batch_state as batch_state  # re-exported
 from airflow_provider_synth.batch.status import batch_summary as batch_summary  # re-exported
-from airflow_provider_synth.exceptions import ConnectionConfigError
+from airflow_provider_synth.exceptions import ConnectionAuthError, ConnectionConfigError
 
 if TYPE_CHECKING:
     import httpx2
@@ -60,6 +62,42 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, openai.APIConnectionError):  # includes APITimeoutError
         return True
     return isinstance(error, openai.APIStatusError) and error.status_code in TRANSIENT_HTTP_STATUSES
+
+
+_KEYS = re.compile(r"\b(?:sk|key|pk|rk)-[A-Za-z0-9_*\-]{4,}|\*{3,}[A-Za-z0-9]{2,}")
+
+
+def auth_error(error: BaseException, hook: OpenAIBatchHook) -> ConnectionAuthError | None:
+    """A 401/403 of the service as a :class:`~airflow_provider_synth.exceptions.ConnectionAuthError` naming the
+    connection id and host and what to check (never the key, not even the service's masked echo of it);
+    ``None`` for any other error."""
+    import openai
+
+    if not isinstance(error, openai.AuthenticationError | openai.PermissionDeniedError):
+        return None
+    status = error.status_code
+    said = _KEYS.sub("***", str(redact(str(getattr(error, "message", "") or error))))[:300]
+    if status == 401:
+        check = ("check the connection's API key (its password field"
+                 + (", or the Entra ID settings in its extra" if hook.is_azure else "") + ") and that it is for this "
+                 "host; a key that was rotated or revoked needs the connection updated")
+    else:
+        check = ("the key is valid but not allowed to do this: check its project/organisation, its permissions "
+                 "(Files and Batches API access)" + (", and the deployment's access policy" if hook.is_azure else ""))
+    host = str(getattr(hook.client, "base_url", "")) or "the service"
+    return ConnectionAuthError(
+        f"{host} refused the credentials of connection {hook.conn_id!r} (HTTP {status}: {said}): {check}. The "
+        "task fails without retrying, since a retry would be refused the same way; nothing was paid for by the "
+        "refused call.")
+
+
+def stream_errors() -> tuple[type[BaseException], ...]:
+    """What a response body cut mid-stream raises (the SDK retries requests, not a body being read):
+    the HTTP transport's errors."""
+    import httpx2
+    import openai
+
+    return (httpx2.TransportError, openai.APIConnectionError)
 
 
 def token_provider_import_allowed() -> bool:
@@ -313,15 +351,26 @@ class OpenAIBatchHook(BaseHook):
             return self.client.files.create(file=(name, fp, "application/jsonl"), purpose=purpose,
                                             expires_after=expiry)  # type: ignore[arg-type]
 
-    def download_file(self, file_id: str, dest: Any) -> int:
-        """Stream a file's content into ``dest`` (local path, URL or ``ObjectStoragePath``).
+    def get_file(self, file_id: str) -> FileObject:
+        """Retrieve a file's record (its ``bytes``: the size a download must have).
+
+        :param file_id: the API file id.
+        """
+        return self.client.files.retrieve(file_id)
+
+    def download_file(self, file_id: str, dest: Any, *, expected_bytes: int | None = None) -> int:
+        """Stream a file's content into ``dest`` (local path, URL or ``ObjectStoragePath``), whole or not at all:
+        see :func:`~airflow_provider_synth.batch.landing.landing`.
 
         :param file_id: the API file id (a batch's ``output_file_id`` or ``error_file_id``).
         :param dest: where to write; parent folders are created.
+        :param expected_bytes: the size the file must have (the Files API ``bytes``); a download of another
+            size is not kept (:class:`~airflow_provider_synth.batch.landing.IncompleteFileError`).
         :return: the number of bytes written.
         """
-        written = 0
-        with self.client.files.with_streaming_response.content(file_id) as response, open_path(dest, "wb") as out:
+        with self.client.files.with_streaming_response.content(file_id) as response, \
+                landing(dest, expected_bytes=expected_bytes) as out:
+            written = 0
             for chunk in response.iter_bytes(_DOWNLOAD_CHUNK):
                 out.write(chunk)
                 written += len(chunk)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
 from airflow_provider_synth.batch.jsonl import dumps
+from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, add_invalid, merge_shard
 from airflow_provider_synth.batch.paths import open_path
@@ -382,7 +383,7 @@ class CortexRun(SynthRun):
         paths = output_paths(self._output_path)
         acct = Accounting()
         checker = self.checks.checker() if self.checks is not None else None
-        with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
+        with landing(paths["results_path"]) as results, landing(paths["failures_path"]) as failures:
             for shard in self._blocks(state.tables, state.model):
                 merge_shard(shard, results, failures, acct, checker)
             if self.invalid is not None:

@@ -17,15 +17,18 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.common.compat.sdk import redact
+
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
+from airflow_provider_synth.batch.landing import IncompleteFileError, landed, landing
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
-from airflow_provider_synth.batch.paths import exists, join_path, open_path
+from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.results import ParsedOutput
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 from airflow_provider_synth.batch.usage import USAGE_TOLERANCE, Price, Usage, cost_usd, usage_mismatch
-from airflow_provider_synth.hooks.openai import batch_summary, is_transient
+from airflow_provider_synth.hooks.openai import auth_error, batch_summary, is_transient, stream_errors
 from airflow_provider_synth.runs.base import RunIdentity, SynthRun, status_counts
 from airflow_provider_synth.runs.openai_direct import DirectRounds, Tier, answer_round, estimate_direct_cost
 
@@ -50,6 +53,10 @@ TOKEN_LIMIT_CODE = "token_limit_exceeded"
 #: metadata keys on every batch this provider creates (the cleanup operator and the CLI match on them)
 KEY_META, SHARD_META, ROUND_META, CREATED_BY_META = "synth_key", "synth_shard", "synth_round", "created_by"
 CREATED_BY = "airflow-provider-synth"
+#: how far the service's clock may be behind the worker's when listing this run's batches by creation time
+CLOCK_SLACK_S = 2 * 86400
+#: attempts at one output or error file download within a try, when the stream is cut short
+DOWNLOAD_ATTEMPTS = 3
 #: file names of uploads start with this, so cleanup never touches anybody else's files
 UPLOAD_PREFIX = "synth-"
 #: uploads and outputs expire on the service after this (its longest), so nothing piles up in the account
@@ -164,10 +171,13 @@ class Plan:
     checks: dict[str, Any] | None = None
     #: uploads, outputs and error files expire this long after their creation (``None``: kept until deleted)
     expires_after_s: int | None = None
+    #: when this run first submitted a batch, by the worker's clock (epoch seconds): the deadline's anchor.
+    #: The service's ``created_at`` is never compared with this machine's clock (they may be hours apart).
+    submitted_at: float | None = None
 
     def save(self, work_dir: Any) -> str:
         path = join_path(work_dir, PLAN_FILE)
-        with open_path(path, "wb") as fp:
+        with landing(path) as fp:
             import orjson
 
             fp.write(orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2))
@@ -228,6 +238,8 @@ class BatchRun(SynthRun):
         self.direct = DirectRounds(self._work())
         #: how many requests each pending ``(shard, round)`` holds (written by :meth:`next_round`)
         self.pending: dict[tuple[int, int], int] = {}
+        #: output and error files landed and checked by this process
+        self._landed: set[str] = set()
 
     # -- paths ------------------------------------------------------------------------------------------------
 
@@ -260,11 +272,14 @@ class BatchRun(SynthRun):
 
         self.direct = DirectRounds.load(self._work())
         try:
-            found = self.hook.find_batches({KEY_META: self.plan.key}, created_after=self.plan.created_at - 3600)
+            found = self.hook.find_batches({KEY_META: self.plan.key}, created_after=self.plan.created_at - CLOCK_SLACK_S)
         except openai.APIConnectionError as exc:  # APITimeoutError included
             raise ServerUnreachableError(
                 f"cannot reach {self.where()}: {exc}. Is the server running, and is the connection's host "
                 "(base URL) right?") from exc
+        except openai.APIStatusError as exc:
+            self._raise_refused(exc)
+            raise
         for batch in found:
             meta = batch.metadata or {}
             ref = (int(meta.get(SHARD_META, -1)), int(meta.get(ROUND_META, 0)))
@@ -305,7 +320,7 @@ class BatchRun(SynthRun):
         import orjson
 
         rows = [{"shard": s, "round": r, "batch_id": b.batch_id} for (s, r), b in sorted(self.batches.items())]
-        with open_path(self._work(BATCHES_FILE), "wb") as fp:
+        with landing(self._work(BATCHES_FILE)) as fp:
             fp.write(orjson.dumps(rows))
 
     # -- the run contract -------------------------------------------------------------------------------------
@@ -346,7 +361,10 @@ class BatchRun(SynthRun):
 
     @property
     def started_at(self) -> float | None:
-        return self.first_created_at
+        """The worker's clock at the first submission (a plan written before it was recorded: its creation)."""
+        if not self.batches and not self.direct.pairs():
+            return None
+        return self.plan.submitted_at or self.plan.created_at
 
     def manifest(self, acct: Accounting | None, status: str, **fields: Any) -> dict[str, Any]:
         manifest = run_manifest(self, acct.as_dict() if acct is not None else None, status, **fields)
@@ -375,6 +393,9 @@ class BatchRun(SynthRun):
             try:
                 ref.state = batch_summary(self.hook.get_batch(ref.batch_id))
             except Exception as error:
+                refused = auth_error(error, self.hook)
+                if refused is not None:
+                    raise refused from error
                 if not tolerate_errors:
                     raise
                 errors.append((ref.batch_id, error))
@@ -401,7 +422,23 @@ class BatchRun(SynthRun):
         prefix = f"{UPLOAD_PREFIX}{self.plan.key}-"
         return {f.filename: f.id for f in self.hook.list_files(purpose="batch") if f.filename.startswith(prefix)}
 
+    def _raise_refused(self, exc: BaseException) -> None:
+        """Raise a 401/403 as :class:`~airflow_provider_synth.exceptions.ConnectionAuthError` (no retry)."""
+        refused = auth_error(exc, self.hook)
+        if refused is not None:
+            raise refused from exc
+
     def submit(self, todo: Iterable[tuple[int, int]] | None = None, max_active: int | None = None) -> list[str]:
+        """:meth:`_submit`; the service refusing the connection's credentials fails the task without retries."""
+        import openai
+
+        try:
+            return self._submit(todo, max_active)
+        except openai.APIStatusError as exc:
+            self._raise_refused(exc)
+            raise
+
+    def _submit(self, todo: Iterable[tuple[int, int]] | None = None, max_active: int | None = None) -> list[str]:
         """Upload and create the batches of ``(shard, round)`` pairs not created yet (or refused for the
         enqueued-token limit), at most ``max_active`` of this run running at once; reuse uploads a crashed try
         left behind. Returns the new batch ids; pairs over the cap wait for a later call.
@@ -430,6 +467,9 @@ class BatchRun(SynthRun):
             name = self.upload_name(shard, rnd)
             file_id = uploads.get(name) or self.hook.upload_file(
                 self.shard_input(shard, rnd), filename=name, expires_after_s=self.plan.expires_after_s).id
+            if self.plan.submitted_at is None:  # recorded before the first batch exists: a crash keeps it
+                self.plan.submitted_at = time.time()
+                self.plan.save(self._work())
             metadata = {KEY_META: self.plan.key, SHARD_META: str(shard), ROUND_META: str(rnd),
                         CREATED_BY_META: CREATED_BY, **self.plan.labels}
             batch: Batch = self.hook.create_batch(
@@ -459,11 +499,41 @@ class BatchRun(SynthRun):
                 if not file_id:
                     continue
                 dest = self._output(shard, rnd, kind)
-                if not exists(dest):
-                    self.hook.download_file(file_id, dest)
+                self._download(file_id, dest)
                 files.append(dest)
                 rounds.append(rnd)
         return files, rounds
+
+    def _download(self, file_id: str, dest: Any) -> None:
+        """Land a batch's output or error file at ``dest`` once: whole, and as large as the Files API says. A
+        file an earlier try left of another size (cut short by a crash or a full disk) is fetched again; a
+        download cut mid-stream is tried again up to ``DOWNLOAD_ATTEMPTS`` times in this try."""
+        import openai
+
+        if str(dest) in self._landed:
+            return
+        try:
+            expected = self.hook.get_file(file_id).bytes
+        except openai.APIStatusError as exc:
+            self._raise_refused(exc)
+            raise
+        if landed(dest, expected):
+            self._landed.add(str(dest))
+            return
+        again: tuple[type[BaseException], ...] = (IncompleteFileError, *stream_errors())
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                self.hook.download_file(file_id, dest, expected_bytes=expected)
+                break
+            except again as exc:
+                if attempt == DOWNLOAD_ATTEMPTS:
+                    raise IncompleteFileError(
+                        f"downloading file {file_id} from {self.where()} to {dest} failed {attempt} times, last: "
+                        f"{redact(str(exc))} ({type(exc).__name__}); nothing was kept. Retry the task: it "
+                        "re-attaches to the batch and downloads the file again, paying nothing twice") from exc
+                log.warning("downloading file %s to %s was cut short (%s: %s); downloading it again (%d of %d)",
+                            file_id, dest, type(exc).__name__, redact(str(exc)), attempt + 1, DOWNLOAD_ATTEMPTS)
+        self._landed.add(str(dest))
 
     def next_round(self, max_rounds: int | None = None,
                    token_limit_resubmits: int | None = None) -> list[tuple[int, int]]:
@@ -519,7 +589,7 @@ class BatchRun(SynthRun):
             if last >= max_rounds:
                 continue
             base = self.shard_input(shard, 0)
-            with open_path(self.shard_input(shard, last + 1), "wb") as out:
+            with landing(self.shard_input(shard, last + 1)) as out:
                 n = pending_requests(base, self._outputs_of(shard)[0], out, retryable_only=False, keep=retry_worthy,
                                      checks=self.checker)
             if n:
@@ -543,7 +613,7 @@ class BatchRun(SynthRun):
         counts = self.resubmit_counts()
         key = f"{shard}-{rnd}"
         counts[key] = counts.get(key, 0) + 1
-        with open_path(self._work(RESUBMITS_FILE), "wb") as fp:
+        with landing(self._work(RESUBMITS_FILE)) as fp:
             fp.write(orjson.dumps(counts))
         return counts[key]
 
@@ -552,7 +622,7 @@ class BatchRun(SynthRun):
         out = output_paths(self._path(self.plan.output_dir))
         shards = [ShardOutputs(self.shard_input(i, 0), *self._outputs_of(i)) for i in range(len(self.plan.shards))]
         invalid = self._work(INVALID_FILE) if self.plan.invalid else None
-        with open_path(out["results_path"], "wb") as rf, open_path(out["failures_path"], "wb") as ff:
+        with landing(out["results_path"]) as rf, landing(out["failures_path"]) as ff:
             return merge_shards(shards, rf, ff, self.checker, invalid=invalid)
 
     # -- the direct-API tail ----------------------------------------------------------------------------------

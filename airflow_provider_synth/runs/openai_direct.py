@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import redact
 
 from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
+from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
 from airflow_provider_synth.batch.usage import (
@@ -71,7 +72,7 @@ class DirectRounds:
     def save(self) -> None:
         import orjson
 
-        with open_path(join_path(self.work, DIRECT_FILE), "wb") as fp:
+        with landing(join_path(self.work, DIRECT_FILE)) as fp:
             fp.write(orjson.dumps(self.rounds))
 
     def pairs(self) -> list[tuple[int, int]]:

@@ -15,9 +15,10 @@ from typing import Any
 from airflow_provider_synth.batch.checks import sum_checks
 from airflow_provider_synth.batch.errors import AccountingError
 from airflow_provider_synth.batch.jsonl import dumps, loads
+from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths, read_manifest, write_manifest
 from airflow_provider_synth.batch.merge import MAX_EXAMPLES
-from airflow_provider_synth.batch.paths import exists, join_path, local_path, open_path
+from airflow_provider_synth.batch.paths import exists, file_size, join_path, local_path, open_path
 from airflow_provider_synth.batch.usage import Usage
 
 #: The engine's own state inside the output folder: its raw output lines (the resume state) and a stamp of
@@ -47,7 +48,7 @@ def merge_output_folders(folders: Sequence[Any], output_path: Any, **extra: Any)
     batch_ids: list[str] = []
     checks: list[dict[str, Any]] = []
     paths = output_paths(output_path)
-    with open_path(paths["results_path"], "wb") as results, open_path(paths["failures_path"], "wb") as failures:
+    with landing(paths["results_path"]) as results, landing(paths["failures_path"]) as failures:
         for folder in folders:
             shard = read_manifest(folder)
             for key in counts:
@@ -114,7 +115,7 @@ class EngineWorkspace:
         if self.remote and exists(self.remote_output):
             _copy(self.remote_output, self.local_output)
         self.local_output.parent.mkdir(parents=True, exist_ok=True)
-        with open_path(self.remote_state, "wb") as fp:
+        with landing(self.remote_state) as fp:
             fp.write(dumps({"fingerprint": fingerprint}))
 
     def checkpoint(self) -> None:
@@ -122,12 +123,14 @@ class EngineWorkspace:
         if not self.remote or not self.local_output.exists():
             return
         data = self.local_output.read_bytes()
-        with open_path(self.remote_output, "wb") as fp:
-            fp.write(data[: data.rfind(b"\n") + 1])
+        whole = data[: data.rfind(b"\n") + 1]
+        with landing(self.remote_output, expected_bytes=len(whole)) as fp:  # written, then checked
+            fp.write(whole)
 
 
 def _copy(src: Any, dst: Any) -> None:
-    with open_path(src, "rb") as fin, open_path(dst, "wb") as fout:
+    """Copy a file whole (checked against the source's size) or not at all."""
+    with open_path(src, "rb") as fin, landing(dst, expected_bytes=file_size(src)) as fout:
         shutil.copyfileobj(fin, fout, 1 << 20)
 
 

@@ -22,6 +22,7 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from airflow_provider_synth.server import answers
+from airflow_provider_synth.server import anthropic as messages_api
 from airflow_provider_synth.server.config import Fault, Outcome, OutcomeRule, Rules, ServerConfig, is_loopback
 from airflow_provider_synth.server.runner import (
     BATCH_ENDPOINTS,
@@ -237,7 +238,7 @@ class SynthBatchApp:
         data["faults"] = [_fault_dict(f) for f in self.rules.faults]
         return data
 
-    def _take_batch_flags(self) -> tuple[bool, int | None]:
+    def take_batch_flags(self) -> tuple[bool, int | None]:
         """Whether the next batch fails, and after how many requests it expires (consumes the budgets)."""
         with self._lock:
             fail = self._fail_left > 0
@@ -270,20 +271,32 @@ class SynthBatchApp:
                 if early is not None:
                     return early
             return await handler(request)
+        except messages_api.AnthropicAPIError as exc:
+            return _json(messages_api.error_body(exc.status, str(exc)), exc.status)
         except APIError as exc:
-            return _json(exc.azure_body() if _is_azure_dated(request.path) else exc.body, exc.status)
+            return self._error(request, exc)
         except web.HTTPException as exc:
-            error = APIError(exc.status, exc.reason)
-            return _json(error.azure_body() if _is_azure_dated(request.path) else error.body, exc.status)
+            return self._error(request, APIError(exc.status, exc.reason))
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception as exc:
             log.exception("error answering %s %s", request.method, request.path)
             return _json(APIError(500, f"Local server error: {type(exc).__name__}: {exc}").body, 500)
 
+    @staticmethod
+    def _error(request: web.Request, exc: APIError, headers: dict[str, str] | None = None) -> web.Response:
+        """An error in the shape of the API the request is for: OpenAI's, Azure's dated routes', Anthropic's."""
+        if messages_api.is_anthropic_path(request.path):
+            body = messages_api.error_body(exc.status, str(exc.body["error"]["message"]))
+        else:
+            body = exc.azure_body() if _is_azure_dated(request.path) else exc.body
+        return _json(body, exc.status, headers)
+
     def _authenticate(self, request: web.Request) -> None:
         header = request.headers.get("Authorization", "")
-        key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("api-key", "").strip()
+        # Bearer (OpenAI, the anthropic SDK 2.x), api-key (Azure), x-api-key (the anthropic SDK 1.x)
+        key = header[7:].strip() if header.lower().startswith("bearer ") else (
+            request.headers.get("api-key") or request.headers.get("x-api-key") or "").strip()
         if not key:
             raise APIError(401, "You didn't provide an API key (Authorization: Bearer or api-key header).",
                            "missing_api_key")
@@ -302,6 +315,8 @@ class SynthBatchApp:
             await self._truncated_download(request, fault)
         headers = {"retry-after": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
         body = Outcome.error(fault.status, message=f"Injected fault: status {fault.status}.").error_body()
+        if messages_api.is_anthropic_path(request.path):
+            body = messages_api.error_body(fault.status, body["error"]["message"])
         return _json(body, fault.status, headers)
 
     async def _truncated_download(self, request: web.Request, fault: Fault) -> None:
@@ -337,6 +352,7 @@ class SynthBatchApp:
             for endpoint in BATCH_ENDPOINTS:
                 app.router.add_post(prefix + endpoint.removeprefix("/v1"), self.direct)
         app.router.add_post("/openai/deployments/{deployment}/{endpoint:.+}", self.direct)
+        messages_api.MessageBatches(self).add_routes(app.router)
         if self.control_routes:
             app.router.add_get("/_synth/config", self.get_config)
             app.router.add_post("/_synth/config", self.post_config)
@@ -411,7 +427,8 @@ class SynthBatchApp:
     async def list_files(self, request: web.Request) -> web.Response:
         purpose = request.query.get("purpose")
         self.store.purge_expired_files()
-        files = [f.to_api() for f in self.store.files.values() if purpose in (None, f.purpose)]
+        files = [f.to_api() for f in self.store.files.values() if purpose in (None, f.purpose)
+                 and f.purpose != messages_api.INTERNAL_PURPOSE]
         if request.query.get("order", "desc") == "desc":
             files.reverse()
         return _json(_page(files, request.query.get("after"), _limit(request, 10_000, 10_000)))
@@ -473,18 +490,18 @@ class SynthBatchApp:
             batch.api["request_counts"]["total"] = check.total
             batch.api["model"] = check.model
             batch.tokens = check.tokens
-        batch.fail, batch.expire_after = self._take_batch_flags()
+        batch.fail, batch.expire_after = self.take_batch_flags()
         return batch
 
     def _batch(self, request: web.Request) -> BatchRecord:
         batch_id = request.match_info["batch_id"]
         batch = self.store.batches.get(batch_id)
-        if batch is None:
+        if batch is None or batch.api_kind != "openai":
             raise APIError(404, f"No batch found with id '{batch_id}'.", "not_found", "batch_id")
         return batch
 
     async def list_batches(self, request: web.Request) -> web.Response:
-        batches = [b.api for b in reversed(self.store.batches.values())]
+        batches = [b.api for b in reversed(self.store.batches.values()) if b.api_kind == "openai"]
         return _json(_page(batches, request.query.get("after"), _limit(request, 20, 100)))
 
     async def retrieve_batch(self, request: web.Request) -> web.Response:

@@ -259,6 +259,7 @@ class Counters:
                     "files_created", "files_deleted", "output_files_created", "bytes_uploaded", "batches_created",
                     "batches_cancelled", "batches_completed", "batches_failed", "batches_expired",
                     "batches_rejected", "requests_processed", "batch_polls", "faults_injected", "direct_requests",
+                    "message_batches_created", "message_batch_polls", "message_batch_results",
                 )
             }
             data.update(self._counts)

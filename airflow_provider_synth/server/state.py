@@ -68,6 +68,9 @@ class BatchRecord:
     :param first_poll_at: epoch seconds of the first ``GET`` of this batch.
     :param output_expires_s: the output and error files expire this long after they are created
         (``output_expires_after``).
+    :param api_kind: ``openai``, or ``anthropic`` for a Message Batch.
+    :param message_requests: a Message Batch's number of requests.
+    :param result_counts: a Message Batch's ``request_counts`` once it ended.
     """
 
     api: dict[str, Any]
@@ -81,6 +84,11 @@ class BatchRecord:
     fail: bool = False
     first_poll_at: float | None = None
     output_expires_s: int | None = None
+    #: ``openai``, or ``anthropic`` for a Message Batch (its requests run as chat lines; see server.anthropic)
+    api_kind: str = "openai"
+    #: a Message Batch: its requests, and its ``request_counts`` once ended (read from the results once)
+    message_requests: int = 0
+    result_counts: dict[str, int] | None = None
 
     @property
     def id(self) -> str:
@@ -230,6 +238,12 @@ class Store:
         self.batches[record.id] = record
         self.save_batch(record)
         return record
+
+    def delete_batch(self, batch_id: str) -> None:
+        """Forget an ended batch (its output files stay until deleted)."""
+        if self.batches.pop(batch_id, None) is not None:
+            with self._lock:
+                self._db.execute("DELETE FROM records WHERE kind = 'batch' AND id = ?", (batch_id,))
 
     def save_batch(self, record: BatchRecord) -> None:
         self._put("batch", record.id, asdict(record))

@@ -114,6 +114,43 @@ def openai_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     )
 
 
+def anthropic_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    pytest.importorskip("anthropic")
+    from airflow_provider_synth.batch.requests import RequestTemplate
+    from airflow_provider_synth.operators.anthropic import AnthropicBatchOperator
+    from airflow_provider_synth.server.config import Outcome, OutcomeRule
+
+    secret = "sk-ant-contract-SECRET-13579"
+    rules = (OutcomeRule(RETRYABLE, Outcome.error(529, code="overloaded_error"), times=1),
+             OutcomeRule(FATAL, Outcome.error(400)))
+    server = request.getfixturevalue("batch_server_factory")(outcomes=rules)
+    request.getfixturevalue("monkeypatch").setenv("AIRFLOW_CONN_CONTRACT_ANTHROPIC", json.dumps(
+        {"conn_type": "anthropic", "password": secret, "host": server.url}))
+
+    def count_sent() -> Counter[str]:  # every message batch's requests, as the service holds them
+        store, sent = server.app.store, Counter[str]()
+        for batch in store.batches.values():
+            with store.input_path(batch).open("rb") as fp:
+                sent.update(json.loads(line)["custom_id"] for line in fp if line.strip())
+        return sent
+
+    def operator(**kwargs: Any) -> SynthBatchOperator:
+        kwargs.setdefault("output_path", str(tmp_path / "out"))
+        return AnthropicBatchOperator(task_id="t", conn_id="contract_anthropic",
+                                      requests=[{"id": i, "topic": i} for i in IDS], model="claude-haiku-4-5",
+                                      template=RequestTemplate(prompt_template="About {topic}", id_field="id"),
+                                      retry_failed_requests=kwargs.pop("rounds", 2), poll_interval=0.05,
+                                      deferrable=False, **kwargs)
+
+    return Backend(
+        name="anthropic", operator=operator, sent=count_sent,
+        created=lambda: server.counters["message_batches_created"],
+        cancelled=lambda: {b.id for b in server.app.store.batches.values() if b.api.get("cancelling_at")},
+        slow=lambda: server.configure(in_progress_s=60.0, progress_steps=60),
+        secret=secret, output=tmp_path / "out",
+    )
+
+
 def cortex_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     from fakes.cortex import FakeCortex
 
@@ -159,6 +196,7 @@ def cortex_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 #: every backend's entry: the next backend is one more line
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
     "openai": openai_backend,
+    "anthropic": anthropic_backend,
     "cortex": cortex_backend,
 }
 
@@ -256,7 +294,8 @@ MANIFEST_KEYS = {"manifest_version", "backend", "created_at", "output_dir", "res
 
 
 def _batch_operators() -> list[type[SynthBatchOperator]]:
-    import airflow_provider_synth.operators.cortex  # noqa: F401  (registers the subclasses)
+    import airflow_provider_synth.operators.anthropic  # noqa: F401  (registers the subclasses)
+    import airflow_provider_synth.operators.cortex  # noqa: F401
     import airflow_provider_synth.operators.openai_batch  # noqa: F401
 
     found, todo = [], list(SynthBatchOperator.__subclasses__())

@@ -55,6 +55,8 @@ def test_ui_binds_loopback_on_fixed_ports_with_kept_state_and_a_fitting_parallel
     assert (config.host, config.port, config.state_dir) == ("127.0.0.1", 8787, str(tmp_path / "server-state"))
     env = ui.standalone_env()
     assert (env["AIRFLOW__API__HOST"], env["AIRFLOW__API__PORT"]) == ("127.0.0.1", "8080")
+    # tasks reach the API where it listens (a port from SYNTH_UI_API_PORT too), never through "localhost"
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:8080/execution/"
     assert int(env["AIRFLOW__CORE__PARALLELISM"]) == max(2, os.cpu_count() or 2)
     assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] == "False"
     assert env["AIRFLOW_HOME"] == str(tmp_path)
@@ -117,8 +119,10 @@ def test_ui_unpauses_the_dags_the_quickstart_left_paused_and_explains_a_queued_r
     airflow("dags", "reserialize")  # what the quickstart's `airflow dags test` writes: every DAG of the folder
     before = paused()
     assert "synth_quickstart" in before and len(before) >= 10 and all(before.values())
-    ui.unpause_dags(env)
+    said = ui.unpause_dags(env)
     assert not any(paused().values()), paused()
+    assert said.startswith(f"{len(before)} (") and "synth_quickstart" in said, said
+    assert ui.unpause_dags(env) == "none was paused"
 
     airflow("dags", "pause", "synth_quickstart")
     airflow("dags", "trigger", "synth_quickstart")  # no scheduler here: the run stays queued
@@ -129,7 +133,7 @@ def test_ui_unpauses_the_dags_the_quickstart_left_paused_and_explains_a_queued_r
     assert "airflow dags unpause synth_quickstart" in line
     airflow("dags", "unpause", "synth_quickstart")
     (line,) = ui.queued_runs(home / "airflow.db", later)
-    assert "no scheduler is running" in line
+    assert "the scheduler has not started yet" in line
 
 
 # -- errors that name the server, the connection and the way out --------------------------------------------

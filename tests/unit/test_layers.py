@@ -17,6 +17,8 @@ CASES = {
     # module: what else it must not import (another backend, the async transport, the request validator)
     "airflow_provider_synth.operators.openai_batch": ("snowflake", "airflow.providers.snowflake", "aiohttp"),
     "airflow_provider_synth.operators.cortex": ("openai", "httpx2"),
+    "airflow_provider_synth.operators.anthropic": ("openai", "snowflake", "airflow.providers.snowflake", "aiohttp",
+                                                   "airflow_provider_synth.hooks.openai"),
     "airflow_provider_synth.operators.vllm": ("openai", "snowflake", "aiohttp", "httpx2"),
     "airflow_provider_synth.operators.cleanup": ("snowflake", "aiohttp", "numpy", "airflow_provider_synth.batch.validate"),
     "airflow_provider_synth.sensors.openai_batch": ("snowflake", "aiohttp", "numpy",

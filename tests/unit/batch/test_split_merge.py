@@ -219,13 +219,41 @@ def test_block_path_reports_problems_with_exact_line_numbers(sink, monkeypatch) 
     assert [(p.line, p.custom_id) for p in info.value.problems] == [(26, None), (34, "x3")]
 
 
-def test_merge_reports_a_bad_output_line_with_file_and_line(sink) -> None:
-    from airflow_provider_synth.batch import OutputFormatError
-
+def test_merge_counts_a_bad_output_line_with_file_and_line_and_lands_the_rest(sink) -> None:
+    """One unreadable line never aborts the merge: the readable answers land, the line is counted (file and
+    line), and the id left without an answer is a retryable ``output_unreadable`` failure."""
     split_requests([chat("m1"), chat("m2")], sink.open)
     out = success_line("m1", body("m1")) + b"\n\n{oops\n"
-    with pytest.raises(OutputFormatError, match=r":3: not a batch output line"):
-        merge_shards([ShardOutputs(sink.opener(0), [lambda: io.BytesIO(out)])], io.BytesIO(), io.BytesIO())
+
+    class Named(io.BytesIO):
+        name = "outputs/shard-0.jsonl"
+
+    results, failures = io.BytesIO(), io.BytesIO()
+    acct = merge_shards([ShardOutputs(sink.opener(0), [lambda: Named(out)])], results, failures)
+    assert [orjson.loads(x)["custom_id"] for x in results.getvalue().splitlines()] == ["m1"]
+    row = orjson.loads(failures.getvalue())
+    assert (row["custom_id"], row["error"]["code"], row["retryable"]) == ("m2", "output_unreadable", True)
+    data = acct.as_dict()
+    assert data["unreadable"] == 1 and data["error_codes"] == {"output_unreadable": 1}
+    assert [(b["file"], b["line"]) for b in data["unreadable_lines"]] == [("outputs/shard-0.jsonl", 3)]
+
+
+def test_merge_names_the_id_of_a_cut_off_line_and_retries_only_what_is_unanswered(sink) -> None:
+    """A cut-off line still names its custom_id: that id is the ``output_unreadable`` failure; the
+    retry round asks for it again and for nothing that was answered."""
+    split_requests([chat(f"c{i}") for i in range(4)], sink.open)
+    cut = success_line("c2", body("c2"))
+    out = b"\n".join([success_line("c0", body("c0")), b"<html>502 Bad Gateway</html>", cut[: len(cut) // 2],
+                      success_line("c3", body("c3"))]) + b"\n"
+    results, failures = io.BytesIO(), io.BytesIO()
+    acct = merge_shards([ShardOutputs(sink.opener(0), [lambda: io.BytesIO(out)])], results, failures)
+    assert (acct.succeeded, acct.failed, acct.missing, acct.unreadable) == (2, 2, 0, 2)
+    rows = [orjson.loads(x) for x in failures.getvalue().splitlines()]
+    assert [(r["custom_id"], r["error"]["code"]) for r in rows] == [("c1", "output_unreadable"),
+                                                                   ("c2", "output_unreadable")]
+    again = io.BytesIO()
+    assert pending_requests(sink.opener(0), [lambda: io.BytesIO(out)], again) == 2
+    assert [orjson.loads(x)["custom_id"] for x in again.getvalue().splitlines()] == ["c1", "c2"]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -271,10 +299,9 @@ def test_property_merge_in_blocks_matches_line_by_line(sink, monkeypatch, n, blo
         key=lambda c: int(c[1:]))
 
 
-def test_merge_refuses_two_objects_on_one_output_line(sink) -> None:
-    from airflow_provider_synth.batch import OutputFormatError
-
+def test_merge_counts_two_objects_on_one_output_line_as_unreadable(sink) -> None:
     split_requests([chat("t1"), chat("t2")], sink.open)
     out = success_line("t1", body("t1")) + b" " + success_line("t2", body("t2")) + b"\n"
-    with pytest.raises(OutputFormatError, match=r":1: not a batch output line"):
-        merge_shards([ShardOutputs(sink.opener(0), [lambda: io.BytesIO(out)])], io.BytesIO(), io.BytesIO())
+    acct = merge_shards([ShardOutputs(sink.opener(0), [lambda: io.BytesIO(out)])], io.BytesIO(), io.BytesIO())
+    assert (acct.succeeded, acct.unreadable, acct.unreadable_lines[0].line) == (0, 1, 1)
+    assert acct.error_codes["output_unreadable"] == 1 and acct.failed + acct.missing == 2
