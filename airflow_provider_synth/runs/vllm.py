@@ -231,7 +231,14 @@ class VLLMRun(SynthRun):
     def answer(self, prepared: Prepared) -> float:
         """Run the engine to the end and upload its answers; return the seconds it took."""
         started = time.monotonic()
-        self.run_engine(prepared.python, prepared.work)
+        try:
+            self.run_engine(prepared.python, prepared.work)
+        except BaseException:
+            try:  # what the engine answered before it died is kept for the retry (a remote output folder)
+                prepared.work.checkpoint()
+            except Exception as exc:
+                self.log.warning("could not save the engine's answers to %s: %s", prepared.work.remote_output, exc)
+            raise
         prepared.work.checkpoint()
         return time.monotonic() - started
 
