@@ -34,6 +34,11 @@ class ConnectionConfigError(SynthError):
     """An Airflow connection lacks a field this provider needs, or has contradictory fields."""
 
 
+class ConnectionAuthError(ConnectionConfigError, AirflowFailException):
+    """The service refused the connection's credentials (HTTP 401) or their permissions (HTTP 403). The task
+    fails without retrying: a retry would be refused the same way, and nothing is paid for until it is fixed."""
+
+
 class BudgetExceededError(SynthError):
     """The estimated cost of a run is over ``max_cost_usd``; nothing was submitted."""
 

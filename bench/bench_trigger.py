@@ -3,10 +3,12 @@
 Each trigger waits on one batch of the local Batch API server (run in its own process), which answers every
 poll after 50 ms and completes each batch 3 s after its first poll; ``poll_interval=1``. A 10 ms heartbeat on
 the loop records the worst lag. The same run measures the official provider's ``OpenAIBatchTrigger``
-(apache-airflow-providers-openai), which calls the sync client inside ``run()``.
+(apache-airflow-providers-openai), which calls the sync client inside ``run()``, and our
+``AnthropicBatchTrigger`` over the same number of Message Batches (one request each, same server schedule).
 
     .venv/bin/python bench/bench_trigger.py                  # N = 100 and 1000, official at both
     .venv/bin/python bench/bench_trigger.py --n 100 --official-max-n 100
+    .venv/bin/python bench/bench_trigger.py --n 100 --official-max-n 0 --no-anthropic
 
 The last line printed is one JSON object: ``{"runs": [{"n", "ours_wall_s", "ours_lag_max_s", ...}], ...}``,
 with the N = 1,000 figures also at top level.
@@ -69,6 +71,22 @@ def create_batches(base_url: str, n: int, tmp: Path) -> list[str]:
         return client.batches.create(
             input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
         ).id
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(create, range(n)))
+    client.close()
+    return ids
+
+
+def create_message_batches(base_url: str, n: int) -> list[str]:
+    """Create ``n`` Message Batches of one request each through the anthropic SDK (not polled yet)."""
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=base_url.removesuffix("/v1"), api_key=API_KEY, max_retries=5)
+    params = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+
+    def create(_: int) -> str:
+        return client.messages.batches.create(requests=[{"custom_id": "r0", "params": params}]).id  # type: ignore[list-item]
 
     with ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(create, range(n)))
@@ -192,6 +210,12 @@ def ours(batch_ids: list[str]) -> list[Any]:
     return [OpenAIBatchTrigger("bench_synth", [b], poll_interval=POLL_INTERVAL_S) for b in batch_ids]
 
 
+def anthropic_triggers(batch_ids: list[str]) -> list[Any]:
+    from airflow_provider_synth.triggers.anthropic import AnthropicBatchTrigger
+
+    return [AnthropicBatchTrigger("bench_anthropic", [b], poll_interval=POLL_INTERVAL_S) for b in batch_ids]
+
+
 def official(batch_ids: list[str]) -> list[Any]:
     from airflow.providers.openai.triggers.openai import OpenAIBatchTrigger
 
@@ -201,8 +225,9 @@ def official(batch_ids: list[str]) -> list[Any]:
 def set_connections(base_url: str) -> None:
     from airflow.sdk import Connection
 
-    for conn_id, conn_type in (("bench_synth", "synth_openai"), ("bench_official", "openai")):
-        conn = Connection(conn_id=conn_id, conn_type=conn_type, password=API_KEY, host=base_url)
+    for conn_id, conn_type, host in (("bench_synth", "synth_openai", base_url), ("bench_official", "openai", base_url),
+                                     ("bench_anthropic", "anthropic", base_url.removesuffix("/v1"))):
+        conn = Connection(conn_id=conn_id, conn_type=conn_type, password=API_KEY, host=host)
         os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = conn.as_json()
 
 
@@ -212,10 +237,11 @@ def main() -> None:
     parser.add_argument("--official-max-n", type=int, default=1000, help="largest N the official trigger runs at")
     parser.add_argument("--official-cap-s", type=float, default=240.0, help="stop an official run after this long")
     parser.add_argument("--cap-s", type=float, default=120.0, help="stop one of our runs after this long")
+    parser.add_argument("--no-anthropic", action="store_true", help="skip the AnthropicBatchTrigger runs")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() after start-up, as long-running servers do (Airflow's triggerer does not)")
     args = parser.parse_args()
-    for name in ("httpx2", "httpx", "openai", "airflow_provider_synth", "airflow"):
+    for name in ("httpx2", "httpx", "openai", "anthropic", "airflow_provider_synth", "airflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
     runs = []
@@ -227,7 +253,10 @@ def main() -> None:
             set_connections(base_url)
             # a running triggerer has Airflow's connection machinery imported already: warm both up, unmeasured
             warm = create_batches(base_url, 2, tmp)
-            asyncio.run(run_triggers(ours(warm[:1]) + official(warm[1:]), args.cap_s))
+            warm_triggers = ours(warm[:1]) + official(warm[1:])
+            if not args.no_anthropic:
+                warm_triggers += anthropic_triggers(create_message_batches(base_url, 1))
+            asyncio.run(run_triggers(warm_triggers, args.cap_s))
             if args.gc_freeze:
                 gc.collect()
                 gc.freeze()
@@ -240,6 +269,14 @@ def main() -> None:
                             "ours_all_events_within_s": target,
                             "ours_ok": res["events"] == n and res["event_latency_max_s"] <= target})
                 print(f"ours      n={n}: {json.dumps(res)}", file=sys.stderr, flush=True)
+                if not args.no_anthropic:
+                    res = asyncio.run(run_triggers(anthropic_triggers(create_message_batches(base_url, n)),
+                                                   args.cap_s))
+                    run.update({"anthropic_wall_s": res["wall_s"], "anthropic_lag_max_s": res["lag_max_s"],
+                                "anthropic_loop_iteration_cpu_max_s": res["loop_iteration_cpu_max_s"],
+                                "anthropic": res,
+                                "anthropic_ok": res["events"] == n and res["event_latency_max_s"] <= target})
+                    print(f"anthropic n={n}: {json.dumps(res)}", file=sys.stderr, flush=True)
                 if n <= args.official_max_n:
                     res = asyncio.run(run_triggers(official(create_batches(base_url, n, tmp)), args.official_cap_s))
                     run.update({"official_wall_s": res["wall_s"], "official_lag_max_s": res["lag_max_s"],
@@ -264,7 +301,8 @@ def main() -> None:
     }
     largest = runs[-1]
     summary.update({k: largest.get(k) for k in
-                    ("n", "ours_wall_s", "ours_lag_max_s", "official_wall_s", "official_lag_max_s")})
+                    ("n", "ours_wall_s", "ours_lag_max_s", "anthropic_wall_s", "anthropic_lag_max_s",
+                     "official_wall_s", "official_lag_max_s")})
     print(json.dumps(summary))
 
 

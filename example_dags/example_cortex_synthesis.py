@@ -14,9 +14,9 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
-from airflow_provider_synth.batch.jsonl import join_path, open_path
+from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.requests import build_requests, write_requests
-from airflow_provider_synth.operators.cortex import CortexBatchOperator
+from airflow_provider_synth.operators.cortex import CortexBatchOperator, CortexConfig
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
 PRODUCTS = ["hiking boots", "espresso machine", "noise-cancelling headphones", "standing desk", "rain jacket",
@@ -45,8 +45,8 @@ def example_cortex_synthesis() -> None:
         input_path="{{ ti.xcom_pull(task_ids='build_prompts') }}",
         output_path=OUTPUT_DIR + "/{{ run_id }}/cortex",
         model="llama3.1-8b",
-        snowflake_conn_id="snowflake_default",
-        chunk_size=4,  # rows per AI_COMPLETE statement; thousands in real runs
+        conn_id="snowflake_default",
+        config=CortexConfig(chunk_size=4),  # rows per AI_COMPLETE statement; thousands in real runs
         max_failed_ratio=0.2,
         retries=2,  # a retry answers only the rows still missing: nothing is paid twice
         retry_delay=timedelta(seconds=5),

@@ -15,7 +15,7 @@ from datetime import timedelta
 from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
 from airflow.sdk import dag
 
-from airflow_provider_synth.operators.cortex import CortexBatchOperator, CortexStaging
+from airflow_provider_synth.operators.cortex import CortexBatchOperator, CortexConfig, CortexStaging
 from airflow_provider_synth.runs.cortex_sql import TableSource
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
@@ -60,10 +60,9 @@ def example_cortex_table() -> None:
         ),
         model="mistral-large2",
         output_path=OUTPUT_DIR + "/{{ run_id }}/cortex-table",
-        snowflake_conn_id="snowflake_default",
-        chunk_size=2,
-        staging=CortexStaging(table_prefix="SYNTH_TRIAGE"),
-        keep_staging_tables=False,
+        conn_id="snowflake_default",
+        config=CortexConfig(chunk_size=2, staging=CortexStaging(table_prefix="SYNTH_TRIAGE"),
+                            keep_staging_tables=False),
         max_failed_ratio=0.2,
         retries=2,
         retry_delay=timedelta(seconds=1),

@@ -18,7 +18,8 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
-from airflow_provider_synth.operators.openai_batch import RequestTemplate
+from airflow_provider_synth.batch.requests import RequestTemplate
+from airflow_provider_synth.operators.cortex import CortexConfig
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
 PRODUCTS = ["hiking boots", "espresso machine", "noise-cancelling headphones", "standing desk", "rain jacket",
@@ -33,8 +34,8 @@ def example_cortex_taskflow() -> None:
         template=RequestTemplate(prompt_template="Write a two-sentence product description for a {product}.",
                                  id_field="sku", params={"temperature": 0.3, "max_tokens": 200}),
         output_path=OUTPUT_DIR + "/{{ run_id }}/cortex",
-        snowflake_conn_id="snowflake_default",
-        chunk_size=4,  # rows per AI_COMPLETE statement; thousands in real runs
+        conn_id="snowflake_default",
+        config=CortexConfig(chunk_size=4),  # rows per AI_COMPLETE statement; thousands in real runs
         max_failed_ratio=0.2,
     )
     def describe() -> list[dict[str, Any]]:
@@ -70,8 +71,8 @@ def example_cortex_taskflow_mapped() -> None:
         template=RequestTemplate(prompt_template="Write a two-sentence product description for a {product}.",
                                  id_field="sku", params={"temperature": 0.3, "max_tokens": 200}),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}/{{ ti.map_index }}",
-        snowflake_conn_id="snowflake_default",
-        chunk_size=2,
+        conn_id="snowflake_default",
+        config=CortexConfig(chunk_size=2),
         max_failed_ratio=0.25,
         retries=1,  # only this map index retries, and it answers only its rows still missing
         retry_delay=timedelta(seconds=5),

@@ -17,7 +17,7 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
-from airflow_provider_synth.operators.vllm import VLLMBatchOperator, VLLMEngineConfig
+from airflow_provider_synth.operators.vllm import VLLMBatchOperator, VLLMConfig, VLLMEngineConfig
 
 MODEL = os.environ.get("SYNTH_VLLM_MODEL", "Qwen/Qwen2.5-1.5B-Instruct")
 VLLM_PYTHON = os.environ.get("SYNTH_VLLM_PYTHON", "/opt/vllm/bin/python")
@@ -31,7 +31,7 @@ def example_vllm_batch() -> None:
     @task
     def make_requests(params: dict[str, Any] | None = None, run_id: str | None = None) -> str:
         """Records -> request JSONL in the output folder (shared storage: the GPU worker reads it)."""
-        from airflow_provider_synth.batch.jsonl import open_path
+        from airflow_provider_synth.batch.paths import open_path
         from airflow_provider_synth.batch.requests import build_requests, write_requests
 
         n = int((params or {}).get("n_records", 300))
@@ -56,7 +56,7 @@ def example_vllm_batch() -> None:
         engine=VLLMEngineConfig(dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.9),
         sampling={"temperature": 0.7, "max_tokens": 256},  # each request's body overrides these
         python=VLLM_PYTHON,         # the interpreter with vLLM (it cannot share Airflow's environment)
-        chunk_size=1024,            # requests per engine call; a kill loses at most one chunk
+        config=VLLMConfig(chunk_size=1024),  # requests per engine call; a kill loses at most one chunk
         max_failed_ratio=0.01,      # bad requests become failures.jsonl lines; fail the task above 1%
         queue="gpu",                # CeleryExecutor: only `airflow celery worker --queues gpu` runs it
         retries=2,                  # a retry resumes from the answers already saved

@@ -308,11 +308,12 @@ def _content_tokens(content: Any, model: str | None) -> int:
 
 
 def _schema_of(body: Mapping[str, Any]) -> Any:
-    """The structured-output schema a body sends (chat ``response_format``, responses ``text.format``)."""
+    """The structured-output schema a body sends (chat ``response_format``, responses ``text.format``,
+    Anthropic Messages ``output_config.format``)."""
     fmt = body.get("response_format")
     if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
         return fmt.get("json_schema")
-    text = body.get("text")
+    text = body.get("text") or body.get("output_config")
     fmt = text.get("format") if isinstance(text, Mapping) else None
     if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
         return {k: v for k, v in fmt.items() if k != "type"}

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import importlib
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,7 +27,7 @@ from airflow_provider_synth.batch.status import IN_PROGRESS_STATUSES as IN_PROGR
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES as TERMINAL_STATUSES  # re-exported
 from airflow_provider_synth.batch.status import batch_state as batch_state  # re-exported
 from airflow_provider_synth.batch.status import batch_summary as batch_summary  # re-exported
-from airflow_provider_synth.exceptions import ConnectionConfigError
+from airflow_provider_synth.exceptions import ConnectionAuthError, ConnectionConfigError
 
 if TYPE_CHECKING:
     import httpx2
@@ -61,6 +62,33 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, openai.APIConnectionError):  # includes APITimeoutError
         return True
     return isinstance(error, openai.APIStatusError) and error.status_code in TRANSIENT_HTTP_STATUSES
+
+
+_KEYS = re.compile(r"\b(?:sk|key|pk|rk)-[A-Za-z0-9_*\-]{4,}|\*{3,}[A-Za-z0-9]{2,}")
+
+
+def auth_error(error: BaseException, hook: OpenAIBatchHook) -> ConnectionAuthError | None:
+    """A 401/403 of the service as a :class:`~airflow_provider_synth.exceptions.ConnectionAuthError` naming the
+    connection id and host and what to check (never the key, not even the service's masked echo of it);
+    ``None`` for any other error."""
+    import openai
+
+    if not isinstance(error, openai.AuthenticationError | openai.PermissionDeniedError):
+        return None
+    status = error.status_code
+    said = _KEYS.sub("***", str(redact(str(getattr(error, "message", "") or error))))[:300]
+    if status == 401:
+        check = ("check the connection's API key (its password field"
+                 + (", or the Entra ID settings in its extra" if hook.is_azure else "") + ") and that it is for this "
+                 "host; a key that was rotated or revoked needs the connection updated")
+    else:
+        check = ("the key is valid but not allowed to do this: check its project/organisation, its permissions "
+                 "(Files and Batches API access)" + (", and the deployment's access policy" if hook.is_azure else ""))
+    host = str(getattr(hook.client, "base_url", "")) or "the service"
+    return ConnectionAuthError(
+        f"{host} refused the credentials of connection {hook.conn_id!r} (HTTP {status}: {said}): {check}. The "
+        "task fails without retrying, since a retry would be refused the same way; nothing was paid for by the "
+        "refused call.")
 
 
 def stream_errors() -> tuple[type[BaseException], ...]:

@@ -314,6 +314,7 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
         existing = _load_plan(plan.work_dir)
         if existing is not None and existing.key == plan.key:
             plan.created_at = existing.created_at  # a retry keeps the first try's clock
+            plan.submitted_at = existing.submitted_at
         plan.save(plan.work_dir)
         return self.attach(plan)
 

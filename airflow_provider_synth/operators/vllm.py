@@ -7,25 +7,25 @@ vLLM cannot share Airflow's environment, so the engine runs in a subprocess of a
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import BaseOperator
-
-from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests
-from airflow_provider_synth.exceptions import BatchFailedError
-from airflow_provider_synth.operators._native import ManifestPublisherMixin, OutputClaimMixin
-from airflow_provider_synth.runs.vllm import Prepared, VLLMRun
+from airflow_provider_synth.batch.paths import as_path
+from airflow_provider_synth.batch.validate import InvalidRequests
+from airflow_provider_synth.operators._base import SynthBatchOperator
+from airflow_provider_synth.runs.base import SynthRun
+from airflow_provider_synth.runs.vllm import VLLMConfig, VLLMRun
 from airflow_provider_synth.runs.vllm_workspace import merge_output_folders
 
 if TYPE_CHECKING:
     import subprocess
 
     from airflow.providers.common.compat.sdk import Context
+    from airflow.triggers.base import BaseTrigger
+
+    from airflow_provider_synth.batch.checks import OutputChecks
 
 #: VLLMEngineConfig fields the runner reads itself (never ``vllm.LLM`` keyword arguments)
 _RUNNER_OPTIONS = ("served_model_names", "tool_call_parser", "enable_auto_tool_choice", "reasoning_parser")
@@ -36,7 +36,9 @@ class VLLMEngineConfig:
     """Settings for ``vllm.LLM``. ``None`` leaves vLLM's default.
 
     :param tensor_parallel_size: GPUs one model replica spans (on one node).
-    :param dtype: weights' dtype (``"auto"``, ``"bfloat16"``, ``"float16"``, ``"float32"``).
+    :param dtype: weights' dtype (``"auto"``, ``"bfloat16"``, ``"float16"``, ``"float32"``). ``"auto"`` on a CPU
+        node is the dtype the CPU computes natively: bfloat16 only with AVX-512 BF16 / AMX, else float32
+        (:func:`~airflow_provider_synth.engine.vllm.process.cpu_dtype`; the task log says which and why).
     :param max_model_len: context length; lower it to fit the KV cache on a small GPU.
     :param gpu_memory_utilization: share of GPU memory vLLM may take (on CPU: of RAM).
     :param enforce_eager: skip CUDA graphs / torch.compile (faster start-up, slower decoding).
@@ -107,7 +109,7 @@ def gpu_pod_override(gpus: int = 1, *, image: str | None = None, memory: str | N
     return {"pod_override": k8s.V1Pod(spec=spec)}
 
 
-class VLLMBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator):
+class VLLMBatchOperator(SynthBatchOperator):
     """Answer an OpenAI-format batch JSONL with a vLLM engine on this worker, and write the output folder.
 
     The input is validated first (every problem named by file, line and custom_id, before the engine starts).
@@ -119,7 +121,8 @@ class VLLMBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator):
 
     Placement: send the task to GPU workers with ``queue=`` (CeleryExecutor) or
     ``executor_config=gpu_pod_override(...)`` (KubernetesExecutor); for data parallelism split the input with
-    the core and ``.expand()`` this operator over the shards.
+    the core and ``.expand()`` this operator over the shards. The engine runs in the task, so the operator
+    neither defers nor polls: bound it with Airflow's ``execution_timeout`` (the engine is killed with it).
 
     .. seealso::
         :ref:`howto/operator:VLLMBatchOperator`
@@ -134,32 +137,29 @@ class VLLMBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator):
         request's body overrides them. Without ``max_tokens`` a request may generate up to the context length,
         as in the OpenAI API.
     :param python: the interpreter that has vLLM (vLLM cannot share Airflow's environment).
-    :param chunk_size: requests in the engine at once (embeddings, scores: per engine call), and the most
-        answers held before they are written and synced (with at most a second's wait): what a kill can lose.
-    :param env: environment variables for the engine process (``CUDA_VISIBLE_DEVICES``, ``HF_TOKEN``...),
-        taken as given. Of the worker's own environment the engine inherits only what vLLM, CUDA, Hugging Face
-        and the model need (see :mod:`airflow_provider_synth.engine.vllm.process`), never connections or
-        secrets. Never logged.
-    :param work_dir: local scratch folder for copies of remote input/output (default: a temporary folder).
     :param max_failed_ratio: the share of failed requests tolerated before the task fails.
-    :param checkpoint_interval: seconds between uploads of the engine's answers when ``output_path`` is
-        remote, so that a lost node costs at most this much work.
     :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`): answers cut off,
         refused or off-schema go to ``failures.jsonl`` with their text, never to results, unless a retry
-        answers them; the manifest counts them under ``checks``. Chat and completions only (embeddings, scores
-        and reranks have nothing to check).
-    :param retry_failed_requests: retry rounds for unusable answers (``checks``): the running engine asks such
-        a request again at once, alone (with ``checks.retry_body`` for its kind), up to this many times; 0
-        reports them only. Failures of the engine itself (an aborted request) run again on a task retry.
+        answers them (``config.check_retries``); the manifest counts them under ``checks``. Chat and
+        completions only (embeddings, scores and reranks have nothing to check).
     :param invalid_requests: ``"fail"`` (default): an invalid line (bad JSON or fields, an unserved url or
         model, a duplicate id) refuses the input before the engine starts, naming every one. ``"skip"``: the
         engine answers the valid lines; each invalid one is a failure row in ``failures.jsonl`` (a 404 for a
         model the engine does not serve), counted in the manifest's ``invalid`` and against
         ``max_failed_ratio``. Requests the engine refuses at run time are error lines either way.
+    :param config: the run's own knobs (:class:`~airflow_provider_synth.runs.vllm.VLLMConfig`): ``chunk_size``,
+        ``env``, ``scratch_dir`` (was ``work_dir``), ``checkpoint_interval``, ``check_retries`` (was
+        ``retry_failed_requests``). The old keyword arguments still work, with a ``DeprecationWarning``.
     """
 
     template_fields: Sequence[str] = ("input_path", "output_path", "model", "python")
     ui_color = "#fdb515"
+    config_class = VLLMConfig
+    trigger_class = type(None)  # the engine runs in the task: nothing to defer to
+    default_conn_id = ""
+    default_timeout = timedelta(days=7)  # the task's execution_timeout bounds the engine
+    renamed = {"work_dir": "scratch_dir", "retry_failed_requests": "check_retries"}
+    config: VLLMConfig
 
     def __init__(
         self,
@@ -170,73 +170,46 @@ class VLLMBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator):
         engine: VLLMEngineConfig | None = None,
         sampling: Mapping[str, Any] | None = None,
         python: str = "python",
-        chunk_size: int = 1024,
-        env: Mapping[str, str] | None = None,
-        work_dir: str | None = None,
         max_failed_ratio: float = 0.0,
-        checkpoint_interval: float = 300.0,
         checks: OutputChecks | None = None,
-        retry_failed_requests: int = 2,
         invalid_requests: InvalidRequests = "fail",
+        config: VLLMConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        if retry_failed_requests < 0:
-            raise ValueError(f"retry_failed_requests must be >= 0, got {retry_failed_requests}")
-        if not 0.0 <= max_failed_ratio <= 1.0:
-            raise ValueError(f"max_failed_ratio must be between 0 and 1, got {max_failed_ratio}")
+        super().__init__(output_path=output_path, deferrable=False, max_failed_ratio=max_failed_ratio,
+                         checks=checks, invalid_requests=invalid_requests, config=config, **kwargs)
         self.input_path = input_path
-        self.output_path = output_path
         self.model = model
         self.engine = engine or VLLMEngineConfig()
         self.sampling = dict(sampling or {})
         self.python = python
-        self.chunk_size = chunk_size
-        self.env = dict(env or {})
-        self.work_dir = work_dir
-        self.max_failed_ratio = max_failed_ratio
-        self.checkpoint_interval = checkpoint_interval
-        if checks is not None and checks.direct_tail:
-            raise ValueError("checks.direct_tail is for the OpenAI and Azure Batch API only")
-        self.checks = checks
-        self.retry_failed_requests = retry_failed_requests
-        self.invalid_requests = check_invalid_requests(invalid_requests)
-        self._run: VLLMRun | None = None
-
-    # ------------------------------------------------------------------------------------------------ execute
 
     @property
     def _proc(self) -> subprocess.Popen[bytes] | None:
         """The engine's process while it runs."""
-        return self._run.proc if self._run is not None else None
+        run = self._run
+        return run.proc if isinstance(run, VLLMRun) else None
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        self.claim_output(context)
-        run = self._run = VLLMRun(
-            input_path=self.input_path, output_path=self.output_path, model=self.model, engine=self.engine,
-            log=self.log, sampling=self.sampling, python=self.python, chunk_size=self.chunk_size, env=self.env,
-            checkpoint_interval=self.checkpoint_interval, checks=self.checks,
-            retry_failed_requests=self.retry_failed_requests, invalid_requests=self.invalid_requests,
+    def start_run(self, context: Context) -> SynthRun:
+        cfg = self.config
+        run = VLLMRun(
+            # paths with their connection: what the manifest and the engine state record reopens anywhere
+            input_path=as_path(self.input_path), output_path=as_path(self.output_path), model=self.model,
+            engine=self.engine,
+            log=self.log, sampling=self.sampling, python=self.python, chunk_size=cfg.chunk_size, env=dict(cfg.env),
+            checkpoint_interval=cfg.checkpoint_interval, checks=self.checks,
+            retry_failed_requests=cfg.check_retries, invalid_requests=self.invalid_requests,
+            scratch_dir=cfg.scratch_dir,
         )
-        with tempfile.TemporaryDirectory(prefix="synth-vllm-", dir=self.work_dir) as scratch:
-            prepared = run.prepare(Path(scratch))
-            elapsed = run.answer(prepared)
-            return self._finish(context, run, prepared, elapsed)
+        self._run = run
+        run.attach()
+        return run
 
-    def _finish(self, context: Context, run: VLLMRun, prepared: Prepared, elapsed: float) -> dict[str, Any]:
-        ti = context["ti"]
-        outcome = run.finish(prepared, elapsed, max_failed_ratio=self.max_failed_ratio, try_number=ti.try_number,
-                             dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id, map_index=ti.map_index)
-        self.publish_manifest(context, outcome.manifest)
-        if not outcome.ok:
-            raise BatchFailedError(outcome.message)
-        return outcome.manifest
+    def resume_run(self, context: Context, event: Mapping[str, Any], kwargs: Mapping[str, Any]) -> SynthRun:
+        raise NotImplementedError("the vLLM operator never defers")
 
-    def on_kill(self) -> None:
-        if self._run is not None:
-            self._run.kill()
+    def make_trigger(self, run: SynthRun, end_time: float) -> BaseTrigger:
+        raise NotImplementedError("the vLLM operator never defers")
 
 
-__all__ = ["VLLMBatchOperator", "VLLMEngineConfig", "gpu_pod_override", "merge_output_folders"]
+__all__ = ["VLLMBatchOperator", "VLLMConfig", "VLLMEngineConfig", "gpu_pod_override", "merge_output_folders"]

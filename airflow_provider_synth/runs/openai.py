@@ -28,7 +28,7 @@ from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.results import ParsedOutput
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 from airflow_provider_synth.batch.usage import USAGE_TOLERANCE, Price, Usage, cost_usd, usage_mismatch
-from airflow_provider_synth.hooks.openai import batch_summary, is_transient, stream_errors
+from airflow_provider_synth.hooks.openai import auth_error, batch_summary, is_transient, stream_errors
 from airflow_provider_synth.runs.base import RunIdentity, SynthRun, status_counts
 from airflow_provider_synth.runs.openai_direct import DirectRounds, Tier, answer_round, estimate_direct_cost
 
@@ -53,6 +53,8 @@ TOKEN_LIMIT_CODE = "token_limit_exceeded"
 #: metadata keys on every batch this provider creates (the cleanup operator and the CLI match on them)
 KEY_META, SHARD_META, ROUND_META, CREATED_BY_META = "synth_key", "synth_shard", "synth_round", "created_by"
 CREATED_BY = "airflow-provider-synth"
+#: how far the service's clock may be behind the worker's when listing this run's batches by creation time
+CLOCK_SLACK_S = 2 * 86400
 #: attempts at one output or error file download within a try, when the stream is cut short
 DOWNLOAD_ATTEMPTS = 3
 #: file names of uploads start with this, so cleanup never touches anybody else's files
@@ -169,6 +171,9 @@ class Plan:
     checks: dict[str, Any] | None = None
     #: uploads, outputs and error files expire this long after their creation (``None``: kept until deleted)
     expires_after_s: int | None = None
+    #: when this run first submitted a batch, by the worker's clock (epoch seconds): the deadline's anchor.
+    #: The service's ``created_at`` is never compared with this machine's clock (they may be hours apart).
+    submitted_at: float | None = None
 
     def save(self, work_dir: Any) -> str:
         path = join_path(work_dir, PLAN_FILE)
@@ -267,11 +272,14 @@ class BatchRun(SynthRun):
 
         self.direct = DirectRounds.load(self._work())
         try:
-            found = self.hook.find_batches({KEY_META: self.plan.key}, created_after=self.plan.created_at - 3600)
+            found = self.hook.find_batches({KEY_META: self.plan.key}, created_after=self.plan.created_at - CLOCK_SLACK_S)
         except openai.APIConnectionError as exc:  # APITimeoutError included
             raise ServerUnreachableError(
                 f"cannot reach {self.where()}: {exc}. Is the server running, and is the connection's host "
                 "(base URL) right?") from exc
+        except openai.APIStatusError as exc:
+            self._raise_refused(exc)
+            raise
         for batch in found:
             meta = batch.metadata or {}
             ref = (int(meta.get(SHARD_META, -1)), int(meta.get(ROUND_META, 0)))
@@ -353,7 +361,10 @@ class BatchRun(SynthRun):
 
     @property
     def started_at(self) -> float | None:
-        return self.first_created_at
+        """The worker's clock at the first submission (a plan written before it was recorded: its creation)."""
+        if not self.batches and not self.direct.pairs():
+            return None
+        return self.plan.submitted_at or self.plan.created_at
 
     def manifest(self, acct: Accounting | None, status: str, **fields: Any) -> dict[str, Any]:
         manifest = run_manifest(self, acct.as_dict() if acct is not None else None, status, **fields)
@@ -382,6 +393,9 @@ class BatchRun(SynthRun):
             try:
                 ref.state = batch_summary(self.hook.get_batch(ref.batch_id))
             except Exception as error:
+                refused = auth_error(error, self.hook)
+                if refused is not None:
+                    raise refused from error
                 if not tolerate_errors:
                     raise
                 errors.append((ref.batch_id, error))
@@ -408,7 +422,23 @@ class BatchRun(SynthRun):
         prefix = f"{UPLOAD_PREFIX}{self.plan.key}-"
         return {f.filename: f.id for f in self.hook.list_files(purpose="batch") if f.filename.startswith(prefix)}
 
+    def _raise_refused(self, exc: BaseException) -> None:
+        """Raise a 401/403 as :class:`~airflow_provider_synth.exceptions.ConnectionAuthError` (no retry)."""
+        refused = auth_error(exc, self.hook)
+        if refused is not None:
+            raise refused from exc
+
     def submit(self, todo: Iterable[tuple[int, int]] | None = None, max_active: int | None = None) -> list[str]:
+        """:meth:`_submit`; the service refusing the connection's credentials fails the task without retries."""
+        import openai
+
+        try:
+            return self._submit(todo, max_active)
+        except openai.APIStatusError as exc:
+            self._raise_refused(exc)
+            raise
+
+    def _submit(self, todo: Iterable[tuple[int, int]] | None = None, max_active: int | None = None) -> list[str]:
         """Upload and create the batches of ``(shard, round)`` pairs not created yet (or refused for the
         enqueued-token limit), at most ``max_active`` of this run running at once; reuse uploads a crashed try
         left behind. Returns the new batch ids; pairs over the cap wait for a later call.
@@ -437,6 +467,9 @@ class BatchRun(SynthRun):
             name = self.upload_name(shard, rnd)
             file_id = uploads.get(name) or self.hook.upload_file(
                 self.shard_input(shard, rnd), filename=name, expires_after_s=self.plan.expires_after_s).id
+            if self.plan.submitted_at is None:  # recorded before the first batch exists: a crash keeps it
+                self.plan.submitted_at = time.time()
+                self.plan.save(self._work())
             metadata = {KEY_META: self.plan.key, SHARD_META: str(shard), ROUND_META: str(rnd),
                         CREATED_BY_META: CREATED_BY, **self.plan.labels}
             batch: Batch = self.hook.create_batch(
@@ -475,9 +508,15 @@ class BatchRun(SynthRun):
         """Land a batch's output or error file at ``dest`` once: whole, and as large as the Files API says. A
         file an earlier try left of another size (cut short by a crash or a full disk) is fetched again; a
         download cut mid-stream is tried again up to ``DOWNLOAD_ATTEMPTS`` times in this try."""
+        import openai
+
         if str(dest) in self._landed:
             return
-        expected = self.hook.get_file(file_id).bytes
+        try:
+            expected = self.hook.get_file(file_id).bytes
+        except openai.APIStatusError as exc:
+            self._raise_refused(exc)
+            raise
         if landed(dest, expected):
             self._landed.add(str(dest))
             return

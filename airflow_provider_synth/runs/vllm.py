@@ -12,11 +12,11 @@ Nothing here imports vLLM or torch.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -25,15 +25,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.jsonl import dumps, join_path, loads, open_path
+from airflow_provider_synth.batch.jsonl import dumps, loads
+from airflow_provider_synth.batch.keys import InputDigest, fingerprint
 from airflow_provider_synth.batch.landing import landing
-from airflow_provider_synth.batch.manifest import build_manifest, output_paths, write_manifest
-from airflow_provider_synth.batch.merge import ShardOutputs, merge_shards
+from airflow_provider_synth.batch.manifest import build_manifest, output_paths
+from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards
+from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.requests import VLLM_ENDPOINTS
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
 from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary, validate_requests
 from airflow_provider_synth.engine.vllm.process import engine_env, reclaim_output
 from airflow_provider_synth.exceptions import VLLMEngineError
+from airflow_provider_synth.runs.base import SynthRun
 from airflow_provider_synth.runs.vllm_workspace import STATE_DIR, EngineWorkspace
 
 #: how every progress event of the engine starts (``{"synth_vllm": "<event>", ...}``)
@@ -44,6 +47,44 @@ SERVED_ENDPOINTS = VLLM_ENDPOINTS
 _ONE_SHARD = ShardLimits(max_requests=1 << 62, max_bytes=1 << 62, max_embedding_inputs=1 << 62)
 #: the module the engine's interpreter runs
 ENGINE_MODULE = "airflow_provider_synth.engine.vllm"
+
+
+#: the one id a vLLM run "waits" for: its engine, which runs in the task's own process group
+ENGINE_ID = "engine"
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    """The vLLM run's own knobs, beside the engine's settings (:class:`~airflow_provider_synth.operators.vllm.
+    VLLMEngineConfig`), the sampling and the interpreter, which stay operator arguments.
+
+    :param chunk_size: requests in the engine at once (embeddings, scores: per engine call), and the most
+        answers held before they are written and synced (with at most a second's wait): what a kill can lose.
+    :param env: environment variables for the engine process (``CUDA_VISIBLE_DEVICES``, ``HF_TOKEN``...),
+        taken as given. Of the worker's own environment the engine inherits only what vLLM, CUDA, Hugging Face
+        and the model need (see :mod:`airflow_provider_synth.engine.vllm.process`), never connections or
+        secrets. Never logged.
+    :param scratch_dir: local scratch folder for copies of remote input/output (default: a temporary folder;
+        was ``work_dir``, which on the OpenAI operator names the run's remote work folder).
+    :param checkpoint_interval: seconds between uploads of the engine's answers when ``output_path`` is
+        remote, so that a lost node costs at most this much work.
+    :param check_retries: how many times the running engine asks a request whose answer the output checks
+        refused again at once, alone (with ``checks.retry_body`` for its kind); 0 reports them only (was
+        ``retry_failed_requests``, which on the OpenAI operator counts retry rounds of batches). Failures of
+        the engine itself (an aborted request) run again on a task retry.
+    """
+
+    chunk_size: int = 1024
+    env: Mapping[str, str] = field(default_factory=dict)
+    scratch_dir: str | None = None
+    checkpoint_interval: float = 300.0
+    check_retries: int = 2
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.check_retries < 0:
+            raise ValueError(f"check_retries (retry_failed_requests) must be >= 0, got {self.check_retries}")
 
 
 class EngineSettings(Protocol):
@@ -79,18 +120,11 @@ class Prepared:
 
 
 @dataclass
-class Outcome:
-    """A finished run: the manifest, and whether it is within ``max_failed_ratio`` (else ``message`` says why)."""
-
-    manifest: dict[str, Any]
-    ok: bool
-    message: str
-
-
-@dataclass
-class VLLMRun:
-    """Drive one engine run. See :class:`~airflow_provider_synth.operators.vllm.VLLMBatchOperator` for the
-    meaning of each setting.
+class VLLMRun(SynthRun):
+    """Drive one engine run: the :class:`SynthRun` of vLLM, whose work runs in this task's own process (no
+    remote ids, nothing to poll): :meth:`attach` validates and restores the answers an earlier try saved,
+    :meth:`submit` runs the engine to the end on what is still unanswered, :meth:`cancel` kills it. See
+    :class:`~airflow_provider_synth.operators.vllm.VLLMBatchOperator` for the meaning of each setting.
 
     :param log: where progress and the engine's own lines go (the task's logger).
     """
@@ -108,8 +142,82 @@ class VLLMRun:
     checks: OutputChecks | None = None
     retry_failed_requests: int = 2
     invalid_requests: InvalidRequests = "fail"
+    scratch_dir: str | None = None
     #: the engine's process while it runs
     proc: subprocess.Popen[bytes] | None = None
+    #: set by :meth:`attach`
+    prepared: Prepared | None = None
+    elapsed: float = 0.0
+    _scratch: tempfile.TemporaryDirectory[str] | None = None
+    _done: bool = False
+
+    backend = "vllm"
+
+    # -- the run contract ----------------------------------------------------------------------------------
+
+    @property
+    def output_dir(self) -> Any:
+        return self.output_path
+
+    def attach(self) -> None:
+        """Validate the input and restore the answers an earlier try saved for this very input, model and
+        sampling (the engine then answers only what is still missing)."""
+        if self.prepared is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="synth-vllm-", dir=self.scratch_dir)
+            self.prepared = self.prepare(Path(self._scratch.name))
+
+    def _ready(self) -> Prepared:
+        if self.prepared is None:
+            self.attach()
+        assert self.prepared is not None
+        return self.prepared
+
+    def submit(self) -> list[str]:
+        """Run the engine to the end (it answers what is not answered yet) and upload its answers."""
+        if self._done:
+            return []
+        self.elapsed = self.answer(self._ready())
+        self._done = True
+        return [ENGINE_ID]
+
+    def states(self) -> dict[str, str | None]:
+        return {ENGINE_ID: "completed"} if self._done else {}
+
+    def poll(self) -> list[tuple[str, BaseException]]:
+        return []
+
+    def is_transient(self, error: BaseException) -> bool:
+        return False
+
+    def cancel(self) -> list[str]:
+        """Kill the engine if it runs."""
+        running = self.proc is not None and self.proc.poll() is None
+        self.kill()
+        return [ENGINE_ID] if running else []
+
+    def collect(self) -> Accounting:
+        prepared = self._ready()
+        paths = output_paths(self.output_path)
+        with landing(paths["results_path"]) as results, landing(paths["failures_path"]) as failures:
+            return merge_shards([ShardOutputs(requests=prepared.engine_input, outputs=[prepared.work.remote_output])],
+                                results, failures, self.checks, invalid=prepared.invalid)
+
+    def manifest(self, acct: Accounting | None, status: str, **fields: Any) -> dict[str, Any]:
+        prepared, elapsed = self._ready(), self.elapsed
+        return build_manifest(
+            backend=self.backend, accounting=acct.as_dict() if acct is not None else {}, output_dir=self.output_path,
+            status=status, model=self.model, endpoint=prepared.endpoint, batch_ids=[], cost_usd=None,
+            engine_output_path=str(prepared.work.remote_output), engine=_public(self.engine.llm_kwargs()),
+            elapsed_s=round(elapsed, 2),
+            requests_per_s=round(acct.total / elapsed, 2) if acct is not None and elapsed > 0 else None, **fields,
+        )
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch, self.prepared = None, None
+
+    # -- the engine ----------------------------------------------------------------------------------------
 
     def prepare(self, scratch: Path) -> Prepared:
         """Validate the input (nothing starts before it passes), find the interpreter, and set up the
@@ -123,7 +231,14 @@ class VLLMRun:
     def answer(self, prepared: Prepared) -> float:
         """Run the engine to the end and upload its answers; return the seconds it took."""
         started = time.monotonic()
-        self.run_engine(prepared.python, prepared.work)
+        try:
+            self.run_engine(prepared.python, prepared.work)
+        except BaseException:
+            try:  # what the engine answered before it died is kept for the retry (a remote output folder)
+                prepared.work.checkpoint()
+            except Exception as exc:
+                self.log.warning("could not save the engine's answers to %s: %s", prepared.work.remote_output, exc)
+            raise
         prepared.work.checkpoint()
         return time.monotonic() - started
 
@@ -155,15 +270,17 @@ class VLLMRun:
         return found
 
     def fingerprint(self) -> str:
-        """What the engine's saved answers depend on: the input's bytes, the model and the sampling."""
+        """What the engine's saved answers depend on (:func:`~airflow_provider_synth.batch.keys.fingerprint`):
+        the request lines, the model, the sampling and the engine settings that change the answers."""
         names = self.engine.served_model_names
         options = {k: v for k, v in self.engine.runner_options().items() if v}  # parsers change the answers
-        digest = hashlib.sha256(dumps([self.model, dict(self.sampling), self.engine.llm_kwargs(),
-                                       *([list(names)] if names else []), *([options] if options else [])]))
+        digest = InputDigest()
         with open_path(self.input_path, "rb") as fp:
-            for block in iter(lambda: fp.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+            for raw in fp:
+                if raw.strip():
+                    digest.line(raw.rstrip(b"\r\n"))
+        return fingerprint(digest.hexdigest(), self.model, dict(self.sampling), self.engine.llm_kwargs(),
+                           *([list(names)] if names else []), *([options] if options else []))
 
     def engine_config(self, work: EngineWorkspace) -> dict[str, Any]:
         """The engine's ``run.json`` (:class:`~airflow_provider_synth.engine.vllm.config.RunnerConfig`)."""
@@ -217,31 +334,6 @@ class VLLMRun:
         package = Path(__file__).resolve().parents[1]
         (shim / package.name).symlink_to(package, target_is_directory=True)
         return engine_env(self.env, pythonpath=str(shim))
-
-    def finish(self, prepared: Prepared, elapsed: float, *, max_failed_ratio: float, **fields: Any) -> Outcome:
-        """Merge the engine's answers into the output folder, check the accounting, write the manifest.
-
-        :param fields: more manifest keys (try_number, dag_id, task_id, run_id, map_index).
-        """
-        work = prepared.work
-        paths = output_paths(self.output_path)
-        with landing(paths["results_path"]) as results, landing(paths["failures_path"]) as failures:
-            acct = merge_shards([ShardOutputs(requests=prepared.engine_input, outputs=[work.remote_output])],
-                                results, failures, self.checks, invalid=prepared.invalid)
-        manifest = build_manifest(
-            backend="vllm", accounting=acct.as_dict(), output_dir=self.output_path, model=self.model,
-            endpoint=prepared.endpoint, batch_ids=[], cost_usd=None, engine_output_path=str(work.remote_output),
-            engine=_public(self.engine.llm_kwargs()), elapsed_s=round(elapsed, 2),
-            requests_per_s=round(acct.total / elapsed, 2) if elapsed > 0 else None, **fields,
-        )
-        write_manifest(self.output_path, manifest)
-        self.log.info("vLLM batch: %d succeeded, %d failed, %d missing of %d; usage %s", acct.succeeded,
-                      acct.failed, acct.missing, acct.total, manifest["usage"])
-        failed_ratio = (acct.failed + acct.missing) / acct.total if acct.total else 0.0
-        if failed_ratio <= max_failed_ratio:
-            return Outcome(manifest, True, "")
-        return Outcome(manifest, False, f"{acct.failed + acct.missing} of {acct.total} requests failed "
-                       f"({failed_ratio:.1%} > max_failed_ratio {max_failed_ratio:.1%}); see {paths['failures_path']}")
 
     def kill(self) -> None:
         """Stop the engine if it runs (the task was killed)."""

@@ -154,7 +154,7 @@ def _use_server(monkeypatch, base_url: str) -> str:
 def _plan(tmp_path: Path, conn_id: str):
     import orjson
 
-    from airflow_provider_synth.batch.jsonl import join_path, open_path
+    from airflow_provider_synth.batch.paths import join_path, open_path
     from airflow_provider_synth.batch.split import split_requests
     from airflow_provider_synth.runs.openai import Plan
 

@@ -74,3 +74,29 @@ def test_the_connection_test_spends_nothing_and_hides_the_key(monkeypatch, batch
     good, message = AnthropicBatchHook(bad).test_connection()
     assert not good and "AuthenticationError" in message and KEY not in message
     assert server.counters["message_batches_created"] == 0
+
+
+async def test_hooks_of_one_connection_share_one_client_on_a_loop(monkeypatch):
+    """A hundred triggers starting together build one client (each one loads the CA bundle on the loop)."""
+    import asyncio
+
+    cid = conn(monkeypatch, password=KEY, host="http://127.0.0.1:9")
+    built = []
+    real = AnthropicBatchAsyncHook._build
+
+    async def counting(self):
+        built.append(1)
+        return await real(self)
+
+    monkeypatch.setattr(AnthropicBatchAsyncHook, "_build", counting)
+    hooks = [AnthropicBatchAsyncHook(cid) for _ in range(50)]
+    clients = await asyncio.gather(*(h.get_async_client() for h in hooks))
+    assert len(built) == 1 and len({id(c) for c in clients}) == 1
+    for h in hooks[:-1]:
+        await h.close()
+    assert not clients[0].is_closed()
+    await hooks[-1].close()
+    assert clients[0].is_closed()
+    again = AnthropicBatchAsyncHook(cid)
+    assert await again.get_async_client() is not clients[0] and len(built) == 2
+    await again.close()

@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 import snowflake.connector
 from airflow.exceptions import TaskDeferred
+from fakes.cortex import FakeCortex, SimulatedKill
 
 from airflow_provider_synth.exceptions import BatchFailedError, TriggerEventError
 from airflow_provider_synth.hooks.cortex import CortexHook
 from airflow_provider_synth.operators.cortex import CortexBatchOperator
 from airflow_provider_synth.runs import cortex as runs_cortex
 from airflow_provider_synth.runs.cortex_sql import StagingTables
-from airflow_provider_synth.testing.cortex import FakeCortex, SimulatedKill
 
 N, CHUNK = 16, 4
 PROMPTS = [f"prompt {i}" for i in range(N)]

@@ -12,7 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from airflow_provider_synth.batch.split import ShardLimits
-from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, RequestTemplate
+from airflow_provider_synth.operators.openai_batch import (
+    OpenAIBatchConfig,
+    OpenAIBatchOperator,
+    RequestTemplate,
+)
 
 SECRET = "sk-storage-secret-5678"
 
@@ -34,12 +38,14 @@ def server(batch_server, monkeypatch):
     return batch_server
 
 
-def make_op(output_path, n: int = 10, **kw) -> OpenAIBatchOperator:
+def make_op(output_path, n: int = 10, per_shard: int = 4, retry_failed_requests: int = 2,
+            **kw) -> OpenAIBatchOperator:
     records = [{"id": f"r{i}", "topic": f"t{i}"} for i in range(n)]
     kw.setdefault("deferrable", False)
+    config = OpenAIBatchConfig(limits=ShardLimits(max_requests=per_shard), retry_failed_requests=retry_failed_requests)
     return OpenAIBatchOperator(task_id="t", requests=records, model="gpt-4o-mini", output_path=output_path,
                                template=RequestTemplate(prompt_template="About {topic}", id_field="id"),
-                               poll_interval=0.05, limits=ShardLimits(max_requests=kw.pop("per_shard", 4)), **kw)
+                               poll_interval=0.05, config=config, **kw)
 
 
 def _lines(data: bytes) -> list[dict]:
@@ -86,7 +92,7 @@ WORKER = """
 import json, sys
 from types import SimpleNamespace
 from airflow_provider_synth.batch.split import ShardLimits
-from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, RequestTemplate
+from airflow_provider_synth.operators.openai_batch import OpenAIBatchConfig, OpenAIBatchOperator, RequestTemplate
 
 class TI(SimpleNamespace):
     def xcom_push(self, key, value):
@@ -269,3 +275,55 @@ def test_s3_outage_during_the_merge_fails_clearly_and_the_retry_completes(server
     assert (manifest["succeeded"], manifest["failed"]) == (6, 0)
     assert len(s3_bucket.read("lake/run/results.jsonl").splitlines()) == 6
     assert server.counters["files_created"] == 1 and server.counters["batches_created"] == 1
+
+
+# -- clocks ------------------------------------------------------------------------------------------------------
+
+
+def test_a_service_clock_hours_behind_never_cancels_a_fresh_batch(server, tmp_path) -> None:
+    """The service reports created_at 2 h before the worker's clock: the deadline is anchored at the worker's
+    first submission, so a retry with a 1 h timeout waits for the batch instead of cancelling it at once."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    server.configure(in_progress_s=1.0)
+    out = tmp_path / "out"
+    with pytest.raises(TaskDeferred) as info:
+        make_op(out, deferrable=True, timeout=3600).execute(context())
+    ids = info.value.trigger.serialize()[1]["batch_ids"]
+    assert server.age(ids, 2 * 3600) == ids  # the service's clock is two hours behind
+    manifest = make_op(out, timeout=3600).execute(context(try_number=2))
+    assert (manifest["succeeded"], manifest["failed"]) == (10, 0)
+    assert server.counters.get("batches_cancelled", 0) == 0 and server.counters["batches_created"] == 3
+    plan = json.loads((out / "_work" / "plan.json").read_bytes())
+    assert plan["submitted_at"] <= info.value.trigger.serialize()[1]["end_time"] - 3600 + 1
+
+
+# -- credentials -------------------------------------------------------------------------------------------------
+
+
+def test_a_wrong_api_key_names_the_connection_and_host_and_fails_without_retries(batch_server_factory, tmp_path,
+                                                                               monkeypatch) -> None:
+    from airflow.providers.common.compat.sdk import AirflowFailException
+
+    from airflow_provider_synth.exceptions import ConnectionAuthError
+
+    srv = batch_server_factory(api_key="sk-the-right-key-0000")
+    wrong = "sk-wrong-key-abcdef123456"
+    monkeypatch.setenv("AIRFLOW_CONN_SYNTH_OPENAI_DEFAULT", json.dumps(
+        {"conn_type": "synth_openai", "password": wrong, "host": srv.base_url}))
+    with pytest.raises(ConnectionAuthError) as info:
+        make_op(tmp_path / "out").execute(context())
+    message = str(info.value)
+    assert isinstance(info.value, AirflowFailException)  # no retry: it would be refused the same way
+    assert "'synth_openai_default'" in message and srv.base_url.rstrip("/") in message and "HTTP 401" in message
+    assert "API key" in message and wrong not in message and "abcdef" not in message
+    assert srv.counters.get("files_created", 0) == 0 and srv.counters.get("batches_created", 0) == 0
+
+
+def test_a_403_on_batch_creation_says_what_to_check(server, tmp_path) -> None:
+    from airflow_provider_synth.exceptions import ConnectionAuthError
+
+    server.add_fault("POST /v1/batches", status=403, times=None)
+    with pytest.raises(ConnectionAuthError, match=r"HTTP 403.*not allowed to do this.*permissions") as info:
+        make_op(tmp_path / "out").execute(context())
+    assert "'synth_openai_default'" in str(info.value) and SECRET not in str(info.value)
