@@ -77,7 +77,7 @@ class BedrockBatchOperator(SynthBatchOperator):
     :param invalid_requests: ``"fail"`` (default) or ``"skip"`` (see the other batch operators).
     :param config: Bedrock's own knobs (:class:`~airflow_provider_synth.runs.bedrock.BedrockBatchConfig`):
         ``limits``, ``pad_to_minimum``, ``retry_failed_requests``, ``job_timeout_hours``, ``prices``,
-        ``region_name``, ``cancel_on_kill``.
+        ``region_name``, ``cancel_on_kill``, ``max_active_jobs``.
     """
 
     template_fields: Sequence[str] = ("input_path", "output_path", "model", "role_arn", "staging_prefix")
@@ -123,7 +123,7 @@ class BedrockBatchOperator(SynthBatchOperator):
     def _run_of(self, plan: BedrockPlan) -> BedrockRun:
         cfg = self.config
         run = BedrockRun(_hook(plan.conn_id, plan.region_name), plan, max_rounds=cfg.retry_failed_requests,
-                         checks=self.checks, prices=cfg.prices)
+                         checks=self.checks, prices=cfg.prices, max_active_jobs=cfg.max_active_jobs)
         run.attach()
         if run.jobs:
             self.log.info("found %d Bedrock job(s) of this run (key %s): %s", len(run.jobs), plan.key, run.states())

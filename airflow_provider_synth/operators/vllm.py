@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_synth.batch.paths import as_path
 from airflow_provider_synth.batch.validate import InvalidRequests
 from airflow_provider_synth.operators._base import SynthBatchOperator
 from airflow_provider_synth.runs.base import SynthRun
@@ -192,7 +193,9 @@ class VLLMBatchOperator(SynthBatchOperator):
     def start_run(self, context: Context) -> SynthRun:
         cfg = self.config
         run = VLLMRun(
-            input_path=self.input_path, output_path=self.output_path, model=self.model, engine=self.engine,
+            # paths with their connection: what the manifest and the engine state record reopens anywhere
+            input_path=as_path(self.input_path), output_path=as_path(self.output_path), model=self.model,
+            engine=self.engine,
             log=self.log, sampling=self.sampling, python=self.python, chunk_size=cfg.chunk_size, env=dict(cfg.env),
             checkpoint_interval=cfg.checkpoint_interval, checks=self.checks,
             retry_failed_requests=cfg.check_retries, invalid_requests=self.invalid_requests,

@@ -95,6 +95,8 @@ class BedrockBatchConfig:
         :data:`~airflow_provider_synth.runs.bedrock_mapping.BEDROCK_PRICES` (batch bills half).
     :param region_name: overrides the connection's region.
     :param cancel_on_kill: stop the jobs when the task is killed or times out.
+    :param max_active_jobs: at most this many of the task's jobs in flight at once (the model's quota of
+        concurrent batch jobs); the others wait for them, in waves. Default: every job at once.
     """
 
     limits: BedrockLimits | None = None
@@ -104,8 +106,11 @@ class BedrockBatchConfig:
     prices: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
     region_name: str | None = None
     cancel_on_kill: bool = True
+    max_active_jobs: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_active_jobs is not None and self.max_active_jobs < 1:
+            raise ValueError(f"max_active_jobs must be >= 1 (or None), got {self.max_active_jobs}")
         if self.retry_failed_requests < 0:
             raise ValueError(f"retry_failed_requests must be >= 0, got {self.retry_failed_requests}")
         if self.job_timeout_hours is not None and not 24 <= self.job_timeout_hours <= 168:
@@ -327,14 +332,17 @@ class BedrockRun(SynthRun):
     :param max_rounds: retry rounds after round 0 (``retry_failed_requests``).
     :param checks: output checks (default: the plan's).
     :param prices: price overrides (model id -> (input, cached input, output) USD per 1M tokens, on demand).
+    :param max_active_jobs: at most this many jobs in flight at once (``None``: no cap).
     """
 
     backend = "bedrock"
     waited = JOBS
 
     def __init__(self, hook: BedrockBatchHook | None, plan: BedrockPlan, *, max_rounds: int = 2,
-                 checks: OutputChecks | None = None, prices: Mapping[str, Any] | None = None) -> None:
+                 checks: OutputChecks | None = None, prices: Mapping[str, Any] | None = None,
+                 max_active_jobs: int | None = None) -> None:
         self.hook, self.plan = hook, plan
+        self.max_active_jobs = max_active_jobs
         self.family = family_of(plan.model_id)
         self.limits = BedrockLimits(**plan.limits) if plan.limits else BedrockLimits()
         self.max_rounds = int(max_rounds)
@@ -412,6 +420,10 @@ class BedrockRun(SynthRun):
         assert self.hook is not None
         created: list[str] = []
         for shard, rnd in list(self.todo):
+            if self.max_active_jobs is not None and len(self.running) >= self.max_active_jobs:
+                log.info("%d Bedrock job(s) running (max_active_jobs=%d): %d wait for them", len(self.running),
+                         self.max_active_jobs, len(self.todo))
+                break
             name = self.job_name(shard, rnd)
             # a job an earlier try created but never recorded (it died in between): found by its name; the
             # token covers the rest (a create whose response was lost, a list that lags)

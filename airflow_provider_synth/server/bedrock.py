@@ -400,6 +400,14 @@ def _claude(base: str, body: dict[str, Any]) -> Answer:
              "usage": {"input_tokens": tin, "output_tokens": tout}}, tin, tout)
 
 
+def _cut(answer: str, limit: Any) -> tuple[str, str]:
+    """The answer within ``limit`` tokens (a word each here), and its stop reason (``length`` when cut)."""
+    words = answer.split()
+    if isinstance(limit, int) and 0 < limit < len(words):
+        return " ".join(words[:limit]), "length"
+    return answer, "stop"
+
+
 def _prompt(body: dict[str, Any]) -> str:
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
@@ -410,10 +418,10 @@ def _prompt(body: dict[str, Any]) -> str:
 def _llama(base: str, body: dict[str, Any]) -> Answer:
     prompt = _prompt(body)
     user = prompt.rsplit("<|start_header_id|>user<|end_header_id|>\n\n", 1)[-1].split("<|eot_id|>")[0]
-    answer = f"Answer to: {user[:80]}"
+    answer, stop = _cut(f"Answer to: {user[:80]}", body.get("max_gen_len"))
     tin, tout = _words(prompt), _words(answer)
     return {"generation": answer, "prompt_token_count": tin, "generation_token_count": tout,
-            "stop_reason": "stop"}, tin, tout
+            "stop_reason": stop}, tin, tout
 
 
 def _mistral(base: str, body: dict[str, Any]) -> Answer:

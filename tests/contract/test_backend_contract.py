@@ -204,8 +204,9 @@ def anthropic_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend
 
 
 def cortex_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    from fakes.cortex import FakeCortex
+
     from airflow_provider_synth.operators.cortex import CortexBatchOperator, CortexConfig
-    from airflow_provider_synth.testing.cortex import FakeCortex
 
     secret = "secret-pw-contract-97531"
     request.getfixturevalue("monkeypatch").setenv("AIRFLOW_CONN_CONTRACT_SNOWFLAKE", json.dumps(

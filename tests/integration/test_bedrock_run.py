@@ -36,18 +36,21 @@ def write_input(bedrock, lines, key="in/requests.jsonl"):
     return bedrock.bucket.url(key)
 
 
-def make_run(bedrock, lines, *, model=LLAMA, max_rounds=2, **kw):
+def make_run(bedrock, lines, *, model=LLAMA, max_rounds=2, max_active_jobs=None, **kw):
     source = write_input(bedrock, lines)
     plan = prepare(source, key_parts=KEY, model_id=model, role_arn=ROLE, staging_prefix=bedrock.bucket.url("stage"),
                    conn_id="aws_default", output_dir=bedrock.bucket.url("out"), **kw)
-    return BedrockRun(BedrockBatchHook(aws_conn_id="aws_default"), plan, max_rounds=max_rounds)
+    return BedrockRun(BedrockBatchHook(aws_conn_id="aws_default"), plan, max_rounds=max_rounds,
+                      max_active_jobs=max_active_jobs)
 
 
-def drive(run, deadline_s=60):
+def drive(run, deadline_s=60, waves=None):
     """attach -> submit -> poll until finished -> next rounds; then collect (what the operator does)."""
     run.attach()
     while True:
         run.submit()
+        if waves is not None:
+            waves.append(len(run.running))
         end = time.time() + deadline_s
         while any(not ref.finished for ref in run.jobs.values()):
             assert time.time() < end, run.states()
@@ -180,11 +183,13 @@ def test_a_failed_job_fails_its_records_with_the_job_s_message(bedrock):
     assert failure["retryable"] is False and bedrock.counters["jobs_created"] == 1
 
 
-def test_records_split_evenly_over_jobs_within_the_limits(bedrock):
+def test_records_split_evenly_over_jobs_within_the_limits_in_waves(bedrock):
     bedrock.min_records = 2
-    run = make_run(bedrock, chat_lines(12), limits=BedrockLimits(min_records=2, max_records=5))
+    run = make_run(bedrock, chat_lines(12), limits=BedrockLimits(min_records=2, max_records=5), max_active_jobs=2)
     assert run.plan.shards == [4, 4, 4]
-    acct = drive(run)
+    waves = []
+    acct = drive(run, waves=waves)
+    assert waves == [2, 1]  # never more than max_active_jobs in flight
     assert acct.succeeded == 12 and bedrock.counters["jobs_created"] == 3
     assert [r["custom_id"] for r in read_jsonl(bedrock, "out/results.jsonl")] == [f"req-{i}" for i in range(12)]
 
@@ -239,3 +244,18 @@ def test_claude_takes_the_anthropic_translation_with_bedrock_s_anthropic_version
 
     assert extract_text(read_jsonl(bedrock, "out/results.jsonl")[0]) == "Answer to: question 0 "
     assert run.manifest(acct, "completed")["cost_usd"] > 0
+
+
+def test_output_checks_apply_and_their_retry_body_is_translated_again(bedrock):
+    from airflow_provider_synth.batch.checks import OutputChecks
+
+    lines = [line.replace('"max_tokens": 20', '"max_tokens": 2') if i in (4, 9) else line
+             for i, line in enumerate(chat_lines(100))]
+    checks = OutputChecks(finish_reasons={"length"}, retry_body={"truncated": {"max_tokens": 40}})
+    run = make_run(bedrock, lines, checks=checks, pad_to_minimum=True)
+    acct = drive(run)
+    assert (acct.succeeded, acct.failed) == (100, 0)
+    assert acct.unusable["truncated"] == 2 and acct.unusable_retried == 2
+    retried = read_jsonl(bedrock, f"stage/{run.plan.key}/s00000-r1/records.jsonl")
+    assert [r["modelInput"]["max_gen_len"] for r in retried[:2]] == [40, 40]  # the retry body, in Llama's field
+    assert run.manifest(acct, "completed")["checks"]["truncated"] == 2
