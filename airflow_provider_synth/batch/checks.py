@@ -48,6 +48,9 @@ class OutputChecks:
     :param retry_body: body fields to change when a kind is retried, e.g.
         ``{"truncated": {"max_completion_tokens": 2000}}``; keys are kinds (or finish reasons).
     :param parsed: with a schema, write the validated object into each results line as ``"parsed"``.
+    :param retry_systematic: retry a kind of unusable answer even when a round's answers show it is systematic
+        (:func:`systematic_kinds`: a prompt or schema bug, which the same requests would hit again). Default:
+        such a kind is not retried, and the task fails saying so, with examples.
     :param direct_tail: OpenAI and Azure only: a retry round of at most this many requests goes through the
         synchronous API (bounded concurrency, the SDK's retries, the direct price) instead of another batch.
         0 (default): never.
@@ -65,6 +68,7 @@ class OutputChecks:
     retry: bool = True
     retry_body: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     parsed: bool = True
+    retry_systematic: bool = False
     direct_tail: int = 0
     direct_concurrency: int = 8
     direct_service_tier: str | None = None
@@ -91,7 +95,7 @@ class OutputChecks:
             schema = schema.model_json_schema()
         return {"finish_reasons": sorted(self.finish_reasons), "refusal": self.refusal, "schema": schema,
                 "retry": self.retry, "retry_body": {k: dict(v) for k, v in self.retry_body.items()},
-                "parsed": self.parsed}
+                "parsed": self.parsed, "retry_systematic": self.retry_systematic}
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | None) -> OutputChecks | None:
@@ -100,11 +104,32 @@ class OutputChecks:
             return None
         return cls(finish_reasons=frozenset(spec.get("finish_reasons") or ()), refusal=bool(spec.get("refusal")),
                    schema=spec.get("schema"), retry=bool(spec.get("retry", True)),
-                   retry_body=dict(spec.get("retry_body") or {}), parsed=bool(spec.get("parsed", True)))
+                   retry_body=dict(spec.get("retry_body") or {}), parsed=bool(spec.get("parsed", True)),
+                   retry_systematic=bool(spec.get("retry_systematic", False)))
 
     def checker(self) -> Checker | None:
         """The compiled checks (schema validator built once), or ``None`` when nothing is checked."""
         return Checker(self) if self.active else None
+
+
+#: A kind of unusable answer is systematic in a round when at least :data:`SYSTEMATIC_SHARE` of the round's
+#: answers, and at least :data:`SYSTEMATIC_MIN` of them, are of that kind. Noise (a model now and then running
+#: out of tokens or slipping off a schema) stays at a few percent of the answers; half of them failing the same
+#: check means the prompt, the schema or max_tokens is wrong, and the same requests would fail the same way
+#: again, paid again (a broken schema once burned 99.4% of a run's cost on two full retries). The floor keeps a
+#: small round (2 of 3 answers cut off) from being called systematic on too little evidence.
+SYSTEMATIC_SHARE, SYSTEMATIC_MIN = 0.5, 10
+
+
+def systematic_kinds(answered: int, kinds: Mapping[str, int]) -> list[str]:
+    """The kinds of unusable answers that are systematic in a round of ``answered`` answers (see
+    :data:`SYSTEMATIC_SHARE`), most frequent first.
+
+    :param answered: the round's ``200`` answers, usable or not.
+    :param kinds: unusable answers per kind.
+    """
+    hits = [k for k, n in kinds.items() if n >= SYSTEMATIC_MIN and answered and n / answered >= SYSTEMATIC_SHARE]
+    return sorted(hits, key=lambda k: -kinds[k])
 
 
 def checks_for(checks: OutputChecks | None, response_format: Any) -> OutputChecks | None:

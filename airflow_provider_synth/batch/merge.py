@@ -494,6 +494,27 @@ def merge_shards(shards: Sequence[ShardOutputs], results_fp: IO[bytes], failures
     return acct
 
 
+def round_verdicts(outputs: Sequence[Source], checks: OutputChecks | Checker | None,
+                   examples: int = 3) -> tuple[int, dict[str, int], dict[str, list[tuple[str, str]]]]:
+    """What one round's answers came to: how many ``200`` answers it got, how many of them the checks found
+    unusable per kind, and up to ``examples`` ``(custom_id, why)`` per kind (for
+    :func:`~airflow_provider_synth.batch.checks.systematic_kinds`).
+
+    :param outputs: the round's output files (error files hold no answers and may be left out).
+    :param checks: the run's output checks.
+    """
+    answers = _index_outputs(outputs, None, _compiled(checks))
+    kinds: dict[str, int] = {}
+    shown: dict[str, list[tuple[str, str]]] = {}
+    for cid, entry in answers.failed.items():
+        if isinstance(entry[0], Unusable):
+            kind = entry[0].kind
+            kinds[kind] = kinds.get(kind, 0) + 1
+            if len(shown.setdefault(kind, [])) < examples:
+                shown[kind].append((cid, entry[0].message[:300]))
+    return len(answers.succeeded) + sum(kinds.values()), kinds, shown
+
+
 def pending_requests(requests: Source, outputs: Sequence[Source], out_fp: IO[bytes], *,
                      retryable_only: bool = True, include_missing: bool = True,
                      keep: Callable[[ParsedOutput], bool] | None = None,

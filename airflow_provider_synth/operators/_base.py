@@ -30,7 +30,7 @@ from airflow.providers.common.compat.sdk import BaseOperator, conf
 
 from airflow_provider_synth.batch.status import Next
 from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests
-from airflow_provider_synth.exceptions import BatchTimeoutError, WaitFailedError
+from airflow_provider_synth.exceptions import BatchFailedError, BatchTimeoutError, WaitFailedError
 from airflow_provider_synth.operators._native import ManifestPublisherMixin, OutputClaimMixin
 from airflow_provider_synth.runs.base import RunIdentity, SynthRun, Termination, finish
 from airflow_provider_synth.triggers.base import check_trigger_connection, validate_event
@@ -291,6 +291,10 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
                       hints=run.failure_hints(acct))
         self.publish_manifest(context, manifest)
         run.settle(done.ok)
+        systematic = run.systematic_message()
+        if systematic and raise_on_failures:  # the answers landed; the task still fails, saying why
+            raise BatchFailedError(f"{systematic} Results: {manifest.get('results_path')}, failures: "
+                                   f"{manifest.get('failures_path')}.")
         return done.raise_for_failures() if raise_on_failures else done.manifest
 
     def on_kill(self) -> None:

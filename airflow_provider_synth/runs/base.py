@@ -207,6 +207,12 @@ class SynthRun(abc.ABC):
         """What the backend adds to THE failure message: what a retry can and cannot change."""
         return []
 
+    def systematic_message(self) -> str | None:
+        """Why the task fails even within ``max_failed_ratio``: a kind of unusable answer found systematic and
+        not retried (:func:`~airflow_provider_synth.batch.checks.systematic_kinds`), with examples. Default:
+        none (a backend without retry rounds retries nothing anyway)."""
+        return None
+
     def close(self) -> None:  # noqa: B027  (a hook with a default, not abstract)
         """Release the run's connections (the lifecycle calls it when a step ends; a later call reopens)."""
         return None

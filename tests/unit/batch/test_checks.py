@@ -244,3 +244,17 @@ def test_the_default_is_the_same_for_every_backend_that_takes_a_template() -> No
            CortexBatchDecoratedOperator(task_id="c", python_callable=lambda: [], output_path="/tmp/x", model="m",
                                     template=template)]
     assert [op.checks.schema for op in ops] == [Item, Item, Item]
+
+
+@pytest.mark.parametrize(("answered", "kinds", "expected"), [
+    (400, {"schema_invalid": 359}, ["schema_invalid"]),      # the broken schema
+    (400, {"truncated": 12, "schema_invalid": 3}, []),       # noise: a few percent
+    (3, {"truncated": 2}, []),                               # too few to tell
+    (20, {"truncated": 10, "refused": 10}, ["truncated", "refused"]),
+    (0, {}, []),
+])
+def test_systematic_kinds_threshold(answered, kinds, expected) -> None:
+    from airflow_provider_synth.batch.checks import SYSTEMATIC_MIN, SYSTEMATIC_SHARE, systematic_kinds
+
+    assert (SYSTEMATIC_SHARE, SYSTEMATIC_MIN) == (0.5, 10)
+    assert systematic_kinds(answered, kinds) == expected
