@@ -142,9 +142,9 @@ DEFAULT_PRICES: dict[str, Price] = {
 }
 
 
-#: what may follow a known name in a dated snapshot's name: ``-2024-08-06``, ``-0613``. Anything else
+#: what may follow a known name in a dated snapshot's name: ``-2024-08-06``, ``-0613``, ``-20251001``. Anything else
 #: (``gpt-4o-mni``, ``gpt-4o-audio-preview``) is another model, never priced as the name it starts with.
-SNAPSHOT_SUFFIX = re.compile(r"\d{4}(-\d{2}-\d{2})?")
+SNAPSHOT_SUFFIX = re.compile(r"\d{4}(-\d{2}-\d{2})?|\d{8}")
 
 
 def price_for(model: str | None, prices: Mapping[str, Price | tuple[float, float, float]] | None = None
