@@ -25,6 +25,8 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.hooks.anthropic"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.hooks.cortex"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.hooks.openai"]},
+            # on the amazon provider's `aws` connection (the [bedrock] extra): no connection type of its own
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.hooks.bedrock"]},
         ],
         "operators": [
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.anthropic"]},
@@ -32,6 +34,7 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.vllm"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.cortex"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.cleanup"]},
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.operators.bedrock"]},
         ],
         "sensors": [
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.sensors.openai_batch"]},
@@ -40,9 +43,10 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.triggers.anthropic"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.triggers.cortex"]},
             {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.triggers.openai_batch"]},
+            {"integration-name": "Synth", "python-modules": ["airflow_provider_synth.triggers.bedrock"]},
         ],
-        # @task.synth_openai_batch / synth_cortex_batch / synth_vllm_batch / synth_anthropic_batch (common-ai owns
-        # llm_batch)
+        # @task.synth_openai_batch / synth_cortex_batch / synth_vllm_batch / synth_anthropic_batch /
+        # synth_bedrock_batch (common-ai owns llm_batch)
         "task-decorators": [
             {"class-name": "airflow_provider_synth.decorators.openai_batch.synth_openai_batch_task",
              "name": "synth_openai_batch"},
@@ -52,6 +56,8 @@ def get_provider_info() -> dict[str, Any]:
              "name": "synth_vllm_batch"},
             {"class-name": "airflow_provider_synth.decorators.anthropic.synth_anthropic_batch_task",
              "name": "synth_anthropic_batch"},
+            {"class-name": "airflow_provider_synth.decorators.bedrock.synth_bedrock_batch_task",
+             "name": "synth_bedrock_batch"},
         ],
         "extra-links": ["airflow_provider_synth.links.OpenAIBatchLink"],
         "config": {

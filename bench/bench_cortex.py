@@ -46,7 +46,9 @@ def main() -> dict[str, Any]:
          "extra": {"account": "acct", "database": "SYNTH_DB", "warehouse": "WH"}})
     from airflow_provider_synth.operators.cortex import CortexBatchOperator
     from airflow_provider_synth.runs import cortex_mapping as cortex
-    from airflow_provider_synth.testing.cortex import FakeCortex
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fakes the tests use
+    from fakes.cortex import FakeCortex
 
     requests = work / "requests.jsonl"
     write_requests(requests, args.n)

@@ -14,7 +14,7 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
-from airflow_provider_synth.batch.jsonl import join_path, open_path
+from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.requests import build_requests, write_requests
 from airflow_provider_synth.operators.cortex import CortexBatchOperator, CortexConfig
 

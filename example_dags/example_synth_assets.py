@@ -96,7 +96,8 @@ def example_synth_quiz_curate() -> None:
                       outlet_events: Any = None) -> dict[str, Any]:
         """Keep the answers judged ``keep``; write them as the dataset, with the counts in the asset event."""
         from airflow_provider_synth.batch.extract import extract_text, iter_output, parse_structured
-        from airflow_provider_synth.batch.jsonl import dumps, open_path
+        from airflow_provider_synth.batch.jsonl import dumps
+        from airflow_provider_synth.batch.paths import open_path
 
         keep = {line["custom_id"] for line in iter_output(verdicts["results_path"])
                 if (v := parse_structured(line, Verdict)) is not None and v.verdict == "keep"}

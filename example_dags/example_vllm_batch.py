@@ -31,7 +31,7 @@ def example_vllm_batch() -> None:
     @task
     def make_requests(params: dict[str, Any] | None = None, run_id: str | None = None) -> str:
         """Records -> request JSONL in the output folder (shared storage: the GPU worker reads it)."""
-        from airflow_provider_synth.batch.jsonl import open_path
+        from airflow_provider_synth.batch.paths import open_path
         from airflow_provider_synth.batch.requests import build_requests, write_requests
 
         n = int((params or {}).get("n_records", 300))

@@ -43,7 +43,7 @@ def example_vllm_data_parallel() -> None:
     @task
     def split(params: dict[str, Any] | None = None, run_id: str | None = None) -> list[dict[str, str]]:
         """Write the requests, split them into shards with the core; one mapped task per shard."""
-        from airflow_provider_synth.batch.jsonl import open_path
+        from airflow_provider_synth.batch.paths import open_path
         from airflow_provider_synth.batch.requests import build_requests
         from airflow_provider_synth.batch.split import ShardLimits, split_requests
 

@@ -15,7 +15,9 @@ from typing import Any
 import psutil
 import pytest
 
-# batch_server / batch_server_factory: the local OpenAI/Azure Batch API server (airflow_provider_synth.testing)
+# batch_server / batch_server_factory: the local OpenAI/Azure Batch API server. Installed with the [testing]
+# extra, the plugin comes through its pytest11 entry point (same name: this line is then a no-op); a checkout
+# whose installed metadata predates the entry point still gets it here.
 pytest_plugins = ["airflow_provider_synth.testing.pytest_plugin"]
 
 REPO = Path(__file__).resolve().parent.parent

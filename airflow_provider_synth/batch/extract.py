@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from airflow_provider_synth.batch.jsonl import iter_jsonl, loads, open_path
+from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
+from airflow_provider_synth.batch.paths import open_path
 
 T = TypeVar("T")
 

@@ -7,10 +7,6 @@ from typing import IO, Any
 
 import orjson
 
-# re-exported: their 0.1.0 home, still imported by most modules
-from airflow_provider_synth.batch.paths import join_path as join_path
-from airflow_provider_synth.batch.paths import open_path as open_path
-
 #: Bytes read per chunk when streaming a file line by line.
 READ_CHUNK = 1 << 20
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import orjson
 
-from airflow_provider_synth.batch.jsonl import join_path, loads, open_path
+from airflow_provider_synth.batch.jsonl import loads
 from airflow_provider_synth.batch.landing import landing
+from airflow_provider_synth.batch.paths import join_path, open_path
 
 RESULTS_FILE = "results.jsonl"
 FAILURES_FILE = "failures.jsonl"

@@ -22,7 +22,8 @@ import msgspec
 from airflow_provider_synth.batch import jsonl
 from airflow_provider_synth.batch.checks import UNUSABLE_KINDS, Checker, OutputChecks, Unusable, retry_line
 from airflow_provider_synth.batch.errors import AccountingError
-from airflow_provider_synth.batch.jsonl import dumps, iter_block_bytes, iter_jsonl, loads, open_path
+from airflow_provider_synth.batch.jsonl import dumps, iter_block_bytes, iter_jsonl, loads
+from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.results import (
     UNREADABLE_CODE,
     ParsedOutput,

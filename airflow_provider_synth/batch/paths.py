@@ -140,9 +140,12 @@ def as_path(path: Any) -> Any:
     if isinstance(path, str) and "://" in path:
         try:
             from airflow.sdk import ObjectStoragePath
+            from airflow.sdk.io import has_fs
         except ImportError:  # the vLLM engine's interpreter has no Airflow: fsspec reads the URL itself
             return path
         check_storage(path)
+        if not _through_connection(path) and not has_fs(path.partition("://")[0]):
+            return path  # a filesystem Airflow has no store for (memory://...): fsspec opens it
         scheme, conn_id, bare = _split_conn(path)
         conn_id = conn_id or default_conn_id(scheme)
         return ObjectStoragePath(bare, conn_id=conn_id) if conn_id else ObjectStoragePath(path)

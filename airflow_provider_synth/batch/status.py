@@ -32,6 +32,14 @@ BATCH_PHASES: Mapping[str | None, bool] = {
 }
 #: Every statement state (:class:`~airflow_provider_synth.hooks.cortex.StatementStatus`) -> finished.
 STATEMENT_PHASES: Mapping[str | None, bool] = {None: False, "running": False, "success": True, "error": True}
+#: Every Amazon Bedrock batch inference job status -> finished. ``Stopping`` still runs (it may still write the
+#: output of the records it processed); ``PartiallyCompleted`` finished with some records failed: the run reads
+#: the output back and judges it like any other batch's.
+JOB_PHASES: Mapping[str | None, bool] = {
+    None: False,
+    **dict.fromkeys(("Submitted", "Validating", "Scheduled", "InProgress", "Stopping"), False),
+    **dict.fromkeys(("Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired"), True),
+}
 #: Transient polling errors in a row a waiter tolerates by default.
 DEFAULT_MAX_CONSECUTIVE_ERRORS = 5
 
@@ -52,6 +60,7 @@ class Waited:
 
 BATCHES = Waited("batch", "batches", BATCH_PHASES)
 STATEMENTS = Waited("statement", "statements", STATEMENT_PHASES)
+JOBS = Waited("job", "jobs", JOB_PHASES)
 
 
 class Next(enum.Enum):
@@ -259,6 +268,8 @@ __all__ = [
     "DEFAULT_MAX_CONSECUTIVE_ERRORS",
     "EVENT_STATUS",
     "IN_PROGRESS_STATUSES",
+    "JOBS",
+    "JOB_PHASES",
     "RULES",
     "STATEMENTS",
     "STATEMENT_PHASES",

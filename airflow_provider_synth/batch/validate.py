@@ -22,7 +22,8 @@ import numpy as np
 
 from airflow_provider_synth.batch import jsonl
 from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
-from airflow_provider_synth.batch.jsonl import dumps, iter_blocks, open_path
+from airflow_provider_synth.batch.jsonl import dumps, iter_blocks
+from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.requests import (
     CHAT,
     COMPLETIONS,

@@ -13,17 +13,7 @@ from airflow.providers.common.compat.sdk import BaseOperator
 
 from airflow_provider_synth.exceptions import SynthError
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
-
-# 0.1.0 paths of the clean-up logic, re-exported
-from airflow_provider_synth.runs.cleanup import (  # noqa: F401
-    DELETE_CONCURRENCY,
-    MAX_LISTED_IDS,
-    UPLOAD_NAME,
-    CleanupSummary,
-    clean_up_batch_files,
-    is_our_batch,
-    is_our_upload,
-)
+from airflow_provider_synth.runs.cleanup import clean_up_batch_files
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context

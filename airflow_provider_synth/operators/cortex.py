@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseOperator
 
-from airflow_provider_synth.batch.jsonl import join_path
+from airflow_provider_synth.batch.paths import join_path
 from airflow_provider_synth.batch.validate import InvalidRequests
 from airflow_provider_synth.exceptions import SynthError
 from airflow_provider_synth.hooks.cortex import CortexHook

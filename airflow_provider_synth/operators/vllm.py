@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_synth.batch.paths import as_path
 from airflow_provider_synth.batch.validate import InvalidRequests
 from airflow_provider_synth.operators._base import SynthBatchOperator
 from airflow_provider_synth.runs.base import SynthRun
@@ -35,7 +36,9 @@ class VLLMEngineConfig:
     """Settings for ``vllm.LLM``. ``None`` leaves vLLM's default.
 
     :param tensor_parallel_size: GPUs one model replica spans (on one node).
-    :param dtype: weights' dtype (``"auto"``, ``"bfloat16"``, ``"float16"``, ``"float32"``).
+    :param dtype: weights' dtype (``"auto"``, ``"bfloat16"``, ``"float16"``, ``"float32"``). ``"auto"`` on a CPU
+        node is the dtype the CPU computes natively: bfloat16 only with AVX-512 BF16 / AMX, else float32
+        (:func:`~airflow_provider_synth.engine.vllm.process.cpu_dtype`; the task log says which and why).
     :param max_model_len: context length; lower it to fit the KV cache on a small GPU.
     :param gpu_memory_utilization: share of GPU memory vLLM may take (on CPU: of RAM).
     :param enforce_eager: skip CUDA graphs / torch.compile (faster start-up, slower decoding).
@@ -190,7 +193,9 @@ class VLLMBatchOperator(SynthBatchOperator):
     def start_run(self, context: Context) -> SynthRun:
         cfg = self.config
         run = VLLMRun(
-            input_path=self.input_path, output_path=self.output_path, model=self.model, engine=self.engine,
+            # paths with their connection: what the manifest and the engine state record reopens anywhere
+            input_path=as_path(self.input_path), output_path=as_path(self.output_path), model=self.model,
+            engine=self.engine,
             log=self.log, sampling=self.sampling, python=self.python, chunk_size=cfg.chunk_size, env=dict(cfg.env),
             checkpoint_interval=cfg.checkpoint_interval, checks=self.checks,
             retry_failed_requests=cfg.check_retries, invalid_requests=self.invalid_requests,

@@ -33,10 +33,11 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
-from airflow_provider_synth.batch.jsonl import dumps, open_path
+from airflow_provider_synth.batch.jsonl import dumps
 from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, add_invalid, merge_shard
+from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.results import error_line, success_line
 from airflow_provider_synth.batch.status import STATEMENTS
 from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary
@@ -337,7 +338,8 @@ class CortexRun(SynthRun):
             by_chunk.setdefault(int(chunk), []).append(str(qid))
         created: list[str] = []
         for chunk, _count in self.hook.fetch_all(tables.pending_chunks(self.chunk_size)):
-            running = [q for q in by_chunk.get(int(chunk), []) if self.statements.get(q, {}).get("state") == "running"]
+            # a state no table knows is waited on too (the verdict stops on it): never submitted again
+            running = [q for q in by_chunk.get(int(chunk), []) if q in self.running]
             if running:
                 log.info("Chunk %d: re-attaching to statement(s) %s of an earlier try", chunk, ", ".join(running))
                 self.counts["reattached"] += len(running)
@@ -461,6 +463,7 @@ class CortexRun(SynthRun):
                 ids, outs, n = io.BytesIO(), io.BytesIO(), 0
         if n:
             yield _shard(ids, outs)
+
 
 def failure_message(acct: Accounting, failed_ratio: float, max_failed_ratio: float, failures_path: Any,
                     tables: StagingTables) -> str:

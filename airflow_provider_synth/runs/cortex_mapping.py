@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
 from airflow_provider_synth.batch.errors import InvalidRequestsError, Problem
-from airflow_provider_synth.batch.jsonl import dumps, iter_jsonl, loads, open_path
+from airflow_provider_synth.batch.jsonl import dumps, iter_jsonl, loads
+from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.requests import CHAT
 from airflow_provider_synth.batch.validate import InvalidRequests, LineChecker, Source, checked_passes
 

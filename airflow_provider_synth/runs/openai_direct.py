@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import redact
 
-from airflow_provider_synth.batch.jsonl import iter_jsonl, join_path, loads, open_path
+from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
 from airflow_provider_synth.batch.landing import landing
+from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
 from airflow_provider_synth.batch.usage import (
     Price,

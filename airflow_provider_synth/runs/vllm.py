@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.jsonl import dumps, join_path, loads, open_path
+from airflow_provider_synth.batch.jsonl import dumps, loads
 from airflow_provider_synth.batch.keys import InputDigest, fingerprint
 from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards
+from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.requests import VLLM_ENDPOINTS
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
 from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary, validate_requests
@@ -230,7 +231,14 @@ class VLLMRun(SynthRun):
     def answer(self, prepared: Prepared) -> float:
         """Run the engine to the end and upload its answers; return the seconds it took."""
         started = time.monotonic()
-        self.run_engine(prepared.python, prepared.work)
+        try:
+            self.run_engine(prepared.python, prepared.work)
+        except BaseException:
+            try:  # what the engine answered before it died is kept for the retry (a remote output folder)
+                prepared.work.checkpoint()
+            except Exception as exc:
+                self.log.warning("could not save the engine's answers to %s: %s", prepared.work.remote_output, exc)
+            raise
         prepared.work.checkpoint()
         return time.monotonic() - started
 

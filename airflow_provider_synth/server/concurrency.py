@@ -113,6 +113,9 @@ class AdaptiveLimit:
             self._congested = True
 
     def _sample(self, latency_s: float, completion_tokens: int) -> None:
+        if latency_s > self.slowest_s:
+            log.info("slowest upstream answer so far: %.1f s (%d tokens); a request is hung after %.0f s",
+                     latency_s, completion_tokens, max(self.floor_s, HUNG_FACTOR * latency_s))
         self.slowest_s = max(self.slowest_s, latency_s)
         per_token = latency_s / (1 + max(0, completion_tokens))
         if self.best_per_token is None or per_token < self.best_per_token:

@@ -114,6 +114,58 @@ def openai_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     )
 
 
+def bedrock_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """The real boto3 client and the amazon provider's hook against the Bedrock stand-in over moto's S3."""
+    import re
+
+    from airflow_provider_synth.operators.bedrock import BedrockBatchOperator
+    from airflow_provider_synth.runs.bedrock import BedrockBatchConfig
+    from airflow_provider_synth.runs.bedrock_mapping import BedrockLimits
+    from airflow_provider_synth.server.bedrock import BedrockStandIn, RecordFault
+
+    bucket = request.getfixturevalue("s3_bucket")
+    server = BedrockStandIn(bucket.endpoint_url, step_s=0.05, min_records=1).start()
+    request.addfinalizer(server.close)
+    server.record_faults = [RecordFault(f"About {RETRYABLE}<", 429, times=1),
+                            RecordFault(f"About {FATAL}<", 400, times=None)]
+    secret = "bedrock-contract-SECRET-13579"
+    request.getfixturevalue("monkeypatch").setenv("AIRFLOW_CONN_CONTRACT_AWS", json.dumps(
+        {"conn_type": "aws", "login": "AKIACONTRACT", "password": secret,
+         "extra": {"region_name": "us-east-1", "endpoint_url": bucket.endpoint_url,
+                   "service_config": {"bedrock": {"endpoint_url": server.endpoint_url}}}}))
+    source = tmp_path / "requests.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": i, "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "meta.llama3-1-8b-instruct-v1:0", "max_tokens": 16,
+        "messages": [{"role": "user", "content": f"About {i}"}]}}) + "\n" for i in IDS))
+
+    def count_sent() -> Counter[str]:  # every record the service processed, over every job
+        sent = Counter[str]()
+        for body, times in server.processed.items():
+            found = re.search(r"About (r\d+)", body)
+            if found:
+                sent[found.group(1)] += times
+        return sent
+
+    def operator(**kwargs: Any) -> SynthBatchOperator:
+        config = BedrockBatchConfig(retry_failed_requests=kwargs.pop("rounds", 2),
+                                    limits=BedrockLimits(min_records=1, max_records=100))
+        kwargs.setdefault("output_path", str(tmp_path / "out"))
+        return BedrockBatchOperator(task_id="t", conn_id="contract_aws", input_path=str(source),
+                                    model="meta.llama3-1-8b-instruct-v1:0",
+                                    role_arn="arn:aws:iam::123456789012:role/contract",
+                                    staging_prefix=bucket.url("stage", conn=False), poll_interval=0.05,
+                                    deferrable=False, config=config, **kwargs)
+
+    def slow() -> None:
+        server.step_s = 60.0
+
+    return Backend(
+        name="bedrock", operator=operator, sent=count_sent, created=lambda: server.counters["jobs_created"],
+        cancelled=lambda: {arn for arn, job in server.jobs.items() if job.stop_requested},
+        slow=slow, secret=secret, output=tmp_path / "out",
+    )
+
+
 def anthropic_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     pytest.importorskip("anthropic")
     from airflow_provider_synth.batch.requests import RequestTemplate
@@ -152,8 +204,9 @@ def anthropic_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend
 
 
 def cortex_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    from fakes.cortex import FakeCortex
+
     from airflow_provider_synth.operators.cortex import CortexBatchOperator, CortexConfig
-    from airflow_provider_synth.testing.cortex import FakeCortex
 
     secret = "secret-pw-contract-97531"
     request.getfixturevalue("monkeypatch").setenv("AIRFLOW_CONN_CONTRACT_SNOWFLAKE", json.dumps(
@@ -196,6 +249,7 @@ def cortex_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
     "openai": openai_backend,
     "anthropic": anthropic_backend,
+    "bedrock": bedrock_backend,
     "cortex": cortex_backend,
 }
 
@@ -294,6 +348,7 @@ MANIFEST_KEYS = {"manifest_version", "backend", "created_at", "output_dir", "res
 
 def _batch_operators() -> list[type[SynthBatchOperator]]:
     import airflow_provider_synth.operators.anthropic  # noqa: F401  (registers the subclasses)
+    import airflow_provider_synth.operators.bedrock  # noqa: F401
     import airflow_provider_synth.operators.cortex  # noqa: F401
     import airflow_provider_synth.operators.openai_batch  # noqa: F401
 

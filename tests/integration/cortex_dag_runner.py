@@ -50,7 +50,9 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
     from airflow.utils import db
     from snowflake.connector.errors import ProgrammingError
 
-    from airflow_provider_synth.testing.cortex import FakeCortex, FakeSqlApi
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fakes
+    from fakes.cortex import FakeCortex, FakeSqlApi
+
     from airflow_provider_synth.testing.dags import dag_bag
 
     db.initdb()

@@ -23,6 +23,9 @@ CASES = {
     "airflow_provider_synth.operators.cleanup": ("snowflake", "aiohttp", "numpy", "airflow_provider_synth.batch.validate"),
     "airflow_provider_synth.sensors.openai_batch": ("snowflake", "aiohttp", "numpy",
                                                     "airflow_provider_synth.batch.validate"),
+    # the DAG parses without the [bedrock] extra: the hook (amazon provider, boto3) is imported by execute()
+    "airflow_provider_synth.operators.bedrock": ("openai", "snowflake", "boto3", "botocore", "aiobotocore",
+                                                 "airflow.providers.amazon", "aiohttp"),
     "airflow_provider_synth.cli": ("airflow_provider_synth.operators", "snowflake", "aiohttp"),
 }
 

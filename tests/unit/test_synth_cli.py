@@ -13,8 +13,8 @@ import orjson
 import pytest
 from airflow.sdk import Connection
 
-from airflow_provider_synth.batch.jsonl import join_path, open_path
 from airflow_provider_synth.batch.manifest import build_manifest, write_manifest
+from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
 from airflow_provider_synth.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook

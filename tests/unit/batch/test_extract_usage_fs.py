@@ -22,8 +22,8 @@ from airflow_provider_synth.batch import (
     split_requests,
     write_requests,
 )
-from airflow_provider_synth.batch.jsonl import open_path
 from airflow_provider_synth.batch.manifest import build_manifest, read_manifest, write_manifest
+from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.results import error_line, parse_output_line, success_line
 from airflow_provider_synth.batch.usage import estimate_cost, estimate_request_tokens, price_for
 

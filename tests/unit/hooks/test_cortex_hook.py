@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fakes.cortex import FakeCortex, FakeSqlApi
 
 from airflow_provider_synth.batch.status import STATEMENTS, Next, PollError, verdict
 from airflow_provider_synth.hooks.cortex import (
@@ -20,7 +21,6 @@ from airflow_provider_synth.hooks.cortex import (
 )
 from airflow_provider_synth.runs import cortex_mapping as cortex
 from airflow_provider_synth.runs.cortex_sql import StagingTables
-from airflow_provider_synth.testing.cortex import FakeCortex, FakeSqlApi
 
 PAT = "pat-secret-0123456789"
 

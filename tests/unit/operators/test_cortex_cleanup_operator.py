@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 from airflow.exceptions import TaskDeferred
+from fakes.cortex import FakeCortex
 
 from airflow_provider_synth.exceptions import BatchFailedError, SynthError
 from airflow_provider_synth.operators.cortex import CortexBatchOperator, CortexStagingCleanupOperator
 from airflow_provider_synth.runs import cortex as cortex_runs
-from airflow_provider_synth.testing.cortex import FakeCortex
 
 SECRET = "pw-cleanup-SECRET-8642"
 DAY = 86400.0

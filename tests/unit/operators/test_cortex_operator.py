@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from airflow.exceptions import TaskDeferred
+from fakes.cortex import FakeCortex
 
 from airflow_provider_synth.batch.errors import InvalidRequestsError
 from airflow_provider_synth.batch.merge import Accounting
@@ -19,7 +20,6 @@ from airflow_provider_synth.hooks.cortex import CortexHook
 from airflow_provider_synth.operators.cortex import CortexBatchOperator
 from airflow_provider_synth.runs.cortex import failure_message
 from airflow_provider_synth.runs.cortex_sql import StagingTables, TableSource
-from airflow_provider_synth.testing.cortex import FakeCortex
 from airflow_provider_synth.triggers.cortex import CortexStatementTrigger
 
 

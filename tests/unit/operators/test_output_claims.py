@@ -15,12 +15,12 @@ import orjson
 import pytest
 from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import DAG, task
+from fakes.cortex import FakeCortex
 
 from airflow_provider_synth.exceptions import OutputFolderClaimedError
 from airflow_provider_synth.operators.cortex import CortexBatchOperator
 from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator
 from airflow_provider_synth.operators.vllm import VLLMBatchOperator
-from airflow_provider_synth.testing.cortex import FakeCortex
 from airflow_provider_synth.testing.vllm import write_fake_python
 
 

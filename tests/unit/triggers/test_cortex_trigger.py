@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fakes.cortex import FakeSqlApi
 
-from airflow_provider_synth.testing.cortex import FakeSqlApi
 from airflow_provider_synth.triggers import base as trigger_base
 from airflow_provider_synth.triggers.cortex import CortexStatementTrigger
 
