@@ -65,6 +65,9 @@ def standalone_env() -> dict[str, str]:
         # where task processes reach the API server: its default (http://localhost:8080/execution/) misses an
         # API on another port, and "localhost" may resolve to ::1, where nothing listens
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{LOCALHOST}:{API_PORT}/execution/",
+        # every component and task shares a laptop's cores with the API server: Airflow's 5 s per call failed a
+        # task with ReadTimeout on a busy 2-core machine (its docs: raise it under high load)
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
         "AIRFLOW__CORE__PARALLELISM": str(parallelism()),
         # a DAG triggered from the UI or the REST API runs at once instead of waiting, queued, for an unpause
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",

@@ -82,7 +82,9 @@ def _modules() -> list[str]:
     root = importlib.import_module(PACKAGE)
     names = [f"{PACKAGE}.links"]
     for info in pkgutil.walk_packages(root.__path__, prefix=f"{PACKAGE}."):
-        if info.name.split(".")[1] in REGISTERED_LAYERS and not info.ispkg:
+        # private modules (operators/_base.py, decorators/_base.py) hold the shared bases, not registered names
+        if info.name.split(".")[1] in REGISTERED_LAYERS and not info.ispkg and \
+                not info.name.rsplit(".", 1)[1].startswith("_"):
             names.append(info.name)
     return names
 

@@ -462,6 +462,7 @@ class CortexRun(SynthRun):
         if n:
             yield _shard(ids, outs)
 
+
 def failure_message(acct: Accounting, failed_ratio: float, max_failed_ratio: float, failures_path: Any,
                     tables: StagingTables) -> str:
     """Say what failed, what a retry can and cannot change, and where the evidence is (the operators say it

@@ -57,6 +57,7 @@ def test_ui_binds_loopback_on_fixed_ports_with_kept_state_and_a_fitting_parallel
     assert (env["AIRFLOW__API__HOST"], env["AIRFLOW__API__PORT"]) == ("127.0.0.1", "8080")
     # tasks reach the API where it listens (a port from SYNTH_UI_API_PORT too), never through "localhost"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:8080/execution/"
+    assert float(env["AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT"]) >= 30
     assert int(env["AIRFLOW__CORE__PARALLELISM"]) == max(2, os.cpu_count() or 2)
     assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] == "False"
     assert env["AIRFLOW_HOME"] == str(tmp_path)

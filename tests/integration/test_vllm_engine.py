@@ -283,7 +283,7 @@ def smollm2() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def test_smollm2_answers_with_real_text_through_its_chat_template(smollm2, tmp_path) -> None:
+def test_smollm2_answers_with_real_text_through_its_chat_template(smollm2, tmp_path, capfd) -> None:
     """A real instruct model: the chat template is applied, answers are English, JSON-schema output parses."""
     person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
               "required": ["name", "age"], "additionalProperties": False}
@@ -304,6 +304,9 @@ def test_smollm2_answers_with_real_text_through_its_chat_template(smollm2, tmp_p
                                  model=smollm2, engine=SMOLLM2_ENGINE, python=str(VLLM_PYTHON), env=ENV,
                                  ).execute(context())
     assert (manifest["total"], manifest["succeeded"]) == (8, 8)
+    # dtype "auto" on this CPU node: the native one, said in the task log with the reason
+    logged = capfd.readouterr()
+    assert f"dtype 'auto' on a CPU node runs as {DTYPE}" in logged.out + logged.err
     bodies = {r["custom_id"]: r["response"]["body"] for r in lines(manifest["results_path"])}
     for i in range(4):
         body = bodies[f"capital-{i}"]

@@ -311,3 +311,29 @@ def test_a_fatal_status_error_ends_the_worker_wait_at_once(fake: FakeCortex, tmp
     with pytest.raises(snowflake.connector.errors.ProgrammingError):
         _op(tmp_path).execute(_ctx(1))
     assert slept == [] and len(polls) == 1
+
+
+def test_read_back_interrupted_half_way_lands_nothing_and_the_retry_reads_again(fake: FakeCortex, tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch):
+    """The connection drops after 6 of 16 rows were read back (two blocks already merged): no results.jsonl
+    that looks complete is left, no manifest; the retry reads the answers again from the staging table and
+    pays for no model call twice."""
+    monkeypatch.setattr(runs_cortex, "READ_BLOCK_ROWS", 3)
+    real = CortexHook.iter_rows
+
+    def dropping(self: CortexHook, statement: Any) -> Iterator[Any]:
+        for i, row in enumerate(real(self, statement)):
+            if i == 6:
+                raise snowflake.connector.errors.OperationalError("connection reset by peer")
+            yield row
+
+    monkeypatch.setattr(CortexHook, "iter_rows", dropping)
+    with pytest.raises(snowflake.connector.errors.OperationalError):
+        _op(tmp_path).execute(_ctx(1))
+    out = tmp_path / "out"
+    assert not (out / "results.jsonl").exists() and not (out / "manifest.json").exists()
+    assert not list(out.glob(".results.jsonl.partial-*"))
+    monkeypatch.setattr(CortexHook, "iter_rows", real)
+    manifest = _op(tmp_path).execute(_ctx(2))
+    _assert_landed(fake, tmp_path, manifest)
+    assert len(_chunk_statements(fake)) == N // CHUNK  # the retry ran no chunk again
