@@ -187,3 +187,30 @@ def test_checks_retry_a_truncated_answer_with_more_tokens(tmp_path, conn_id, ser
     retried = [orjson.loads(x) for x in (tmp_path / "out" / "_work" / "shards" / "shard-00000-r1.jsonl")
                .read_bytes().splitlines()]
     assert [(r["custom_id"], r["params"]["max_tokens"], "body" in r) for r in retried] == [("cut", 500, False)]
+
+
+def test_structured_output_as_one_forced_tool_on_2023_06_01(tmp_path, conn_id, server):
+    """SDK 1.x's API version has no output_config: the schema goes as one forced tool, whose input is the
+    answer the checks validate and extract_parsed reads."""
+    from airflow_provider_synth.batch.extract import extract_parsed
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+              "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "Person", "schema": schema, "strict": True}}
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps({"custom_id": f"p{i}", "method": "POST", "url": "/v1/chat/completions",
+                                           "body": {"model": "claude-haiku-4-5", "response_format": rf,
+                                                    "messages": [{"role": "user", "content": "a person"}]}}) + b"\n"
+                             for i in range(3)))
+    checks = OutputChecks(schema=rf)
+    plan = plan_run(src, work_dir=str(tmp_path / "out" / "_work"), output_dir=str(tmp_path / "out"),
+                    conn_id=conn_id, identity=IDENTITY, options=Translation(api_version="2023-06-01"), checks=checks)
+    shard = orjson.loads((tmp_path / "out" / "_work" / "shards" / "shard-00000-r0.jsonl").read_bytes().splitlines()[0])
+    assert shard["params"]["tool_choice"] == {"type": "tool", "name": "synth_response_format"}
+    run = AnthropicRun(AnthropicBatchHook(conn_id), plan, checks=checks)
+    run.attach()
+    acct = drive(run)
+    assert acct.succeeded == 3 and not acct.unusable
+    rows = list(iter_output(tmp_path / "out" / "results.jsonl"))
+    assert rows[0]["response"]["body"]["content"][0]["type"] == "tool_use"
+    assert all(set(extract_parsed(r)) == {"name"} for r in rows)
