@@ -25,9 +25,10 @@ from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
+from airflow.providers.common.compat.connection import get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook, redact
 
+from airflow_provider_synth._compat import aget_connection
 from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.results import is_transient_status
 from airflow_provider_synth.batch.status import Waited
@@ -270,7 +271,7 @@ class AnthropicBatchAsyncHook(AnthropicBatchHook):
     async def _build(self) -> AsyncAnthropic:
         from anthropic import AsyncAnthropic, DefaultAsyncHttpxClient
 
-        conn = await get_async_connection(self.conn_id, hook=self)
+        conn = await aget_connection(self.conn_id, hook=self)
         kwargs = self._client_kwargs(conn, await get_async_extra_dejson(conn))
         if "http_client" not in kwargs:
             from airflow_provider_synth.hooks.openai_pool import shared_ssl_context

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
+from airflow.providers.common.compat.connection import get_async_extra_dejson
 from airflow.providers.snowflake.hooks.snowflake import SnowflakeHook
 
-from airflow_provider_synth._compat import snowflake_conn_params
+from airflow_provider_synth._compat import aget_connection, snowflake_conn_params
 from airflow_provider_synth.batch.results import is_transient_status
 
 if TYPE_CHECKING:
@@ -438,7 +438,7 @@ class CortexAsyncHook(CortexHook):
 
     async def _prepare(self) -> None:
         if self._async_conn is None:
-            conn = await get_async_connection(self.snowflake_conn_id, hook=self)
+            conn = await aget_connection(self.snowflake_conn_id, hook=self)
             self._extras = await get_async_extra_dejson(conn)
             self._async_conn = conn
 

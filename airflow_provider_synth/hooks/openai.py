@@ -13,13 +13,15 @@ import contextlib
 import importlib
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
-from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
+from airflow.providers.common.compat.connection import get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook, redact
 
+from airflow_provider_synth._compat import aget_connection
 from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.requests import Endpoint, UrlForm, service_url
@@ -47,6 +49,9 @@ AZURE_CONN_TYPES = frozenset({"synth_azure_openai"})
 #: The Entra ID scope Azure OpenAI accepts tokens for.
 AZURE_TOKEN_SCOPE = "https://cognitiveservices.azure.com/.default"
 _DOWNLOAD_CHUNK = 1 << 20
+#: the default seconds between status checks of a service's batches, and of a server on this machine's
+SERVICE_POLL_INTERVAL, LOCAL_POLL_INTERVAL = 60.0, 2.0
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 
@@ -316,6 +321,14 @@ class OpenAIBatchHook(BaseHook):
         return self._is_azure
 
     @property
+    def default_poll_interval(self) -> float:
+        """Seconds between status checks when a task sets none: :data:`LOCAL_POLL_INTERVAL` against a server on
+        this machine (the local Batch API server finishes a batch in seconds), :data:`SERVICE_POLL_INTERVAL`
+        against a service (whose batches take minutes to hours, and whose rate limits count every poll)."""
+        host = (urllib.parse.urlsplit(str(self.client.base_url)).hostname or "").lower()
+        return LOCAL_POLL_INTERVAL if host in LOOPBACK_HOSTS else SERVICE_POLL_INTERVAL
+
+    @property
     def url_form(self) -> UrlForm:
         """How this service spells endpoints in batch lines and ``batches.create``: ``openai``
         (``/v1/chat/completions``) or ``azure`` (``/chat/completions``, as Azure's docs write it)."""
@@ -579,7 +592,7 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
     ) -> tuple[AsyncOpenAI | AsyncAzureOpenAI, dict[str, Any]]:
         from openai import AsyncAzureOpenAI, AsyncOpenAI
 
-        conn = await get_async_connection(self.conn_id, hook=self)
+        conn = await aget_connection(self.conn_id, hook=self)
         kwargs = self._client_kwargs(conn, await get_async_extra_dejson(conn))
         if http_client is not None:
             kwargs["http_client"] = http_client

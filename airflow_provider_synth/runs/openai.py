@@ -676,7 +676,8 @@ class BatchRun(SynthRun):
         billed = Usage().add(acct.usage).add(acct.unusable_usage)
         batch_usage = Usage(**{k: max(v - direct["direct_usage"][k], 0) for k, v in billed.as_dict().items()})
         batch_cost = cost_usd(batch_usage, model, prices)
-        out: dict[str, Any] = {"cost_usd": batch_cost}
+        # what cost_usd prices: every answer billed, the results' usage ("usage") and the unusable ones'
+        out: dict[str, Any] = {"cost_usd": batch_cost, "billed_usage": billed.as_dict()}
         out.update(self._service_usage(batch_usage))
         if direct["direct_rounds"]:
             out.update(direct)
