@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make quickstart   runs the main job (an example DAG end to end, no API key)
 #   make test         lint, types, the docs site and the whole test suite
+#   make unit         the unit tests only (tests/unit, no integration marker): a minute or two, no servers
 #   make docs         the docs site (docs/_build/html), warnings as errors
 #   make test-oldest  the quickstart and the example-DAG tests on the lowest declared versions (Airflow 3.1)
 SHELL := /bin/bash
@@ -73,6 +74,10 @@ docs: $(STAMP)
 	$(PY) -m sphinx $(SPHINXOPTS) docs docs/_build/html
 
 # the docs are built once, here; tests/test_docs_build.py checks what that build rendered
+# the unit tests only: one layer each, fakes at the transport, no Airflow run, no server, no vLLM environment
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q tests/unit -m "not integration"
+
 test: $(STAMP) $(VLLM_STAMP)
 	$(MAKE) lint
 	$(MAKE) docs

@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import Connection
 
 #: Airflow's switch between the secrets chains of a server process (metadata database included) and of any
 #: other process (environment variables and configured backends only).
@@ -44,6 +47,56 @@ def snowflake_conn_params(hook: Any) -> dict[str, Any]:
     """
     params: dict[str, Any] = hook._get_conn_params()
     return params
+
+
+def _supervisor_comms() -> Any:
+    """The Task SDK's channel to the supervisor of this process (``None`` outside a task or trigger run)."""
+    try:
+        from airflow.sdk.execution_time import task_runner
+    except ImportError:  # pragma: no cover - every supported Airflow has the Task SDK
+        return None
+    return getattr(task_runner, "SUPERVISOR_COMMS", None)
+
+
+def in_process_supervisor() -> bool:
+    """Whether tasks and triggers run inside this process: ``dag.test()`` and ``airflow dags test`` run them
+    through ``InProcessSupervisorComms`` (and with no separate triggerer)."""
+    return type(_supervisor_comms()).__name__ == "InProcessSupervisorComms"
+
+
+def _comms_without_async_send() -> bool:
+    """Whether the supervisor channel lacks ``asend``: ``InProcessSupervisorComms`` implements only the
+    synchronous ``send`` (Airflow 3.1 to 3.3.2 at least)."""
+    comms = _supervisor_comms()
+    return comms is not None and not callable(getattr(comms, "asend", None))
+
+
+async def aget_connection(conn_id: str, hook: Any = None) -> Connection:
+    """The connection ``conn_id``, looked up without blocking the event loop, wherever the code runs.
+
+    Stands in for ``airflow.providers.common.compat.connection.get_async_connection``, which asks the task's
+    supervisor with ``SUPERVISOR_COMMS.asend``. Under ``dag.test()``/``airflow dags test`` (Airflow 3.3.2)
+    the trigger runs in-process, where the supervisor has only ``send``: the async secrets backend swallows the
+    ``AttributeError`` and the lookup ends in ``AirflowNotFoundException`` for every connection kept in the
+    metadata database (``airflow connections add``), while environment-variable connections are found. There
+    the synchronous lookup, which that supervisor serves, runs in a worker thread (as common.compat itself does
+    on Airflow before 3.3.2). Everywhere else (a real triggerer, a worker) it is the async lookup, untouched.
+
+    :param conn_id: the connection id.
+    :param hook: the hook (class or instance) whose ``get_connection``/``aget_connection`` to use.
+    """
+    from airflow.providers.common.compat.connection import get_async_connection
+    from airflow.providers.common.compat.sdk import BaseHook
+
+    try:
+        return await get_async_connection(conn_id, hook=hook)
+    except Exception:  # AirflowNotFoundException: its module differs between Airflow versions
+        if not _comms_without_async_send():
+            raise
+    from asgiref.sync import sync_to_async
+
+    conn: Connection = await sync_to_async((hook or BaseHook).get_connection)(conn_id=conn_id)
+    return conn
 
 
 class _ManyWithMore:

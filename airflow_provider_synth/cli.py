@@ -198,14 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
 # -- targets -----------------------------------------------------------------------------------------------------
 
 
-def _read_manifest(run: str) -> dict[str, Any]:
+def _read_manifest(run: str) -> dict[str, Any] | None:
+    """The manifest at ``run`` (a manifest.json or the output folder holding it); ``None`` when there is none
+    yet: the task writes it when the run merges, so a run still going (or whose task died before merging) has
+    only its plan (:func:`_plan_of_folder`)."""
     from airflow_provider_synth.batch.manifest import read_manifest
 
     try:
         manifest = read_manifest(as_path(run))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise UsageError(f"no manifest at {run!r}: give a manifest.json or the output folder that holds it") \
-            from None
+        return None
     except (ValueError, OSError) as exc:
         raise UsageError(f"cannot read the manifest at {run!r}: {type(exc).__name__}: {exc}") from None
     if not isinstance(manifest, dict):
@@ -231,6 +233,31 @@ def _load_plan(manifest: dict[str, Any], run: str, required: bool) -> Any:
         return None
 
 
+def _plan_of_folder(run: str) -> Any:
+    """The plan of the run whose output folder (or work folder, or missing manifest.json) is ``run``: what every
+    run keeps from before its first upload (``<output>/_work/plan.json``)."""
+    from airflow_provider_synth.batch.paths import join_path
+    from airflow_provider_synth.runs.openai import PLAN_FILE, Plan
+
+    folder = run[: -len("/manifest.json")] if run.rstrip("/").endswith("/manifest.json") else run
+    for work in (join_path(as_path(folder), "_work"), as_path(folder)):
+        try:
+            return Plan.load(work)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            continue
+        except (OSError, TypeError, ValueError) as exc:
+            raise UsageError(f"cannot read the run's plan under {str(work)!r}: {type(exc).__name__}: {exc}") \
+                from None
+    raise UsageError(f"no manifest and no run plan at {run!r} (looked for manifest.json and _work/{PLAN_FILE}): "
+                     "give the output folder of a run (its output_path), or its manifest.json")
+
+
+def _manifest_from_plan(plan: Any) -> dict[str, Any]:
+    """What a manifest would say of a run that has none yet, from its plan (its batches come from the service)."""
+    return {"backend": "openai", "status": "no manifest yet", "conn_id": plan.conn_id, "work_dir": plan.work_dir,
+            "output_dir": plan.output_dir, "idempotency_key": plan.key, "total": plan.total, "batch_ids": []}
+
+
 def resolve_target(args: argparse.Namespace, *, need_plan: bool = False) -> Target:
     """Turn ``MANIFEST`` / ``--batch-id`` / ``--conn-id`` into a :class:`Target`."""
     run, batch_ids = getattr(args, "run", None), tuple(getattr(args, "batch_id", None) or ())
@@ -242,7 +269,11 @@ def resolve_target(args: argparse.Namespace, *, need_plan: bool = False) -> Targ
         args.conn_id = args.conn_id or DEFAULT_CONN_ID
         return Target(conn_id=args.conn_id, batch_ids=batch_ids)
     manifest = _read_manifest(run)
-    plan = _load_plan(manifest, run, required=need_plan)
+    if manifest is None:  # still going, or its task died before merging: the plan is there from the start
+        plan = _plan_of_folder(run)
+        manifest = _manifest_from_plan(plan)
+    else:
+        plan = _load_plan(manifest, run, required=need_plan)
     conn_id = args.conn_id or manifest.get("conn_id") or (plan.conn_id if plan else None) or DEFAULT_CONN_ID
     args.conn_id = conn_id  # the connection whose secrets error messages are scrubbed of
     return Target(conn_id=conn_id, manifest=manifest, plan=plan,
@@ -293,19 +324,57 @@ def _int(value: Any) -> int | None:
 # -- commands ----------------------------------------------------------------------------------------------------
 
 
-def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _totals(rows: list[dict[str, Any]], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The batches' statuses, and the run's requests counted once each (:func:`_run_requests`)."""
     from airflow_provider_synth.batch.status import TERMINAL_STATUSES
 
     statuses: dict[str, int] = {}
-    counts = {"total": 0, "completed": 0, "failed": 0}
     for row in rows:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-        for key in counts:
-            counts[key] += int(row["request_counts"].get(key) or 0)
+    counts = _run_requests(rows, manifest)
     done = counts["completed"] + counts["failed"]
-    return {"batches": len(rows), "statuses": statuses, "requests": counts,
+    rounds = {r["round"] for r in rows if r.get("round") is not None}
+    return {"batches": len(rows), "rounds": len(rounds) or None, "statuses": statuses, "requests": counts,
             "progress": round(done / counts["total"], 4) if counts["total"] else None,
             "finished": all(r["status"] in TERMINAL_STATUSES for r in rows)}
+
+
+def _run_requests(rows: list[dict[str, Any]], manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """Each request of the run once, however many rounds it went through.
+
+    A merged run's manifest is the answer (``succeeded``, ``failed`` + ``missing``: the output checks'
+    verdicts included). Before that, per shard: round 0 holds every request of the shard, and each retry round
+    only failures of the round before, so the answered ones add up over the rounds, the last round's unfinished
+    ones are pending, and the rest failed (so far: a later round may retry them). Batches without a shard (bare
+    ``--batch-id``) are summed as they are.
+    """
+    from airflow_provider_synth.batch.status import TERMINAL_STATUSES
+
+    if manifest and manifest.get("status") == "completed" and "succeeded" in manifest:
+        failed = int(manifest.get("failed") or 0) + int(manifest.get("missing") or 0)
+        return {"total": int(manifest["total"]), "completed": int(manifest["succeeded"]), "failed": failed,
+                "pending": 0, "source": "manifest"}
+    shards: dict[int, list[dict[str, Any]]] = {}
+    loose = {"total": 0, "completed": 0, "failed": 0, "pending": 0}
+    for row in rows:
+        c = row["request_counts"]
+        if row.get("shard") is None or row.get("round") is None:
+            for key in ("total", "completed", "failed"):
+                loose[key] += int(c.get(key) or 0)
+            continue
+        shards.setdefault(row["shard"], []).append(row)
+    for rounds in shards.values():
+        rounds.sort(key=lambda r: r["round"])
+        first, last = rounds[0]["request_counts"], rounds[-1]["request_counts"]
+        answered = sum(int(r["request_counts"].get("completed") or 0) for r in rounds)
+        pending = 0 if rounds[-1]["status"] in TERMINAL_STATUSES else max(
+            int(last.get("total") or 0) - int(last.get("completed") or 0) - int(last.get("failed") or 0), 0)
+        total = int(first.get("total") or 0)
+        loose["total"] += total
+        loose["completed"] += answered
+        loose["pending"] += pending
+        loose["failed"] += max(total - answered - pending, 0)
+    return {**loose, "source": "batches"}
 
 
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
@@ -314,8 +383,10 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
     if target.plan is not None and not rows:
         raise CommandFailed(f"no batch of run {target.plan.key} found on connection {target.conn_id!r}: "
                             "was it submitted with this connection?")
-    totals = _totals(rows)
+    totals = _totals(rows, target.manifest)
     result: dict[str, Any] = {"conn_id": target.conn_id, "batches": rows, "totals": totals}
+    if target.manifest is not None:
+        result["manifest_status"] = target.manifest.get("status")
     if target.plan is not None:
         result.update(run_key=target.plan.key, total_requests=target.plan.total, shards=len(target.plan.shards))
     out.emit(result, lambda: _status_text(result))
@@ -342,6 +413,9 @@ def _status_text(result: dict[str, Any]) -> list[str]:
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(t["statuses"].items()))
     lines.append(f"{'total':<{w}} {'':>5} {'':>5}  {t['batches']:<12} {r['completed']:>9} {r['failed']:>7} "
                  f"{r['total']:>7} {_pct(r['completed'] + r['failed'], r['total']):>8}")
+    source = "from the manifest" if r.get("source") == "manifest" else "so far, from the batches"
+    lines.append(f"requests of the run (each counted once, {source}): {r['total']:,} total, "
+                 f"{r['completed']:,} answered, {r['failed']:,} failed, {r.get('pending', 0):,} pending")
     lines.append(f"{t['batches']} batch(es): {statuses or 'none'}; "
                  + ("all finished" if t["finished"] else "still running"))
     return lines

@@ -22,7 +22,8 @@ from airflow_provider_synth.operators.openai_batch import (
 )
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
-POLL_INTERVAL = float(os.environ.get("SYNTH_POLL_INTERVAL", "60"))
+# None: the operator's default (60 s against a service, 2 s against a server on this machine)
+POLL_INTERVAL = float(os.environ["SYNTH_POLL_INTERVAL"]) if os.environ.get("SYNTH_POLL_INTERVAL") else None
 #: the name of a deployment of type "Global-Batch" in your Azure OpenAI resource
 AZURE_DEPLOYMENT = os.environ.get("SYNTH_AZURE_DEPLOYMENT", "gpt-4o-mini-batch")
 PRODUCTS = ["trail shoes", "espresso grinder", "noise-cancelling headphones", "standing desk", "rain jacket",

@@ -47,7 +47,6 @@ def example_openai_batch() -> None:
             params={"temperature": 0.7, "max_completion_tokens": 200},
         ),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
-        poll_interval=60,
         max_failed_ratio=0.01,     # accept up to 1% failed requests (listed in failures.jsonl)
         config=OpenAIBatchConfig(
             retry_failed_requests=2,   # resubmit 429/5xx/expired requests, never finished ones

@@ -43,7 +43,6 @@ def example_openai_batch_submit_collect() -> None:
         task_id="wait",
         conn_id="synth_openai_default",
         batch_ids=submit.output,      # the manifest's batch_ids
-        poll_interval=60,
         deferrable=True,
     )
     collect = OpenAIBatchResultsOperator(

@@ -22,7 +22,8 @@ from airflow_provider_synth.operators.openai_batch import (
 )
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
-POLL_INTERVAL = float(os.environ.get("SYNTH_POLL_INTERVAL", "60"))
+# None: the operator's default (60 s against a service, 2 s against a server on this machine)
+POLL_INTERVAL = float(os.environ["SYNTH_POLL_INTERVAL"]) if os.environ.get("SYNTH_POLL_INTERVAL") else None
 EMBEDDING_DIMENSIONS = 256
 SUBJECTS = ["tide pools", "sourdough starters", "binary search", "glacial lakes", "jazz harmony",
             "solar sails", "bee colonies", "sea shanties", "rust programming", "lunar maria"]

@@ -63,7 +63,6 @@ def example_openai_structured() -> None:
             direct_tail=25,  # a retry round of <= 25 requests goes through the synchronous API
         ),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
-        poll_interval=60,
         max_failed_ratio=0.02,
         config=OpenAIBatchConfig(retry_failed_requests=2, max_cost_usd=5.0),
         deferrable=True,

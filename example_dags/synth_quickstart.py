@@ -20,7 +20,8 @@ from airflow_provider_synth.operators.openai_batch import (
 )
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
-POLL_INTERVAL = float(os.environ.get("SYNTH_POLL_INTERVAL", "60"))
+# None: the operator's default (60 s against a service, 2 s against a server on this machine)
+POLL_INTERVAL = float(os.environ["SYNTH_POLL_INTERVAL"]) if os.environ.get("SYNTH_POLL_INTERVAL") else None
 #: how many of the 300 records to send (``make quickstart`` sizes the run to what the machine's engine sustains)
 REQUESTS = int(os.environ.get("SYNTH_QUICKSTART_REQUESTS") or 300)
 PROMPT = "Write {style} in the voice of {persona}."

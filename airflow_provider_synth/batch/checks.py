@@ -9,6 +9,7 @@ pydantic model (or a JSON schema) the results lines carry the validated object u
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -29,15 +30,19 @@ MAX_KEPT_TEXT = 100_000
 
 @dataclass(frozen=True)
 class OutputChecks:
-    """What makes an answer unusable, and what happens to unusable answers. ``OutputChecks()`` checks nothing.
+    """What makes an answer unusable, and what happens to unusable answers.
+
+    The default, on every backend (:func:`checks_for`): a schema the user wrote is checked. A template's
+    ``response_format`` is validated whether or not ``checks=`` is given (``checks=None`` means
+    ``OutputChecks()``); ``OutputChecks(schema=False)`` turns that off. Nothing else is checked unless asked.
 
     :param finish_reasons: finish reasons that make an answer unusable, e.g. ``{"length", "content_filter"}``
         (a Responses API answer left ``incomplete`` for ``max_output_tokens`` counts as ``"length"``).
         ``length`` is counted as ``truncated``, ``content_filter`` as ``refused``, any other by its name.
     :param refusal: an answer with a refusal (``message.refusal``, a Responses ``refusal`` part) is unusable.
     :param schema: a pydantic model class, a JSON schema, or a ``response_format`` dict; the answer's text
-        must validate against it (``json_object``: any JSON object). The OpenAI operator uses its template's
-        ``response_format`` when this is unset.
+        must validate against it (``json_object``: any JSON object). ``None`` (default): the template's
+        ``response_format``, if any; ``False``: no schema check.
     :param retry: resubmit unusable answers in the retry rounds (``retry_failed_requests``), alone (vLLM: at
         once, inside the running engine).
     :param retry_body: body fields to change when a kind is retried, e.g.
@@ -76,12 +81,12 @@ class OutputChecks:
     @property
     def active(self) -> bool:
         """Whether any answer can be judged unusable."""
-        return bool(self.finish_reasons) or self.refusal or self.schema is not None
+        return bool(self.finish_reasons) or self.refusal or self.schema not in (None, False)
 
     def to_spec(self) -> dict[str, Any]:
         """The checks as JSON (a pydantic model as its JSON schema), stored in a run's plan so that a later
         re-merge (the CLI's ``download``) judges answers the same way; ``direct_*`` are left out."""
-        schema = self.schema
+        schema = None if self.schema is False else self.schema
         if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
             schema = schema.model_json_schema()
         return {"finish_reasons": sorted(self.finish_reasons), "refusal": self.refusal, "schema": schema,
@@ -100,6 +105,24 @@ class OutputChecks:
     def checker(self) -> Checker | None:
         """The compiled checks (schema validator built once), or ``None`` when nothing is checked."""
         return Checker(self) if self.active else None
+
+
+def checks_for(checks: OutputChecks | None, response_format: Any) -> OutputChecks | None:
+    """THE default of ``checks`` beside a template's ``response_format``, for every backend: a schema the user
+    wrote is checked. ``checks=None`` with a ``response_format`` gives ``OutputChecks(schema=response_format)``;
+    given checks without a schema get it too; ``schema=False`` opts out (no schema check).
+
+    :param checks: the task's ``checks=``.
+    :param response_format: the template's ``response_format`` (``None``: none).
+    :return: the checks to run (``None``: nothing to check).
+    """
+    if checks is not None and checks.schema is False:
+        return dataclasses.replace(checks, schema=None)
+    if response_format is None:
+        return checks
+    if checks is None:
+        return OutputChecks(schema=response_format)
+    return checks if checks.schema is not None else dataclasses.replace(checks, schema=response_format)
 
 
 class Unusable(NamedTuple):
@@ -300,7 +323,7 @@ class Checker:
         schema = checks.schema
         if isinstance(schema, Mapping) and schema.get("type") == "text":  # no structure asked: nothing to validate
             schema = None
-        self.schema = _Schema(schema) if schema is not None else None
+        self.schema = _Schema(schema) if schema not in (None, False) else None
 
     def judge(self, raw: bytes, usage: tuple[int, int, int, int, int] | None = None) -> Unusable | bytes | None:
         """Judge a success line: an :class:`Unusable`, the line to write with ``"parsed"`` added, or ``None``

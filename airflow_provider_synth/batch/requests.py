@@ -8,10 +8,12 @@ order, so the same records always build a byte-identical file.
 from __future__ import annotations
 
 import copy
+import string
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal, get_args
 
+from airflow_provider_synth.batch.errors import BatchCoreError
 from airflow_provider_synth.batch.jsonl import write_jsonl
 
 Endpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions", "/v1/moderations"]
@@ -219,6 +221,60 @@ def custom_id_for(record: Mapping[str, Any], index: int, *, id_field: str | None
     return str(value)
 
 
+class TemplateError(BatchCoreError, ValueError):
+    """A ``prompt_template`` that cannot be filled from a record (raised before anything is uploaded)."""
+
+
+#: how to write a brace that is text, not a field: every template error ends with it
+BRACE_HINT = ("A literal brace in a template is written doubled: '{{' and '}}' (a JSON example in a prompt: "
+              "'Answer as {{\"question\": \"...\"}}').")
+
+
+def _shown(template: str, limit: int = 160) -> str:
+    return repr(template if len(template) <= limit else template[:limit] + "...")
+
+
+def check_template(template: str) -> None:
+    """Check a ``str.format`` template's syntax once, before any record is rendered.
+
+    :raises TemplateError: a lone brace or a malformed field, with the template and :data:`BRACE_HINT`.
+    """
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise TemplateError(f"prompt_template {_shown(template)} is not a valid template ({exc}). "
+                            f"{BRACE_HINT}") from None
+    positional = [f for f in fields if f == "" or f.isdigit()]
+    if positional:
+        raise TemplateError(f"prompt_template {_shown(template)} has a positional field "
+                            f"'{{{positional[0]}}}': fields are filled from each record by name, e.g. '{{topic}}'. "
+                            f"{BRACE_HINT}")
+
+
+def render_template(template: str, record: Mapping[str, Any], index: int, custom_id: str | None = None) -> str:
+    """``template.format_map(record)``, with an error that names the record, the field and the template.
+
+    :param template: the ``str.format`` template.
+    :param record: the record's fields.
+    :param index: the record's 0-based position in the input.
+    :param custom_id: the record's id (its ``custom_id``), for the message.
+    :raises TemplateError: a missing field (with the record's fields) or a value the field's format spec
+        cannot take.
+    """
+    try:
+        return template.format_map(record)
+    except KeyError as exc:
+        field = str(exc.args[0]) if exc.args else "?"
+        cause = f"has no field {field!r} (its fields: {', '.join(map(str, list(record)[:20])) or 'none'})"
+        if any(c in field for c in "\"': \n"):
+            cause += f"; {{{field}}} looks like JSON or prose inside braces, not a field name"
+        err = cause
+    except (ValueError, TypeError, AttributeError, IndexError) as exc:
+        err = f"cannot be rendered: {type(exc).__name__}: {exc}"
+    who = f"record {index}" + (f" (id {custom_id!r})" if custom_id is not None else "")
+    raise TemplateError(f"prompt_template {_shown(template)}: {who} {err}. {BRACE_HINT}") from None
+
+
 def _body_from(value: Any, endpoint: str, model: str, system: str | None) -> dict[str, Any]:
     """Normalize what a builder returned (a body, a list of messages/inputs, or a text) into a body."""
     field = INPUT_FIELD[endpoint]
@@ -238,7 +294,8 @@ def _body_from(value: Any, endpoint: str, model: str, system: str | None) -> dic
     return {"model": body.pop("model"), **body}
 
 
-def _default_value(record: Mapping[str, Any], endpoint: str, template: str | None) -> Any:
+def _default_value(record: Mapping[str, Any], endpoint: str, template: str | None, index: int = 0,
+                   custom_id: str | None = None) -> Any:
     if endpoint in (SCORE, RERANK):  # a body of the record's scoring fields
         fields = RERANK_FIELDS if endpoint == RERANK else tuple(f for pair in SCORE_FIELDS for f in pair)
         body = {f: record[f] for f in fields if f in record}
@@ -255,7 +312,7 @@ def _default_value(record: Mapping[str, Any], endpoint: str, template: str | Non
             return {"input": text}
         return {"input": moderation_input(str(text or ""), images=record.get("images") or ())}
     if template is not None:
-        return template.format_map(record)
+        return render_template(template, record, index, custom_id)
     for key in (INPUT_FIELD[endpoint], "messages", "prompt", "input", "text"):
         if key in record:
             return record[key]
@@ -313,12 +370,16 @@ def build_requests(
         shared["response_format"] = response_format_for(response_format)
     if tools:
         shared["tools"] = [dict(t) for t in tools]
+    if prompt_template is not None and builder is None:
+        check_template(prompt_template)
     for index, record in enumerate(records):
-        value = builder(record) if builder is not None else _default_value(record, endpoint, prompt_template)
+        custom_id = custom_id_for(record, index, id_field=id_field, prefix=id_prefix)
+        value = (builder(record) if builder is not None
+                 else _default_value(record, endpoint, prompt_template, index, custom_id))
         body = _body_from(value, endpoint, model, system)
         for key, val in shared.items():
             body.setdefault(key, val)
-        yield make_request(custom_id_for(record, index, id_field=id_field, prefix=id_prefix), endpoint, body)
+        yield make_request(custom_id, endpoint, body)
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -119,7 +120,7 @@ class Price(NamedTuple):
 
 
 #: Direct prices, USD per 1M tokens, as published by OpenAI (checked 2026-11). Override per run with
-#: ``prices=`` for your contract, Azure's regional prices or a new model. Dated snapshots match by prefix.
+#: ``prices=`` for your contract, Azure's regional prices or a new model. Dated snapshots (``-2024-08-06``) match.
 DEFAULT_PRICES: dict[str, Price] = {
     "gpt-5": Price(1.25, 0.125, 10.00),
     "gpt-5-mini": Price(0.25, 0.025, 2.00),
@@ -141,9 +142,15 @@ DEFAULT_PRICES: dict[str, Price] = {
 }
 
 
+#: what may follow a known name in a dated snapshot's name: ``-2024-08-06``, ``-0613``. Anything else
+#: (``gpt-4o-mni``, ``gpt-4o-audio-preview``) is another model, never priced as the name it starts with.
+SNAPSHOT_SUFFIX = re.compile(r"\d{4}(-\d{2}-\d{2})?")
+
+
 def price_for(model: str | None, prices: Mapping[str, Price | tuple[float, float, float]] | None = None
               ) -> Price | None:
-    """The price of ``model``: an exact match first, then the longest known prefix (dated snapshots)."""
+    """The price of ``model``: an exact match first, then the longest known name of which ``model`` is a dated
+    snapshot (``gpt-4o-mini-2024-07-18``); ``None`` for any other name."""
     if not model:
         return None
     table: dict[str, Price] = dict(DEFAULT_PRICES)
@@ -151,8 +158,22 @@ def price_for(model: str | None, prices: Mapping[str, Price | tuple[float, float
         table.update({k: Price(*v) for k, v in prices.items()})
     if model in table:
         return table[model]
-    candidates = [name for name in table if model.startswith(name + "-")]
+    candidates = [name for name in table if model.startswith(name + "-")
+                  and SNAPSHOT_SUFFIX.fullmatch(model[len(name) + 1:])]
     return table[max(candidates, key=len)] if candidates else None
+
+
+def price_known(model: str | None, prices: Mapping[str, Price | tuple[float, float, float]] | None = None) -> bool:
+    """Whether :func:`price_for` knows ``model`` (a name of the table or ``prices``, or a dated snapshot of one)."""
+    return price_for(model, prices) is not None
+
+
+def unknown_price_message(model: str | None) -> str:
+    """What to say about a model with no known price (a typo such as ``gpt-4o-mni`` is no snapshot of gpt-4o)."""
+    return (f"model {model!r} has no known price: it is not in the built-in table "
+            f"({', '.join(sorted(DEFAULT_PRICES))}) nor a dated snapshot of one (e.g. gpt-4o-2024-08-06). Check "
+            "the name for a typo, or give its price with prices={model: (input, cached_input, output)} "
+            "(USD per 1M tokens)")
 
 
 def cost_usd(
@@ -172,6 +193,18 @@ def cost_usd(
     total = (uncached * price.input + usage.cached_tokens * price.cached_input
              + usage.completion_tokens * price.output) / 1_000_000
     return round(total * (discount if batch else 1.0), 6)
+
+
+def total_cost(costs: Iterable[float | None]) -> float | None:
+    """The cost of a run made of parts (shards, a batch part and a direct tail): their sum, or ``None``
+    when any part has no price (an unknown part makes the total unknown; a partial sum would under-report).
+
+    :param costs: each part's ``cost_usd``.
+    """
+    parts = list(costs)
+    if not parts or any(c is None for c in parts):
+        return None
+    return round(sum(float(c) for c in parts if c is not None), 6)
 
 
 def format_usd(value: float | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_synth.batch.checks import checks_for
 from airflow_provider_synth.batch.requests import RequestTemplate
 from airflow_provider_synth.decorators._base import (
     SynthBatchDecoratedOperator,
@@ -38,6 +39,7 @@ class CortexBatchDecoratedOperator(SynthBatchDecoratedOperator, CortexBatchOpera
         kwargs.setdefault("input_path", "")  # the file written from what the function returns
         super().__init__(python_callable=python_callable, **kwargs)
         self.template = template or RequestTemplate()
+        self.checks = checks_for(self.checks, self.template.response_format)  # a schema the user wrote is checked
 
     def execute_complete(self, context: Context, event: Mapping[str, Any] | None = None,
                          run: Mapping[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:

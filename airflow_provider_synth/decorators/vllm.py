@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_synth.batch.checks import checks_for
 from airflow_provider_synth.batch.requests import CHAT, RequestTemplate
 from airflow_provider_synth.decorators._base import (
     SynthBatchDecoratedOperator,
@@ -39,6 +40,7 @@ class VLLMBatchDecoratedOperator(SynthBatchDecoratedOperator, VLLMBatchOperator)
         kwargs.setdefault("input_path", "")  # the file written from what the function returns
         super().__init__(python_callable=python_callable, **kwargs)
         self.endpoint, self.template = endpoint, template or RequestTemplate()
+        self.checks = checks_for(self.checks, self.template.response_format)  # a schema the user wrote is checked
 
 
 def synth_vllm_batch_task(python_callable: Callable[..., Any] | None = None, **kwargs: Any) -> TaskDecorator:

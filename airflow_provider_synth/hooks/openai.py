@@ -13,16 +13,19 @@ import contextlib
 import importlib
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
-from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
+from airflow.providers.common.compat.connection import get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook, redact
 
+from airflow_provider_synth._compat import aget_connection
 from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.requests import Endpoint, UrlForm, service_url
+from airflow_provider_synth.batch.results import is_transient_status
 from airflow_provider_synth.batch.status import IN_PROGRESS_STATUSES as IN_PROGRESS_STATUSES  # re-exported
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES as TERMINAL_STATUSES  # re-exported
 from airflow_provider_synth.batch.status import batch_state as batch_state  # re-exported
@@ -46,10 +49,11 @@ AZURE_CONN_TYPES = frozenset({"synth_azure_openai"})
 #: The Entra ID scope Azure OpenAI accepts tokens for.
 AZURE_TOKEN_SCOPE = "https://cognitiveservices.azure.com/.default"
 _DOWNLOAD_CHUNK = 1 << 20
+#: the default seconds between status checks of a service's batches, and of a server on this machine's
+SERVICE_POLL_INTERVAL, LOCAL_POLL_INTERVAL = 60.0, 2.0
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-#: HTTP statuses worth another poll: the API is busy or briefly broken, the batch is fine.
-TRANSIENT_HTTP_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 def is_transient(error: BaseException) -> bool:
@@ -61,7 +65,7 @@ def is_transient(error: BaseException) -> bool:
 
     if isinstance(error, openai.APIConnectionError):  # includes APITimeoutError
         return True
-    return isinstance(error, openai.APIStatusError) and error.status_code in TRANSIENT_HTTP_STATUSES
+    return isinstance(error, openai.APIStatusError) and is_transient_status(error.status_code)
 
 
 _KEYS = re.compile(r"\b(?:sk|key|pk|rk)-[A-Za-z0-9_*\-]{4,}|\*{3,}[A-Za-z0-9]{2,}")
@@ -315,6 +319,14 @@ class OpenAIBatchHook(BaseHook):
             conn = self.get_connection(self.conn_id)
             self._is_azure = (conn.conn_type or "").replace("-", "_") in AZURE_CONN_TYPES
         return self._is_azure
+
+    @property
+    def default_poll_interval(self) -> float:
+        """Seconds between status checks when a task sets none: :data:`LOCAL_POLL_INTERVAL` against a server on
+        this machine (the local Batch API server finishes a batch in seconds), :data:`SERVICE_POLL_INTERVAL`
+        against a service (whose batches take minutes to hours, and whose rate limits count every poll)."""
+        host = (urllib.parse.urlsplit(str(self.client.base_url)).hostname or "").lower()
+        return LOCAL_POLL_INTERVAL if host in LOOPBACK_HOSTS else SERVICE_POLL_INTERVAL
 
     @property
     def url_form(self) -> UrlForm:
@@ -580,7 +592,7 @@ class OpenAIBatchAsyncHook(OpenAIBatchHook):
     ) -> tuple[AsyncOpenAI | AsyncAzureOpenAI, dict[str, Any]]:
         from openai import AsyncAzureOpenAI, AsyncOpenAI
 
-        conn = await get_async_connection(self.conn_id, hook=self)
+        conn = await aget_connection(self.conn_id, hook=self)
         kwargs = self._client_kwargs(conn, await get_async_extra_dejson(conn))
         if http_client is not None:
             kwargs["http_client"] = http_client

@@ -33,7 +33,7 @@ from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid
 from airflow_provider_synth.exceptions import BatchTimeoutError, WaitFailedError
 from airflow_provider_synth.operators._native import ManifestPublisherMixin, OutputClaimMixin
 from airflow_provider_synth.runs.base import RunIdentity, SynthRun, Termination, finish
-from airflow_provider_synth.triggers.base import validate_event
+from airflow_provider_synth.triggers.base import check_trigger_connection, validate_event
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -55,7 +55,8 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
 
     :param conn_id: the backend's connection (default: :attr:`default_conn_id`).
     :param output_path: the output folder (local path, URL or ``ObjectStoragePath``), one per task instance.
-    :param poll_interval: seconds between status checks (default: :attr:`default_poll_interval`).
+    :param poll_interval: seconds between status checks (default: :meth:`default_poll_interval_for` the run:
+        :attr:`default_poll_interval`, or a backend's own rule, e.g. 2 s against a server on this machine).
     :param timeout: the run's budget (``timedelta`` or seconds), counted from its first submission, so a retry
         never extends it; at the deadline what still runs is cancelled and the task fails (default:
         :attr:`default_timeout`).
@@ -99,11 +100,12 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
         conn_id = self._renamed_arguments(kwargs, conn_id)
         config = self._config_arguments(kwargs, config)
         super().__init__(**kwargs)
-        self.poll_interval = float(self.default_poll_interval if poll_interval is None else poll_interval)
+        #: ``None``: :meth:`default_poll_interval_for` the run, decided when it waits
+        self.poll_interval: float | None = None if poll_interval is None else float(poll_interval)
         self.timeout_s = seconds(self.default_timeout if timeout is None else timeout)
         if not 0.0 <= max_failed_ratio <= 1.0:
             raise ValueError(f"max_failed_ratio must be within [0, 1], got {max_failed_ratio}")
-        if self.poll_interval <= 0 or self.timeout_s <= 0:
+        if (self.poll_interval is not None and self.poll_interval <= 0) or self.timeout_s <= 0:
             raise ValueError("poll_interval and timeout must be > 0")
         if checks is not None and checks.direct_tail and not self.direct_tail:
             raise ValueError("checks.direct_tail is for the OpenAI and Azure Batch API only")
@@ -190,6 +192,18 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
     def persist_links(self, context: Context, run: SynthRun) -> None:
         """Store the run's console links before deferring, so they work while the task waits."""
 
+    def trigger_conn_id(self, run: SynthRun) -> str:
+        """The connection the run's trigger looks up (checked before the first submission)."""
+        return self.conn_id
+
+    def default_poll_interval_for(self, run: SynthRun) -> float:
+        """The poll interval when the task sets none (a backend may look at where the run's service is)."""
+        return self.default_poll_interval
+
+    def poll_interval_for(self, run: SynthRun) -> float:
+        """Seconds between status checks of ``run``: ``poll_interval``, else :meth:`default_poll_interval_for`."""
+        return self.poll_interval if self.poll_interval is not None else self.default_poll_interval_for(run)
+
     # -- the lifecycle ------------------------------------------------------------------------------------------
 
     def identity(self, context: Context) -> RunIdentity:
@@ -199,6 +213,8 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
         self.claim_output(context)
         run = self._run = self.start_run(context)
         try:
+            if self.deferrable and self.wait_for_completion:  # before anything is paid for
+                check_trigger_connection(self.trigger_conn_id(run))
             run.next_round()
             run.submit()
             self.persist_links(context, run)
@@ -224,7 +240,7 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
                 self.defer(trigger=self.make_trigger(run, end_time), method_name="execute_complete",
                            kwargs=self.defer_kwargs(run),
                            timeout=timedelta(seconds=max(end_time - time.time(), 0) + 600))
-            result = run.wait(self.poll_interval, end_time,
+            result = run.wait(self.poll_interval_for(run), end_time,
                               progress=lambda s: self.log.info("%s: %s", run.waited.plural, s))
             if result.next is Next.TIMEOUT:
                 self.on_timeout(context, run, result.message)

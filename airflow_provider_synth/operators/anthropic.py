@@ -226,7 +226,12 @@ class AnthropicBatchOperator(SynthBatchOperator):
         run.refresh(event["batches"])
         return run
 
+    def trigger_conn_id(self, run: SynthRun) -> str:
+        assert isinstance(run, AnthropicRun)
+        return run.plan.conn_id
+
     def make_trigger(self, run: SynthRun, end_time: float) -> BaseTrigger:
         assert isinstance(run, AnthropicRun)
-        return AnthropicBatchTrigger(conn_id=run.plan.conn_id, batch_ids=run.running, poll_interval=self.poll_interval,
+        return AnthropicBatchTrigger(conn_id=run.plan.conn_id, batch_ids=run.running,
+                                     poll_interval=self.poll_interval_for(run),
                                      end_time=end_time, cancel_on_kill=self.cancel_on_kill)

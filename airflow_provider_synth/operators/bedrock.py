@@ -161,8 +161,12 @@ class BedrockBatchOperator(SynthBatchOperator):
         run.refresh(event[self.trigger_class.event_key])
         return run
 
+    def trigger_conn_id(self, run: SynthRun) -> str:
+        assert isinstance(run, BedrockRun)
+        return run.plan.conn_id or self.conn_id
+
     def make_trigger(self, run: SynthRun, end_time: float) -> BaseTrigger:
         assert isinstance(run, BedrockRun)
         return BedrockJobTrigger(aws_conn_id=run.plan.conn_id, job_arns=run.running, region_name=run.plan.region_name,
-                                 poll_interval=self.poll_interval, end_time=end_time,
+                                 poll_interval=self.poll_interval_for(run), end_time=end_time,
                                  cancel_on_kill=self.cancel_on_kill)

@@ -166,7 +166,7 @@ class CortexBatchOperator(SynthBatchOperator):
         return run
 
     def make_trigger(self, run: SynthRun, end_time: float) -> BaseTrigger:
-        return CortexStatementTrigger(self.conn_id, run.running, self.poll_interval, end_time=end_time)
+        return CortexStatementTrigger(self.conn_id, run.running, self.poll_interval_for(run), end_time=end_time)
 
     def defer_kwargs(self, run: SynthRun) -> dict[str, Any] | None:
         assert isinstance(run, CortexRun)

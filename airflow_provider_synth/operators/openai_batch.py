@@ -8,11 +8,11 @@ own knobs are :class:`~airflow_provider_synth.runs.openai.OpenAIBatchConfig`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_synth.batch.checks import checks_for
 from airflow_provider_synth.batch.paths import as_path, join_path, open_path
 from airflow_provider_synth.batch.paths import exists as path_exists
 from airflow_provider_synth.batch.requests import (
@@ -24,7 +24,7 @@ from airflow_provider_synth.batch.requests import (
     write_requests,
 )
 from airflow_provider_synth.batch.split import split_requests
-from airflow_provider_synth.batch.usage import estimate_cost, format_usd
+from airflow_provider_synth.batch.usage import estimate_cost, format_usd, price_known, unknown_price_message
 from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary
 from airflow_provider_synth.exceptions import BudgetExceededError
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
@@ -136,8 +136,17 @@ class _OpenAIBatchLifecycle(SynthBatchOperator):
     def make_trigger(self, run: SynthRun, end_time: float) -> BaseTrigger:
         assert isinstance(run, BatchRun)
         return OpenAIBatchTrigger(conn_id=run.plan.conn_id, batch_ids=run.running_ids,
-                                  poll_interval=self.poll_interval, end_time=end_time,
+                                  poll_interval=self.poll_interval_for(run), end_time=end_time,
                                   cancel_on_kill=self.cancel_on_kill)
+
+    def trigger_conn_id(self, run: SynthRun) -> str:
+        assert isinstance(run, BatchRun)
+        return run.plan.conn_id
+
+    def default_poll_interval_for(self, run: SynthRun) -> float:
+        """60 s against a service, 2 s against a server on this machine (see the hook's rule)."""
+        assert isinstance(run, BatchRun)
+        return run.hook.default_poll_interval
 
     def persist_links(self, context: Context, run: SynthRun) -> None:
         """Store the dashboard link before deferring, so it works while the task waits."""
@@ -174,7 +183,8 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
     :param model: the model (or Azure deployment) for built requests.
     :param endpoint: the endpoint of built requests.
     :param template: how records become requests (:class:`RequestTemplate`).
-    :param poll_interval: seconds between status checks.
+    :param poll_interval: seconds between status checks; default: 60 against a service, 2 against a server on
+        this machine (``127.0.0.1``/``localhost``, e.g. the local Batch API server).
     :param timeout: the whole run's budget, counted from the first submission (a retry never extends it);
         on expiry the batches are cancelled (unless ``config.cancel_on_kill`` is off).
     :param deferrable: wait in the triggerer instead of a worker slot.
@@ -221,7 +231,7 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
         model: str | None = None,
         endpoint: Endpoint = CHAT,
         template: RequestTemplate | None = None,
-        poll_interval: float = 60.0,
+        poll_interval: float | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         deferrable: bool = DEFAULT_DEFERRABLE,
         wait_for_completion: bool = True,
@@ -241,8 +251,7 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
         self.model, self.endpoint, self.template = model, endpoint, template or RequestTemplate()
         self.input_path, self.requests = input_path, requests
         self._wait_for_completion = wait_for_completion
-        if checks is not None and checks.schema is None and self.template.response_format is not None:
-            self.checks = dataclasses.replace(checks, schema=self.template.response_format)
+        self.checks = checks_for(checks, self.template.response_format)  # a schema the user wrote is checked
 
     @property
     def wait_for_completion(self) -> bool:
@@ -283,12 +292,15 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
         est = estimate_cost(split.est_input_tokens, split.est_output_tokens, split.model, cfg.prices)
         if cfg.max_cost_usd is not None:
             self._check_budget(est, split.model, split.est_input_tokens, split.est_output_tokens)
+        elif not price_known(split.model, cfg.prices):
+            self.log.warning("%s; cost_usd will be unknown (null)", unknown_price_message(split.model))
         plan = Plan(key=key, conn_id=self.conn_id, endpoint=split.endpoint or self.endpoint, model=split.model,
                     completion_window=cfg.completion_window, work_dir=str(work), output_dir=str(output),
                     shards=[s.as_dict() for s in split.shards], total=split.total, fingerprint=split.fingerprint,
                     est_input_tokens=split.est_input_tokens, est_output_tokens=split.est_output_tokens,
                     est_cost_usd=est, checks=self.checks.to_spec() if self.checks is not None else None,
-                    invalid=split.invalid, expires_after_s=cfg.expires_after_s)
+                    invalid=split.invalid, expires_after_s=cfg.expires_after_s,
+                    prices={m: list(p) for m, p in cfg.prices.items()})
         if split.invalid:
             self.log.warning(skipped_summary(split.invalid, split.synthetic_ids, join_path(output, "failures.jsonl")))
         self.log.info("%d request(s) in %d shard(s) for %s %s; run key %s", split.total, len(split.shards),
@@ -298,12 +310,13 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
     def _check_budget(self, est: float | None, model: str | None, tokens_in: int, tokens_out: int) -> None:
         limit = self.config.max_cost_usd
         if est is None:
-            raise BudgetExceededError(f"max_cost_usd is set but model {model!r} has no known price: add it to "
-                                      "prices= to estimate the cost; nothing was submitted")
+            raise BudgetExceededError(f"max_cost_usd is set but the cost cannot be estimated: "
+                                      f"{unknown_price_message(model)}; nothing was submitted")
+        estimate = (f"estimated cost {format_usd(est)} ({tokens_in:,} input tokens, up to {tokens_out:,} output "
+                    f"tokens at batch prices for {model})")
         if est > float(limit or 0):
-            raise BudgetExceededError(
-                f"estimated cost {format_usd(est)} ({tokens_in:,} input tokens, up to {tokens_out:,} output "
-                f"tokens at batch prices for {model}) is over max_cost_usd=${limit}; nothing was submitted")
+            raise BudgetExceededError(f"{estimate} is over max_cost_usd=${limit}; nothing was submitted")
+        self.log.info("round 0: %s, within max_cost_usd=$%s", estimate, limit)
 
     def output_folder(self) -> Any:
         return None if self.output_path is None else as_path(self.output_path)
@@ -325,7 +338,7 @@ class OpenAIBatchResultsOperator(_OpenAIBatchLifecycle):
     output folder are the submitting task's (its plan records them); it claims nothing.
 
     :param submitted: the submitting task's manifest (its XCom), or its output folder.
-    :param poll_interval: seconds between status checks.
+    :param poll_interval: seconds between status checks (default as :class:`OpenAIBatchOperator`'s).
     :param timeout: the run's budget, counted from its first submission.
     :param deferrable: wait in the triggerer instead of a worker slot.
     :param max_failed_ratio: the largest share of failed requests the task accepts (0 = none).
@@ -339,7 +352,7 @@ class OpenAIBatchResultsOperator(_OpenAIBatchLifecycle):
         self,
         *,
         submitted: Any,
-        poll_interval: float = 60.0,
+        poll_interval: float | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         deferrable: bool = DEFAULT_DEFERRABLE,
         max_failed_ratio: float = 0.0,

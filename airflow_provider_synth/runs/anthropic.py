@@ -18,7 +18,6 @@ This module orchestrates the hook and the core; it holds no Airflow context.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ import orjson
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
 from airflow_provider_synth.batch.keys import InputDigest
+from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import Accounting, ShardOutputs, merge_shards, pending_requests
 from airflow_provider_synth.batch.paths import exists, join_path, local_path, open_path, path_url
@@ -459,9 +459,8 @@ class AnthropicRun(SynthRun):
                                    f"request(s) ({self.where()}); a retry downloads them again")
         with open_path(self.shard_input(intent.shard, intent.round), "rb") as fp:
             ids = {row["anthropic_id"]: row["custom_id"] for row in (loads(r) for _, r in iter_jsonl(fp))}
-        part = self._work("outputs", f"shard-{intent.shard:05d}-r{intent.round}.jsonl.part")
         bad = 0
-        with open_path(raw, "rb") as src, open_path(part, "wb") as out:
+        with open_path(raw, "rb") as src, landing(dest) as out:  # whole or not at all (batch.landing)
             for line, why in result_lines((r for _, r in iter_jsonl(src)), ids, str(intent.batch_id)):
                 if line is None:
                     bad += 1  # the request stays unanswered: missing, so retried
@@ -473,21 +472,15 @@ class AnthropicRun(SynthRun):
                                    f"{intent.shard} round {intent.round}: it is not this run's (a crash left its "
                                    f"intent unrecorded and another batch of {total} requests was taken). Delete "
                                    f"{self._work(INTENTS_FILE)} entry for it and retry.")
-        _rename(part, dest)
         _remove(raw)
 
     def collect(self) -> Accounting:
-        """Merge every shard's rounds into ``results.jsonl`` and ``failures.jsonl`` (written under temporary
-        names, then renamed)."""
+        """Merge every shard's rounds into ``results.jsonl`` and ``failures.jsonl`` (each lands whole or not at
+        all: :func:`~airflow_provider_synth.batch.landing.landing`)."""
         out = output_paths(self.output_dir)
         shards = [ShardOutputs(self.shard_input(i, 0), *self._outputs_of(i)) for i in range(len(self.plan.shards))]
-        tmp = {k: join_path(self.output_dir, f".{os.path.basename(str(out[k]))}.part")
-               for k in ("results_path", "failures_path")}
-        with open_path(tmp["results_path"], "wb") as rf, open_path(tmp["failures_path"], "wb") as ff:
-            acct = merge_shards(shards, rf, ff, self.checker)
-        for k, path in tmp.items():
-            _rename(path, out[k])
-        return acct
+        with landing(out["results_path"]) as rf, landing(out["failures_path"]) as ff:
+            return merge_shards(shards, rf, ff, self.checker)
 
     def cache_creation_tokens(self) -> int:
         """Cache writes of every billed answer (results, and unusable answers kept in failures)."""
@@ -555,14 +548,6 @@ def _params_changes(path: Any) -> None:
                 else:
                     row["params"][key] = value
             fp.write(orjson.dumps(row) + b"\n")
-
-
-def _rename(src: Any, dest: Any) -> None:
-    local_src, local_dest = local_path(src), local_path(dest)
-    if local_src is not None and local_dest is not None:
-        os.replace(local_src, local_dest)
-        return
-    src.rename(dest)  # object storage: copied, then the temporary object deleted
 
 
 def _remove(path: Any) -> None:

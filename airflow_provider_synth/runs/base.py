@@ -52,6 +52,7 @@ from airflow_provider_synth.batch.status import (
     Waited,
 )
 from airflow_provider_synth.batch.status import verdict as status_verdict
+from airflow_provider_synth.batch.usage import Usage, format_usd
 
 if TYPE_CHECKING:
     from airflow_provider_synth.batch.merge import Accounting
@@ -357,8 +358,12 @@ def finish(acct: Accounting, manifest: dict[str, Any], output_dir: Any, *, max_f
     """
     acct.check()
     write_manifest(output_dir, manifest)
-    log.info("%s: %d succeeded, %d failed, %d missing of %d; usage %s; cost %s", manifest.get("backend"),
-             acct.succeeded, acct.failed, acct.missing, acct.total, acct.usage.as_dict(), manifest.get("cost_usd"))
+    # the usage cost_usd prices: every billed answer (results, and the answers the checks refused)
+    billed = manifest.get("billed_usage") or Usage().add(acct.usage).add(acct.unusable_usage).as_dict()
+    log.info("%s: %d succeeded, %d failed, %d missing of %d; billed %s token(s) for %s answer(s) (results and "
+             "refused ones: %s); cost %s", manifest.get("backend"), acct.succeeded, acct.failed, acct.missing,
+             acct.total, f"{billed['total_tokens']:,}", f"{billed['requests']:,}", billed,
+             format_usd(manifest.get("cost_usd")))
     if failed_ratio(acct) <= max_failed_ratio:
         return Finished(manifest, True)
     return Finished(manifest, False, failure_message(acct, max_failed_ratio, output_dir, hints))

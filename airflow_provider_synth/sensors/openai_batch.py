@@ -14,7 +14,12 @@ from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnVa
 
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES, Next, PollError, verdict
 from airflow_provider_synth.exceptions import BatchFailedError, BatchTimeoutError, TriggerEventError
-from airflow_provider_synth.hooks.openai import OpenAIBatchHook, batch_summary, is_transient
+from airflow_provider_synth.hooks.openai import (
+    SERVICE_POLL_INTERVAL,
+    OpenAIBatchHook,
+    batch_summary,
+    is_transient,
+)
 from airflow_provider_synth.triggers.base import validate_event
 from airflow_provider_synth.triggers.openai_batch import OpenAIBatchTrigger
 
@@ -62,7 +67,8 @@ class OpenAIBatchSensor(BaseSensorOperator):
     :param batch_ids: batch ids, or a manifest dict / XCom holding ``batch_ids`` (templated).
     :param conn_id: the connection the batches were created with (``synth_openai``, ``synth_azure_openai``
         or ``openai``).
-    :param poll_interval: seconds between polls (also the poke interval).
+    :param poll_interval: seconds between polls (also the poke interval); default: deferred, 60 against a
+        service and 2 against a server on this machine (as :class:`OpenAIBatchOperator`); in poke mode 60.
     :param deferrable: defer to the triggerer instead of holding a worker slot; default from
         ``[operators] default_deferrable``.
     :param max_consecutive_errors: transient polling errors in a row tolerated (both modes).
@@ -76,16 +82,16 @@ class OpenAIBatchSensor(BaseSensorOperator):
         *,
         batch_ids: Any,
         conn_id: str = OpenAIBatchHook.default_conn_name,
-        poll_interval: float = 60.0,
+        poll_interval: float | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         max_consecutive_errors: int = 5,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("poke_interval", poll_interval)
+        kwargs.setdefault("poke_interval", SERVICE_POLL_INTERVAL if poll_interval is None else poll_interval)
         super().__init__(**kwargs)
         self.batch_ids = batch_ids
         self.conn_id = conn_id
-        self.poll_interval = float(poll_interval)
+        self.poll_interval = None if poll_interval is None else float(poll_interval)
         self.deferrable = deferrable
         self.max_consecutive_errors = max_consecutive_errors
         self._states: dict[str, dict[str, Any]] = {}
@@ -110,7 +116,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
             trigger=OpenAIBatchTrigger(
                 conn_id=self.conn_id,
                 batch_ids=ids,
-                poll_interval=self.poll_interval,
+                poll_interval=self.poll_interval or self.hook.default_poll_interval,
                 end_time=time.time() + timeout_s,
                 max_consecutive_errors=self.max_consecutive_errors,
                 cancel_on_kill=False,

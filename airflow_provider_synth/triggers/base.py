@@ -20,8 +20,9 @@ from typing import Any, ClassVar
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_synth import _compat
 from airflow_provider_synth.batch.status import EVENT_STATUS, PollError, Waited, verdict
-from airflow_provider_synth.exceptions import TriggerEventError
+from airflow_provider_synth.exceptions import ConnectionConfigError, TriggerEventError
 
 #: The statuses of a terminal event.
 EVENT_STATUSES = frozenset(EVENT_STATUS.values())
@@ -49,6 +50,35 @@ def _without_full_collection(work: Callable[[], None]) -> None:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+def check_trigger_connection(conn_id: str) -> None:
+    """Before a deferrable task submits anything: check that its trigger will find the connection ``conn_id``.
+
+    Only where the trigger runs in this very process (``dag.test()``, ``airflow dags test``): there the
+    trigger's async lookup (:func:`~airflow_provider_synth._compat.aget_connection`) is tried now, in the same
+    secrets chain, so a lookup Airflow cannot serve fails the task before a batch is paid for instead of after.
+    A real triggerer is another process with its own secrets chain: nothing to check from the worker.
+
+    :param conn_id: the connection the trigger will use.
+    :raises ConnectionConfigError: the lookup failed; says why and what to do.
+    """
+    if not _compat.in_process_supervisor():
+        return
+    try:
+        asyncio.get_running_loop()
+        return  # called from inside an event loop (an async task): no second loop in this thread
+    except RuntimeError:
+        pass
+    try:
+        asyncio.run(_compat.aget_connection(conn_id))
+    except Exception as exc:
+        raise ConnectionConfigError(
+            f"this task runs its trigger in-process (dag.test() / airflow dags test), and the trigger's async "
+            f"lookup of connection {conn_id!r} failed here: {type(exc).__name__}: {exc}. Nothing was submitted. "
+            f"Define the connection as an environment variable (AIRFLOW_CONN_{conn_id.upper()}, e.g. the JSON "
+            f"`airflow connections get {conn_id} -o json` shows), or run the task with deferrable=False "
+            "to wait in the worker.") from exc
 
 
 def trigger_event(payload: dict[str, Any]) -> TriggerEvent:

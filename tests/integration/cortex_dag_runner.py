@@ -35,6 +35,17 @@ def leave_staging_tables(runs: list[dict[str, Any]]) -> None:
         hook.close()
 
 
+def add_connection_with_cli(conn_id: str, conn: dict[str, Any]) -> None:
+    """``airflow connections add CONN_ID --conn-json ...``: the real CLI, in its own process, on this process's
+    ``AIRFLOW_HOME`` (so into the same metadata database)."""
+    import subprocess
+
+    os.environ.pop(f"AIRFLOW_CONN_{conn_id.upper()}", None)
+    airflow = Path(sys.executable).with_name("airflow")
+    subprocess.run([str(airflow), "connections", "add", conn_id, "--conn-json", json.dumps(conn)], check=True,
+                   capture_output=True, timeout=120)
+
+
 def set_poll_interval(dag: Any, seconds: float) -> None:
     """Poll every ``seconds`` in the DAG's Cortex tasks, mapped ones included."""
     from airflow_provider_synth.operators.cortex import CortexBatchOperator
@@ -62,9 +73,12 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
         if config.get("deferrable"):
             stack.enter_context(api.serve())
             extra.update(host="127.0.0.1", port=api.port, protocol="http", authenticator="programmatic_access_token")
-        os.environ["AIRFLOW_CONN_SNOWFLAKE_DEFAULT"] = json.dumps(
-            {"conn_type": "snowflake", "login": "synth", "password": config["secret"], "schema": "PUBLIC",
-             "extra": extra})
+        conn = {"conn_type": "snowflake", "login": "synth", "password": config["secret"], "schema": "PUBLIC",
+                "extra": extra}
+        if config.get("stored_connection"):  # in the metadata database, as `airflow connections add` puts it
+            add_connection_with_cli("snowflake_default", conn)
+        else:
+            os.environ["AIRFLOW_CONN_SNOWFLAKE_DEFAULT"] = json.dumps(conn)
         fake = stack.enter_context(FakeCortex(fail_marker=config.get("fail_marker", "[fail]"),
                                               abort_after=config.get("abort_after"),
                                               background=bool(config.get("background"))))

@@ -34,6 +34,12 @@ def run_dag(tmp_path: Path, dag_id: str, **config: Any) -> tuple[dict[str, Any],
         "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": str(bool(config.get("deferrable"))),
         "SYNTH_OUTPUT_DIR": str(out),
     }
+    if config.get("stored_connection"):
+        # the runner's Airflow reads its configuration before `airflow connections add` writes a fernet key
+        # to it: both processes must encrypt with the same key, as a deployment's processes do
+        from cryptography.fernet import Fernet
+
+        env["AIRFLOW__CORE__FERNET_KEY"] = Fernet.generate_key().decode()
     config = {"dag_file": str(ROOT / "example_dags" / f"{dag_id}.py"), "dag_id": dag_id, "secret": SECRET,
               **config}
     proc = subprocess.run([sys.executable, str(RUNNER), json.dumps(config)], env=env, cwd=ROOT,
@@ -119,6 +125,20 @@ def test_deferrable_run_polls_the_sql_api_through_the_trigger(tmp_path: Path):
     assert all(n == 3 for n in summary["polls"].values())  # running, running, success
     assert summary["auth_headers"] == [f"Bearer {SECRET}"]  # PAT from the snowflake connection
     assert all(s["state"] == "success" for s in manifest["statements"].values())
+    assert SECRET not in logs and SECRET not in json.dumps(manifest)
+
+
+def test_deferrable_run_with_a_connection_added_by_the_cli(tmp_path: Path):
+    """Issue 21: a connection in the metadata database (``airflow connections add``), not an environment
+    variable: the in-process trigger of ``dag.test()`` must find it too (on the old main its async lookup
+    ended in "The conn_id `snowflake_default` isn't defined" after the statements were submitted)."""
+    summary, logs = run_dag(tmp_path, "example_cortex_synthesis", deferrable=True, running_polls=1,
+                            stored_connection=True)
+    assert summary["state"] == "success", logs[-3000:]
+    (manifest,) = summary["manifests"]
+    assert manifest["succeeded"] == 8
+    assert sorted(summary["polls"]) == sorted(manifest["query_ids"])  # the trigger polled with that connection
+    assert "isn't defined" not in logs
     assert SECRET not in logs and SECRET not in json.dumps(manifest)
 
 

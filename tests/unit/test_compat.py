@@ -110,3 +110,18 @@ def test_jsonschema_strategy_draws_objects_on_the_installed_hypothesis() -> None
 
     check()
     assert len(seen) >= 10
+
+
+def test_in_process_supervisor_is_recognised_and_its_missing_asend_detected() -> None:
+    """``aget_connection``'s fallback keys on Airflow's in-process supervisor (``dag.test()``) lacking ``asend``:
+    the names it relies on exist on this Airflow, and the detection follows the class (once Airflow adds
+    ``asend`` there, the fallback stops applying by itself). The real lookup is tested end to end in
+    tests/integration/test_stored_connections.py."""
+    from airflow.sdk.execution_time.supervisor import InProcessSupervisorComms, set_supervisor_comms
+
+    assert not _compat.in_process_supervisor() and not _compat._comms_without_async_send()
+    comms = object.__new__(InProcessSupervisorComms)
+    with set_supervisor_comms(comms):
+        assert _compat.in_process_supervisor()
+        assert _compat._comms_without_async_send() == (not callable(getattr(InProcessSupervisorComms, "asend", None)))
+    assert not _compat.in_process_supervisor()

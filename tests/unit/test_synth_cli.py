@@ -112,7 +112,7 @@ def test_status_by_batch_ids(conn, server, tmp_path, capsys) -> None:
     ids = json.loads((out / "manifest.json").read_text())["batch_ids"]
     code, data = run_json(capsys, "status", "--conn-id", CONN, "--batch-id", ids[0], "--batch-id", ids[2])
     assert code == EXIT_OK and [b["batch_id"] for b in data["batches"]] == [ids[0], ids[2]]
-    assert data["totals"]["requests"] == {"total": 15, "completed": 15, "failed": 0}
+    assert data["totals"]["requests"] == {"total": 15, "completed": 15, "failed": 0, "pending": 0, "source": "batches"}
     assert data["totals"]["progress"] == 1.0
 
 
@@ -232,7 +232,7 @@ def test_cleanup_default_connection_and_recent_files(monkeypatch, server, tmp_pa
 def test_usage_errors_exit_2_without_traceback(conn, server, tmp_path, capsys) -> None:
     cases = [
         (["status"], "give a manifest"),
-        (["status", str(tmp_path / "nope")], "no manifest at"),
+        (["status", str(tmp_path / "nope")], "no manifest and no run plan at"),
         (["cleanup"], "--older-than"),
         (["cleanup", "--older-than", "-3"], "days must be >= 0"),
         (["cleanup", "--older-than", "soon"], "not a number of days"),
@@ -332,3 +332,93 @@ def test_azure_connection_status_and_cancel(monkeypatch, server, tmp_path, capsy
     assert code == EXIT_OK and data["cancelled"] == 1
     assert server.counters["http_requests"].get("POST /v1/batches/{batch_id}/cancel", 0) + \
         server.counters["http_requests"].get("POST /openai/batches/{batch_id}/cancel", 0) == 1
+
+
+def test_download_reports_the_cost_the_operator_reported_with_its_own_prices(conn, server, tmp_path, capsys) -> None:
+    """One cost for one run: the operator's custom ``prices`` travel in the plan, so ``download`` prices the
+    same answers the same way. Old main's CLI dropped them (a custom model came out "unknown")."""
+    from types import SimpleNamespace
+
+    from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, RequestTemplate
+    from airflow_provider_synth.runs.openai import OpenAIBatchConfig
+
+    class TI(SimpleNamespace):
+        def xcom_push(self, key, value):
+            pass
+
+    out = tmp_path / "out"
+    op = OpenAIBatchOperator(task_id="t", requests=[{"id": f"r{i}", "topic": f"t{i}"} for i in range(6)],
+                             model="acme-finetune-7", output_path=str(out), conn_id=CONN, deferrable=False,
+                             poll_interval=0.05, template=RequestTemplate(prompt_template="About {topic}", id_field="id"),
+                             config=OpenAIBatchConfig(prices={"acme-finetune-7": (3.0, 1.5, 12.0)}))
+    manifest = op.execute({"ti": TI(dag_id="d", task_id="t", run_id="r", map_index=-1, try_number=1)})
+    assert manifest["cost_usd"] is not None and manifest["cost_usd"] > 0
+    capsys.readouterr()  # the operator's own output
+    code, data = run_json(capsys, "download", str(out))
+    assert code == EXIT_OK
+    assert data["cost_usd"] == manifest["cost_usd"]
+    assert data["usage"] == manifest["usage"]
+
+
+# -- a run with no manifest yet, and counts over retry rounds (issue 21) ----------------------------------------
+# The operator writes manifest.json when the run merges: while a run waits (hours) and after its task died
+# before merging there is only the plan. On the old main status and cancel said "no manifest" and download
+# refused the folder; status summed every round's batches (520/420/100 for a 400-request run).
+
+
+def test_status_and_cancel_of_a_run_still_going_from_its_output_folder(conn, server, tmp_path, capsys) -> None:
+    server.configure(in_progress_s=30)
+    out = submit_run(tmp_path)
+    (out / "manifest.json").unlink()  # as while the operator waits: it writes the manifest at the end
+    code, data = run_json(capsys, "status", str(out))
+    assert code == EXIT_OK and data["conn_id"] == CONN and data["total_requests"] == 25
+    assert [(b["shard"], b["round"]) for b in data["batches"]] == [(0, 0), (1, 0), (2, 0)]
+    assert data["totals"]["requests"]["total"] == 25 and data["totals"]["finished"] is False
+    code, data = run_json(capsys, "status", str(out / "manifest.json"))  # the path a user may still give
+    assert code == EXIT_OK and len(data["batches"]) == 3
+    code, data = run_json(capsys, "cancel", str(out))
+    assert code == EXIT_OK and data["cancelled"] == 3
+
+
+def test_download_of_a_run_whose_task_died_before_merging(conn, server, tmp_path, capsys) -> None:
+    out = submit_run(tmp_path)
+    (out / "manifest.json").unlink()
+    server.wait_idle()
+    code, data = run_json(capsys, "download", str(out))
+    assert code == EXIT_OK
+    assert (data["total"], data["succeeded"], data["status"]) == (25, 25, "completed")
+    assert json.loads((out / "manifest.json").read_text())["succeeded"] == 25
+    assert len((out / "results.jsonl").read_bytes().splitlines()) == 25
+
+
+def test_a_folder_with_neither_manifest_nor_plan_is_a_usage_error(conn, tmp_path, capsys) -> None:
+    code, _, err = run_cli(capsys, "status", str(tmp_path))
+    assert code == EXIT_USAGE and "no manifest and no run plan" in err and "_work/plan.json" in err
+
+
+def test_status_counts_each_request_once_over_retry_rounds(conn, server, tmp_path, capsys) -> None:
+    """3 requests fail for good (400), 5 fail once (500) and are answered in round 1: the run has 25 requests,
+    22 answered and 3 failed, while its batches hold 30 requests and 30 answers and errors."""
+    server.set_outcome("req-00[0-2]", Outcome.error(400, code="invalid_prompt"))
+    server.set_outcome("req-01[0-4]", Outcome.error(500), times=1)
+    out = submit_run(tmp_path)
+    (out / "manifest.json").unlink()
+    plan = Plan.load(out / "_work")
+    server.wait_idle()
+    run = BatchRun(OpenAIBatchHook(CONN), plan)
+    run.discover()
+    run.submit(run.next_round(1))  # round 1: the five 500s
+    server.wait_idle()
+    code, data = run_json(capsys, "status", str(out))
+    assert code == EXIT_OK and data["totals"]["rounds"] == 2 and data["totals"]["batches"] == 4
+    assert sum(b["request_counts"]["total"] for b in data["batches"]) == 30  # what the old main reported
+    requests = data["totals"]["requests"]
+    assert (requests["total"], requests["completed"], requests["failed"], requests["pending"]) == (25, 22, 3, 0)
+    code, manifest = run_json(capsys, "download", str(out))
+    assert (manifest["total"], manifest["succeeded"], manifest["failed"]) == (25, 22, 3)
+    code, data = run_json(capsys, "status", str(out))  # now from the manifest
+    requests = data["totals"]["requests"]
+    assert (requests["total"], requests["completed"], requests["failed"], requests["source"]) == (
+        25, 22, 3, "manifest")
+    code, text, _ = run_cli(capsys, "status", str(out))
+    assert "requests of the run (each counted once, from the manifest): 25 total, 22 answered, 3 failed" in text

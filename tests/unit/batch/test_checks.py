@@ -203,3 +203,44 @@ def test_text_response_format_validates_nothing_and_n_choices_are_all_checked() 
     assert bad != two
     acct, rows, fails = merge([req("b")], [src(bad)], OutputChecks(schema=Quiz))
     assert not rows and fails[0]["error"]["code"] == "schema_invalid"
+
+
+# -- the one default of checks beside a response_format (issue 21) ------------------------------------------
+
+def test_a_schema_the_user_wrote_is_checked_without_checks() -> None:
+    """On the old main a template's response_format validated nothing unless checks= was set, while
+    OutputChecks() (documented as "checks nothing") did validate against it."""
+    import pydantic
+
+    from airflow_provider_synth.batch.checks import OutputChecks, checks_for
+
+    class Item(pydantic.BaseModel):
+        q: str
+
+    assert checks_for(None, Item) == OutputChecks(schema=Item)
+    assert checks_for(OutputChecks(refusal=True), Item) == OutputChecks(refusal=True, schema=Item)
+    assert checks_for(OutputChecks(schema={"type": "object"}), Item).schema == {"type": "object"}  # given wins
+    assert checks_for(None, None) is None and checks_for(OutputChecks(), None) == OutputChecks()
+    off = checks_for(OutputChecks(schema=False), Item)
+    assert off == OutputChecks() and not off.active and off.checker() is None
+    assert OutputChecks(schema=False, refusal=True).to_spec()["schema"] is None
+
+
+def test_the_default_is_the_same_for_every_backend_that_takes_a_template() -> None:
+    import pydantic
+
+    from airflow_provider_synth.batch.requests import RequestTemplate
+    from airflow_provider_synth.decorators.cortex import CortexBatchDecoratedOperator
+    from airflow_provider_synth.decorators.vllm import VLLMBatchDecoratedOperator
+    from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator
+
+    class Item(pydantic.BaseModel):
+        q: str
+
+    template = RequestTemplate(prompt_template="{x}", response_format=Item)
+    ops = [OpenAIBatchOperator(task_id="o", output_path="/tmp/x", requests=[{"x": 1}], model="m", template=template),
+           VLLMBatchDecoratedOperator(task_id="v", python_callable=lambda: [], output_path="/tmp/x", model="m",
+                                  template=template),
+           CortexBatchDecoratedOperator(task_id="c", python_callable=lambda: [], output_path="/tmp/x", model="m",
+                                    template=template)]
+    assert [op.checks.schema for op in ops] == [Item, Item, Item]

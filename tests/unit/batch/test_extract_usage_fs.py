@@ -176,3 +176,19 @@ def test_costs_print_in_plain_dollars(value, text) -> None:
 
     assert format_usd(value) == text
     assert "e-" not in format_usd(value)
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mni", "gpt-4o-audio-preview", "gpt-4o-mini-fast", "o3-pro"])
+def test_a_model_that_only_starts_like_a_known_one_has_no_price(model) -> None:
+    """Issue 21: ``gpt-4o-mni`` (a typo) was priced as gpt-4o, since it starts with ``gpt-4o-``."""
+    from airflow_provider_synth.batch.usage import price_known, unknown_price_message
+
+    assert price_for(model) is None and not price_known(model)
+    assert price_known(model, {model: (1.0, 0.5, 2.0)})
+    assert repr(model) in unknown_price_message(model) and "prices=" in unknown_price_message(model)
+
+
+@pytest.mark.parametrize(("model", "known"), [("gpt-4o-mini-2024-07-18", "gpt-4o-mini"), ("gpt-4o-2024-08-06", "gpt-4o"),
+                                              ("gpt-4.1-nano-2025-04-14", "gpt-4.1-nano"), ("o3-mini-2025-01-31", "o3-mini")])
+def test_dated_snapshots_keep_their_models_price(model, known) -> None:
+    assert price_for(model) == price_for(known) is not None

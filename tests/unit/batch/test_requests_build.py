@@ -71,3 +71,54 @@ def test_chat_body_and_json_schema_dict() -> None:
     assert body["response_format"] == {"type": "json_object"} and body["seed"] == 3
     rf = response_format_for({"title": "T", "type": "object", "properties": {"a": {"type": "string"}}})
     assert rf["json_schema"]["name"] == "T" and rf["json_schema"]["schema"]["required"] == ["a"]
+
+
+# -- template errors name the record, the field, the template and the brace escape (issue 21) ----------------
+
+def _template_error(template: str, records: list[dict], **kwargs) -> str:
+    from airflow_provider_synth.batch.requests import TemplateError
+
+    with pytest.raises(TemplateError) as err:
+        list(build_requests(records, model="gpt-4o-mini", prompt_template=template, **kwargs))
+    assert isinstance(err.value, ValueError)  # callers catching ValueError keep working
+    return str(err.value)
+
+
+def test_a_missing_field_names_record_index_id_field_template_and_brace_escape() -> None:
+    """On the old main: a bare ``KeyError: 'isue_type'``."""
+    records = [{"id": "doc-1", "issue_type": "bug", "text": "a"}, {"id": "doc-7", "text": "b"}]
+    message = _template_error("Classify this {issue_type}: {text}", records, id_field="id")
+    assert "record 1 (id 'doc-7') has no field 'issue_type' (its fields: id, text)" in message
+    assert "'Classify this {issue_type}: {text}'" in message
+    assert "'{{' and '}}'" in message
+
+
+def test_a_json_example_in_a_prompt_says_to_double_its_braces() -> None:
+    """On the old main: ``KeyError: '"question"'``, nothing about escaping."""
+    message = _template_error('Reply as {"question": "...", "answer": "..."} about {topic}', [{"topic": "chess"}])
+    assert "record 0 (id 'request-0') has no field '\"question\"'" in message
+    assert "looks like JSON" in message and "'{{' and '}}'" in message
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    ("a lone } brace", "Single '}' encountered"),
+    ("a lone { brace", "is not a valid template"),
+    ("positional {} field", "has a positional field '{}'"),
+])
+def test_a_malformed_template_fails_before_any_record_naming_the_template(template, expected) -> None:
+    def records():
+        raise AssertionError("no record is read for a template that cannot work")
+        yield {}
+
+    message = _template_error(template, records())  # type: ignore[arg-type]
+    assert expected in message and repr(template) in message and "'{{' and '}}'" in message
+
+
+def test_doubled_braces_are_literal_text() -> None:
+    (line,) = build_requests([{"topic": "chess"}], model="m", prompt_template='As {{"q": "..."}} on {topic}')
+    assert line["body"]["messages"][-1]["content"] == 'As {"q": "..."} on chess'
+
+
+def test_a_format_spec_the_value_cannot_take_names_the_record() -> None:
+    message = _template_error("level {level:d}", [{"id": "x1", "level": "high"}], id_field="id")
+    assert "record 0 (id 'x1') cannot be rendered: ValueError" in message

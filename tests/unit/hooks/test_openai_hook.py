@@ -75,7 +75,7 @@ def test_init_does_no_io(monkeypatch):
     monkeypatch.setattr(OpenAIBatchHook, "get_connection", boom)
     import airflow_provider_synth.hooks.openai as mod
 
-    monkeypatch.setattr(mod, "get_async_connection", boom)
+    monkeypatch.setattr(mod, "aget_connection", boom)
     hooks = [OpenAIBatchHook("anything"), OpenAIBatchAsyncHook("anything"), AzureOpenAIBatchHook()]
     assert [h.conn_id for h in hooks] == ["anything", "anything", AzureOpenAIBatchHook.default_conn_name]
     assert all("client" not in vars(h) for h in hooks), "no client built either"
@@ -434,14 +434,14 @@ def count_lookups(monkeypatch) -> list[str]:
     import airflow_provider_synth.hooks.openai as mod
 
     lookups: list[str] = []
-    real_lookup = mod.get_async_connection
+    real_lookup = mod.aget_connection
 
     async def counting_lookup(conn_id, hook=None):
         lookups.append(conn_id)
         await asyncio.sleep(0.01)
         return await real_lookup(conn_id, hook=hook)
 
-    monkeypatch.setattr(mod, "get_async_connection", counting_lookup)
+    monkeypatch.setattr(mod, "aget_connection", counting_lookup)
     return lookups
 
 

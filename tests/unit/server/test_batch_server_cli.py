@@ -79,3 +79,50 @@ def test_cli_state_dir_and_flags_override_the_config_file(tmp_path: Path) -> Non
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2 and "no_such_setting" in result.stderr
+
+
+def _doc_block(marker: str) -> str:
+    """The fenced block right after ``<!-- marker -->`` in docs/testing_server.md."""
+    import re
+
+    page = (Path(__file__).resolve().parents[3] / "docs" / "testing_server.md").read_text()
+    found = re.search(rf"<!-- {marker} -->\n```\w+\n(.*?)```", page, re.S)
+    assert found, f"no <!-- {marker} --> block in docs/testing_server.md"
+    return found.group(1)
+
+
+def test_the_docs_config_example_runs_as_written(tmp_path: Path) -> None:
+    """docs/testing_server.md's ``--config`` example (issue 21: the docs had none): the file and the command
+    as the page shows them (only the port becomes a free one), every rule it describes taking effect."""
+    import shlex
+
+    (tmp_path / "server.json").write_text(_doc_block("server-config-example"))
+    argv = shlex.split(_doc_block("server-config-command").strip())
+    assert argv[:3] == ["python", "-m", "airflow_provider_synth.server"]
+    args = argv[3:]
+    args[args.index("--port"):args.index("--port") + 2] = []
+    args[args.index("--config") + 1] = str(tmp_path / "server.json")
+    proc, port = _start(tmp_path, *args)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=SECRET)
+        ids = ("ok-1", "flaky-1", "bad-1", "late-1")
+        lines = [{"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": cid}]}} for cid in ids]
+        raw = client.files.with_raw_response.create(
+            file=("in.jsonl", b"\n".join(orjson.dumps(x) for x in lines)), purpose="batch")
+        assert int(raw.retries_taken) == 1  # the 429 fault on the first upload, retried by the SDK
+        batch = client.batches.create(input_file_id=raw.parse().id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        deadline = time.monotonic() + 30
+        while batch.status not in ("completed", "expired"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+            batch = client.batches.retrieve(batch.id)
+        out = [orjson.loads(x) for x in client.files.content(batch.output_file_id).content.splitlines() if x] \
+            if batch.output_file_id else []
+        err = [orjson.loads(x) for x in client.files.content(batch.error_file_id).content.splitlines() if x]
+        got = {r["custom_id"]: (r["response"] or {}).get("status_code") or r["error"]["code"] for r in out + err}
+        assert got == {"ok-1": 200, "flaky-1": 500, "bad-1": 400, "late-1": "batch_expired"}, got
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
