@@ -18,21 +18,35 @@ import msgspec
 from airflow_provider_synth.batch.errors import OutputFormatError
 from airflow_provider_synth.batch.jsonl import dumps
 
+#: THE retry/transient table: the HTTP statuses that may go away by themselves (timeout, conflict, throttled,
+#: a server briefly broken or overloaded: 529 is Anthropic's "overloaded"). One table for a request's failure
+#: in a result line (a retry round can fix it) and for a poll (another poll can), for every backend: the
+#: hooks' ``is_transient`` and the Cortex SQL API read it too. 501 (not implemented), 505 (HTTP version) and
+#: the other 4xx say the request itself is wrong: retrying them pays again for the same answer.
+TRANSIENT_HTTP_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 #: The failure code of a request whose answer is in a line of the service's output that could not be read.
 UNREADABLE_CODE = "output_unreadable"
-#: Line-level error codes a new batch can fix.
+#: Line-level error codes (no HTTP status: ``response`` null, or an engine's own code) a new batch can fix.
 RETRYABLE_ERROR_CODES = frozenset({"batch_expired", "request_timeout", "missing", "rate_limit_exceeded",
                                    "server_error", "timeout", "internal_error", UNREADABLE_CODE})
-#: HTTP statuses a retry can fix.
-RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+def is_transient_status(status_code: int | None) -> bool:
+    """Whether an HTTP status may go away by itself (:data:`TRANSIENT_HTTP_STATUSES`).
+
+    :param status_code: the HTTP status (``None``: none was given).
+    """
+    return status_code in TRANSIENT_HTTP_STATUSES
 
 
 def is_retryable(status_code: int | None, code: str | None) -> bool:
-    """Whether a retry round can turn this failure into a success: 408/409/429, any 5xx,
-    ``batch_expired``, ``request_timeout`` and missing lines. Never 4xx validation errors, never
-    ``batch_cancelled`` (somebody cancelled on purpose)."""
-    if status_code is not None and (status_code in RETRYABLE_STATUS or status_code >= 500):
-        return True
+    """Whether a retry round can turn this failure into a success: an HTTP status of THE transient table
+    (:data:`TRANSIENT_HTTP_STATUSES`), or, for a line without a status, ``batch_expired``,
+    ``request_timeout``, missing lines and the codes of :data:`RETRYABLE_ERROR_CODES`. Never 4xx validation
+    errors, never ``batch_cancelled`` (somebody cancelled on purpose). When a line has a status, the status
+    decides (a 501 ``server_error`` is not retried)."""
+    if status_code is not None:
+        return is_transient_status(status_code)
     return code in RETRYABLE_ERROR_CODES
 
 

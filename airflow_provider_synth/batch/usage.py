@@ -9,7 +9,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -193,6 +193,18 @@ def cost_usd(
     total = (uncached * price.input + usage.cached_tokens * price.cached_input
              + usage.completion_tokens * price.output) / 1_000_000
     return round(total * (discount if batch else 1.0), 6)
+
+
+def total_cost(costs: Iterable[float | None]) -> float | None:
+    """The cost of a run made of parts (shards, a batch part and a direct tail): their sum, or ``None``
+    when any part has no price (an unknown part makes the total unknown; a partial sum would under-report).
+
+    :param costs: each part's ``cost_usd``.
+    """
+    parts = list(costs)
+    if not parts or any(c is None for c in parts):
+        return None
+    return round(sum(float(c) for c in parts if c is not None), 6)
 
 
 def format_usd(value: float | None) -> str:

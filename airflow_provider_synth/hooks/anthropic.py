@@ -30,6 +30,7 @@ from airflow.providers.common.compat.sdk import BaseHook, redact
 
 from airflow_provider_synth._compat import aget_connection
 from airflow_provider_synth.batch.paths import open_path
+from airflow_provider_synth.batch.results import is_transient_status
 from airflow_provider_synth.batch.status import Waited
 from airflow_provider_synth.exceptions import ConnectionConfigError
 
@@ -48,14 +49,13 @@ MESSAGE_BATCHES = Waited("message batch", "message batches", MESSAGE_BATCH_PHASE
 CONN_TYPE = "anthropic"
 #: the platforms that serve Message Batches (the official provider's FIRST_PARTY_PLATFORMS)
 FIRST_PARTY_PLATFORMS = frozenset({"anthropic", "aws"})
-#: HTTP statuses worth another poll: the API is busy (429, 529 overloaded) or briefly broken (5xx).
-TRANSIENT_HTTP_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 _CHUNK = 1 << 20
 COUNT_KEYS = ("processing", "succeeded", "errored", "canceled", "expired")
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether a polling error may go away by itself: the network, a timeout, 429, 529 and 5xx.
+    """Whether a polling error may go away by itself: the network, a timeout, or an HTTP status of THE
+    transient table (:data:`~airflow_provider_synth.batch.results.TRANSIENT_HTTP_STATUSES`: 429, 529, 5xx...).
 
     :param error: what a call of the hook raised.
     """
@@ -63,8 +63,7 @@ def is_transient(error: BaseException) -> bool:
 
     if isinstance(error, anthropic.APIConnectionError):  # APITimeoutError included
         return True
-    return isinstance(error, anthropic.APIStatusError) and (
-        error.status_code in TRANSIENT_HTTP_STATUSES or error.status_code >= 500)
+    return isinstance(error, anthropic.APIStatusError) and is_transient_status(error.status_code)
 
 
 def _epoch(value: datetime | None) -> float | None:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.amazon.aws.hooks.bedrock import BedrockHook
 
+from airflow_provider_synth.batch.results import is_transient_status
+
 if TYPE_CHECKING:
     from types import TracebackType
 
@@ -33,7 +35,7 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        return code in TRANSIENT_CODES or status == 429 or status >= 500
+        return code in TRANSIENT_CODES or is_transient_status(status)
     return isinstance(error, ConnectionError | HTTPClientError | TimeoutError | OSError)
 
 

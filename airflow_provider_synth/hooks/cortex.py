@@ -30,6 +30,7 @@ from airflow.providers.common.compat.connection import get_async_extra_dejson
 from airflow.providers.snowflake.hooks.snowflake import SnowflakeHook
 
 from airflow_provider_synth._compat import aget_connection, snowflake_conn_params
+from airflow_provider_synth.batch.results import is_transient_status
 
 if TYPE_CHECKING:
     import aiohttp
@@ -163,8 +164,6 @@ _CONNECTOR_ERROR = frozenset({"ABORTING", "ABORTED", "FAILED_WITH_ERROR", "FAILE
 #: HTTP answers of the SQL API about a statement that ended in error: 422 (execution failed, with
 #: Snowflake's code and SQL state) and 408 (it ran past its ``STATEMENT_TIMEOUT_IN_SECONDS`` and was cancelled).
 _SQL_API_STATEMENT_FAILED = frozenset({408, 422})
-#: HTTP answers that may go away by themselves (throttled, briefly unavailable).
-_SQL_API_TRANSIENT = frozenset({429, 500, 502, 503, 504})
 #: The connector's errors that may go away by themselves (after its own retries): network, throttling, 5xx.
 _CONNECTOR_TRANSIENT = ("OperationalError", "ServiceUnavailableError", "GatewayTimeoutError", "BadGatewayError",
                         "InternalServerError", "OtherHTTPRetryableError", "TooManyRequests", "RequestTimeoutError",
@@ -204,7 +203,7 @@ class StatementPollError(Exception):
 
     @property
     def transient(self) -> bool:
-        return self.http_status in _SQL_API_TRANSIENT
+        return is_transient_status(self.http_status)
 
 
 def status_from_connector(query_id: str, status_name: str) -> StatementStatus:

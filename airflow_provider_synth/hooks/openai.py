@@ -25,6 +25,7 @@ from airflow_provider_synth._compat import aget_connection
 from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.requests import Endpoint, UrlForm, service_url
+from airflow_provider_synth.batch.results import is_transient_status
 from airflow_provider_synth.batch.status import IN_PROGRESS_STATUSES as IN_PROGRESS_STATUSES  # re-exported
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES as TERMINAL_STATUSES  # re-exported
 from airflow_provider_synth.batch.status import batch_state as batch_state  # re-exported
@@ -53,8 +54,6 @@ SERVICE_POLL_INTERVAL, LOCAL_POLL_INTERVAL = 60.0, 2.0
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-#: HTTP statuses worth another poll: the API is busy or briefly broken, the batch is fine.
-TRANSIENT_HTTP_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 def is_transient(error: BaseException) -> bool:
@@ -66,7 +65,7 @@ def is_transient(error: BaseException) -> bool:
 
     if isinstance(error, openai.APIConnectionError):  # includes APITimeoutError
         return True
-    return isinstance(error, openai.APIStatusError) and error.status_code in TRANSIENT_HTTP_STATUSES
+    return isinstance(error, openai.APIStatusError) and is_transient_status(error.status_code)
 
 
 _KEYS = re.compile(r"\b(?:sk|key|pk|rk)-[A-Za-z0-9_*\-]{4,}|\*{3,}[A-Za-z0-9]{2,}")

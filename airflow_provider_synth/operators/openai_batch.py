@@ -299,7 +299,8 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
                     shards=[s.as_dict() for s in split.shards], total=split.total, fingerprint=split.fingerprint,
                     est_input_tokens=split.est_input_tokens, est_output_tokens=split.est_output_tokens,
                     est_cost_usd=est, checks=self.checks.to_spec() if self.checks is not None else None,
-                    invalid=split.invalid, expires_after_s=cfg.expires_after_s)
+                    invalid=split.invalid, expires_after_s=cfg.expires_after_s,
+                    prices={m: list(p) for m, p in cfg.prices.items()})
         if split.invalid:
             self.log.warning(skipped_summary(split.invalid, split.synthetic_ids, join_path(output, "failures.jsonl")))
         self.log.info("%d request(s) in %d shard(s) for %s %s; run key %s", split.total, len(split.shards),

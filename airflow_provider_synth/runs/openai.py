@@ -33,7 +33,14 @@ from airflow_provider_synth.batch.merge import (
 from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.results import ParsedOutput
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES
-from airflow_provider_synth.batch.usage import USAGE_TOLERANCE, Price, Usage, cost_usd, usage_mismatch
+from airflow_provider_synth.batch.usage import (
+    USAGE_TOLERANCE,
+    Price,
+    Usage,
+    cost_usd,
+    total_cost,
+    usage_mismatch,
+)
 from airflow_provider_synth.hooks.openai import auth_error, batch_summary, is_transient, stream_errors
 from airflow_provider_synth.runs.base import RunIdentity, SynthRun, status_counts
 from airflow_provider_synth.runs.openai_direct import DirectRounds, Tier, answer_round, estimate_direct_cost
@@ -184,6 +191,9 @@ class Plan:
     #: when this run first submitted a batch, by the worker's clock (epoch seconds): the deadline's anchor.
     #: The service's ``created_at`` is never compared with this machine's clock (they may be hours apart).
     submitted_at: float | None = None
+    #: the run's own prices (``OpenAIBatchConfig.prices``: ``{model: [input, cached_input, output]}``), so
+    #: that whoever collects the run (the operator, ``airflow-synth download``) reports the same ``cost_usd``
+    prices: dict[str, list[float]] = field(default_factory=dict)
 
     def save(self, work_dir: Any) -> str:
         path = join_path(work_dir, PLAN_FILE)
@@ -786,7 +796,8 @@ class BatchRun(SynthRun):
         price, plus the direct-API tail at the direct price; the tail's and the checks' share; and the ratio of
         the results' actual input tokens to the estimate for as many requests (``input_tokens_ratio``)."""
         model, plan = self.plan.model, self.plan
-        prices = self.config.prices if prices is None else prices
+        if prices is None:  # the prices the run was planned with, whoever collects it
+            prices = {**plan.prices, **self.config.prices}
         direct = self.direct.summary(model, prices)
         billed = Usage().add(acct.usage).add(acct.unusable_usage)
         batch_usage = Usage(**{k: max(v - direct["direct_usage"][k], 0) for k, v in billed.as_dict().items()})
@@ -797,7 +808,7 @@ class BatchRun(SynthRun):
         if direct["direct_rounds"]:
             out.update(direct)
             dc = direct["direct_cost_usd"]
-            out["cost_usd"] = None if batch_cost is None or dc is None else round(batch_cost + dc, 6)
+            out["cost_usd"] = total_cost([batch_cost, dc])
         if acct.checked:
             out["checks"] = {**acct.checks_dict(), "cost_usd": cost_usd(acct.unusable_usage, model, prices)}
         sent = plan.total - plan.invalid  # the estimate covers the requests sent, not the invalid lines

@@ -19,7 +19,7 @@ from airflow_provider_synth.batch.landing import landing
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths, read_manifest, write_manifest
 from airflow_provider_synth.batch.merge import MAX_EXAMPLES
 from airflow_provider_synth.batch.paths import exists, file_size, join_path, local_path, open_path
-from airflow_provider_synth.batch.usage import Usage
+from airflow_provider_synth.batch.usage import Usage, total_cost
 
 #: The engine's own state inside the output folder: its raw output lines (the resume state) and a stamp of
 #: the input they answer.
@@ -44,7 +44,7 @@ def merge_output_folders(folders: Sequence[Any], output_path: Any, **extra: Any)
     counts = dict.fromkeys(_SUMMED, 0)
     error_codes: Counter[str] = Counter()
     examples: dict[str, list[str]] = {"unknown_examples": [], "duplicate_examples": []}
-    costs: list[float] = []
+    costs: list[float | None] = []
     batch_ids: list[str] = []
     checks: list[dict[str, Any]] = []
     paths = output_paths(output_path)
@@ -56,7 +56,7 @@ def merge_output_folders(folders: Sequence[Any], output_path: Any, **extra: Any)
             error_codes.update(shard.get("error_codes") or {})
             for key, kept in examples.items():
                 kept += (shard.get(key) or [])[:MAX_EXAMPLES - len(kept)]
-            costs += [float(shard["cost_usd"])] if shard.get("cost_usd") is not None else []
+            costs.append(None if shard.get("cost_usd") is None else float(shard["cost_usd"]))
             usage.add(Usage.from_dict(shard.get("usage") or {}))
             batch_ids.extend(shard.get("batch_ids") or [])
             checks += [shard["checks"]] if shard.get("checks") else []
@@ -65,7 +65,7 @@ def merge_output_folders(folders: Sequence[Any], output_path: Any, **extra: Any)
     if counts["succeeded"] + counts["failed"] + counts["missing"] != counts["total"]:
         raise AccountingError(f"the shards' manifests do not add up: {counts}")
     accounting: dict[str, Any] = {**counts, **examples, "error_codes": dict(error_codes), "usage": usage.as_dict(),
-                                  "cost_usd": round(sum(costs), 6) if costs else None}
+                                  "cost_usd": total_cost(costs)}
     if checks:
         accounting["checks"] = sum_checks(checks)
     manifest = build_manifest(backend=extra.pop("backend", "vllm"), accounting=accounting,

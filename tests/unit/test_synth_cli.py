@@ -334,6 +334,32 @@ def test_azure_connection_status_and_cancel(monkeypatch, server, tmp_path, capsy
         server.counters["http_requests"].get("POST /openai/batches/{batch_id}/cancel", 0) == 1
 
 
+def test_download_reports_the_cost_the_operator_reported_with_its_own_prices(conn, server, tmp_path, capsys) -> None:
+    """One cost for one run: the operator's custom ``prices`` travel in the plan, so ``download`` prices the
+    same answers the same way. Old main's CLI dropped them (a custom model came out "unknown")."""
+    from types import SimpleNamespace
+
+    from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator, RequestTemplate
+    from airflow_provider_synth.runs.openai import OpenAIBatchConfig
+
+    class TI(SimpleNamespace):
+        def xcom_push(self, key, value):
+            pass
+
+    out = tmp_path / "out"
+    op = OpenAIBatchOperator(task_id="t", requests=[{"id": f"r{i}", "topic": f"t{i}"} for i in range(6)],
+                             model="acme-finetune-7", output_path=str(out), conn_id=CONN, deferrable=False,
+                             poll_interval=0.05, template=RequestTemplate(prompt_template="About {topic}", id_field="id"),
+                             config=OpenAIBatchConfig(prices={"acme-finetune-7": (3.0, 1.5, 12.0)}))
+    manifest = op.execute({"ti": TI(dag_id="d", task_id="t", run_id="r", map_index=-1, try_number=1)})
+    assert manifest["cost_usd"] is not None and manifest["cost_usd"] > 0
+    capsys.readouterr()  # the operator's own output
+    code, data = run_json(capsys, "download", str(out))
+    assert code == EXIT_OK
+    assert data["cost_usd"] == manifest["cost_usd"]
+    assert data["usage"] == manifest["usage"]
+
+
 # -- a run with no manifest yet, and counts over retry rounds (issue 21) ----------------------------------------
 # The operator writes manifest.json when the run merges: while a run waits (hours) and after its task died
 # before merging there is only the plan. On the old main status and cancel said "no manifest" and download

@@ -435,3 +435,22 @@ def test_served_names() -> None:
     assert VLLMEngineConfig(extra={"served_model_name": "qwen"}).served_names("/m") == ["qwen"]
     assert VLLMEngineConfig(served_model_names=["a", "b"], extra={"served_model_name": "c"}).served_names("/m") == [
         "a", "b"]
+
+
+def test_merge_output_folders_reports_no_cost_when_a_shard_has_no_price(tmp_path) -> None:
+    """One cost rule (``batch.usage.total_cost``): a shard without a price makes the total unknown. Old main
+    summed only the shards that had one and reported $0.50 for a run whose other half cost an unknown amount."""
+    from airflow_provider_synth.batch.manifest import build_manifest, write_manifest
+    from airflow_provider_synth.operators.vllm import merge_output_folders
+
+    folders = []
+    for i, cost in enumerate((0.5, None)):
+        shard = tmp_path / f"shard-{i}"
+        shard.mkdir()
+        (shard / "results.jsonl").write_bytes(b"")
+        (shard / "failures.jsonl").write_bytes(b"")
+        write_manifest(shard, build_manifest(backend="openai", output_dir=shard, accounting={
+            "total": 0, "succeeded": 0, "failed": 0, "missing": 0, "cost_usd": cost}))
+        folders.append(str(shard))
+    assert merge_output_folders(folders, str(tmp_path / "merged"))["cost_usd"] is None
+    assert merge_output_folders(folders[:1] * 2, str(tmp_path / "merged2"))["cost_usd"] == 1.0
