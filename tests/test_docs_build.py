@@ -96,3 +96,22 @@ def test_api_reference_documents_the_public_names(site: Path, name: str, says: s
     m = re.search(rf'<dt class="sig[^"]*" id="{re.escape(name)}">(.*?)</dl>', raw, re.S)
     assert m, f"{name} is not in the API reference"
     assert says in html.unescape(re.sub(r"<[^>]+>", "", m.group(1)))
+
+
+def test_make_docs_and_make_test_build_the_site_with_warnings_as_errors() -> None:
+    """`make docs` builds with the options this test uses, and `make test` (what CI runs) builds it first."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("no make here")
+
+    def dry_run(target: str) -> str:
+        done = subprocess.run(["make", "-n", "-o", ".venv/.installed", "-o", ".venv-vllm/.installed", target],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert f"-m sphinx {' '.join(SPHINX_OPTIONS)} docs docs/_build/html" in dry_run("docs")
+    commands = dry_run("test")
+    assert commands.index("make docs") < commands.index("SYNTH_DOCS_HTML=") < commands.index("pytest")
+    assert "docs]" in (ROOT / "Makefile").read_text().split("$(STAMP): pyproject.toml", 1)[1].split("\n\n")[0]

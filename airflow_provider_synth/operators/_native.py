@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from airflow_provider_synth.batch.claims import Claim, claim_output, conflict_message
 from airflow_provider_synth.exceptions import OutputFolderClaimedError
+from airflow_provider_synth.runs.base import RunIdentity
 
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
@@ -181,9 +182,9 @@ class OutputClaimMixin(_Base):
         folder = self.output_folder()
         if ti is None or folder is None:
             return
-        claim = Claim(dag_id=str(ti.dag_id), task_id=str(ti.task_id), run_id=str(ti.run_id),
-                      map_index=-1 if ti.map_index is None else int(ti.map_index),
-                      try_number=int(getattr(ti, "try_number", None) or 0),
+        who = RunIdentity.from_ti(ti)  # the same identity run keys and manifests use
+        claim = Claim(dag_id=who.dag_id, task_id=who.task_id, run_id=who.run_id, map_index=who.map_index,
+                      try_number=who.try_number,
                       hostname=str(getattr(ti, "hostname", None) or socket.gethostname()),
                       claimed_at=datetime.now(UTC).isoformat(timespec="seconds"))
         # the same operator object may run several task instances (dag.test()): remember whose claim this was

@@ -162,8 +162,6 @@ class CortexBatchOperator(SynthBatchOperator):
             # kwargs given to defer: the run's state is found again from the input and the statements table
             self.log.warning("Resumed without the deferral's kwargs; finding the run's tables again")
             self._stage(run, stage=False)
-            for qid in run.recorded_query_ids(run._staged().tables):
-                run.statements[qid] = {"query_id": qid, "state": "success", "message": ""}
         run.refresh(event["statements"])
         return run
 

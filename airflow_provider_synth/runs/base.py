@@ -16,7 +16,7 @@ A *run* is one task instance's requests on one backend, from its plan to its acc
 ``next_round()``          plan a retry round of only what can succeed (empty: nothing, or no rounds)
 ``collect()``             merge every answer into the output folder: the core's :class:`Accounting`
 ``manifest(...)``         the run's manifest (backend, ids, usage, ``cost_usd``)
-``settle(ok)``, ``close``  release what the run holds (Cortex drops its staging tables after a good run)
+``settle(ok)``, close()  release what the run holds (Cortex drops its staging tables after a good run)
 ========================  ==============================================================================
 
 Written once, here, for every backend:

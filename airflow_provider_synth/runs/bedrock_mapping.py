@@ -455,8 +455,9 @@ def job_sizes(total: int, jobs: int) -> list[int]:
 
 # -- prices ----------------------------------------------------------------------------------------------------
 
-#: On-demand prices in USD per 1M tokens (input, cached input, output) in us-east-1, as AWS lists them on the
-#: Bedrock pricing page (checked 2026-11); batch inference bills half of them. Cross-region profile ids
+#: On-demand prices in USD per 1M tokens (input, cached input, output) in us-east-1, from AWS's Bedrock pricing
+#: page as last known to this project (not re-checked from this offline machine: verify yours); batch inference
+#: bills half of them. Cross-region profile ids
 #: (``us.``, ``eu.``...) are priced as their model. Override per run with ``prices=``.
 BEDROCK_PRICES: dict[str, Price] = {
     "anthropic.claude-3-haiku-20240307-v1:0": Price(0.25, 0.03, 1.25),

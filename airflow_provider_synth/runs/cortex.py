@@ -315,8 +315,8 @@ class CortexRun(SynthRun):
     # -- the run contract --------------------------------------------------------------------------------
 
     def attach(self) -> None:
-        """Settle every intent an earlier try left (nothing is ever submitted blind), then take up every
-        statement of the run (all tries) with its current state."""
+        """Settle every intent an earlier try left (nothing is ever submitted blind), then re-attach to every
+        statement of the run (any try) still running."""
         tables = self._staged().tables
         self.reconcile(tables)
         for qid in self.recorded_query_ids(tables):
@@ -325,6 +325,8 @@ class CortexRun(SynthRun):
         errors = self.poll()
         if errors:
             raise errors[0][1]  # nothing may be submitted before it is known what still runs
+        # a finished statement's rows are in the tables already: this try waits only for those still running
+        self.statements = {q: st for q, st in self.statements.items() if st.get("state") == "running"}
 
     def submit(self) -> list[str]:
         """Submit one statement per chunk that still has unanswered rows and no statement running (a running

@@ -373,3 +373,27 @@ def test_every_batch_operator_takes_at_most_15_parameters_with_the_shared_names(
     assert not {"snowflake_conn_id", "chunk_size", "work_dir"} & set(params)  # one name per idea
     if "submitted" not in params:  # a results operator has its own short signature
         assert set(SHARED_ARGUMENTS) <= set(params), set(SHARED_ARGUMENTS) - set(params)
+
+
+def _decorated_operators() -> list[type]:
+    from airflow_provider_synth.decorators._base import SynthBatchDecoratedOperator
+    from airflow_provider_synth.decorators.cortex import CortexBatchDecoratedOperator
+    from airflow_provider_synth.decorators.openai_batch import OpenAIBatchDecoratedOperator
+    from airflow_provider_synth.decorators.vllm import VLLMBatchDecoratedOperator
+
+    found = [OpenAIBatchDecoratedOperator, CortexBatchDecoratedOperator, VLLMBatchDecoratedOperator]
+    return [c for c in {*found, *SynthBatchDecoratedOperator.__subclasses__()} if not c.__name__.startswith("_")]
+
+
+@pytest.mark.parametrize("cls", _decorated_operators(), ids=lambda c: c.__name__)
+def test_every_batch_decorator_shares_one_base_and_takes_at_most_15_parameters(cls: type) -> None:
+    from airflow_provider_synth.decorators._base import SynthBatchDecoratedOperator
+
+    assert issubclass(cls, SynthBatchDecoratedOperator)
+    operator = next(b for b in cls.__mro__[1:] if issubclass(b, SynthBatchOperator) and "Decorated" not in b.__name__)
+    # what the function's return value replaces is no argument of the decorator
+    own = set(_parameters(cls)) | {"op_args", "op_kwargs"}
+    params = own | set(_parameters(operator)) - {"input_path", "requests", "source_table"}
+    assert len(params - {"op_args", "op_kwargs"}) <= 15, sorted(params)
+    module = inspect.getsource(inspect.getmodule(cls))  # type: ignore[arg-type]
+    assert "operators.openai_batch import RequestTemplate" not in module

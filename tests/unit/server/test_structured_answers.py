@@ -146,3 +146,19 @@ def test_usage_bills_input_tokens_as_a_clients_tiktoken_count(batch_server: Batc
     print(f"120 structured requests: billed {billed} prompt tokens, client's tiktoken count {expected} "
           f"(ratio {ratio:.3f})")
     assert 0.97 <= ratio <= 1.03, (billed, expected)
+
+
+def test_answers_are_the_same_in_another_process() -> None:
+    """The values are drawn once per process, seeded by the schema: a restarted server answers alike. (Two
+    fresh server interpreters: what else a process imported first can change the draws, so this compares like
+    with like.)"""
+    import subprocess
+    import sys
+
+    schema = json.dumps(Ticket.model_json_schema())
+    code = ("import json, sys; import airflow_provider_synth.server.server; "
+            "from airflow_provider_synth.server import answers; schema = json.loads(sys.argv[1]); "
+            "print(json.dumps([answers.instance_of(schema, answers.digest('t', i)) for i in range(20)]))")
+    runs = [subprocess.run([sys.executable, "-c", code, schema], capture_output=True, text=True, check=True,
+                           timeout=120).stdout for _ in range(2)]
+    assert runs[0] == runs[1] and len(json.loads(runs[0])) == 20
