@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnValue, conf, redact
 
+from airflow_provider_synth.batch.paths import exists, join_path, open_path
 from airflow_provider_synth.batch.status import TERMINAL_STATUSES, Next, PollError, verdict
 from airflow_provider_synth.exceptions import BatchFailedError, BatchTimeoutError, TriggerEventError
 from airflow_provider_synth.hooks.openai import (
@@ -37,15 +38,7 @@ def resolve_batch_ids(value: Any) -> list[str]:
     :param value: what the DAG passed (often ``submit_task.output``, the submitting operator's manifest).
     :raises ValueError: naming what was received when no batch id can be found.
     """
-    if isinstance(value, str):
-        text = value.strip()
-        if text[:1] in "[{":
-            try:
-                value = json.loads(text)
-            except ValueError:
-                value = ast.literal_eval(text)  # a rendered Python repr of an XCom value
-        else:
-            value = [part.strip() for part in text.split(",")]
+    value = _parsed(value)
     if isinstance(value, Mapping):
         value = value.get("batch_ids")
     if isinstance(value, Sequence) and not isinstance(value, str):
@@ -53,6 +46,19 @@ def resolve_batch_ids(value: Any) -> list[str]:
         if ids:
             return ids
     raise ValueError(f"no batch ids in {value!r}: pass a list of ids or a manifest with 'batch_ids'")
+
+
+def _parsed(value: Any) -> Any:
+    """``value`` with a JSON or Python-literal string (a rendered XCom) parsed; ids split on commas."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] in "[{":
+            try:
+                return json.loads(text)
+            except ValueError:
+                return ast.literal_eval(text)  # a rendered Python repr of an XCom value
+        return [part.strip() for part in text.split(",")]
+    return value
 
 
 class OpenAIBatchSensor(BaseSensorOperator):
@@ -71,7 +77,10 @@ class OpenAIBatchSensor(BaseSensorOperator):
         service and 2 against a server on this machine (as :class:`OpenAIBatchOperator`); in poke mode 60.
     :param deferrable: defer to the triggerer instead of holding a worker slot; default from
         ``[operators] default_deferrable``.
-    :param max_consecutive_errors: transient polling errors in a row tolerated (both modes).
+    :param max_consecutive_errors: transient polling errors in a row tolerated (both modes). In
+        ``mode="reschedule"`` each poke runs in a new process: the count is kept in the submitting run's work
+        folder (``<work_dir>/_sensor/<task_id>.<map_index>.json``) when ``batch_ids`` is its manifest; with
+        bare ids there is nowhere to keep it and each poke tolerates the errors of that poke only.
     :return: ``{batch_id: {"status", "request_counts", "output_file_id", "error_file_id", "errors"}}``.
     """
 
@@ -132,6 +141,9 @@ class OpenAIBatchSensor(BaseSensorOperator):
         ``max_consecutive_errors`` pokes in a row; any other error propagates as raised.
         """
         ids = resolve_batch_ids(self.batch_ids)
+        counter = self._error_counter(context)
+        if counter is not None:
+            self._consecutive_errors = _read_count(counter, context)
         errors: list[tuple[str, Exception]] = []
         for batch_id in ids:
             if self._states.get(batch_id, {}).get("status") in TERMINAL_STATUSES:
@@ -151,6 +163,8 @@ class OpenAIBatchSensor(BaseSensorOperator):
             )
             self._states[batch_id] = state
         self._consecutive_errors = self._consecutive_errors + 1 if errors else 0
+        if counter is not None:
+            _write_count(counter, context, self._consecutive_errors)
         result = verdict(
             {b: self._states.get(b, {}).get("status") for b in ids},
             error=PollError.of(True for _ in errors),
@@ -163,6 +177,18 @@ class OpenAIBatchSensor(BaseSensorOperator):
         done = result.next is Next.DONE
         return PokeReturnValue(is_done=done, xcom_value=dict(self._states) if done else None)
 
+    def _error_counter(self, context: Context) -> Any | None:
+        """Where the consecutive-error count outlives a poke: in reschedule mode, a file in the submitting
+        run's work folder (the XCom of a rescheduled task is cleared before each poke); ``None`` otherwise."""
+        if self.mode != "reschedule" or context.get("ti") is None:
+            return None
+        manifest = _parsed(self.batch_ids)
+        work_dir = manifest.get("work_dir") if isinstance(manifest, Mapping) else None
+        if not work_dir:
+            return None
+        ti = context["ti"]
+        return join_path(join_path(work_dir, "_sensor"), f"{ti.task_id}.{ti.map_index}.json")
+
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Turn the trigger's terminal event into the batches' states, or a typed error."""
         event = validate_event(event, OpenAIBatchTrigger.event_key)
@@ -174,3 +200,17 @@ class OpenAIBatchSensor(BaseSensorOperator):
         if status == "timeout":
             raise BatchTimeoutError(message)
         raise TriggerEventError(f"Waiting for the batches failed ({status}): {message}")
+
+
+def _read_count(path: Any, context: Context) -> int:
+    """The count kept by an earlier poke of this try (a new try starts from 0)."""
+    if not exists(path):
+        return 0
+    with open_path(path, "rb") as fp:
+        data = json.loads(fp.read() or b"{}")
+    return int(data.get("consecutive_errors") or 0) if data.get("try_number") == context["ti"].try_number else 0
+
+
+def _write_count(path: Any, context: Context, count: int) -> None:
+    with open_path(path, "wb") as fp:
+        fp.write(json.dumps({"try_number": context["ti"].try_number, "consecutive_errors": count}).encode())

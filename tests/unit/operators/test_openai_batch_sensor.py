@@ -143,3 +143,34 @@ def test_poke_follows_the_verdict(monkeypatch):
     assert sensor.poke({}).is_done is False
     with pytest.raises(BatchFailedError, match="unknown status 'on_holiday'"):
         sensor.poke({})
+
+
+def test_reschedule_mode_counts_errors_across_pokes(monkeypatch, tmp_path):
+    """In reschedule mode every poke is a new process (a new sensor object, its XCom cleared): the count of
+    transient errors in a row is kept in the submitting run's work folder, so ``max_consecutive_errors``
+    applies. Old main reset it every poke: a batch API failing for good was polled until the sensor's timeout."""
+    from types import SimpleNamespace
+
+    from airflow_provider_synth.exceptions import BatchFailedError
+    from airflow_provider_synth.testing.mock_transport import FakeBatchAPI
+
+    conn = Connection(conn_id="fk", conn_type="synth_openai", password=API_KEY, host="http://fake.local/v1",
+                      extra=json.dumps({"max_retries": 0}))
+    monkeypatch.setenv("AIRFLOW_CONN_FK", conn.as_json())
+    api = FakeBatchAPI()
+    batch = api.add_batch(["in_progress", "completed"])
+    manifest = {"batch_ids": [batch], "work_dir": str(tmp_path / "_work")}
+
+    def poke(try_number: int = 1):
+        sensor = OpenAIBatchSensor(task_id="wait", batch_ids=manifest, conn_id="fk", max_consecutive_errors=2,
+                                   mode="reschedule", deferrable=False)
+        sensor.hook = OpenAIBatchHook("fk", client_options={"http_client": api.sync_client()})
+        ti = SimpleNamespace(task_id="wait", map_index=-1, try_number=try_number)
+        return sensor.poke({"ti": ti})
+
+    api.fail_next(503, 503, 503, 503)
+    assert [poke().is_done, poke().is_done] == [False, False]
+    with pytest.raises(BatchFailedError, match="3 times in a row"):
+        poke()
+    assert poke(try_number=2).is_done is False  # a new try starts counting afresh
+    assert poke(try_number=2).is_done is False and poke(try_number=2).is_done is True
