@@ -16,7 +16,8 @@ OLDEST_VENV ?= .venv-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.installed
 OLDEST_TESTS := tests/test_example_dags.py tests/test_provider_registration.py tests/integration/test_openai_dags.py \
 	tests/integration/test_openai_more_dags.py tests/integration/test_cleanup_dag.py \
-	tests/integration/test_cortex_dags.py tests/integration/test_native_dags.py tests/integration/test_first_hour.py
+	tests/integration/test_cortex_dags.py tests/integration/test_native_dags.py tests/integration/test_first_hour.py \
+	tests/integration/test_stored_connections.py
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/example_dags
