@@ -58,8 +58,9 @@ def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_id: str, *, age_da
             fp.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                                  "body": {"model": "llama3.1-8b", "messages": [{"role": "user", "content": prompt}]}})
                      + "\n")
+    # a run's deadline counts from its first submission (age_days ago): give it room to be still running now
     op = CortexBatchOperator(task_id="cortex", input_path=str(path), output_path=str(tmp_path / run_id),
-                             deferrable=running, poll_interval=0.05)
+                             deferrable=running, poll_interval=0.05, timeout=(age_days + 1) * DAY)
     with pytest.raises(TaskDeferred if running else BatchFailedError):
         op.execute(_context(run_id))  # type: ignore[arg-type]
     monkeypatch.setattr(cortex_runs, "_now", time.time)
