@@ -229,6 +229,31 @@ def estimate_cost(
                     batch=batch)
 
 
+def check_budget(est: float | None, limit: float | None, *, model: str | None, input_tokens: int,
+                 output_tokens: int, log: Any, what: str = "submitted", unknown: str | None = None) -> None:
+    """THE budget rule before anything is paid for: refuse a run whose estimate (batch prices) is over
+    ``max_cost_usd``, or that cannot be estimated while a limit is set; log the estimate when it fits.
+
+    :param est: the estimated cost (``None``: no price for ``model``).
+    :param limit: ``max_cost_usd`` (``None``: no budget; only logs).
+    :param what: what did not happen on refusal (``submitted``, ``staged``).
+    :param unknown: the message for an unknown price (default: :func:`unknown_price_message`).
+    :raises BudgetExceededError: over the limit, or a limit with no price.
+    """
+    from airflow_provider_synth.exceptions import BudgetExceededError
+
+    if limit is None:
+        return
+    if est is None:
+        raise BudgetExceededError(f"max_cost_usd is set but the cost cannot be estimated: "
+                                  f"{unknown or unknown_price_message(model)}; nothing was {what}")
+    estimate = (f"estimated cost {format_usd(est)} ({input_tokens:,} input tokens, up to {output_tokens:,} output "
+                f"tokens at batch prices for {model})")
+    if est > float(limit):
+        raise BudgetExceededError(f"{estimate} is over max_cost_usd=${limit}; nothing was {what}")
+    log.info("round 0: %s, within max_cost_usd=$%s", estimate, limit)
+
+
 # ---- token estimate ------------------------------------------------------------------------------------
 
 _ENCODING_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_synth.batch.requests import RequestTemplate
 from airflow_provider_synth.decorators._base import (
     SynthBatchDecoratedOperator,
     batch_task_decorator,
@@ -21,26 +20,22 @@ if TYPE_CHECKING:
 
 class BedrockBatchDecoratedOperator(SynthBatchDecoratedOperator, BedrockBatchOperator):
     """:class:`~airflow_provider_synth.operators.bedrock.BedrockBatchOperator` answering what the decorated
-    function returns: request lines, or records built into them with ``model``, ``endpoint`` and ``template``.
-    They are written to ``<output_path>/_work/requests.jsonl`` and translated from there.
+    function returns: request lines, or records built into them with ``model``, ``template`` and
+    ``config.endpoint`` (``/v1/embeddings`` for Titan embeddings). They are written to
+    ``<output_path>/_work/requests.jsonl`` and translated from there.
 
     :param python_callable: the function returning the records or request lines.
-    :param template: how records become requests (:class:`~airflow_provider_synth.batch.requests.RequestTemplate`).
-    :param endpoint: the endpoint of built requests (``/v1/embeddings`` for Titan embeddings).
     :param kwargs: ``op_args``, ``op_kwargs`` and the operator's arguments (``output_path``, ``model``,
-        ``role_arn``, ``staging_prefix``, ``conn_id``...).
+        ``template``, ``retry_failed_requests``, ``max_cost_usd``, ``conn_id``, ``config`` with ``role_arn`` and
+        ``staging_prefix``...).
     """
 
     template_fields: Sequence[str] = decorated_template_fields(BedrockBatchOperator.template_fields, "input_path")
     custom_operator_name = "@task.synth_bedrock_batch"
 
-    def __init__(self, *, python_callable: Callable[..., Any], template: RequestTemplate | None = None,
-                 endpoint: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, python_callable: Callable[..., Any], **kwargs: Any) -> None:
         kwargs.setdefault("input_path", "")  # the file written from what the function returns
         super().__init__(python_callable=python_callable, **kwargs)
-        self.template = template or RequestTemplate()
-        if endpoint is not None:
-            self.endpoint = endpoint
 
     def execute_complete(self, context: Context, event: Mapping[str, Any] | None = None,
                          **kwargs: Any) -> dict[str, Any]:
@@ -53,6 +48,6 @@ def synth_bedrock_batch_task(python_callable: Callable[..., Any] | None = None, 
     :class:`~airflow_provider_synth.operators.bedrock.BedrockBatchOperator` task whose XCom is the manifest.
 
     :param python_callable: the function to decorate.
-    :param kwargs: the operator's arguments, ``template`` and ``endpoint``.
+    :param kwargs: the operator's arguments.
     """
     return batch_task_decorator(BedrockBatchDecoratedOperator, python_callable, **kwargs)

@@ -22,12 +22,15 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
+from airflow_provider_synth.batch.paths import as_path, join_path, open_path
+from airflow_provider_synth.batch.paths import exists as path_exists
+from airflow_provider_synth.batch.requests import RequestTemplate, write_requests
 from airflow_provider_synth.batch.status import Next
 from airflow_provider_synth.batch.validate import InvalidRequests, check_invalid_requests
 from airflow_provider_synth.exceptions import BatchFailedError, BatchTimeoutError, WaitFailedError
@@ -82,6 +85,8 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
     collect_on_timeout: ClassVar[bool] = False
     #: old argument name -> the name it has now (accepted with a ``DeprecationWarning``)
     renamed: ClassVar[Mapping[str, str]] = {}
+    #: a batch service billed per token: the operator takes :data:`PRICED_ARGUMENTS` (the contract test checks)
+    priced: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -145,6 +150,22 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
                           f"config={self.config_class.__name__}({names_given})", DeprecationWarning, stacklevel=4)
             config = dataclasses.replace(config, **moved)
         return config
+
+    def argument_over_config(self, name: str, value: Any) -> Any:
+        """A shared argument (``retry_failed_requests``, ``max_cost_usd``) whose config field of the same name is
+        only a deprecated alias: the argument wins; a config field set away from its default is used (with a
+        ``DeprecationWarning``) when the argument is not given. The config then carries the value to the run."""
+        default = next(f.default for f in dataclasses.fields(self.config_class) if f.name == name)
+        in_config = getattr(self.config, name)
+        if in_config != default:
+            warnings.warn(f"{type(self).__name__}(config={self.config_class.__name__}({name}=...)) is deprecated: "
+                          f"pass {name}= to the operator", DeprecationWarning, stacklevel=4)
+            if value is None:
+                value = in_config
+        value = default if value is None else value
+        if value != in_config:
+            self.config = dataclasses.replace(self.config, **{name: value})
+        return value
 
     @property
     def timeout(self) -> float:
@@ -311,3 +332,98 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
 #: the operator arguments every batch operator shares (checked by the contract test: same name, same idea)
 SHARED_ARGUMENTS: Sequence[str] = ("conn_id", "output_path", "poll_interval", "timeout", "deferrable",
                                    "max_failed_ratio", "checks", "invalid_requests", "config")
+#: what every priced batch service's operator (:attr:`SynthBatchOperator.priced`: OpenAI/Azure, Anthropic,
+#: Bedrock) takes besides: the same input (a JSONL file, or records built with a template), the model, the
+#: retry rounds and the budget, each an argument of its own, never only a config field
+PRICED_ARGUMENTS: Sequence[str] = ("input_path", "requests", "template", "model", "retry_failed_requests",
+                                   "max_cost_usd")
+
+
+def is_request_line(item: Any) -> bool:
+    """An OpenAI batch line (``custom_id`` + ``body``) or an Anthropic one (``custom_id`` + ``params``)."""
+    return isinstance(item, Mapping) and "custom_id" in item and ("body" in item or "params" in item)
+
+
+class PromptRecords(Sequence[Any]):
+    """The records or request lines given as ``requests``, kept out of Airflow's rendered fields.
+
+    Airflow stores every templated field, rendered, in the metadata database and shows it in the UI; prompts
+    may hold personal data. For an object with ``serialize()`` it stores what that returns: here a count and
+    the first ids, never the records themselves.
+
+    :param items: the records or request lines.
+    :param id_field: the record field holding the id (as in :class:`RequestTemplate`).
+    """
+
+    SHOWN_IDS = 3
+
+    def __init__(self, items: Iterable[Any], id_field: str | None = None) -> None:
+        self._items = list(items)
+        self._id_field = id_field
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._items[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._items)
+
+    def _id(self, index: int) -> str:
+        item = self._items[index]
+        if is_request_line(item):
+            return str(item["custom_id"])
+        if self._id_field and isinstance(item, Mapping) and self._id_field in item:
+            return str(item[self._id_field])
+        return f"request-{index}"
+
+    def serialize(self) -> str:
+        """What Airflow stores and shows for the field: the count and the first ids."""
+        ids = [self._id(i) for i in range(min(len(self._items), self.SHOWN_IDS))]
+        more = ", ..." if len(self._items) > len(ids) else ""
+        return f"{len(self._items)} record(s), not stored as a rendered field; ids: {', '.join(ids)}{more}"
+
+    __repr__ = __str__ = serialize
+
+
+class RequestInput:
+    """The input every priced batch operator takes the same way: ``input_path`` (a request JSONL), or
+    ``requests`` (request lines, or records built with ``template`` and ``model``), written to
+    ``<work>/requests.jsonl``. One code path for OpenAI/Azure, Anthropic and Bedrock."""
+
+    input_path: Any
+    model: str | None
+    template: RequestTemplate
+    _requests: Any = None
+
+    @property
+    def requests(self) -> Any:
+        return self._requests
+
+    @requests.setter
+    def requests(self, value: Any) -> None:
+        # set at construction and again when Airflow renders the field (an XCom resolved to the records)
+        if isinstance(value, list | tuple):
+            template = getattr(self, "template", None)
+            value = PromptRecords(value, template.id_field if template is not None else None)
+        self._requests = value
+
+    def request_source(self, work: Any, endpoint: str) -> Any:
+        """The request JSONL to plan: ``input_path`` (which must exist), or ``requests`` written (built from
+        records with ``template`` for ``endpoint``) to ``<work>/requests.jsonl``. Nothing is sent."""
+        if self.input_path is not None:
+            source = as_path(self.input_path)
+            if not path_exists(source):
+                raise FileNotFoundError(f"input_path {self.input_path} does not exist; nothing was submitted. Write "
+                                        "the request JSONL there first (e.g. in an upstream task) or pass requests=")
+            return source
+        items = list(self.requests)
+        if not all(is_request_line(i) for i in items):
+            if not self.model:
+                raise ValueError("building requests from records needs model=")
+            items = list(self.template.build(items, model=self.model, endpoint=endpoint))
+        path = join_path(work, "requests.jsonl")
+        with open_path(path, "wb") as fp:
+            write_requests(items, fp)
+        return path

@@ -8,15 +8,18 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_synth.batch.checks import OutputChecks
-from airflow_provider_synth.batch.paths import as_path, join_path, open_path
-from airflow_provider_synth.batch.paths import exists as path_exists
-from airflow_provider_synth.batch.requests import CHAT, RequestTemplate, write_requests
+from airflow_provider_synth.batch.paths import as_path, join_path
+from airflow_provider_synth.batch.requests import CHAT, RequestTemplate
 from airflow_provider_synth.batch.split import ShardLimits
 from airflow_provider_synth.batch.usage import Price, format_usd
 from airflow_provider_synth.batch.validate import InvalidRequests
 from airflow_provider_synth.exceptions import BudgetExceededError
 from airflow_provider_synth.hooks.anthropic import AnthropicBatchHook
-from airflow_provider_synth.operators._base import DEFAULT_DEFERRABLE, SynthBatchOperator
+from airflow_provider_synth.operators._base import (
+    DEFAULT_DEFERRABLE,
+    RequestInput,
+    SynthBatchOperator,
+)
 from airflow_provider_synth.runs.anthropic import ANTHROPIC_LIMITS, AnthropicPlan, AnthropicRun, plan_run
 from airflow_provider_synth.runs.anthropic_messages import (
     DEFAULT_MAX_TOKENS,
@@ -69,12 +72,7 @@ class AnthropicBatchConfig:
                            sampling=self.sampling, structured_output=self.structured_output, model=model)
 
 
-def is_request_line(item: Any) -> bool:
-    """An OpenAI batch line (``custom_id`` + ``body``) or an Anthropic one (``custom_id`` + ``params``)."""
-    return isinstance(item, Mapping) and "custom_id" in item and ("body" in item or "params" in item)
-
-
-class AnthropicBatchOperator(SynthBatchOperator):
+class AnthropicBatchOperator(RequestInput, SynthBatchOperator):
     """Run requests through Anthropic's Message Batches API (half the direct price) and land every answer.
 
     Takes the same OpenAI batch JSONL as every backend (or Anthropic's own ``{"custom_id", "params"}`` lines),
@@ -108,6 +106,7 @@ class AnthropicBatchOperator(SynthBatchOperator):
 
     template_fields: Sequence[str] = ("input_path", "output_path", "requests", "model")
     config_class = AnthropicBatchConfig
+    priced = True
     trigger_class = AnthropicBatchTrigger
     default_conn_id = AnthropicBatchHook.default_conn_name
     default_timeout = DEFAULT_TIMEOUT
@@ -146,8 +145,8 @@ class AnthropicBatchOperator(SynthBatchOperator):
         super().__init__(conn_id=conn_id, output_path=output_path, poll_interval=poll_interval, timeout=timeout,
                          deferrable=deferrable, max_failed_ratio=max_failed_ratio, checks=checks,
                          invalid_requests=invalid_requests, config=config, **kwargs)
-        self.input_path, self.requests, self.model = input_path, requests, model
         self.template = template or RequestTemplate()
+        self.input_path, self.requests, self.model = input_path, requests, model
         self.retry_failed_requests, self.max_cost_usd = retry_failed_requests, max_cost_usd
         if checks is not None and checks.schema is None and self.template.response_format is not None:
             import dataclasses
@@ -162,26 +161,10 @@ class AnthropicBatchOperator(SynthBatchOperator):
     def _work_dir(self) -> Any:
         return join_path(as_path(self.output_path), "_work")
 
-    def _source(self, work: Any) -> Any:
-        if self.input_path is not None:
-            source = as_path(self.input_path)
-            if not path_exists(source):
-                raise FileNotFoundError(f"input_path {self.input_path} does not exist; nothing was submitted")
-            return source
-        items = list(self.requests)
-        if not all(is_request_line(i) for i in items):
-            if not self.model:
-                raise ValueError("building requests from records needs model=")
-            items = list(self.template.build(items, model=self.model, endpoint=CHAT))
-        path = join_path(work, "requests.jsonl")
-        with open_path(path, "wb") as fp:
-            write_requests(items, fp)
-        return path
-
     def start_run(self, context: Context) -> SynthRun:
         work = self._work_dir()
         hook = AnthropicBatchHook(self.conn_id)
-        plan = plan_run(self._source(work), work_dir=work, output_dir=as_path(self.output_path),
+        plan = plan_run(self.request_source(work, CHAT), work_dir=work, output_dir=as_path(self.output_path),
                         conn_id=self.conn_id, identity=self.identity(context),
                         options=self.config.translation(hook.api_version, self.model), limits=self.config.limits,
                         checks=self.checks, prices=self.config.prices)

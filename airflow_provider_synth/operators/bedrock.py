@@ -12,14 +12,15 @@ The module imports neither the amazon provider nor boto3: a DAG using the operat
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_synth.batch.paths import as_path
-from airflow_provider_synth.batch.paths import exists as path_exists
+from airflow_provider_synth.batch.paths import as_path, join_path
+from airflow_provider_synth.batch.requests import RequestTemplate
 from airflow_provider_synth.batch.validate import InvalidRequests
-from airflow_provider_synth.operators._base import DEFAULT_DEFERRABLE, SynthBatchOperator
+from airflow_provider_synth.operators._base import DEFAULT_DEFERRABLE, RequestInput, SynthBatchOperator
 from airflow_provider_synth.runs.bedrock import BedrockBatchConfig, BedrockPlan, BedrockRun, prepare
 from airflow_provider_synth.triggers.bedrock import BedrockJobTrigger
 
@@ -45,18 +46,19 @@ def _hook(conn_id: str | None, region_name: str | None) -> Any:
     return BedrockBatchHook(aws_conn_id=conn_id, region_name=region_name)
 
 
-class BedrockBatchOperator(SynthBatchOperator):
+class BedrockBatchOperator(RequestInput, SynthBatchOperator):
     """Run OpenAI batch requests as Amazon Bedrock batch inference jobs and land every answer in the output
     folder: ``results.jsonl`` (input order), ``failures.jsonl`` and ``manifest.json`` (the return value).
 
     Each line is translated into the model family's native body (Claude, Llama, Mistral, Nova, Titan
     embeddings: see ``docs/operators/bedrock.md``); a line the family cannot take refuses the input (or, with
-    ``invalid_requests="skip"``, becomes a failure row) before anything is staged. The records are written to
-    ``<staging_prefix>/<run key>/`` through the ``aws`` connection and split into as few jobs as Bedrock's
-    limits allow. Every job is created with a ``clientRequestToken`` from the run key: a retried task
+    ``invalid_requests="skip"``, becomes a failure row) before anything is staged. A run estimated over
+    ``max_cost_usd`` is refused before anything is staged. The records are written to
+    ``<config.staging_prefix>/<run key>/`` through the ``aws`` connection and split into as few jobs as
+    Bedrock's limits allow. Every job is created with a ``clientRequestToken`` from the run key: a retried task
     re-attaches to its jobs, never creates a second one. A ``PartiallyCompleted`` job lands what succeeded;
     the records a retry can fix (throttled, 5xx, those of an expired job) run again in a follow-up job, up to
-    ``config.retry_failed_requests`` rounds. Killed or timed out, the task stops its jobs.
+    ``retry_failed_requests`` rounds. Killed or timed out, the task stops its jobs.
 
     .. seealso:: :ref:`howto/operator:BedrockBatchOperator`
 
@@ -64,10 +66,14 @@ class BedrockBatchOperator(SynthBatchOperator):
     :param output_path: the output folder (local path, ``s3://``..., or ``ObjectStoragePath``), one per task
         instance (with ``{{ ti.map_index }}`` when mapped).
     :param input_path: an OpenAI batch JSONL file (local, URL or ``ObjectStoragePath``).
+    :param requests: instead of ``input_path``: request lines, or records built with ``template`` and ``model``
+        (for ``config.endpoint``), written to ``<output_path>/_work/requests.jsonl`` as on the other backends.
+    :param template: how records become requests (:class:`~airflow_provider_synth.batch.requests.RequestTemplate`).
     :param model: the Bedrock model id, inference profile id (``us.anthropic.claude-...``) or ARN.
-    :param role_arn: the IAM service role Bedrock assumes to read the input and write the output in S3.
-    :param staging_prefix: ``s3://bucket/prefix`` where the run's records and Bedrock's output go (the
-        ``role_arn`` must be able to read and write it; the connection too).
+    :param retry_failed_requests: retry rounds (default 2) for the records a retry can fix (429, 5xx, an
+        expired or stopped job's records, answers the output checks refused).
+    :param max_cost_usd: refuse the run, before anything is staged, when its estimate at Bedrock's batch prices
+        (``config.prices`` over the built-in table) is above this; the estimate is logged.
     :param poll_interval: seconds between status checks.
     :param timeout: the whole run's budget, counted from the first job's creation (a retry never extends it);
         at the deadline the jobs are stopped and the task fails.
@@ -76,16 +82,20 @@ class BedrockBatchOperator(SynthBatchOperator):
     :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`).
     :param invalid_requests: ``"fail"`` (default) or ``"skip"`` (see the other batch operators).
     :param config: Bedrock's own knobs (:class:`~airflow_provider_synth.runs.bedrock.BedrockBatchConfig`):
-        ``limits``, ``pad_to_minimum``, ``retry_failed_requests``, ``job_timeout_hours``, ``prices``,
-        ``region_name``, ``cancel_on_kill``, ``max_active_jobs``.
+        ``role_arn`` and ``staging_prefix`` (required; both stay templated as attributes of the operator),
+        ``limits``, ``pad_to_minimum``, ``job_timeout_hours``, ``prices``, ``region_name``, ``cancel_on_kill``,
+        ``max_active_jobs``, ``endpoint``. Given as keyword arguments (``role_arn=``, ``staging_prefix=``...)
+        they still work, with a ``DeprecationWarning``.
     """
 
-    template_fields: Sequence[str] = ("input_path", "output_path", "model", "role_arn", "staging_prefix")
+    template_fields: Sequence[str] = ("input_path", "output_path", "requests", "model", "role_arn",
+                                      "staging_prefix")
     config_class = BedrockBatchConfig
     trigger_class = BedrockJobTrigger
     default_conn_id = "aws_default"
     default_timeout = DEFAULT_TIMEOUT
     collect_on_timeout = True
+    priced = True
     ui_color = "#f7e4c6"
     config: BedrockBatchConfig
 
@@ -95,9 +105,11 @@ class BedrockBatchOperator(SynthBatchOperator):
         conn_id: str = "aws_default",
         output_path: Any = None,
         input_path: Any = None,
+        requests: Any = None,
+        template: RequestTemplate | None = None,
         model: str | None = None,
-        role_arn: str | None = None,
-        staging_prefix: str | None = None,
+        retry_failed_requests: int | None = None,
+        max_cost_usd: float | None = None,
         poll_interval: float = 60.0,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         deferrable: bool = DEFAULT_DEFERRABLE,
@@ -107,22 +119,53 @@ class BedrockBatchOperator(SynthBatchOperator):
         config: BedrockBatchConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        missing = [n for n, v in (("output_path", output_path), ("model", model), ("role_arn", role_arn),
-                                  ("staging_prefix", staging_prefix)) if not v]
-        if missing:
-            raise ValueError(f"BedrockBatchOperator needs {', '.join(missing)}")
+        if (input_path is None) == (requests is None):
+            raise ValueError("give exactly one of input_path or requests")
         super().__init__(conn_id=conn_id, output_path=output_path, poll_interval=poll_interval, timeout=timeout,
                          deferrable=deferrable, max_failed_ratio=max_failed_ratio, checks=checks,
                          invalid_requests=invalid_requests, config=config, **kwargs)
-        self.input_path, self.model = input_path, model
-        self.role_arn, self.staging_prefix = role_arn, staging_prefix
+        missing = [n for n, v in (("output_path", output_path), ("model", model),
+                                  ("config.role_arn", self.config.role_arn),
+                                  ("config.staging_prefix", self.config.staging_prefix)) if not v]
+        if missing:
+            raise ValueError(f"BedrockBatchOperator needs {', '.join(missing)}")
+        self.template = template or RequestTemplate()
+        self.input_path, self.requests, self.model = input_path, requests, model
+        self.retry_failed_requests: int = self.argument_over_config("retry_failed_requests", retry_failed_requests)
+        self.max_cost_usd = max_cost_usd
+
+    # role_arn and staging_prefix live in the config; as attributes they stay templated fields
+    @property
+    def role_arn(self) -> str | None:
+        return self.config.role_arn
+
+    @role_arn.setter
+    def role_arn(self, value: str | None) -> None:
+        self.config = dataclasses.replace(self.config, role_arn=value)
+
+    @property
+    def staging_prefix(self) -> str | None:
+        return self.config.staging_prefix
+
+    @staging_prefix.setter
+    def staging_prefix(self, value: str | None) -> None:
+        self.config = dataclasses.replace(self.config, staging_prefix=value)
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint of requests built from records (``config.endpoint``)."""
+        return self.config.endpoint
+
+    @endpoint.setter
+    def endpoint(self, value: str) -> None:
+        self.config = dataclasses.replace(self.config, endpoint=value)
 
     def output_folder(self) -> Any:
         return as_path(self.output_path)
 
     def _run_of(self, plan: BedrockPlan) -> BedrockRun:
         cfg = self.config
-        run = BedrockRun(_hook(plan.conn_id, plan.region_name), plan, max_rounds=cfg.retry_failed_requests,
+        run = BedrockRun(_hook(plan.conn_id, plan.region_name), plan, max_rounds=self.retry_failed_requests,
                          checks=self.checks, prices=cfg.prices, max_active_jobs=cfg.max_active_jobs)
         run.attach()
         if run.jobs:
@@ -131,12 +174,9 @@ class BedrockBatchOperator(SynthBatchOperator):
         return run
 
     def _plan(self, context: Context) -> BedrockPlan:
-        """Validate, translate and stage the input, or find the plan an earlier try staged (same run key)."""
-        if self.input_path is None:
-            raise ValueError("input_path is required")
-        source = as_path(self.input_path)
-        if not path_exists(source):
-            raise FileNotFoundError(f"input_path {self.input_path} does not exist; nothing was staged")
+        """Validate, translate, check the budget and stage the input, or find the plan an earlier try staged
+        (same run key)."""
+        source = self.request_source(join_path(as_path(self.output_path), "_work"), self.endpoint)
         _hook(self.conn_id, self.config.region_name)  # the extra's absence says so before any work
         ident = self.identity(context)
         cfg = self.config
@@ -144,7 +184,8 @@ class BedrockBatchOperator(SynthBatchOperator):
                        model_id=str(self.model), role_arn=str(self.role_arn), staging_prefix=str(self.staging_prefix),
                        conn_id=self.conn_id, output_dir=self.output_path, region_name=cfg.region_name,
                        limits=cfg.limits, invalid_requests=self.invalid_requests, pad_to_minimum=cfg.pad_to_minimum,
-                       checks=self.checks, timeout_hours=cfg.job_timeout_hours, name=str(self.input_path))
+                       checks=self.checks, timeout_hours=cfg.job_timeout_hours, name=str(source),
+                       max_cost_usd=self.max_cost_usd, prices=cfg.prices)
 
     def start_run(self, context: Context) -> SynthRun:
         return self._run_of(self._plan(context))

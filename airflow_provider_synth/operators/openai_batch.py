@@ -8,28 +8,29 @@ own knobs are :class:`~airflow_provider_synth.runs.openai.OpenAIBatchConfig`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_synth.batch.checks import checks_for
 from airflow_provider_synth.batch.paths import as_path, join_path, open_path
-from airflow_provider_synth.batch.paths import exists as path_exists
 from airflow_provider_synth.batch.requests import (
     AZURE_ENDPOINTS,
-    CHAT,
     OPENAI_ENDPOINTS,
     Endpoint,
     RequestTemplate,
-    write_requests,
 )
 from airflow_provider_synth.batch.split import split_requests
-from airflow_provider_synth.batch.usage import estimate_cost, format_usd, price_known, unknown_price_message
+from airflow_provider_synth.batch.usage import check_budget, estimate_cost, price_known, unknown_price_message
 from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary
-from airflow_provider_synth.exceptions import BudgetExceededError
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.links import OpenAIBatchLink
-from airflow_provider_synth.operators._base import DEFAULT_DEFERRABLE, SynthBatchOperator
+from airflow_provider_synth.operators._base import (
+    DEFAULT_DEFERRABLE,
+    PromptRecords,
+    RequestInput,
+    SynthBatchOperator,
+)
 from airflow_provider_synth.runs.base import SynthRun
 from airflow_provider_synth.runs.openai import (
     DEFAULT_EXPIRES_AFTER,
@@ -51,53 +52,6 @@ __all__ = ["DEFAULT_EXPIRES_AFTER", "DEFAULT_TIMEOUT", "OpenAIBatchConfig", "Ope
 
 #: the Batch API's window is 24 h; leave room for finalizing and one retry round
 DEFAULT_TIMEOUT = timedelta(hours=26)
-
-
-def _is_request_line(item: Any) -> bool:
-    return isinstance(item, Mapping) and "custom_id" in item and "body" in item
-
-
-class PromptRecords(Sequence[Any]):
-    """The records or request lines given as ``requests``, kept out of Airflow's rendered fields.
-
-    Airflow stores every templated field, rendered, in the metadata database and shows it in the UI; prompts
-    may hold personal data. For an object with ``serialize()`` it stores what that returns: here a count and
-    the first ids, never the records themselves.
-
-    :param items: the records or request lines.
-    :param id_field: the record field holding the id (as in :class:`RequestTemplate`).
-    """
-
-    SHOWN_IDS = 3
-
-    def __init__(self, items: Iterable[Any], id_field: str | None = None) -> None:
-        self._items = list(items)
-        self._id_field = id_field
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, index: Any) -> Any:
-        return self._items[index]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._items)
-
-    def _id(self, index: int) -> str:
-        item = self._items[index]
-        if _is_request_line(item):
-            return str(item["custom_id"])
-        if self._id_field and isinstance(item, Mapping) and self._id_field in item:
-            return str(item[self._id_field])
-        return f"request-{index}"
-
-    def serialize(self) -> str:
-        """What Airflow stores and shows for the field: the count and the first ids."""
-        ids = [self._id(i) for i in range(min(len(self._items), self.SHOWN_IDS))]
-        more = ", ..." if len(self._items) > len(ids) else ""
-        return f"{len(self._items)} record(s), not stored as a rendered field; ids: {', '.join(ids)}{more}"
-
-    __repr__ = __str__ = serialize
 
 
 class _OpenAIBatchLifecycle(SynthBatchOperator):
@@ -157,15 +111,15 @@ class _OpenAIBatchLifecycle(SynthBatchOperator):
                                     base_url=None if azure else str(run.hook.client.base_url))
 
 
-class OpenAIBatchOperator(_OpenAIBatchLifecycle):
+class OpenAIBatchOperator(RequestInput, _OpenAIBatchLifecycle):
     """Run requests through the OpenAI or Azure OpenAI Batch API and land every answer in object storage.
 
     Validates and splits the input to the service's limits (nothing is uploaded if any line is bad), refuses
-    a run estimated over ``config.max_cost_usd``, uploads and submits every shard, then waits in the triggerer
+    a run estimated over ``max_cost_usd``, uploads and submits every shard, then waits in the triggerer
     (``deferrable``) or in the worker. Finished batches are downloaded and merged into ``output_path``:
     ``results.jsonl`` (input order), ``failures.jsonl`` and ``manifest.json``; the manifest is the return
     value. Failures a retry can fix (429, 5xx, expired, timed out) are resubmitted alone, up to
-    ``config.retry_failed_requests`` rounds. A retried task re-attaches to the batches it already created.
+    ``retry_failed_requests`` rounds. A retried task re-attaches to the batches it already created.
 
     The connection's type picks OpenAI or Azure: on Azure, ``model`` is the deployment name.
 
@@ -181,45 +135,40 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
         ids, never the prompts; to keep prompts out of the metadata database altogether (XCom included), write
         them to object storage and pass ``input_path``.
     :param model: the model (or Azure deployment) for built requests.
-    :param endpoint: the endpoint of built requests.
-    :param template: how records become requests (:class:`RequestTemplate`).
+    :param template: how records become requests (:class:`RequestTemplate`); built requests go to
+        ``config.endpoint`` (default ``/v1/chat/completions``).
+    :param retry_failed_requests: retry rounds (default 2): the failures a retry can fix (429, 5xx, expired,
+        timed out, answers the output checks refused) are resubmitted alone, up to this many times; each round
+        is estimated against ``max_cost_usd`` before it is submitted.
+    :param max_cost_usd: refuse to submit (nothing uploaded) when the estimated cost at batch prices is above
+        this; it also bounds the retry rounds and the direct-API tail of ``checks.direct_tail``.
     :param poll_interval: seconds between status checks; default: 60 against a service, 2 against a server on
         this machine (``127.0.0.1``/``localhost``, e.g. the local Batch API server).
     :param timeout: the whole run's budget, counted from the first submission (a retry never extends it);
         on expiry the batches are cancelled (unless ``config.cancel_on_kill`` is off).
     :param deferrable: wait in the triggerer instead of a worker slot.
-    :param wait_for_completion: ``False`` submits and returns the manifest at once (use
-        :class:`~airflow_provider_synth.sensors.openai_batch.OpenAIBatchSensor` and
-        :class:`OpenAIBatchResultsOperator`).
     :param max_failed_ratio: the largest share of failed requests the task accepts (0 = none).
     :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`): cut-off, refused
         or off-schema answers go to ``failures.jsonl`` (never to results) and are retried alone in the retry
         rounds; with a schema (default: the template's ``response_format``) results carry the ``parsed``
         object. ``checks.direct_tail=N`` answers a retry round of at most N requests through the synchronous
-        API (direct price, within ``config.max_cost_usd``) instead of another batch.
+        API (direct price, within ``max_cost_usd``) instead of another batch.
     :param invalid_requests: ``"fail"`` (default): one invalid line refuses the whole input before anything is
         uploaded, naming every bad line. ``"skip"``: only the valid lines are submitted; each invalid one is a
         failure row (reason and line number; ``line-<n>`` when it has no usable custom_id) in
         ``failures.jsonl``, counted in the manifest's ``invalid`` and against ``max_failed_ratio``.
     :param config: the Batch API's own knobs (:class:`OpenAIBatchConfig`): shard ``limits``,
-        ``completion_window``, ``retry_failed_requests``, ``max_active_batches`` (waves),
-        ``token_limit_resubmits``, ``max_cost_usd``, ``prices``, ``cancel_on_kill``, ``expires_after``. Given as
-        keyword arguments of their own they still work, with a ``DeprecationWarning``.
+        ``completion_window``, ``max_active_batches`` (waves), ``token_limit_resubmits``, ``prices``,
+        ``cancel_on_kill``, ``expires_after``, ``endpoint`` (of built requests) and ``wait_for_completion``
+        (``False`` submits and returns the manifest at once: collect with
+        :class:`~airflow_provider_synth.sensors.openai_batch.OpenAIBatchSensor` and
+        :class:`OpenAIBatchResultsOperator`). Given as keyword arguments of their own (``endpoint=``,
+        ``wait_for_completion=``...) they still work, with a ``DeprecationWarning``.
     """
 
     template_fields: Sequence[str] = ("input_path", "output_path", "requests", "model")
 
-    @property
-    def requests(self) -> Any:
-        return self._requests
-
-    @requests.setter
-    def requests(self, value: Any) -> None:
-        # set at construction and again when Airflow renders the field (an XCom resolved to the records)
-        if isinstance(value, list | tuple):
-            template = getattr(self, "template", None)
-            value = PromptRecords(value, template.id_field if template is not None else None)
-        self._requests = value
+    priced = True
 
     def __init__(
         self,
@@ -229,12 +178,12 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
         input_path: Any = None,
         requests: Any = None,
         model: str | None = None,
-        endpoint: Endpoint = CHAT,
         template: RequestTemplate | None = None,
+        retry_failed_requests: int | None = None,
+        max_cost_usd: float | None = None,
         poll_interval: float | None = None,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         deferrable: bool = DEFAULT_DEFERRABLE,
-        wait_for_completion: bool = True,
         max_failed_ratio: float = 0.0,
         checks: OutputChecks | None = None,
         invalid_requests: InvalidRequests = "fail",
@@ -248,49 +197,38 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
         super().__init__(conn_id=conn_id, output_path=output_path, poll_interval=poll_interval, timeout=timeout,
                          deferrable=deferrable, max_failed_ratio=max_failed_ratio, checks=checks,
                          invalid_requests=invalid_requests, config=config, **kwargs)
-        self.model, self.endpoint, self.template = model, endpoint, template or RequestTemplate()
+        self.model, self.template = model, template or RequestTemplate()
         self.input_path, self.requests = input_path, requests
-        self._wait_for_completion = wait_for_completion
+        self.retry_failed_requests: int = self.argument_over_config("retry_failed_requests", retry_failed_requests)
+        self.max_cost_usd: float | None = self.argument_over_config("max_cost_usd", max_cost_usd)
         self.checks = checks_for(checks, self.template.response_format)  # a schema the user wrote is checked
 
     @property
     def wait_for_completion(self) -> bool:
-        return self._wait_for_completion
+        return self.config.wait_for_completion
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The endpoint of requests built from records (``config.endpoint``)."""
+        return self.config.endpoint  # type: ignore[return-value]
 
     # -- planning ---------------------------------------------------------------------------------------------
-
-    def _source(self, work: Any) -> Any:
-        if self.input_path is not None:
-            source = as_path(self.input_path)
-            if not path_exists(source):
-                raise FileNotFoundError(f"input_path {self.input_path} does not exist; nothing was submitted. Write "
-                                        "the request JSONL there first (e.g. in an upstream task) or pass requests=")
-            return source
-        items = list(self.requests)
-        if not all(_is_request_line(i) for i in items):
-            if not self.model:
-                raise ValueError("building requests from records needs model=")
-            items = list(self.template.build(items, model=self.model, endpoint=self.endpoint))
-        path = join_path(work, "requests.jsonl")
-        with open_path(path, "wb") as fp:
-            write_requests(items, fp)
-        return path
 
     def _plan(self, context: Context) -> Plan:
         """Validate and split (before anything is uploaded), check the budget, write the plan."""
         cfg = self.config
         output = as_path(self.output_path)
         work = join_path(output, "_work")
-        source = self._source(work)
+        source = self.request_source(work, self.endpoint)
         split = split_requests(source, lambda i: open_path(join_path(work, f"shards/shard-{i:05d}-r0.jsonl"), "wb"),
                                limits=cfg.shard_limits, name=str(source),
-                               estimate_tokens=cfg.max_cost_usd is not None, invalid_requests=self.invalid_requests,
+                               estimate_tokens=self.max_cost_usd is not None, invalid_requests=self.invalid_requests,
                                open_rejected=lambda: open_path(join_path(work, INVALID_FILE), "wb"),
                                url_form=self.hook.url_form,
                                endpoints=AZURE_ENDPOINTS if self.hook.is_azure else OPENAI_ENDPOINTS)
         key = self.identity(context).run_key(split.endpoint or "", split.fingerprint, sep="|", length=32)
         est = estimate_cost(split.est_input_tokens, split.est_output_tokens, split.model, cfg.prices)
-        if cfg.max_cost_usd is not None:
+        if self.max_cost_usd is not None:
             self._check_budget(est, split.model, split.est_input_tokens, split.est_output_tokens)
         elif not price_known(split.model, cfg.prices):
             self.log.warning("%s; cost_usd will be unknown (null)", unknown_price_message(split.model))
@@ -308,15 +246,8 @@ class OpenAIBatchOperator(_OpenAIBatchLifecycle):
         return plan
 
     def _check_budget(self, est: float | None, model: str | None, tokens_in: int, tokens_out: int) -> None:
-        limit = self.config.max_cost_usd
-        if est is None:
-            raise BudgetExceededError(f"max_cost_usd is set but the cost cannot be estimated: "
-                                      f"{unknown_price_message(model)}; nothing was submitted")
-        estimate = (f"estimated cost {format_usd(est)} ({tokens_in:,} input tokens, up to {tokens_out:,} output "
-                    f"tokens at batch prices for {model})")
-        if est > float(limit or 0):
-            raise BudgetExceededError(f"{estimate} is over max_cost_usd=${limit}; nothing was submitted")
-        self.log.info("round 0: %s, within max_cost_usd=$%s", estimate, limit)
+        check_budget(est, self.max_cost_usd, model=model, input_tokens=tokens_in, output_tokens=tokens_out,
+                     log=self.log)
 
     def output_folder(self) -> Any:
         return None if self.output_path is None else as_path(self.output_path)
@@ -343,7 +274,10 @@ class OpenAIBatchResultsOperator(_OpenAIBatchLifecycle):
     :param deferrable: wait in the triggerer instead of a worker slot.
     :param max_failed_ratio: the largest share of failed requests the task accepts (0 = none).
     :param checks: output checks (default: those the submitting task recorded in its plan).
-    :param config: retry rounds, waves, resubmissions, prices (:class:`OpenAIBatchConfig`).
+    :param retry_failed_requests: retry rounds (default 2), as :class:`OpenAIBatchOperator`'s.
+    :param max_cost_usd: the budget the retry rounds (and a direct-API tail) are estimated against, as
+        :class:`OpenAIBatchOperator`'s.
+    :param config: waves, resubmissions, prices (:class:`OpenAIBatchConfig`).
     """
 
     template_fields: Sequence[str] = ("submitted",)
@@ -357,6 +291,8 @@ class OpenAIBatchResultsOperator(_OpenAIBatchLifecycle):
         deferrable: bool = DEFAULT_DEFERRABLE,
         max_failed_ratio: float = 0.0,
         checks: OutputChecks | None = None,
+        retry_failed_requests: int | None = None,
+        max_cost_usd: float | None = None,
         config: OpenAIBatchConfig | None = None,
         **kwargs: Any,
     ) -> None:
@@ -364,6 +300,8 @@ class OpenAIBatchResultsOperator(_OpenAIBatchLifecycle):
         super().__init__(poll_interval=poll_interval, timeout=timeout, deferrable=deferrable,
                          max_failed_ratio=max_failed_ratio, checks=checks, config=config, **kwargs)
         self.submitted = submitted
+        self.retry_failed_requests: int = self.argument_over_config("retry_failed_requests", retry_failed_requests)
+        self.max_cost_usd: float | None = self.argument_over_config("max_cost_usd", max_cost_usd)
 
     def output_folder(self) -> Any:
         return None

@@ -41,7 +41,14 @@ from airflow_provider_synth.batch.paths import as_path, exists, join_path, list_
 from airflow_provider_synth.batch.requests import CHAT, EMBEDDINGS
 from airflow_provider_synth.batch.results import ParsedOutput, error_line
 from airflow_provider_synth.batch.status import JOB_PHASES, JOBS
-from airflow_provider_synth.batch.usage import Usage, cost_usd
+from airflow_provider_synth.batch.usage import (
+    Usage,
+    check_budget,
+    cost_usd,
+    declared_output_tokens,
+    estimate_cost,
+    estimate_request_tokens,
+)
 from airflow_provider_synth.batch.validate import InvalidRequests, LineChecker, Source, checked_passes
 from airflow_provider_synth.runs.base import SynthRun
 from airflow_provider_synth.runs.bedrock_mapping import (
@@ -88,8 +95,13 @@ class BedrockBatchConfig:
     :param pad_to_minimum: fill a job below ``limits.min_records`` with padding records (each a copy of the
         smallest request answering at most one token: billed, dropped from the output) instead of refusing the
         input; retry rounds below the minimum are padded too (without it they are not submitted).
-    :param retry_failed_requests: retry rounds for the records a retry can fix (429, 5xx, an expired or stopped
-        job's records, answers the output checks refused).
+    :param role_arn: the IAM service role Bedrock assumes to read the input and write the output in S3
+        (required; templated through the operator's ``role_arn`` attribute).
+    :param staging_prefix: ``s3://bucket/prefix`` where the run's records and Bedrock's output go (required;
+        the ``role_arn`` must be able to read and write it, the connection too; templated likewise).
+    :param retry_failed_requests: deprecated alias of the operator's ``retry_failed_requests`` argument (the
+        operator sets it here for the run; set away from its default it still works, with a
+        ``DeprecationWarning``).
     :param job_timeout_hours: each job's ``timeoutDurationInHours`` (24 to 168); ``None``: Bedrock's default.
     :param prices: ``{model id: (input, cached input, output)}`` on-demand USD per 1M tokens, over
         :data:`~airflow_provider_synth.runs.bedrock_mapping.BEDROCK_PRICES` (batch bills half).
@@ -97,6 +109,8 @@ class BedrockBatchConfig:
     :param cancel_on_kill: stop the jobs when the task is killed or times out.
     :param max_active_jobs: at most this many of the task's jobs in flight at once (the model's quota of
         concurrent batch jobs); the others wait for them, in waves. Default: every job at once.
+    :param endpoint: the endpoint of requests built from records (``requests=`` with a ``template``):
+        ``/v1/chat/completions`` (default) or ``/v1/embeddings`` (Titan embeddings).
     """
 
     limits: BedrockLimits | None = None
@@ -107,6 +121,9 @@ class BedrockBatchConfig:
     region_name: str | None = None
     cancel_on_kill: bool = True
     max_active_jobs: int | None = None
+    endpoint: str = CHAT
+    role_arn: str | None = None
+    staging_prefix: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_active_jobs is not None and self.max_active_jobs < 1:
@@ -193,9 +210,11 @@ class _Translated:
     record_bytes: int = 0
     smallest: bytes | None = None
     digest: Any = field(default_factory=hashlib.sha256)
+    est_input_tokens: int = 0
+    est_output_tokens: int = 0
 
 
-def _translate_pass(src: Source, family: Family, scratch: str, limits: BedrockLimits) -> Any:
+def _translate_pass(src: Source, family: Family, scratch: str, limits: BedrockLimits, estimate: bool = False) -> Any:
     def one_pass(checker: LineChecker) -> _Translated:
         out = _Translated(open(os.path.join(scratch, "requests.jsonl"), "wb"),  # noqa: SIM115
                           open(os.path.join(scratch, "inputs.jsonl"), "wb"))  # noqa: SIM115
@@ -205,8 +224,9 @@ def _translate_pass(src: Source, family: Family, scratch: str, limits: BedrockLi
                 checked = checker.check(lineno, raw)
                 if checked is None:
                     continue
+                request = loads(raw)
                 try:
-                    native = orjson.dumps(to_record(family, "", checked.url, loads(raw)["body"])["modelInput"])
+                    native = orjson.dumps(to_record(family, "", checked.url, request["body"])["modelInput"])
                 except Unsupported as exc:
                     checker.problem(lineno, checked.custom_id, str(exc))
                     continue
@@ -220,6 +240,9 @@ def _translate_pass(src: Source, family: Family, scratch: str, limits: BedrockLi
                 out.digest.update(raw)
                 out.valid += 1
                 out.record_bytes += size
+                if estimate:  # for max_cost_usd, as the OpenAI planner does
+                    out.est_input_tokens += estimate_request_tokens(request)
+                    out.est_output_tokens += declared_output_tokens(request)
                 if out.smallest is None or len(native) < len(out.smallest):
                     out.smallest = native
         finally:
@@ -253,12 +276,17 @@ def prepare(source: Any, *, key_parts: tuple[str, str, str, int], model_id: str,
             staging_prefix: str, conn_id: str | None, output_dir: Any, region_name: str | None = None,
             limits: BedrockLimits | None = None, invalid_requests: InvalidRequests = "fail",
             pad_to_minimum: bool = False, checks: OutputChecks | None = None,
-            timeout_hours: int | None = None, name: str | None = None) -> BedrockPlan:
-    """Validate and translate the input, then stage round 0 unless an earlier try did: the run's plan.
+            timeout_hours: int | None = None, name: str | None = None, max_cost_usd: float | None = None,
+            prices: Mapping[str, tuple[float, float, float]] | None = None) -> BedrockPlan:
+    """Validate and translate the input, check the budget, then stage round 0 unless an earlier try did: the
+    run's plan.
 
     :param source: the OpenAI batch JSONL (a path, URL or path object).
     :param key_parts: (dag_id, task_id, run_id, map_index) of the task instance.
+    :param max_cost_usd: refuse (nothing staged) when the estimate at Bedrock's batch prices is above this.
+    :param prices: price overrides (``BedrockBatchConfig.prices``).
     :raises InvalidRequestsError: every line a family cannot take, or too few records; nothing is staged.
+    :raises BudgetExceededError: the estimate is over ``max_cost_usd`` (or unknown while it is set).
     """
     limits = limits or BedrockLimits()
     family = family_of(model_id)
@@ -266,12 +294,17 @@ def prepare(source: Any, *, key_parts: tuple[str, str, str, int], model_id: str,
     with tempfile.TemporaryDirectory(prefix="synth-bedrock-") as scratch:
         rejected = os.path.join(scratch, INVALID_FILE)
         result, checker = checked_passes(
-            src, _translate_pass(src, family, scratch, limits), lambda r: r.total,
+            src, _translate_pass(src, family, scratch, limits, estimate=max_cost_usd is not None), lambda r: r.total,
             invalid_requests=invalid_requests, open_rejected=lambda: open(rejected, "wb"),  # noqa: SIM115
             endpoints=ENDPOINTS)
         if result.valid < limits.min_records and not pad_to_minimum:
             raise InvalidRequestsError([Problem(src.name, 0, None,
                                                 below_minimum_message(src.name, result.valid, limits))])
+        est = estimate_cost(result.est_input_tokens, result.est_output_tokens, model_id,
+                            prices_for(model_id, prices))
+        check_budget(est, max_cost_usd, model=model_id, input_tokens=result.est_input_tokens,
+                     output_tokens=result.est_output_tokens, log=log, what="staged",
+                     unknown=f"no Bedrock batch price for {model_id!r}: add it to config.prices")
         fingerprint = result.digest.hexdigest()
         key = run_key(*key_parts, model_id, fingerprint, sep="|", length=32)
         staging = staging_folder(staging_prefix, conn_id, key)

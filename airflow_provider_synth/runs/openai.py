@@ -87,21 +87,28 @@ class OpenAIBatchConfig:
     :param limits: shard limits (requests, bytes, embedding inputs, estimated tokens per batch); default: the
         Batch API's (:class:`~airflow_provider_synth.batch.split.ShardLimits`).
     :param completion_window: the batch window (``24h``).
-    :param retry_failed_requests: retry rounds: the failures a retry can fix (429, 5xx, expired, timed out,
-        answers the output checks refused) are resubmitted alone, up to this many times.
+    :param retry_failed_requests: deprecated alias of the operator's ``retry_failed_requests`` argument (the
+        operator sets it here for the run; set away from its default it still works, with a
+        ``DeprecationWarning``).
     :param max_active_batches: at most this many of the task's batches in flight at once; the other shards
         wait for them (in waves). With ``limits=ShardLimits(max_tokens=T)`` it keeps the task's enqueued tokens
         under ``max_active_batches * T``, inside the model's enqueued-token limit. Default: every shard at once.
     :param token_limit_resubmits: how many times a batch the service refused because the model's
         enqueued-token limit was full (``token_limit_exceeded``: nothing processed, nothing billed) is submitted
         again, each time after the batches running beside it finished. It does not count as a retry round.
-    :param max_cost_usd: refuse to submit when the estimated cost is above this (it also bounds the
-        direct-API tail of ``checks.direct_tail``).
+    :param max_cost_usd: deprecated alias of the operator's ``max_cost_usd`` argument (as
+        ``retry_failed_requests``).
     :param prices: ``{model: (input, cached_input, output)}`` USD per 1M tokens, over the built-in table.
     :param cancel_on_kill: cancel the running batches when the task is killed or times out.
     :param expires_after: the service deletes this task's uploads and its batches' output and error files
         this long after their creation (1 hour to 30 days; default 30 days); ``None`` keeps them until a
         clean-up deletes them.
+    :param endpoint: the endpoint of requests built from records (``requests=`` with a ``template``);
+        default ``/v1/chat/completions``. The operator's old ``endpoint=`` argument still works, with a
+        ``DeprecationWarning``.
+    :param wait_for_completion: ``False``: submit and return the ``submitted`` manifest at once (collect with
+        :class:`~airflow_provider_synth.sensors.openai_batch.OpenAIBatchSensor` and
+        :class:`~airflow_provider_synth.operators.openai_batch.OpenAIBatchResultsOperator`).
     """
 
     limits: ShardLimits | None = None
@@ -113,6 +120,8 @@ class OpenAIBatchConfig:
     prices: Mapping[str, Price | tuple[float, float, float]] = field(default_factory=dict)
     cancel_on_kill: bool = True
     expires_after: timedelta | float | None = DEFAULT_EXPIRES_AFTER
+    endpoint: str = "/v1/chat/completions"
+    wait_for_completion: bool = True
 
     def __post_init__(self) -> None:
         if self.retry_failed_requests < 0:

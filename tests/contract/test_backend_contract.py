@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_synth.exceptions import BatchTimeoutError
-from airflow_provider_synth.operators._base import SHARED_ARGUMENTS, SynthBatchOperator
+from airflow_provider_synth.operators._base import PRICED_ARGUMENTS, SHARED_ARGUMENTS, SynthBatchOperator
 from airflow_provider_synth.runs.base import RunIdentity, SynthRun
 
 N = 6
@@ -98,12 +98,12 @@ def openai_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         return sent
 
     def operator(**kwargs: Any) -> SynthBatchOperator:
-        config = OpenAIBatchConfig(retry_failed_requests=kwargs.pop("rounds", 2))
         kwargs.setdefault("output_path", str(tmp_path / "out"))
         return OpenAIBatchOperator(task_id="t", conn_id="contract_openai",
                                    requests=[{"id": i, "topic": i} for i in IDS], model="gpt-4o-mini",
                                    template=RequestTemplate(prompt_template="About {topic}", id_field="id"),
-                                   poll_interval=0.05, deferrable=False, config=config, **kwargs)
+                                   retry_failed_requests=kwargs.pop("rounds", 2), poll_interval=0.05,
+                                   deferrable=False, config=OpenAIBatchConfig(), **kwargs)
 
     return Backend(
         name="openai", operator=operator, sent=count_sent,
@@ -147,13 +147,13 @@ def bedrock_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         return sent
 
     def operator(**kwargs: Any) -> SynthBatchOperator:
-        config = BedrockBatchConfig(retry_failed_requests=kwargs.pop("rounds", 2),
+        config = BedrockBatchConfig(role_arn="arn:aws:iam::123456789012:role/contract",
+                                    staging_prefix=bucket.url("stage", conn=False),
                                     limits=BedrockLimits(min_records=1, max_records=100))
         kwargs.setdefault("output_path", str(tmp_path / "out"))
         return BedrockBatchOperator(task_id="t", conn_id="contract_aws", input_path=str(source),
                                     model="meta.llama3-1-8b-instruct-v1:0",
-                                    role_arn="arn:aws:iam::123456789012:role/contract",
-                                    staging_prefix=bucket.url("stage", conn=False), poll_interval=0.05,
+                                    retry_failed_requests=kwargs.pop("rounds", 2), poll_interval=0.05,
                                     deferrable=False, config=config, **kwargs)
 
     def slow() -> None:
@@ -373,6 +373,17 @@ def test_every_batch_operator_takes_at_most_15_parameters_with_the_shared_names(
     assert not {"snowflake_conn_id", "chunk_size", "work_dir"} & set(params)  # one name per idea
     if "submitted" not in params:  # a results operator has its own short signature
         assert set(SHARED_ARGUMENTS) <= set(params), set(SHARED_ARGUMENTS) - set(params)
+        if cls.priced:  # type: ignore[attr-defined]
+            assert set(PRICED_ARGUMENTS) <= set(params), set(PRICED_ARGUMENTS) - set(params)
+
+
+def test_every_priced_batch_service_takes_the_priced_arguments() -> None:
+    """OpenAI/Azure, Anthropic and Bedrock take the same input, model, retry rounds and budget arguments."""
+    priced = {c.__name__ for c in _batch_operators() if c.priced}
+    assert {"OpenAIBatchOperator", "AnthropicBatchOperator", "BedrockBatchOperator"} <= priced, priced
+    assert set(PRICED_ARGUMENTS) <= set(_parameters(next(c for c in _batch_operators()
+                                                          if c.__name__ == "OpenAIBatchResultsOperator"))) | {
+        "input_path", "requests", "template", "model"}
 
 
 def _decorated_operators() -> list[type]:

@@ -33,9 +33,10 @@ def operator(bedrock, tmp_path):
 
     def make(**kwargs):
         return BedrockBatchOperator(task_id="t", input_path=str(source), output_path=str(tmp_path / "out"),
-                                    model=MODEL, role_arn="arn:aws:iam::123456789012:role/r",
-                                    staging_prefix=bedrock.bucket.url("stage"), deferrable=True, poll_interval=5,
-                                    config=BedrockBatchConfig(), **kwargs)
+                                    model=MODEL, deferrable=True, poll_interval=5,
+                                    config=BedrockBatchConfig(role_arn="arn:aws:iam::123456789012:role/r",
+                                                              staging_prefix=bedrock.bucket.url("stage")),
+                                    **kwargs)
     return make
 
 

@@ -42,10 +42,10 @@ def make_op(output_path, n: int = 10, per_shard: int = 4, retry_failed_requests:
             **kw) -> OpenAIBatchOperator:
     records = [{"id": f"r{i}", "topic": f"t{i}"} for i in range(n)]
     kw.setdefault("deferrable", False)
-    config = OpenAIBatchConfig(limits=ShardLimits(max_requests=per_shard), retry_failed_requests=retry_failed_requests)
+    config = OpenAIBatchConfig(limits=ShardLimits(max_requests=per_shard))
     return OpenAIBatchOperator(task_id="t", requests=records, model="gpt-4o-mini", output_path=output_path,
                                template=RequestTemplate(prompt_template="About {topic}", id_field="id"),
-                               poll_interval=0.05, config=config, **kw)
+                               retry_failed_requests=retry_failed_requests, poll_interval=0.05, config=config, **kw)
 
 
 def _lines(data: bytes) -> list[dict]:
