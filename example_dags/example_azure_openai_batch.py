@@ -55,7 +55,8 @@ def example_azure_openai_batch() -> None:
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
         poll_interval=POLL_INTERVAL,
         # USD per 1M tokens (input, cached input, output) at the direct price; the batch discount is applied
-        config=OpenAIBatchConfig(prices={AZURE_DEPLOYMENT: (0.15, 0.075, 0.60)}, max_cost_usd=10.0),
+        max_cost_usd=10.0,
+        config=OpenAIBatchConfig(prices={AZURE_DEPLOYMENT: (0.15, 0.075, 0.60)}),
         max_failed_ratio=0.01,
         deferrable=True,
     )

@@ -54,12 +54,12 @@ def example_bedrock_batch() -> None:
         input_path="{{ ti.xcom_pull(task_ids='build_prompts') }}",
         output_path=OUTPUT_DIR + "/{{ run_id }}/bedrock",
         model="us.anthropic.claude-3-5-haiku-20241022-v1:0",
-        role_arn=ROLE_ARN,
-        staging_prefix=STAGING,
         conn_id="aws_default",
         poll_interval=POLL_S,
         max_failed_ratio=0.05,
-        config=BedrockBatchConfig(retry_failed_requests=2, pad_to_minimum=True),
+        retry_failed_requests=2,  # records a retry can fix (throttled, 5xx, expired) run again, alone
+        max_cost_usd=5.0,  # refuse, before anything is staged, a run estimated above this
+        config=BedrockBatchConfig(role_arn=ROLE_ARN, staging_prefix=STAGING, pad_to_minimum=True),
         retries=2,  # a retry re-attaches to its jobs (clientRequestToken): nothing is paid twice
         retry_delay=timedelta(seconds=5),
     )
@@ -69,10 +69,8 @@ def example_bedrock_batch() -> None:
     @synth_bedrock_batch_task(
         output_path=OUTPUT_DIR + "/{{ run_id }}/embeddings",
         model="amazon.titan-embed-text-v2:0",
-        endpoint="/v1/embeddings",
-        role_arn=ROLE_ARN,
-        staging_prefix=STAGING,
         poll_interval=POLL_S,
+        config=BedrockBatchConfig(role_arn=ROLE_ARN, staging_prefix=STAGING, endpoint="/v1/embeddings"),
     )
     def embed() -> list[dict[str, Any]]:
         return [{"custom_id": f"emb-{i:04d}", "method": "POST", "url": "/v1/embeddings",

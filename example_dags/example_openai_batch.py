@@ -16,7 +16,6 @@ from typing import Any
 from airflow.sdk import dag, task
 
 from airflow_provider_synth.operators.openai_batch import (
-    OpenAIBatchConfig,
     OpenAIBatchOperator,
     RequestTemplate,
 )
@@ -48,10 +47,8 @@ def example_openai_batch() -> None:
         ),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
         max_failed_ratio=0.01,     # accept up to 1% failed requests (listed in failures.jsonl)
-        config=OpenAIBatchConfig(
-            retry_failed_requests=2,   # resubmit 429/5xx/expired requests, never finished ones
-            max_cost_usd=50.0,         # refuse to submit a run estimated above this
-        ),
+        retry_failed_requests=2,   # resubmit 429/5xx/expired requests, never finished ones
+        max_cost_usd=50.0,         # refuse to submit a run estimated above this
         deferrable=True,           # wait in the triggerer, not in a worker slot
     )
     # [END howto_operator_openai_batch]

@@ -15,6 +15,7 @@ import tempfile
 from airflow.sdk import dag
 
 from airflow_provider_synth.operators.openai_batch import (
+    OpenAIBatchConfig,
     OpenAIBatchOperator,
     OpenAIBatchResultsOperator,
     RequestTemplate,
@@ -37,7 +38,7 @@ def example_openai_batch_submit_collect() -> None:
         template=RequestTemplate(prompt_template="Write a two-sentence description of a {product}.",
                                  id_field="sku"),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
-        wait_for_completion=False,  # return the manifest as soon as the batches exist
+        config=OpenAIBatchConfig(wait_for_completion=False),  # return the manifest as soon as the batches exist
     )
     wait = OpenAIBatchSensor(
         task_id="wait",

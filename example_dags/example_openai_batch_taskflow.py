@@ -13,7 +13,7 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
-from airflow_provider_synth.operators.openai_batch import OpenAIBatchConfig, RequestTemplate
+from airflow_provider_synth.operators.openai_batch import RequestTemplate
 
 OUTPUT_DIR = os.environ.get("SYNTH_OUTPUT_DIR", os.path.join(tempfile.gettempdir(), "synth-output"))
 
@@ -37,7 +37,7 @@ def example_openai_batch_taskflow() -> None:
         ),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}/{{ ti.map_index }}",
         max_failed_ratio=0.01,
-        config=OpenAIBatchConfig(max_cost_usd=20.0),
+        max_cost_usd=20.0,
         deferrable=True,
     )
     def quiz(topic: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:

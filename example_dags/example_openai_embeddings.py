@@ -50,7 +50,6 @@ def example_openai_embeddings() -> None:
         task_id="embed",
         conn_id="synth_openai_default",
         requests=load_documents(),
-        endpoint="/v1/embeddings",
         model="text-embedding-3-small",
         template=RequestTemplate(
             builder=document_chunks,                       # a list input: one vector per chunk
@@ -59,7 +58,8 @@ def example_openai_embeddings() -> None:
         ),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
         poll_interval=POLL_INTERVAL,
-        config=OpenAIBatchConfig(max_cost_usd=5.0),
+        max_cost_usd=5.0,
+        config=OpenAIBatchConfig(endpoint="/v1/embeddings"),   # built requests go to the embeddings endpoint
         deferrable=True,
     )
     # [END howto_operator_openai_embeddings]

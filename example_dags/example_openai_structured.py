@@ -19,7 +19,6 @@ from pydantic import BaseModel, Field
 
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.operators.openai_batch import (
-    OpenAIBatchConfig,
     OpenAIBatchOperator,
     RequestTemplate,
 )
@@ -64,7 +63,8 @@ def example_openai_structured() -> None:
         ),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
         max_failed_ratio=0.02,
-        config=OpenAIBatchConfig(retry_failed_requests=2, max_cost_usd=5.0),
+        retry_failed_requests=2,
+        max_cost_usd=5.0,
         deferrable=True,
     )
     # [END howto_operator_openai_structured]

@@ -14,7 +14,6 @@ from typing import Any
 from airflow.sdk import dag, task
 
 from airflow_provider_synth.operators.openai_batch import (
-    OpenAIBatchConfig,
     OpenAIBatchOperator,
     RequestTemplate,
 )
@@ -52,7 +51,7 @@ def synth_quickstart() -> None:
         template=RequestTemplate(prompt_template=PROMPT, id_field="id", system=SYSTEM, params=PARAMS),
         output_path=OUTPUT_DIR + "/{{ dag.dag_id }}/{{ run_id }}",
         poll_interval=POLL_INTERVAL,
-        config=OpenAIBatchConfig(max_cost_usd=1.0),  # refuse to submit a run estimated above $1
+        max_cost_usd=1.0,  # refuse to submit a run estimated above $1
         deferrable=True,
     )
 

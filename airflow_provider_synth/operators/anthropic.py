@@ -11,9 +11,8 @@ from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.paths import as_path, join_path
 from airflow_provider_synth.batch.requests import CHAT, RequestTemplate
 from airflow_provider_synth.batch.split import ShardLimits
-from airflow_provider_synth.batch.usage import Price, format_usd
+from airflow_provider_synth.batch.usage import Price, check_budget
 from airflow_provider_synth.batch.validate import InvalidRequests
-from airflow_provider_synth.exceptions import BudgetExceededError
 from airflow_provider_synth.hooks.anthropic import AnthropicBatchHook
 from airflow_provider_synth.operators._base import (
     DEFAULT_DEFERRABLE,
@@ -191,17 +190,10 @@ class AnthropicBatchOperator(RequestInput, SynthBatchOperator):
         return run
 
     def _check_budget(self, plan: AnthropicPlan) -> None:
-        limit = self.max_cost_usd
-        if limit is None:
-            return
-        if plan.est_cost_usd is None:
-            raise BudgetExceededError(f"max_cost_usd is set but model {plan.model!r} has no known price (or the "
-                                      "input mixes models): add it to config.prices; nothing was submitted")
-        if plan.est_cost_usd > float(limit):
-            raise BudgetExceededError(
-                f"estimated cost {format_usd(plan.est_cost_usd)} ({plan.est_input_tokens:,} input tokens, up to "
-                f"{plan.est_output_tokens:,} output tokens at batch prices for {plan.model}) is over "
-                f"max_cost_usd=${limit}; nothing was submitted")
+        check_budget(plan.est_cost_usd, self.max_cost_usd, model=plan.model, input_tokens=plan.est_input_tokens,
+                     output_tokens=plan.est_output_tokens, log=self.log,
+                     unknown=f"model {plan.model!r} has no known price (or the input mixes models): add it to "
+                             "config.prices")
 
     def resume_run(self, context: Context, event: Mapping[str, Any], kwargs: Mapping[str, Any]) -> SynthRun:
         plan = AnthropicPlan.load(self._work_dir())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class Backend:
     secret: str
     rounds: bool = True
     output: Path = field(default_factory=Path)
+    #: what reached the service or its staging (uploads, staged objects, created batches): 0 before paying
+    staged: Callable[[], int] = lambda: 0
 
     def run(self, try_number: int = 1, run_id: str = "manual__1", **kwargs: Any) -> SynthRun:
         """The prepared (planned, re-attached) run of a task's try: a new object, as a retried task builds."""
@@ -111,6 +114,7 @@ def openai_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         cancelled=lambda: {b["id"] for b in server.batches() if b.get("cancelling_at") or b.get("cancelled_at")},
         slow=lambda: server.configure(in_progress_s=60.0),
         secret=secret, output=tmp_path / "out",
+        staged=lambda: server.counters["files_created"] + server.counters["batches_created"],
     )
 
 
@@ -163,6 +167,7 @@ def bedrock_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         name="bedrock", operator=operator, sent=count_sent, created=lambda: server.counters["jobs_created"],
         cancelled=lambda: {arn for arn, job in server.jobs.items() if job.stop_requested},
         slow=slow, secret=secret, output=tmp_path / "out",
+        staged=lambda: len(bucket.keys("stage")) + server.counters["create_requests"],
     )
 
 
@@ -200,6 +205,7 @@ def anthropic_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend
         cancelled=lambda: {b.id for b in server.app.store.batches.values() if b.api.get("cancelling_at")},
         slow=lambda: server.configure(in_progress_s=60.0, progress_steps=60),
         secret=secret, output=tmp_path / "out",
+        staged=lambda: server.counters["message_batches_created"] + server.counters["http_requests_total"],
     )
 
 
@@ -295,6 +301,35 @@ def test_only_what_can_succeed_is_sent_again(backend: Backend) -> None:
     assert sent[RETRYABLE] == 2
     assert all(sent[i] == 1 for i in IDS if i not in (FATAL, RETRYABLE))
     assert (acct.succeeded, acct.failed, acct.missing, acct.total) == (N - 1, 1, 0, N)
+
+
+def _priced(backend: Backend) -> None:
+    if not type(backend.operator()).priced:  # type: ignore[attr-defined]
+        pytest.skip(f"{backend.name} bills no tokens: no max_cost_usd, no retry rounds in a try")
+
+
+def test_the_shared_arguments_warn_nothing_and_the_rounds_they_set_count(backend: Backend) -> None:
+    _priced(backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # shared arguments are first-class, not aliases
+        op = backend.operator(rounds=0, max_cost_usd=1000.0)
+    assert (op.retry_failed_requests, op.max_cost_usd) == (0, 1000.0)  # type: ignore[attr-defined]
+    acct = drive(op.start_run(context(1)))
+    sent = backend.sent()
+    assert sent[RETRYABLE] == 1, "retry_failed_requests=0 still sent a retry round"
+    assert (acct.succeeded, acct.failed) == (N - 2, 2)
+
+
+def test_max_cost_usd_refuses_before_anything_is_uploaded_or_staged(backend: Backend) -> None:
+    from airflow_provider_synth.exceptions import BudgetExceededError
+
+    _priced(backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        op = backend.operator(max_cost_usd=1e-9)
+    with pytest.raises(BudgetExceededError, match=r"estimated cost \$[0-9.]+ .* is over max_cost_usd=\$1e-09"):
+        op.start_run(context(1))
+    assert backend.staged() == 0 and backend.created() == 0
 
 
 def test_the_deadline_cancels_what_still_runs(backend: Backend) -> None:
