@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,19 @@ def test_snippet_runs_as_written(page: Path, line: int, code: str, spec: dict[st
     for name in filter(None, (n.strip() for n in spec.get("fixtures", "").split(","))):
         namespace[name] = request.getfixturevalue(name)
     monkeypatch.chdir(tmp_path)
-    exec(compiled, namespace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        exec(compiled, namespace)
     _namespaces[page] = namespace
+    ours = [str(w.message) for w in caught if ours_deprecated(w)]
+    assert not ours, f"{page.name}:{line}: the snippet uses deprecated arguments: {ours}"
+
+
+def ours_deprecated(w: warnings.WarningMessage) -> bool:
+    """A ``DeprecationWarning`` of this provider (its old argument names): no doc example may show one."""
+    text = str(w.message)
+    return issubclass(w.category, DeprecationWarning) and (
+        "airflow_provider_synth" in w.filename or " is deprecated: pass " in text or " is deprecated: use " in text)
 
 
 def test_snippets_are_found() -> None:

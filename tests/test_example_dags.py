@@ -34,3 +34,18 @@ def test_example_snippet_markers_are_paired() -> None:
         starts = {line.split("[START ")[1].rstrip("]").strip() for line in text.splitlines() if "[START " in line}
         ends = {line.split("[END ")[1].rstrip("]").strip() for line in text.splitlines() if "[END " in line}
         assert starts == ends, path
+
+
+@pytest.mark.parametrize("module", EXAMPLES)
+def test_example_uses_no_deprecated_argument(module: str) -> None:
+    """The examples show the current arguments: building their DAG warns nothing of this provider's."""
+    import runpy
+    import warnings
+
+    path = Path(__file__).resolve().parent.parent / "example_dags" / f"{module}.py"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        runpy.run_path(str(path), run_name=f"example_{module}")
+    ours = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)
+            and ("airflow_provider_synth" in w.filename or " is deprecated: " in str(w.message))]
+    assert not ours, ours
