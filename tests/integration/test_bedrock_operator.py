@@ -90,3 +90,42 @@ def test_execute_complete_on_success_lands_the_output(bedrock, operator, tmp_pat
     manifest = operator().execute_complete(context(), {"status": "success", "message": "done", "jobs": jobs})
     assert (manifest["succeeded"], manifest["total"]) == (100, 100)  # resumed without the deferral's kwargs
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 100
+
+
+def test_requests_and_template_are_built_as_on_openai_and_the_estimate_is_logged(bedrock, tmp_path, caplog):
+    import logging
+    import warnings
+
+    from airflow_provider_synth.batch.requests import RequestTemplate
+
+    records = [{"id": f"r{i}", "q": i} for i in range(100)]
+    template = RequestTemplate(prompt_template="About {q}", id_field="id", params={"max_tokens": 8})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        op = BedrockBatchOperator(task_id="t", requests=records, template=template, model=MODEL,
+                                  output_path=str(tmp_path / "out"), max_cost_usd=10.0, retry_failed_requests=1,
+                                  config=BedrockBatchConfig(role_arn="arn:aws:iam::123456789012:role/r",
+                                                            staging_prefix=bedrock.bucket.url("stage")))
+    with caplog.at_level(logging.INFO):
+        run = op.start_run(context())
+    written = (tmp_path / "out" / "_work" / "requests.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in written] == list(template.build(records, model=MODEL))  # the OpenAI lines
+    assert run.plan.total == 100 and run.max_rounds == 1
+    assert "within max_cost_usd=$10.0" in caplog.text and "estimated cost $" in caplog.text
+
+
+def test_the_old_keywords_still_work_with_a_deprecation_warning(bedrock, tmp_path):
+    with pytest.warns(DeprecationWarning, match=r"config=BedrockBatchConfig\(role_arn=..., staging_prefix=...\)"):
+        op = BedrockBatchOperator(task_id="t", input_path="x.jsonl", output_path=str(tmp_path), model=MODEL,
+                                  role_arn="arn:aws:iam::1:role/r", staging_prefix="s3://b/p")
+    assert (op.role_arn, op.staging_prefix, op.config.role_arn) == ("arn:aws:iam::1:role/r", "s3://b/p",
+                                                                     "arn:aws:iam::1:role/r")
+    op.role_arn = "arn:aws:iam::2:role/rendered"  # what Airflow's templating does to the field
+    assert op.config.role_arn == "arn:aws:iam::2:role/rendered"
+    with pytest.warns(DeprecationWarning, match=r"pass retry_failed_requests= to the operator"):
+        op = BedrockBatchOperator(task_id="t", input_path="x.jsonl", output_path=str(tmp_path), model=MODEL,
+                                  config=BedrockBatchConfig(role_arn="r", staging_prefix="s3://b/p",
+                                                            retry_failed_requests=4))
+    assert op.retry_failed_requests == 4
+    with pytest.raises(ValueError, match="needs config.role_arn, config.staging_prefix"):
+        BedrockBatchOperator(task_id="t", input_path="x.jsonl", output_path=str(tmp_path), model=MODEL)

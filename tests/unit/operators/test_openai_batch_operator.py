@@ -253,3 +253,33 @@ def test_invalid_requests_skip_sends_only_the_valid_lines(server, tmp_path) -> N
     assert [(f["custom_id"], f["line"], f["status_code"]) for f in failures] == [("b", 2, 400), ("line-3", 3, 400)]
     results = [json.loads(x)["custom_id"] for x in (out / "results.jsonl").read_bytes().splitlines()]
     assert results == ["a", "c", "d"]
+
+
+def test_budget_and_rounds_are_arguments_and_the_config_fields_only_deprecated_aliases(tmp_path) -> None:
+    import warnings
+
+    from airflow_provider_synth.operators.openai_batch import OpenAIBatchConfig
+
+    def build(**kw) -> OpenAIBatchOperator:
+        return OpenAIBatchOperator(task_id="t", requests=[{"id": "a", "topic": "x"}], model="gpt-4o-mini",
+                                   output_path=str(tmp_path), **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        op = build(retry_failed_requests=0, max_cost_usd=3.0)
+    assert (op.retry_failed_requests, op.max_cost_usd) == (0, 3.0)
+    assert (op.config.retry_failed_requests, op.config.max_cost_usd) == (0, 3.0)  # what the run reads
+    with pytest.warns(DeprecationWarning, match=r"pass max_cost_usd= to the operator"):
+        op = build(config=OpenAIBatchConfig(max_cost_usd=7.0))
+    assert op.max_cost_usd == 7.0
+    with pytest.warns(DeprecationWarning, match=r"pass config=OpenAIBatchConfig\(endpoint=..., wait_for_comp"):
+        op = build(endpoint="/v1/embeddings", wait_for_completion=False)
+    assert (op.endpoint, op.wait_for_completion) == ("/v1/embeddings", False)
+
+
+def test_max_cost_usd_refuses_before_any_upload(server, tmp_path) -> None:
+    from airflow_provider_synth.exceptions import BudgetExceededError
+
+    with pytest.raises(BudgetExceededError, match=r"is over max_cost_usd=\$1e-09; nothing was submitted"):
+        make_op(tmp_path, max_cost_usd=1e-9).execute(context())
+    assert server.counters["files_created"] == 0 and server.counters["batches_created"] == 0
