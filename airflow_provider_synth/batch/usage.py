@@ -137,7 +137,10 @@ DEFAULT_PRICES: dict[str, Price] = {
     "text-embedding-3-large": Price(0.13, 0.13, 0.0),
     "text-embedding-ada-002": Price(0.10, 0.10, 0.0),
     # moderations are free on OpenAI (checked 2026-11): counted, at $0 (``omni-moderation-latest``, dated snapshots)
+    "omni-moderation-latest": Price(0.0, 0.0, 0.0),
     "omni-moderation": Price(0.0, 0.0, 0.0),
+    "text-moderation-latest": Price(0.0, 0.0, 0.0),
+    "text-moderation-stable": Price(0.0, 0.0, 0.0),
     "text-moderation": Price(0.0, 0.0, 0.0),
 }
 

@@ -48,6 +48,11 @@ if TYPE_CHECKING:
 DEFAULT_DEFERRABLE = conf.getboolean("operators", "default_deferrable", fallback=False)
 
 
+def _config_fields(config: Any) -> frozenset[str]:
+    """The field names of a frozen config dataclass (none for anything else)."""
+    return frozenset(f.name for f in dataclasses.fields(config)) if dataclasses.is_dataclass(config) else frozenset()
+
+
 def seconds(value: timedelta | float) -> float:
     """A duration given as ``timedelta`` or seconds, in seconds."""
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
@@ -166,6 +171,23 @@ class SynthBatchOperator(OutputClaimMixin, ManifestPublisherMixin, BaseOperator)
         if value != in_config:
             self.config = dataclasses.replace(self.config, **{name: value})
         return value
+
+    # -- a config field read or set on the operator (``task.limits = ...``, as 0.2.0's pre-release attributes) --
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails: a field of the config object reads through
+        config = self.__dict__.get("config")
+        if not name.startswith("_") and config is not None and name in _config_fields(config):
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        config = self.__dict__.get("config")
+        if (config is not None and name in _config_fields(config) and name not in self.__dict__
+                and not hasattr(type(self), name)):
+            super().__setattr__("config", dataclasses.replace(config, **{name: value}))
+            return
+        super().__setattr__(name, value)
 
     @property
     def timeout(self) -> float:

@@ -106,7 +106,7 @@ def test_task_dies_after_create_and_retry_reattaches(airflow_db, openai_conn, tm
     from airflow_provider_synth.operators.openai_batch import OpenAIBatchOperator
 
     flag = tmp_path / "died-once"
-    original = OpenAIBatchOperator._persist_links
+    original = OpenAIBatchOperator.persist_links
 
     def die_once(self, context, run):
         if not flag.exists():
@@ -114,7 +114,7 @@ def test_task_dies_after_create_and_retry_reattaches(airflow_db, openai_conn, tm
             raise RuntimeError("worker lost between create and defer")
         return original(self, context, run)
 
-    monkeypatch.setattr(OpenAIBatchOperator, "_persist_links", die_once)
+    monkeypatch.setattr(OpenAIBatchOperator, "persist_links", die_once)
     dr, ti = run_chat_dag(tmp_path / "out", monkeypatch, retries=1, retry_delay=timedelta(seconds=0))
     assert flag.exists() and dr.state == "success"
     m = ti.xcom_pull(task_ids="synthesize")
