@@ -230,7 +230,7 @@ def test_an_object_store_url_without_its_extra_names_the_extra(url, extra, modul
         pytest.skip(f"the {extra} extra is installed here")
     with pytest.raises(ImportError, match=rf"pip install 'airflow-provider-synth\[{extra}\]'"):
         as_path(url)
-    assert as_path("memory://bucket/x").protocol == "memory"  # fsspec's own filesystems need no extra
+    assert str(as_path("memory://bucket/x")).startswith("memory://")  # fsspec's own filesystems need no extra
 
 
 # -- airflow-synth cleanup RUN ----------------------------------------------------------------------------------
