@@ -131,7 +131,7 @@ def test_bad_input_fails_before_any_upload(airflow_db, openai_conn, tmp_path, mo
             "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}
     bad.write_bytes(orjson.dumps(good) + b"\n{not json\n" + orjson.dumps(good) + b"\n"
                     + orjson.dumps({**good, "custom_id": "b", "url": "/v1/images"}) + b"\n")
-    monkeypatch.setattr(OpenAIBatchOperator, "_source", lambda self, work: str(bad))
+    monkeypatch.setattr(OpenAIBatchOperator, "request_source", lambda self, work, endpoint: str(bad))
     raised: list[str] = []
     plan = OpenAIBatchOperator._plan
 
