@@ -281,7 +281,7 @@ def test_an_unknown_outcome_kind_is_refused_with_the_kinds_listed_and_documented
 
     from airflow_provider_synth.server.config import FAULT_KINDS, OUTCOME_KINDS
 
-    assert OUTCOME_KINDS == ("success", "error", "batch_expired", "request_timeout")
+    assert OUTCOME_KINDS == ("success", "error", "batch_expired", "request_timeout", "unreadable", "cut_off")
     body = json.dumps({"add_outcomes": [{"pattern": "x*", "outcome": {"kind": "failure"}}]}).encode()
     request = urllib.request.Request(batch_server.base_url.removesuffix("/v1") + "/_synth/config", data=body,
                                      headers={"Authorization": "Bearer x", "Content-Type": "application/json"})
@@ -289,7 +289,8 @@ def test_an_unknown_outcome_kind_is_refused_with_the_kinds_listed_and_documented
         urllib.request.urlopen(request, timeout=10)
     assert err.value.code == 400
     message = json.loads(err.value.read())["error"]["message"]
-    assert "unknown outcome kind 'failure'; the kinds are success, error, batch_expired, request_timeout" in message
+    assert ("unknown outcome kind 'failure'; the kinds are success, error, batch_expired, request_timeout, "
+            "unreadable, cut_off") in message
     docs = (REPO / "docs" / "testing_server.md").read_text()
     outcomes = docs[docs.index("## Outcomes"):docs.index("## Faults")]
     faults = docs[docs.index("## Faults"):docs.index("## Settings")]
