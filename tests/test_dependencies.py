@@ -7,7 +7,8 @@ import ast
 import re
 import sys
 import tomllib
-from importlib.metadata import packages_distributions
+from functools import lru_cache
+from importlib.metadata import packages_distributions as _packages_distributions
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,14 @@ def _airflow_distribution(module: str) -> str:
     return "apache-airflow-providers-" + parts[0].replace("_", "-")
 
 
+@lru_cache(maxsize=1)
+def packages_distributions() -> dict[str, list[str]]:
+    """importlib's map of top-level modules to distributions, read once: it reads every installed
+    distribution's file list, minutes per call in a venv with botocore, moto and the docs tool chain."""
+    return dict(_packages_distributions())
+
+
+@lru_cache(maxsize=1)
 def _installed_airflow_dists() -> set[str]:
     return {_norm(d) for ds in packages_distributions().values() for d in ds if d.startswith("apache-airflow")}
 
