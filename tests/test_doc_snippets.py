@@ -156,6 +156,13 @@ def requests_path(manifest: dict[str, Any]) -> str:
 
 @pytest.fixture
 def QuizItem() -> type:  # noqa: N802 - the name the docs use
-    from example_dags.example_openai_structured import QuizItem as model
+    # loaded from its file: the repository root is not on sys.path under `pytest` (only `python -m pytest`)
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("synth_doc_example_structured",
+                                                  ROOT / "example_dags" / "example_openai_structured.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model: type = module.QuizItem
     return model
