@@ -105,7 +105,7 @@ def test_mapped_task_with_map_index_in_the_path_succeeds_and_a_retry_reclaims(ai
 
     monkeypatch.setenv("SYNTH_OUTPUT_DIR", str(tmp_path))
     monkeypatch.setenv("SYNTH_VLLM_PYTHON", write_fake_python(tmp_path / "vllm-python"))
-    original = VLLMBatchOperator._finish
+    original = VLLMBatchOperator.finish_run
     failed: list[int] = []
 
     def fail_once(self, context, *args):  # map index 1 dies after its engine ran (its claim is written)
@@ -114,7 +114,7 @@ def test_mapped_task_with_map_index_in_the_path_succeeds_and_a_retry_reclaims(ai
             raise RuntimeError("worker lost after the engine finished")
         return original(self, context, *args)
 
-    monkeypatch.setattr(VLLMBatchOperator, "_finish", fail_once)
+    monkeypatch.setattr(VLLMBatchOperator, "finish_run", fail_once)
     dag = load_dag("example_vllm_batch_taskflow")
     describe = dag.get_task("describe")
     assert "{{ ti.map_index }}" in describe.partial_kwargs["output_path"]
