@@ -445,11 +445,29 @@ def count_lookups(monkeypatch) -> list[str]:
     return lookups
 
 
-async def test_async_hooks_share_one_client_per_connection_and_loop(openai_conn, monkeypatch):
+@pytest.fixture
+def fresh_masker():
+    """Airflow's masker with no secrets learnt by earlier tests, restored afterwards.
+
+    Its replacer is one regex alternation over a set of patterns, so a secret another test registered that is a
+    prefix of this test's key ("sk-test", from an in-process DAG run) can win the match and leave the rest of the
+    key in the text, depending on set order: the check below is only about what *this* lookup registered.
+    """
+    from airflow.sdk._shared.secrets_masker import _secrets_masker
+
+    masker = _secrets_masker()
+    patterns, replacer = set(masker.patterns), masker.replacer
+    masker.reset_masker()
+    yield masker
+    masker.patterns, masker.replacer = patterns, replacer
+
+
+async def test_async_hooks_share_one_client_per_connection_and_loop(openai_conn, monkeypatch, fresh_masker):
     from airflow.providers.common.compat.sdk import redact
 
     import airflow_provider_synth.hooks.openai_pool as pool_mod
 
+    assert API_KEY in redact(f"key {API_KEY}")  # not learnt yet
     lookups = count_lookups(monkeypatch)
     hooks = [OpenAIBatchAsyncHook(openai_conn) for _ in range(50)]
     try:
