@@ -183,7 +183,8 @@ class AnthropicBatchOperator(RequestInput, SynthBatchOperator):
         return self._attach(hook, plan)
 
     def _attach(self, hook: AnthropicBatchHook, plan: AnthropicPlan) -> AnthropicRun:
-        run = AnthropicRun(hook, plan, as_path, self.checks, max_rounds=self.retry_failed_requests)
+        run = AnthropicRun(hook, plan, as_path, self.checks, max_rounds=self.retry_failed_requests,
+                           max_cost_usd=self.max_cost_usd)
         run.attach()
         if run.batch_ids:
             self.log.info("found %d message batch(es) of this run: %s", len(run.batch_ids), run.states())

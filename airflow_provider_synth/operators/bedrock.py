@@ -166,7 +166,8 @@ class BedrockBatchOperator(RequestInput, SynthBatchOperator):
     def _run_of(self, plan: BedrockPlan) -> BedrockRun:
         cfg = self.config
         run = BedrockRun(_hook(plan.conn_id, plan.region_name), plan, max_rounds=self.retry_failed_requests,
-                         checks=self.checks, prices=cfg.prices, max_active_jobs=cfg.max_active_jobs)
+                         checks=self.checks, prices=cfg.prices, max_active_jobs=cfg.max_active_jobs,
+                         max_cost_usd=self.max_cost_usd)
         run.attach()
         if run.jobs:
             self.log.info("found %d Bedrock job(s) of this run (key %s): %s", len(run.jobs), plan.key, run.states())

@@ -54,6 +54,7 @@ from airflow_provider_synth.runs.anthropic_messages import (
     result_lines,
 )
 from airflow_provider_synth.runs.base import RunIdentity, SynthRun
+from airflow_provider_synth.runs.rounds import RoundEstimate, RoundRules, finished_rounds
 
 if TYPE_CHECKING:
     from airflow_provider_synth.hooks.anthropic import AnthropicBatchHook
@@ -160,8 +161,8 @@ def _numbered(source: Any) -> Iterator[tuple[int, bytes]]:
         yield from iter_jsonl(fp)
 
 
-def _tokens(req: Request) -> tuple[int, int]:
-    params = req.params
+def _tokens(params: Mapping[str, Any]) -> tuple[int, int]:
+    """A request's estimated input tokens (the system prompt too) and the output tokens it may produce."""
     system = params.get("system")
     text = system if isinstance(system, str) else "".join(
         b.get("text", "") for b in system or () if isinstance(b, Mapping))
@@ -184,7 +185,7 @@ def plan_run(source: Any, *, work_dir: Any, output_dir: Any, conn_id: str, ident
     models: set[str] = set()
     try:
         for n, req in enumerate(_translated(source, options, summary), start=1):
-            tokens_in, tokens_out = _tokens(req)
+            tokens_in, tokens_out = _tokens(req.params)
             est_in, est_out = est_in + tokens_in, est_out + tokens_out
             models.add(str(req.params.get("model")))
             shards.write(n, req, tokens_in)
@@ -254,18 +255,21 @@ class AnthropicRun(SynthRun):
     :param path_factory: turns a stored path string back into a path object (``as_path``).
     :param checks: output checks (default: the plan's).
     :param max_rounds: retry rounds (``retry_failed_requests``).
+    :param max_cost_usd: the budget every retry round is estimated against before it is submitted.
     """
 
     backend = "anthropic"
     waited = MESSAGE_BATCHES
 
     def __init__(self, hook: AnthropicBatchHook, plan: AnthropicPlan, path_factory: Any = None,
-                 checks: OutputChecks | None = None, max_rounds: int = 2) -> None:
+                 checks: OutputChecks | None = None, max_rounds: int = 2, max_cost_usd: float | None = None) -> None:
         self.hook, self.plan = hook, plan
         self._path = path_factory or (lambda p: p)
         checks = checks if checks is not None else OutputChecks.from_spec(plan.checks)
         self.checker = checks.checker() if checks is not None else None
         self.max_rounds = max_rounds
+        #: the retry rounds' money rules: a systematic failure is not retried, every round is budgeted
+        self.rules = RoundRules(self._work, checks, self.checker, max_cost_usd=max_cost_usd)
         self.intents: list[Intent] = []
         self.states_by_id: dict[str, dict[str, Any]] = {}
         self.todo: list[tuple[int, int]] = []
@@ -411,8 +415,10 @@ class AnthropicRun(SynthRun):
 
     def next_round(self) -> list[tuple[int, int]]:
         """Plan what :meth:`submit` sends next: round 0 of shards not submitted yet; for a shard whose last
-        batch ended, a retry round of only the requests a retry can fix (up to ``max_rounds``)."""
+        batch ended, a retry round of only the requests a retry can fix (up to ``max_rounds``), less a kind of
+        unusable answer found systematic, and only within ``max_cost_usd`` (:mod:`~airflow_provider_synth.runs.rounds`)."""
         todo = []
+        keep = RoundRules.keep(retry_worthy, self.rules.stopped_kinds(finished_rounds(self._ended_shards())))
         for shard in range(len(self.plan.shards)):
             last = self._last_round(shard)
             if last < 0:
@@ -424,13 +430,39 @@ class AnthropicRun(SynthRun):
             path = self.shard_input(shard, last + 1)
             with open_path(path, "wb") as out:
                 n = pending_requests(self.shard_input(shard, 0), self._outputs_of(shard)[0], out,
-                                     retryable_only=False, keep=retry_worthy, checks=self.checker)
+                                     retryable_only=False, keep=keep, checks=self.checker)
             if n:
                 _params_changes(path)
                 log.info("shard %d: %d request(s) to retry in round %d", shard, n, last + 1)
                 todo.append((shard, last + 1))
+        retry = [t for t in todo if t[1] > 0]
+        if retry and not self.rules.within_budget(retry, self._estimate(retry), before=self.plan.est_cost_usd):
+            todo = [t for t in todo if t not in retry]
         self.todo = todo
         return todo
+
+    def _ended_shards(self) -> Iterator[tuple[list[Any], list[int], int]]:
+        """Per shard whose last batch ended: its output files, their rounds and the last round."""
+        for shard in range(len(self.plan.shards)):
+            intent = self._intent(shard, last := self._last_round(shard))
+            if intent is not None and intent.batch_id and intent.batch_id not in self.running:
+                yield (*self._outputs_of(shard), last)
+
+    def _estimate(self, retry: list[tuple[int, int]]) -> RoundEstimate:
+        """The retry rounds' requests, estimated as round 0 was (tokens, then Message Batches prices)."""
+        tokens_in = tokens_out = n = 0
+        for shard, rnd in retry:
+            with open_path(self.shard_input(shard, rnd), "rb") as fp:
+                for _, raw in iter_jsonl(fp):
+                    t_in, t_out = _tokens(loads(raw)["params"])
+                    tokens_in, tokens_out, n = tokens_in + t_in, tokens_out + t_out, n + 1
+        prices = {k: (v[0], v[1], v[2]) for k, v in self.plan.prices.items()}
+        cost = None if self.plan.model is None else anthropic_cost(
+            Usage(prompt_tokens=tokens_in, completion_tokens=tokens_out), 0, self.plan.model, prices)
+        return RoundEstimate(n, tokens_in, tokens_out, cost)
+
+    def systematic_message(self) -> str | None:
+        return self.rules.systematic_message()
 
     # -- results ----------------------------------------------------------------------------------------------
 

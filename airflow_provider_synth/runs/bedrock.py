@@ -64,6 +64,7 @@ from airflow_provider_synth.runs.bedrock_mapping import (
     record_index,
     to_record,
 )
+from airflow_provider_synth.runs.rounds import RoundEstimate, RoundRules, finished_rounds
 
 if TYPE_CHECKING:
     from airflow_provider_synth.hooks.bedrock import BedrockBatchHook
@@ -164,6 +165,8 @@ class BedrockPlan:
     padding: dict[str, int] = field(default_factory=dict)
     checks: dict[str, Any] | None = None
     created_at: float = field(default_factory=time.time)
+    #: round 0's estimate at batch prices (``None``: not estimated, no ``max_cost_usd``), before the retry rounds'
+    est_cost_usd: float | None = None
 
     def save(self) -> None:
         with open_path(join_path(as_path(self.staging), PLAN_FILE), "wb") as fp:
@@ -316,7 +319,7 @@ def prepare(source: Any, *, key_parts: tuple[str, str, str, int], model_id: str,
                            role_arn, staging, str(output_dir), [], result.total,
                            checker.rejected.count if checker.rejected is not None else 0, fingerprint,
                            timeout_hours, pad_to_minimum, asdict(limits),
-                           checks=checks.to_spec() if checks is not None else None)
+                           checks=checks.to_spec() if checks is not None else None, est_cost_usd=est)
         run = BedrockRun(None, plan)
         if plan.invalid:
             with open(rejected, "rb") as src_fp, open_path(run.work(INVALID_FILE), "wb") as dst:
@@ -366,6 +369,7 @@ class BedrockRun(SynthRun):
     :param checks: output checks (default: the plan's).
     :param prices: price overrides (model id -> (input, cached input, output) USD per 1M tokens, on demand).
     :param max_active_jobs: at most this many jobs in flight at once (``None``: no cap).
+    :param max_cost_usd: the budget every retry round is estimated against before it is staged.
     """
 
     backend = "bedrock"
@@ -373,7 +377,7 @@ class BedrockRun(SynthRun):
 
     def __init__(self, hook: BedrockBatchHook | None, plan: BedrockPlan, *, max_rounds: int = 2,
                  checks: OutputChecks | None = None, prices: Mapping[str, Any] | None = None,
-                 max_active_jobs: int | None = None) -> None:
+                 max_active_jobs: int | None = None, max_cost_usd: float | None = None) -> None:
         self.hook, self.plan = hook, plan
         self.max_active_jobs = max_active_jobs
         self.family = family_of(plan.model_id)
@@ -382,6 +386,8 @@ class BedrockRun(SynthRun):
         checks = checks if checks is not None else OutputChecks.from_spec(plan.checks)
         self.checker = checks.checker() if checks is not None else None
         self.prices = prices
+        #: the retry rounds' money rules: a systematic failure is not retried, every round is budgeted
+        self.rules = RoundRules(self.work, checks, self.checker, max_cost_usd=max_cost_usd, noun="record")
         self.jobs: dict[tuple[int, int], JobRef] = {}
         #: ``(shard, round)`` pairs staged and waiting for a job
         self.todo: list[tuple[int, int]] = [(s, 0) for s in range(len(plan.shards))]
@@ -532,15 +538,19 @@ class BedrockRun(SynthRun):
         return self.first_created_at
 
     def next_round(self) -> list[tuple[int, int]]:
-        """Stage, per shard whose last job finished, a follow-up job of only the records a retry can fix;
-        return the ``(shard, round)`` pairs staged and not submitted yet. A round below Bedrock's minimum is padded (``pad_to_minimum``) or left
-        out, its records staying failures."""
+        """Stage, per shard whose last job finished, a follow-up job of only the records a retry can fix (less
+        a kind of unusable answer found systematic, and only within ``max_cost_usd``:
+        :mod:`~airflow_provider_synth.runs.rounds`); return the ``(shard, round)`` pairs staged and not
+        submitted yet. A round below Bedrock's minimum is padded (``pad_to_minimum``) or left out, its records
+        staying failures."""
+        keep = RoundRules.keep(retry_worthy, self.rules.stopped_kinds(finished_rounds(self._ended_shards())))
+        planned: list[tuple[int, int, list[bytes]]] = []
         for shard in range(len(self.plan.shards)):
             last = max([r for (s, r) in self.jobs if s == shard], default=-1)
             ref = self.jobs.get((shard, last))
             if ref is None or not ref.finished or last >= self.max_rounds or (shard, last + 1) in self.todo:
                 continue
-            lines = self._pending(shard)
+            lines = self._pending(shard, keep)
             if not lines:
                 continue
             if len(lines) < self.limits.min_records and not self.plan.pad_to_minimum:
@@ -548,21 +558,49 @@ class BedrockRun(SynthRun):
                             "job: they stay failures (pad_to_minimum=True pads a retry job)", shard, len(lines),
                             self.limits.min_records)
                 continue
+            planned.append((shard, last + 1, lines))
+        if planned and not self.rules.within_budget([(s, r) for s, r, _ in planned], self._estimate(planned),
+                                                    before=self.plan.est_cost_usd):
+            planned = []
+        for shard, rnd, lines in planned:
             inputs = [to_record(self.family, "", self.plan.endpoint, loads(raw)["body"])["modelInput"]
                       for raw in lines]
             smallest = min((orjson.dumps(i) for i in inputs), key=len)
-            self.write_job_files(shard, last + 1, lines, inputs, smallest)
+            self.write_job_files(shard, rnd, lines, inputs, smallest)
             self.plan.save()
-            self.todo.append((shard, last + 1))
-            log.info("shard %d: %d record(s) to retry in round %d", shard, len(lines), last + 1)
+            self.todo.append((shard, rnd))
+            log.info("shard %d: %d record(s) to retry in round %d", shard, len(lines), rnd)
         return list(self.todo)
 
-    def _pending(self, shard: int) -> list[bytes]:
+    def _ended_shards(self) -> Iterator[tuple[list[Any], list[int], int]]:
+        """Per shard whose last job finished: its answer files, their rounds and the last round."""
+        for shard in range(len(self.plan.shards)):
+            last = max([r for (s, r) in self.jobs if s == shard], default=-1)
+            ref = self.jobs.get((shard, last))
+            if ref is not None and ref.finished:
+                yield (*self._answers_of(shard), last)
+
+    def _estimate(self, planned: list[tuple[int, int, list[bytes]]]) -> RoundEstimate:
+        """The retry rounds' records, estimated as round 0 was (tokens at Bedrock's batch prices)."""
+        tokens_in = tokens_out = n = 0
+        for _, _, lines in planned:
+            for raw in lines:
+                request = loads(raw)
+                tokens_in += estimate_request_tokens(request)
+                tokens_out += declared_output_tokens(request)
+                n += 1
+        cost = estimate_cost(tokens_in, tokens_out, self.plan.model_id, prices_for(self.plan.model_id, self.prices))
+        return RoundEstimate(n, tokens_in, tokens_out, cost)
+
+    def systematic_message(self) -> str | None:
+        return self.rules.systematic_message()
+
+    def _pending(self, shard: int, keep: Any = retry_worthy) -> list[bytes]:
         import io
 
         buf = io.BytesIO()
         pending_requests(join_path(self.job_dir(shard, 0), "requests.jsonl"), self._answers_of(shard)[0], buf,
-                         retryable_only=False, keep=retry_worthy, checks=self.checker)
+                         retryable_only=False, keep=keep, checks=self.checker)
         return [raw for _, raw in iter_jsonl(io.BytesIO(buf.getvalue()))]
 
     def collect(self) -> Accounting:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import redact
 
-from airflow_provider_synth.batch.checks import OutputChecks, systematic_kinds
+from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
 from airflow_provider_synth.batch.landing import IncompleteFileError, landed, landing
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
@@ -28,7 +28,6 @@ from airflow_provider_synth.batch.merge import (
     ShardOutputs,
     merge_shards,
     pending_requests,
-    round_verdicts,
 )
 from airflow_provider_synth.batch.paths import join_path, open_path
 from airflow_provider_synth.batch.results import ParsedOutput
@@ -44,6 +43,13 @@ from airflow_provider_synth.batch.usage import (
 from airflow_provider_synth.hooks.openai import auth_error, batch_summary, is_transient, stream_errors
 from airflow_provider_synth.runs.base import RunIdentity, SynthRun, status_counts
 from airflow_provider_synth.runs.openai_direct import DirectRounds, Tier, answer_round, estimate_direct_cost
+from airflow_provider_synth.runs.rounds import (  # noqa: F401  (SYSTEMATIC_FILE, ROUND_ESTIMATES_FILE: their old home)
+    ROUND_ESTIMATES_FILE,
+    SYSTEMATIC_FILE,
+    RoundEstimate,
+    RoundRules,
+    finished_rounds,
+)
 
 if TYPE_CHECKING:
     from openai.types import Batch
@@ -59,10 +65,6 @@ PLAN_FILE = "plan.json"
 BATCHES_FILE = "batches.json"
 #: Per ``shard-round``: how many times a batch refused for the model's enqueued-token limit was submitted again.
 RESUBMITS_FILE = "token_limit_resubmits.json"
-#: the kinds of unusable answers found systematic, not retried (see :meth:`BatchRun.systematic`)
-SYSTEMATIC_FILE = "systematic.json"
-#: the estimated cost of each retry round submitted, counted against max_cost_usd by the later rounds
-ROUND_ESTIMATES_FILE = "round_estimates.json"
 #: failure rows of the input lines set aside as invalid (``invalid_requests="skip"``), merged into failures.jsonl
 INVALID_FILE = "invalid.jsonl"
 #: The batch-level error code of a batch refused because the model's enqueued-token limit was full.
@@ -580,8 +582,7 @@ class BatchRun(SynthRun):
         todo = self.plan_round(rounds, resubmits)
         checks = self.checks or OutputChecks()
         while todo and (checks.direct_tail or any(self.direct.get(*t) is not None for t in todo)):
-            budget = None if cfg.max_cost_usd is None else (
-                cfg.max_cost_usd - (self.plan.est_cost_usd or 0.0) - sum(self.round_estimates().values()))
+            budget = None if cfg.max_cost_usd is None else cfg.max_cost_usd - self.rules.spent(self.plan.est_cost_usd)
             rest = self.answer_directly(todo, checks.direct_tail, checks.direct_concurrency, budget, cfg.prices,
                                         Tier(checks.direct_service_tier, checks.direct_tier_fallback))
             if rest == todo:
@@ -591,22 +592,25 @@ class BatchRun(SynthRun):
         self._todo = todo
         return todo
 
+    @property
+    def rules(self) -> RoundRules:
+        """The retry rounds' money rules (:mod:`~airflow_provider_synth.runs.rounds`), on this run's work folder."""
+        return RoundRules(self._work, self.checks, self.checker, max_cost_usd=self.config.max_cost_usd)
+
     def _within_budget(self, todo: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Estimate the retry rounds of ``todo`` (their requests' tokens at batch prices) and log it against
-        ``max_cost_usd`` before anything is paid: round 0's estimate, the earlier retry rounds' and the direct
-        tail's count too. Rounds over the budget are not submitted (their requests stay failures)."""
+        """Estimate the retry rounds of ``todo`` (their requests' tokens at batch prices) against
+        ``max_cost_usd`` before anything is paid (:meth:`RoundRules.within_budget`: round 0's estimate, the
+        earlier retry rounds' and the direct tail's count too). Rounds over the budget are not submitted (their
+        requests stay failures)."""
         retry = [t for t in todo if t[1] > 0 and t not in self.batches]
         if not retry:
             return todo
-        import orjson
-
         from airflow_provider_synth.batch.usage import (
             declared_output_tokens,
             estimate_cost,
             estimate_request_tokens,
         )
 
-        cfg, spent = self.config, self.round_estimates()
         tokens_in = tokens_out = n = 0
         for shard, rnd in retry:
             for raw in self._round_requests(shard, rnd):
@@ -614,31 +618,15 @@ class BatchRun(SynthRun):
                 tokens_in += estimate_request_tokens(line)
                 tokens_out += declared_output_tokens(line)
                 n += 1
-        est = estimate_cost(tokens_in, tokens_out, self.plan.model, cfg.prices)
-        so_far = (self.plan.est_cost_usd or 0.0) + sum(spent.values()) + self.direct.est_cost_usd
-        shown = "unknown (no price for the model)" if est is None else f"${est:.6f}"
-        rounds = sorted({r for _, r in retry})
-        if cfg.max_cost_usd is not None and (est is None or so_far + est > cfg.max_cost_usd):
-            log.warning("retry round %s: %d request(s) estimated at %s; with $%.6f estimated before it, that is "
-                        "over max_cost_usd=$%s: not submitted, the requests stay failures", rounds, n, shown,
-                        so_far, cfg.max_cost_usd)
-            return [t for t in todo if t not in retry]
-        log.info("retry round %s: %d request(s) estimated at %s (%d input tokens, up to %d output tokens at batch "
-                 "prices); with $%.6f estimated before it, against max_cost_usd=%s", rounds, n, shown, tokens_in,
-                 tokens_out, so_far, "none" if cfg.max_cost_usd is None else f"${cfg.max_cost_usd}")
-        spent.update({f"{s}-{r}": (est or 0.0) / len(retry) for s, r in retry})
-        with landing(self._work(ROUND_ESTIMATES_FILE)) as fp:
-            fp.write(orjson.dumps(spent))
-        return todo
+        estimate = RoundEstimate(n, tokens_in, tokens_out,
+                                 estimate_cost(tokens_in, tokens_out, self.plan.model, self.config.prices))
+        if self.rules.within_budget(retry, estimate, before=(self.plan.est_cost_usd or 0.0) + self.direct.est_cost_usd):
+            return todo
+        return [t for t in todo if t not in retry]
 
     def round_estimates(self) -> dict[str, float]:
         """The estimated cost of each retry round submitted (``"shard-round"``: USD), for the budget."""
-        try:
-            with open_path(self._work(ROUND_ESTIMATES_FILE), "rb") as fp:
-                data: dict[str, float] = loads(fp.read())
-        except (FileNotFoundError, OSError):
-            return {}
-        return data
+        return self.rules.round_estimates()
 
     def plan_round(self, max_rounds: int, token_limit_resubmits: int = 0) -> list[tuple[int, int]]:
         """Write, per shard whose batches are all terminal, the requests a new round should retry; return the
@@ -647,10 +635,7 @@ class BatchRun(SynthRun):
         counting as a retry round."""
         todo = []
         resubmits = self.resubmit_counts()
-        stopped = self._stop_systematic_kinds()
-
-        def keep(out: ParsedOutput) -> bool:
-            return retry_worthy(out) and out.error_code not in stopped
+        keep = RoundRules.keep(retry_worthy, self._stop_systematic_kinds())
 
         for shard in range(len(self.plan.shards)):
             last = self.last_round(shard)
@@ -684,64 +669,25 @@ class BatchRun(SynthRun):
         return todo
 
     def systematic(self) -> dict[str, dict[str, Any]]:
-        """The kinds of unusable answers found systematic (not retried): ``{kind: {"round", "count",
-        "answered", "examples"}}``, kept in the work folder so a resumed task knows them."""
-        try:
-            with open_path(self._work(SYSTEMATIC_FILE), "rb") as fp:
-                data: dict[str, dict[str, Any]] = loads(fp.read())
-        except (FileNotFoundError, OSError):
-            return {}
-        return data
+        """The kinds of unusable answers found systematic (not retried), kept in the work folder so a resumed
+        task knows them (:meth:`RoundRules.systematic`)."""
+        return self.rules.systematic()
 
     def _stop_systematic_kinds(self) -> set[str]:
-        """Judge each finished round's unusable answers (over every shard at that round): a kind that is
-        systematic there (:func:`~airflow_provider_synth.batch.checks.systematic_kinds`) is not retried again,
-        unless ``checks.retry_systematic``. Returns the kinds stopped."""
-        found = self.systematic()
-        checks = self.checks
-        if self.checker is None or checks is None or checks.retry_systematic:
-            return set(found)
-        per_round: dict[int, list[Any]] = {}
-        for shard in range(len(self.plan.shards)):
-            last = self.last_round(shard)
-            ref = self.batches.get((shard, last))
-            if last < 0 or (ref is not None and not ref.terminal):
-                continue
-            files, rounds = self._outputs_of(shard)
-            per_round.setdefault(last, []).extend(f for f, r in zip(files, rounds, strict=True) if r == last)
-        changed = False
-        for rnd, files in sorted(per_round.items()):
-            answered, kinds, examples = round_verdicts(files, self.checker)
-            for kind in systematic_kinds(answered, kinds):
-                if kind not in found:
-                    found[kind] = {"round": rnd, "count": kinds[kind], "answered": answered,
-                                   "examples": [list(e) for e in examples.get(kind, [])]}
-                    changed = True
-                    log.warning("round %d: %d of %d answers are %s: a systematic failure (a prompt, schema or "
-                                "max_tokens problem, not noise); not retrying them (OutputChecks("
-                                "retry_systematic=True) would)", rnd, kinds[kind], answered, kind)
-        if changed:
-            import orjson
+        """Judge each finished round's unusable answers (over every shard at that round): a kind systematic
+        there is not retried again, unless ``checks.retry_systematic`` (:meth:`RoundRules.stopped_kinds`)."""
+        def ended() -> Any:
+            for shard in range(len(self.plan.shards)):
+                last = self.last_round(shard)
+                ref = self.batches.get((shard, last))
+                if last >= 0 and (ref is None or ref.terminal):
+                    yield (*self._outputs_of(shard), last)
 
-            with landing(self._work(SYSTEMATIC_FILE)) as fp:
-                fp.write(orjson.dumps(found))
-        return set(found)
+        return self.rules.stopped_kinds(finished_rounds(ended()))
 
     def systematic_message(self) -> str | None:
         """Why the task fails though its answers landed: the kinds found systematic, with examples."""
-        found = self.systematic()
-        if not found:
-            return None
-        parts = []
-        for kind, f in found.items():
-            shown = "; ".join(f"{cid}: {why}" for cid, why in f.get("examples") or [])
-            parts.append(f"{f['count']} of {f['answered']} answers in round {f['round']} were {kind} "
-                         f"(examples: {shown})")
-        return (f"systematic failure: {'; '.join(parts)}. So many answers failing the same check is a bug in "
-                "the prompt, the schema or max_tokens, not noise: they were not retried (the same requests would "
-                "fail the same way, paid again). Fix it and run again, or retry them anyway with "
-                "OutputChecks(retry_systematic=True). The answers that passed are in results.jsonl, the others in "
-                "failures.jsonl.")
+        return self.rules.systematic_message()
 
     def resubmit_counts(self) -> dict[str, int]:
         """How many times each ``shard-round`` was submitted again after a token-limit refusal."""

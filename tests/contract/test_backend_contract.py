@@ -69,6 +69,10 @@ class Backend:
     output: Path = field(default_factory=Path)
     #: what reached the service or its staging (uploads, staged objects, created batches): 0 before paying
     staged: Callable[[], int] = lambda: 0
+    #: from now on every answer is prose where JSON was asked for (off any schema); a no-op where it already is
+    off_schema: Callable[[], None] = lambda: None
+    #: RETRYABLE fails once more, as it did the first time (a retry can fix it)
+    fail_again: Callable[[], None] = lambda: None
 
     def run(self, try_number: int = 1, run_id: str = "manual__1", **kwargs: Any) -> SynthRun:
         """The prepared (planned, re-attached) run of a task's try: a new object, as a retried task builds."""
@@ -115,6 +119,8 @@ def openai_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         slow=lambda: server.configure(in_progress_s=60.0),
         secret=secret, output=tmp_path / "out",
         staged=lambda: server.counters["files_created"] + server.counters["batches_created"],
+        off_schema=lambda: server.set_outcome("*", Outcome.success(content="Sure! Here is the answer.")),
+        fail_again=lambda: server.set_outcome(RETRYABLE, Outcome.error(500), times=1),
     )
 
 
@@ -168,6 +174,7 @@ def bedrock_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         cancelled=lambda: {arn for arn, job in server.jobs.items() if job.stop_requested},
         slow=slow, secret=secret, output=tmp_path / "out",
         staged=lambda: len(bucket.keys("stage")) + server.counters["create_requests"],
+        fail_again=lambda: server.record_faults.append(RecordFault(f"About {RETRYABLE}<", 429, times=1)),
     )
 
 
@@ -206,6 +213,8 @@ def anthropic_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend
         slow=lambda: server.configure(in_progress_s=60.0, progress_steps=60),
         secret=secret, output=tmp_path / "out",
         staged=lambda: server.counters["message_batches_created"] + server.counters["http_requests_total"],
+        off_schema=lambda: server.set_outcome("*", Outcome.success(content="Sure! Here is the answer.")),
+        fail_again=lambda: server.set_outcome(RETRYABLE, Outcome.error(529, code="overloaded_error"), times=1),
     )
 
 
@@ -330,6 +339,64 @@ def test_max_cost_usd_refuses_before_anything_is_uploaded_or_staged(backend: Bac
     with pytest.raises(BudgetExceededError, match=r"estimated cost \$[0-9.]+ .* is over max_cost_usd=\$1e-09"):
         op.start_run(context(1))
     assert backend.staged() == 0 and backend.created() == 0
+
+
+#: what the contract's structured runs ask for: the fakes answer prose, off it (``Backend.off_schema``)
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+
+
+def test_a_systematic_failure_is_not_retried_and_fails_the_task_saying_so(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every answer off the schema (a schema or prompt bug): not one of them is paid for again, the one
+    request that failed for a reason a retry fixes is still retried, the answers land, the task fails with
+    examples (issue 21's rule, on every backend with retry rounds)."""
+    import airflow_provider_synth.batch.checks as checks_mod
+    from airflow_provider_synth.batch.checks import OutputChecks
+    from airflow_provider_synth.exceptions import BatchFailedError
+
+    _priced(backend)
+    monkeypatch.setattr(checks_mod, "SYSTEMATIC_MIN", 3)  # the share rule, on this case's 4 answers
+    backend.off_schema()
+    op = backend.operator(checks=OutputChecks(schema=SCHEMA), max_failed_ratio=1.0)
+    with pytest.raises(BatchFailedError, match=r"systematic failure: 4 of 4 answers in round 0 were "
+                                               r"schema_invalid \(examples: r\d: ") as err:
+        op.execute(context())
+    assert "retry_systematic=True" in str(err.value)
+    sent = backend.sent()
+    assert sent[RETRYABLE] == 2, "the request a retry can fix was not retried"
+    assert all(sent[i] == 1 for i in IDS if i != RETRYABLE), f"an off-schema answer was paid for again: {sent}"
+    failures = [json.loads(x) for x in (backend.output / "failures.jsonl").read_text().splitlines()]
+    assert sorted(f["custom_id"] for f in failures) == IDS  # every answer landed, as a failure
+
+    # asked for: the same kind is retried (a new run, so nothing of the first is taken up)
+    again = backend.run(1, run_id="manual__2", output_path=str(backend.output.parent / "again"),
+                        checks=OutputChecks(schema=SCHEMA, retry_systematic=True), rounds=1)
+    before = backend.sent()
+    drive(again)
+    assert backend.sent()["r0"] - before["r0"] == 2 and again.systematic_message() is None
+
+
+def test_each_retry_round_is_estimated_against_the_budget_before_it_is_paid(
+        backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
+    _priced(backend)
+    caplog.set_level("INFO")
+    first = backend.operator(max_cost_usd=1000.0).start_run(context(1))
+    drive(first)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("retry round [1]:"))
+    assert " 1 request(s) estimated at $" in line or " 1 record(s) estimated at $" in line, line
+    assert "against max_cost_usd=$1000.0" in line
+    assert backend.sent()[RETRYABLE] == 2
+    # a budget round 0 fits in and its retry round does not: the retry is not paid for, it stays a failure
+    est = first.plan.est_cost_usd  # type: ignore[attr-defined]  (every priced backend's plan keeps it)
+    assert est and est > 0
+    caplog.clear()
+    backend.fail_again()
+    before = backend.sent()
+    acct = drive(backend.run(1, run_id="manual__2", output_path=str(backend.output.parent / "tight"),
+                             max_cost_usd=est * 1.0001))
+    assert backend.sent()[RETRYABLE] - before[RETRYABLE] == 1, "a retry round over the budget was submitted"
+    assert "over max_cost_usd" in caplog.text and "not submitted" in caplog.text
+    assert (acct.succeeded, acct.failed) == (N - 2, 2)
 
 
 def test_the_deadline_cancels_what_still_runs(backend: Backend) -> None:
