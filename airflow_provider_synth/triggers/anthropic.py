@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +38,9 @@ class AnthropicBatchTrigger(PollingTrigger):
 
     waited = MESSAGE_BATCHES
     hooks_module = _HOOKS_MODULE
+    sdk_module = "anthropic"
     event_key = "batches"
+    target_fields, ids_field = ("conn_id", "batch_ids"), "batch_ids"
     jitter = 0.1
     start_spread = 0.5
 
@@ -50,18 +51,6 @@ class AnthropicBatchTrigger(PollingTrigger):
         super().__init__(poll_interval=poll_interval, end_time=end_time,
                          max_consecutive_errors=max_consecutive_errors, cancel_on_kill=cancel_on_kill)
 
-    def _target_kwargs(self) -> dict[str, Any]:
-        return {"conn_id": self.conn_id, "batch_ids": list(self.batch_ids)}
-
-    @property
-    def ids(self) -> list[str]:
-        return self.batch_ids
-
-    @classmethod
-    def _warm_up(cls) -> None:
-        importlib.import_module("anthropic")
-        importlib.import_module(cls.hooks_module)
-
     def _hook(self) -> AnthropicBatchAsyncHook:
         from airflow_provider_synth.hooks.anthropic import AnthropicBatchAsyncHook
 
@@ -69,20 +58,6 @@ class AnthropicBatchTrigger(PollingTrigger):
 
     async def _fetch(self, hook: AnthropicBatchAsyncHook, item_id: str) -> dict[str, Any]:
         return await hook.aget_batch_state(item_id)
-
-    def _status(self, state: dict[str, Any]) -> str | None:
-        status: str | None = state["status"]
-        return status
-
-    def _is_transient(self, error: BaseException) -> bool:
-        from airflow_provider_synth.hooks.anthropic import is_transient
-
-        return is_transient(error)
-
-    def _describe(self, hook: AnthropicBatchAsyncHook, error: BaseException) -> str:
-        from airflow.providers.common.compat.sdk import redact
-
-        return str(redact(repr(error)))
 
     def _progress(self, item_id: str, state: dict[str, Any]) -> str:
         c = state.get("request_counts") or {}

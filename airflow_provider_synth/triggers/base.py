@@ -105,8 +105,9 @@ def validate_event(event: Mapping[str, Any] | None, key: str) -> dict[str, Any]:
 class PollingTrigger(BaseTrigger):
     """Poll a set of remote items (batches, statements) until :func:`verdict` ends the wait; yield ONE event.
 
-    Subclasses set :attr:`waited`, :attr:`hooks_module`, store their connection and ids, then call this
-    ``__init__``, and implement the ``_`` methods below.
+    Subclasses set :attr:`waited`, :attr:`hooks_module`, :attr:`event_key`, :attr:`target_fields` and
+    :attr:`ids_field`, store those fields, then call this ``__init__``, and implement the abstract ``_`` methods
+    below (the hook, one fetch, the event, the done message, one cancel).
 
     :param poll_interval: seconds between polls.
     :param end_time: absolute deadline in epoch seconds, fixed at the first submission, so a triggerer restart
@@ -117,8 +118,17 @@ class PollingTrigger(BaseTrigger):
 
     #: what is waited for (its name in messages, its status table)
     waited: ClassVar[Waited]
-    #: the module of the hook, imported in a thread before the first poll
+    #: the module of the hook, imported in a thread before the first poll; its ``is_transient(error)`` is
+    #: the trigger's classification of polling errors (the hook's own, as the worker-side wait uses)
     hooks_module: ClassVar[str]
+    #: the SDK the hook drives, imported with it off the loop (``None``: the hook module imports what it needs)
+    sdk_module: ClassVar[str | None] = None
+    #: the key of the event's per-item states (``batches``, ``statements``, ``jobs``)
+    event_key: ClassVar[str]
+    #: the constructor arguments naming what is waited for (the connection, the ids, a region...), in the
+    #: order :meth:`serialize` stores them, and the one of them holding the ids
+    target_fields: ClassVar[tuple[str, ...]]
+    ids_field: ClassVar[str]
     #: Each sleep is ``poll_interval`` times a random factor in ``1 +/- jitter``, and the first poll waits a
     #: random ``[0, start_spread * min(poll_interval, 1 s)]``: a triggerer that (re)starts a thousand triggers
     #: at once would otherwise poll, and finish, them all in the same loop iterations (AWS waiters jitter too).
@@ -162,15 +172,14 @@ class PollingTrigger(BaseTrigger):
     # -- what a subclass supplies -----------------------------------------------------------------------------
 
     @property
-    @abc.abstractmethod
     def ids(self) -> list[str]:
-        """The ids waited for."""
-        raise NotImplementedError
+        """The ids waited for (the :attr:`ids_field` argument)."""
+        ids: list[str] = getattr(self, self.ids_field)
+        return ids
 
-    @abc.abstractmethod
     def _target_kwargs(self) -> dict[str, Any]:
-        """The kwargs naming what is waited for (the connection and the ids), for :meth:`serialize`."""
-        raise NotImplementedError
+        """The kwargs naming what is waited for (:attr:`target_fields`), for :meth:`serialize`."""
+        return {name: list(self.ids) if name == self.ids_field else getattr(self, name) for name in self.target_fields}
 
     @abc.abstractmethod
     def _hook(self) -> Any:
@@ -182,18 +191,20 @@ class PollingTrigger(BaseTrigger):
         """One item's current state."""
         raise NotImplementedError
 
-    @abc.abstractmethod
     def _status(self, state: Any) -> str | None:
-        """The status of a state :meth:`_fetch` returned."""
-        raise NotImplementedError
+        """The status of a state :meth:`_fetch` returned (default: a mapping's ``status``)."""
+        status: str | None = state.get("status")
+        return status
 
-    @abc.abstractmethod
     def _is_transient(self, error: BaseException) -> bool:
-        raise NotImplementedError
+        """Whether a polling error may go away by itself: the hook module's ``is_transient``."""
+        return bool(importlib.import_module(self.hooks_module).is_transient(error))
 
     def _describe(self, hook: Any, error: BaseException) -> str:
-        """An error, for messages and logs: never a secret."""
-        return f"{type(error).__name__}: {error}"
+        """An error, for messages and logs: never a secret (Airflow's masker knows the connection's)."""
+        from airflow.providers.common.compat.sdk import redact
+
+        return str(redact(f"{type(error).__name__}: {error}"))
 
     def _progress(self, item_id: str, state: Any) -> str:
         return f"{self.waited.noun} {item_id}: {self._status(state)}"
@@ -213,7 +224,10 @@ class PollingTrigger(BaseTrigger):
 
     @classmethod
     def _warm_up(cls) -> None:
-        """Blocking, once per process, in a worker thread: import the hooks (and what else costs CPU)."""
+        """Blocking, once per process, in a worker thread: import the SDK and the hooks (and what else costs
+        CPU)."""
+        if cls.sdk_module:
+            importlib.import_module(cls.sdk_module)
         importlib.import_module(cls.hooks_module)
 
     # -- the loop ---------------------------------------------------------------------------------------------

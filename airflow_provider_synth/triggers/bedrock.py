@@ -44,6 +44,7 @@ class BedrockJobTrigger(PollingTrigger):
     hooks_module = _HOOKS_MODULE
     #: the key of the event's per-job states
     event_key = "jobs"
+    target_fields, ids_field = ("aws_conn_id", "job_arns", "region_name"), "job_arns"
     jitter = 0.1
 
     def __init__(
@@ -62,13 +63,6 @@ class BedrockJobTrigger(PollingTrigger):
         super().__init__(poll_interval=poll_interval, end_time=end_time,
                          max_consecutive_errors=max_consecutive_errors, cancel_on_kill=cancel_on_kill)
 
-    def _target_kwargs(self) -> dict[str, Any]:
-        return {"aws_conn_id": self.aws_conn_id, "job_arns": list(self.job_arns), "region_name": self.region_name}
-
-    @property
-    def ids(self) -> list[str]:
-        return self.job_arns
-
     def _hook(self) -> BedrockBatchAsyncHook:
         from airflow_provider_synth.hooks.bedrock import BedrockBatchAsyncHook
 
@@ -78,14 +72,6 @@ class BedrockJobTrigger(PollingTrigger):
         from airflow_provider_synth.hooks.bedrock import job_state
 
         return job_state(await hook.aget_job(item_id))
-
-    def _status(self, state: dict[str, Any]) -> str | None:
-        return state.get("status")
-
-    def _is_transient(self, error: BaseException) -> bool:
-        from airflow_provider_synth.hooks.bedrock import is_transient
-
-        return is_transient(error)
 
     def _progress(self, item_id: str, state: dict[str, Any]) -> str:
         return f"Bedrock job {item_id}: {state.get('status')}" + (f" ({state['message']})" if state.get("message")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from airflow.triggers.base import TriggerEvent
 
@@ -42,6 +42,7 @@ class CortexStatementTrigger(PollingTrigger):
     hooks_module = _HOOKS_MODULE
     #: the key of the event's per-statement states
     event_key = "statements"
+    target_fields, ids_field = ("snowflake_conn_id", "query_ids"), "query_ids"
     cancel_timeout = 30.0
 
     def __init__(
@@ -58,13 +59,6 @@ class CortexStatementTrigger(PollingTrigger):
         super().__init__(poll_interval=poll_interval, end_time=end_time,
                          max_consecutive_errors=max_consecutive_errors, cancel_on_kill=cancel_on_kill)
 
-    def _target_kwargs(self) -> dict[str, Any]:
-        return {"snowflake_conn_id": self.snowflake_conn_id, "query_ids": list(self.query_ids)}
-
-    @property
-    def ids(self) -> list[str]:
-        return self.query_ids
-
     def _hook(self) -> CortexAsyncHook:
         from airflow_provider_synth.hooks.cortex import CortexAsyncHook
 
@@ -75,11 +69,6 @@ class CortexStatementTrigger(PollingTrigger):
 
     def _status(self, state: StatementStatus) -> str | None:
         return state.state
-
-    def _is_transient(self, error: BaseException) -> bool:
-        from airflow_provider_synth.hooks.cortex import is_transient
-
-        return is_transient(error)
 
     def _progress(self, item_id: str, state: StatementStatus) -> str:
         return f"Statement {item_id}: {state.state} ({state.message})"

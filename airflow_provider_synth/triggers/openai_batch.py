@@ -44,8 +44,10 @@ class OpenAIBatchTrigger(PollingTrigger):
 
     waited = BATCHES
     hooks_module = _HOOKS_MODULE
+    sdk_module = "openai"
     #: the key of the event's per-batch states
     event_key = "batches"
+    target_fields, ids_field = ("conn_id", "batch_ids"), "batch_ids"
     jitter = 0.1
     start_spread = 0.5
     cancel_timeout = 20.0
@@ -64,18 +66,9 @@ class OpenAIBatchTrigger(PollingTrigger):
         super().__init__(poll_interval=poll_interval, end_time=end_time,
                          max_consecutive_errors=max_consecutive_errors, cancel_on_kill=cancel_on_kill)
 
-    def _target_kwargs(self) -> dict[str, Any]:
-        return {"conn_id": self.conn_id, "batch_ids": list(self.batch_ids)}
-
-    @property
-    def ids(self) -> list[str]:
-        return self.batch_ids
-
     @classmethod
     def _warm_up(cls) -> None:
-        # also the process's TLS context (about 50 ms of CPU), off the loop
-        importlib.import_module("openai")
-        importlib.import_module(cls.hooks_module)
+        super()._warm_up()  # the SDK and the hooks, then the process's TLS context (about 50 ms of CPU), off the loop
         importlib.import_module("airflow_provider_synth.hooks.openai_pool").shared_ssl_context()
 
     def _hook(self) -> OpenAIBatchAsyncHook:
@@ -85,22 +78,6 @@ class OpenAIBatchTrigger(PollingTrigger):
 
     async def _fetch(self, hook: OpenAIBatchAsyncHook, item_id: str) -> dict[str, Any]:
         return await hook.aget_batch_state(item_id)
-
-    def _status(self, state: dict[str, Any]) -> str | None:
-        status: str | None = state["status"]
-        return status
-
-    def _is_transient(self, error: BaseException) -> bool:
-        from airflow_provider_synth.hooks.openai import is_transient
-
-        return is_transient(error)
-
-    def _describe(self, hook: OpenAIBatchAsyncHook, error: BaseException) -> str:
-        from airflow.providers.common.compat.sdk import (
-            redact,  # Airflow's masker knows the connection's secrets
-        )
-
-        return str(redact(repr(error)))
 
     def _progress(self, item_id: str, state: dict[str, Any]) -> str:
         counts = state["request_counts"]
