@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.common.compat.sdk import BaseOperator, conf
 
+from airflow_provider_synth.batch.checks import OutputChecks, checks_for
 from airflow_provider_synth.batch.paths import as_path, join_path, open_path
 from airflow_provider_synth.batch.paths import exists as path_exists
 from airflow_provider_synth.batch.requests import RequestTemplate, write_requests
@@ -430,6 +431,21 @@ class RequestInput:
             template = getattr(self, "template", None)
             value = PromptRecords(value, template.id_field if template is not None else None)
         self._requests = value
+
+    def take_input(self, input_path: Any, requests: Any, model: str | None, template: RequestTemplate | None) -> None:
+        """Set the input (exactly one of ``input_path`` and ``requests``), the model and the template, and THE
+        default of ``checks`` beside a template's ``response_format`` (:func:`~airflow_provider_synth.batch.checks.checks_for`:
+        a schema the user wrote is checked), the same on every priced backend. Called after the lifecycle's
+        ``__init__`` (which set ``checks``).
+
+        :raises ValueError: both or neither of ``input_path`` and ``requests``.
+        """
+        if (input_path is None) == (requests is None):
+            raise ValueError("give exactly one of input_path or requests")
+        self.template = template or RequestTemplate()  # before requests: its id_field names them
+        self.input_path, self.requests, self.model = input_path, requests, model
+        checks: OutputChecks | None = getattr(self, "checks", None)
+        self.checks = checks_for(checks, self.template.response_format)
 
     def request_source(self, work: Any, endpoint: str) -> Any:
         """The request JSONL to plan: ``input_path`` (which must exist), or ``requests`` written (built from

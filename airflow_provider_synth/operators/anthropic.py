@@ -132,8 +132,6 @@ class AnthropicBatchOperator(RequestInput, SynthBatchOperator):
         config: AnthropicBatchConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        if (input_path is None) == (requests is None):
-            raise ValueError("give exactly one of input_path or requests")
         if output_path is None:
             raise ValueError("output_path is required")
         if invalid_requests != "fail":
@@ -144,13 +142,8 @@ class AnthropicBatchOperator(RequestInput, SynthBatchOperator):
         super().__init__(conn_id=conn_id, output_path=output_path, poll_interval=poll_interval, timeout=timeout,
                          deferrable=deferrable, max_failed_ratio=max_failed_ratio, checks=checks,
                          invalid_requests=invalid_requests, config=config, **kwargs)
-        self.template = template or RequestTemplate()
-        self.input_path, self.requests, self.model = input_path, requests, model
+        self.take_input(input_path, requests, model, template)  # and checks' default: a schema the user wrote
         self.retry_failed_requests, self.max_cost_usd = retry_failed_requests, max_cost_usd
-        if checks is not None and checks.schema is None and self.template.response_format is not None:
-            import dataclasses
-
-            self.checks = dataclasses.replace(checks, schema=self.template.response_format)
 
     # -- the run ------------------------------------------------------------------------------------------
 

@@ -119,8 +119,6 @@ class BedrockBatchOperator(RequestInput, SynthBatchOperator):
         config: BedrockBatchConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        if (input_path is None) == (requests is None):
-            raise ValueError("give exactly one of input_path or requests")
         super().__init__(conn_id=conn_id, output_path=output_path, poll_interval=poll_interval, timeout=timeout,
                          deferrable=deferrable, max_failed_ratio=max_failed_ratio, checks=checks,
                          invalid_requests=invalid_requests, config=config, **kwargs)
@@ -129,8 +127,7 @@ class BedrockBatchOperator(RequestInput, SynthBatchOperator):
                                   ("config.staging_prefix", self.config.staging_prefix)) if not v]
         if missing:
             raise ValueError(f"BedrockBatchOperator needs {', '.join(missing)}")
-        self.template = template or RequestTemplate()
-        self.input_path, self.requests, self.model = input_path, requests, model
+        self.take_input(input_path, requests, model, template)  # and checks' default: a schema the user wrote
         self.retry_failed_requests: int = self.argument_over_config("retry_failed_requests", retry_failed_requests)
         self.max_cost_usd = max_cost_usd
 

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_synth.batch.checks import checks_for
 from airflow_provider_synth.batch.paths import as_path, join_path, open_path
 from airflow_provider_synth.batch.requests import (
     AZURE_ENDPOINTS,
@@ -190,18 +189,14 @@ class OpenAIBatchOperator(RequestInput, _OpenAIBatchLifecycle):
         config: OpenAIBatchConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        if (input_path is None) == (requests is None):
-            raise ValueError("give exactly one of input_path or requests")
         if output_path is None:
             raise ValueError("output_path is required")
         super().__init__(conn_id=conn_id, output_path=output_path, poll_interval=poll_interval, timeout=timeout,
                          deferrable=deferrable, max_failed_ratio=max_failed_ratio, checks=checks,
                          invalid_requests=invalid_requests, config=config, **kwargs)
-        self.model, self.template = model, template or RequestTemplate()
-        self.input_path, self.requests = input_path, requests
+        self.take_input(input_path, requests, model, template)  # and checks' default: a schema the user wrote
         self.retry_failed_requests: int = self.argument_over_config("retry_failed_requests", retry_failed_requests)
         self.max_cost_usd: float | None = self.argument_over_config("max_cost_usd", max_cost_usd)
-        self.checks = checks_for(checks, self.template.response_format)  # a schema the user wrote is checked
 
     @property
     def wait_for_completion(self) -> bool:
