@@ -235,7 +235,8 @@ def estimate_cost(
 def check_budget(est: float | None, limit: float | None, *, model: str | None, input_tokens: int,
                  output_tokens: int, log: Any, what: str = "submitted", unknown: str | None = None) -> None:
     """THE budget rule before anything is paid for: refuse a run whose estimate (batch prices) is over
-    ``max_cost_usd``, or that cannot be estimated while a limit is set; log the estimate when it fits.
+    ``max_cost_usd``, or that cannot be estimated while a limit is set; log the estimate when it fits. With no
+    limit, a model with no known price is warned about (its ``cost_usd`` will be null), never priced as another.
 
     :param est: the estimated cost (``None``: no price for ``model``).
     :param limit: ``max_cost_usd`` (``None``: no budget; only logs).
@@ -246,6 +247,8 @@ def check_budget(est: float | None, limit: float | None, *, model: str | None, i
     from airflow_provider_synth.exceptions import BudgetExceededError
 
     if limit is None:
+        if est is None:
+            log.warning("%s; cost_usd will be unknown (null)", unknown or unknown_price_message(model))
         return
     if est is None:
         raise BudgetExceededError(f"max_cost_usd is set but the cost cannot be estimated: "

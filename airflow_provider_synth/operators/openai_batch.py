@@ -20,7 +20,7 @@ from airflow_provider_synth.batch.requests import (
     RequestTemplate,
 )
 from airflow_provider_synth.batch.split import split_requests
-from airflow_provider_synth.batch.usage import check_budget, estimate_cost, price_known, unknown_price_message
+from airflow_provider_synth.batch.usage import check_budget, estimate_cost
 from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary
 from airflow_provider_synth.hooks.openai import OpenAIBatchHook
 from airflow_provider_synth.links import OpenAIBatchLink
@@ -223,10 +223,7 @@ class OpenAIBatchOperator(RequestInput, _OpenAIBatchLifecycle):
                                endpoints=AZURE_ENDPOINTS if self.hook.is_azure else OPENAI_ENDPOINTS)
         key = self.identity(context).run_key(split.endpoint or "", split.fingerprint, sep="|", length=32)
         est = estimate_cost(split.est_input_tokens, split.est_output_tokens, split.model, cfg.prices)
-        if self.max_cost_usd is not None:
-            self._check_budget(est, split.model, split.est_input_tokens, split.est_output_tokens)
-        elif not price_known(split.model, cfg.prices):
-            self.log.warning("%s; cost_usd will be unknown (null)", unknown_price_message(split.model))
+        self._check_budget(est, split.model, split.est_input_tokens, split.est_output_tokens)
         plan = Plan(key=key, conn_id=self.conn_id, endpoint=split.endpoint or self.endpoint, model=split.model,
                     completion_window=cfg.completion_window, work_dir=str(work), output_dir=str(output),
                     shards=[s.as_dict() for s in split.shards], total=split.total, fingerprint=split.fingerprint,
