@@ -53,7 +53,7 @@ from airflow_provider_synth.runs.anthropic_messages import (
     anthropic_cost,
     result_lines,
 )
-from airflow_provider_synth.runs.base import RunIdentity, SynthRun
+from airflow_provider_synth.runs.base import RunIdentity, ShardedWork, SynthRun
 from airflow_provider_synth.runs.rounds import RoundEstimate, RoundRules, finished_rounds
 
 if TYPE_CHECKING:
@@ -247,7 +247,7 @@ class _Row(msgspec.Struct):
 _row = msgspec.json.Decoder(_Row)
 
 
-class AnthropicRun(SynthRun):
+class AnthropicRun(ShardedWork, SynthRun):
     """Submit, re-attach, poll, cancel, run the retry rounds and collect the batches of one run.
 
     :param hook: the sync hook of the run's connection.
@@ -275,15 +275,6 @@ class AnthropicRun(SynthRun):
         self.todo: list[tuple[int, int]] = []
 
     # -- paths ------------------------------------------------------------------------------------------------
-
-    def _work(self, *names: str) -> Any:
-        path = self._path(self.plan.work_dir)
-        for name in names:
-            path = join_path(path, name)
-        return path
-
-    def shard_input(self, shard: int, rnd: int) -> Any:
-        return self._work("shards", f"shard-{shard:05d}-r{rnd}.jsonl")
 
     def _output(self, shard: int, rnd: int) -> Any:
         return self._work("outputs", f"shard-{shard:05d}-r{rnd}.jsonl")

@@ -135,6 +135,28 @@ class RunIdentity:
                 "run_id": self.run_id, "map_index": self.map_index}
 
 
+class ShardedWork:
+    """The work folder of a run whose plan keeps a ``work_dir`` and shards (OpenAI/Azure, Anthropic): one layout,
+    which the CLI reads too: ``<work_dir>/shards/shard-00000-r0.jsonl`` is shard 0's input of round 0.
+
+    The run sets ``plan`` (with ``work_dir``) and ``_path`` (a stored path string -> a path object that keeps
+    its connection, :func:`~airflow_provider_synth.batch.paths.as_path`).
+    """
+
+    def _work(self, *names: str) -> Any:
+        """A path in the run's work folder (the folder itself without ``names``)."""
+        from airflow_provider_synth.batch.paths import join_path
+
+        path = self._path(self.plan.work_dir)  # type: ignore[attr-defined]  # the run's (typed there)
+        for name in names:
+            path = join_path(path, name)
+        return path
+
+    def shard_input(self, shard: int, rnd: int) -> Any:
+        """The requests of ``shard`` in round ``rnd``."""
+        return self._work("shards", f"shard-{shard:05d}-r{rnd}.jsonl")
+
+
 class SynthRun(abc.ABC):
     """What every backend's run provides (see the module's table); the wait loop over THE verdict is here.
 

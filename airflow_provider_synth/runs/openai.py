@@ -41,7 +41,7 @@ from airflow_provider_synth.batch.usage import (
     usage_mismatch,
 )
 from airflow_provider_synth.hooks.openai import auth_error, batch_summary, is_transient, stream_errors
-from airflow_provider_synth.runs.base import RunIdentity, SynthRun, status_counts
+from airflow_provider_synth.runs.base import RunIdentity, ShardedWork, SynthRun, status_counts
 from airflow_provider_synth.runs.openai_direct import DirectRounds, Tier, answer_round, estimate_direct_cost
 from airflow_provider_synth.runs.rounds import (  # noqa: F401  (SYSTEMATIC_FILE, ROUND_ESTIMATES_FILE: their old home)
     ROUND_ESTIMATES_FILE,
@@ -242,7 +242,7 @@ class BatchRef:
             str(e).startswith(TOKEN_LIMIT_CODE) for e in self.state.get("errors") or [])
 
 
-class BatchRun(SynthRun):
+class BatchRun(ShardedWork, SynthRun):
     """Submit, re-attach, collect and merge the batches of one run (the :class:`SynthRun` of the OpenAI and
     Azure Batch API).
 
@@ -273,15 +273,6 @@ class BatchRun(SynthRun):
         self._landed: set[str] = set()
 
     # -- paths ------------------------------------------------------------------------------------------------
-
-    def _work(self, *names: str) -> Any:
-        path = self._path(self.plan.work_dir)
-        for name in names:
-            path = join_path(path, name)
-        return path
-
-    def shard_input(self, shard: int, rnd: int) -> Any:
-        return self._work("shards", f"shard-{shard:05d}-r{rnd}.jsonl")
 
     def _output(self, shard: int, rnd: int, kind: str) -> Any:
         return self._work("outputs", f"shard-{shard:05d}-r{rnd}-{kind}.jsonl")
