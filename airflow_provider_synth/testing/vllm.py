@@ -13,7 +13,11 @@ and its last word after that: JSON that fits a schema only when asked again (``J
 never (``JSON {"n":"x"}``). A message containing ``RAISE`` is refused when it is added (as vLLM refuses an over-long prompt);
 ``DIE`` kills the engine. ``SYNTH_FAKE_VLLM_DELAY`` (seconds) slows each engine step;
 ``SYNTH_FAKE_VLLM_DIE_AFTER`` (a count) kills the engine after that many answers;
-``SYNTH_FAKE_VLLM_ABORT_AT_EXIT=1`` aborts the process (SIGABRT) after the run, as vLLM's teardown sometimes does.
+``SYNTH_FAKE_VLLM_ABORT_AT_EXIT=1`` aborts the process (SIGABRT) after the run, as vLLM's teardown sometimes does;
+``SYNTH_FAKE_VLLM_ASKED`` (a file) appends one line per generation request added to the engine (``enqueue_chat``,
+``enqueue``), refused ones included: its prompt's words, space-separated. It counts what the engine was asked
+across engine processes and tries (an answer lost in a crash was still asked), as a service's record of what it
+was sent does for the contract test (tests/contract/test_backend_contract.py).
 """
 
 from __future__ import annotations
@@ -213,13 +217,15 @@ class FakeLLM:
     :param max_model_len: prompts longer than this (in words) are refused, like vLLM's context check.
     :param die_after: the engine dies after giving this many answers.
     :param max_num_seqs: requests the engine decodes together.
+    :param asked_log: a file to append each added generation request's prompt to (one line per request).
     """
 
     def __init__(self, delay: float = 0.0, max_model_len: int = 256, die_after: int | None = None,
-                 max_num_seqs: int = 16) -> None:
+                 max_num_seqs: int = 16, asked_log: str | None = None) -> None:
         self.delay = delay
         self.max_model_len = max_model_len
         self.die_after = die_after
+        self.asked_log = asked_log
         self.llm_engine = FakeEngine(self, max_num_seqs)
         self.calls: list[int] = []
         self._counter = 0
@@ -227,6 +233,9 @@ class FakeLLM:
         self.asked: Counter[tuple[str, ...]] = Counter()
 
     def _add(self, words: list[str], params: FakeSamplingParams) -> list[str]:
+        if self.asked_log:  # before any refusal: a refused request was asked too
+            with open(self.asked_log, "a", encoding="utf-8") as fp:
+                fp.write(" ".join(words) + "\n")
         if "RAISE" in words:
             raise FakeValidationError("refused by the engine")
         if len(words) > self.max_model_len:
@@ -287,7 +296,8 @@ def fake_processor(cfg: RunnerConfig, url: str, llm: FakeLLM | None = None) -> P
         die_after = os.environ.get("SYNTH_FAKE_VLLM_DIE_AFTER")
         llm = FakeLLM(delay=float(os.environ.get("SYNTH_FAKE_VLLM_DELAY", "0")),
                       max_model_len=int(cfg.llm_kwargs.get("max_model_len") or 256),
-                      die_after=int(die_after) if die_after else None)
+                      die_after=int(die_after) if die_after else None,
+                      asked_log=os.environ.get("SYNTH_FAKE_VLLM_ASKED") or None)
     emit("loaded", model=cfg.model, vllm_version="fake", load_s=0.0)
     codec = PlainCodec(llm, cfg, make_sampling, KNOWN_SAMPLING)
     return Processor(llm, cfg, codec, FakePooling, url)

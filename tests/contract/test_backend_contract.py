@@ -3,13 +3,19 @@ serialization in one place): re-attach after a crash, retry of only what can suc
 accounting invariant, the manifest's keys, secrets absent; and the operators' and decorators' signatures.
 
 Each backend is ONE entry of :data:`BACKENDS`: a function that starts its fake service (the real hook and SDK
-over it) and returns a :class:`Backend`. Adding the next backend is adding its entry.
+over it) and returns a :class:`Backend`. Adding the next backend is adding its entry. A backend that answers in
+the task's own process (vLLM: :attr:`Backend.in_process`) meets each rule in its own terms, in a branch of the
+same test: a crash is resumed, not re-attached to, and its deadline is Airflow's ``execution_timeout``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import os
+import re
+import signal
 import time
 import warnings
 from collections import Counter
@@ -51,11 +57,16 @@ class Backend:
     :param operator: builds the backend's operator for the case's requests (keyword arguments: the shared
         ones, e.g. ``timeout``, ``max_failed_ratio``).
     :param sent: how many times the service was asked each custom_id so far.
-    :param created: how many remote units (batches, statements) the service created so far.
-    :param cancelled: the ids the service was asked to cancel.
+    :param created: how many remote units (batches, statements; in process: engine runs) the service created so
+        far.
+    :param cancelled: the ids the service was asked to cancel (in process: the engine, once it was stopped
+        before it finished and its process group is gone).
     :param slow: make the service take (much) longer than a test's deadline.
-    :param secret: the connection's secret, which must appear nowhere.
-    :param rounds: the backend retries in rounds inside one try (otherwise a task retry does).
+    :param secret: the connection's secret, which must appear nowhere (in process: an engine setting's, e.g. a
+        Hugging Face token).
+    :param rounds: the backend retries what can succeed inside one try, so one try sends RETRYABLE twice: in
+        rounds of batches, or (vLLM) in its running engine, which asks an answer the output checks refused again
+        at once (``VLLMConfig.check_retries``, the ``rounds`` keyword here). Otherwise only a task retry does.
     """
 
     name: str
@@ -73,6 +84,14 @@ class Backend:
     off_schema: Callable[[], None] = lambda: None
     #: RETRYABLE fails once more, as it did the first time (a retry can fix it)
     fail_again: Callable[[], None] = lambda: None
+    #: the run answers in the task's own process (vLLM's engine subprocess), not on a remote service:
+    #: ``submit()`` runs it to the end, so there are no remote ids to re-attach to (a retried try resumes from the
+    #: answers an earlier one saved), no trigger, and no deadline but Airflow's ``execution_timeout``
+    in_process: bool = False
+    #: in process: from now on the engine dies after this many answers (``None``: it lives)
+    die_after: Callable[[int | None], None] = lambda n: None
+    #: in process: the ids the saved answers settle for good (a fitting answer, a refusal): never asked again
+    saved: Callable[[], set[str]] = lambda: set()
 
     def run(self, try_number: int = 1, run_id: str = "manual__1", **kwargs: Any) -> SynthRun:
         """The prepared (planned, re-attached) run of a task's try: a new object, as a retried task builds."""
@@ -260,12 +279,107 @@ def cortex_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     )
 
 
+def vllm_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """The real run and the real runner in a real engine subprocess, with the fake engine in place of
+    ``vllm.LLM`` (:mod:`airflow_provider_synth.testing.vllm`, which records each request it is asked in
+    ``SYNTH_FAKE_VLLM_ASKED``).
+
+    FATAL is refused by the engine when it is added (``RAISE``, as vLLM refuses an over-long prompt): a final 400.
+    RETRYABLE fails once and is answered when asked again: its first answer is off the schema and the running
+    engine asks it again (``JSON <off> <fits>``). vLLM has no other failure that one try fixes (an aborted
+    request waits for a task retry), so every vLLM case runs with ``OutputChecks(schema=SCHEMA)`` and every
+    other answer is JSON that fits it.
+    """
+    from airflow_provider_synth.batch.checks import OutputChecks
+    from airflow_provider_synth.operators.vllm import VLLMBatchOperator, VLLMConfig, VLLMEngineConfig
+    from airflow_provider_synth.runs import vllm as vllm_run
+    from airflow_provider_synth.testing.vllm import write_fake_python
+
+    secret = "hf_contract_SECRET_86420"  # the engine loads the model with it: an engine setting, no connection
+    python = write_fake_python(tmp_path / "vllm-python")
+    asked, scratch, out = tmp_path / "asked.txt", tmp_path / "scratch", tmp_path / "out"
+    scratch.mkdir()  # under tmp_path: a settings file the engine was handed, left behind, fails the secret test
+    env = {"SYNTH_FAKE_VLLM_ASKED": str(asked)}
+    prompts = {i: f'JSON {{"answer":"{i}"}}' for i in IDS}
+    prompts[RETRYABLE] = f'JSON {{"answer":1}} {{"answer":"{RETRYABLE}"}}'
+    prompts[FATAL] = f"RAISE {FATAL}"
+    source = tmp_path / "requests.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": i, "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "tiny", "max_tokens": 16, "messages": [{"role": "user", "content": prompts[i]}]}}) + "\n"
+        for i in IDS))
+
+    def count_sent() -> Counter[str]:  # every prompt added to an engine, over every engine process
+        lines = asked.read_text().splitlines() if asked.exists() else []
+        return Counter(m.group(1) for m in (re.search(r"\b(r\d+)\b", x) for x in lines) if m)
+
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    members = request.getfixturevalue("group_members")
+    starts: list[bool] = []
+    stopped: set[str] = set()
+    run_engine, kill_group = vllm_run.VLLMRun.run_engine, vllm_run._kill_group
+
+    def counted_run(self: Any, python: str, work: Any) -> None:  # one engine run: what `created` counts
+        try:
+            run_engine(self, python, work)
+        finally:  # whether it was handed the secret (else "appears nowhere" would prove nothing)
+            settings = work.scratch / "runner.json"
+            starts.append(settings.exists() and secret in settings.read_text())
+
+    def watched_kill(proc: Any, grace: float = 10.0) -> None:  # the run stops an engine that still runs
+        kill_group(proc, grace)
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=15)
+        deadline = time.monotonic() + 15
+        while members(proc.pid) and time.monotonic() < deadline:  # the engine's whole group, its watchdog too
+            time.sleep(0.05)
+        if proc.poll() is not None and not members(proc.pid):
+            stopped.add(vllm_run.ENGINE_ID)
+
+    monkeypatch.setattr(vllm_run.VLLMRun, "run_engine", counted_run)
+    monkeypatch.setattr(vllm_run, "_kill_group", watched_kill)
+    request.addfinalizer(lambda: all(starts) or pytest.fail("an engine run was not handed the secret"))
+
+    def operator(**kwargs: Any) -> SynthBatchOperator:
+        kwargs.setdefault("output_path", str(out))
+        kwargs.setdefault("checks", OutputChecks(schema=SCHEMA))
+        config = VLLMConfig(env=dict(env), scratch_dir=str(scratch), check_retries=kwargs.pop("rounds", 2))
+        return VLLMBatchOperator(task_id="t", input_path=str(source), model="tiny", python=python,
+                                 engine=VLLMEngineConfig(extra={"hf_token": secret}), config=config, **kwargs)
+
+    def die_after(answers: int | None) -> None:
+        if answers is None:
+            env.pop("SYNTH_FAKE_VLLM_DIE_AFTER", None)
+        else:
+            env["SYNTH_FAKE_VLLM_DIE_AFTER"] = str(answers)
+
+    def saved() -> set[str]:  # the engine's saved answers that settle an id: one that fits SCHEMA, or a 4xx
+        path, done = out / "_vllm" / "engine-output.jsonl", set()
+        for line in path.read_text().splitlines() if path.exists() else []:
+            row = json.loads(line)
+            status = (row.get("response") or {}).get("status_code") or 0
+            if status == 200:
+                content = row["response"]["body"]["choices"][0]["message"]["content"]
+                with contextlib.suppress(ValueError, AttributeError):
+                    if isinstance(json.loads(content).get("answer"), str):
+                        done.add(row["custom_id"])
+            elif 400 <= status < 500:
+                done.add(row["custom_id"])
+        return done
+
+    return Backend(
+        name="vllm", operator=operator, sent=count_sent, created=lambda: len(starts),
+        cancelled=lambda: set(stopped), slow=lambda: env.update(SYNTH_FAKE_VLLM_DELAY="60"),
+        secret=secret, output=out, in_process=True, die_after=die_after, saved=saved,
+    )
+
+
 #: every backend's entry: the next backend is one more line
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
     "openai": openai_backend,
     "anthropic": anthropic_backend,
     "bedrock": bedrock_backend,
     "cortex": cortex_backend,
+    "vllm": vllm_backend,
 }
 
 
@@ -285,10 +399,38 @@ def drive(run: SynthRun) -> Any:
         run.submit()
 
 
+def execution_timeout(op: SynthBatchOperator, seconds: float, ctx: dict[str, Any]) -> Any:
+    """``op.execute(ctx)`` as Airflow's task runner bounds it with ``execution_timeout``: SIGALRM raises
+    ``AirflowTaskTimeout`` in the task's main thread, then the runner calls ``on_kill``. The deadline of a run
+    in the task's own process."""
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+
+    def expire(signum: int, frame: Any) -> None:
+        raise AirflowTaskTimeout(f"Timeout, PID: {os.getpid()}")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return op.execute(ctx)
+    except AirflowTaskTimeout:
+        op.on_kill()
+        raise
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+#: an execution_timeout well past the fake engine's start-up (a second or two on a busy machine) and far short of
+#: one step of a slow engine (``Backend.slow``: 60 s)
+ENGINE_DEADLINE_S = 5.0
+
+
 # -- the contract ------------------------------------------------------------------------------------------------
 
 
 def test_a_retried_try_reattaches_instead_of_submitting_again(backend: Backend) -> None:
+    if backend.in_process:
+        return _a_retried_try_resumes_and_asks_only_what_is_unanswered(backend)
     backend.slow()  # still running when the worker dies
     first = backend.run(1)
     first.next_round()
@@ -299,6 +441,28 @@ def test_a_retried_try_reattaches_instead_of_submitting_again(backend: Backend) 
     assert set(again.states()) == ids
     again.next_round()
     assert again.submit() == [] and backend.created() == created
+
+
+def _a_retried_try_resumes_and_asks_only_what_is_unanswered(backend: Backend) -> None:
+    """In the task's own process a crash kills the engine with the try, and nothing runs on to re-attach to: the
+    retried try restores the answers the first one saved and asks the engine only what is still unanswered."""
+    backend.die_after(1)  # the engine dies mid-run, after its first answer
+    first = backend.run(1)
+    first.next_round()
+    with pytest.raises(Exception, match="engine"):
+        first.submit()
+    saved, before = backend.saved(), backend.sent()
+    assert FATAL in saved and 0 < len(saved) < N, saved  # mid-run; the refusal is saved (final)
+    # every id was asked: those in the engine when it died were asked and lost, and are asked again
+    assert set(before) == set(IDS) and backend.created() == 1
+    backend.die_after(None)
+    again = backend.run(2)
+    again.next_round()
+    assert again.submit() and backend.created() == 2
+    asked = backend.sent() - before
+    assert set(asked) == set(IDS) - saved, f"the retried try asked {dict(asked)}; saved before it: {saved}"
+    acct = again.collect()
+    assert (acct.succeeded, acct.failed, acct.missing, acct.total) == (N - 1, 1, 0, N)
 
 
 def test_only_what_can_succeed_is_sent_again(backend: Backend) -> None:
@@ -314,7 +478,7 @@ def test_only_what_can_succeed_is_sent_again(backend: Backend) -> None:
 
 def _priced(backend: Backend) -> None:
     if not type(backend.operator()).priced:  # type: ignore[attr-defined]
-        pytest.skip(f"{backend.name} bills no tokens: no max_cost_usd, no retry rounds in a try")
+        pytest.skip(f"{backend.name} bills no tokens: no max_cost_usd, no paid retry rounds in a try")
 
 
 def test_the_shared_arguments_warn_nothing_and_the_rounds_they_set_count(backend: Backend) -> None:
@@ -401,6 +565,13 @@ def test_each_retry_round_is_estimated_against_the_budget_before_it_is_paid(
 
 def test_the_deadline_cancels_what_still_runs(backend: Backend) -> None:
     backend.slow()
+    if backend.in_process:  # submit() runs the engine to the end: execution_timeout is the deadline
+        from airflow.sdk.exceptions import AirflowTaskTimeout
+
+        with pytest.raises(AirflowTaskTimeout):
+            execution_timeout(backend.operator(), ENGINE_DEADLINE_S, context())
+        assert backend.created() == 1 and backend.cancelled(), "the engine outlived the task's timeout"
+        return
     with pytest.raises(BatchTimeoutError, match="cancelled") as err:
         backend.operator(timeout=1.0).execute(context())
     assert backend.cancelled() and backend.cancelled() <= set(str(err.value).split("'")[1::2])
@@ -428,12 +599,20 @@ def test_the_secret_appears_nowhere(backend: Backend, caplog: pytest.LogCaptureF
     texts = [str(err.value)]
     backend.slow()  # another DAG run, still running: what its trigger would store
     other = str(backend.output.parent / "other")
-    run = backend.run(1, run_id="manual__2", output_path=other)
-    run.next_round()
-    run.submit()
-    texts.append(json.dumps(op.make_trigger(run, time.time() + 60).serialize(), default=str))
-    with pytest.raises(BatchTimeoutError) as timeout:
-        backend.operator(timeout=0.5, output_path=other).execute(context(run_id="manual__2"))
+    if backend.in_process:  # no trigger: a try killed mid-run leaves its engine's state in its output folder and
+        # must leave nothing of the settings file that hands the engine the secret (both read below)
+        from airflow.sdk.exceptions import AirflowTaskTimeout
+
+        with pytest.raises(AirflowTaskTimeout) as timeout:
+            execution_timeout(backend.operator(output_path=other), ENGINE_DEADLINE_S, context(run_id="manual__2"))
+        assert backend.cancelled()
+    else:
+        run = backend.run(1, run_id="manual__2", output_path=other)
+        run.next_round()
+        run.submit()
+        texts.append(json.dumps(op.make_trigger(run, time.time() + 60).serialize(), default=str))
+        with pytest.raises(BatchTimeoutError) as timeout:
+            backend.operator(timeout=0.5, output_path=other).execute(context(run_id="manual__2"))
     texts += [str(timeout.value), caplog.text]
     texts += [p.read_text() for p in backend.output.parent.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl")]
     assert len(texts) > 5 and not [t for t in texts if backend.secret in t]
