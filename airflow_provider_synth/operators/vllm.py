@@ -7,6 +7,7 @@ vLLM cannot share Airflow's environment, so the engine runs in a subprocess of a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
     from airflow_provider_synth.batch.checks import OutputChecks
 
+#: how long one try's engine may run by default (a week: the task's own bound is usually ``execution_timeout``)
+DEFAULT_VLLM_TIMEOUT = timedelta(days=7)
 #: VLLMEngineConfig fields the runner reads itself (never ``vllm.LLM`` keyword arguments)
 _RUNNER_OPTIONS = ("served_model_names", "tool_call_parser", "enable_auto_tool_choice", "reasoning_parser")
 
@@ -122,7 +125,8 @@ class VLLMBatchOperator(SynthBatchOperator):
     Placement: send the task to GPU workers with ``queue=`` (CeleryExecutor) or
     ``executor_config=gpu_pod_override(...)`` (KubernetesExecutor); for data parallelism split the input with
     the core and ``.expand()`` this operator over the shards. The engine runs in the task, so the operator
-    neither defers nor polls: bound it with Airflow's ``execution_timeout`` (the engine is killed with it).
+    neither defers nor polls: ``timeout`` (or Airflow's ``execution_timeout``) stops the engine, keeping the
+    answers it gave for the task's retry.
 
     .. seealso::
         :ref:`howto/operator:VLLMBatchOperator`
@@ -137,6 +141,10 @@ class VLLMBatchOperator(SynthBatchOperator):
         request's body overrides them. Without ``max_tokens`` a request may generate up to the context length,
         as in the OpenAI API.
     :param python: the interpreter that has vLLM (vLLM cannot share Airflow's environment).
+    :param timeout: how long one try's engine may run (``timedelta`` or seconds; default 7 days): at the
+        deadline the engine is stopped, its answers kept, and the task fails with ``BatchTimeoutError``; a retry
+        resumes from the saved answers.
+    :param deferrable: ``False`` only: the engine runs in the task (nothing to defer to).
     :param max_failed_ratio: the share of failed requests tolerated before the task fails.
     :param checks: output checks (:class:`~airflow_provider_synth.batch.checks.OutputChecks`): answers cut off,
         refused or off-schema go to ``failures.jsonl`` with their text, never to results, unless a retry
@@ -157,7 +165,7 @@ class VLLMBatchOperator(SynthBatchOperator):
     config_class = VLLMConfig
     trigger_class = type(None)  # the engine runs in the task: nothing to defer to
     default_conn_id = ""
-    default_timeout = timedelta(days=7)  # the task's execution_timeout bounds the engine
+    default_timeout = DEFAULT_VLLM_TIMEOUT
     renamed = {"work_dir": "scratch_dir", "retry_failed_requests": "check_retries"}
     config: VLLMConfig
 
@@ -170,13 +178,18 @@ class VLLMBatchOperator(SynthBatchOperator):
         engine: VLLMEngineConfig | None = None,
         sampling: Mapping[str, Any] | None = None,
         python: str = "python",
+        timeout: timedelta | float = DEFAULT_VLLM_TIMEOUT,
+        deferrable: bool = False,
         max_failed_ratio: float = 0.0,
         checks: OutputChecks | None = None,
         invalid_requests: InvalidRequests = "fail",
         config: VLLMConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(output_path=output_path, deferrable=False, max_failed_ratio=max_failed_ratio,
+        if deferrable:
+            raise ValueError("VLLMBatchOperator cannot defer: the engine runs in the task, on this worker's GPUs "
+                             "(deferrable=False; bound it with timeout=)")
+        super().__init__(output_path=output_path, timeout=timeout, deferrable=False, max_failed_ratio=max_failed_ratio,
                          checks=checks, invalid_requests=invalid_requests, config=config, **kwargs)
         self.input_path = input_path
         self.model = model
@@ -199,7 +212,7 @@ class VLLMBatchOperator(SynthBatchOperator):
             log=self.log, sampling=self.sampling, python=self.python, chunk_size=cfg.chunk_size, env=dict(cfg.env),
             checkpoint_interval=cfg.checkpoint_interval, checks=self.checks,
             retry_failed_requests=cfg.check_retries, invalid_requests=self.invalid_requests,
-            scratch_dir=cfg.scratch_dir,
+            scratch_dir=cfg.scratch_dir, deadline=time.time() + self.timeout_s,
         )
         self._run = run
         run.attach()

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -35,7 +36,7 @@ from airflow_provider_synth.batch.requests import VLLM_ENDPOINTS
 from airflow_provider_synth.batch.split import ShardLimits, split_requests
 from airflow_provider_synth.batch.validate import InvalidRequests, skipped_summary, validate_requests
 from airflow_provider_synth.engine.vllm.process import engine_env, reclaim_output
-from airflow_provider_synth.exceptions import VLLMEngineError
+from airflow_provider_synth.exceptions import BatchTimeoutError, VLLMEngineError
 from airflow_provider_synth.runs.base import SynthRun
 from airflow_provider_synth.runs.vllm_workspace import STATE_DIR, EngineWorkspace
 
@@ -143,6 +144,9 @@ class VLLMRun(SynthRun):
     retry_failed_requests: int = 2
     invalid_requests: InvalidRequests = "fail"
     scratch_dir: str | None = None
+    #: when the engine is stopped (epoch seconds, the operator's ``timeout`` from this try's start; ``None``:
+    #: never): the answers it gave are kept, and a retried task resumes from them
+    deadline: float | None = None
     #: the engine's process while it runs
     proc: subprocess.Popen[bytes] | None = None
     #: set by :meth:`attach`
@@ -305,6 +309,7 @@ class VLLMRun(SynthRun):
         relay = _Relay(self.log)
         last_checkpoint = time.monotonic()
         assert self.proc.stdout is not None
+        expired = self._stop_at_deadline(self.proc)
         try:
             for line in self.proc.stdout:
                 relay.line(line)
@@ -313,18 +318,46 @@ class VLLMRun(SynthRun):
                     last_checkpoint = time.monotonic()
             rc = self.proc.wait()
         finally:
+            if expired is not None:  # not fired yet: never; fired: wait until the engine's group is gone
+                expired[1].cancel()
+                expired[1].join(timeout=60)
             # execution_timeout or any error here: never leave an engine holding the GPU
             if self.proc.poll() is None:
                 _kill_group(self.proc)
             else:
                 _kill_leftovers(self.proc)
             self.proc = None
+        if expired is not None and expired[0].is_set():
+            assert self.deadline is not None
+            raise BatchTimeoutError(
+                f"timeout passed while the vLLM engine ran (deadline {time.strftime('%H:%M:%S', time.localtime(self.deadline))}): "
+                f"it was stopped, and the answers it gave are kept in {work.remote_output}. Retry the task to "
+                "answer the rest: it resumes and asks nothing twice (or give the task a longer timeout=).")
         if rc != 0 and relay.finished and relay.error is None:
             # every answer was fsynced before "done"; the merge still checks that each request has one
             self.log.warning("The vLLM engine exited with code %d after finishing its work; its output is kept",
                              rc)
         elif rc != 0:
             raise VLLMEngineError(relay.failure_message(rc))
+
+    def _stop_at_deadline(self, proc: subprocess.Popen[bytes]) -> tuple[threading.Event, threading.Timer] | None:
+        """At :attr:`deadline`, stop the engine's process group from a timer thread (the relay loop then sees
+        the pipe close); returns ``(expired, timer)``, or ``None`` without a deadline."""
+        if self.deadline is None:
+            return None
+        expired = threading.Event()
+
+        def stop() -> None:
+            if proc.poll() is None:
+                expired.set()
+                self.log.warning("The timeout passed while the vLLM engine ran: stopping it (pid %d); the answers it "
+                                 "gave are kept", proc.pid)
+                _kill_group(proc)
+
+        timer = threading.Timer(max(0.0, self.deadline - time.time()), stop)
+        timer.daemon = True
+        timer.start()
+        return expired, timer
 
     def engine_env(self, scratch: Path) -> dict[str, str]:
         """The engine's environment: an allow-list of the worker's, ``env``, and this provider's package (and

@@ -198,6 +198,27 @@ def test_retry_resumes_from_the_saved_answers(requests_file, tmp_path, fake_pyth
     assert sorted(ids) == [f"r{i:03d}" for i in range(60)]
 
 
+def test_the_timeout_stops_the_engine_and_a_retry_resumes(requests_file, tmp_path, fake_python, context) -> None:
+    """The shared ``timeout`` bounds one try's engine (it did nothing on vLLM before: the engine ran on)."""
+    from airflow_provider_synth.exceptions import BatchTimeoutError
+
+    out = tmp_path / "out"
+    slow = operator(str(requests_file), str(out), fake_python, timeout=4.0, env={"SYNTH_FAKE_VLLM_DELAY": "0.2"})
+    started = time.monotonic()
+    with pytest.raises(BatchTimeoutError, match="it was stopped, and the answers it gave are kept in"):
+        slow.execute(context)
+    assert time.monotonic() - started < 60  # 60 answers at 0.2 s a step would take longer than the timeout
+    saved = {r["custom_id"] for r in read_lines(str(out / "_vllm" / "engine-output.jsonl"))}
+    assert 0 < len(saved) < 60
+    manifest = operator(str(requests_file), str(out), fake_python).execute(context)
+    assert (manifest["succeeded"], manifest["failed"], manifest["duplicates"]) == (59, 1, 0)
+
+
+def test_deferrable_is_refused_with_a_reason(requests_file, tmp_path, fake_python) -> None:
+    with pytest.raises(ValueError, match="cannot defer: the engine runs in the task"):
+        operator(str(requests_file), str(tmp_path / "out"), fake_python, deferrable=True)
+
+
 def test_a_crash_after_the_engine_finished_keeps_its_answers(requests_file, tmp_path, fake_python, context,
                                                              monkeypatch, capsys) -> None:
     # vLLM's teardown can abort the process after every answer is on disk: that is not a failed run
