@@ -84,8 +84,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def handle_signals() -> None:
     """SIGTERM (``timeout``, ``kill``, make stopped from outside) and SIGHUP (a closed terminal) stop the
-    quickstart as Ctrl-C does: through the ``finally`` that stops every child."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    quickstart as Ctrl-C does: through the ``finally`` that stops every child. SIGINT is handled explicitly too:
+    a process started in the background of a non-interactive shell (``cmd &`` in a CI script) inherits SIGINT
+    ignored, and Python then installs no Ctrl-C handler of its own, so an interrupt was silently ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
 
 
