@@ -92,8 +92,8 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
         bag = dag_bag(dag_folder=config["dag_file"])
         assert not bag.import_errors, bag.import_errors
         dag = bag.dags[config["dag_id"]]
-        if "poll_interval" in config:  # the examples poll every 10 s; a test needs no such patience
-            set_poll_interval(dag, float(config["poll_interval"]))
+        # the examples poll every 10 s; the fake's statements end in milliseconds, and a test needs no such patience
+        set_poll_interval(dag, float(config.get("poll_interval", 0.5)))
         dag_run = dag.test()
         # a mapped task instance is "task_id[map_index]"
         tis = {ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]":

@@ -48,6 +48,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCortex]:
 
 def _op(tmp_path: Path, **kwargs: Any) -> CortexBatchOperator:
     kwargs.setdefault("input_path", str(tmp_path / "requests.jsonl"))
+    kwargs.setdefault("poll_interval", 0.05)  # the fake's statements end in milliseconds: no 10 s default wait
     return CortexBatchOperator(task_id="cortex", output_path=str(tmp_path / "out"), deferrable=False, **kwargs)
 
 
@@ -228,7 +229,7 @@ def test_source_table_is_checked_and_staged_in_snowflake(fake: FakeCortex, tmp_p
     fake.query("CREATE TABLE QUESTIONS (QID NUMBER, QUESTION VARCHAR)")
     fake.query("INSERT INTO QUESTIONS VALUES (2, 'why?'), (1, 'how?'), (3, 'what? [fail]')")
     source = TableSource("QUESTIONS", "qid", prompt_column="question", params={"temperature": 0.1})
-    op = CortexBatchOperator(task_id="cortex", output_path=str(tmp_path / "out"), source_table=source,
+    op = CortexBatchOperator(task_id="cortex", output_path=str(tmp_path / "out"), source_table=source, poll_interval=0.05,
                              model="mistral-large2", max_failed_ratio=0.5, deferrable=False)
     manifest = op.execute(_context())
     assert (manifest["total"], manifest["succeeded"], manifest["failed"]) == (3, 2, 1)
@@ -259,7 +260,7 @@ def test_source_table_with_a_messages_column_uses_the_conversation_form(fake: Fa
                """{"role": "user", "content": "Name a colour."}]')""")
     fake.query("""INSERT INTO CHATS SELECT 'c2', PARSE_JSON('[{"role": "user", "content": "Name a fruit."}]')""")
     source = TableSource("CHATS", "id", messages_column="messages", params={"max_tokens": 20})
-    op = CortexBatchOperator(task_id="cortex", output_path=str(tmp_path / "out"), source_table=source,
+    op = CortexBatchOperator(task_id="cortex", output_path=str(tmp_path / "out"), source_table=source, poll_interval=0.05,
                              model="llama3.1-8b", deferrable=False)
     manifest = op.execute(_context())
     assert manifest["succeeded"] == 2

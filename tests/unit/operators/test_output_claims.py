@@ -131,7 +131,7 @@ def test_cortex_conflict_runs_nothing_in_snowflake(tmp_path: Path, monkeypatch: 
          "extra": {"account": "acct", "database": "SYNTH_DB", "warehouse": "WH"}}))
     path = write_requests(tmp_path / "in.jsonl", ["c0", "c1"], model="llama3.1-8b")
     with FakeCortex() as fake:
-        first = CortexBatchOperator(task_id="t", input_path=path, output_path=str(tmp_path / "out"))
+        first = CortexBatchOperator(task_id="t", input_path=path, output_path=str(tmp_path / "out"), poll_interval=0.05)
         assert first.execute(ctx(map_index=0))["succeeded"] == 2
         calls = list(fake.calls)
         second = CortexBatchOperator(task_id="t", input_path=path, output_path=str(tmp_path / "out"))
