@@ -234,6 +234,8 @@ class AnthropicBatchHook(BaseHook):
 
 #: Seconds a shared async client serves new hooks before the connection is looked up again (rotated keys).
 SHARED_CLIENT_TTL_S = 300.0
+#: Polls one shared async client has in flight; more wait on a semaphore (the OpenAI pool's bound).
+ASYNC_POOL_MAX_CONNECTIONS = 100
 
 
 class _Shared:
@@ -243,6 +245,9 @@ class _Shared:
         self.ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.created = time.monotonic()
         self.users = 0
+        #: polls in flight on the shared client, at most ASYNC_POOL_MAX_CONNECTIONS (as the OpenAI pool): a
+        #: thousand queued in httpcore at once are scanned on every assignment, quadratic CPU on the loop
+        self.slots = asyncio.Semaphore(ASYNC_POOL_MAX_CONNECTIONS)
 
 
 #: event loop -> conn_id -> its shared client
@@ -316,7 +321,11 @@ class AnthropicBatchAsyncHook(AnthropicBatchHook):
         client = await self.get_async_client()
         # the raw answer, parsed by orjson: a trigger polls often, and the SDK's pydantic MessageBatch costs
         # CPU on the triggerer's loop for every poll of every batch (the SDK's status errors still raise)
-        raw = await client.messages.batches.with_raw_response.retrieve(batch_id)
+        if self._shared is not None:
+            async with self._shared.slots:
+                raw = await client.messages.batches.with_raw_response.retrieve(batch_id)
+        else:
+            raw = await client.messages.batches.with_raw_response.retrieve(batch_id)
         import orjson
 
         return batch_state(orjson.loads(raw.http_response.content))
