@@ -143,3 +143,23 @@ def landed(path: Any, expected_bytes: int | None = None) -> bool:
     except (FileNotFoundError, OSError):
         return False
     return expected_bytes is None or size == expected_bytes
+
+
+def read_record(path: Any, default: Any = None) -> Any:
+    """A run's JSON record (its batches, rounds' estimates, findings) from ``path``; ``default`` where there is
+    none yet (or the store cannot be read: the record is written again by the step that needs it)."""
+    import orjson
+
+    try:
+        with open_path(path, "rb") as fp:
+            return orjson.loads(fp.read())
+    except (FileNotFoundError, OSError):
+        return default
+
+
+def write_record(path: Any, data: Any) -> None:
+    """Write a run's JSON record to ``path``, whole or not at all (:func:`landing`)."""
+    import orjson
+
+    with landing(path) as fp:
+        fp.write(orjson.dumps(data))

@@ -321,10 +321,7 @@ class AnthropicBatchAsyncHook(AnthropicBatchHook):
         client = await self.get_async_client()
         # the raw answer, parsed by orjson: a trigger polls often, and the SDK's pydantic MessageBatch costs
         # CPU on the triggerer's loop for every poll of every batch (the SDK's status errors still raise)
-        if self._shared is not None:
-            async with self._shared.slots:
-                raw = await client.messages.batches.with_raw_response.retrieve(batch_id)
-        else:
+        async with self._shared.slots if self._shared is not None else contextlib.nullcontext():
             raw = await client.messages.batches.with_raw_response.retrieve(batch_id)
         import orjson
 

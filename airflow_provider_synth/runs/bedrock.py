@@ -582,15 +582,9 @@ class BedrockRun(SynthRun):
 
     def _estimate(self, planned: list[tuple[int, int, list[bytes]]]) -> RoundEstimate:
         """The retry rounds' records, estimated as round 0 was (tokens at Bedrock's batch prices)."""
-        tokens_in = tokens_out = n = 0
-        for _, _, lines in planned:
-            for raw in lines:
-                request = loads(raw)
-                tokens_in += estimate_request_tokens(request)
-                tokens_out += declared_output_tokens(request)
-                n += 1
-        cost = estimate_cost(tokens_in, tokens_out, self.plan.model_id, prices_for(self.plan.model_id, self.prices))
-        return RoundEstimate(n, tokens_in, tokens_out, cost)
+        prices = prices_for(self.plan.model_id, self.prices)
+        return RoundEstimate.of_lines((raw for _, _, lines in planned for raw in lines),
+                                      lambda t_in, t_out: estimate_cost(t_in, t_out, self.plan.model_id, prices))
 
     def systematic_message(self) -> str | None:
         return self.rules.systematic_message()

@@ -21,7 +21,13 @@ from airflow.providers.common.compat.sdk import redact
 
 from airflow_provider_synth.batch.checks import OutputChecks
 from airflow_provider_synth.batch.jsonl import iter_jsonl, loads
-from airflow_provider_synth.batch.landing import IncompleteFileError, landed, landing
+from airflow_provider_synth.batch.landing import (
+    IncompleteFileError,
+    landed,
+    landing,
+    read_record,
+    write_record,
+)
 from airflow_provider_synth.batch.manifest import build_manifest, output_paths
 from airflow_provider_synth.batch.merge import (
     Accounting,
@@ -331,12 +337,8 @@ class BatchRun(ShardedWork, SynthRun):
                 "retry the task.") from exc
 
     def _recorded(self) -> list[dict[str, Any]]:
-        try:
-            with open_path(self._work(BATCHES_FILE), "rb") as fp:
-                data: list[dict[str, Any]] = loads(fp.read())
-        except (FileNotFoundError, OSError):
-            return []
-        return data
+        rows: list[dict[str, Any]] = read_record(self._work(BATCHES_FILE), [])
+        return rows
 
     def _record(self) -> None:
         import orjson
@@ -596,21 +598,11 @@ class BatchRun(ShardedWork, SynthRun):
         retry = [t for t in todo if t[1] > 0 and t not in self.batches]
         if not retry:
             return todo
-        from airflow_provider_synth.batch.usage import (
-            declared_output_tokens,
-            estimate_cost,
-            estimate_request_tokens,
-        )
+        from airflow_provider_synth.batch.usage import estimate_cost
 
-        tokens_in = tokens_out = n = 0
-        for shard, rnd in retry:
-            for raw in self._round_requests(shard, rnd):
-                line = loads(raw)
-                tokens_in += estimate_request_tokens(line)
-                tokens_out += declared_output_tokens(line)
-                n += 1
-        estimate = RoundEstimate(n, tokens_in, tokens_out,
-                                 estimate_cost(tokens_in, tokens_out, self.plan.model, self.config.prices))
+        estimate = RoundEstimate.of_lines(
+            (raw for shard, rnd in retry for raw in self._round_requests(shard, rnd)),
+            lambda tokens_in, tokens_out: estimate_cost(tokens_in, tokens_out, self.plan.model, self.config.prices))
         if self.rules.within_budget(retry, estimate, before=(self.plan.est_cost_usd or 0.0) + self.direct.est_cost_usd):
             return todo
         return [t for t in todo if t not in retry]
@@ -682,21 +674,14 @@ class BatchRun(ShardedWork, SynthRun):
 
     def resubmit_counts(self) -> dict[str, int]:
         """How many times each ``shard-round`` was submitted again after a token-limit refusal."""
-        try:
-            with open_path(self._work(RESUBMITS_FILE), "rb") as fp:
-                data: dict[str, int] = loads(fp.read())
-        except (FileNotFoundError, OSError):
-            return {}
-        return data
+        counts: dict[str, int] = read_record(self._work(RESUBMITS_FILE), {})
+        return counts
 
     def _count_resubmit(self, shard: int, rnd: int) -> int:
-        import orjson
-
         counts = self.resubmit_counts()
         key = f"{shard}-{rnd}"
         counts[key] = counts.get(key, 0) + 1
-        with landing(self._work(RESUBMITS_FILE)) as fp:
-            fp.write(orjson.dumps(counts))
+        write_record(self._work(RESUBMITS_FILE), counts)
         return counts[key]
 
     def merge(self) -> Accounting:

@@ -21,13 +21,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from airflow_provider_synth.batch.checks import Checker, OutputChecks, systematic_kinds
 from airflow_provider_synth.batch.jsonl import loads
-from airflow_provider_synth.batch.landing import landing
+from airflow_provider_synth.batch.landing import read_record, write_record
 from airflow_provider_synth.batch.merge import round_verdicts
-from airflow_provider_synth.batch.paths import open_path
 from airflow_provider_synth.batch.results import ParsedOutput
 
 log = logging.getLogger(__name__)
@@ -53,6 +50,20 @@ class RoundEstimate:
     output_tokens: int
     cost_usd: float | None
 
+    @classmethod
+    def of_lines(cls, lines: Iterable[bytes], cost: Callable[[int, int], float | None]) -> RoundEstimate:
+        """The estimate of OpenAI batch lines (``body`` tokens as round 0 counts them, ``max_tokens`` and alike);
+        ``cost(input_tokens, output_tokens)`` prices them."""
+        from airflow_provider_synth.batch.usage import declared_output_tokens, estimate_request_tokens
+
+        tokens_in = tokens_out = n = 0
+        for raw in lines:
+            line = loads(raw)
+            tokens_in += estimate_request_tokens(line)
+            tokens_out += declared_output_tokens(line)
+            n += 1
+        return cls(n, tokens_in, tokens_out, cost(tokens_in, tokens_out))
+
 
 class RoundRules:
     """The systematic-failure rule and the per-round budget of one run.
@@ -73,16 +84,11 @@ class RoundRules:
     # -- the record ---------------------------------------------------------------------------------------------
 
     def _read(self, name: str) -> dict[str, Any]:
-        try:
-            with open_path(self.work(name), "rb") as fp:
-                data: dict[str, Any] = loads(fp.read())
-        except (FileNotFoundError, OSError):
-            return {}
+        data: dict[str, Any] = read_record(self.work(name), {})
         return data
 
     def _write(self, name: str, data: Mapping[str, Any]) -> None:
-        with landing(self.work(name)) as fp:
-            fp.write(orjson.dumps(data))
+        write_record(self.work(name), data)
 
     # -- a systematic failure ---------------------------------------------------------------------------------
 
